@@ -1,0 +1,40 @@
+"""The ``explainserve`` command line.
+
+Every sub-command lives in its own module, which exposes ``register(subparsers)``;
+the module adds its parser and sets ``func`` to a callable taking the parsed arguments
+and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = (
+    "explainserve.commands.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="explainserve",
+        description="Explanations (SWAG, SWAG-V, Jitter-CAM, Grad-CAM) and anomaly verdicts for CNN classifiers.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as error:
+        print(f"explainserve {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

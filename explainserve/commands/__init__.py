@@ -1,0 +1,1 @@
+"""Sub-commands of the ``explainserve`` command line (see :mod:`explainserve.cli`)."""
