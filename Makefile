@@ -5,7 +5,7 @@ STAMP := $(VENV)/.explainserve-installed
 
 .PHONY: install demo test bench bench-core load clean
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml scripts/setup.sh scripts/gen_protos.py $(wildcard protos/explainserve/v1/*.proto)
 	./scripts/setup.sh
 	touch $(STAMP)
 

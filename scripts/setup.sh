@@ -29,6 +29,7 @@ if ! "$VENV/bin/python" -c "import torch, torchvision, sys; sys.exit(not (torch.
   "$VENV/bin/pip" install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "is ignored" || true
 fi
 "$VENV/bin/pip" install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+"$VENV/bin/python" scripts/gen_protos.py
 "$VENV/bin/python" -c "import torch, torchvision, explainserve" \
   || { echo "setup: the install did not complete"; exit 1; }
 echo "setup: ok"
