@@ -1,0 +1,115 @@
+"""The layout of an explainserve model archive (.mar) and how a handler rebuilds the model.
+
+An archive holds ``weights.pt`` (a state_dict), ``metadata.json`` (below), the handler
+files and, when one exists, the anomaly distribution store. ``metadata.json``::
+
+    {"name", "version", "kind": "image"|"video", "input_size": [H, W] or [T, H, W],
+     "mean", "std", "class_names", "layer": str|null,
+     "architecture": {"factory": "torchvision.models.resnet18", "kwargs": {...}},
+     "build_timestamp": seconds since the epoch}
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+METADATA_FILE = "metadata.json"
+WEIGHTS_FILE = "weights.pt"
+STORE_FILE = "distribution_store.npz"
+# Factories a metadata file may name; archives cannot make the handler import anything else.
+ALLOWED_FACTORY_MODULES = ("torchvision.models", "torchvision.models.video", "explainserve.models")
+REQUIRED_KEYS = ("name", "kind", "input_size", "mean", "std", "class_names", "architecture")
+
+
+def check_metadata(metadata: dict) -> None:
+    """Raise ValueError naming the first missing or malformed metadata entry."""
+    missing = [key for key in REQUIRED_KEYS if key not in metadata]
+    if missing:
+        raise ValueError(f"metadata: missing keys {missing}")
+    if metadata["kind"] not in ("image", "video"):
+        raise ValueError(f"metadata kind: expected 'image' or 'video', got {metadata['kind']!r}")
+    factory = metadata["architecture"].get("factory", "")
+    module_name = factory.rpartition(".")[0]
+    if module_name not in ALLOWED_FACTORY_MODULES:
+        raise ValueError(f"metadata architecture.factory: {factory!r} is not in one of {ALLOWED_FACTORY_MODULES}")
+
+
+def build_model(metadata: dict) -> nn.Module:
+    """Instantiate the (untrained) architecture named by ``metadata["architecture"]``."""
+    check_metadata(metadata)
+    module_name, _, function_name = metadata["architecture"]["factory"].rpartition(".")
+    factory = getattr(importlib.import_module(module_name), function_name)
+    return factory(**metadata["architecture"].get("kwargs", {}))
+
+
+def load_model(model_dir: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model and read the metadata from an unpacked archive folder."""
+    model_dir = Path(model_dir)
+    metadata = json.loads((model_dir / METADATA_FILE).read_text())
+    model = build_model(metadata)
+    model.load_state_dict(torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    return model.eval(), metadata
+
+
+HANDLERS_DIR = Path(__file__).resolve().parents[1] / "handlers"
+HANDLER_FILES = {"image": "image_handler.py", "video": "video_handler.py"}
+
+
+def write_archive(model: nn.Module, metadata: dict, export_dir: str | Path, *, batch_size: int = 4,
+                  max_batch_delay_ms: int = 20, response_timeout_s: int = 120,
+                  store_path: str | Path | None = None) -> Path:
+    """Package a model as ``<export_dir>/<name>.mar`` with torch-model-archiver.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Built by ``metadata["architecture"]``; its state_dict is stored.
+    metadata : dict
+        See the module docstring.
+    batch_size, max_batch_delay_ms : int
+        TorchServe batching: up to ``batch_size`` requests arriving within the delay form a batch.
+    store_path : path, optional
+        The anomaly distribution store to ship in the archive.
+
+    Returns
+    -------
+    Path of the written archive.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    check_metadata(metadata)
+    if not 1 <= batch_size <= 256:
+        raise ValueError(f"batch_size: expected an int in [1, 256], got {batch_size}")
+    if not 0 <= max_batch_delay_ms <= 10_000:
+        raise ValueError(f"max_batch_delay_ms: expected an int in [0, 10000], got {max_batch_delay_ms}")
+    export_dir = Path(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.save(model.state_dict(), tmp / WEIGHTS_FILE)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+        (tmp / "model-config.yaml").write_text(
+            f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: {batch_size}\nmaxBatchDelay: {max_batch_delay_ms}\n"
+            f"responseTimeout: {response_timeout_s}\n"
+        )
+        extra = [tmp / METADATA_FILE, HANDLERS_DIR / "explain_handler.py"]
+        if store_path is not None:
+            extra.append(Path(store_path))
+        archiver = Path(sys.executable).with_name("torch-model-archiver")
+        subprocess.run(
+            [str(archiver), "--model-name", metadata["name"], "--version", str(metadata.get("version", "1.0")),
+             "--serialized-file", str(tmp / WEIGHTS_FILE),
+             "--handler", str(HANDLERS_DIR / HANDLER_FILES[metadata["kind"]]),
+             "--extra-files", ",".join(str(p) for p in extra),
+             "--config-file", str(tmp / "model-config.yaml"),
+             "--export-path", str(export_dir), "--force"],
+            check=True, capture_output=True, text=True,
+        )
+    return export_dir / f"{metadata['name']}.mar"

@@ -1,0 +1,1 @@
+"""The gateway sidecar: the public typed gRPC Explain API in front of TorchServe."""

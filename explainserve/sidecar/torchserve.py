@@ -1,0 +1,151 @@
+"""Start and stop a local TorchServe with a generated ``config.properties``.
+
+Each instance gets its own folder (config, logs, pid file) so several can run side by side:
+TorchServe keeps its pid file in ``$TMPDIR``, which we point at that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+# Both hops carry full-resolution maps; TorchServe's default limit is 6553500 bytes.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        return probe_socket.getsockname()[1]
+
+
+@dataclass
+class TorchServeConfig:
+    """Ports and options of one local TorchServe; ports of 0 are chosen free."""
+
+    model_store: Path
+    models: dict[str, str]  # model name -> archive file name in model_store
+    workdir: Path
+    grpc_inference_port: int = 7070
+    grpc_management_port: int = 7071
+    inference_port: int = 0
+    management_port: int = 0
+    metrics_port: int = 0
+    # Workers listen on Unix sockets /tmp/.ts.sock.<port>: a per-instance port keeps
+    # TorchServes started side by side apart.
+    worker_port: int = 0
+    disable_token_auth: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("grpc_inference_port", "grpc_management_port", "inference_port", "management_port", "metrics_port",
+                     "worker_port"):
+            if getattr(self, name) == 0:
+                setattr(self, name, free_port())
+
+    def properties(self) -> str:
+        lines = {
+            "inference_address": f"http://127.0.0.1:{self.inference_port}",
+            "management_address": f"http://127.0.0.1:{self.management_port}",
+            "metrics_address": f"http://127.0.0.1:{self.metrics_port}",
+            "grpc_inference_address": "127.0.0.1",
+            "grpc_management_address": "127.0.0.1",
+            "grpc_inference_port": self.grpc_inference_port,
+            "grpc_management_port": self.grpc_management_port,
+            "initial_worker_port": self.worker_port,
+            "metrics_mode": "prometheus",
+            "enable_model_api": "false",
+            "disable_token_authorization": str(self.disable_token_auth).lower(),
+            "install_py_dep_per_model": "false",
+            "max_request_size": MAX_MESSAGE_BYTES,
+            "max_response_size": MAX_MESSAGE_BYTES,
+            "default_workers_per_model": 1,
+            "model_store": self.model_store,
+            "load_models": ",".join(f"{name}={mar}" for name, mar in self.models.items()),
+        }
+        return "".join(f"{key}={value}\n" for key, value in lines.items())
+
+
+class TorchServe:
+    """A TorchServe process started by us, in the foreground of its own process group."""
+
+    def __init__(self, config: TorchServeConfig):
+        self.config = config
+        self.process: subprocess.Popen | None = None
+        config.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = config.workdir / "torchserve.out"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.config.grpc_inference_port}"
+
+    @property
+    def management_target(self) -> str:
+        return f"127.0.0.1:{self.config.grpc_management_port}"
+
+    def start(self) -> "TorchServe":
+        config = self.config
+        properties = config.workdir / "config.properties"
+        properties.write_text(config.properties())
+        env = {**os.environ, "TMPDIR": str(config.workdir), "LOG_LOCATION": str(config.workdir / "logs"),
+               "METRICS_LOCATION": str(config.workdir / "logs"), **config.env}
+        command = [str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground", "--ncs",
+                   "--ts-config", str(properties), "--model-store", str(config.model_store)]
+        if config.disable_token_auth:
+            command.append("--disable-token-auth")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, cwd=config.workdir, env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def wait_ready(self, models: list[str] | None = None, timeout: float = 120.0) -> None:
+        """Block until TorchServe answers its ping and every model has a READY worker."""
+        from explainserve._generated import management_pb2, management_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        models = list(self.config.models) if models is None else models
+        with grpc.insecure_channel(self.management_target) as channel:
+            stub = management_pb2_grpc.ManagementAPIsServiceStub(channel)
+            pending = set(models)
+            while pending:
+                if self.process is not None and self.process.poll() is not None:
+                    raise RuntimeError(f"TorchServe exited with code {self.process.returncode}; log: {self.log_path}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"TorchServe models {sorted(pending)} not ready after {timeout} s; log: {self.log_path}")
+                for name in list(pending):
+                    try:
+                        answer = stub.DescribeModel(management_pb2.DescribeModelRequest(model_name=name), timeout=5)
+                    except grpc.RpcError:
+                        continue
+                    workers = json.loads(answer.msg)[0].get("workers", [])
+                    if any(worker.get("status") == "READY" for worker in workers):
+                        pending.discard(name)
+                time.sleep(0.5)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the process group we started (TorchServe's frontend and its workers)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout)
+
+    def log_tail(self, lines: int = 80) -> str:
+        """The last lines of TorchServe's output and model log, for failure reports."""
+        texts = []
+        for path in (self.log_path, self.config.workdir / "logs" / "model_log.log"):
+            if path.exists():
+                texts.append(f"==> {path} <==\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(texts)

@@ -1,0 +1,221 @@
+"""TorchServe handler shared by the image and video handlers: parse -> Explainer -> encode.
+
+Two request forms reach ``handle``:
+
+- internal: the gateway's serialised ``explainserve.v1.ExplainRequest`` under the input key
+  ``REQUEST_KEY``; the answer is a serialised ``explainserve.v1.HandlerResponse``;
+- plain: ``{"data": <bytes>}`` (or ``body``) from any TorchServe client; the answer is JSON
+  with the top classes and the default methods' maps.
+
+Every item of a batch gets its own answer: a bad item's error is written into its answer
+(``HandlerError`` or ``{"error": ...}``) and never raised, because raising fails the batch.
+Items asking for the same methods and options are explained in one probe pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import astuple, dataclass, field
+
+import numpy as np
+
+from explainserve import wire
+from explainserve._generated import explain_pb2, handler_pb2
+from explainserve.explainer import DEFAULT_METHODS, ExplainOptions, Explainer
+from explainserve.model_archive import load_model
+from explainserve.superpixels import MAX_SEGMENTS
+
+REQUEST_KEY = "explainserve.v1.ExplainRequest"
+PLAIN_KEYS = ("data", "body")
+# google.rpc.Code numbers carried in HandlerError.
+INVALID_ARGUMENT = 3
+INTERNAL = 13
+# Tests only: seconds to sleep in every handle() call, to exercise the gateway's deadlines.
+TEST_DELAY_ENV = "EXPLAINSERVE_TEST_HANDLER_DELAY_S"
+
+
+@dataclass
+class ParsedItem:
+    """One request of a batch, decoded and checked."""
+
+    sample: np.ndarray
+    methods: tuple[str, ...] | None  # None: the kind's default methods
+    options: ExplainOptions
+    target: int | None = None
+    label: int | None = None
+    internal: bool = True
+    decode_seconds: float = 0.0
+    request: explain_pb2.ExplainRequest = field(default_factory=explain_pb2.ExplainRequest)
+
+
+class ExplainHandler:
+    """Base TorchServe handler; subclasses set ``kind`` and decode plain payloads."""
+
+    kind = ""
+
+    def initialize(self, context) -> None:
+        model_dir = context.system_properties["model_dir"]
+        model, self.metadata = load_model(model_dir)
+        if self.metadata["kind"] != self.kind:
+            raise ValueError(f"metadata kind {self.metadata['kind']!r} does not match the {self.kind} handler")
+        self.explainer = Explainer(
+            model, kind=self.kind, input_size=self.metadata["input_size"], mean=self.metadata["mean"],
+            std=self.metadata["std"], class_names=self.metadata["class_names"], layer=self.metadata.get("layer"),
+        )
+        self.test_delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+        self.initialized = True
+
+    # -- TorchServe entry point ------------------------------------------------------
+    def handle(self, data: list[dict], context) -> list[bytes]:
+        started = time.perf_counter()
+        if context is not None and context.get_request_header(0, "describe") == "True":
+            return [json.dumps(self.describe())]
+        if self.test_delay:
+            time.sleep(self.test_delay)
+        parsed: list[ParsedItem | handler_pb2.HandlerError] = [self.parse(item) for item in data]
+        answers: list[bytes | None] = [None] * len(data)
+        groups: dict[tuple, list[int]] = {}
+        for index, item in enumerate(parsed):
+            if isinstance(item, ParsedItem):
+                groups.setdefault((item.methods, astuple(item.options)), []).append(index)
+        for (methods, _), indices in groups.items():
+            items = [parsed[i] for i in indices]
+            try:
+                results = self.explainer.explain(
+                    [item.sample for item in items], methods, items[0].options,
+                    targets=[item.target for item in items], labels=[item.label for item in items],
+                )
+            except Exception as error:  # noqa: BLE001 - every item must get an answer
+                code = INVALID_ARGUMENT if isinstance(error, ValueError) else INTERNAL
+                for i in indices:
+                    parsed[i] = handler_pb2.HandlerError(code=code, message=f"{type(error).__name__}: {error}")
+                continue
+            for i, item, result in zip(indices, items, results):
+                answers[i] = self.encode(item, result, batch_size=len(data), handler_seconds=time.perf_counter() - started)
+        for i, item in enumerate(parsed):
+            if isinstance(item, handler_pb2.HandlerError):
+                answers[i] = self.encode_error(item, internal=self.is_internal(data[i]))
+        return answers
+
+    # -- parsing ---------------------------------------------------------------------
+    def describe(self) -> dict:
+        """What the gateway needs to check requests before forwarding them."""
+        explainer = self.explainer
+        return {
+            "name": self.metadata["name"],
+            "version": self.metadata.get("version", ""),
+            "kind": self.kind,
+            "input_size": list(explainer.input_size),
+            "class_names": explainer.class_names,
+            "methods": list(explainer.methods),
+            "default_methods": list(DEFAULT_METHODS[self.kind]),
+            "layer": explainer.layer,
+            "cam_size": list(explainer.cam_size),
+            "num_filters": int(explainer.num_filters),
+            "max_n_segments": min(MAX_SEGMENTS, int(np.prod(explainer.input_size)) // 4),
+            "max_jitter_d": 4 * min(explainer.cam_size),
+            "build_timestamp": self.metadata.get("build_timestamp"),
+        }
+
+    @staticmethod
+    def is_internal(item: dict) -> bool:
+        return REQUEST_KEY in item
+
+    def parse(self, item: dict) -> ParsedItem | handler_pb2.HandlerError:
+        """Decode one batch item; any problem becomes that item's HandlerError."""
+        started = time.perf_counter()
+        try:
+            if self.is_internal(item):
+                request = explain_pb2.ExplainRequest.FromString(bytes(item[REQUEST_KEY]))
+                parsed = self.parse_internal(request)
+            else:
+                payload = next((item[key] for key in PLAIN_KEYS if item.get(key) is not None), None)
+                if payload is None:
+                    raise ValueError(f"request has no {' or '.join(PLAIN_KEYS)} entry and no {REQUEST_KEY}")
+                if isinstance(payload, str):
+                    payload = payload.encode("latin-1")
+                parsed = ParsedItem(sample=self.decode_plain(bytes(payload)), methods=None,
+                                    options=ExplainOptions(), internal=False)
+            self.explainer.check_request(parsed.methods if parsed.methods is not None else DEFAULT_METHODS[self.kind],
+                                         parsed.options, parsed.target, parsed.label)
+        except ValueError as error:
+            return handler_pb2.HandlerError(code=INVALID_ARGUMENT, message=str(error))
+        except Exception as error:  # noqa: BLE001 - a malformed item must not fail its batch
+            return handler_pb2.HandlerError(code=INVALID_ARGUMENT, message=f"malformed request: {type(error).__name__}: {error}")
+        parsed.decode_seconds = time.perf_counter() - started
+        return parsed
+
+    def parse_internal(self, request: explain_pb2.ExplainRequest) -> ParsedItem:
+        options = request.options
+        return ParsedItem(
+            sample=self.decode_request(request),
+            methods=tuple(request.methods),
+            options=ExplainOptions(
+                n_segments=options.n_segments if options.HasField("n_segments") else None,
+                wc=options.wc if options.HasField("wc") else None,
+                wg=options.wg if options.HasField("wg") else None,
+                jitter_d=options.jitter_d if options.HasField("jitter_d") else None,
+                top_k=request.top_k or min(5, len(self.explainer.class_names)),
+            ),
+            target=request.target_class if request.HasField("target_class") else None,
+            label=request.label if request.HasField("label") else None,
+            request=request,
+        )
+
+    def decode_request(self, request: explain_pb2.ExplainRequest) -> np.ndarray:
+        raise NotImplementedError
+
+    def decode_plain(self, payload: bytes) -> np.ndarray:
+        raise NotImplementedError
+
+    # -- encoding --------------------------------------------------------------------
+    def encode(self, item: ParsedItem, result, *, batch_size: int, handler_seconds: float) -> bytes:
+        if not item.internal:
+            return json.dumps(self.plain_answer(result)).encode()
+        names = self.explainer.class_names
+        response = explain_pb2.ExplainResponse(
+            model=self.metadata["name"],
+            model_version=str(self.metadata.get("version", "")),
+            classes=[explain_pb2.ClassScore(index=int(c), name=names[int(c)], score=float(s))
+                     for c, s in zip(result.classes, result.scores)],
+            predicted_class=result.predicted,
+            target_class=result.target,
+            timings=explain_pb2.Timings(
+                decode=item.decode_seconds + result.timings.get("preprocess", 0.0),
+                network=result.timings.get("network", 0.0),
+                superpixels=result.timings.get("superpixels", 0.0),
+                jitter_cam=result.timings.get("jitter_cam", 0.0),
+                handler=handler_seconds,
+                batch_size=batch_size,
+            ),
+        )
+        for method in item.methods:
+            explanation_map = result.maps[method]
+            explanation = response.explanations.add(method=method, heatmap=wire.quantized_tensor(explanation_map.heatmap))
+            if explanation_map.segments is not None:
+                explanation.segments.CopyFrom(wire.exact_tensor(explanation_map.segments))
+                explanation.segment_scores.CopyFrom(wire.exact_tensor(explanation_map.segment_scores.astype(np.float32)))
+        answer = handler_pb2.HandlerResponse(response=response, alpha=result.alpha.tolist())
+        if result.label_alpha is not None:
+            answer.label_alpha.extend(result.label_alpha.tolist())
+        return answer.SerializeToString()
+
+    def plain_answer(self, result) -> dict:
+        names = self.explainer.class_names
+        return {
+            "model": self.metadata["name"],
+            "predicted_class": result.predicted,
+            "classes": [{"index": int(c), "name": names[int(c)], "score": float(s)}
+                        for c, s in zip(result.classes, result.scores)],
+            "explanations": {method: {"shape": list(m.heatmap.shape), "heatmap": np.round(m.heatmap, 5).tolist()}
+                             for method, m in result.maps.items()},
+        }
+
+    @staticmethod
+    def encode_error(error: handler_pb2.HandlerError, *, internal: bool) -> bytes:
+        if internal:
+            return handler_pb2.HandlerResponse(error=error).SerializeToString()
+        code = "INVALID_ARGUMENT" if error.code == INVALID_ARGUMENT else "INTERNAL"
+        return json.dumps({"error": {"code": code, "message": error.message}}).encode()

@@ -1,0 +1,39 @@
+"""TorchServe handler for video classifiers (see explain_handler.py).
+
+A plain request's ``data`` is a ``.npy`` file holding a uint8 (T, H, W, 3) clip.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from explain_handler import ExplainHandler
+
+from explainserve.inputs import decode_frames, raw_clip
+
+
+class VideoHandler(ExplainHandler):
+    kind = "video"
+
+    def decode_request(self, request) -> np.ndarray:
+        if request.WhichOneof("input") != "clip":
+            raise ValueError("clip: this is a video model; send `clip`, not an image")
+        clip = request.clip
+        return self.checked_length(decode_frames(list(clip.frames)) if clip.frames else raw_clip(clip.raw, list(clip.shape)))
+
+    def decode_plain(self, payload: bytes) -> np.ndarray:
+        try:
+            array = np.load(io.BytesIO(payload), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise ValueError(f"data: expected a .npy file holding a uint8 (T, H, W, 3) clip: {error}") from None
+        if array.dtype != np.uint8:
+            raise ValueError(f"data: clip must be uint8, got {array.dtype}")
+        return self.checked_length(raw_clip(array.tobytes(), array.shape))
+
+    def checked_length(self, clip: np.ndarray) -> np.ndarray:
+        """The clip, if it has the model's number of frames (checked here so it fails alone)."""
+        frames = self.explainer.input_size[0]
+        if clip.shape[0] != frames:
+            raise ValueError(f"clip: the model takes {frames} frames, got {clip.shape[0]}")
+        return clip
