@@ -1,0 +1,275 @@
+"""The Explainer: a batch of raw images or clips in, prediction + every requested map out.
+
+One probe pass (forward + guided backward) serves the prediction, SWAG's pixel scores,
+Grad-CAM and the Grad-AMap filter scores; SWAG_I's superpixels, which need only the image,
+are computed on a worker thread while the network runs. Jitter-CAM adds its own batched pass
+over the patches. Handlers and command-line tools call this; it knows nothing of serving.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cam import grad_cam
+from .grad_amap import grad_amap
+from .jitter_cam import jitter_cam
+from .probe import probe
+from .superpixels import MAX_SEGMENTS, check_superpixel_parameters, gradient_slic
+from .swag import pixel_scores, swag
+
+IMAGE_METHODS = ("swag_i", "swag_g", "swag_i_g", "jitter_cam", "grad_cam")
+VIDEO_METHODS = ("swag_v_i", "swag_v_g", "swag_v_i_g", "grad_cam")
+METHODS = ("swag_i", "swag_g", "swag_i_g", "swag_v_i", "swag_v_g", "swag_v_i_g", "jitter_cam", "grad_cam")
+DEFAULT_METHODS = {"image": ("swag_i_g", "jitter_cam"), "video": ("swag_v_i_g",)}
+
+# SLIC defaults per kind: K superpixels and the colour / score weights (thesis ch. 3 and 4;
+# the image weights are the winner of bench/evaluate.py's grid search, see bench/REPORT.md).
+SLIC_DEFAULTS = {
+    "image": {"n_segments": 300, "wc": 10.0, "wg": 10.0},
+    "video": {"n_segments": 120, "wc": 20.0, "wg": 9.0},
+}
+SWAG_VARIANT = {
+    "swag_i": "i", "swag_g": "g", "swag_i_g": "i_g",
+    "swag_v_i": "i", "swag_v_g": "g", "swag_v_i_g": "i_g",
+}
+
+
+@dataclass
+class ExplainOptions:
+    """Per-request parameters; None takes the kind's default (``SLIC_DEFAULTS``, d = m)."""
+
+    n_segments: int | None = None
+    wc: float | None = None
+    wg: float | None = None
+    jitter_d: int | None = None
+    top_k: int = 5
+
+
+@dataclass
+class ExplanationMap:
+    """One method's map at the model's input resolution.
+
+    Attributes
+    ----------
+    heatmap : ndarray of float32, shape (H, W) or (T, H, W)
+    segments : ndarray of int32 or None, same shape (SWAG only)
+    segment_scores : ndarray of float32 or None, shape (n_segments,) (SWAG only)
+    """
+
+    heatmap: np.ndarray
+    segments: np.ndarray | None = None
+    segment_scores: np.ndarray | None = None
+
+
+@dataclass
+class SampleExplanation:
+    """The answer for one sample: prediction, maps, Grad-AMap scores and timings (seconds)."""
+
+    classes: np.ndarray
+    scores: np.ndarray
+    predicted: int
+    target: int
+    maps: dict[str, ExplanationMap]
+    alpha: np.ndarray
+    label_alpha: np.ndarray | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Explainer:
+    """Explain a CNN classifier's predictions on raw uint8 images or clips.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Classifier returning logits; inputs (B, 3, H, W) or (B, 3, T, H, W).
+    kind : {"image", "video"}
+    input_size : (H, W) or (T, H, W)
+        The model's input size; samples are resized to it and maps come back at it.
+    mean, std : sequence of 3 floats
+        Normalisation of RGB values in [0, 1].
+    class_names : sequence of str
+        One name per logit.
+    layer : str, optional
+        Target layer; the architecture's default otherwise.
+    """
+
+    def __init__(self, model: nn.Module, *, kind: str, input_size: Sequence[int], mean: Sequence[float],
+                 std: Sequence[float], class_names: Sequence[str], layer: str | None = None):
+        if kind not in DEFAULT_METHODS:
+            raise ValueError(f"kind: expected 'image' or 'video', got {kind!r}")
+        spatial = 2 if kind == "image" else 3
+        if len(input_size) != spatial or min(input_size) < 1:
+            raise ValueError(f"input_size: expected {spatial} positive ints for kind {kind!r}, got {tuple(input_size)}")
+        self.model = model.eval()
+        self.kind = kind
+        self.input_size = tuple(int(v) for v in input_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).reshape(3, *(1,) * spatial)
+        self.std = torch.tensor(std, dtype=torch.float32).reshape(3, *(1,) * spatial)
+        self.class_names = list(class_names)
+        self.methods = IMAGE_METHODS if kind == "image" else VIDEO_METHODS
+        # One dry pass finds the layer, the activation-map size and the number of classes.
+        dry = probe(model, torch.zeros(1, 3, *self.input_size), layer=layer, input_gradient=False)
+        self.layer = dry.layer
+        self.cam_size = tuple(dry.activations.shape[2:])
+        self.num_filters = dry.activations.shape[1]
+        if dry.logits.shape[1] != len(self.class_names):
+            raise ValueError(f"class_names: the model has {dry.logits.shape[1]} outputs but {len(self.class_names)} class names were given")
+        self._superpixel_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="superpixels")
+
+    # -- validation -------------------------------------------------------------------
+    def slic_options(self, options: ExplainOptions) -> dict:
+        defaults = SLIC_DEFAULTS[self.kind]
+        return {name: defaults[name] if getattr(options, name) is None else getattr(options, name) for name in defaults}
+
+    def check_request(self, methods: Sequence[str], options: ExplainOptions = ExplainOptions(),
+                      target: int | None = None, label: int | None = None) -> None:
+        """Raise ValueError, naming the parameter and its accepted range, if a request is invalid."""
+        unknown = [m for m in methods if m not in self.methods]
+        if unknown:
+            raise ValueError(f"methods: {unknown} not available for {self.kind} models; accepted: {list(self.methods)}")
+        n_classes = len(self.class_names)
+        for name, value in (("target", target), ("label", label)):
+            if value is not None and not 0 <= value < n_classes:
+                raise ValueError(f"{name}: class id must be in [0, {n_classes - 1}], got {value}")
+        if not 1 <= options.top_k <= n_classes:
+            raise ValueError(f"top_k: must be in [1, {n_classes}], got {options.top_k}")
+        slic_options = self.slic_options(options)
+        max_segments = min(MAX_SEGMENTS, int(np.prod(self.input_size)) // 4)
+        if not 1 <= slic_options["n_segments"] <= max_segments:
+            raise ValueError(f"n_segments: must be in [1, {max_segments}] for input size {self.input_size}, got {slic_options['n_segments']}")
+        check_superpixel_parameters(slic_options["n_segments"], slic_options["wc"], slic_options["wg"], "i_g")
+        if options.jitter_d is not None:
+            limit = 4 * min(self.cam_size)
+            if not 0 <= options.jitter_d <= limit:
+                raise ValueError(f"jitter_d: must be in [0, {limit}] (cells added to the {self.cam_size} CAM), got {options.jitter_d}")
+
+    def preprocess(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
+        """Stack uint8 samples into RGB in [0, 1], resized to ``input_size``.
+
+        Returns
+        -------
+        Tensor, shape (B, 3, H, W) or (B, 3, T, H, W), float32 in [0, 1]
+        """
+        if len(samples) == 0:
+            raise ValueError("samples: the batch is empty; expected at least one sample")
+        expected_ndim = 3 if self.kind == "image" else 4
+        tensors = []
+        for index, sample in enumerate(samples):
+            sample = np.asarray(sample)
+            if sample.dtype != np.uint8:
+                raise ValueError(f"samples[{index}]: expected uint8 values, got {sample.dtype}")
+            if sample.ndim != expected_ndim or sample.shape[-1] != 3:
+                layout = "(H, W, 3)" if self.kind == "image" else "(T, H, W, 3)"
+                raise ValueError(f"samples[{index}]: expected an RGB {self.kind} of shape {layout}, got {sample.shape}")
+            if self.kind == "video" and sample.shape[0] != self.input_size[0]:
+                raise ValueError(f"samples[{index}]: expected a clip of {self.input_size[0]} frames, got {sample.shape[0]}")
+            frames = torch.from_numpy(np.ascontiguousarray(sample)).float().div_(255.0)
+            frames = frames.reshape(-1, *sample.shape[-3:]).permute(0, 3, 1, 2)  # (T or 1, 3, h, w)
+            if tuple(frames.shape[-2:]) != self.input_size[-2:]:
+                frames = F.interpolate(frames, size=self.input_size[-2:], mode="bilinear", align_corners=False,
+                                       antialias=True).clamp_(0, 1)
+            tensors.append(frames[0] if self.kind == "image" else frames.permute(1, 0, 2, 3))
+        return torch.stack(tensors)
+
+    # -- the work ---------------------------------------------------------------------
+    def explain(self, samples: Sequence[np.ndarray], methods: Sequence[str] | None = None,
+                options: ExplainOptions = ExplainOptions(), targets: Sequence[int | None] | None = None,
+                labels: Sequence[int | None] | None = None) -> list[SampleExplanation]:
+        """Explain a batch in one probe pass.
+
+        Parameters
+        ----------
+        samples : list of uint8 ndarray, each (H, W, 3) or (T, H, W, 3)
+        methods : sequence of str, optional
+            Subset of ``self.methods``; ``DEFAULT_METHODS[kind]`` when None, none for an
+            empty list (prediction and Grad-AMap scores only).
+        options : ExplainOptions
+        targets : sequence of (int or None), optional
+            Class to explain per sample; None takes the predicted class.
+        labels : sequence of (int or None), optional
+            Ground-truth class per sample; its Grad-AMap scores are returned as ``label_alpha``.
+        """
+        started = time.perf_counter()
+        methods = list(DEFAULT_METHODS[self.kind] if methods is None else methods)
+        batch = len(samples)
+        targets = list(targets) if targets is not None else [None] * batch
+        labels = list(labels) if labels is not None else [None] * batch
+        for name, values in (("targets", targets), ("labels", labels)):
+            if len(values) != batch:
+                raise ValueError(f"{name}: expected one entry per sample ({batch}), got {len(values)}")
+        for target, label in zip(targets, labels):
+            self.check_request(methods, options, target, label)
+        slic_options = self.slic_options(options)
+        swag_methods = [m for m in methods if m in SWAG_VARIANT]
+
+        rgb = self.preprocess(samples)
+        inputs = (rgb - self.mean) / self.std
+        images = rgb.movedim(1, -1).numpy().astype(np.float64)  # (B, [T,] H, W, 3) for SLIC
+        timings = {"preprocess": time.perf_counter() - started}
+
+        # Colour-only superpixels need no gradient: start them before the network pass.
+        colour_segments = {}
+        if any(SWAG_VARIANT[m] == "i" for m in swag_methods):
+            colour_segments = {b: self._superpixel_pool.submit(gradient_slic, images[b], None, variant="i", **slic_options)
+                               for b in range(batch)}
+
+        network_started = time.perf_counter()
+        extra = labels if any(label is not None for label in labels) else None
+        result = probe(self.model, inputs, layer=self.layer, target=targets, input_gradient=bool(swag_methods),
+                       extra_targets=extra)
+        alpha = grad_amap(result.activations, result.activation_gradients).numpy()
+        label_alpha = (grad_amap(result.activations, result.extra_activation_gradients).numpy()
+                       if extra is not None else None)
+        timings["network"] = time.perf_counter() - network_started
+
+        maps: list[dict[str, ExplanationMap]] = [{} for _ in range(batch)]
+        if "grad_cam" in methods:
+            heatmaps = grad_cam(result.activations, result.activation_gradients, self.input_size).numpy()
+            for b in range(batch):
+                maps[b]["grad_cam"] = ExplanationMap(heatmaps[b])
+        if "jitter_cam" in methods:
+            jitter_started = time.perf_counter()
+            heatmaps = jitter_cam(self.model, inputs, result.target, cam_size=self.cam_size, layer=self.layer,
+                                  d=options.jitter_d).numpy()
+            for b in range(batch):
+                maps[b]["jitter_cam"] = ExplanationMap(heatmaps[b])
+            timings["jitter_cam"] = time.perf_counter() - jitter_started
+
+        if swag_methods:
+            superpixels_started = time.perf_counter()
+            scores = pixel_scores(result, inputs, "guided")
+            jobs = {}
+            for b in range(batch):
+                for method in swag_methods:
+                    variant = SWAG_VARIANT[method]
+                    segments = colour_segments[b] if variant == "i" else self._superpixel_pool.submit(
+                        gradient_slic, images[b], scores[b], variant=variant, **slic_options)
+                    jobs[b, method] = segments
+            for (b, method), future in jobs.items():
+                explanation = swag(images[b], scores[b], segments=future.result())
+                maps[b][method] = ExplanationMap(explanation.heatmap, explanation.segments, explanation.segment_scores)
+            timings["superpixels"] = time.perf_counter() - superpixels_started
+
+        top_scores, top_classes = result.top_k(options.top_k)
+        timings["total"] = time.perf_counter() - started
+        return [
+            SampleExplanation(
+                classes=top_classes[b].numpy(),
+                scores=top_scores[b].numpy(),
+                predicted=int(result.predicted[b]),
+                target=int(result.target[b]),
+                maps=maps[b],
+                alpha=alpha[b],
+                label_alpha=label_alpha[b] if label_alpha is not None and labels[b] is not None else None,
+                timings=dict(timings),
+            )
+            for b in range(batch)
+        ]

@@ -1,0 +1,100 @@
+"""Guided-ReLU backpropagation that works for every way a network can call a ReLU.
+
+Module hooks (captum's approach) only see ``nn.ReLU`` modules. Networks also call
+``F.relu`` (DenseNet), ``torch.relu``, ``Tensor.relu_`` and in-place variants, and reuse one
+ReLU module several times (ResNet's ``self.relu``). A :class:`torch.overrides.TorchFunctionMode`
+intercepts all of these at the function level while it is active, so one mechanism covers them.
+
+The backward rule is read when the backward pass *runs*, not when the graph is built, so one
+forward pass can be backpropagated twice: once guided, once vanilla.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+
+@dataclass
+class GuidedState:
+    """Shared switches of one probe pass.
+
+    Attributes
+    ----------
+    intercept : bool
+        While True, ReLUs executed in the forward pass get the guided backward rule.
+        Cleared once the target layer has run, so layers after it backpropagate normally.
+    guided : bool
+        Read at backward time: True applies ``grad * (x > 0) * (grad > 0)``,
+        False the ordinary ReLU gradient ``grad * (x > 0)``.
+    """
+
+    intercept: bool = True
+    guided: bool = True
+
+
+class _RectifierFunction(torch.autograd.Function):
+    """ReLU (``upper=None``) or ReLU6-style clip whose backward follows :class:`GuidedState`."""
+
+    @staticmethod
+    def forward(ctx, x, upper, inplace, state):
+        out = x.clamp_(0, upper) if inplace else x.clamp(0, upper)
+        if inplace:
+            ctx.mark_dirty(x)
+        # The output carries the mask: out > 0 exactly where x > 0.
+        ctx.save_for_backward(out)
+        ctx.upper = upper
+        ctx.state = state
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        passes = out > 0
+        if ctx.upper is not None:
+            passes &= out < ctx.upper
+        grad = grad * passes
+        if ctx.state.guided:
+            grad = grad.clamp(min=0)
+        return grad, None, None, None
+
+
+_OUT_OF_PLACE = {F.relu, torch.relu, torch.Tensor.relu}
+_IN_PLACE = {F.relu_, torch.relu_, torch.Tensor.relu_}
+
+
+class GuidedReLUMode(TorchFunctionMode):
+    """Replace every ReLU call with :class:`_RectifierFunction` while ``state.intercept``.
+
+    ``F.hardtanh(x, 0, upper)`` (what ``nn.ReLU6`` calls) is treated as a clipped ReLU.
+    Other activations (SiLU, GELU, Hardswish) are not rectifiers and backpropagate normally.
+    """
+
+    def __init__(self, state: GuidedState):
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.state.intercept and args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+            x = args[0]
+            if func in _OUT_OF_PLACE or func in _IN_PLACE:
+                inplace = func in _IN_PLACE or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+                return _RectifierFunction.apply(x, None, inplace, self.state)
+            if func is F.hardtanh:
+                min_val, max_val, inplace = _hardtanh_arguments(args, kwargs)
+                if min_val == 0.0:
+                    return _RectifierFunction.apply(x, max_val, inplace, self.state)
+        return func(*args, **kwargs)
+
+
+def _hardtanh_arguments(args, kwargs):
+    names = ("min_val", "max_val", "inplace")
+    defaults = {"min_val": -1.0, "max_val": 1.0, "inplace": False}
+    values = dict(defaults)
+    values.update(zip(names, args[1:]))
+    values.update({k: v for k, v in kwargs.items() if k in defaults})
+    return float(values["min_val"]), float(values["max_val"]), bool(values["inplace"])

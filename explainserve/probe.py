@@ -1,0 +1,231 @@
+"""The probe pass: one forward and one guided backward feed every explanation.
+
+From a single ``torch.autograd.grad`` call on the target logits we get
+
+* the guided-backprop input gradient (SWAG's pixel scores),
+* the activation A of the target layer and dy_c/dA (Grad-CAM, Jitter-CAM, Grad-AMap),
+
+and the forward pass gives the prediction. ``autograd.grad`` with respect to the input and A
+only, instead of ``.backward()``, skips every parameter gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .guided import GuidedReLUMode, GuidedState
+from .layers import resolve_layer
+
+
+@dataclass
+class ProbeResult:
+    """Everything one probe pass yields, detached from the graph.
+
+    Attributes
+    ----------
+    logits : Tensor, shape (B, N)
+        Pre-softmax class scores.
+    probabilities : Tensor, shape (B, N)
+        Softmax of ``logits``.
+    predicted : LongTensor, shape (B,)
+        Arg-max class per sample.
+    target : LongTensor, shape (B,)
+        The class whose logit was backpropagated (``predicted`` unless given).
+    input_gradient : Tensor or None, shape of the input
+        Guided-backprop gradient of the target logit with respect to the input.
+    vanilla_gradient : Tensor or None, shape of the input
+        Plain gradient of the target logit, from a second backward on the same graph.
+    activations : Tensor, shape (B, K, h, w) or (B, K, t, h, w)
+        Output A of the target layer.
+    activation_gradients : Tensor, same shape as ``activations``
+        dy_target / dA.
+    extra_activation_gradients : Tensor or None, same shape as ``activations``
+        dy_extra / dA for ``extra_targets``.
+    layer : str
+        Dotted name of the target layer.
+    """
+
+    logits: torch.Tensor
+    probabilities: torch.Tensor
+    predicted: torch.Tensor
+    target: torch.Tensor
+    input_gradient: torch.Tensor | None
+    vanilla_gradient: torch.Tensor | None
+    activations: torch.Tensor
+    activation_gradients: torch.Tensor
+    extra_activation_gradients: torch.Tensor | None
+    layer: str
+
+    def top_k(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(scores, classes)``, each (B, k): the k most probable classes per sample."""
+        k = min(int(k), self.probabilities.shape[1])
+        if k < 1:
+            raise ValueError(f"top_k: must be >= 1, got {k}")
+        return self.probabilities.topk(k, dim=1)
+
+
+def check_inputs(inputs: torch.Tensor, model: nn.Module) -> None:
+    """Raise ValueError unless ``inputs`` is a finite float batch the model can take."""
+    if not isinstance(inputs, torch.Tensor):
+        raise ValueError(f"inputs: expected a torch.Tensor, got {type(inputs).__name__}")
+    if inputs.ndim not in (4, 5):
+        raise ValueError(
+            f"inputs: expected rank 4 (B, C, H, W) or rank 5 (B, C, T, H, W), got rank {inputs.ndim} with shape {tuple(inputs.shape)}"
+        )
+    if not inputs.is_floating_point():
+        raise ValueError(f"inputs: expected a floating-point tensor, got {inputs.dtype}")
+    if inputs.shape[0] < 1:
+        raise ValueError("inputs: the batch is empty; expected at least 1 sample")
+    expected = expected_channels(model)
+    if expected is not None and inputs.shape[1] != expected:
+        raise ValueError(f"inputs: expected {expected} channels (dimension 1), got {inputs.shape[1]}")
+    if not torch.isfinite(inputs).all():
+        raise ValueError("inputs: contains NaN or Inf values; expected finite values")
+
+
+def expected_channels(model: nn.Module) -> int | None:
+    """In-channels of the model's first convolution, or None if it has none."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            return module.in_channels
+    return None
+
+
+def _as_class_tensor(classes, batch: int, n_classes: int, name: str, fallback: torch.Tensor) -> torch.Tensor:
+    """Class id per sample; None entries take the ``fallback`` class of that sample."""
+    if isinstance(classes, (list, tuple)) and any(c is None for c in classes):
+        if len(classes) != batch:
+            raise ValueError(f"{name}: expected one class per sample ({batch}), got {len(classes)}")
+        classes = [int(f) if c is None else c for c, f in zip(classes, fallback.tolist())]
+    tensor = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
+    if tensor.numel() == 1 and batch > 1:
+        tensor = tensor.expand(batch)
+    if tensor.numel() != batch:
+        raise ValueError(f"{name}: expected one class per sample ({batch}), got {tensor.numel()}")
+    if (tensor < 0).any() or (tensor >= n_classes).any():
+        raise ValueError(f"{name}: class ids must be in [0, {n_classes - 1}], got {tensor.tolist()}")
+    return tensor
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put every submodule in eval mode, then restore each one's own flag."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def probe(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    layer: str | None = None,
+    target: int | Sequence[int] | torch.Tensor | None = None,
+    input_gradient: bool = True,
+    vanilla_gradient: bool = False,
+    extra_targets: Sequence[int] | torch.Tensor | None = None,
+) -> ProbeResult:
+    """Run one forward and one backward pass and return what every explanation needs.
+
+    Parameters
+    ----------
+    model : nn.Module
+        An image (B, C, H, W) or video (B, C, T, H, W) classifier returning logits (B, N).
+        It is run in eval mode; its training flags, parameters and hooks are left as found.
+    inputs : Tensor, shape (B, C, H, W) or (B, C, T, H, W)
+        Normalised input batch.
+    layer : str, optional
+        Dotted name of the target layer; the architecture's last conv block by default
+        (see :func:`explainserve.layers.default_target_layer`).
+    target : int or sequence of (int or None), optional
+        Class per sample to explain; the predicted class by default (and for None entries).
+    input_gradient : bool
+        Compute the guided input gradient. Without it, only dy/dA is computed and the
+        network before the target layer runs without autograd (cheaper; used by Jitter-CAM
+        and Grad-AMap-only passes).
+    vanilla_gradient : bool
+        Also compute the plain input gradient (a second backward on the same graph).
+    extra_targets : sequence of int, optional
+        A second class per sample whose dy/dA is wanted too (e.g. a ground-truth label for
+        Grad-AMap scoring); None entries take the target class. Costs a backward through the layers after the target layer only.
+
+    Returns
+    -------
+    ProbeResult
+
+    Raises
+    ------
+    ValueError
+        On a wrong rank, channel count, NaN/Inf input, out-of-range class or unknown layer.
+    """
+    check_inputs(inputs, model)
+    layer_name, module = resolve_layer(model, layer)
+    state = GuidedState(intercept=input_gradient, guided=True)
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(_module, _args, output):
+        if not isinstance(output, torch.Tensor):
+            raise ValueError(f"layer: {layer_name!r} returns {type(output).__name__}; a tensor output is required")
+        if not keep_trunk:
+            # The trunk ran without autograd; record the graph from A onwards only.
+            torch.set_grad_enabled(True)
+            output = output.detach().requires_grad_(True)
+        captured["A"] = output
+        state.intercept = False
+        return output
+
+    keep_trunk = input_gradient or vanilla_gradient
+    x = inputs.detach().clone().requires_grad_(keep_trunk)
+    handle = module.register_forward_hook(capture)
+    try:
+        guided_relus = GuidedReLUMode(state) if input_gradient else contextlib.nullcontext()
+        with eval_mode(model), torch.set_grad_enabled(keep_trunk), guided_relus:
+            logits = model(x)
+    finally:
+        handle.remove()
+    if "A" not in captured:
+        raise ValueError(f"layer: {layer_name!r} was not executed by the forward pass")
+    if logits.ndim != 2:
+        raise ValueError(f"model: expected logits of shape (B, N), got {tuple(logits.shape)}")
+
+    batch, n_classes = logits.shape
+    predicted = logits.detach().argmax(dim=1)
+    target_ids = predicted if target is None else _as_class_tensor(target, batch, n_classes, "target", predicted)
+    rows = torch.arange(batch)
+    score = logits[rows, target_ids].sum()
+    activations = captured["A"]
+
+    wanted = [x, activations] if input_gradient else [activations]
+    more_passes = vanilla_gradient or extra_targets is not None
+    grads = torch.autograd.grad(score, wanted, retain_graph=more_passes)
+    guided_gradient, activation_gradients = grads if input_gradient else (None, grads[0])
+    vanilla = None
+    if vanilla_gradient:
+        state.guided = False
+        (vanilla,) = torch.autograd.grad(score, [x], retain_graph=extra_targets is not None)
+    extra = None
+    if extra_targets is not None:
+        extra_ids = _as_class_tensor(extra_targets, batch, n_classes, "extra_targets", target_ids)
+        (extra,) = torch.autograd.grad(logits[rows, extra_ids].sum(), [activations])
+
+    return ProbeResult(
+        logits=logits.detach(),
+        probabilities=logits.detach().softmax(dim=1),
+        predicted=predicted,
+        target=target_ids,
+        input_gradient=guided_gradient,
+        vanilla_gradient=vanilla,
+        activations=activations.detach(),
+        activation_gradients=activation_gradients,
+        extra_activation_gradients=extra,
+        layer=layer_name,
+    )

@@ -1,0 +1,86 @@
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from explainserve.cam import grad_cam
+from explainserve.jitter_cam import jitter_cam, patch_offsets
+from explainserve.probe import probe
+
+
+class PooledChannelNet(nn.Module):
+    """A model with a hand-computable CAM.
+
+    A = cell means (cells of ``cell`` pixels) of input channel 0; logit 0 = mean(A), logit 1 = -mean(A).
+    For class 0, dy/dA = 1/Z everywhere, so the Grad-CAM weight is 1/Z and CAM = relu(A)/Z.
+    """
+
+    def __init__(self, cell: int):
+        super().__init__()
+        self.select = nn.Conv2d(3, 1, 1, bias=False)
+        with torch.no_grad():
+            self.select.weight.copy_(torch.tensor([1.0, 0.0, 0.0]).reshape(1, 3, 1, 1))
+        self.pool = nn.AvgPool2d(cell)
+
+    def forward(self, x):
+        a = self.pool(self.select(x)).mean(dim=(1, 2, 3))
+        return torch.stack([a, -a], dim=1)
+
+
+@pytest.mark.parametrize("size,d,stride", [((32, 32), 4, 1), ((32, 48), (2, 3), 1), ((32, 32), 3, 2)])
+def test_jitter_cam_equals_the_hand_computed_average_over_patches(size, d, stride):
+    cell = 8
+    model = PooledChannelNet(cell).eval()
+    x = torch.rand(2, 3, *size) + 0.1  # positive, so relu(A) = A
+    m = (size[0] // cell, size[1] // cell)
+    result = jitter_cam(model, x, torch.tensor([0, 0]), cam_size=m, layer="pool", d=d, stride=stride)
+
+    d_h, d_w = (d, d) if isinstance(d, int) else d
+    upscaled = F.interpolate(x, size=(size[0] + d_h * cell, size[1] + d_w * cell), mode="bilinear", align_corners=False)
+    # Patch (i, j) sees upscaled cell (u, v) at its own cell (u - i, v - j): every patch covering
+    # a cell gives it the same value, so J / C is the cell mean of the upscaled channel 0 over Z.
+    z = m[0] * m[1]
+    expected_cells = F.avg_pool2d(upscaled[:, :1], cell)[:, 0] / z
+    expected = F.interpolate(expected_cells[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(result, expected, atol=1e-6)
+    # Without dividing by the count map C the centre cells would be several times larger.
+    assert not torch.allclose(result * 2, expected, atol=1e-3)
+
+
+def test_count_map_covers_every_cell_with_any_stride():
+    assert patch_offsets(4, 1) == [0, 1, 2, 3, 4]
+    assert patch_offsets(5, 2) == [0, 2, 4, 5]
+    assert patch_offsets(0, 3) == [0]
+
+
+def test_d_zero_is_grad_cam():
+    model = torchvision.models.resnet18(weights=None, num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    result = probe(model, x, input_gradient=False)
+    expected = grad_cam(result.activations, result.activation_gradients, (64, 64))
+    cams = jitter_cam(model, x, result.target, cam_size=result.activations.shape[-2:], d=0)
+    assert torch.allclose(cams, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_default_d_doubles_the_resolution_and_batches_patches():
+    model = torchvision.models.resnet18(weights=None, num_classes=4).eval()
+    x = torch.randn(1, 3, 64, 64)
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        cams = jitter_cam(model, x, torch.tensor([1]), cam_size=(2, 2), batch_size=16)
+    finally:
+        handle.remove()
+    assert cams.shape == (1, 64, 64)
+    assert calls == [9]  # (d + 1)^2 = 9 patches for a 2x2 CAM, in one pass
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [({"d": -1}, "d: must be >= 0"), ({"stride": 0}, "stride: must be an int >= 1"), ({"d": 100}, "d: at most")],
+)
+def test_bad_parameters_raise(kwargs, message):
+    model = torchvision.models.resnet18(weights=None, num_classes=4).eval()
+    with pytest.raises(ValueError, match=message):
+        jitter_cam(model, torch.randn(1, 3, 64, 64), torch.tensor([0]), cam_size=(2, 2), **kwargs)

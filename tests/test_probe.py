@@ -1,0 +1,177 @@
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from captum.attr import GuidedBackprop
+from torch import nn
+
+from explainserve.probe import probe
+
+
+def _guided_reference(model, x, target):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return GuidedBackprop(model).attribute(x, target=target)
+
+
+@pytest.mark.parametrize("architecture", ["resnet18", "resnet50"])
+def test_guided_gradient_equals_captum(architecture):
+    model = getattr(torchvision.models, architecture)(weights=None, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    result = probe(model, x)
+    expected = _guided_reference(model, x, result.target)
+    assert expected.abs().max() > 0
+    assert torch.allclose(result.input_gradient, expected, rtol=1e-4, atol=1e-7)
+    assert result.layer == "layer4"
+
+
+class Stage(nn.Module):
+    """The target block: a convolution followed by a rectifier."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = None if functional else nn.ReLU()
+
+    def forward(self, x):
+        return self.conv(x).relu_() if self.relu is None else self.relu(self.conv(x))
+
+
+class ModuleReLUNet(nn.Module):
+    """Reference network: every ReLU is its own nn.ReLU module (what captum's hooks see)."""
+
+    def __init__(self, functional: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.stage4 = Stage(functional)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.relu1(self.conv1(x))
+        x = self.relu2(self.conv2(x))
+        x = self.relu3(self.conv3(x))
+        return self.fc(self.stage4(x).mean(dim=(2, 3)))
+
+
+class FunctionalReLUNet(ModuleReLUNet):
+    """Same weights, but ReLUs called functionally, in place, and one module used twice."""
+
+    def __init__(self):
+        super().__init__(functional=True)
+        self.shared = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.shared(self.conv1(x))
+        x = F.relu(self.conv2(x), inplace=True)
+        x = self.shared(self.conv3(x))
+        return self.fc(self.stage4(x).mean(dim=(2, 3)))
+
+
+def test_functional_inplace_and_reused_relus_are_guided():
+    reference = ModuleReLUNet().eval()
+    functional = FunctionalReLUNet().eval()
+    functional.load_state_dict(reference.state_dict(), strict=False)
+    x = torch.randn(3, 3, 12, 12)
+    result = probe(functional, x, layer="stage4")
+    expected = _guided_reference(reference, x, result.target)
+    assert torch.allclose(result.input_gradient, expected, rtol=1e-4, atol=1e-7)
+    # Without the guided rule the gradient differs, so the test above can fail.
+    plain = x.clone().requires_grad_()
+    (vanilla,) = torch.autograd.grad(functional(plain)[torch.arange(3), result.target].sum(), plain)
+    assert not torch.allclose(vanilla, expected, rtol=1e-3, atol=1e-6)
+
+
+def test_vanilla_gradient_and_extra_targets_from_the_same_pass():
+    model = torchvision.models.resnet18(weights=None, num_classes=7).eval()
+    x = torch.randn(2, 3, 32, 32)
+    result = probe(model, x, vanilla_gradient=True, extra_targets=[3, None])
+    plain = x.clone().requires_grad_()
+    logits = model(plain)
+    (vanilla,) = torch.autograd.grad(logits[torch.arange(2), result.target].sum(), plain)
+    assert torch.allclose(result.vanilla_gradient, vanilla, rtol=1e-4, atol=1e-7)
+    # dy/dA of the extra class through the GAP + linear head is W[class] / Z everywhere.
+    z = result.activations.shape[2] * result.activations.shape[3]
+    expected_extra = model.fc.weight[[3, int(result.target[1])]][:, :, None, None].expand_as(result.activations) / z
+    assert torch.allclose(result.extra_activation_gradients, expected_extra, atol=1e-7)
+
+
+def test_layers_after_the_target_backpropagate_normally():
+    # VGG has ReLUs in its classifier, after the target layer: dy/dA must be the true gradient.
+    model = torchvision.models.vgg11(weights=None, num_classes=4).eval()
+    x = torch.randn(1, 3, 64, 64)
+    result = probe(model, x)
+    assert result.layer == "features.19"
+    captured = {}
+    handle = model.features[19].register_forward_hook(lambda m, i, o: captured.setdefault("A", o))
+    logits = model(x.clone().requires_grad_())
+    handle.remove()
+    (expected,) = torch.autograd.grad(logits[0, result.target[0]], captured["A"])
+    assert torch.allclose(result.activation_gradients, expected, rtol=1e-4, atol=1e-8)
+
+
+def test_no_hook_flag_or_gradient_is_left_behind_even_after_an_error():
+    model = torchvision.models.resnet18(weights=None, num_classes=3)
+    model.train()
+    model.layer2.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {name: m.training for name, m in model.named_modules()}
+    x = torch.randn(2, 3, 32, 32)
+    probe(model, x, vanilla_gradient=True)
+    with pytest.raises(ValueError, match="target"):
+        probe(model, x, target=[0, 99])
+    for name, module in model.named_modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks and not module._backward_hooks, name
+        assert module.training == flags[name], name
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    # The guided ReLU mode is gone: a plain backward through the model is the vanilla one.
+    assert not torch.overrides._is_torch_function_mode_enabled()
+
+
+IMAGE_ARCHITECTURES = {
+    "resnet18": "layer4", "vgg11": "features.19", "densenet121": "features", "mobilenet_v2": "features",
+    "mobilenet_v3_small": "features", "efficientnet_b0": "features", "convnext_tiny": "features",
+}
+VIDEO_ARCHITECTURES = {"r3d_18": "layer4", "mc3_18": "layer4", "r2plus1d_18": "layer4"}
+
+
+@pytest.mark.parametrize("architecture,layer", IMAGE_ARCHITECTURES.items())
+def test_probe_runs_on_image_architectures(architecture, layer):
+    model = getattr(torchvision.models, architecture)(weights=None, num_classes=5)
+    result = probe(model, torch.randn(2, 3, 64, 64))
+    assert result.layer == layer
+    assert result.input_gradient.shape == (2, 3, 64, 64)
+    assert torch.isfinite(result.input_gradient).all() and result.input_gradient.abs().sum() > 0
+    assert result.activation_gradients.shape == result.activations.shape
+    assert result.activations.ndim == 4
+
+
+@pytest.mark.parametrize("architecture,layer", VIDEO_ARCHITECTURES.items())
+def test_probe_runs_on_video_architectures(architecture, layer):
+    model = getattr(torchvision.models.video, architecture)(weights=None, num_classes=4)
+    result = probe(model, torch.randn(1, 3, 8, 32, 32))
+    assert result.layer == layer
+    assert result.input_gradient.shape == (1, 3, 8, 32, 32)
+    assert result.activations.ndim == 5 and result.input_gradient.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "inputs,kwargs,message",
+    [
+        (torch.randn(3, 32, 32), {}, "inputs: expected rank 4"),
+        (torch.randn(1, 1, 32, 32), {}, "inputs: expected 3 channels"),
+        (torch.full((1, 3, 32, 32), float("nan")), {}, "NaN or Inf"),
+        (torch.randn(1, 3, 32, 32), {"layer": "layer9"}, "layer: unknown layer name 'layer9'"),
+        (torch.randn(1, 3, 32, 32), {"target": 10}, r"target: class ids must be in \[0, 9\]"),
+        (torch.randint(0, 255, (1, 3, 32, 32)), {}, "floating-point"),
+    ],
+)
+def test_bad_input_raises_a_precise_value_error(inputs, kwargs, message):
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    with pytest.raises(ValueError, match=message):
+        probe(model, inputs, **kwargs)
