@@ -1,0 +1,24 @@
+"""Anomaly scoring with Grad-AMap filter scores (thesis chapter 6), in pure numpy.
+
+Build per-class training distributions (:func:`build_store`, sharded with
+:func:`merge_stores`), calibrate the verdict on held-out data (:func:`calibrate`,
+:func:`save_calibration`), then load and score at serving time::
+
+    store = load_store("store/", model_name="fashion-scenes-resnet", model_version="1")
+    scorer = Scorer(store)
+    batch = scorer.score(alpha, classes)      # alpha (B, K) float32, classes (B,) int
+    result = batch.sample(0)                  # SampleScore: flags, β, verdict, reasons
+"""
+
+from explainserve.anomaly.build import build_store, default_build_time, shard_classes
+from explainserve.anomaly.calibration import calibrate, save_calibration
+from explainserve.anomaly.merge import merge_stores
+from explainserve.anomaly.scorer import (ANOMALOUS, NORMAL, BatchScores, FilterFlag, Reason,
+                                         SampleScore, Scorer)
+from explainserve.anomaly.store import DistributionStore, StoreError, StoreMeta, load_store
+
+__all__ = [
+    "ANOMALOUS", "NORMAL", "BatchScores", "DistributionStore", "FilterFlag", "Reason", "SampleScore",
+    "Scorer", "StoreError", "StoreMeta", "build_store", "calibrate", "default_build_time",
+    "load_store", "merge_stores", "save_calibration", "shard_classes",
+]

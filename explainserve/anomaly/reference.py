@@ -1,0 +1,158 @@
+"""Per-input statistics against a class's training distribution: flags, counts and β.
+
+Both calibration and serving compute these with the same code, so the thresholds are
+calibrated on exactly the numbers they are later applied to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from explainserve.anomaly.store import DistributionStore
+from explainserve.anomaly.summary import BETA_LEVELS, beta_scores, class_mean_of_means
+
+
+@dataclass(frozen=True)
+class FilterStatistics:
+    """Statistics of B alpha vectors, each against its own class.
+
+    Attributes
+    ----------
+    surprising : np.ndarray
+        (B, K) bool, alpha_n > P99.9_cn.
+    expected_missing : np.ndarray
+        (B, K) bool, alpha_n < P0.1_cn and mu_cn > mean_n(mu_cn).
+    surprise_count, expectation_count : np.ndarray
+        (B,) int64 row sums of the two masks.
+    beta : np.ndarray
+        (B,) float64, mean_n(alpha_n - mu_cn).
+    beta_percentile : np.ndarray
+        (B,) float64 in [0, 100], β's percentile within the class's training β.
+    beta_z : np.ndarray
+        (B,) float64, (β - median) / IQR of the class's training β; comparable across classes.
+    """
+
+    surprising: np.ndarray
+    expected_missing: np.ndarray
+    surprise_count: np.ndarray
+    expectation_count: np.ndarray
+    beta: np.ndarray
+    beta_percentile: np.ndarray
+    beta_z: np.ndarray
+
+
+def percentile_in_grid(values: np.ndarray, grids: np.ndarray, levels: np.ndarray = BETA_LEVELS) -> np.ndarray:
+    """Row-wise ``np.interp(values[i], grids[i], levels)``, vectorised.
+
+    Parameters
+    ----------
+    values : np.ndarray
+        (B,) values.
+    grids : np.ndarray
+        (B, G) non-decreasing percentile values at ``levels``.
+    levels : np.ndarray
+        (G,) percent levels.
+
+    Returns
+    -------
+    np.ndarray
+        (B,) float64 percentiles, clipped to [levels[0], levels[-1]].
+    """
+    grids = np.asarray(grids, dtype=np.float64)
+    above = np.clip((grids <= values[:, None]).sum(axis=1), 1, grids.shape[1] - 1)
+    low = np.take_along_axis(grids, (above - 1)[:, None], axis=1)[:, 0]
+    high = np.take_along_axis(grids, above[:, None], axis=1)[:, 0]
+    width = high - low
+    fraction = np.divide(values - low, width, out=np.ones_like(width), where=width > 0)
+    percent = levels[above - 1] + fraction * (levels[above] - levels[above - 1])
+    return np.clip(percent, levels[0], levels[-1])
+
+
+class ClassReference:
+    """The parts of a store that scoring reads, prepared once at load time.
+
+    Parameters
+    ----------
+    store : DistributionStore
+        A complete (not shard) store.
+
+    Notes
+    -----
+    The expectation test folds the mu condition into its threshold: filters with
+    mu_cn <= mean_n(mu_cn) get a threshold of -inf, so one comparison does both tests.
+    """
+
+    def __init__(self, store: DistributionStore):
+        if "shard" in store.manifest:
+            raise ValueError(f"distribution store {store.path} is one shard; merge the shards before scoring")
+        self.store = store
+        self.num_classes = store.num_classes
+        self.num_filters = store.meta.num_filters
+        self.counts = store.counts
+        mean = np.asarray(store.arrays["mean"])
+        self.mean_of_means = class_mean_of_means(mean)
+        self.p_high = np.ascontiguousarray(store.arrays["p_high"])
+        self.p_low = store.arrays["p_low"]
+        self.p_low_expected = np.where(mean > self.mean_of_means[:, None], self.p_low, -np.inf).astype(np.float32)
+        self.exemplars = store.arrays["exemplars"]
+        self.beta_grid = np.array(store.arrays["beta_grid"], dtype=np.float64)
+        self.beta_median = self.beta_grid[:, 50]
+        spread = self.beta_grid[:, 75] - self.beta_grid[:, 25]
+        self.beta_scale = np.where(spread > 0, spread, 1.0)
+
+    def check(self, alpha, classes) -> tuple[np.ndarray, np.ndarray]:
+        """Validate scoring input.
+
+        Parameters
+        ----------
+        alpha : array-like
+            (B, K) or (K,) filter scores.
+        classes : array-like
+            (B,) or scalar class ids.
+
+        Returns
+        -------
+        (np.ndarray, np.ndarray)
+            alpha (B, K) float32 and classes (B,) int64.
+
+        Raises
+        ------
+        ValueError
+            Wrong alpha length or shape, NaN or infinite alpha, a class id outside
+            [0, C), or a class without training images.
+        """
+        alpha = np.asarray(alpha, dtype=np.float32)
+        if alpha.ndim == 1:
+            alpha = alpha[None]
+        classes = np.atleast_1d(np.asarray(classes))
+        if alpha.ndim != 2 or alpha.shape[1] != self.num_filters:
+            raise ValueError(f"alpha must have {self.num_filters} filter scores per input, got shape {alpha.shape}")
+        if classes.shape != (len(alpha),) or not np.issubdtype(classes.dtype, np.integer):
+            raise ValueError(f"classes must be {len(alpha)} integer class ids, got {classes.dtype} shape {classes.shape}")
+        if not np.isfinite(alpha).all():
+            raise ValueError("alpha contains NaN or infinite values")
+        classes = classes.astype(np.int64, copy=False)
+        unknown = (classes < 0) | (classes >= self.num_classes)
+        if unknown.any():
+            raise ValueError(f"unknown class {int(classes[unknown][0])}: class ids must be in [0, {self.num_classes - 1}]")
+        empty = self.counts[classes] == 0
+        if empty.any():
+            raise ValueError(f"class {int(classes[empty][0])} has no training images in the distribution store")
+        return alpha, classes
+
+    def statistics(self, alpha: np.ndarray, classes: np.ndarray) -> FilterStatistics:
+        """Statistics of checked input (see :meth:`check`)."""
+        surprising = alpha > self.p_high[classes]
+        expected_missing = alpha < self.p_low_expected[classes]
+        beta = beta_scores(alpha, self.mean_of_means[classes])
+        return FilterStatistics(
+            surprising=surprising,
+            expected_missing=expected_missing,
+            surprise_count=surprising.sum(axis=1),
+            expectation_count=expected_missing.sum(axis=1),
+            beta=beta,
+            beta_percentile=percentile_in_grid(beta, self.beta_grid[classes]),
+            beta_z=(beta - self.beta_median[classes]) / self.beta_scale[classes],
+        )

@@ -1,0 +1,286 @@
+"""The distribution store: a directory of memory-mappable .npy arrays and a JSON manifest.
+
+Layout (C classes, K filters, L grid levels, k exemplars)::
+
+    manifest.json    model, layer, transform, class names, counts, calibration, build time, sha256
+    mean.npy         (C, K)    float32  mu_cn
+    p_low.npy        (C, K)    float32  P0.1 per (class, filter)
+    p_high.npy       (C, K)    float32  P99.9 per (class, filter)
+    grid.npy         (C, L, K) float16  percentile grid (offline use; never read when scoring)
+    exemplars.npy    (C, K, k) int32    top-k training image ids per (class, filter)
+    beta_grid.npy    (C, 101)  float32  percentiles 0..100 of the class's training β
+
+A class without training images has NaN statistics and count 0. Every array's size and
+sha256 are recorded in the manifest and verified on load, so a corrupt or truncated store is
+refused before anything is scored against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+#: name -> (dtype, shape after the class axis as a function of (K, L, k)).
+ARRAY_SPECS = {
+    "mean": (np.float32, lambda K, L, k: (K,)),
+    "p_low": (np.float32, lambda K, L, k: (K,)),
+    "p_high": (np.float32, lambda K, L, k: (K,)),
+    "grid": (np.float16, lambda K, L, k: (L, K)),
+    "exemplars": (np.int32, lambda K, L, k: (K, k)),
+    "beta_grid": (np.float32, lambda K, L, k: (101,)),
+}
+
+#: Arrays the scorer reads; ``grid`` stays on disk.
+SERVING_ARRAYS = ("mean", "p_low", "p_high", "exemplars", "beta_grid")
+
+
+class StoreError(ValueError):
+    """A store that cannot be used: missing, corrupt, truncated, or built for another model."""
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """What a store was built from.
+
+    Attributes
+    ----------
+    model_name, model_version : str
+        Identify the model; a server refuses a store whose pair differs from its model's.
+    layer : str
+        Target layer whose filters alpha scores.
+    input_transform : dict
+        How images were preprocessed (size, mean, std), JSON-serialisable.
+    class_names : tuple of str
+        One name per class; C = len(class_names).
+    num_filters : int
+        K, the length of every alpha vector.
+    """
+
+    model_name: str
+    model_version: str
+    layer: str
+    input_transform: dict
+    class_names: tuple
+    num_filters: int
+
+    def to_json(self) -> dict:
+        return {
+            "model": {"name": self.model_name, "version": self.model_version},
+            "layer": self.layer,
+            "input_transform": self.input_transform,
+            "class_names": list(self.class_names),
+            "num_filters": self.num_filters,
+        }
+
+    @classmethod
+    def from_json(cls, manifest: dict) -> "StoreMeta":
+        return cls(
+            model_name=manifest["model"]["name"],
+            model_version=manifest["model"]["version"],
+            layer=manifest["layer"],
+            input_transform=manifest["input_transform"],
+            class_names=tuple(manifest["class_names"]),
+            num_filters=int(manifest["num_filters"]),
+        )
+
+
+def array_shape(name: str, num_classes: int, num_filters: int, num_levels: int, top_k: int) -> tuple:
+    """Full shape of store array ``name``."""
+    return (num_classes,) + ARRAY_SPECS[name][1](num_filters, num_levels, top_k)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def store_sha256(array_hashes: dict) -> str:
+    """One digest for the whole store: sha256 over the sorted ``name:sha256`` lines."""
+    lines = "".join(f"{name}:{array_hashes[name]}\n" for name in sorted(array_hashes))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """Write ``manifest.json`` atomically, with sorted keys so equal stores give equal bytes."""
+    path = Path(directory) / MANIFEST
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def finalise_store(directory: Path, meta: StoreMeta, *, counts: list, top_k: int, levels: tuple,
+                   build_time: str, shard: dict | None = None) -> dict:
+    """Hash the written arrays and write the manifest, which makes the store loadable.
+
+    Parameters
+    ----------
+    directory : Path
+        Holds every array of ``ARRAY_SPECS``, complete.
+    meta : StoreMeta
+    counts : list of int
+        Training images per class held.
+    top_k : int
+    levels : tuple of float
+        The percentile grid levels, in percent.
+    build_time : str
+        ISO 8601 UTC time of the build.
+    shard : dict, optional
+        ``{"index": i, "count": n, "classes": [start, stop]}`` for one shard of a build.
+
+    Returns
+    -------
+    dict
+        The manifest written (uncalibrated).
+    """
+    arrays = {
+        name: {"bytes": (Path(directory) / f"{name}.npy").stat().st_size,
+               "sha256": file_sha256(Path(directory) / f"{name}.npy")}
+        for name in ARRAY_SPECS
+    }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        **meta.to_json(),
+        "percentile_levels": list(levels),
+        "top_k": top_k,
+        "counts": [int(count) for count in counts],
+        "build_time": build_time,
+        "arrays": arrays,
+        "sha256": store_sha256({name: arrays[name]["sha256"] for name in arrays}),
+        "calibration": None,
+    }
+    if shard is not None:
+        manifest["shard"] = shard
+    write_manifest(directory, manifest)
+    return manifest
+
+
+@dataclass
+class DistributionStore:
+    """A loaded store; arrays are read-only memory maps.
+
+    Attributes
+    ----------
+    path : Path
+    manifest : dict
+        The parsed manifest.
+    meta : StoreMeta
+    arrays : dict of str -> np.ndarray
+        Shapes as in the module docstring.
+    """
+
+    path: Path
+    manifest: dict
+    meta: StoreMeta
+    arrays: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta.class_names)
+
+    @property
+    def counts(self) -> np.ndarray:
+        """(C,) int64 training images per class."""
+        return np.asarray(self.manifest["counts"], dtype=np.int64)
+
+    @property
+    def class_offset(self) -> int:
+        """Index of the first class held (non-zero only for a shard)."""
+        shard = self.manifest.get("shard")
+        return int(shard["classes"][0]) if shard else 0
+
+    @property
+    def calibration(self) -> dict | None:
+        return self.manifest.get("calibration")
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest["sha256"]
+
+    def serving_bytes(self) -> int:
+        """Bytes of the arrays the scorer reads (everything except the percentile grid)."""
+        return sum(self.arrays[name].nbytes for name in SERVING_ARRAYS)
+
+    def total_bytes(self) -> int:
+        """Bytes of all arrays."""
+        return sum(array.nbytes for array in self.arrays.values())
+
+
+def _refuse(directory: Path, problem: str) -> StoreError:
+    return StoreError(f"distribution store {directory}: {problem}")
+
+
+def load_store(path: str | os.PathLike, *, model_name: str | None = None,
+               model_version: str | None = None, verify: bool = True) -> DistributionStore:
+    """Open a store, verify it, and memory-map its arrays.
+
+    Parameters
+    ----------
+    path : path-like
+        Store directory.
+    model_name, model_version : str, optional
+        When given, the manifest must name exactly this model.
+    verify : bool
+        Check every array's size and sha256 against the manifest (reads each file once).
+
+    Returns
+    -------
+    DistributionStore
+
+    Raises
+    ------
+    StoreError
+        Missing or unreadable manifest, unknown format, wrong model, a missing, truncated or
+        modified array, or an array of the wrong dtype or shape.
+    """
+    directory = Path(path)
+    try:
+        manifest: dict[str, Any] = json.loads((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise _refuse(directory, f"no {MANIFEST}") from None
+    except (OSError, ValueError) as error:
+        raise _refuse(directory, f"unreadable {MANIFEST} ({error})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise _refuse(directory, f"format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION}")
+    meta = StoreMeta.from_json(manifest)
+    if model_name is not None and (meta.model_name, meta.model_version) != (model_name, model_version):
+        raise _refuse(
+            directory,
+            f"built for model {meta.model_name!r} version {meta.model_version!r}, "
+            f"not {model_name!r} version {model_version!r}",
+        )
+    shard = manifest.get("shard")
+    held = shard["classes"][1] - shard["classes"][0] if shard else len(meta.class_names)
+    arrays = {}
+    for name, (dtype, _) in ARRAY_SPECS.items():
+        file = directory / f"{name}.npy"
+        recorded = manifest["arrays"][name]
+        if not file.exists():
+            raise _refuse(directory, f"{file.name} is missing")
+        size = file.stat().st_size
+        if size != recorded["bytes"]:
+            raise _refuse(directory, f"{file.name} is {size} bytes, the manifest says {recorded['bytes']} (truncated or replaced)")
+        if verify and file_sha256(file) != recorded["sha256"]:
+            raise _refuse(directory, f"{file.name} sha256 does not match the manifest (corrupt)")
+        try:
+            array = np.load(file, mmap_mode="r")
+        except ValueError as error:
+            raise _refuse(directory, f"{file.name} is not a valid .npy file ({error})") from None
+        expected = array_shape(name, held, meta.num_filters, len(manifest["percentile_levels"]), manifest["top_k"])
+        if array.dtype != dtype or array.shape != expected:
+            raise _refuse(directory, f"{file.name} is {array.dtype}{array.shape}, expected {np.dtype(dtype)}{expected}")
+        arrays[name] = array
+    if verify and store_sha256({name: manifest["arrays"][name]["sha256"] for name in ARRAY_SPECS}) != manifest["sha256"]:
+        raise _refuse(directory, "store sha256 does not match its arrays")
+    return DistributionStore(directory, manifest, meta, arrays)
