@@ -139,8 +139,8 @@ class Explainer:
         for name, value in (("target", target), ("label", label)):
             if value is not None and not 0 <= value < n_classes:
                 raise ValueError(f"{name}: class id must be in [0, {n_classes - 1}], got {value}")
-        if not 1 <= options.top_k <= n_classes:
-            raise ValueError(f"top_k: must be in [1, {n_classes}], got {options.top_k}")
+        if options.top_k < 1:
+            raise ValueError(f"top_k: must be >= 1 (more than {n_classes} returns all classes), got {options.top_k}")
         slic_options = self.slic_options(options)
         max_segments = min(MAX_SEGMENTS, int(np.prod(self.input_size)) // 4)
         if not 1 <= slic_options["n_segments"] <= max_segments:

@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+import torch
+import torchvision
+from skimage import data
+
+from explainserve.cam import grad_cam
+from explainserve.explainer import ExplainOptions, Explainer
+from explainserve.grad_amap import grad_amap
+from explainserve.probe import probe
+from explainserve.superpixels import gradient_slic
+from explainserve.swag import PIXEL_SOURCES, pixel_scores
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+@pytest.fixture(scope="module")
+def image_explainer():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    return Explainer(model, kind="image", input_size=(64, 64), mean=MEAN, std=STD, class_names=list("abcdefghij"))
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return [data.astronaut(), data.coffee()]
+
+
+def test_one_call_returns_every_image_method_consistent_with_the_library(image_explainer, photos):
+    methods = ["swag_i", "swag_g", "swag_i_g", "grad_cam", "jitter_cam"]
+    options = ExplainOptions(n_segments=50, top_k=3)
+    results = image_explainer.explain(photos, methods, options, labels=[4, None])
+    rgb = image_explainer.preprocess(photos)
+    inputs = (rgb - image_explainer.mean) / image_explainer.std
+    reference = probe(image_explainer.model, inputs)
+    expected_cam = grad_cam(reference.activations, reference.activation_gradients, (64, 64)).numpy()
+    expected_alpha = grad_amap(reference.activations, reference.activation_gradients).numpy()
+    for b, result in enumerate(results):
+        assert set(result.maps) == set(methods)
+        for method, explanation in result.maps.items():
+            assert explanation.heatmap.shape == (64, 64) and explanation.heatmap.dtype == np.float32
+            assert (explanation.segments is not None) == method.startswith("swag")
+        assert result.predicted == int(reference.predicted[b]) == result.target
+        assert list(result.classes) == reference.probabilities[b].topk(3).indices.tolist()
+        np.testing.assert_allclose(result.maps["grad_cam"].heatmap, expected_cam[b], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(result.alpha, expected_alpha[b], rtol=1e-4, atol=1e-8)
+        image = rgb[b].permute(1, 2, 0).numpy().astype(np.float64)
+        colour = gradient_slic(image, None, variant="i", n_segments=50, wc=10.0, wg=10.0)
+        np.testing.assert_array_equal(result.maps["swag_i"].segments, colour)
+        assert set(result.timings) >= {"preprocess", "network", "superpixels", "jitter_cam", "total"}
+    assert results[0].label_alpha is not None and results[1].label_alpha is None
+    assert not np.allclose(results[0].label_alpha, results[0].alpha) or results[0].target == 4
+
+
+def test_default_methods_and_prediction_only(image_explainer, photos):
+    assert set(image_explainer.explain(photos[:1])[0].maps) == {"swag_i_g", "jitter_cam"}
+    result = image_explainer.explain(photos[:1], [])[0]
+    assert result.maps == {} and result.alpha.shape == (512,)
+
+
+def test_requested_target_is_explained(image_explainer, photos):
+    result = image_explainer.explain(photos[:1], ["grad_cam"], targets=[7])[0]
+    assert result.target == 7
+
+
+def test_video_explainer_returns_supervoxel_maps():
+    model = torchvision.models.video.r3d_18(weights=None, num_classes=4)
+    explainer = Explainer(model, kind="video", input_size=(8, 32, 32), mean=MEAN, std=STD, class_names=list("abcd"))
+    frame = data.astronaut()[::8, ::8]
+    clip = np.stack([np.roll(frame, 3 * t, axis=1) for t in range(8)])
+    result = explainer.explain([clip], ["swag_v_i", "swag_v_g", "swag_v_i_g", "grad_cam"],
+                               ExplainOptions(n_segments=30))[0]
+    for method in ("swag_v_i", "swag_v_g", "swag_v_i_g", "grad_cam"):
+        assert result.maps[method].heatmap.shape == (8, 32, 32)
+    assert result.maps["swag_v_i"].segments.max() >= 2
+    with pytest.raises(ValueError, match="expected a clip of 8 frames"):
+        explainer.explain([clip[:5]], ["grad_cam"])
+    with pytest.raises(ValueError, match="methods"):
+        explainer.explain([clip], ["jitter_cam"])
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda e, p: e.explain(p, ["lime"]), "methods: \\['lime'\\] not available"),
+        (lambda e, p: e.explain(p, ["swag_i"], ExplainOptions(n_segments=0)), r"n_segments: must be in \[1, 1024\]"),
+        (lambda e, p: e.explain(p, ["swag_i"], ExplainOptions(n_segments=10**6)), "n_segments"),
+        (lambda e, p: e.explain(p, ["jitter_cam"], ExplainOptions(jitter_d=-1)), r"jitter_d: must be in \[0, 8\]"),
+        (lambda e, p: e.explain(p[:1], ["grad_cam"], targets=[10]), r"target: class id must be in \[0, 9\]"),
+        (lambda e, p: e.explain(p[:1], ["grad_cam"], ExplainOptions(top_k=0)), "top_k"),
+        (lambda e, p: e.explain([p[0].astype(np.float32)], ["grad_cam"]), "expected uint8"),
+        (lambda e, p: e.explain([p[0][..., 0]], ["grad_cam"]), "expected an RGB image"),
+        (lambda e, p: e.explain([], ["grad_cam"]), "the batch is empty"),
+    ],
+)
+def test_bad_requests_raise_value_errors(image_explainer, photos, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(image_explainer, photos)
+
+
+def test_class_names_must_match_the_model():
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    with pytest.raises(ValueError, match="class_names: the model has 10 outputs but 3"):
+        Explainer(model, kind="image", input_size=(32, 32), mean=MEAN, std=STD, class_names=list("abc"))
+
+
+def test_every_pixel_score_source_runs_and_guided_grad_cam_is_a_product():
+    model = torchvision.models.resnet18(weights=None, num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    result = probe(model, x, vanilla_gradient=True)
+    maps = {source: pixel_scores(result, x, source) for source in PIXEL_SOURCES}
+    for source, scores in maps.items():
+        assert scores.shape == (2, 64, 64) and np.isfinite(scores).all(), source
+    np.testing.assert_allclose(maps["guided_grad_cam"], maps["guided"] * maps["grad_cam"], rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(maps["vanilla"], result.vanilla_gradient.abs().amax(1).numpy())
+    np.testing.assert_allclose(maps["input_x_gradient"], (x * result.vanilla_gradient).abs().amax(1).numpy())
+    without_vanilla = probe(model, x)
+    with pytest.raises(ValueError, match="vanilla_gradient=True"):
+        pixel_scores(without_vanilla, x, "vanilla")
+    with pytest.raises(ValueError, match="source"):
+        pixel_scores(without_vanilla, x, "sobel")
