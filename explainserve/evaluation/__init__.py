@@ -1,0 +1,25 @@
+"""Evaluation metrics for explanations (DESIGN.md section 4).
+
+Pure torch/numpy/scikit-image. The peer baselines (``baselines``) and the filter rankings
+(``filter_rankings``) import ``grad-cam`` and ``captum`` and are imported on their own.
+"""
+
+from explainserve.evaluation.filter_removal import filter_removal_auc, filter_removal_curve
+from explainserve.evaluation.localisation import THRESHOLDS, pointing_game, weak_localisation
+from explainserve.evaluation.perturbation import curve_auc, deletion_auc, insertion_auc, perturbation_curves
+from explainserve.evaluation.superpixel_ranking import segment_means, superpixel_removal, top_k_agreement
+
+__all__ = [
+    "THRESHOLDS",
+    "curve_auc",
+    "deletion_auc",
+    "filter_removal_auc",
+    "filter_removal_curve",
+    "insertion_auc",
+    "perturbation_curves",
+    "pointing_game",
+    "segment_means",
+    "superpixel_removal",
+    "top_k_agreement",
+    "weak_localisation",
+]
