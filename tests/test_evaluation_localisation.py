@@ -7,7 +7,7 @@ from explainserve.evaluation.localisation import box_iou, largest_region_box, th
 
 def box_map(shape, box, value=1.0):
     explanation = np.zeros(shape)
-    x0, y0, x1, y1 = box
+    y0, x0, y1, x1 = box
     explanation[..., y0:y1, x0:x1] = value
     return explanation
 
@@ -23,7 +23,7 @@ def test_largest_region_box_picks_the_bigger_blob_half_open():
     mask = np.zeros((20, 20), dtype=bool)
     mask[1:3, 1:3] = True
     mask[10:15, 4:12] = True
-    assert largest_region_box(mask) == (4, 10, 12, 15)
+    assert largest_region_box(mask) == (10, 4, 15, 12)
     assert largest_region_box(np.zeros((5, 5), dtype=bool)) is None
 
 
@@ -60,7 +60,7 @@ def test_exact_box_explanation_localises_and_random_does_not():
 
 
 def test_clip_localisation_averages_frame_iou():
-    boxes = np.array([[[2 + t, 2, 10 + t, 10] for t in range(4)]])
+    boxes = np.array([[[2, 2 + t, 10, 10 + t] for t in range(4)]])
     tracking = np.stack([box_map((16, 16), box) for box in boxes[0]])[None]
     result = weak_localisation(tracking, boxes, "value")
     assert result.best_error == 0.0
@@ -89,7 +89,7 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="boxes must have shape"):
         weak_localisation(np.zeros((2, 8, 8)), boxes)
     with pytest.raises(ValueError, match="half-open"):
-        weak_localisation(np.zeros((1, 8, 8)), np.array([[0, 0, 9, 4]]))
+        weak_localisation(np.zeros((1, 8, 8)), np.array([[0, 0, 4, 9]]))
     with pytest.raises(ValueError, match="family"):
         weak_localisation(np.zeros((1, 8, 8)), boxes, "median")
     with pytest.raises(ValueError, match="spatial shape"):

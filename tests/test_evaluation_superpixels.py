@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from explainserve.evaluation import segment_means, superpixel_removal, top_k_agreement
+from explainserve.evaluation import superpixel_removal, top_k_agreement
 from tests.evaluation_models import ThresholdModel
 
 
@@ -13,13 +13,6 @@ def quadrants(side=8):
     segments[half:, :half] = 2
     segments[half:, half:] = 3
     return segments
-
-
-def test_segment_means_pool_by_label():
-    pixels = np.arange(64, dtype=float).reshape(1, 8, 8)
-    means = segment_means(pixels, quadrants()[None])[0]
-    assert means[0] == pytest.approx(pixels[0, :4, :4].mean())
-    assert means[3] == pytest.approx(pixels[0, 4:, 4:].mean())
 
 
 def test_removal_best_first_and_worst_first_by_hand():
@@ -58,5 +51,3 @@ def test_bad_input_is_refused():
         superpixel_removal(model, inputs, segments, [np.ones(4)], "middle")
     with pytest.raises(ValueError, match="non-empty"):
         top_k_agreement([], [], 1)
-    with pytest.raises(ValueError, match="NaN"):
-        segment_means(np.full((1, 8, 8), np.nan), segments)

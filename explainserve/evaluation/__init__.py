@@ -7,7 +7,7 @@ Pure torch/numpy/scikit-image. The peer baselines (``baselines``) and the filter
 from explainserve.evaluation.filter_removal import filter_removal_auc, filter_removal_curve
 from explainserve.evaluation.localisation import THRESHOLDS, pointing_game, weak_localisation
 from explainserve.evaluation.perturbation import curve_auc, deletion_auc, insertion_auc, perturbation_curves
-from explainserve.evaluation.superpixel_ranking import segment_means, superpixel_removal, top_k_agreement
+from explainserve.evaluation.superpixel_ranking import superpixel_removal, top_k_agreement
 
 __all__ = [
     "THRESHOLDS",
@@ -18,7 +18,6 @@ __all__ = [
     "insertion_auc",
     "perturbation_curves",
     "pointing_game",
-    "segment_means",
     "superpixel_removal",
     "top_k_agreement",
     "weak_localisation",

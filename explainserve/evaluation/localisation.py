@@ -13,7 +13,8 @@ ground-truth box; IoU > 0.5 counts as correct. For a clip, the thresholds are ap
 whole clip, a box is drawn in every frame, and the clip is correct when the mean per-frame IoU
 exceeds 0.5. The error of a method is reported at its best threshold.
 
-Boxes are ``(x0, y0, x1, y1)`` in pixels, half-open: columns x0..x1-1, rows y0..y1-1.
+Boxes are ``(y0, x0, y1, x1)`` in pixels, half-open (rows y0..y1-1, columns x0..x1-1), as the
+datasets in ``explainserve.data`` give them.
 """
 
 from __future__ import annotations
@@ -96,21 +97,19 @@ def threshold_masks(explanation: np.ndarray, family: str) -> np.ndarray:
 
 
 def largest_region_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """Half-open box (x0, y0, x1, y1) of the largest 8-connected region of a (H, W) mask, or None."""
+    """Half-open box (y0, x0, y1, x1) of the largest 8-connected region of a (H, W) mask, or None."""
     regions = regionprops(label(mask, connectivity=2))
     if not regions:
         return None
-    largest = max(regions, key=lambda region: region.area)
-    y0, x0, y1, x1 = largest.bbox
-    return (x0, y0, x1, y1)
+    return tuple(int(v) for v in max(regions, key=lambda region: region.area).bbox)
 
 
 def box_iou(box_a, box_b) -> float:
-    """Intersection over union of two half-open boxes (x0, y0, x1, y1); 0 when either is None."""
+    """Intersection over union of two half-open boxes (y0, x0, y1, x1); 0 when either is None."""
     if box_a is None or box_b is None:
         return 0.0
-    ax0, ay0, ax1, ay1 = box_a
-    bx0, by0, bx1, by1 = box_b
+    ay0, ax0, ay1, ax1 = box_a
+    by0, bx0, by1, bx1 = box_b
     overlap = max(0, min(ax1, bx1) - max(ax0, bx0)) * max(0, min(ay1, by1) - max(ay0, by0))
     union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - overlap
     return overlap / union if union > 0 else 0.0
@@ -118,10 +117,10 @@ def box_iou(box_a, box_b) -> float:
 
 def _check_boxes(boxes: np.ndarray, frame_shape: tuple[int, int]) -> None:
     height, width = frame_shape
-    x0, y0, x1, y1 = (boxes[..., i] for i in range(4))
+    y0, x0, y1, x1 = (boxes[..., i] for i in range(4))
     if ((x0 < 0) | (y0 < 0) | (x1 > width) | (y1 > height) | (x1 <= x0) | (y1 <= y0)).any():
         raise ValueError(
-            f"boxes must be half-open (x0, y0, x1, y1) with 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}"
+            f"boxes must be half-open (y0, x0, y1, x1) with 0 <= y0 < y1 <= {height} and 0 <= x0 < x1 <= {width}"
         )
 
 

@@ -6,7 +6,8 @@
 - Top-k agreement: is a method's most important superpixel among the k most important of a
   reference ranking (LIME with 1000 samples)?
 
-Segments are label images with labels 0..n-1; a method's scores are one value per label.
+Segments are label images with labels 0..n-1; a method's scores are one value per label
+(``explainserve.swag.segment_means`` pools pixel scores into them, as SWAG does).
 """
 
 from __future__ import annotations
@@ -14,35 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from explainserve.evaluation.checks import as_numpy, check_batch, check_finite, check_same_spatial, check_targets
+from explainserve.evaluation.checks import as_numpy, check_batch, check_same_spatial, check_targets
 
 ORDERS = ("best", "worst")
-
-
-def segment_means(pixel_scores, segments) -> list[np.ndarray]:
-    """Mean pixel score inside every segment (the SWAG pooling, eq. 3.1).
-
-    Parameters
-    ----------
-    pixel_scores : (B, *S) float per-position scores.
-    segments : (B, *S) int labels 0..n_b-1.
-
-    Returns
-    -------
-    list of B float64 arrays (n_b,).
-    """
-    pixel_scores = as_numpy(pixel_scores, "pixel_scores").astype(np.float64)
-    segments = as_numpy(segments, "segments")
-    check_batch("pixel_scores", pixel_scores, (3, 4))
-    check_same_spatial("segments", segments, "pixel_scores", pixel_scores.shape)
-    check_finite("pixel_scores", pixel_scores)
-    means = []
-    for scores, labels in zip(pixel_scores, segments):
-        count = _label_count(labels)
-        sums = np.bincount(labels.ravel(), weights=scores.ravel(), minlength=count)
-        sizes = np.bincount(labels.ravel(), minlength=count)
-        means.append(sums / np.maximum(sizes, 1))
-    return means
 
 
 def _label_count(labels: np.ndarray) -> int:
