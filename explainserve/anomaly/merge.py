@@ -40,6 +40,8 @@ def merge_stores(shard_paths: Sequence[str | os.PathLike], out: str | os.PathLik
     for store in shards:
         if "shard" not in store.manifest:
             raise StoreError(f"distribution store {store.path}: not a shard (no shard section in its manifest)")
+        if store.manifest["shard"]["count"] != first.manifest["shard"]["count"]:
+            raise StoreError(f"shards {first.path} and {store.path} come from builds with different shard counts")
         for key in ("model", "layer", "input_transform", "class_names", "num_filters", "percentile_levels", "top_k"):
             if store.manifest[key] != first.manifest[key]:
                 raise StoreError(f"shards {first.path} and {store.path} disagree on {key}")

@@ -65,7 +65,7 @@ def percentile_in_grid(values: np.ndarray, grids: np.ndarray, levels: np.ndarray
     low = np.take_along_axis(grids, (above - 1)[:, None], axis=1)[:, 0]
     high = np.take_along_axis(grids, above[:, None], axis=1)[:, 0]
     width = high - low
-    fraction = np.divide(values - low, width, out=np.ones_like(width), where=width > 0)
+    fraction = np.divide(values - low, width, out=(values >= high).astype(np.float64), where=width > 0)
     percent = levels[above - 1] + fraction * (levels[above] - levels[above - 1])
     return np.clip(percent, levels[0], levels[-1])
 

@@ -86,6 +86,42 @@ def beta_scores(alpha: np.ndarray, mean_of_means: np.ndarray) -> np.ndarray:
     return alpha.mean(axis=1, dtype=np.float64) - mean_of_means
 
 
+def top_exemplars(values: np.ndarray, image_ids: np.ndarray, top_k: int) -> np.ndarray:
+    """Ids of the images with the highest alpha per filter, ties going to the smaller id.
+
+    Linear in N (a partition and a few passes, no per-filter sort), because ties are common:
+    a filter that never fires has alpha exactly 0 for every image.
+
+    Parameters
+    ----------
+    values : np.ndarray
+        (N, K) float32 alpha.
+    image_ids : np.ndarray
+        (N,) int64 distinct ids.
+    top_k : int
+
+    Returns
+    -------
+    np.ndarray
+        (K, min(top_k, N)) int64 ids, best first.
+    """
+    count, num_filters = values.shape
+    kept = min(top_k, count)
+    by_id = np.argsort(image_ids, kind="stable")
+    values, image_ids = values[by_id], image_ids[by_id]
+    kth = -np.partition(-values, kept - 1, axis=0)[kept - 1]
+    above = values > kth
+    tied = values == kth
+    # Among the values tied with the k-th largest, keep the first (smallest-id) ones needed.
+    needed = kept - above.sum(axis=0)
+    chosen = above | (tied & (np.cumsum(tied, axis=0, dtype=np.int32) <= needed))
+    rows = np.nonzero(chosen.T)[1].reshape(num_filters, kept)
+    chosen_values = values[rows, np.arange(num_filters)[:, None]]
+    chosen_ids = image_ids[rows]
+    order = np.lexsort((chosen_ids, -chosen_values), axis=1)
+    return np.take_along_axis(chosen_ids, order, axis=1)
+
+
 def summarise_class(values: np.ndarray, image_ids: np.ndarray, top_k: int) -> ClassSummary:
     """Summarise one class's training alpha vectors.
 
@@ -110,27 +146,20 @@ def summarise_class(values: np.ndarray, image_ids: np.ndarray, top_k: int) -> Cl
     values = np.asarray(values, dtype=np.float32)
     count, num_filters = values.shape
     mean = values.mean(axis=0, dtype=np.float64).astype(np.float32)
-    grid = np.percentile(values, PERCENTILE_LEVELS, axis=0).astype(np.float32)
-    grid16 = grid.astype(np.float16)
-    if not np.isfinite(grid16).all():
+    # Interpolate in float64, then round once: the float32 result is the exact percentile rounded.
+    grid = np.percentile(values.astype(np.float64), PERCENTILE_LEVELS, axis=0).astype(np.float32)
+    largest = float(np.abs(grid).max())
+    if largest > float(np.finfo(np.float16).max):
         raise ValueError(
-            f"a training percentile of {float(np.abs(grid).max()):g} does not fit the float16 grid "
+            f"a training percentile of {largest:g} does not fit the float16 grid "
             "(|value| <= 65504); rescale the model's logits"
         )
     p_low = grid[PERCENTILE_LEVELS.index(LOW_LEVEL)]
     p_high = grid[PERCENTILE_LEVELS.index(HIGH_LEVEL)]
 
-    kept = min(top_k, count)
-    if kept < count:
-        chosen = np.argpartition(-values, kept - 1, axis=0)[:kept]
-    else:
-        chosen = np.broadcast_to(np.arange(count)[:, None], (count, num_filters))
-    chosen_values = np.take_along_axis(values, chosen, axis=0)
-    chosen_ids = np.asarray(image_ids, dtype=np.int64)[chosen]
-    order = np.lexsort((chosen_ids, -chosen_values), axis=0)
     exemplars = np.full((num_filters, top_k), NO_EXEMPLAR, dtype=np.int32)
-    exemplars[:, :kept] = np.take_along_axis(chosen_ids, order, axis=0).T
+    exemplars[:, :min(top_k, count)] = top_exemplars(values, np.asarray(image_ids, dtype=np.int64), top_k)
 
     betas = beta_scores(values, class_mean_of_means(mean))
     beta_grid = np.percentile(betas, BETA_LEVELS).astype(np.float32)
-    return ClassSummary(mean, p_low, p_high, grid16, exemplars, beta_grid)
+    return ClassSummary(mean, p_low, p_high, grid.astype(np.float16), exemplars, beta_grid)

@@ -1,0 +1,172 @@
+"""Scoring semantics on hand-made distributions: surprise, expectation with the mu condition, β, verdicts."""
+
+import numpy as np
+import pytest
+
+from explainserve.anomaly import (ANOMALOUS, NORMAL, Scorer, StoreError, StoreMeta, build_store,
+                                  load_store, save_calibration)
+from explainserve.anomaly.reference import percentile_in_grid
+
+# Class c's training image i has alpha = i * SCALES[c], i = 0..1000, so with 1001 images the
+# exact P0.1 is 1 * scale, P99.9 is 999 * scale and mu is 500 * scale. Class 2 has no images.
+SCALES = np.array([[1.0, 2.0, 0.5, 0.1], [0.1, 0.5, 2.0, 1.0]], dtype=np.float32)
+STEPS = np.arange(1001)
+META = StoreMeta("hand", "1", "layer4", {"size": [8, 8]}, ("zero", "one", "empty"), 4)
+
+
+def training_alpha(class_id):
+    return STEPS[:, None].astype(np.float32) * SCALES[class_id]
+
+
+def training_betas(class_id):
+    alpha = training_alpha(class_id)
+    return alpha.mean(axis=1, dtype=np.float64) - alpha.mean(axis=0, dtype=np.float64).astype(np.float32).astype(np.float64).mean()
+
+
+def hand_calibration(surprise, expectation, beta_z, source):
+    return {
+        "target_fpr": 0.01, "min_class_count": 30, "scored_against": "predicted", "held_out_images": 0,
+        "held_out_fpr": 0.0, "fallback": {"surprise": 1, "expectation": 0, "beta_z": -100.0, "count": 0},
+        "classes": {"surprise": surprise, "expectation": expectation, "beta_z": beta_z,
+                    "count": [0, 0, 0], "source": source},
+    }
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    # Images of both classes interleaved: class 0 image i has id 2i, class 1 image i has id 2i + 1.
+    alpha = np.stack([training_alpha(0), training_alpha(1)], axis=1).reshape(-1, 4)
+    classes = np.tile([0, 1], len(STEPS))
+    ids = np.arange(len(alpha))
+    batches = [(alpha[s:s + 300], classes[s:s + 300], ids[s:s + 300]) for s in range(0, len(alpha), 300)]
+    return build_store(batches, tmp_path_factory.mktemp("hand") / "store", META, top_k=3, build_time="2026-01-01T00:00:00Z")
+
+
+@pytest.fixture()
+def scorer(store_dir):
+    store = load_store(store_dir)
+    save_calibration(store, hand_calibration([0, 1, 0], [5, 0, 0], [-100.0, -100.0, -100.0], ["class", "fallback", "fallback"]))
+    return Scorer(load_store(store_dir))
+
+
+PROBE = np.array([999.5, 1.5, 0.4, 0.1 * np.float32(999)], dtype=np.float32)
+
+
+def test_distribution_store_holds_the_exact_tails(store_dir):
+    store = load_store(store_dir)
+    np.testing.assert_array_equal(store.arrays["p_low"][:2], SCALES)
+    np.testing.assert_array_equal(store.arrays["p_high"][:2], [training_alpha(0)[999], training_alpha(1)[999]])
+    np.testing.assert_allclose(store.arrays["mean"][:2], 500 * SCALES, rtol=1e-6)
+    # Filter 0 of class 0 is highest on its last images: ids 2000, 1998, 1996.
+    np.testing.assert_array_equal(store.arrays["exemplars"][0, 0], [2000, 1998, 1996])
+    np.testing.assert_array_equal(store.arrays["exemplars"][1, 0], [2001, 1999, 1997])
+
+
+def test_surprise_is_strictly_above_p999_and_expectation_needs_an_important_filter(scorer):
+    against_zero = scorer.score(PROBE, 0).sample(0)
+    # f0 999.5 > 999; f3 equals P99.9 exactly, so it is not surprising.
+    assert [flag.filter for flag in against_zero.surprising] == [0]
+    assert against_zero.surprising[0].threshold == 999.0
+    assert against_zero.surprising[0].exemplars == (2000, 1998, 1996)
+    # f1 1.5 < P0.1 = 2 with mu 1000 > mean mu 450; f2 0.4 < 0.5 but mu 250 < 450 keeps it out.
+    assert [flag.filter for flag in against_zero.expected_missing] == [1]
+    assert against_zero.expected_missing[0].threshold == 2.0
+    # Against class 1 the same vector flags f0 (> 99.9) and f2 (< 2, mu 1000 > 450) instead.
+    against_one = scorer.score(PROBE, 1).sample(0)
+    assert [flag.filter for flag in against_one.surprising] == [0]
+    assert [flag.filter for flag in against_one.expected_missing] == [2]
+    assert against_one.class_name == "one"
+
+
+def test_flags_are_ordered_most_extreme_first(scorer):
+    alpha = np.array([1500, 1.5, 0.4, 200.0], dtype=np.float32)  # f3 exceeds 99.9 by 100, f0 exceeds 999 by 501
+    assert [flag.filter for flag in scorer.score(alpha, 0).sample(0).surprising] == [0, 3]
+    alpha = np.array([3000, 1.5, 0.1, 999.0], dtype=np.float32)  # against class 1: f2 misses 2 by 1.9, f3 sits above 1
+    flags = scorer.score(alpha, 1).sample(0)
+    assert [flag.filter for flag in flags.expected_missing] == [2]
+
+
+def test_beta_and_its_percentile_follow_the_training_distribution(scorer):
+    for alpha in (PROBE, training_alpha(0)[100], training_alpha(0)[1000] * 2):
+        result = scorer.score(alpha, 0).sample(0)
+        betas = training_betas(0)
+        expected_beta = alpha.astype(np.float64).mean() - np.float64(500) * SCALES[0].astype(np.float64).mean()
+        assert result.beta == pytest.approx(expected_beta, rel=1e-6, abs=1e-6)
+        grid = np.percentile(betas, np.arange(101)).astype(np.float32)
+        assert result.beta_percentile == pytest.approx(np.interp(result.beta, grid, np.arange(101)), abs=1e-4)
+        assert result.beta_z == pytest.approx((result.beta - grid[50]) / (grid[75] - grid[25]), rel=1e-5)
+    assert scorer.score(training_alpha(0)[100], 0).sample(0).beta_percentile == pytest.approx(10, abs=0.01)
+
+
+def test_verdicts_apply_class_and_fallback_thresholds(scorer):
+    # Class 0 (own thresholds): 1 surprising filter > t_s = 0.
+    zero = scorer.score(PROBE, 0).sample(0)
+    assert zero.verdict == ANOMALOUS
+    assert [(r.code, r.value, r.threshold, r.source) for r in zero.reasons] == [("surprise_count", 1, 0, "class")]
+    assert str(zero.reasons[0]) == "surprise count 1 > 0 (class threshold)"
+    assert zero.score == 1.0
+    # Class 1 (fallback): 1 surprising is not > 1, but 1 expected-missing is > 0.
+    one = scorer.score(PROBE, 1).sample(0)
+    assert [(r.code, r.source) for r in one.reasons] == [("expectation_count", "fallback")]
+    # A typical training vector trips nothing.
+    typical = scorer.score(training_alpha(0)[500], 0).sample(0)
+    assert typical.verdict == NORMAL and typical.reasons == () and typical.score <= 0
+
+
+def test_low_beta_verdict(store_dir):
+    store = load_store(store_dir)
+    save_calibration(store, hand_calibration([9, 9, 9], [9, 9, 9], [-0.5, -0.5, -0.5], ["class", "class", "class"]))
+    scorer = Scorer(load_store(store_dir))
+    low, high = scorer.score(np.stack([training_alpha(0)[100], training_alpha(0)[900]]), [0, 0]).samples()
+    assert low.beta_z < -0.5 and [r.code for r in low.reasons] == ["low_beta"] and low.verdict == ANOMALOUS
+    assert low.score == pytest.approx(-0.5 - low.beta_z)
+    assert high.verdict == NORMAL
+
+
+def test_a_batch_scores_like_its_rows(scorer):
+    rng = np.random.default_rng(0)
+    alpha = (rng.random((9, 4)) * [1200, 2400, 600, 120]).astype(np.float32)
+    classes = rng.integers(0, 2, 9)
+    batch = scorer.score(alpha, classes)
+    assert len(batch) == 9 and batch.anomalous.dtype == bool
+    for index in range(9):
+        assert batch.sample(index) == scorer.score(alpha[index], classes[index]).sample(0)
+
+
+def test_percentile_in_grid_matches_np_interp():
+    rng = np.random.default_rng(1)
+    grids = np.sort(np.round(rng.normal(size=(50, 101)), 1), axis=1)  # rounding makes ties
+    values = rng.normal(scale=1.5, size=50)
+    values[:3] = grids[:3, 40]  # exactly on a grid point
+    expected = [np.interp(v, g, np.arange(101)) for v, g in zip(values, grids)]
+    untied = [i for i in range(50) if len(np.unique(grids[i])) == 101 or not np.isin(values[i], grids[i])]
+    np.testing.assert_allclose(percentile_in_grid(values, grids)[untied], np.array(expected)[untied], atol=1e-9)
+    assert percentile_in_grid(np.array([-9.0, 9.0]), grids[:2]).tolist() == [0, 100]
+
+
+def test_bad_input_is_named(scorer):
+    cases = [
+        ((PROBE[:3], 0), r"alpha must have 4 filter scores per input, got shape \(1, 3\)"),
+        ((np.array([1, np.nan, 1, 1], np.float32), 0), "alpha contains NaN or infinite values"),
+        ((np.array([1, np.inf, 1, 1], np.float32), 0), "NaN or infinite"),
+        ((PROBE, 3), r"unknown class 3: class ids must be in \[0, 2\]"),
+        ((PROBE, -1), "unknown class -1"),
+        ((PROBE, 0.5), "integer class ids"),
+        ((np.stack([PROBE, PROBE]), [0]), r"classes must be 2 integer class ids"),
+        ((PROBE, 2), "class 2 has no training images in the distribution store"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(ValueError, match=message):
+            scorer.score(*arguments)
+
+
+def test_uncalibrated_or_shard_stores_are_not_scored(tmp_path):
+    whole = build_store([(training_alpha(0), np.zeros(1001, int), STEPS)], tmp_path / "whole", META)
+    with pytest.raises(StoreError, match="is not calibrated"):
+        Scorer(load_store(whole))
+    shard = build_store([(training_alpha(0), np.zeros(1001, int), STEPS)], tmp_path / "shard", META,
+                        shard_index=0, num_shards=2)
+    store = load_store(shard)
+    save_calibration(store, hand_calibration([0] * 3, [0] * 3, [0.0] * 3, ["class"] * 3))
+    with pytest.raises(StoreError, match="is one shard; merge the shards before scoring"):
+        Scorer(load_store(shard))
