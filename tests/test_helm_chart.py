@@ -1,0 +1,420 @@
+"""The Helm chart, rendered offline with helm-python-sdk (Helm v4's Go SDK) for the
+default values and the value sets platform teams use, linted, validated against the
+Kubernetes schemas, and checked for the properties that matter in production."""
+import json
+import re
+from pathlib import Path
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "explainserve"
+KUBERNETES_VERSION = "1.37.0"
+RELEASE, NAMESPACE = "demo", "ml"
+FULLNAME = f"{RELEASE}-explainserve"
+
+VALUE_SETS = {
+    "default": {},
+    "gpu": {"torchserve": {"gpu": {"enabled": True, "count": 2}}},
+    "native-sidecar": {"sidecar": {"native": True}},
+    "hpa-off": {"autoscaling": {"enabled": False}, "replicaCount": 3},
+    "network-policy": {"networkPolicy": {"enabled": True}, "torchserve": {"directAccess": True}},
+    "hpa-inflight": {"autoscaling": {"metric": "inflight", "targetInflightPerPod": 2}},
+    "init-containers": {"models": {"source": "initContainer", "initContainer": {"image": "registry/models:1"}},
+                        "stores": {"source": "initContainer", "initContainer": {"image": "registry/stores:1"}},
+                        "sidecar": {"native": True}},
+    "distributions": {"distributions": {"build": {"enabled": True, "dataClaim": "imagenet-train",
+                                                  "numShards": 8, "parallelism": 3, "name": "resnet50"}}},
+    "insecure": {"torchserve": {"tokenAuthorization": False}, "insecure": True},
+}
+CRD_GROUP = "monitoring.coreos.com/"
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm_python.Chart.load(str(CHART)) as loaded:
+        yield loaded
+
+
+def render(chart, values):
+    """(objects, notes): the rendered manifests as dicts, and NOTES.txt."""
+    rendered = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+    objects = [doc for path, text in rendered.items() if not path.endswith("NOTES.txt")
+               for doc in yaml.safe_load_all(text) if doc]
+    return objects, notes
+
+
+def find(objects, kind, name=None):
+    found = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    return found
+
+
+def one(objects, kind, name=None):
+    found = find(objects, kind, name)
+    assert len(found) == 1, (kind, name, [o["metadata"]["name"] for o in found])
+    return found[0]
+
+
+def pod_specs(objects):
+    return [o["spec"]["template"]["spec"] for o in objects if o["kind"] in ("Deployment", "Job")]
+
+
+def containers(pod):
+    return pod["containers"] + pod.get("initContainers", [])
+
+
+def container(pod, name):
+    return next(c for c in containers(pod) if c["name"] == name)
+
+
+def probe_port(probe):
+    """The port a probe reaches; exec probes name it in their --url."""
+    for kind in ("grpc", "httpGet", "tcpSocket"):
+        if kind in probe:
+            return probe[kind]["port"]
+    url = probe["exec"]["command"][probe["exec"]["command"].index("--url") + 1]
+    return int(re.match(r"https?://[^:/]+:(\d+)/", url).group(1))
+
+
+@pytest.fixture(scope="module", params=sorted(VALUE_SETS))
+def rendered(request, chart):
+    return request.param, render(chart, VALUE_SETS[request.param])
+
+
+def test_lint_reports_no_errors():
+    for values in VALUE_SETS.values():
+        report = helm_python.lint(str(CHART), values, strict=True, kube_version="v" + KUBERNETES_VERSION)
+        assert report["errors"] == []
+        assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_core_objects_pass_kubernetes_validate(rendered):
+    _, (objects, _) = rendered
+    core = [o for o in objects if not o["apiVersion"].startswith(CRD_GROUP)]
+    assert len(core) >= 5
+    for obj in core:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_custom_resources_are_well_formed(rendered):
+    _, (objects, _) = rendered
+    service = one(objects, "Service")
+    service_ports = {p["name"] for p in service["spec"]["ports"]}
+    for monitor in find(objects, "ServiceMonitor"):
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        jobs = {}
+        for endpoint in monitor["spec"]["endpoints"]:
+            assert endpoint["port"] in service_ports
+            assert re.fullmatch(r"\d+[smh]", endpoint["interval"])
+            (relabel,) = endpoint["relabelings"]
+            jobs[endpoint["port"]] = relabel["replacement"]
+            assert relabel["targetLabel"] == "job"
+        # rules.yml selects on these job names
+        assert jobs == {"metrics": "explainserve-sidecar", "ts-metrics": "explainserve-torchserve"}
+    for rule in find(objects, "PrometheusRule"):
+        assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+        for group in rule["spec"]["groups"]:
+            assert group["name"] and group["rules"]
+            for item in group["rules"]:
+                assert ("alert" in item) != ("record" in item) and item["expr"]
+
+
+def test_probes_point_at_ports_that_exist(rendered):
+    name, (objects, _) = rendered
+    deployment = one(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    for c in (container(pod, "torchserve"), container(pod, "sidecar")):
+        ports = {p["containerPort"] for p in c["ports"]}
+        probes = [c[k] for k in ("startupProbe", "livenessProbe", "readinessProbe") if k in c]
+        assert len(probes) >= 2, c["name"]
+        for probe in probes:
+            port = probe_port(probe)
+            assert isinstance(port, int), "probes use numeric ports"
+            assert port in ports, (name, c["name"], port, ports)
+    torchserve = container(pod, "torchserve")
+    assert {"startupProbe", "livenessProbe", "readinessProbe"} <= torchserve.keys()
+    assert probe_port(torchserve["readinessProbe"]) == 8080
+    sidecar = container(pod, "sidecar")
+    assert sidecar["readinessProbe"]["grpc"] == {"port": 50051, "service": "explainserve.v1.Explainer"}
+
+
+def test_torchserve_probe_asks_ping_with_the_key_or_plain_http(chart):
+    secure, _ = render(chart, {})
+    probe = container(one(secure, "Deployment")["spec"]["template"]["spec"], "torchserve")["livenessProbe"]
+    command = probe["exec"]["command"]
+    assert command[:2] == ["python", "/opt/explainserve/deploy/torchserve_ping.py"]
+    assert command[command.index("--url") + 1] == "http://127.0.0.1:8080/ping"
+    assert command[command.index("--key-file") + 1] == "/run/torchserve/key_file.json"
+    insecure, _ = render(chart, VALUE_SETS["insecure"])
+    probe = container(one(insecure, "Deployment")["spec"]["template"]["spec"], "torchserve")["livenessProbe"]
+    assert probe["httpGet"] == {"path": "/ping", "port": 8080}
+
+
+def test_pods_are_locked_down(rendered):
+    _, (objects, _) = rendered
+    for pod in pod_specs(objects):
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        tmp_volumes = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+        for c in containers(pod):
+            context = c["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"]["drop"] == ["ALL"]
+            assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+            if not c["name"].startswith("copy-"):
+                tmp = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
+                assert tmp and tmp[0]["name"] in tmp_volumes, c["name"]
+            assert "resources" in c or c["name"].startswith("copy-")
+
+
+def test_one_pod_runs_torchserve_and_the_sidecar_with_the_documented_commands(chart):
+    objects, _ = render(chart, {})
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["torchserve", "sidecar"]
+    torchserve, sidecar = pod["containers"]
+    assert torchserve["image"] == sidecar["image"] == "ghcr.io/explainserve/explainserve:0.1.0"
+    assert torchserve["command"] + torchserve["args"][:7] == [
+        "torchserve", "--foreground", "--ts-config", "/config/config.properties",
+        "--model-store", "/models", "--models", "all"]
+    assert sidecar["command"] == ["explainserve", "sidecar"]
+    assert sidecar["args"][:6] == ["--listen=0.0.0.0:50051", "--metrics-port=9095", "--torchserve=127.0.0.1:7070",
+                                   "--torchserve-management=127.0.0.1:7071", "--store-dir=/stores",
+                                   "--token-file=/run/torchserve/key_file.json"]
+    # TorchServe writes its keys where the sidecar reads them: one shared in-memory volume.
+    keys = next(v for v in pod["volumes"] if v["name"] == "torchserve-keys")
+    assert keys["emptyDir"]["medium"] == "Memory"
+    assert torchserve["workingDir"] == "/run/torchserve"
+    mount = next(m for m in sidecar["volumeMounts"] if m["name"] == "torchserve-keys")
+    assert mount == {"name": "torchserve-keys", "mountPath": "/run/torchserve", "readOnly": True}
+
+
+def test_native_sidecar_is_a_restartable_init_container(chart):
+    objects, _ = render(chart, VALUE_SETS["native-sidecar"])
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["torchserve"]
+    (sidecar,) = pod["initContainers"]
+    assert sidecar["name"] == "sidecar" and sidecar["restartPolicy"] == "Always"
+    # A startup probe on a native sidecar would hold TorchServe back, while the sidecar's
+    # health waits for TorchServe: there must be none.
+    assert "startupProbe" not in sidecar
+
+
+def test_copy_init_containers_run_before_the_native_sidecar(chart):
+    objects, _ = render(chart, VALUE_SETS["init-containers"])
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["copy-models", "copy-stores", "sidecar"]
+    copy = pod["initContainers"][0]
+    assert copy["image"] == "registry/models:1"
+    assert {"name": "models", "mountPath": "/models"} in copy["volumeMounts"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["models"] == {"name": "models", "emptyDir": {}}
+    assert not find(objects, "PersistentVolumeClaim")
+
+
+def test_models_and_stores_come_from_claims_by_default(chart):
+    objects, _ = render(chart, {"models": {"source": "pvc", "pvc": {"existingClaim": "archives"}}})
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "archives"}
+    assert volumes["stores"]["persistentVolumeClaim"] == {"claimName": f"{FULLNAME}-stores"}
+    (claim,) = find(objects, "PersistentVolumeClaim")
+    assert claim["metadata"]["name"] == f"{FULLNAME}-stores"
+
+
+def test_gpu_option_requests_gpus_and_tells_torchserve(chart):
+    objects, _ = render(chart, VALUE_SETS["gpu"])
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    limits = container(pod, "torchserve")["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == 2 and limits["memory"] == "8Gi"
+    config = one(objects, "ConfigMap", f"{FULLNAME}-torchserve")["data"]["config.properties"]
+    assert properties(config)["number_of_gpu"] == "2"
+    default, _ = render(chart, {})
+    assert "nvidia.com/gpu" not in container(one(default, "Deployment")["spec"]["template"]["spec"],
+                                             "torchserve")["resources"]["limits"]
+
+
+def properties(text):
+    """Java-properties semantics for simple key=value lines: the last entry wins."""
+    pairs = [line.split("=", 1) for line in text.splitlines() if "=" in line and not line.lstrip().startswith("#")]
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def test_torchserve_config_is_the_deploy_file_with_secure_settings(chart):
+    objects, _ = render(chart, {})
+    config = one(objects, "ConfigMap", f"{FULLNAME}-torchserve")["data"]["config.properties"]
+    assert config.startswith((ROOT / "deploy" / "config.properties").read_text())
+    settings = properties(config)
+    assert settings["grpc_inference_address"] == "0.0.0.0"
+    assert settings["disable_token_authorization"] == "false"
+    assert settings["metrics_mode"] == "prometheus"
+    assert int(settings["max_request_size"]) > 6553500 and int(settings["max_response_size"]) > 6553500
+    assert settings["management_address"].startswith("http://127.0.0.1:")
+    assert settings["enable_model_api"] == "false"
+
+
+def test_service_exposes_the_explain_api_and_metrics_and_torchserve_grpc_only_on_request(chart):
+    objects, _ = render(chart, {})
+    ports = {p["name"]: p["port"] for p in one(objects, "Service")["spec"]["ports"]}
+    assert ports == {"grpc": 50051, "metrics": 9095, "ts-metrics": 8082}
+    objects, _ = render(chart, {"torchserve": {"directAccess": True}})
+    ports = {p["name"]: p["port"] for p in one(objects, "Service")["spec"]["ports"]}
+    assert ports["ts-grpc"] == 7070
+    # every Service targetPort names a port of a container
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    named = {p["name"] for c in containers(pod) for p in c.get("ports", [])}
+    assert {p["targetPort"] for p in one(objects, "Service")["spec"]["ports"]} <= named
+
+
+def test_network_policy_admits_clients_and_prometheus_only(chart):
+    objects, _ = render(chart, VALUE_SETS["network-policy"])
+    policy = one(objects, "NetworkPolicy")
+    api, metrics = policy["spec"]["ingress"]
+    assert {p["port"] for p in api["ports"]} == {50051, 7070}
+    assert {p["port"] for p in metrics["ports"]} == {9095, 8082}
+    assert metrics["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    assert not find(render(chart, {})[0], "NetworkPolicy")
+
+
+def test_autoscaling(chart):
+    objects, _ = render(chart, VALUE_SETS["hpa-off"])
+    assert not find(objects, "HorizontalPodAutoscaler")
+    assert one(objects, "Deployment")["spec"]["replicas"] == 3
+    objects, _ = render(chart, VALUE_SETS["hpa-inflight"])
+    hpa = one(objects, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == "explainserve_inflight_requests"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "2"}
+    assert "replicas" not in one(objects, "Deployment")["spec"]
+    (metric,) = one(render(chart, {})[0], "HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    assert one(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+
+def test_prometheus_rule_is_the_promtool_tested_file(chart):
+    objects, _ = render(chart, {})
+    rule = one(objects, "PrometheusRule")
+    assert rule["spec"] == yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules.yml").read_text())
+
+
+def test_dashboard_configmap_holds_the_dashboard_for_grafana(chart):
+    objects, _ = render(chart, {})
+    config_map = one(objects, "ConfigMap", f"{FULLNAME}-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(config_map["data"]["explainserve.json"]) == json.loads(
+        (ROOT / "deploy" / "grafana" / "explainserve.json").read_text())
+
+
+def test_monitoring_objects_can_be_switched_off(chart):
+    objects, _ = render(chart, {"monitoring": {"serviceMonitor": {"enabled": False},
+                                               "prometheusRule": {"enabled": False},
+                                               "grafanaDashboard": {"enabled": False}}})
+    kinds = {o["kind"] for o in objects}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule"}
+    assert not find(objects, "ConfigMap", f"{FULLNAME}-dashboard")
+
+
+def test_distribution_build_is_an_indexed_job_then_a_merge_job(chart):
+    objects, notes = render(chart, VALUE_SETS["distributions"])
+    build = one(objects, "Job", f"{FULLNAME}-distributions-build")
+    merge = one(objects, "Job", f"{FULLNAME}-distributions-merge")
+    assert build["spec"]["completionMode"] == "Indexed"
+    assert build["spec"]["completions"] == 8 and build["spec"]["parallelism"] == 3
+    (worker,) = build["spec"]["template"]["spec"]["containers"]
+    assert worker["command"] == ["explainserve"]
+    args = worker["args"]
+    assert args[0] == "build-distributions"
+    assert "--shard=$(JOB_COMPLETION_INDEX)" in args and "--num-shards=8" in args
+    out = next(a for a in args if a.startswith("--out="))[len("--out="):]
+    (merger,) = merge["spec"]["template"]["spec"]["containers"]
+    assert merger["args"] == ["merge-distributions", out, "--out=/stores/resnet50"]
+    # Helm runs hooks by weight and waits for each Job: the merge comes after the build.
+    weight = {job["metadata"]["name"]: int(job["metadata"]["annotations"]["helm.sh/hook-weight"])
+              for job in (build, merge)}
+    assert weight[merge["metadata"]["name"]] > weight[build["metadata"]["name"]]
+    # Both write the claim the serving pods read.
+    serving = one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    claim = next(v for v in serving if v["name"] == "stores")["persistentVolumeClaim"]["claimName"]
+    for job in (build, merge):
+        volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["stores"]["persistentVolumeClaim"]["claimName"] == claim
+    data = {v["name"]: v for v in build["spec"]["template"]["spec"]["volumes"]}["data"]
+    assert data["persistentVolumeClaim"] == {"claimName": "imagenet-train", "readOnly": True}
+    assert "distributions-build (8 shards)" in notes
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"distributions": {"build": {"enabled": True, "dataClaim": "train"}}, "stores": {"source": "initContainer",
+      "initContainer": {"image": "x"}}}, "distributions.build.enabled needs stores.source: pvc"),
+    ({"distributions": {"build": {"enabled": True}}}, "distributions.build.dataClaim is required"),
+    ({"models": {"source": "initContainer"}}, "models.initContainer.image is required"),
+])
+def test_inconsistent_values_fail_with_a_message(chart, values, message):
+    with pytest.raises(helm_python.HelmRenderError, match=re.escape(message)):
+        render(chart, values)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"replicaCount": "two"}, "at '/replicaCount': got string, want integer"),
+    ({"replicas": 2}, "additional properties 'replicas' not allowed"),
+    ({"sidecar": {"port": 70000}}, "at '/sidecar/port': maximum"),
+    ({"autoscaling": {"metric": "gpu"}}, "at '/autoscaling/metric': value must be one of 'inflight', 'cpu'"),
+    ({"torchserve": {"resources": {"limits": {"memory": "lots"}}}}, "at '/torchserve/resources/limits/memory'"),
+    ({"models": {"source": "s3"}}, "at '/models/source'"),
+])
+def test_schema_rejects_nonsense_with_a_readable_message(chart, values, message):
+    with pytest.raises(helm_python.HelmValuesError) as caught:
+        chart.validate_schema(values)
+    assert message in str(caught.value)
+    with pytest.raises(helm_python.HelmValuesError):
+        render(chart, values)
+
+
+def test_disabling_token_auth_needs_insecure_and_then_warns(chart):
+    with pytest.raises(helm_python.HelmRenderError, match="set insecure: true"):
+        render(chart, {"torchserve": {"tokenAuthorization": False}})
+    objects, notes = render(chart, VALUE_SETS["insecure"])
+    assert notes.startswith("WARNING: TorchServe's token authorisation is DISABLED")
+    config = one(objects, "ConfigMap", f"{FULLNAME}-torchserve")["data"]["config.properties"]
+    assert properties(config)["disable_token_authorization"] == "true"
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert not any(a.startswith("--token-file") for a in container(pod, "sidecar")["args"])
+    _, secure_notes = render(chart, {})
+    assert "WARNING" not in secure_notes
+    assert "50051" in secure_notes and "port-forward" in secure_notes
+
+
+def test_values_keys_are_camel_case(chart):
+    free_form = {"labels", "matchLabels", "annotations", "extraConfig"}  # Kubernetes / TorchServe keys inside
+
+    def keys(tree):
+        if isinstance(tree, dict):
+            for key, value in tree.items():
+                yield key
+                if key not in free_form:
+                    yield from keys(value)
+    found = list(keys(chart.values))
+    assert "replicaCount" in found and "grafana_dashboard" not in found
+    for key in found:
+        assert re.fullmatch(r"[a-z][a-zA-Z0-9]*", key), key
+
+
+def test_dockerfile_runs_as_an_unprivileged_user_and_installs_like_the_readme():
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    instructions = [line for line in dockerfile.splitlines() if line and not line.startswith(("#", " "))]
+    user = [line.split()[1] for line in instructions if line.startswith("USER ")]
+    assert user and user[-1].split(":")[0] not in {"0", "root"}
+    assert instructions[-1].startswith(("CMD", "ENTRYPOINT")) or "USER" in instructions[-3]
+    assert "RUN make install" in dockerfile, "the image installs the way the README does"
+    # the chart's probe script lives where the image puts the repository
+    assert "WORKDIR /opt/explainserve" in dockerfile and "COPY . ." in dockerfile
+    assert (ROOT / "deploy" / "torchserve_ping.py").exists()
+    assert "/opt/explainserve/.venv/bin" in dockerfile
