@@ -13,6 +13,10 @@ import sys
 
 COMMAND_MODULES = (
     "explainserve.commands.demo",
+    "explainserve.commands.sidecar",
+    "explainserve.commands.serve",
+    "explainserve.commands.archive",
+    "explainserve.commands.explain",
 )
 
 

@@ -20,7 +20,6 @@ from torch import nn
 
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "weights.pt"
-STORE_FILE = "distribution_store.npz"
 # Factories a metadata file may name; archives cannot make the handler import anything else.
 ALLOWED_FACTORY_MODULES = ("torchvision.models", "torchvision.models.video", "explainserve.models")
 REQUIRED_KEYS = ("name", "kind", "input_size", "mean", "std", "class_names", "architecture")
@@ -74,7 +73,7 @@ def write_archive(model: nn.Module, metadata: dict, export_dir: str | Path, *, b
     batch_size, max_batch_delay_ms : int
         TorchServe batching: up to ``batch_size`` requests arriving within the delay form a batch.
     store_path : path, optional
-        The anomaly distribution store to ship in the archive.
+        The anomaly distribution store (a folder) to ship in the archive.
 
     Returns
     -------

@@ -10,6 +10,9 @@ import numpy as np
 
 from explainserve._generated import explain_pb2
 
+# The input-map key under which the gateway sends a serialised ExplainRequest to TorchServe.
+HANDLER_REQUEST_KEY = "explainserve.v1.ExplainRequest"
+
 _DTYPES = {
     explain_pb2.Tensor.UINT8: np.dtype("<u1"),
     explain_pb2.Tensor.UINT16: np.dtype("<u2"),

@@ -27,7 +27,7 @@ from explainserve.explainer import DEFAULT_METHODS, ExplainOptions, Explainer
 from explainserve.model_archive import load_model
 from explainserve.superpixels import MAX_SEGMENTS
 
-REQUEST_KEY = "explainserve.v1.ExplainRequest"
+REQUEST_KEY = wire.HANDLER_REQUEST_KEY
 PLAIN_KEYS = ("data", "body")
 # google.rpc.Code numbers carried in HandlerError.
 INVALID_ARGUMENT = 3

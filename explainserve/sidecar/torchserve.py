@@ -139,8 +139,12 @@ class TorchServe:
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
+            pass
+        try:  # workers left behind, or a frontend that ignored SIGTERM
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
 
     def log_tail(self, lines: int = 80) -> str:
         """The last lines of TorchServe's output and model log, for failure reports."""
@@ -149,3 +153,24 @@ class TorchServe:
             if path.exists():
                 texts.append(f"==> {path} <==\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
         return "\n".join(texts)
+
+
+def stop_process_group(pid: int, timeout: float = 20.0) -> bool:
+    """SIGTERM the process group led by ``pid`` (started with start_new_session by a process
+    that has exited since), SIGKILL it after ``timeout`` seconds; False if it was gone."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True

@@ -1,0 +1,150 @@
+"""ExplainClient: the Python SDK for the gateway's ``explainserve.v1.Explainer`` API.
+
+    with ExplainClient("127.0.0.1:50051") as client:
+        result = client.explain("cat.png", model="demo_image", methods=["swag_i_g"], timeout=10)
+        result.maps["swag_i_g"].heatmap   # float32 (H, W)
+
+Errors are raised as :class:`ExplainError`, carrying the gRPC status code.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from explainserve import wire
+from explainserve._generated import explain_pb2, explain_pb2_grpc
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ExplainError(Exception):
+    """A failed call; ``code`` is the grpc.StatusCode, ``details`` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclass
+class MapResult:
+    """One method's map. heatmap: float32 (H, W) or (T, H, W); SWAG adds segments and scores."""
+
+    heatmap: np.ndarray
+    segments: np.ndarray | None = None
+    segment_scores: np.ndarray | None = None
+    quantisation_step: float = 0.0  # the heatmap's uint8 step; values are within half of it
+
+
+@dataclass
+class ExplainResult:
+    model: str
+    model_version: str
+    classes: list[tuple[int, str, float]]  # (index, name, softmax score), best first
+    predicted_class: int
+    target_class: int
+    maps: dict[str, MapResult]
+    anomaly: explain_pb2.AnomalyReport
+    timings: dict[str, float]  # seconds, plus batch_size
+
+    @classmethod
+    def from_response(cls, response: explain_pb2.ExplainResponse) -> "ExplainResult":
+        maps = {}
+        for explanation in response.explanations:
+            has_segments = explanation.HasField("segments")
+            maps[explanation.method] = MapResult(
+                heatmap=wire.to_numpy(explanation.heatmap),
+                segments=wire.to_numpy(explanation.segments).astype(np.int32) if has_segments else None,
+                segment_scores=wire.to_numpy(explanation.segment_scores) if has_segments else None,
+                quantisation_step=explanation.heatmap.scale,
+            )
+        timings = {field.name: value for field, value in response.timings.ListFields()}
+        return cls(
+            model=response.model, model_version=response.model_version,
+            classes=[(c.index, c.name, c.score) for c in response.classes],
+            predicted_class=response.predicted_class, target_class=response.target_class,
+            maps=maps, anomaly=response.anomaly, timings=timings,
+        )
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def build_request(data, *, model: str, methods: Sequence[str] = (), n_segments: int | None = None,
+                  wc: float | None = None, wg: float | None = None, jitter_d: int | None = None,
+                  target_class: int | None = None, label: int | None = None, top_k: int = 0,
+                  model_version: str = "") -> explain_pb2.ExplainRequest:
+    """An ExplainRequest for an image or a clip.
+
+    Parameters
+    ----------
+    data : bytes, path, ndarray or list of bytes
+        Encoded image bytes or a path to one; a uint8 (H, W, 3) array (sent as PNG); a uint8
+        (T, H, W, 3) array (sent raw as a clip); or a list of encoded frames (a clip).
+    """
+    options = explain_pb2.ExplainOptions()
+    for name, value in (("n_segments", n_segments), ("wc", wc), ("wg", wg), ("jitter_d", jitter_d)):
+        if value is not None:
+            setattr(options, name, value)
+    request = explain_pb2.ExplainRequest(model=model, model_version=model_version, methods=list(methods),
+                                         options=options, top_k=top_k)
+    if target_class is not None:
+        request.target_class = target_class
+    if label is not None:
+        request.label = label
+    if isinstance(data, (str, Path)):
+        request.image = Path(data).read_bytes()
+    elif isinstance(data, (bytes, bytearray)):
+        request.image = bytes(data)
+    elif isinstance(data, np.ndarray) and data.ndim == 3:
+        request.image = encode_png(data)
+    elif isinstance(data, np.ndarray) and data.ndim == 4:
+        clip = np.ascontiguousarray(data, dtype=np.uint8)
+        request.clip.raw, request.clip.shape[:] = clip.tobytes(), list(clip.shape)
+    elif isinstance(data, (list, tuple)):
+        request.clip.frames.extend(bytes(frame) for frame in data)
+    else:
+        raise ValueError(f"data: expected image bytes, a path, an (H, W, 3) or (T, H, W, 3) uint8 array, "
+                         f"or a list of encoded frames; got {type(data).__name__}")
+    return request
+
+
+class ExplainClient:
+    """A blocking client of one gateway at ``target`` ("host:port")."""
+
+    def __init__(self, target: str, *, max_message_bytes: int = MAX_MESSAGE_BYTES):
+        self.channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ])
+        self.stub = explain_pb2_grpc.ExplainerStub(self.channel)
+
+    def explain(self, data, *, model: str, methods: Sequence[str] = (), timeout: float | None = None,
+                **request_fields) -> ExplainResult:
+        """Explain one image or clip; see :func:`build_request` for ``data`` and the fields."""
+        return self.send(build_request(data, model=model, methods=methods, **request_fields), timeout=timeout)
+
+    def send(self, request: explain_pb2.ExplainRequest, *, timeout: float | None = None) -> ExplainResult:
+        try:
+            return ExplainResult.from_response(self.stub.Explain(request, timeout=timeout))
+        except grpc.RpcError as error:
+            raise ExplainError(error.code(), error.details()) from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "ExplainClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,72 @@
+"""``explainserve archive``: build a .mar for the demo models or for user torchvision weights."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+from explainserve.model_archive import write_archive
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("archive", help="build TorchServe model archives (.mar) into the model store")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--demo", choices=("image", "video"), help="one of the demo models")
+    source.add_argument("--torchvision", metavar="ARCH", help="a torchvision architecture, e.g. resnet50")
+    parser.add_argument("--weights", type=Path, help="state_dict file for --torchvision (default: random init)")
+    parser.add_argument("--class-names", type=Path, help="text file, one class name per line (--torchvision)")
+    parser.add_argument("--num-classes", type=int, help="number of classes when no --class-names is given")
+    parser.add_argument("--input-size", type=int, nargs="+", default=[224, 224], help="H W, or T H W for video")
+    parser.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN)
+    parser.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD)
+    parser.add_argument("--layer", help="target layer (default: the architecture's last conv block)")
+    parser.add_argument("--name", help="model name (default: the architecture or demo_<kind>)")
+    parser.add_argument("--version", default="1.0")
+    parser.add_argument("--store", type=Path, help="anomaly distribution store folder to ship in the archive")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-batch-delay-ms", type=int, default=20)
+    parser.add_argument("--export-path", type=Path, default=Path("model_store"))
+    parser.set_defaults(func=main)
+
+
+def torchvision_model(args) -> tuple[torch.nn.Module, dict]:
+    """Build the architecture, load the weights and describe it in archive metadata."""
+    if args.class_names:
+        class_names = [line.strip() for line in args.class_names.read_text().splitlines() if line.strip()]
+    elif args.num_classes:
+        class_names = [f"class_{i}" for i in range(args.num_classes)]
+    else:
+        raise ValueError("--class-names or --num-classes is needed with --torchvision")
+    kind = "video" if len(args.input_size) == 3 else "image"
+    module = "torchvision.models.video" if kind == "video" else "torchvision.models"
+    factory = f"{module}.{args.torchvision}"
+    try:
+        model = torchvision.models.get_model(args.torchvision, weights=None, num_classes=len(class_names))
+    except ValueError as error:
+        raise ValueError(f"--torchvision: {error}") from None
+    if args.weights:
+        model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    metadata = {
+        "name": args.name or args.torchvision, "version": args.version, "kind": kind,
+        "input_size": args.input_size, "mean": list(args.mean), "std": list(args.std),
+        "class_names": class_names, "layer": args.layer,
+        "architecture": {"factory": factory, "kwargs": {"num_classes": len(class_names)}},
+        "build_timestamp": time.time(),
+    }
+    return model, metadata
+
+
+def main(args) -> int:
+    if args.demo:
+        raise ValueError("--demo: the demo models are not available in this build")
+    model, metadata = torchvision_model(args)
+    path = write_archive(model, metadata, args.export_path, batch_size=args.batch_size,
+                         max_batch_delay_ms=args.max_batch_delay_ms, store_path=args.store)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,69 @@
+"""``explainserve explain IMAGE|CLIP``: call the gateway, print classes and timings, draw the overlay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from explainserve._generated import explain_pb2
+from explainserve.client import ExplainClient, ExplainError
+from explainserve.explainer import METHODS
+from explainserve.inputs import decode_image
+from explainserve.overlay import overlay, overlay_clip, save_png
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("explain", help="explain an image (JPEG/PNG) or a clip (.npy, uint8 T x H x W x 3)")
+    parser.add_argument("input", type=Path)
+    parser.add_argument("--model", required=True, help="served model name")
+    parser.add_argument("--method", action="append", default=[], choices=METHODS,
+                        help="explanation method (repeat for several; none: prediction only)")
+    parser.add_argument("--target", default="127.0.0.1:50051", help="gateway host:port")
+    parser.add_argument("--class", dest="target_class", type=int, help="class to explain (default: predicted)")
+    parser.add_argument("--label", type=int, help="ground-truth class, also scored for anomalies")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
+    parser.add_argument("--out", type=Path, help="overlay PNG of the first method's map")
+    parser.set_defaults(func=main)
+
+
+def load_input(path: Path) -> np.ndarray:
+    """A uint8 (H, W, 3) image or (T, H, W, 3) clip from a picture or a .npy file."""
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    return decode_image(path.read_bytes(), what=str(path))
+
+
+def print_result(name: str, result) -> None:
+    classes = ", ".join(f"{class_name} ({index}) {score:.3f}" for index, class_name, score in result.classes)
+    print(f"{name}: {classes}")
+    stages = ("decode", "network", "superpixels", "jitter_cam", "torchserve_queue", "gateway", "total")
+    print("  timings: " + " ".join(f"{stage}={result.timings.get(stage, 0.0) * 1000:.0f}ms" for stage in stages)
+          + f" batch={int(result.timings.get('batch_size', 0))}")
+    anomaly = result.anomaly
+    print(f"  anomaly: {explain_pb2.AnomalyReport.Status.Name(anomaly.status)} {anomaly.reason}".rstrip())
+
+
+def render(data: np.ndarray, result, path: Path) -> None:
+    """Write the overlay of the first map of ``result`` on ``data``."""
+    method, explanation = next(iter(result.maps.items()))
+    draw = overlay if data.ndim == 3 else overlay_clip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(draw(data, explanation.heatmap, explanation.segments), path)
+    print(f"  {method} overlay -> {path}")
+
+
+def main(args) -> int:
+    data = load_input(args.input)
+    with ExplainClient(args.target) as client:
+        try:
+            result = client.explain(data, model=args.model, methods=args.method, timeout=args.timeout,
+                                    target_class=args.target_class, label=args.label, top_k=args.top_k)
+        except ExplainError as error:
+            print(f"explain failed: {error}")
+            return 1
+    print_result(str(args.input), result)
+    if args.out and result.maps:
+        render(data, result, args.out)
+    return 0

@@ -1,0 +1,110 @@
+"""``explainserve serve`` / ``explainserve stop``: TorchServe and the gateway on loopback.
+
+Local mode only: TorchServe's token authorisation is disabled (with a warning) and every
+port listens on 127.0.0.1. State (ports, process ids, logs) lives in ``--run-dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, stop_process_group
+
+DEFAULT_RUN_DIR = Path("out/serve")
+STATE_FILE = "state.json"
+
+
+def register(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="start TorchServe and the Explain gateway locally (loopback)")
+    serve.add_argument("--model-store", type=Path, default=Path("model_store"))
+    serve.add_argument("--models", nargs="*", help="archive names in the store (default: every .mar)")
+    serve.add_argument("--port", type=int, default=50051, help="public Explain API port")
+    serve.add_argument("--metrics-port", type=int, default=9464, help="gateway /metrics port")
+    serve.add_argument("--torchserve-grpc-port", type=int, default=7070)
+    serve.add_argument("--torchserve-management-port", type=int, default=7071)
+    serve.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    serve.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the models")
+    serve.set_defaults(func=serve_main)
+    stop = subparsers.add_parser("stop", help="stop what `explainserve serve` started")
+    stop.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    stop.set_defaults(func=stop_main)
+
+
+def start_gateway(listen: str, torchserve: TorchServe, metrics_port: int, log_path: Path,
+                  extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start ``explainserve sidecar`` as its own process group, logging to ``log_path``."""
+    command = [sys.executable, "-m", "explainserve.cli", "sidecar", "--listen", listen,
+               "--torchserve", torchserve.grpc_target, "--torchserve-management", torchserve.management_target,
+               "--metrics-port", str(metrics_port), *extra_args]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_serving(target: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Block until the gateway's health check answers SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the gateway exited with code {process.returncode}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the gateway at {target} is not SERVING after {timeout} s")
+            time.sleep(0.3)
+
+
+def serve_main(args) -> int:
+    store = args.model_store.resolve()
+    archives = args.models or sorted(p.stem for p in store.glob("*.mar"))
+    if not archives:
+        raise ValueError(f"--model-store: no .mar archives in {store}; build them with `explainserve archive`")
+    state_path = args.run_dir / STATE_FILE
+    if state_path.exists():
+        raise ValueError(f"--run-dir: {state_path} exists; run `explainserve stop --run-dir {args.run_dir}` first")
+    print("WARNING: local mode: TorchServe token authorisation is disabled and all ports are on 127.0.0.1. "
+          "Never use this mode outside this machine; the Helm chart keeps authorisation on.", file=sys.stderr)
+    torchserve = TorchServe(TorchServeConfig(
+        model_store=store, models={name: f"{name}.mar" for name in archives}, workdir=(args.run_dir / "torchserve").resolve(),
+        grpc_inference_port=args.torchserve_grpc_port, grpc_management_port=args.torchserve_management_port,
+        disable_token_auth=True)).start()
+    state = {"torchserve_pid": torchserve.process.pid, "models": archives}
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    state_path.write_text(json.dumps(state))
+    try:
+        torchserve.wait_ready(timeout=args.startup_timeout)
+        listen = f"127.0.0.1:{args.port}"
+        gateway = start_gateway(listen, torchserve, args.metrics_port, args.run_dir / "gateway.log")
+        state.update(gateway_pid=gateway.pid, target=listen, metrics=f"http://127.0.0.1:{args.metrics_port}/metrics")
+        state_path.write_text(json.dumps(state))
+        wait_serving(listen, timeout=60, process=gateway)
+    except Exception:
+        stop_main(args)
+        raise
+    print(f"serving {', '.join(archives)}: Explain API on {listen}, metrics on {state['metrics']}")
+    print(f"logs in {args.run_dir}; stop with: explainserve stop --run-dir {args.run_dir}")
+    return 0
+
+
+def stop_main(args) -> int:
+    state_path = args.run_dir / STATE_FILE
+    if not state_path.exists():
+        print(f"nothing to stop: no {state_path}")
+        return 0
+    state = json.loads(state_path.read_text())
+    for name in ("gateway_pid", "torchserve_pid"):
+        if name in state and stop_process_group(state[name]):
+            print(f"stopped {name.removesuffix('_pid')} (process group {state[name]})")
+    state_path.unlink()
+    return 0

@@ -1,0 +1,34 @@
+"""``explainserve sidecar``: run the gateway in front of a running TorchServe."""
+
+from __future__ import annotations
+
+import logging
+
+from explainserve.sidecar.server import GatewayConfig, run
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("sidecar", help="run the typed gRPC Explain gateway in front of TorchServe")
+    defaults = GatewayConfig()
+    parser.add_argument("--listen", default=defaults.listen, help="host:port of the public Explain API")
+    parser.add_argument("--torchserve", default=defaults.torchserve_inference, help="TorchServe gRPC inference host:port")
+    parser.add_argument("--torchserve-management", default=defaults.torchserve_management,
+                        help="TorchServe gRPC management host:port")
+    parser.add_argument("--metrics-port", type=int, default=defaults.metrics_port, help="port of /metrics")
+    parser.add_argument("--metrics-address", default=defaults.metrics_address, help="address of /metrics")
+    parser.add_argument("--poll-interval", type=float, default=defaults.poll_interval,
+                        help="seconds between TorchServe pings and describe-model polls")
+    parser.add_argument("--default-timeout", type=float, default=defaults.default_timeout,
+                        help="seconds allowed for TorchServe when the client sets no deadline")
+    parser.set_defaults(func=main)
+
+
+def main(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.poll_interval <= 0 or args.default_timeout <= 0:
+        raise ValueError("--poll-interval and --default-timeout must be positive seconds")
+    run(GatewayConfig(listen=args.listen, torchserve_inference=args.torchserve,
+                      torchserve_management=args.torchserve_management, metrics_port=args.metrics_port,
+                      metrics_address=args.metrics_address, poll_interval=args.poll_interval,
+                      default_timeout=args.default_timeout))
+    return 0

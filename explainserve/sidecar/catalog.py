@@ -1,0 +1,98 @@
+"""What the gateway knows about TorchServe: is it up, which models, their metadata, workers.
+
+Model metadata (kind, input size, classes, accepted ranges) comes from the handler's
+customised describe (TorchServe's DescribeModel with ``customized=true``) and is cached.
+A background task pings TorchServe and polls describe-model for worker status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import grpc
+from google.protobuf import empty_pb2
+
+from explainserve._generated import inference_pb2_grpc, management_pb2, management_pb2_grpc
+
+from .metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+
+class UnknownModel(LookupError):
+    """TorchServe does not serve this model (version)."""
+
+
+class ModelCatalog:
+    """Cached model metadata and TorchServe health, refreshed by :meth:`poll_forever`."""
+
+    def __init__(self, inference_channel: grpc.aio.Channel, management_channel: grpc.aio.Channel,
+                 metrics: GatewayMetrics, *, poll_interval: float = 2.0, call_timeout: float = 5.0):
+        self.inference = inference_pb2_grpc.InferenceAPIsServiceStub(inference_channel)
+        self.management = management_pb2_grpc.ManagementAPIsServiceStub(management_channel)
+        self.metrics = metrics
+        self.poll_interval = poll_interval
+        self.call_timeout = call_timeout
+        self.up = False
+        self._metadata: dict[tuple[str, str], dict] = {}
+        self._on_health_change = []
+
+    def on_health_change(self, callback) -> None:
+        """Call ``callback(up: bool)`` whenever TorchServe's ping result changes."""
+        self._on_health_change.append(callback)
+
+    async def metadata(self, model: str, version: str = "") -> dict:
+        """The handler's describe() for a model; raises UnknownModel or grpc.aio.AioRpcError."""
+        key = (model, version)
+        if key not in self._metadata:
+            request = management_pb2.DescribeModelRequest(model_name=model, model_version=version, customized=True)
+            try:
+                answer = await self.management.DescribeModel(request, timeout=self.call_timeout)
+            except grpc.aio.AioRpcError as error:
+                if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                    raise UnknownModel(model) from None
+                raise
+            description = json.loads(answer.msg)[0]
+            metadata = description["customizedMetadata"]  # TorchServe parses the handler's JSON
+            if isinstance(metadata, str):
+                metadata = json.loads(metadata)
+            self._metadata[key] = metadata
+            if metadata.get("build_timestamp"):
+                self.metrics.model_build.labels(model).set(metadata["build_timestamp"])
+        return self._metadata[key]
+
+    async def ping(self) -> bool:
+        try:
+            answer = await self.inference.Ping(empty_pb2.Empty(), timeout=self.call_timeout)
+            up = json.loads(answer.health).get("status") == "Healthy"
+        except (grpc.aio.AioRpcError, ValueError):
+            up = False
+        if up != self.up:
+            log.info("TorchServe is %s", "up" if up else "down")
+            for callback in self._on_health_change:
+                callback(up)
+        self.up = up
+        self.metrics.torchserve_up.set(int(up))
+        return up
+
+    async def poll_workers(self) -> None:
+        """Export worker counts per model and status from describe-model."""
+        listing = await self.management.ListModels(management_pb2.ListModelsRequest(limit=100), timeout=self.call_timeout)
+        self.metrics.workers.clear()
+        for entry in json.loads(listing.msg).get("models", []):
+            answer = await self.management.DescribeModel(
+                management_pb2.DescribeModelRequest(model_name=entry["modelName"]), timeout=self.call_timeout)
+            for description in json.loads(answer.msg):
+                for worker in description.get("workers", []):
+                    self.metrics.workers.labels(entry["modelName"], worker.get("status", "UNKNOWN")).inc()
+
+    async def poll_forever(self) -> None:
+        while True:
+            if await self.ping():
+                try:
+                    await self.poll_workers()
+                except grpc.aio.AioRpcError as error:
+                    log.warning("describe-model poll failed: %s", error.details())
+            await asyncio.sleep(self.poll_interval)

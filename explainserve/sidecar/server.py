@@ -1,0 +1,113 @@
+"""Assemble and run the gateway: Explain API, health, reflection, metrics, TorchServe poll."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from explainserve._generated import explain_pb2, explain_pb2_grpc
+
+from .anomaly import AnomalyScoring
+from .catalog import ModelCatalog
+from .metrics import GatewayMetrics
+from .service import ExplainerService
+from .torchserve import MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = explain_pb2.DESCRIPTOR.services_by_name["Explainer"].full_name
+# Both hops (client -> gateway, gateway -> TorchServe) carry whole maps and clips.
+MESSAGE_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+@dataclass
+class GatewayConfig:
+    listen: str = "127.0.0.1:50051"
+    torchserve_inference: str = "127.0.0.1:7070"
+    torchserve_management: str = "127.0.0.1:7071"
+    metrics_port: int = 9464
+    metrics_address: str = "127.0.0.1"
+    poll_interval: float = 2.0
+    default_timeout: float = 120.0
+
+
+class Gateway:
+    """One running gateway; ``await start()`` then ``await wait()`` / ``await stop()``."""
+
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self.server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._metrics_server = None
+
+    async def start(self) -> int:
+        """Start serving; returns the bound gRPC port."""
+        config = self.config
+        self._inference = grpc.aio.insecure_channel(config.torchserve_inference, options=MESSAGE_OPTIONS)
+        self._management = grpc.aio.insecure_channel(config.torchserve_management, options=MESSAGE_OPTIONS)
+        catalog = ModelCatalog(self._inference, self._management, self.metrics, poll_interval=config.poll_interval)
+        service = ExplainerService(self._inference, catalog, self.metrics, AnomalyScoring(self.metrics),
+                                   default_timeout=config.default_timeout)
+        health_servicer = health.aio.HealthServicer()
+
+        async def report(up: bool) -> None:
+            status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, status)
+
+        catalog.on_health_change(lambda up: self._tasks.append(asyncio.ensure_future(report(up))))
+        await report(False)  # SERVING only once TorchServe answers its ping
+
+        self.server = grpc.aio.server(options=MESSAGE_OPTIONS)
+        explain_pb2_grpc.add_ExplainerServicer_to_server(service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        port = self.server.add_insecure_port(config.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {config.listen}")
+        await self.server.start()
+        self._metrics_server, _ = start_http_server(config.metrics_port, config.metrics_address,
+                                                    registry=self.metrics.registry)
+        self._tasks.append(asyncio.ensure_future(catalog.poll_forever()))
+        log.info("gateway on %s -> TorchServe %s; metrics on :%d", config.listen, config.torchserve_inference,
+                 config.metrics_port)
+        return port
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+    async def stop(self, grace: float = 2.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        for channel in (self._inference, self._management):
+            await channel.close()
+
+
+def run(config: GatewayConfig) -> None:
+    """Run a gateway until interrupted (SIGINT / SIGTERM)."""
+    import signal
+
+    async def main():
+        gateway = Gateway(config)
+        await gateway.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(gateway.stop()))
+        await gateway.wait()
+
+    asyncio.run(main())

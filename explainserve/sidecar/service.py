@@ -1,0 +1,153 @@
+"""The ``explainserve.v1.Explainer`` servicer: validate, forward to TorchServe, type the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from explainserve import inputs
+from explainserve.explainer import METHODS
+from explainserve._generated import explain_pb2, explain_pb2_grpc, handler_pb2, inference_pb2, inference_pb2_grpc
+from explainserve.wire import HANDLER_REQUEST_KEY
+
+from .anomaly import AnomalyScoring
+from .catalog import ModelCatalog, UnknownModel
+from .metrics import GatewayMetrics, method_label
+from .validation import check_request
+
+log = logging.getLogger(__name__)
+# A handler's HandlerError.code (google.rpc.Code number) -> the status we answer with.
+HANDLER_CODES = {3: grpc.StatusCode.INVALID_ARGUMENT, 8: grpc.StatusCode.RESOURCE_EXHAUSTED}
+# TorchServe's own failures -> ours; anything else is INTERNAL.
+TORCHSERVE_CODES = {
+    grpc.StatusCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED: grpc.StatusCode.CANCELLED,
+}
+
+
+class RpcFailure(Exception):
+    """Ends an RPC with a status code and a message for the caller."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ExplainerService(explain_pb2_grpc.ExplainerServicer):
+    """Serves Explain (forwarded to TorchServe) and Score / ScoreBatch (in-process).
+
+    Parameters
+    ----------
+    default_timeout : float
+        Seconds allowed for the TorchServe call when the client sets no deadline.
+    """
+
+    def __init__(self, inference_channel: grpc.aio.Channel, catalog: ModelCatalog, metrics: GatewayMetrics,
+                 anomaly: AnomalyScoring, *, default_timeout: float = 120.0):
+        self.torchserve = inference_pb2_grpc.InferenceAPIsServiceStub(inference_channel)
+        self.catalog = catalog
+        self.metrics = metrics
+        self.anomaly = anomaly
+        self.default_timeout = default_timeout
+
+    async def Explain(self, request, context):
+        methods = list(request.methods)
+        label = method_label(methods) if set(methods) <= set(METHODS) else "invalid"  # bounded cardinality
+        return await self._measured("Explain", label, self._explain(request, context, label), context)
+
+    async def Score(self, request, context):
+        return await self._measured("Score", "score", self._score(request), context)
+
+    async def ScoreBatch(self, request, context):
+        async def score_all():
+            return explain_pb2.ScoreBatchResponse(reports=[await self._score(item) for item in request.requests])
+        return await self._measured("ScoreBatch", "score", score_all(), context)
+
+    # -- plumbing --------------------------------------------------------------------
+    async def _measured(self, rpc: str, label: str, work, context):
+        """Run one RPC's work, count and time it, and turn RpcFailure into its status."""
+        started = time.perf_counter()
+        self.metrics.inflight.labels(rpc).inc()
+        code, failed = grpc.StatusCode.OK, None
+        try:
+            return await work
+        except RpcFailure as failure:
+            code, failed = failure.code, failure
+        except Exception as error:  # noqa: BLE001 - answered as INTERNAL, logged with its traceback
+            log.exception("%s failed", rpc)
+            failed = RpcFailure(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+            code = failed.code
+        finally:
+            self.metrics.inflight.labels(rpc).dec()
+            self.metrics.duration.labels(rpc, label).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(rpc, label, code.name).inc()
+        await context.abort(failed.code, failed.message)
+
+    async def _explain(self, request, context, label: str) -> explain_pb2.ExplainResponse:
+        started = time.perf_counter()
+        metadata = await self._metadata(request.model, request.model_version)
+        try:
+            await asyncio.to_thread(check_request, request, metadata)
+        except inputs.InputTooLarge as error:
+            raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
+        except ValueError as error:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+        forwarded = inference_pb2.PredictionsRequest(
+            model_name=request.model, model_version=request.model_version,
+            input={HANDLER_REQUEST_KEY: request.SerializeToString()},
+        )
+        remaining = context.time_remaining()
+        timeout = self.default_timeout if remaining is None else max(remaining, 0.0)
+        forwarded_at = time.perf_counter()
+        try:
+            answer = await self.torchserve.Predictions(forwarded, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise self._torchserve_failure(error, request.model) from None
+        torchserve_seconds = time.perf_counter() - forwarded_at
+        self.metrics.torchserve_duration.labels(label).observe(torchserve_seconds)
+
+        result = handler_pb2.HandlerResponse.FromString(answer.prediction)
+        if result.WhichOneof("result") == "error":
+            raise RpcFailure(HANDLER_CODES.get(result.error.code, grpc.StatusCode.INTERNAL), result.error.message)
+        response = result.response
+        response.anomaly.CopyFrom(self.anomaly.score(
+            request.model, result.alpha, response.target_class,
+            request.label if request.HasField("label") else None, result.label_alpha or None))
+        timings = response.timings
+        timings.torchserve_queue = max(torchserve_seconds - timings.handler, 0.0)
+        timings.total = time.perf_counter() - started
+        timings.gateway = timings.total - torchserve_seconds
+        return response
+
+    async def _metadata(self, model: str, version: str) -> dict:
+        if not model:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "model: the request names no model")
+        try:
+            return await self.catalog.metadata(model, version)
+        except UnknownModel:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"model: unknown model {model!r}" + (f" version {version!r}" if version else "")) from None
+        except grpc.aio.AioRpcError as error:
+            raise self._torchserve_failure(error, model) from None
+
+    @staticmethod
+    def _torchserve_failure(error: grpc.aio.AioRpcError, model: str) -> RpcFailure:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"model: unknown model {model!r}")
+        code = TORCHSERVE_CODES.get(error.code(), grpc.StatusCode.INTERNAL)
+        return RpcFailure(code, f"TorchServe: {error.code().name}: {error.details()}")
+
+    async def _score(self, request: explain_pb2.ScoreRequest) -> explain_pb2.AnomalyReport:
+        if not request.model:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "model: the request names no model")
+        if not request.alpha:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "alpha: the request has no filter scores")
+        return self.anomaly.score(request.model, request.alpha, request.predicted_class,
+                                  request.label if request.HasField("label") else None, request.label_alpha or None)
