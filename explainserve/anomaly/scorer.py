@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from explainserve.anomaly.reference import ClassReference
 from explainserve.anomaly.store import DistributionStore, StoreError
+from explainserve.anomaly.summary import NO_EXEMPLAR
 
 NORMAL = "NORMAL"
 ANOMALOUS = "ANOMALOUS"
 REASON_CODES = ("surprise_count", "expectation_count", "low_beta")
 
 
-@dataclass(frozen=True)
-class FilterFlag:
-    """One flagged filter.
+class FilterFlag(NamedTuple):
+    """One flagged filter (a NamedTuple: cheap to build by the hundred).
 
     Attributes
     ----------
@@ -36,8 +37,7 @@ class FilterFlag:
     exemplars: tuple
 
 
-@dataclass(frozen=True)
-class Reason:
+class Reason(NamedTuple):
     """Why a verdict is ANOMALOUS: ``code`` is one of ``REASON_CODES``; ``source`` is
     ``"class"`` (the class's own thresholds) or ``"fallback"`` (class-independent)."""
 
@@ -141,16 +141,18 @@ class BatchScores:
         class_id = int(self.classes[index])
         reference = self.scorer.reference
         row = self.alpha[index]
+        padded = reference.counts[class_id] < reference.exemplars.shape[-1]
 
         def flags(mask: np.ndarray, thresholds: np.ndarray, sign: float) -> tuple:
             filters = np.flatnonzero(mask)
             excess = sign * (row[filters] - thresholds[filters])
             filters = filters[np.argsort(-excess, kind="stable")]
-            exemplars = reference.exemplars[class_id, filters]
-            return tuple(
-                FilterFlag(int(f), float(row[f]), float(thresholds[f]), tuple(int(i) for i in ids if i >= 0))
-                for f, ids in zip(filters, exemplars)
-            )
+            columns = zip(filters.tolist(), row[filters].tolist(), thresholds[filters].tolist(),
+                          reference.exemplars[class_id][filters].tolist())
+            if padded:
+                return tuple(FilterFlag(f, a, t, tuple(i for i in ids if i != NO_EXEMPLAR)) for f, a, t, ids in columns)
+            return tuple(FilterFlag(f, a, t, tuple(ids)) for f, a, t, ids in columns)
+
 
         source = "class" if self.from_class[index] else "fallback"
         values = (self.surprise_count[index], self.expectation_count[index], self.beta_z[index])
@@ -163,7 +165,7 @@ class BatchScores:
             class_id=class_id,
             class_name=reference.store.meta.class_names[class_id],
             surprising=flags(self.surprising[index], reference.p_high[class_id], 1.0),
-            expected_missing=flags(self.expected_missing[index], np.asarray(reference.p_low[class_id]), -1.0),
+            expected_missing=flags(self.expected_missing[index], reference.p_low[class_id], -1.0),
             beta=float(self.beta[index]),
             beta_percentile=float(self.beta_percentile[index]),
             beta_z=float(self.beta_z[index]),

@@ -73,7 +73,7 @@ def beta_scores(alpha: np.ndarray, mean_of_means: np.ndarray) -> np.ndarray:
     Parameters
     ----------
     alpha : np.ndarray
-        (B, K) float32 filter scores.
+        (B, K) float32 filter scores, C-contiguous.
     mean_of_means : np.ndarray
         (B,) or scalar float64, :func:`class_mean_of_means` of each row's class.
 
@@ -81,9 +81,11 @@ def beta_scores(alpha: np.ndarray, mean_of_means: np.ndarray) -> np.ndarray:
     -------
     np.ndarray
         (B,) float64 β. Build and scoring share this function so the training β
-        distribution and a served β are computed the same way.
+        distribution and a served β are computed the same way. The row sums are float32
+        pairwise sums (numpy's contiguous reduction): fast, and deterministic whatever the
+        batch, which keeps sharded builds byte-identical.
     """
-    return alpha.mean(axis=1, dtype=np.float64) - mean_of_means
+    return alpha.sum(axis=1, dtype=np.float32).astype(np.float64) / alpha.shape[1] - mean_of_means
 
 
 def top_exemplars(values: np.ndarray, image_ids: np.ndarray, top_k: int) -> np.ndarray:
