@@ -1,0 +1,146 @@
+"""Real TorchServe + real gateway processes on free loopback ports, for the serving tests."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+from explainserve.explainer import Explainer
+from explainserve.model_archive import write_archive
+from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, free_port
+
+IMAGE_SIZE = (64, 64)
+CLIP_SIZE = (4, 32, 32)
+N_CLASSES = 6
+
+
+def tiny_image_model() -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(1)
+    model = torchvision.models.resnet18(num_classes=N_CLASSES).eval()
+    metadata = {
+        "name": "tiny_image", "version": "1.0", "kind": "image", "input_size": list(IMAGE_SIZE),
+        "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "class_names": [f"thing{i}" for i in range(N_CLASSES)],
+        "layer": None, "architecture": {"factory": "torchvision.models.resnet18", "kwargs": {"num_classes": N_CLASSES}},
+        "build_timestamp": 1.7e9,
+    }
+    return model, metadata
+
+
+def tiny_video_model() -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(2)
+    model = torchvision.models.video.r3d_18(num_classes=N_CLASSES).eval()
+    metadata = {
+        "name": "tiny_video", "version": "1.0", "kind": "video", "input_size": list(CLIP_SIZE),
+        "mean": [0.45, 0.45, 0.45], "std": [0.225, 0.225, 0.225], "class_names": [f"act{i}" for i in range(N_CLASSES)],
+        "layer": None, "architecture": {"factory": "torchvision.models.video.r3d_18", "kwargs": {"num_classes": N_CLASSES}},
+        "build_timestamp": 1.7e9,
+    }
+    return model, metadata
+
+
+def explainer_for(model: torch.nn.Module, metadata: dict) -> Explainer:
+    """The in-process library the served maps are compared with."""
+    return Explainer(model, kind=metadata["kind"], input_size=metadata["input_size"], mean=metadata["mean"],
+                     std=metadata["std"], class_names=metadata["class_names"], layer=metadata["layer"])
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def random_image(seed: int, size=(72, 80)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+@dataclass
+class Stack:
+    torchserve: TorchServe
+    gateway: subprocess.Popen
+    target: str
+    metrics_url: str
+    workdir: Path
+
+    def logs(self) -> str:
+        gateway_log = (self.workdir / "gateway.log").read_text(errors="replace").splitlines()[-40:]
+        return self.torchserve.log_tail(40) + "\n==> gateway.log <==\n" + "\n".join(gateway_log)
+
+
+def start_gateway(workdir: Path, torchserve_inference: str, torchserve_management: str,
+                  poll_interval: float = 0.5) -> tuple[subprocess.Popen, str, str]:
+    port, metrics_port = free_port(), free_port()
+    log = open(workdir / "gateway.log", "ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "explainserve.cli", "sidecar", "--listen", f"127.0.0.1:{port}",
+         "--torchserve", torchserve_inference, "--torchserve-management", torchserve_management,
+         "--metrics-port", str(metrics_port), "--poll-interval", str(poll_interval)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return process, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+def stop_gateway(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def serving_stack(workdir: Path, archives: list[tuple[torch.nn.Module, dict]], *, batch_size: int = 4,
+                  max_batch_delay_ms: int = 100, env: dict[str, str] | None = None):
+    """Archive the models, start TorchServe and the gateway; always stop both."""
+    from explainserve.commands.serve import wait_serving
+
+    store = workdir / "model_store"
+    for model, metadata in archives:
+        write_archive(model, metadata, store, batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms)
+    torchserve = TorchServe(TorchServeConfig(
+        model_store=store, models={metadata["name"]: f"{metadata['name']}.mar" for _, metadata in archives},
+        workdir=workdir / "torchserve", grpc_inference_port=0, grpc_management_port=0,
+        disable_token_auth=True, env=env or {}))
+    gateway = None
+    try:
+        torchserve.start().wait_ready(timeout=180)
+        gateway, target, metrics_url = start_gateway(workdir, torchserve.grpc_target, torchserve.management_target)
+        stack = Stack(torchserve, gateway, target, metrics_url, workdir)
+        wait_serving(target, timeout=60, process=gateway)
+        yield stack
+    except BaseException:
+        print(Stack(torchserve, gateway, "", "", workdir).logs() if gateway else torchserve.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        if gateway is not None:
+            stop_gateway(gateway)
+        torchserve.stop()
+
+
+def wait_for(condition, timeout: float, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError("condition not met")
+
+
+def stack_for_module(request, workdir: Path, archives, **options):
+    """Body of a module-scoped fixture: yields a Stack, prints its logs if a test failed."""
+    failed_before = request.session.testsfailed
+    with serving_stack(workdir, archives, **options) as stack:
+        yield stack
+        if request.session.testsfailed > failed_before:
+            request.config.pluginmanager.get_plugin("terminalreporter").write_line(stack.logs())

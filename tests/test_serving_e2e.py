@@ -1,0 +1,172 @@
+"""End to end through a real TorchServe and a real gateway: maps, batching, clips, plain requests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import urllib.request
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from explainserve.client import ExplainClient, build_request
+from explainserve.explainer import ExplainOptions
+from explainserve.wire import HANDLER_REQUEST_KEY
+from explainserve._generated import handler_pb2, inference_pb2, inference_pb2_grpc
+from serving_harness import (CLIP_SIZE, explainer_for, png, random_image, stack_for_module, tiny_image_model,
+                             tiny_video_model)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+IMAGE_METHODS = ["swag_i", "swag_g", "swag_i_g", "jitter_cam", "grad_cam"]
+VIDEO_METHODS = ["swag_v_i", "swag_v_g", "swag_v_i_g", "grad_cam"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {"image": tiny_image_model(), "video": tiny_video_model()}
+
+
+@pytest.fixture(scope="module")
+def stack(request, tmp_path_factory, models):
+    yield from stack_for_module(request, tmp_path_factory.mktemp("serving"), list(models.values()),
+                                batch_size=4, max_batch_delay_ms=300)
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    with ExplainClient(stack.target) as client:
+        yield client
+
+
+def assert_maps_match_library(result, expected, methods):
+    for method in methods:
+        served, reference = result.maps[method], expected.maps[method]
+        assert served.heatmap.shape == reference.heatmap.shape
+        # uint8 quantisation: half a step, plus float noise between two processes
+        tolerance = served.quantisation_step / 2 + 1e-4 * float(np.ptp(reference.heatmap)) + 1e-7
+        assert np.abs(served.heatmap - reference.heatmap).max() <= tolerance, method
+        if reference.segments is not None:
+            assert np.array_equal(served.segments, reference.segments), method
+            np.testing.assert_allclose(served.segment_scores, reference.segment_scores, rtol=1e-4, atol=1e-7)
+
+
+def test_every_image_method_round_trips_and_equals_the_library(client, models):
+    model, metadata = models["image"]
+    image = random_image(0)
+    result = client.explain(png(image), model="tiny_image", methods=IMAGE_METHODS, timeout=120, top_k=3)
+    expected = explainer_for(model, metadata).explain([image], IMAGE_METHODS, ExplainOptions(top_k=3))[0]
+
+    assert [index for index, _, _ in result.classes] == expected.classes.tolist()
+    np.testing.assert_allclose([score for _, _, score in result.classes], expected.scores, rtol=1e-4)
+    assert result.classes[0][1] == metadata["class_names"][expected.predicted]
+    assert result.predicted_class == result.target_class == expected.predicted
+    assert sorted(result.maps) == sorted(IMAGE_METHODS)
+    for method in IMAGE_METHODS:
+        assert result.maps[method].heatmap.shape == tuple(metadata["input_size"])
+    assert_maps_match_library(result, expected, IMAGE_METHODS)
+    assert result.anomaly.status == result.anomaly.UNAVAILABLE and result.anomaly.reason
+    assert result.timings["network"] > 0 and result.timings["total"] >= result.timings["network"]
+
+
+def test_options_and_target_class_reach_the_library(client, models):
+    model, metadata = models["image"]
+    image = random_image(1)
+    result = client.explain(image, model="tiny_image", methods=["swag_g", "jitter_cam"], n_segments=20, wg=6.0,
+                            jitter_d=1, target_class=4, timeout=120)
+    options = ExplainOptions(n_segments=20, wg=6.0, jitter_d=1)
+    expected = explainer_for(model, metadata).explain([image], ["swag_g", "jitter_cam"], options, targets=[4])[0]
+    assert result.target_class == 4
+    assert_maps_match_library(result, expected, ["swag_g", "jitter_cam"])
+
+
+def test_clip_round_trips_raw_and_as_frames(client, models):
+    model, metadata = models["video"]
+    clip = np.random.default_rng(3).integers(0, 256, (CLIP_SIZE[0], 40, 36, 3), dtype=np.uint8)
+    expected = explainer_for(model, metadata).explain([clip], VIDEO_METHODS, ExplainOptions(n_segments=30))[0]
+    for data in (clip, [png(frame) for frame in clip]):
+        result = client.explain(data, model="tiny_video", methods=VIDEO_METHODS, n_segments=30, timeout=120)
+        for method in VIDEO_METHODS:
+            assert result.maps[method].heatmap.shape == CLIP_SIZE
+        assert result.predicted_class == expected.predicted
+        assert_maps_match_library(result, expected, VIDEO_METHODS)
+
+
+def test_concurrent_clients_are_batched_and_each_get_their_own_answer(stack, models):
+    model, metadata = models["image"]
+    images = [random_image(10 + i) for i in range(4)]
+    targets = [0, 1, 2, 3]
+    expected = explainer_for(model, metadata).explain(images, ["grad_cam"], ExplainOptions(top_k=6), targets=targets)
+
+    def call(i):
+        with ExplainClient(stack.target) as own_client:
+            return own_client.explain(images[i], model="tiny_image", methods=["grad_cam"], target_class=targets[i],
+                                      top_k=6, timeout=120)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(call, range(4)))
+    assert max(result.timings["batch_size"] for result in results) > 1, "no two requests shared a batch"
+    for result, reference, target in zip(results, expected, targets):
+        assert result.target_class == target
+        assert [index for index, _, _ in result.classes] == reference.classes.tolist()
+        np.testing.assert_allclose([score for _, _, score in result.classes], reference.scores, rtol=1e-4)
+        assert_maps_match_library(result, reference, ["grad_cam"])
+
+
+def torchserve_predict(stack, inputs: dict) -> bytes:
+    with grpc.insecure_channel(stack.torchserve.grpc_target) as channel:
+        stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+        return stub.Predictions(inference_pb2.PredictionsRequest(model_name="tiny_image", input=inputs),
+                                timeout=120).prediction
+
+
+def test_plain_torchserve_request_returns_the_default_methods(stack, models):
+    model, metadata = models["image"]
+    image = random_image(20)
+    answer = json.loads(torchserve_predict(stack, {"data": png(image)}))
+    expected = explainer_for(model, metadata).explain([image])[0]
+    assert answer["predicted_class"] == expected.predicted
+    assert sorted(answer["explanations"]) == ["jitter_cam", "swag_i_g"]
+    for method, explanation in answer["explanations"].items():
+        np.testing.assert_allclose(np.array(explanation["heatmap"]), expected.maps[method].heatmap,
+                                   atol=1e-4 * float(np.ptp(expected.maps[method].heatmap)) + 1e-5)
+
+
+def test_one_bad_item_in_a_batch_fails_alone(stack):
+    good = [build_request(random_image(30 + i), model="tiny_image", methods=["grad_cam"]) for i in range(3)]
+    bad = build_request(random_image(33), model="tiny_image", methods=["grad_cam"], target_class=99)
+    requests = good[:2] + [bad] + good[2:]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda r: handler_pb2.HandlerResponse.FromString(
+            torchserve_predict(stack, {HANDLER_REQUEST_KEY: r.SerializeToString()})), requests))
+    kinds = [answer.WhichOneof("result") for answer in answers]
+    assert kinds == ["response", "response", "error", "response"]
+    assert answers[2].error.code == 3 and "target" in answers[2].error.message
+    assert max(answer.response.timings.batch_size for answer in answers if answer.HasField("response")) > 1
+    plain = [torchserve_predict(stack, {"data": b"not an image"})]
+    assert json.loads(plain[0])["error"]["code"] == "INVALID_ARGUMENT"
+
+
+def test_health_and_reflection(stack):
+    with grpc.insecure_channel(stack.target) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="explainserve.v1.Explainer"), timeout=5)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        services = {s.name for answer in answers for s in answer.list_services_response.service}
+    assert "explainserve.v1.Explainer" in services and "grpc.health.v1.Health" in services
+
+
+def test_metrics_are_promtool_clean_and_count_requests(stack, client, tmp_path):
+    client.explain(random_image(40), model="tiny_image", timeout=60)
+    text = urllib.request.urlopen(stack.metrics_url, timeout=10).read().decode()
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert 'explainserve_requests_total{code="OK",method="predict",rpc="Explain"}' in text
+    assert "explainserve_torchserve_up 1.0" in text
+    assert 'explainserve_torchserve_workers{model="tiny_image",status="READY"} 1.0' in text
+    assert 'explainserve_request_duration_seconds_bucket{le="2.5",method="predict",rpc="Explain"}' in text
+    assert 'explainserve_torchserve_duration_seconds_count{method="predict"}' in text
