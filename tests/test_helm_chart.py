@@ -184,9 +184,9 @@ def test_one_pod_runs_torchserve_and_the_sidecar_with_the_documented_commands(ch
         "torchserve", "--foreground", "--ts-config", "/config/config.properties",
         "--model-store", "/models", "--models", "all"]
     assert sidecar["command"] == ["explainserve", "sidecar"]
-    assert sidecar["args"][:6] == ["--listen=0.0.0.0:50051", "--metrics-port=9095", "--torchserve=127.0.0.1:7070",
-                                   "--torchserve-management=127.0.0.1:7071", "--store-dir=/stores",
-                                   "--token-file=/run/torchserve/key_file.json"]
+    assert sidecar["args"][:7] == ["--listen=0.0.0.0:50051", "--metrics-port=9095", "--metrics-address=0.0.0.0",
+                                   "--torchserve=127.0.0.1:7070", "--torchserve-management=127.0.0.1:7071",
+                                   "--store-dir=/stores", "--token-file=/run/torchserve/key_file.json"]
     # TorchServe writes its keys where the sidecar reads them: one shared in-memory volume.
     keys = next(v for v in pod["volumes"] if v["name"] == "torchserve-keys")
     assert keys["emptyDir"]["medium"] == "Memory"
@@ -418,3 +418,33 @@ def test_dockerfile_runs_as_an_unprivileged_user_and_installs_like_the_readme():
     assert "WORKDIR /opt/explainserve" in dockerfile and "COPY . ." in dockerfile
     assert (ROOT / "deploy" / "torchserve_ping.py").exists()
     assert "/opt/explainserve/.venv/bin" in dockerfile
+
+
+def chart_commands(chart):
+    """(name, argv after `explainserve`) of every explainserve command the chart runs."""
+    objects, _ = render(chart, VALUE_SETS["distributions"])
+    pods = pod_specs(objects)
+    commands = []
+    for c in (c for pod in pods for c in containers(pod)):
+        if c.get("command", [None])[0] == "explainserve":
+            argv = [a.replace("$(JOB_COMPLETION_INDEX)", "0") for a in c["command"][1:] + c["args"]]
+            commands.append((argv[0], argv))
+    return dict(commands)
+
+
+# The sidecar's --store-dir/--token-file and the distribution commands belong to the serving
+# and anomaly issues; these cases pass once those flags and commands exist.
+PENDING_CLI = pytest.mark.xfail(reason="flag or command not in the explainserve CLI yet", raises=SystemExit)
+
+
+@pytest.mark.parametrize("command", [
+    pytest.param("sidecar", marks=PENDING_CLI),
+    pytest.param("build-distributions", marks=PENDING_CLI),
+    pytest.param("merge-distributions", marks=PENDING_CLI),
+])
+def test_the_cli_accepts_the_commands_the_chart_runs(chart, command):
+    from explainserve.cli import build_parser
+
+    argv = chart_commands(chart)[command]
+    args = build_parser().parse_args(argv)
+    assert args.command == command

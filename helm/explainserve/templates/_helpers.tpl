@@ -94,6 +94,7 @@ seccompProfile:
   args:
     - --listen=0.0.0.0:{{ .Values.sidecar.port }}
     - --metrics-port={{ .Values.sidecar.metricsPort }}
+    - --metrics-address=0.0.0.0
     - --torchserve=127.0.0.1:7070
     - --torchserve-management=127.0.0.1:7071
     - --store-dir=/stores
