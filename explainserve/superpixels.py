@@ -49,10 +49,11 @@ def slic_features(image: np.ndarray | None, scores: np.ndarray | None, *, varian
         Pixel scores M (any non-negative scale; rescaled to [0, 100]).
     """
     parts = []
+    # float32 halves the cost of the colour conversion and of SLIC's inner loop.
     if variant in ("i", "i_g"):
-        parts.append(rgb2lab(image) / wc)
+        parts.append(rgb2lab(np.asarray(image, dtype=np.float32)) / np.float32(wc))
     if variant in ("g", "i_g"):
-        parts.append(rescale_scores(scores)[..., None] / wg)
+        parts.append((rescale_scores(scores)[..., None] / wg).astype(np.float32))
     return np.concatenate(parts, axis=-1)
 
 
