@@ -25,6 +25,12 @@ class UnknownModel(LookupError):
     """TorchServe does not serve this model (version)."""
 
 
+def is_unknown_model(error: grpc.aio.AioRpcError) -> bool:
+    """TorchServe 0.12 answers a customised describe of an unknown model with INTERNAL
+    "Model not found", other calls with NOT_FOUND."""
+    return error.code() == grpc.StatusCode.NOT_FOUND or "Model not found" in (error.details() or "")
+
+
 class ModelCatalog:
     """Cached model metadata and TorchServe health, refreshed by :meth:`poll_forever`."""
 
@@ -51,7 +57,7 @@ class ModelCatalog:
             try:
                 answer = await self.management.DescribeModel(request, timeout=self.call_timeout)
             except grpc.aio.AioRpcError as error:
-                if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                if is_unknown_model(error):
                     raise UnknownModel(model) from None
                 raise
             description = json.loads(answer.msg)[0]

@@ -14,7 +14,7 @@ from explainserve._generated import explain_pb2, explain_pb2_grpc, handler_pb2, 
 from explainserve.wire import HANDLER_REQUEST_KEY
 
 from .anomaly import AnomalyScoring
-from .catalog import ModelCatalog, UnknownModel
+from .catalog import ModelCatalog, UnknownModel, is_unknown_model
 from .metrics import GatewayMetrics, method_label
 from .validation import check_request
 
@@ -139,7 +139,7 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
 
     @staticmethod
     def _torchserve_failure(error: grpc.aio.AioRpcError, model: str) -> RpcFailure:
-        if error.code() == grpc.StatusCode.NOT_FOUND:
+        if is_unknown_model(error):
             return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"model: unknown model {model!r}")
         code = TORCHSERVE_CODES.get(error.code(), grpc.StatusCode.INTERNAL)
         return RpcFailure(code, f"TorchServe: {error.code().name}: {error.details()}")

@@ -60,6 +60,8 @@ def check_input(request: explain_pb2.ExplainRequest, metadata: dict) -> None:
     if given != "clip":
         raise ValueError(f"input: model {metadata['name']!r} takes a `clip`, not an image")
     clip = request.clip
+    if not clip.frames and not clip.raw:
+        raise ValueError("clip: has neither `frames` nor `raw` pixels")
     if clip.frames and (clip.raw or clip.shape):
         raise ValueError("clip: give either `frames` or `raw` with `shape`, not both")
     frames = inputs.decode_frames(list(clip.frames)) if clip.frames else inputs.raw_clip(clip.raw, list(clip.shape))

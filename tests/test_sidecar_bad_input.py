@@ -1,0 +1,81 @@
+"""Each bad request gets INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a message, and the next
+request is served normally (real TorchServe and gateway)."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import grpc
+import numpy as np
+import pytest
+
+from explainserve.client import ExplainClient, ExplainError, build_request
+from serving_harness import CLIP_SIZE, png, random_image, stack_for_module, tiny_image_model, tiny_video_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+INVALID, TOO_BIG = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small, valid-looking PNG whose header claims width x height pixels."""
+    data = png(random_image(0, (16, 16)))
+    header = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+    return data[:8] + struct.pack(">I", 13) + header + struct.pack(">I", zlib.crc32(header)) + data[33:]
+
+
+def clip_of(frames: int) -> np.ndarray:
+    return np.random.default_rng(frames).integers(0, 256, (frames, *CLIP_SIZE[1:], 3), dtype=np.uint8)
+
+
+GOOD = random_image(7)
+CASES = {
+    # name: (request, expected code, words the message must contain)
+    "corrupt image": (build_request(png(GOOD)[:60] + b"\x00" * 40, model="tiny_image"), INVALID, "image"),
+    "garbage bytes": (build_request(b"definitely not a picture", model="tiny_image"), INVALID, "JPEG or PNG"),
+    "empty payload": (build_request(b"", model="tiny_image"), INVALID, "empty"),
+    "no input": (build_request([], model="tiny_video"), INVALID, "neither"),
+    "1x1 image": (build_request(png(random_image(0, (1, 1))), model="tiny_image"), INVALID, "at least"),
+    "claims 20000x20000": (build_request(png_claiming(20000, 20000), model="tiny_image"), TOO_BIG, "too large"),
+    "wider than the limit": (build_request(png(random_image(0, (8, 9000))), model="tiny_image"), TOO_BIG, "9000"),
+    "unknown method": (build_request(GOOD, model="tiny_image", methods=["lime"]), INVALID, "lime"),
+    "video method on an image model": (build_request(GOOD, model="tiny_image", methods=["swag_v_g"]), INVALID, "swag_v_g"),
+    "n_segments 0": (build_request(GOOD, model="tiny_image", methods=["swag_i"], n_segments=0), INVALID, "n_segments"),
+    "n_segments 1e6": (build_request(GOOD, model="tiny_image", methods=["swag_i"], n_segments=10**6), INVALID, "n_segments"),
+    "negative d": (build_request(GOOD, model="tiny_image", methods=["jitter_cam"], jitter_d=-1), INVALID, "jitter_d"),
+    "zero wc": (build_request(GOOD, model="tiny_image", methods=["swag_i"], wc=0.0), INVALID, "wc"),
+    "target out of range": (build_request(GOOD, model="tiny_image", target_class=6), INVALID, "target_class"),
+    "negative label": (build_request(GOOD, model="tiny_image", label=-1), INVALID, "label"),
+    "top_k too large": (build_request(GOOD, model="tiny_image", top_k=7), INVALID, "top_k"),
+    "wrong clip length": (build_request(clip_of(CLIP_SIZE[0] + 1), model="tiny_video"), INVALID, "frames"),
+    "clip raw/shape mismatch": (build_request(clip_of(CLIP_SIZE[0]), model="tiny_video"), None, None),
+    "clip sent to an image model": (build_request(clip_of(CLIP_SIZE[0]), model="tiny_image"), INVALID, "image"),
+    "unknown model": (build_request(GOOD, model="no_such_model"), INVALID, "no_such_model"),
+    "no model": (build_request(GOOD, model=""), INVALID, "model"),
+}
+# A raw clip whose bytes do not match its shape.
+CASES["clip raw/shape mismatch"][0].clip.raw = b"\x00" * 10
+CASES["clip raw/shape mismatch"] = (CASES["clip raw/shape mismatch"][0], INVALID, "bytes")
+
+
+@pytest.fixture(scope="module")
+def stack(request, tmp_path_factory):
+    yield from stack_for_module(request, tmp_path_factory.mktemp("bad_input"), [tiny_image_model(), tiny_video_model()],
+                                batch_size=2, max_batch_delay_ms=10)
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    with ExplainClient(stack.target) as client:
+        yield client
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_request_is_refused_and_the_next_is_served(client, case):
+    request, code, words = CASES[case]
+    with pytest.raises(ExplainError) as refused:
+        client.send(request, timeout=60)
+    assert refused.value.code == code, refused.value
+    assert words in refused.value.details
+    after = client.explain(GOOD, model="tiny_image", timeout=60)
+    assert len(after.classes) == 5
