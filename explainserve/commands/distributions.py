@@ -1,0 +1,219 @@
+"""``explainserve build-distributions`` and ``merge-distributions``: the anomaly distribution store.
+
+``build-distributions`` runs every training image through the model with its ground-truth
+class, keeps its Grad-AMap filter scores, and writes the store (or one shard of its classes).
+A whole build is then calibrated on the validation split, scored against the *predicted*
+class as the server will score it. ``merge-distributions`` joins the shards of a sharded build
+and, given the model and data, calibrates the merged store the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from explainserve.anomaly import (StoreMeta, build_store, calibrate, load_store, merge_stores,
+                                  save_calibration, shard_classes)
+from explainserve.anomaly.build import DEFAULT_TOP_K
+from explainserve.anomaly.calibration import DEFAULT_MIN_CLASS_COUNT, DEFAULT_TARGET_FPR
+
+DEMO_MODELS = ("image", "video")
+DATASETS = {"fashion-scenes": ("FashionScenes", "image"), "moving-fashion": ("MovingFashion", "clip")}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def add_model_arguments(parser, *, required: bool) -> None:
+    parser.add_argument("--model", required=required,
+                        help="'image' or 'video' (a demo model), a .mar archive, or an unpacked archive folder")
+    parser.add_argument("--data", required=required, choices=sorted(DATASETS), help="dataset with train and val splits")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per network pass")
+    parser.add_argument("--val-limit", type=positive_int, help="use only the first N validation images")
+    parser.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR,
+                        help=f"false-positive rate the verdict is calibrated to (default {DEFAULT_TARGET_FPR})")
+    parser.add_argument("--min-class-count", type=positive_int, default=DEFAULT_MIN_CLASS_COUNT,
+                        help="classes with fewer validation images use the class-independent fallback")
+
+
+def register(subparsers) -> None:
+    build = subparsers.add_parser("build-distributions", help="build the anomaly distribution store of a model")
+    add_model_arguments(build, required=True)
+    build.add_argument("--out", type=Path, required=True, help="store folder to write")
+    build.add_argument("--shard", type=int, default=0, help="index of the shard of classes to build")
+    build.add_argument("--num-shards", type=positive_int, default=1, help="number of shards (1: the whole store)")
+    build.add_argument("--limit", type=positive_int, help="use only the first N training images")
+    build.add_argument("--top-k", type=positive_int, default=DEFAULT_TOP_K, help="exemplar image ids kept per (class, filter)")
+    build.add_argument("--build-time", help="ISO 8601 UTC build time; give every shard the same one "
+                                            "(default: $SOURCE_DATE_EPOCH, else now)")
+    build.set_defaults(func=build_main)
+
+    merge = subparsers.add_parser("merge-distributions", help="merge the shards of a sharded build, then calibrate")
+    merge.add_argument("shards", type=Path, nargs="+", help="shard store folders")
+    merge.add_argument("--out", type=Path, required=True, help="merged store folder to write")
+    add_model_arguments(merge, required=False)
+    merge.set_defaults(func=merge_main)
+
+
+def load_model(spec: str):
+    """(model, metadata) of a demo model name, a .mar file or an unpacked archive folder."""
+    from explainserve import model_archive
+
+    if spec in DEMO_MODELS:
+        from explainserve.models import load_demo_model
+
+        return load_demo_model(spec)
+    path = Path(spec)
+    if path.is_dir():
+        return model_archive.load_model(path)
+    if path.suffix == ".mar" and path.is_file():
+        with tempfile.TemporaryDirectory(prefix="explainserve-mar-") as folder:
+            with zipfile.ZipFile(path) as archive:
+                archive.extract(model_archive.METADATA_FILE, folder)
+                archive.extract(model_archive.WEIGHTS_FILE, folder)
+            return model_archive.load_model(folder)
+    raise ValueError(f"--model: expected 'image', 'video', a .mar file or an archive folder, got {spec!r}")
+
+
+def open_subject(args):
+    """The model's Explainer and its store metadata, checked against the dataset's classes."""
+    from explainserve.explainer import Explainer
+
+    model, metadata = load_model(args.model)
+    name = metadata.get("name")
+    if not name:
+        raise ValueError(f"--model {args.model}: its metadata has no model name")
+    explainer = Explainer(model, kind=metadata["kind"], input_size=metadata["input_size"], mean=metadata["mean"],
+                          std=metadata["std"], class_names=metadata["class_names"], layer=metadata.get("layer"))
+    meta = StoreMeta(
+        model_name=name, model_version=str(metadata.get("version", "1.0")), layer=explainer.layer,
+        input_transform={"input_size": list(explainer.input_size), "mean": list(metadata["mean"]),
+                         "std": list(metadata["std"]), "resize": "bilinear, antialiased", "scale": "uint8 / 255"},
+        class_names=tuple(metadata["class_names"]), num_filters=explainer.num_filters,
+    )
+    return explainer, meta
+
+
+def open_split(args, split: str, limit: int | None, image_size: int):
+    """The dataset split and the key of its samples' pixels ("image" or "clip")."""
+    from explainserve import data
+
+    class_name, key = DATASETS[args.data]
+    return getattr(data, class_name)(split, seed=args.seed, size=limit, image_size=image_size), key
+
+
+def alpha_of(explainer, samples: list, ids: list, targets: list | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One network pass: (alpha (B, K) float32, class scored (B,) int64, image ids (B,) int64).
+
+    With ``targets`` the alpha is computed for those classes, else for the predicted ones.
+    """
+    results = explainer.explain(samples, methods=[], targets=targets)
+    classes = targets if targets is not None else [result.predicted for result in results]
+    return (np.stack([result.alpha for result in results]), np.asarray(classes, dtype=np.int64),
+            np.asarray(ids, dtype=np.int64))
+
+
+def training_batches(explainer, dataset, key: str, held: range, batch_size: int) -> Iterator[tuple]:
+    """Training alpha for the ground-truth class, in batches of one class each.
+
+    A network's output can change in the last bits with the batch it is computed in, so every
+    batch holds ``batch_size`` consecutive images of one class (in dataset order): a class's
+    batches, and hence its bytes in the store, are the same whichever shard builds it. Memory
+    holds at most ``batch_size - 1`` pending samples per class. Other shards' images are
+    skipped before the network pass.
+    """
+    pending: dict[int, list] = {class_id: [] for class_id in held}
+    for index in tqdm(range(len(dataset)), desc=f"training alpha, classes {held.start}..{held.stop - 1}", unit="image"):
+        sample = dataset[index]
+        queue = pending.get(sample["label"])
+        if queue is None:
+            continue
+        queue.append((index, sample[key]))
+        if len(queue) == batch_size:
+            yield run_class(explainer, queue, sample["label"])
+    for class_id, queue in pending.items():
+        if queue:
+            yield run_class(explainer, queue, class_id)
+
+
+def run_class(explainer, queue: list, class_id: int) -> tuple:
+    ids, samples = zip(*queue)
+    queue.clear()
+    return alpha_of(explainer, list(samples), list(ids), [class_id] * len(ids))
+
+
+def validation_alpha(explainer, dataset, key: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Alpha of every validation image for its predicted class, and that class."""
+    alphas, classes = [], []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="calibrating on val", unit="batch"):
+        indices = list(range(start, min(start + batch_size, len(dataset))))
+        alpha, predicted, _ = alpha_of(explainer, [dataset[i][key] for i in indices], indices, None)
+        alphas.append(alpha)
+        classes.append(predicted)
+    return np.concatenate(alphas), np.concatenate(classes)
+
+
+def calibrate_store(args, explainer, store_path: Path) -> None:
+    """Calibrate the store at ``store_path`` on the validation split and print the result."""
+    store = load_store(store_path)
+    val, key = open_split(args, "val", args.val_limit, explainer.input_size[-1])
+    alpha, predicted = validation_alpha(explainer, val, key, args.batch_size)
+    calibration = calibrate(store, alpha, predicted, target_fpr=args.target_fpr,
+                            min_class_count=args.min_class_count)
+    save_calibration(store, calibration)
+    own = calibration["classes"]["source"].count("class")
+    print(f"calibrated on {len(alpha)} val images to a {args.target_fpr:.2%} false-positive rate: "
+          f"{own} classes with their own thresholds, {store.num_classes - own} on the fallback "
+          f"(surprise > {calibration['fallback']['surprise']}, expectation > {calibration['fallback']['expectation']}, "
+          f"beta_z < {calibration['fallback']['beta_z']:.3f}); rate on the calibration images {calibration['held_out_fpr']:.2%}")
+
+
+def print_store(path: Path) -> None:
+    store = load_store(path)
+    print(f"wrote {path}: {store.num_classes if 'shard' not in store.manifest else len(store.counts)} classes x "
+          f"{store.meta.num_filters} filters, {int(store.counts.sum())} training images, "
+          f"serving arrays {store.serving_bytes() / 1e6:.1f} MB, all arrays {store.total_bytes() / 1e6:.1f} MB, "
+          f"sha256 {store.sha256[:16]}")
+
+
+def build_main(args) -> int:
+    explainer, meta = open_subject(args)
+    held = shard_classes(len(meta.class_names), args.shard, args.num_shards)
+    train, key = open_split(args, "train", args.limit, explainer.input_size[-1])
+    if list(train.class_names) != list(meta.class_names):
+        raise ValueError(f"--data {args.data}: classes {train.class_names} differ from the model's {list(meta.class_names)}")
+    build_store(training_batches(explainer, train, key, held, args.batch_size), args.out, meta, shard_index=args.shard, num_shards=args.num_shards, top_k=args.top_k,
+                build_time=args.build_time, progress=True)
+    if args.num_shards == 1:
+        calibrate_store(args, explainer, args.out)
+    print_store(args.out)
+    return 0
+
+
+def merge_main(args) -> int:
+    if (args.model is None) != (args.data is None):
+        raise ValueError("--model and --data go together: both calibrate the merged store")
+    merge_stores(args.shards, args.out)
+    if args.model is not None:
+        explainer, meta = open_subject(args)
+        store = load_store(args.out)
+        if (store.meta.model_name, store.meta.model_version) != (meta.model_name, meta.model_version):
+            raise ValueError(f"--model {args.model} is {meta.model_name!r} version {meta.model_version!r}, "
+                             f"the shards were built for {store.meta.model_name!r} version {store.meta.model_version!r}")
+        calibrate_store(args, explainer, args.out)
+    else:
+        print("merged without calibration: pass --model and --data to calibrate before serving")
+    print_store(args.out)
+    return 0
