@@ -170,3 +170,14 @@ def test_uncalibrated_or_shard_stores_are_not_scored(tmp_path):
     save_calibration(store, hand_calibration([0] * 3, [0] * 3, [0.0] * 3, ["class"] * 3))
     with pytest.raises(StoreError, match="is one shard; merge the shards before scoring"):
         Scorer(load_store(shard))
+
+
+def test_exemplars_of_a_small_class_are_not_padded(tmp_path):
+    # Two training images per class and top_k 3: the third exemplar slot is empty (-1) in the store.
+    alpha = np.array([[1, 0, 0, 0], [3, 0, 0, 0], [0, 1, 1, 1], [0, 2, 2, 2]], dtype=np.float32)
+    store_dir = build_store([(alpha, np.array([0, 0, 1, 1]), np.array([7, 8, 9, 10]))], tmp_path / "small", META, top_k=3)
+    store = load_store(store_dir)
+    np.testing.assert_array_equal(store.arrays["exemplars"][0, 0], [8, 7, -1])
+    save_calibration(store, hand_calibration([0] * 3, [0] * 3, [-100.0] * 3, ["class"] * 3))
+    result = Scorer(load_store(store_dir)).score(np.array([5, 0, 0, 0], np.float32), 0).sample(0)
+    assert result.surprising[0].filter == 0 and result.surprising[0].exemplars == (8, 7)

@@ -17,7 +17,7 @@ from explainserve.anomaly.store import (ARRAY_SPECS, MANIFEST, StoreMeta, array_
                                         finalise_store)
 from explainserve.anomaly.summary import NO_EXEMPLAR, PERCENTILE_LEVELS, summarise_class
 
-DEFAULT_TOP_K = 5
+DEFAULT_TOP_K = 4  # the thesis shows the top four training images per filter (fig. 6.11)
 MAX_IMAGE_ID = np.iinfo(np.int32).max
 
 
