@@ -62,10 +62,23 @@ def torchvision_model(args) -> tuple[torch.nn.Module, dict]:
     return model, metadata
 
 
+def demo_model(kind: str, name: str | None = None, version: str = "1.0") -> tuple[torch.nn.Module, dict]:
+    """A trained demo model (see explainserve.models) and its archive metadata."""
+    from explainserve.models import load_demo_model
+
+    model, demo = load_demo_model(kind)
+    metadata = {
+        "name": name or f"demo_{kind}", "version": version, "kind": kind, "input_size": demo["input_size"],
+        "mean": demo["mean"], "std": demo["std"], "class_names": demo["class_names"], "layer": demo["target_layer"],
+        "architecture": {"factory": f"explainserve.models.{demo['architecture']}",
+                         "kwargs": {"num_classes": len(demo["class_names"])}},
+        "build_timestamp": time.time(),
+    }
+    return model, metadata
+
+
 def main(args) -> int:
-    if args.demo:
-        raise ValueError("--demo: the demo models are not available in this build")
-    model, metadata = torchvision_model(args)
+    model, metadata = demo_model(args.demo, args.name, args.version) if args.demo else torchvision_model(args)
     path = write_archive(model, metadata, args.export_path, batch_size=args.batch_size,
                          max_batch_delay_ms=args.max_batch_delay_ms, store_path=args.store)
     print(f"wrote {path}")

@@ -1,49 +1,72 @@
-"""``explainserve demo`` (``make demo``): explain a photograph in-process and write overlay PNGs.
+"""``explainserve demo`` (``make demo``): the whole product on this machine.
 
-This version runs the explanation core alone, on an UNTRAINED ResNet-18 and a photograph
-from ``skimage.data``: it shows the API, the maps' shapes and the timings, not meaningful
-explanations (an untrained network has nothing to explain).
+1. trains the demo models if their weights are missing; 2. archives them into the model
+store; 3. starts TorchServe and the gateway (``explainserve serve``); 4. sends FashionScenes
+test images and one MovingFashion clip through ``Explain``; 5. prints predictions and
+timings; 6. writes overlay PNGs to ``out/``; 7. leaves the service running.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-import numpy as np
-import torch
-import torchvision
-from PIL import Image
-from skimage import data
+from explainserve.client import ExplainClient
+from explainserve.commands import archive, serve
+from explainserve.commands.explain import print_result, render
+from explainserve.model_archive import write_archive
 
-from ..explainer import IMAGE_METHODS, ExplainOptions, Explainer
-from ..overlay import overlay
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_METHODS = ["swag_i_g", "jitter_cam"]
+VIDEO_METHODS = ["swag_v_i_g"]
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="explain a sample photograph and write overlay PNGs to out/")
-    parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the PNGs (default: out/)")
+    parser = subparsers.add_parser("demo", help="build, serve and query the demo models end to end")
+    parser.add_argument("--images", type=int, default=4, help="FashionScenes test images to send")
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument("--model-store", type=Path, default=Path("model_store"))
+    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--metrics-port", type=int, default=9464)
     parser.set_defaults(func=main)
 
 
-def main(args) -> int:
-    print("explainserve demo: UNTRAINED ResNet-18 (random weights, seed 0) on skimage.data.chelsea();")
-    print("the maps show the pipeline at work, not what a trained model looks at.")
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None, num_classes=10)
-    explainer = Explainer(model, kind="image", input_size=(224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                          class_names=[f"class_{i}" for i in range(10)])
-    photo = data.chelsea()
-    result = explainer.explain([photo], list(IMAGE_METHODS), ExplainOptions(top_k=3))[0]
+def ensure_demo_archives(store: Path) -> list[str]:
+    from explainserve.models import train_demo
 
-    print("top classes: " + ", ".join(f"{explainer.class_names[c]} {s:.3f}" for c, s in zip(result.classes, result.scores)))
-    print("timings: " + ", ".join(f"{stage} {seconds * 1000:.0f} ms" for stage, seconds in result.timings.items()))
-    args.out.mkdir(parents=True, exist_ok=True)
-    shown = np.asarray(Image.fromarray(photo).resize(explainer.input_size[::-1], Image.BILINEAR))
-    for method, explanation in result.maps.items():
-        path = args.out / f"demo_{method}.png"
-        Image.fromarray(overlay(shown, explanation.heatmap, explanation.segments)).save(path)
-        segments = "" if explanation.segments is None else f", {explanation.segment_scores.size} segments"
-        print(f"wrote {path} ({method}: map {explanation.heatmap.shape}{segments})")
+    names = []
+    for kind in ("image", "video"):
+        try:
+            model, metadata = archive.demo_model(kind)
+        except FileNotFoundError:
+            print(f"demo: training the {kind} demo model (once)")
+            train_demo(kind)
+            model, metadata = archive.demo_model(kind)
+        print(f"demo: archived {write_archive(model, metadata, store)}")
+        names.append(metadata["name"])
+    return names
+
+
+def main(args) -> int:
+    from explainserve.data import FashionScenes, MovingFashion
+
+    names = ensure_demo_archives(args.model_store)
+    run_dir = args.out / "serve"
+    serve.serve_main(argparse.Namespace(
+        model_store=args.model_store, models=names, port=args.port, metrics_port=args.metrics_port,
+        torchserve_grpc_port=7070, torchserve_management_port=7071, run_dir=run_dir, startup_timeout=300.0))
+    target = f"127.0.0.1:{args.port}"
+    with ExplainClient(target) as client:
+        scenes = FashionScenes("test", size=args.images)
+        for index in range(args.images):
+            sample = scenes[index]
+            result = client.explain(sample["image"], model="demo_image", methods=IMAGE_METHODS, timeout=60)
+            print_result(f"scene {index} (true: {scenes.class_names[sample['label']]})", result)
+            render(sample["image"], result, args.out / f"scene_{index}_{IMAGE_METHODS[0]}.png")
+        clip = MovingFashion("test", size=1)[0]
+        result = client.explain(clip["clip"], model="demo_video", methods=VIDEO_METHODS, timeout=120)
+        print_result("clip 0", result)
+        render(clip["clip"], result, args.out / f"clip_0_{VIDEO_METHODS[0]}.png")
+    print(f"\nthe service is still running on {target}; try:\n"
+          f"  explainserve explain IMAGE --model demo_image --method swag_i_g --target {target} --out overlay.png\n"
+          f"stop it with: explainserve stop --run-dir {run_dir}")
     return 0
