@@ -170,6 +170,13 @@ def test_uncalibrated_or_shard_stores_are_not_scored(tmp_path):
     save_calibration(store, hand_calibration([0] * 3, [0] * 3, [0.0] * 3, ["class"] * 3))
     with pytest.raises(StoreError, match="is one shard; merge the shards before scoring"):
         Scorer(load_store(shard))
+    store = load_store(whole)
+    save_calibration(store, hand_calibration([0] * 2, [0] * 3, [0.0] * 3, ["class"] * 3))
+    with pytest.raises(StoreError, match="malformed calibration"):
+        Scorer(load_store(whole))
+    save_calibration(store, hand_calibration([0] * 2, [0] * 2, [0.0] * 2, ["class"] * 2))
+    with pytest.raises(StoreError, match="calibration does not cover its 3 classes"):
+        Scorer(load_store(whole))
 
 
 def test_exemplars_of_a_small_class_are_not_padded(tmp_path):

@@ -155,6 +155,9 @@ def test_missing_parts_and_wrong_model_are_refused(store_dir, tmp_path):
     (broken / "mean.npy").unlink()
     with pytest.raises(StoreError, match="mean.npy is missing"):
         load_store(broken)
+    (broken / "manifest.json").write_text('{"format_version": 1, "model": {"name": "x", "version": "1"}}')
+    with pytest.raises(StoreError, match=r"manifest.json lacks \['layer'"):
+        load_store(broken)
     (broken / "manifest.json").write_text("{not json")
     with pytest.raises(StoreError, match="unreadable manifest.json"):
         load_store(broken)

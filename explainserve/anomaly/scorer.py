@@ -200,11 +200,16 @@ class Scorer:
             self.reference = ClassReference(store)
         except ValueError as error:
             raise StoreError(str(error)) from None
-        per_class = calibration["classes"]
-        self.thresholds = np.stack(
-            [np.asarray(per_class[name], dtype=np.float64) for name in ("surprise", "expectation", "beta_z")], axis=1
-        )
-        self.from_class = np.asarray(per_class["source"]) == "class"
+        try:
+            per_class = calibration["classes"]
+            self.thresholds = np.stack(
+                [np.asarray(per_class[name], dtype=np.float64) for name in ("surprise", "expectation", "beta_z")], axis=1
+            )
+            self.from_class = np.asarray(per_class["source"]) == "class"
+        except (KeyError, TypeError, ValueError) as error:
+            raise StoreError(f"distribution store {store.path}: malformed calibration ({error!r})") from None
+        if self.thresholds.shape != (store.num_classes, 3) or self.from_class.shape != (store.num_classes,):
+            raise StoreError(f"distribution store {store.path}: calibration does not cover its {store.num_classes} classes")
 
     @property
     def store(self) -> DistributionStore:

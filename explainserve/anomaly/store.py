@@ -39,6 +39,9 @@ ARRAY_SPECS = {
     "beta_grid": (np.float32, lambda K, L, k: (101,)),
 }
 
+MANIFEST_KEYS = ("model", "layer", "input_transform", "class_names", "num_filters", "percentile_levels",
+                 "top_k", "counts", "build_time", "arrays", "sha256", "calibration")
+
 #: Arrays the scorer reads; ``grid`` stays on disk.
 SERVING_ARRAYS = ("mean", "p_low", "p_high", "exemplars", "beta_grid")
 
@@ -251,8 +254,12 @@ def load_store(path: str | os.PathLike, *, model_name: str | None = None,
         raise _refuse(directory, f"no {MANIFEST}") from None
     except (OSError, ValueError) as error:
         raise _refuse(directory, f"unreadable {MANIFEST} ({error})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise _refuse(directory, f"format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION}")
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise _refuse(directory, f"format_version {found!r} is not {FORMAT_VERSION}")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise _refuse(directory, f"{MANIFEST} lacks {missing}")
     meta = StoreMeta.from_json(manifest)
     if model_name is not None and (meta.model_name, meta.model_version) != (model_name, model_version):
         raise _refuse(
