@@ -29,6 +29,7 @@ import torchvision
 import yaml
 
 from explainserve.client import ExplainClient
+from explainserve.commands.archive import demo_model
 from explainserve.commands.serve import start_gateway, wait_serving
 from explainserve.data.scenes import FashionScenes
 from explainserve.model_archive import write_archive
@@ -63,23 +64,19 @@ def served_model():
     """(model, archive metadata, trained): the trained demo image model when its weights
     exist, otherwise an untrained ResNet-18 over FashionScenes' classes."""
     try:
-        from explainserve.models import load_demo_model
-        model, demo = load_demo_model("image")
+        return (*demo_model("image", name=MODEL), True)
     except (ImportError, FileNotFoundError):
-        torch.manual_seed(7)
-        class_names = FashionScenes("test", size=1).class_names
-        model = torchvision.models.resnet18(num_classes=len(class_names)).eval()
-        factory, layer, input_size = "torchvision.models.resnet18", None, [64, 64]
-        mean, std, trained = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], False
-    else:
-        class_names, layer, input_size = demo["class_names"], demo["target_layer"], demo["input_size"]
-        factory, mean, std, trained = f"explainserve.models.{type(model).__name__}", demo["mean"], demo["std"], True
+        pass
+    torch.manual_seed(7)
+    class_names = FashionScenes("test", size=1).class_names
+    model = torchvision.models.resnet18(num_classes=len(class_names)).eval()
     metadata = {
-        "name": MODEL, "version": "1.0", "kind": "image", "input_size": list(input_size), "mean": list(mean),
-        "std": list(std), "class_names": list(class_names), "layer": layer,
-        "architecture": {"factory": factory, "kwargs": {"num_classes": len(class_names)}}, "build_timestamp": 1.7e9,
+        "name": MODEL, "version": "1.0", "kind": "image", "input_size": [64, 64], "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25], "class_names": class_names, "layer": None,
+        "architecture": {"factory": "torchvision.models.resnet18", "kwargs": {"num_classes": len(class_names)}},
+        "build_timestamp": 1.7e9,
     }
-    return model, metadata, trained
+    return model, metadata, False
 
 
 def scenes(split: str, count: int, side: int) -> tuple[list[np.ndarray], np.ndarray]:
