@@ -39,6 +39,8 @@ def add_model_arguments(parser, *, required: bool) -> None:
     parser.add_argument("--model", required=required,
                         help="'image' or 'video' (a demo model), a .mar archive, or an unpacked archive folder")
     parser.add_argument("--data", required=required, choices=sorted(DATASETS), help="dataset with train and val splits")
+    parser.add_argument("--name", help="served model name the store is for (default: the model's metadata)")
+    parser.add_argument("--version", help="served model version (default: the model's metadata)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per network pass")
     parser.add_argument("--val-limit", type=positive_int, help="use only the first N validation images")
@@ -68,13 +70,13 @@ def register(subparsers) -> None:
 
 
 def load_model(spec: str):
-    """(model, metadata) of a demo model name, a .mar file or an unpacked archive folder."""
+    """(model, archive metadata) of a demo model kind, a .mar file or an unpacked archive folder."""
     from explainserve import model_archive
 
     if spec in DEMO_MODELS:
-        from explainserve.models import load_demo_model
+        from explainserve.commands.archive import demo_model
 
-        return load_demo_model(spec)
+        return demo_model(spec)  # named and described exactly as `archive --demo` serves it
     path = Path(spec)
     if path.is_dir():
         return model_archive.load_model(path)
@@ -92,13 +94,13 @@ def open_subject(args):
     from explainserve.explainer import Explainer
 
     model, metadata = load_model(args.model)
-    name = metadata.get("name")
+    name = args.name or metadata.get("name")
     if not name:
-        raise ValueError(f"--model {args.model}: its metadata has no model name")
+        raise ValueError(f"--model {args.model}: its metadata has no model name; pass --name")
     explainer = Explainer(model, kind=metadata["kind"], input_size=metadata["input_size"], mean=metadata["mean"],
                           std=metadata["std"], class_names=metadata["class_names"], layer=metadata.get("layer"))
     meta = StoreMeta(
-        model_name=name, model_version=str(metadata.get("version", "1.0")), layer=explainer.layer,
+        model_name=name, model_version=args.version or str(metadata.get("version", "1.0")), layer=explainer.layer,
         input_transform={"input_size": list(explainer.input_size), "mean": list(metadata["mean"]),
                          "std": list(metadata["std"]), "resize": "bilinear, antialiased", "scale": "uint8 / 255"},
         class_names=tuple(metadata["class_names"]), num_filters=explainer.num_filters,
