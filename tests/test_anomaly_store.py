@@ -180,6 +180,7 @@ def test_build_rejects_bad_rows(synthetic, tmp_path):
         ((np.where(np.arange(48) == 3, np.nan, alpha), classes, ids), "NaN"),
         ((alpha, classes + 1, ids), r"class ids must be in \[0, 6\]"),
         ((alpha, classes, ids - 1), "image ids must be in"),
+        ((alpha, classes + 0.5, ids), "classes and image_ids must be integers"),
     ]
     for batch, message in cases:
         with pytest.raises(ValueError, match=message):

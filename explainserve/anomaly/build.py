@@ -50,8 +50,10 @@ def shard_classes(num_classes: int, shard_index: int, num_shards: int) -> range:
 def check_alpha_batch(alpha, classes, image_ids, num_classes: int, num_filters: int):
     """Validate one batch of training rows; returns (alpha float32, classes int64, ids int64)."""
     alpha = np.asarray(alpha, dtype=np.float32)
-    classes = np.asarray(classes).astype(np.int64, copy=False)
-    image_ids = np.asarray(image_ids).astype(np.int64, copy=False)
+    classes, image_ids = np.asarray(classes), np.asarray(image_ids)
+    if not (np.issubdtype(classes.dtype, np.integer) and np.issubdtype(image_ids.dtype, np.integer)):
+        raise ValueError(f"classes and image_ids must be integers, got {classes.dtype} and {image_ids.dtype}")
+    classes, image_ids = classes.astype(np.int64, copy=False), image_ids.astype(np.int64, copy=False)
     if alpha.ndim != 2 or alpha.shape[1] != num_filters:
         raise ValueError(f"alpha must have shape (B, {num_filters}), got {alpha.shape}")
     if classes.shape != (len(alpha),) or image_ids.shape != (len(alpha),):

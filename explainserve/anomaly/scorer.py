@@ -153,7 +153,6 @@ class BatchScores:
                 return tuple(FilterFlag(f, a, t, tuple(i for i in ids if i != NO_EXEMPLAR)) for f, a, t, ids in columns)
             return tuple(FilterFlag(f, a, t, tuple(ids)) for f, a, t, ids in columns)
 
-
         source = "class" if self.from_class[index] else "fallback"
         values = (self.surprise_count[index], self.expectation_count[index], self.beta_z[index])
         reasons = tuple(
