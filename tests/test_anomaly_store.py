@@ -62,6 +62,7 @@ def test_store_round_trip(store_dir, synthetic):
     alpha, classes, ids = training_rows(synthetic, 60, 50)
     assert store.counts.tolist() == [60] * 7
     assert store.manifest["build_time"] == BUILD_TIME
+    assert store.build_timestamp == 1767225600.0  # 2026-01-01T00:00:00Z
     assert store.meta.class_names == synthetic.meta.class_names
     assert store.manifest["input_transform"] == synthetic.meta.input_transform
     for class_id in (0, 6):

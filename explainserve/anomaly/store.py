@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,11 @@ class DistributionStore:
     @property
     def sha256(self) -> str:
         return self.manifest["sha256"]
+
+    @property
+    def build_timestamp(self) -> float:
+        """Build time in seconds since the epoch (for ``explainserve_store_build_timestamp_seconds``)."""
+        return datetime.strptime(self.manifest["build_time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
 
     def serving_bytes(self) -> int:
         """Bytes of the arrays the scorer reads (everything except the percentile grid)."""
