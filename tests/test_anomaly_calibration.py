@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from explainserve.anomaly import Scorer, build_store, calibrate, load_store, save_calibration
-from explainserve.anomaly.calibration import fit_thresholds, union_flags
+from explainserve.anomaly.calibration import default_min_class_count, fit_thresholds, union_flags
 from explainserve.anomaly.synthetic import SyntheticClasses
 
 
@@ -45,6 +45,7 @@ def test_calibration_holds_the_target_fpr_on_fresh_in_distribution_data(syntheti
     val_classes = np.repeat(np.arange(4), 3000)
     calibration = calibrate(store, synthetic.sample(val_classes, seed=101), val_classes, target_fpr=0.01)
     assert calibration["held_out_fpr"] <= 0.01
+    assert calibration["min_class_count"] == 500
     assert calibration["classes"]["source"] == ["class"] * 4
     save_calibration(store, calibration)
     scorer = Scorer(load_store(store_dir))
@@ -75,6 +76,27 @@ def test_small_classes_use_the_recorded_fallback(synthetic, store_dir):
     assert reloaded.calibration == calibration
     result = Scorer(reloaded).score(synthetic.loc[3] * 10, 3).sample(0)
     assert result.verdict == "ANOMALOUS" and {r.source for r in result.reasons} == {"fallback"}
+
+
+def test_default_minimum_class_size_follows_the_target():
+    assert default_min_class_count(0.01) == 500
+    assert default_min_class_count(0.05) == 100
+    assert default_min_class_count(0.5) == 30
+
+
+def test_few_held_out_images_overshoot_the_target_which_the_default_minimum_avoids():
+    # Why per-class thresholds need hundreds of images: fitted on 30, they flag several
+    # times the target on new data; fitted on the default 500, close to it.
+    rng = np.random.default_rng(4)
+
+    def draw(n):
+        return rng.poisson(2, n), rng.poisson(1, n), rng.normal(size=n)
+
+    def realised(n):
+        return np.mean([union_flags(*draw(20000), fit_thresholds(*draw(n), 0.01)).mean() for _ in range(40)])
+
+    assert realised(30) > 0.04
+    assert realised(default_min_class_count(0.01)) < 0.015
 
 
 def test_calibrate_rejects_bad_parameters(synthetic, store_dir):

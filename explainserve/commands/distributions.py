@@ -21,7 +21,7 @@ from tqdm import tqdm
 from explainserve.anomaly import (StoreMeta, build_store, calibrate, load_store, merge_stores,
                                   save_calibration, shard_classes)
 from explainserve.anomaly.build import DEFAULT_TOP_K
-from explainserve.anomaly.calibration import DEFAULT_MIN_CLASS_COUNT, DEFAULT_TARGET_FPR
+from explainserve.anomaly.calibration import DEFAULT_TARGET_FPR
 
 DEMO_MODELS = ("image", "video")
 DATASETS = {"fashion-scenes": ("FashionScenes", "image"), "moving-fashion": ("MovingFashion", "clip")}
@@ -46,8 +46,9 @@ def add_model_arguments(parser, *, required: bool) -> None:
     parser.add_argument("--val-limit", type=positive_int, help="use only the first N validation images")
     parser.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR,
                         help=f"false-positive rate the verdict is calibrated to (default {DEFAULT_TARGET_FPR})")
-    parser.add_argument("--min-class-count", type=positive_int, default=DEFAULT_MIN_CLASS_COUNT,
-                        help="classes with fewer validation images use the class-independent fallback")
+    parser.add_argument("--min-class-count", type=positive_int,
+                        help="classes with fewer validation images use the class-independent fallback "
+                             "(default max(30, 5 / target-fpr): 500 at 1 %%)")
 
 
 def register(subparsers) -> None:
