@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "explainserve.commands.serve",
     "explainserve.commands.archive",
     "explainserve.commands.explain",
+    "explainserve.commands.distributions",
 )
 
 
