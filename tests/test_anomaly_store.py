@@ -186,5 +186,7 @@ def test_build_rejects_bad_rows(synthetic, tmp_path):
     for batch, message in cases:
         with pytest.raises(ValueError, match=message):
             build_store([batch], tmp_path / "bad", synthetic.meta)
+    with pytest.raises(ValueError, match="build_time must be ISO 8601 UTC"):
+        build_store([(alpha, classes, ids)], tmp_path / "bad", synthetic.meta, build_time="yesterday")
     with pytest.raises(ValueError, match="does not fit the float16 grid"):
         build_store([(alpha * 1e7, classes, ids)], tmp_path / "bad", synthetic.meta)

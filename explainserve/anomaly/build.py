@@ -13,8 +13,8 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from explainserve.anomaly.spill import ClassSpill
-from explainserve.anomaly.store import (ARRAY_SPECS, MANIFEST, StoreMeta, array_shape,
-                                        finalise_store)
+from explainserve.anomaly.store import (ARRAY_SPECS, BUILD_TIME_FORMAT, MANIFEST, StoreMeta,
+                                        array_shape, finalise_store)
 from explainserve.anomaly.summary import NO_EXEMPLAR, PERCENTILE_LEVELS, summarise_class
 
 DEFAULT_TOP_K = 4  # the thesis shows the top four training images per filter (fig. 6.11)
@@ -29,7 +29,7 @@ def default_build_time() -> str:
     """
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     moment = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.strftime(BUILD_TIME_FORMAT)
 
 
 def shard_classes(num_classes: int, shard_index: int, num_shards: int) -> range:
@@ -101,6 +101,11 @@ def build_store(batches: Iterable, out: str | os.PathLike, meta: StoreMeta, *,
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if build_time is not None:
+        try:
+            datetime.strptime(build_time, BUILD_TIME_FORMAT)
+        except ValueError:
+            raise ValueError(f"build_time must be ISO 8601 UTC like 2026-01-01T00:00:00Z, got {build_time!r}") from None
     num_classes, num_filters = len(meta.class_names), meta.num_filters
     held = shard_classes(num_classes, shard_index, num_shards)
     directory = Path(out)

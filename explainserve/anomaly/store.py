@@ -29,6 +29,7 @@ import numpy as np
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+BUILD_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 #: name -> (dtype, shape after the class axis as a function of (K, L, k)).
 ARRAY_SPECS = {
@@ -215,7 +216,7 @@ class DistributionStore:
     @property
     def build_timestamp(self) -> float:
         """Build time in seconds since the epoch (for ``explainserve_store_build_timestamp_seconds``)."""
-        return datetime.strptime(self.manifest["build_time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+        return datetime.strptime(self.manifest["build_time"], BUILD_TIME_FORMAT).replace(tzinfo=timezone.utc).timestamp()
 
     def serving_bytes(self) -> int:
         """Bytes of the arrays the scorer reads (everything except the percentile grid)."""
