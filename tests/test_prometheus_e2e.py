@@ -6,8 +6,8 @@ deploy/prometheus/prometheus.yml, whose targets point at the processes started h
 whose scrape and evaluation intervals are cut to 1 s; rules.yml is loaded unchanged.
 The stack serves the trained demo image model (FashionScenes, 8 classes, 64 px) or, while
 its weights are missing, an untrained ResNet-18 over the same classes. When the sidecar can
-load distribution stores, a store is built and calibrated here for that model (FashionScenes
-train / val), and, with the trained model, the anomaly alert is driven from inactive to
+load distribution stores, `explainserve build-distributions` builds and calibrates one here
+for that model (FashionScenes train / val), and, with the trained model, the anomaly alert is driven from inactive to
 firing by in-distribution (test split) and then out-of-distribution (ood_backgrounds) traffic.
 """
 from __future__ import annotations
@@ -79,41 +79,24 @@ def served_model():
     return model, metadata, False
 
 
-def scenes(split: str, count: int, side: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """``count`` FashionScenes images of ``split`` and their labels (-1 for held-out classes)."""
+def scenes(split: str, count: int, side: int) -> list[np.ndarray]:
+    """``count`` FashionScenes images of ``split``."""
     data = FashionScenes(split, seed=11, size=count, image_size=side)
-    samples = [data[i] for i in range(count)]
-    return [s["image"] for s in samples], np.array([s["label"] for s in samples])
+    return [data[i]["image"] for i in range(count)]
 
 
-def build_calibrated_store(model, metadata, trained: bool, out: Path) -> Path:
-    """A distribution store for ``model``, built on FashionScenes train and calibrated on val
-    against the predicted class, as the sidecar scores. An untrained model's own predictions
-    stand in for the ground truth."""
-    from explainserve.anomaly.build import build_store
-    from explainserve.anomaly.calibration import calibrate, save_calibration
-    from explainserve.anomaly.store import StoreMeta, load_store
-    from explainserve.explainer import Explainer
+def build_store(archive: Path, out: Path) -> Path:
+    """The model's calibrated distribution store, made by `explainserve build-distributions`
+    on 400 FashionScenes training and 400 validation images."""
+    import argparse
 
-    explainer = Explainer(model, kind="image", input_size=metadata["input_size"], mean=metadata["mean"],
-                          std=metadata["std"], class_names=metadata["class_names"], layer=metadata["layer"])
-    side = metadata["input_size"][0]
+    from explainserve.commands import distributions
 
-    def alpha_for(images, labels=None):
-        """(alpha for the given labels, or for the predicted classes, and those classes)."""
-        results = [r for start in range(0, len(images), 50)
-                   for r in explainer.explain(images[start:start + 50], [],
-                                              targets=None if labels is None else labels[start:start + 50].tolist())]
-        return np.stack([r.alpha for r in results]), np.array([r.target for r in results])
-
-    images, labels = scenes("train", 400, side)
-    alpha, classes = alpha_for(images, labels if trained else None)
-    meta = StoreMeta(model_name=metadata["name"], model_version=metadata["version"], layer=explainer.layer,
-                     input_transform={"size": metadata["input_size"], "mean": metadata["mean"], "std": metadata["std"]},
-                     class_names=tuple(metadata["class_names"]), num_filters=alpha.shape[1])
-    build_store([(alpha, classes, np.arange(len(alpha)))], out, meta)
-    store = load_store(out)
-    save_calibration(store, calibrate(store, *alpha_for(scenes("val", 400, side)[0])))
+    parser = argparse.ArgumentParser(prog="explainserve")
+    distributions.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["build-distributions", "--model", str(archive), "--data", "fashion-scenes",
+                              "--out", str(out), "--limit", "400", "--val-limit", "400"])
+    assert args.func(args) == 0
     return out
 
 
@@ -123,12 +106,12 @@ def stack(tmp_path_factory):
     holds a calibrated store when the sidecar can load one (None otherwise)."""
     workdir = tmp_path_factory.mktemp("prometheus_e2e")
     model, metadata, trained = served_model()
-    write_archive(model, metadata, workdir / "model_store", batch_size=4, max_batch_delay_ms=20)
+    archive = write_archive(model, metadata, workdir / "model_store", batch_size=4, max_batch_delay_ms=20)
     store_dir = None
     extra_args = []
     if sidecar_accepts("--store-dir"):
         store_dir = workdir / "stores"
-        build_calibrated_store(model, metadata, trained, store_dir / MODEL)
+        build_store(archive, store_dir / MODEL)
         extra_args = ["--store-dir", str(store_dir)]
     torchserve = TorchServe(TorchServeConfig(model_store=workdir / "model_store", models={MODEL: f"{MODEL}.mar"},
                                              workdir=workdir / "torchserve", grpc_inference_port=0,
@@ -242,7 +225,7 @@ def requests_seen(api: PrometheusAPI) -> float:
 @pytest.fixture(scope="module")
 def normal_traffic(stack, prometheus):
     """In-distribution requests (most prediction only, a few with SWAG_I+G), scraped."""
-    images, _ = scenes("test", NORMAL_REQUESTS, stack["side"])
+    images = scenes("test", NORMAL_REQUESTS, stack["side"])
     answers = send(stack, images[:-4]) + send(stack, images[-4:], ["swag_i_g"])
     prometheus.wait_for(lambda: requests_seen(prometheus) >= NORMAL_REQUESTS, 30, "all requests scraped")
     time.sleep(3)  # a few more scrapes, so that rates over the last minute exist
@@ -295,7 +278,7 @@ def test_anomaly_alert_goes_from_inactive_to_firing(stack, prometheus, normal_tr
         states.append(prometheus.alert_rule(ALERT)["state"])
         return states[-1] == "firing"
 
-    send(stack, scenes("ood_backgrounds", OOD_REQUESTS, stack["side"])[0])
+    send(stack, scenes("ood_backgrounds", OOD_REQUESTS, stack["side"]))
     prometheus.wait_for(firing, 240, f"{ALERT} firing (states so far: {sorted(set(states))})")
     assert "pending" in states  # it waited out its `for` before firing
     (alert,) = [a for a in prometheus.get("/api/v1/alerts")["alerts"] if a["labels"]["alertname"] == ALERT]
