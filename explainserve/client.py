@@ -22,6 +22,8 @@ from explainserve import wire
 from explainserve._generated import explain_pb2, explain_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# gRPC's reconnect backoff grows to 120 s; capped, a restarted gateway is found again within ~2 s.
+MAX_RECONNECT_BACKOFF_MS = 2000
 
 
 class ExplainError(Exception):
@@ -126,6 +128,7 @@ class ExplainClient:
         self.channel = grpc.insecure_channel(target, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ])
         self.stub = explain_pb2_grpc.ExplainerStub(self.channel)
 

@@ -21,14 +21,11 @@ from torch import nn
 from .cam import grad_cam
 from .grad_amap import grad_amap
 from .jitter_cam import jitter_cam
+from .methods import DEFAULT_METHODS, IMAGE_METHODS, METHODS, VIDEO_METHODS  # noqa: F401 (part of this API)
 from .probe import probe
 from .superpixels import MAX_SEGMENTS, check_superpixel_parameters, gradient_slic
 from .swag import pixel_scores, swag
 
-IMAGE_METHODS = ("swag_i", "swag_g", "swag_i_g", "jitter_cam", "grad_cam")
-VIDEO_METHODS = ("swag_v_i", "swag_v_g", "swag_v_i_g", "grad_cam")
-METHODS = ("swag_i", "swag_g", "swag_i_g", "swag_v_i", "swag_v_g", "swag_v_i_g", "jitter_cam", "grad_cam")
-DEFAULT_METHODS = {"image": ("swag_i_g", "jitter_cam"), "video": ("swag_v_i_g",)}
 
 # SLIC defaults per kind: K superpixels and the colour / score weights (thesis ch. 3 and 4;
 # the image weights are the winner of bench/evaluate.py's grid search, see bench/REPORT.md).

@@ -9,7 +9,7 @@ import time
 import grpc
 
 from explainserve import inputs
-from explainserve.explainer import METHODS
+from explainserve.methods import METHODS
 from explainserve._generated import explain_pb2, explain_pb2_grpc, handler_pb2, inference_pb2, inference_pb2_grpc
 from explainserve.wire import HANDLER_REQUEST_KEY
 
