@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -170,3 +171,32 @@ def test_metrics_are_promtool_clean_and_count_requests(stack, client, tmp_path):
     assert 'explainserve_torchserve_workers{model="tiny_image",status="READY"} 1.0' in text
     assert 'explainserve_request_duration_seconds_bucket{le="2.5",method="predict",rpc="Explain"}' in text
     assert 'explainserve_torchserve_duration_seconds_count{method="predict"}' in text
+
+
+def test_score_rpcs_answer_unavailable_without_a_store(stack):
+    from explainserve._generated import explain_pb2, explain_pb2_grpc
+
+    with grpc.insecure_channel(stack.target) as channel:
+        stub = explain_pb2_grpc.ExplainerStub(channel)
+        request = explain_pb2.ScoreRequest(model="tiny_image", alpha=[0.1] * 512, predicted_class=1)
+        report = stub.Score(request, timeout=10)
+        batch = stub.ScoreBatch(explain_pb2.ScoreBatchRequest(requests=[request, request]), timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Score(explain_pb2.ScoreRequest(model="tiny_image"), timeout=10)
+    assert report.status == explain_pb2.AnomalyReport.UNAVAILABLE and report.reason == "no distribution store"
+    assert [r.status for r in batch.reports] == [explain_pb2.AnomalyReport.UNAVAILABLE] * 2
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "alpha" in refused.value.details()
+
+
+def test_explain_command_prints_classes_and_writes_the_overlay(stack, tmp_path):
+    from PIL import Image
+
+    image_path, overlay_path = tmp_path / "input.png", tmp_path / "overlay.png"
+    image_path.write_bytes(png(random_image(50)))
+    run = subprocess.run(
+        [sys.executable, "-m", "explainserve.cli", "explain", str(image_path), "--model", "tiny_image",
+         "--method", "swag_i_g", "--target", stack.target, "--top-k", "2", "--out", str(overlay_path)],
+        capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("thing") == 2 and "timings:" in run.stdout and "UNAVAILABLE" in run.stdout
+    assert Image.open(overlay_path).size == (80, 72)

@@ -1,9 +1,13 @@
 """Each bad request gets INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a message, and the next
-request is served normally (real TorchServe and gateway)."""
+request is served normally (real TorchServe and gateway, started by `explainserve serve`)."""
 
 from __future__ import annotations
 
+import json
+import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import grpc
@@ -11,7 +15,9 @@ import numpy as np
 import pytest
 
 from explainserve.client import ExplainClient, ExplainError, build_request
-from serving_harness import CLIP_SIZE, png, random_image, stack_for_module, tiny_image_model, tiny_video_model
+from explainserve.model_archive import write_archive
+from explainserve.sidecar.torchserve import free_port
+from serving_harness import CLIP_SIZE, png, random_image, tiny_image_model, tiny_video_model, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 INVALID, TOO_BIG = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -58,16 +64,38 @@ CASES["clip raw/shape mismatch"][0].clip.raw = b"\x00" * 10
 CASES["clip raw/shape mismatch"] = (CASES["clip raw/shape mismatch"][0], INVALID, "bytes")
 
 
-@pytest.fixture(scope="module")
-def stack(request, tmp_path_factory):
-    yield from stack_for_module(request, tmp_path_factory.mktemp("bad_input"), [tiny_image_model(), tiny_video_model()],
-                                batch_size=2, max_batch_delay_ms=10)
+def process_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
-def client(stack):
-    with ExplainClient(stack.target) as client:
-        yield client
+def client(tmp_path_factory):
+    """The stack as a user starts it: `explainserve serve`, then `explainserve stop`."""
+    workdir = tmp_path_factory.mktemp("bad_input")
+    for model, metadata in (tiny_image_model(), tiny_video_model()):
+        write_archive(model, metadata, workdir / "store", batch_size=2, max_batch_delay_ms=10)
+    cli, run_dir, port = [sys.executable, "-m", "explainserve.cli"], workdir / "run", free_port()
+    ports = [str(free_port()) for _ in range(3)]
+    started = subprocess.run(
+        cli + ["serve", "--model-store", str(workdir / "store"), "--port", str(port), "--metrics-port", ports[0],
+               "--torchserve-grpc-port", ports[1], "--torchserve-management-port", ports[2], "--run-dir", str(run_dir)],
+        capture_output=True, text=True, timeout=300)
+    state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").exists() else {}
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "token authorisation is disabled" in started.stderr
+        with ExplainClient(f"127.0.0.1:{port}") as client:
+            yield client
+    finally:
+        stopped = subprocess.run(cli + ["stop", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=60)
+        assert stopped.returncode == 0, stopped.stderr
+        assert not (run_dir / "state.json").exists()
+        for name in ("gateway_pid", "torchserve_pid"):
+            assert wait_for(lambda: not process_alive(state[name]), timeout=30), f"{name} still running"
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -86,19 +86,26 @@ class ModelCatalog:
     async def poll_workers(self) -> None:
         """Export worker counts per model and status from describe-model."""
         listing = await self.management.ListModels(management_pb2.ListModelsRequest(limit=100), timeout=self.call_timeout)
-        self.metrics.workers.clear()
+        counts: dict[tuple[str, str], int] = {}
         for entry in json.loads(listing.msg).get("models", []):
+            name = entry["modelName"]
             answer = await self.management.DescribeModel(
-                management_pb2.DescribeModelRequest(model_name=entry["modelName"]), timeout=self.call_timeout)
-            for description in json.loads(answer.msg):
-                for worker in description.get("workers", []):
-                    self.metrics.workers.labels(entry["modelName"], worker.get("status", "UNKNOWN")).inc()
+                management_pb2.DescribeModelRequest(model_name=name), timeout=self.call_timeout)
+            workers = [worker for description in json.loads(answer.msg) for worker in description.get("workers", [])]
+            for worker in workers:
+                key = (name, worker.get("status", "UNKNOWN"))
+                counts[key] = counts.get(key, 0) + 1
+            if (name, "") not in self._metadata and any(w.get("status") == "READY" for w in workers):
+                await self.metadata(name)  # cached before the first request needs it
+        self.metrics.workers.clear()
+        for (name, status), count in counts.items():
+            self.metrics.workers.labels(name, status).set(count)
 
     async def poll_forever(self) -> None:
         while True:
             if await self.ping():
                 try:
                     await self.poll_workers()
-                except grpc.aio.AioRpcError as error:
-                    log.warning("describe-model poll failed: %s", error.details())
+                except (grpc.aio.AioRpcError, UnknownModel) as error:
+                    log.warning("describe-model poll failed: %s", error)
             await asyncio.sleep(self.poll_interval)
