@@ -111,7 +111,7 @@ def serving_stack(workdir: Path, archives: list[tuple[torch.nn.Module, dict]], *
         model_store=store, models={metadata["name"]: f"{metadata['name']}.mar" for _, metadata in archives},
         workdir=workdir / "torchserve", grpc_inference_port=0, grpc_management_port=0,
         disable_token_auth=True, env=env or {}))
-    gateway = None
+    stack = None
     try:
         torchserve.start().wait_ready(timeout=180)
         gateway, target, metrics_url = start_gateway(workdir, torchserve.grpc_target, torchserve.management_target)
@@ -119,11 +119,11 @@ def serving_stack(workdir: Path, archives: list[tuple[torch.nn.Module, dict]], *
         wait_serving(target, timeout=60, process=gateway)
         yield stack
     except BaseException:
-        print(Stack(torchserve, gateway, "", "", workdir).logs() if gateway else torchserve.log_tail(), file=sys.stderr)
+        print(stack.logs() if stack else torchserve.log_tail(), file=sys.stderr)
         raise
     finally:
-        if gateway is not None:
-            stop_gateway(gateway)
+        if stack is not None:
+            stop_gateway(stack.gateway)  # tests may have replaced it with a restarted one
         torchserve.stop()
 
 
