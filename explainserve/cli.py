@@ -21,19 +21,23 @@ COMMAND_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules=COMMAND_MODULES) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="explainserve",
         description="Explanations (SWAG, SWAG-V, Jitter-CAM, Grad-CAM) and anomaly verdicts for CNN classifiers.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # A command named like its module needs only that module: `explainserve sidecar` then
+    # starts without importing torch (seconds), which matters when the gateway restarts.
+    own_module = f"explainserve.commands.{argv[0]}" if argv else ""
+    args = build_parser((own_module,) if own_module in COMMAND_MODULES else COMMAND_MODULES).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ValueError as error:
