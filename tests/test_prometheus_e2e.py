@@ -9,6 +9,7 @@ its weights are missing, an untrained ResNet-18 over the same classes. When the 
 load distribution stores, `explainserve build-distributions` builds and calibrates one here
 for that model (FashionScenes train / val), and, with the trained model, the anomaly alert is driven from inactive to
 firing by in-distribution (test split) and then out-of-distribution (ood_backgrounds) traffic.
+Last, TorchServe is stopped and its outage alert must fire.
 """
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ def stack(tmp_path_factory):
         wait_serving(listen, timeout=90, process=gateway)
         yield {"target": listen, "sidecar_metrics": f"127.0.0.1:{metrics_port}",
                "torchserve_metrics": f"127.0.0.1:{torchserve.config.metrics_port}", "store_dir": store_dir,
-               "trained": trained, "side": metadata["input_size"][0]}
+               "trained": trained, "side": metadata["input_size"][0], "torchserve": torchserve}
     except BaseException:
         print(torchserve.log_tail(40), file=sys.stderr)
         raise
@@ -259,6 +260,18 @@ def test_every_dashboard_query_evaluates_and_key_panels_have_data(prometheus, no
     assert float(up["value"][1]) == 1
 
 
+def wait_until_firing(prometheus: PrometheusAPI, name: str, timeout: float = 240) -> list[str]:
+    """Poll the alerting rule ``name`` until it fires; returns the states seen."""
+    states = []
+
+    def firing():
+        states.append(prometheus.alert_rule(name)["state"])
+        return states[-1] == "firing"
+
+    prometheus.wait_for(firing, timeout, f"{name} firing (states seen: {sorted(set(states))})")
+    return states
+
+
 def test_anomaly_alert_goes_from_inactive_to_firing(stack, prometheus, normal_traffic):
     if stack["store_dir"] is None:
         pytest.skip("the sidecar has no --store-dir yet, so it cannot score anomalies")
@@ -272,15 +285,22 @@ def test_anomaly_alert_goes_from_inactive_to_firing(stack, prometheus, normal_tr
                         30, "the verdict ratio recorded")
     assert prometheus.alert_rule(ALERT)["state"] == "inactive"
 
-    states = []
-
-    def firing():
-        states.append(prometheus.alert_rule(ALERT)["state"])
-        return states[-1] == "firing"
-
     send(stack, scenes("ood_backgrounds", OOD_REQUESTS, stack["side"]))
-    prometheus.wait_for(firing, 240, f"{ALERT} firing (states so far: {sorted(set(states))})")
+    states = wait_until_firing(prometheus, ALERT)
     assert "pending" in states  # it waited out its `for` before firing
     (alert,) = [a for a in prometheus.get("/api/v1/alerts")["alerts"] if a["labels"]["alertname"] == ALERT]
     assert alert["labels"]["model"] == MODEL and alert["state"] == "firing"
     assert float(alert["value"]) > 0.10
+
+
+def test_a_torchserve_outage_fires_its_alert(stack, prometheus, normal_traffic):
+    """The whole alerting path on a real failure: TorchServe stops, the sidecar's ping
+    gauge drops, the rule goes pending and fires after its 2 minutes. Runs last."""
+    name = "ExplainserveTorchServeUnreachable"
+    assert prometheus.alert_rule(name)["state"] == "inactive"
+    stack["torchserve"].stop()
+    states = wait_until_firing(prometheus, name)
+    assert "pending" in states
+    (alert,) = [a for a in prometheus.get("/api/v1/alerts")["alerts"] if a["labels"]["alertname"] == name]
+    assert alert["labels"]["job"] == "explainserve-sidecar" and alert["labels"]["severity"] == "critical"
+    assert alert["annotations"]["summary"].startswith(f"TorchServe behind sidecar {stack['sidecar_metrics']}")
