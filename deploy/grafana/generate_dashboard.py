@@ -23,8 +23,12 @@ def target(expr, legend, ref):
 
 
 def panel(title, kind, queries, unit="short", description="", **extra):
-    """A panel; ``queries`` is a list of (expr, legend) pairs. Placed by :func:`layout`."""
+    """A panel; ``queries`` is a list of (expr, legend) pairs. Placed by :func:`layout`.
+    Table panels query the latest values only (instant queries in table format)."""
     targets = [target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(queries)]
+    if kind == "table":
+        for query in targets:
+            query.update(instant=True, format="table")
     body = {"title": title, "type": kind, "datasource": DATASOURCE, "description": description,
             "targets": targets, "fieldConfig": {"defaults": {"unit": unit}, "overrides": []}}
     body.update(extra)
