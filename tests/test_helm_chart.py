@@ -455,3 +455,14 @@ def test_the_cli_accepts_the_commands_the_chart_runs(chart, command, module):
     importlib.import_module(module).register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(chart_commands(chart)[command])
     assert args.command == command
+
+
+def test_the_packaged_chart_carries_the_linked_files(tmp_path):
+    """files/ links to deploy/; `helm package` must store their contents, not the links."""
+    archive = helm_python.package(str(CHART), destination=str(tmp_path))
+    with helm_python.Chart.load(archive) as packaged:
+        objects, _ = render(packaged, {})
+    rule = one(objects, "PrometheusRule")
+    assert rule["spec"] == yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules.yml").read_text())
+    config = one(objects, "ConfigMap", f"{FULLNAME}-torchserve")["data"]["config.properties"]
+    assert config.startswith((ROOT / "deploy" / "config.properties").read_text())
