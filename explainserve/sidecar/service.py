@@ -29,6 +29,9 @@ TORCHSERVE_CODES = {
     grpc.StatusCode.CANCELLED: grpc.StatusCode.CANCELLED,
 }
 
+# TorchServe fails the batch of a worker that died with RESOURCE_EXHAUSTED and this message.
+WORKER_DIED = "Worker died"
+
 
 class RpcFailure(Exception):
     """Ends an RPC with a status code and a message for the caller."""
@@ -142,6 +145,8 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
         if is_unknown_model(error):
             return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"model: unknown model {model!r}")
         code = TORCHSERVE_CODES.get(error.code(), grpc.StatusCode.INTERNAL)
+        if WORKER_DIED in (error.details() or ""):
+            code = grpc.StatusCode.UNAVAILABLE  # a retryable outage, not an oversize request
         return RpcFailure(code, f"TorchServe: {error.code().name}: {error.details()}")
 
     async def _score(self, request: explain_pb2.ScoreRequest) -> explain_pb2.AnomalyReport:
