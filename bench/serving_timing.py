@@ -2,8 +2,9 @@
 
 Starts TorchServe and the gateway on free loopback ports with ResNet-50 (random init, 224x224)
 and, when its weights exist, the demo image model; then for each model measures p50 / p95 of:
-prediction only, SWAG_I+G and Jitter-CAM through Explain; the same SWAG_I+G in-process; and
-the same SWAG_I+G request sent straight to TorchServe's Predictions (the gateway's own cost).
+prediction only, SWAG_I+G and Jitter-CAM through Explain; the same SWAG_I+G and Jitter-CAM
+in-process; and the same SWAG_I+G request sent straight to TorchServe's Predictions (the
+gateway's own cost).
 Prints ``grpc_overhead_ratio`` = Explain SWAG_I+G p50 / in-process SWAG_I+G p50.
 """
 
@@ -40,14 +41,24 @@ def resnet50() -> tuple[torch.nn.Module, dict]:
                    "build_timestamp": time.time()}
 
 
-def percentiles(call, repeats: int, label: str) -> tuple[float, float]:
-    call()  # warm-up
-    seconds = []
-    for _ in tqdm(range(repeats), desc=label, leave=False):
-        started = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - started)
-    return float(np.percentile(seconds, 50)), float(np.percentile(seconds, 95))
+def timed(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def interleaved(calls: dict, repeats: int, label: str) -> dict[str, tuple[float, float]]:
+    """p50 and p95 seconds of each call; rounds time every call once, in rotating order, so
+    that load from elsewhere on a shared machine falls on all of them alike."""
+    for call in calls.values():
+        call()  # warm-up
+    names, seconds = list(calls), {name: [] for name in calls}
+    for round_index in tqdm(range(repeats), desc=label, leave=False):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds[name].append(timed(calls[name]))
+    return {name: (float(np.percentile(values, 50)), float(np.percentile(values, 95)))
+            for name, values in seconds.items()}
 
 
 def measure(name, model, metadata, explain_client, torchserve_stub, repeats, jitter_repeats):
@@ -57,30 +68,39 @@ def measure(name, model, metadata, explain_client, torchserve_stub, repeats, jit
                           class_names=metadata["class_names"], layer=metadata["layer"])
     forwarded = inference_pb2.PredictionsRequest(model_name=name, input={
         HANDLER_REQUEST_KEY: build_request(image, model=name, methods=["swag_i_g"]).SerializeToString()})
-    rows = {
-        "explain predict": percentiles(lambda: explain_client.explain(image, model=name, timeout=600), repeats, "predict"),
-        "explain swag_i_g": percentiles(lambda: explain_client.explain(image, model=name, methods=["swag_i_g"],
-                                                                       timeout=600), repeats, "swag_i_g"),
-        "in-process swag_i_g": percentiles(lambda: explainer.explain([image], ["swag_i_g"], ExplainOptions()),
-                                           repeats, "in-process"),
-        "torchserve swag_i_g": percentiles(lambda: torchserve_stub.Predictions(forwarded, timeout=600), repeats,
-                                           "torchserve"),
-        "explain jitter_cam": percentiles(lambda: explain_client.explain(image, model=name, methods=["jitter_cam"],
-                                                                         timeout=600), jitter_repeats, "jitter_cam"),
-    }
-    print(f"\n{name} ({side[0]}x{side[1]}), seconds over {repeats} calls (Jitter-CAM {jitter_repeats}):")
+
+    served = []  # per-call stage timings of the Explain SWAG_I+G calls
+
+    def explain(*methods):
+        return lambda: served.append(explain_client.explain(image, model=name, methods=list(methods), timeout=600).timings)
+
+    rows = interleaved({
+        "explain predict": explain(),
+        "explain swag_i_g": explain("swag_i_g"),
+        "in-process swag_i_g": lambda: explainer.explain([image], ["swag_i_g"], ExplainOptions()),
+        "torchserve swag_i_g": lambda: torchserve_stub.Predictions(forwarded, timeout=600),
+    }, repeats, name)
+    rows |= interleaved({
+        "explain jitter_cam": explain("jitter_cam"),
+        "in-process jitter_cam": lambda: explainer.explain([image], ["jitter_cam"], ExplainOptions()),
+    }, jitter_repeats, f"{name} jitter_cam")
+    print(f"\n{name} ({side[0]}x{side[1]}), seconds over {repeats} rounds (Jitter-CAM {jitter_repeats}):")
     for row, (p50, p95) in rows.items():
         print(f"  {row:22s} p50 {p50:7.3f}  p95 {p95:7.3f}")
     ratio = rows["explain swag_i_g"][0] / rows["in-process swag_i_g"][0]
     gateway_ratio = rows["explain swag_i_g"][0] / rows["torchserve swag_i_g"][0]
     print(f"  grpc_overhead_ratio[{name}] = {ratio:.3f}   (Explain / direct TorchServe = {gateway_ratio:.3f})")
+    # Within one call, other load on the machine slows the handler and the rest alike, so this
+    # ratio is steadier than the wall-clock one on a shared machine.
+    per_call = np.median([t["total"] / t["handler"] for t in served if t.get("handler")])
+    print(f"  per-call serving overhead (total / handler time, median) = {per_call:.3f}")
     return ratio
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--jitter-repeats", type=int, default=3)
+    parser.add_argument("--jitter-repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(2)
     models = [resnet50()]
