@@ -1,0 +1,216 @@
+"""Throughput of SWAG_I+G through the Explain API at TorchServe batch sizes 1, 4 and 8.
+
+One TorchServe holds one copy of the model per (batch size, maxBatchDelay) setting, each with
+one worker; the gateway sits in front. For each setting, ``2 * batch size`` closed-loop
+clients send distinct images for a fixed time through the gateway; the completed requests per
+second and the p50 / p95 latency are recorded. Right after, the in-process library explains
+batches of the same size (same images, same torch threads) for its own throughput.
+
+Prints, and writes to ``bench/THROUGHPUT.md`` with a plot ``bench/throughput.png``:
+
+- ``batching_speedup`` = best batched throughput / batch-1 throughput;
+- ``efficiency[B]`` = served throughput / in-process throughput at batch size B (target >= 0.8).
+
+The machine's load average is recorded before and after: on a shared machine other work
+lowers every figure, served and in-process alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from tqdm import tqdm
+
+from explainserve.client import ExplainClient, build_request
+from explainserve.commands.archive import IMAGENET_MEAN, IMAGENET_STD, demo_model
+from explainserve.commands.serve import start_gateway, wait_serving
+from explainserve.explainer import ExplainOptions, Explainer
+from explainserve.model_archive import write_archive
+from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, free_port
+
+HERE = Path(__file__).resolve().parent
+METHODS = ["swag_i_g"]
+SETTINGS = ((1, 1), (4, 10), (4, 100), (8, 10), (8, 100))  # (batch size, maxBatchDelay ms)
+EFFICIENCY_TARGET = 0.8
+
+
+@dataclass
+class Row:
+    batch_size: int
+    max_batch_delay_ms: int
+    clients: int
+    served_rps: float
+    p50_s: float
+    p95_s: float
+    mean_batch: float  # TorchServe batch size seen by the requests, averaged
+    library_rps: float
+
+    @property
+    def efficiency(self) -> float:
+        return self.served_rps / self.library_rps
+
+
+def stand_in(side: int) -> tuple[torch.nn.Module, dict]:
+    """A random-init ResNet-18 (8 classes) for when the demo model's weights are missing."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=8).eval()
+    return model, {"name": "resnet18", "version": "1.0", "kind": "image", "input_size": [side, side],
+                   "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "class_names": [f"class_{i}" for i in range(8)],
+                   "layer": None, "architecture": {"factory": "torchvision.models.resnet18", "kwargs": {"num_classes": 8}},
+                   "build_timestamp": time.time()}
+
+
+def served_throughput(target: str, model: str, images: list[np.ndarray], clients: int, seconds: float):
+    """Closed loop: ``clients`` threads, each with its own channel, for ``seconds``.
+    Returns (requests/s, latencies s, batch sizes seen)."""
+    requests = [build_request(image, model=model, methods=METHODS) for image in images]
+    latencies, batches, lock, stop = [], [], threading.Lock(), threading.Event()
+    counting = threading.Event()
+
+    def loop(index: int) -> None:
+        with ExplainClient(target) as client:
+            sequence = 0
+            while not stop.is_set():
+                started = time.perf_counter()
+                result = client.send(requests[(index + sequence * clients) % len(requests)], timeout=600)
+                elapsed = time.perf_counter() - started
+                if counting.is_set() and not stop.is_set():
+                    with lock:
+                        latencies.append(elapsed)
+                        batches.append(result.timings["batch_size"])
+                sequence += 1
+
+    threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(min(10.0, seconds / 3))  # warm-up: fill the queue, let the worker reach steady state
+    counting.set()
+    started = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    elapsed = time.perf_counter() - started
+    for thread in threads:
+        thread.join()
+    return len(latencies) / elapsed, np.array(latencies), np.array(batches)
+
+
+def library_throughput(explainer: Explainer, images: list[np.ndarray], batch_size: int, seconds: float) -> float:
+    """Images per second of ``explainer.explain`` on batches of ``batch_size`` distinct images."""
+    batches = [images[i:i + batch_size] for i in range(0, len(images) - batch_size + 1, batch_size)]
+    explainer.explain(batches[0], METHODS, ExplainOptions())  # warm-up
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        explainer.explain(batches[done % len(batches)], METHODS, ExplainOptions())
+        done += 1
+    return done * batch_size / (time.perf_counter() - started)
+
+
+def write_report(rows: list[Row], description: str, load: tuple[str, str], path: Path, plot: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next(row for row in rows if row.batch_size == 1)
+    best = max(rows, key=lambda row: row.served_rps)
+    lines = [
+        "## Throughput and batching (SWAG_I+G through the Explain API)", "",
+        f"{description}. Generated by `bench/throughput.py`; load average before / after: {load[0]} / {load[1]} "
+        f"(2 cores, shared).", "",
+        "| batch size | maxBatchDelay ms | clients | served req/s | p50 s | p95 s | mean batch | in-process img/s | efficiency |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r.batch_size} | {r.max_batch_delay_ms} | {r.clients} | {r.served_rps:.2f} | {r.p50_s:.2f} | "
+              f"{r.p95_s:.2f} | {r.mean_batch:.2f} | {r.library_rps:.2f} | {r.efficiency:.2f} |" for r in rows]
+    lines += ["", f"batching_speedup = {best.served_rps / base.served_rps:.2f} "
+              f"(batch {best.batch_size}, {best.max_batch_delay_ms} ms, over batch 1); "
+              f"efficiency target >= {EFFICIENCY_TARGET}: "
+              + ", ".join(f"B={r.batch_size}/{r.max_batch_delay_ms}ms {r.efficiency:.2f}" for r in rows), "",
+              f"![throughput]({plot.name})", ""]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for delay in sorted({r.max_batch_delay_ms for r in rows if r.batch_size > 1}):
+        chosen = [base] + [r for r in rows if r.max_batch_delay_ms == delay and r.batch_size > 1]
+        sizes = [r.batch_size for r in chosen]
+        left.plot(sizes, [r.served_rps for r in chosen], "o-", label=f"served, {delay} ms delay")
+        right.plot(sizes, [r.p95_s for r in chosen], "o-", label=f"{delay} ms delay")
+    in_process = sorted({r.batch_size: r.library_rps for r in rows}.items())
+    left.plot([b for b, _ in in_process], [v for _, v in in_process], "k--", label="in-process library")
+    left.set(xlabel="TorchServe batch size", ylabel="requests / s", title="Throughput")
+    right.set(xlabel="TorchServe batch size", ylabel="p95 latency (s)", title="p95 latency (2 x batch clients)")
+    for axis in (left, right):
+        axis.set_xticks([1, 4, 8])
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(plot, dpi=110)
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds per setting")
+    parser.add_argument("--side", type=int, default=224, help="input side of the stand-in ResNet-18")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, in the worker and in-process")
+    parser.add_argument("--out", type=Path, default=HERE / "THROUGHPUT.md")
+    args = parser.parse_args()
+    if args.seconds <= 0 or args.threads < 1 or not 32 <= args.side <= 1024:
+        parser.error("--seconds must be positive, --threads at least 1, --side in [32, 1024]")
+    torch.set_num_threads(args.threads)
+    try:
+        model, metadata = demo_model("image")
+        description = f"Demo image model ({metadata['input_size'][0]}x{metadata['input_size'][1]})"
+    except FileNotFoundError:
+        model, metadata = stand_in(args.side)
+        description = f"Random-init ResNet-18 stand-in ({args.side}x{args.side}; the demo model's weights are missing)"
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (*metadata["input_size"], 3), dtype=np.uint8) for _ in range(16)]
+    explainer = Explainer(model, kind="image", input_size=metadata["input_size"], mean=metadata["mean"],
+                          std=metadata["std"], class_names=metadata["class_names"], layer=metadata["layer"])
+    load_before = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        names = {}
+        for batch_size, delay in SETTINGS:
+            names[batch_size, delay] = name = f"{metadata['name']}_b{batch_size}_d{delay}"
+            write_archive(model, {**metadata, "name": name}, tmp / "store", batch_size=batch_size, max_batch_delay_ms=delay)
+        threads = str(args.threads)
+        torchserve = TorchServe(TorchServeConfig(
+            model_store=tmp / "store", models={name: f"{name}.mar" for name in names.values()}, workdir=tmp / "ts",
+            grpc_inference_port=0, grpc_management_port=0, disable_token_auth=True,
+            env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})).start()
+        gateway = None
+        try:
+            torchserve.wait_ready(timeout=600)
+            listen = f"127.0.0.1:{free_port()}"
+            gateway = start_gateway(listen, torchserve, free_port(), tmp / "gateway.log")
+            wait_serving(listen, timeout=60, process=gateway)
+            for batch_size, delay in tqdm(SETTINGS, desc="settings"):
+                clients = 2 * batch_size
+                rps, latencies, batches = served_throughput(listen, names[batch_size, delay], images, clients, args.seconds)
+                library = library_throughput(explainer, images, batch_size, args.seconds / 2)
+                rows.append(Row(batch_size, delay, clients, rps, float(np.percentile(latencies, 50)),
+                                float(np.percentile(latencies, 95)), float(batches.mean()), library))
+                tqdm.write(f"B={batch_size} delay={delay} ms: served {rps:.2f} req/s, p95 {rows[-1].p95_s:.2f} s, "
+                           f"in-process {library:.2f} img/s, efficiency {rows[-1].efficiency:.2f}")
+        finally:
+            if gateway is not None:
+                gateway.terminate()
+                gateway.wait(10)
+            torchserve.stop()
+    load_after = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    print(write_report(rows, description, (load_before, load_after), args.out, args.out.with_suffix(".png").with_name("throughput.png")))
+
+
+if __name__ == "__main__":
+    main()
