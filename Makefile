@@ -20,5 +20,9 @@ test: install
 bench-core: install
 	$(PY) bench/core_timing.py
 
+# The steady locust scenario for 2 minutes against a locally started server; results in out/load/.
+load: install
+	$(PY) -m load_tests.run steady --duration 120 --users 4
+
 clean:
 	rm -rf out model_store/*.mar
