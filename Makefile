@@ -20,6 +20,10 @@ test: install
 bench-core: install
 	$(PY) bench/core_timing.py
 
+# Tables 1-6 of bench/REPORT.md on the demo models (about 30 minutes on 2 cores).
+bench: install
+	$(PY) bench/evaluate.py
+
 # The steady locust scenario for 2 minutes against a locally started server; results in out/load/.
 load: install
 	$(PY) -m load_tests.run steady --duration 120 --users 4
