@@ -69,7 +69,7 @@ def measure(name, model, metadata, explain_client, torchserve_stub, repeats, jit
     forwarded = inference_pb2.PredictionsRequest(model_name=name, input={
         HANDLER_REQUEST_KEY: build_request(image, model=name, methods=["swag_i_g"]).SerializeToString()})
 
-    served = []  # per-call stage timings of the Explain SWAG_I+G calls
+    served = []  # per-call stage timings of every Explain call
 
     def explain(*methods):
         return lambda: served.append(explain_client.explain(image, model=name, methods=list(methods), timeout=600).timings)

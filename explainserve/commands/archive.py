@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     parser.add_argument("--layer", help="target layer (default: the architecture's last conv block)")
     parser.add_argument("--name", help="model name (default: the architecture or demo_<kind>)")
     parser.add_argument("--version", default="1.0")
+    parser.add_argument("--weights-dir", type=Path, help="folder of the demo weights (default: the package's)")
     parser.add_argument("--store", type=Path, help="anomaly distribution store folder to ship in the archive")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-batch-delay-ms", type=int, default=20)
@@ -62,15 +63,16 @@ def torchvision_model(args) -> tuple[torch.nn.Module, dict]:
     return model, metadata
 
 
-def demo_model(kind: str, name: str | None = None, version: str = "1.0") -> tuple[torch.nn.Module, dict]:
+def demo_model(kind: str, name: str | None = None, version: str = "1.0",
+               weights_dir: Path | None = None) -> tuple[torch.nn.Module, dict]:
     """A trained demo model (see explainserve.models) and its archive metadata."""
-    from explainserve.models import load_demo_model
+    from explainserve.models import DEMO_ARCHITECTURES, load_demo_model
 
-    model, demo = load_demo_model(kind)
+    model, demo = load_demo_model(kind) if weights_dir is None else load_demo_model(kind, weights_dir)
     metadata = {
         "name": name or f"demo_{kind}", "version": version, "kind": kind, "input_size": demo["input_size"],
         "mean": demo["mean"], "std": demo["std"], "class_names": demo["class_names"], "layer": demo["target_layer"],
-        "architecture": {"factory": f"explainserve.models.{demo['architecture']}",
+        "architecture": {"factory": f"explainserve.models.{DEMO_ARCHITECTURES[demo['architecture']].__name__}",
                          "kwargs": {"num_classes": len(demo["class_names"])}},
         "build_timestamp": time.time(),
     }
@@ -78,7 +80,7 @@ def demo_model(kind: str, name: str | None = None, version: str = "1.0") -> tupl
 
 
 def main(args) -> int:
-    model, metadata = demo_model(args.demo, args.name, args.version) if args.demo else torchvision_model(args)
+    model, metadata = demo_model(args.demo, args.name, args.version, args.weights_dir) if args.demo else torchvision_model(args)
     path = write_archive(model, metadata, args.export_path, batch_size=args.batch_size,
                          max_batch_delay_ms=args.max_batch_delay_ms, store_path=args.store)
     print(f"wrote {path}")

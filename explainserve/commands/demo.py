@@ -27,20 +27,23 @@ def register(subparsers) -> None:
     parser.add_argument("--model-store", type=Path, default=Path("model_store"))
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--metrics-port", type=int, default=9464)
+    parser.add_argument("--torchserve-grpc-port", type=int, default=7070)
+    parser.add_argument("--torchserve-management-port", type=int, default=7071)
+    parser.add_argument("--weights-dir", type=Path, help="folder of the demo weights (default: the package's)")
     parser.set_defaults(func=main)
 
 
-def ensure_demo_archives(store: Path) -> list[str]:
+def ensure_demo_archives(store: Path, weights_dir: Path | None) -> list[str]:
     from explainserve.models import train_demo
 
     names = []
     for kind in ("image", "video"):
         try:
-            model, metadata = archive.demo_model(kind)
+            model, metadata = archive.demo_model(kind, weights_dir=weights_dir)
         except FileNotFoundError:
             print(f"demo: training the {kind} demo model (once)")
-            train_demo(kind)
-            model, metadata = archive.demo_model(kind)
+            train_demo(kind) if weights_dir is None else train_demo(kind, out=weights_dir)
+            model, metadata = archive.demo_model(kind, weights_dir=weights_dir)
         print(f"demo: archived {write_archive(model, metadata, store)}")
         names.append(metadata["name"])
     return names
@@ -49,11 +52,12 @@ def ensure_demo_archives(store: Path) -> list[str]:
 def main(args) -> int:
     from explainserve.data import FashionScenes, MovingFashion
 
-    names = ensure_demo_archives(args.model_store)
+    names = ensure_demo_archives(args.model_store, args.weights_dir)
     run_dir = args.out / "serve"
     serve.serve_main(argparse.Namespace(
         model_store=args.model_store, models=names, port=args.port, metrics_port=args.metrics_port,
-        torchserve_grpc_port=7070, torchserve_management_port=7071, run_dir=run_dir, startup_timeout=300.0))
+        torchserve_grpc_port=args.torchserve_grpc_port, torchserve_management_port=args.torchserve_management_port,
+        run_dir=run_dir, startup_timeout=300.0))
     target = f"127.0.0.1:{args.port}"
     with ExplainClient(target) as client:
         scenes = FashionScenes("test", size=args.images)

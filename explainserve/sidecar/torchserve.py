@@ -81,6 +81,7 @@ class TorchServe:
     def __init__(self, config: TorchServeConfig):
         self.config = config
         self.process: subprocess.Popen | None = None
+        self._log_start = 0
         config.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = config.workdir / "torchserve.out"
 
@@ -103,6 +104,7 @@ class TorchServe:
         if config.disable_token_auth:
             command.append("--disable-token-auth")
         with open(self.log_path, "ab") as log:
+            self._log_start = log.tell()  # output of earlier runs in the same folder is not ours
             self.process = subprocess.Popen(command, cwd=config.workdir, env=env, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
         return self
@@ -116,9 +118,16 @@ class TorchServe:
         with grpc.insecure_channel(self.management_target) as channel:
             stub = management_pb2_grpc.ManagementAPIsServiceStub(channel)
             pending = set(models)
+            log_offset = self._log_start
             while pending:
                 if self.process is not None and self.process.poll() is not None:
                     raise RuntimeError(f"TorchServe exited with code {self.process.returncode}; log: {self.log_path}")
+                with open(self.log_path, "rb") as log:  # a handler that cannot load is retried forever
+                    log.seek(log_offset)
+                    new_output = log.read()
+                    log_offset += len(new_output)
+                if b"Load model failed" in new_output:
+                    raise RuntimeError(f"TorchServe could not load a model:\n{self.log_tail(30)}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"TorchServe models {sorted(pending)} not ready after {timeout} s; log: {self.log_path}")
                 for name in list(pending):
