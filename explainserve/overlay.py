@@ -12,7 +12,7 @@ BORDER_COLOUR = (255, 255, 255)
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, segments: np.ndarray | None = None,
-            opacity: float = 0.5, colormap: str = "jet") -> np.ndarray:
+            opacity: float = 0.5, colormap: str = "jet", min_side: int = 256) -> np.ndarray:
     """Blend a heatmap on an image.
 
     Parameters
@@ -21,16 +21,21 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, segments: np.ndarray | None 
     heatmap : float (h, w); resized to (H, W) bilinearly and normalised to [0, 1]
     segments : int (h, w), optional; their borders are drawn in white (nearest-neighbour resize)
     opacity : float in [0, 1], weight of the heatmap
+    min_side : int
+        Smaller images are first enlarged by a whole factor (nearest neighbour), so that
+        segment borders stay thin next to the segments.
 
     Returns
     -------
-    uint8 (H, W, 3)
+    uint8 (f*H, f*W, 3), f = 1 or the enlargement factor
     """
     if not 0 <= opacity <= 1:
         raise ValueError(f"opacity: expected a value in [0, 1], got {opacity}")
     image = np.asarray(image, dtype=np.uint8)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image: expected (H, W, 3), got {image.shape}")
+    factor = max(1, -(-min_side // min(image.shape[:2])))
+    image = image.repeat(factor, axis=0).repeat(factor, axis=1)
     size = image.shape[:2]
     heat = resize(np.asarray(heatmap, dtype=np.float64), size, order=1, mode="edge", anti_aliasing=False)
     low, high = heat.min(), heat.max()

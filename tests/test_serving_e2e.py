@@ -199,4 +199,4 @@ def test_explain_command_prints_classes_and_writes_the_overlay(stack, tmp_path):
         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("thing") == 2 and "timings:" in run.stdout and "UNAVAILABLE" in run.stdout
-    assert Image.open(overlay_path).size == (80, 72)
+    assert Image.open(overlay_path).size == (4 * 80, 4 * 72)  # enlarged to at least 256 a side

@@ -42,8 +42,9 @@ def test_overlay_blends_and_draws_segment_borders():
     heatmap[:, 2:] = 1.0
     segments = np.zeros((4, 4), int)
     segments[:, 2:] = 1
-    picture = overlay(image, heatmap, segments, opacity=1.0)
+    picture = overlay(image, heatmap, segments, opacity=1.0, min_side=0)
     assert picture.shape == (8, 8, 3)
+    assert overlay(image, heatmap, segments, min_side=20).shape == (24, 24, 3)  # enlarged 3 times
     borders = np.all(picture == BORDER_COLOUR, axis=-1)
     assert borders[:, 4].all() and borders.sum() == 8  # one line, on the inner side of segment 1
     assert picture[0, 7, 0] > picture[0, 0, 0]  # jet: hot (red) where the map is high, blue where low
