@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -117,10 +118,10 @@ def test_concurrent_clients_are_batched_and_each_get_their_own_answer(stack, mod
         assert_maps_match_library(result, reference, ["grad_cam"])
 
 
-def torchserve_predict(stack, inputs: dict) -> bytes:
+def torchserve_predict(stack, inputs: dict, model: str = "tiny_image") -> bytes:
     with grpc.insecure_channel(stack.torchserve.grpc_target) as channel:
         stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
-        return stub.Predictions(inference_pb2.PredictionsRequest(model_name="tiny_image", input=inputs),
+        return stub.Predictions(inference_pb2.PredictionsRequest(model_name=model, input=inputs),
                                 timeout=120).prediction
 
 
@@ -134,6 +135,22 @@ def test_plain_torchserve_request_returns_the_default_methods(stack, models):
     for method, explanation in answer["explanations"].items():
         np.testing.assert_allclose(np.array(explanation["heatmap"]), expected.maps[method].heatmap,
                                    atol=1e-4 * float(np.ptp(expected.maps[method].heatmap)) + 1e-5)
+
+
+def test_plain_torchserve_clip_request_takes_a_npy_file(stack, models):
+    model, metadata = models["video"]
+    clip = np.random.default_rng(4).integers(0, 256, (CLIP_SIZE[0], 32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.save(buffer, clip)
+    answer = json.loads(torchserve_predict(stack, {"data": buffer.getvalue()}, model="tiny_video"))
+    expected = explainer_for(model, metadata).explain([clip])[0]
+    assert answer["predicted_class"] == expected.predicted
+    assert list(answer["explanations"]) == ["swag_v_i_g"]
+    assert answer["explanations"]["swag_v_i_g"]["shape"] == list(CLIP_SIZE)
+    wrong_length = io.BytesIO()
+    np.save(wrong_length, clip[:2])
+    error = json.loads(torchserve_predict(stack, {"data": wrong_length.getvalue()}, model="tiny_video"))["error"]
+    assert error["code"] == "INVALID_ARGUMENT" and "frames" in error["message"]
 
 
 def test_one_bad_item_in_a_batch_fails_alone(stack):
