@@ -101,11 +101,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--jitter-repeats", type=int, default=2)
+    parser.add_argument("--demo-weights-dir", type=Path, help="folder of the demo weights (default: the package's)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     models = [resnet50()]
     try:
-        models.append(demo_model("image"))
+        models.append(demo_model("image", weights_dir=args.demo_weights_dir))
     except FileNotFoundError as missing:
         print(f"skipping the demo image model: {missing}")
     with tempfile.TemporaryDirectory() as tmp:

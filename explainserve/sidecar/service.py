@@ -61,7 +61,8 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
 
     async def Explain(self, request, context):
         methods = list(request.methods)
-        label = method_label(methods) if set(methods) <= set(METHODS) else "invalid"  # bounded cardinality
+        valid = set(methods) <= set(METHODS) and len(set(methods)) == len(methods)
+        label = method_label(methods) if valid else "invalid"  # keeps the label set bounded
         return await self._measured("Explain", label, self._explain(request, context, label), context)
 
     async def Score(self, request, context):
@@ -82,6 +83,9 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
             return await work
         except RpcFailure as failure:
             code, failed = failure.code, failure
+        except asyncio.CancelledError:  # the client went away or its deadline passed
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as error:  # noqa: BLE001 - answered as INTERNAL, logged with its traceback
             log.exception("%s failed", rpc)
             failed = RpcFailure(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
