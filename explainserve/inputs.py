@@ -48,7 +48,7 @@ def decode_image(data: bytes, what: str = "image") -> np.ndarray:
             if picture.format not in ("JPEG", "PNG"):
                 raise ValueError(f"{what} is {picture.format}; only JPEG and PNG are accepted")
             check_image_size(*picture.size, what=what)
-            return np.asarray(picture.convert("RGB"), dtype=np.uint8)
+            return np.array(picture.convert("RGB"), dtype=np.uint8)  # writable, as torch.from_numpy wants
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InputTooLarge(f"{what} is too large to decode: {error}") from None
     except Image.UnidentifiedImageError:
@@ -83,4 +83,4 @@ def raw_clip(data: bytes, shape: list[int] | tuple[int, ...]) -> np.ndarray:
     check_image_size(width, height, what="clip frame")
     if len(data) != frames * height * width * 3:
         raise ValueError(f"clip raw data has {len(data)} bytes; shape {list(shape)} needs {frames * height * width * 3}")
-    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape).copy()  # writable, as torch.from_numpy wants

@@ -1,0 +1,95 @@
+"""The handler in-process with TorchServe's own Context: one answer per item, grouping, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from ts.context import Context, RequestProcessor
+
+from explainserve.client import build_request
+from explainserve.explainer import ExplainOptions
+from explainserve.model_archive import METADATA_FILE, WEIGHTS_FILE, HANDLERS_DIR
+from explainserve.wire import HANDLER_REQUEST_KEY, to_numpy
+from explainserve._generated import handler_pb2
+from serving_harness import explainer_for, png, random_image, tiny_image_model
+
+sys.path.insert(0, str(HANDLERS_DIR))  # TorchServe puts the archive folder on the path the same way
+from image_handler import ImageHandler  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_and_handler(tmp_path_factory):
+    model, metadata = tiny_image_model()
+    model_dir = tmp_path_factory.mktemp("archive")
+    torch.save(model.state_dict(), model_dir / WEIGHTS_FILE)
+    (model_dir / METADATA_FILE).write_text(json.dumps(metadata))
+    handler = ImageHandler()
+    handler.initialize(Context("tiny_image", str(model_dir), {}, 4, None, "0.12.0"))
+    return model, metadata, handler
+
+
+def handle(handler, items, headers=None):
+    context = Context("tiny_image", "", {}, len(items), None, "0.12.0")
+    context.request_processor = [RequestProcessor(headers or {}) for _ in items]
+    return handler.handle(items, context)
+
+
+def internal(**fields) -> dict:
+    return {HANDLER_REQUEST_KEY: build_request(model="tiny_image", **fields).SerializeToString()}
+
+
+def test_mixed_batch_answers_each_item_in_order(model_and_handler):
+    model, metadata, handler = model_and_handler
+    images = [random_image(60 + i) for i in range(4)]
+    items = [
+        internal(data=png(images[0]), methods=["grad_cam"]),
+        internal(data=png(images[1]), methods=["swag_i"], n_segments=12),
+        {"data": png(images[2])},
+        internal(data=png(images[3]), methods=["grad_cam"], target_class=2),
+    ]
+    answers = handle(handler, items)
+    assert len(answers) == 4
+    explainer = explainer_for(model, metadata)
+    first, second, fourth = (handler_pb2.HandlerResponse.FromString(answers[i]).response for i in (0, 1, 3))
+    expected_cam = explainer.explain([images[0], images[3]], ["grad_cam"], targets=[None, 2])
+    for response, expected in ((first, expected_cam[0]), (fourth, expected_cam[1])):
+        assert response.target_class == expected.target and response.timings.batch_size == 4
+        heatmap = to_numpy(response.explanations[0].heatmap)
+        assert np.abs(heatmap - expected.maps["grad_cam"].heatmap).max() <= response.explanations[0].heatmap.scale / 2 + 1e-6
+    swag = explainer.explain([images[1]], ["swag_i"], ExplainOptions(n_segments=12))[0]
+    assert np.array_equal(to_numpy(second.explanations[0].segments), swag.maps["swag_i"].segments)
+    plain = json.loads(answers[2])
+    assert plain["predicted_class"] == explainer.explain([images[2]], [])[0].predicted
+    assert sorted(plain["explanations"]) == ["jitter_cam", "swag_i_g"]
+
+
+def test_bad_items_get_in_band_errors_and_neighbours_are_answered(model_and_handler):
+    _, _, handler = model_and_handler
+    items = [
+        {HANDLER_REQUEST_KEY: b"\xff\x00 not a protobuf"},
+        internal(data=png(random_image(70)), methods=["grad_cam"]),
+        internal(data=png(random_image(71)), methods=["jitter_cam"], jitter_d=-3),
+        {"data": b"GIF89a"},
+        {"something": b"else"},
+    ]
+    answers = handle(handler, items)
+    errors = [handler_pb2.HandlerResponse.FromString(answers[i]) for i in (0, 2)]
+    assert [e.WhichOneof("result") for e in errors] == ["error", "error"]
+    assert errors[0].error.code == 3 and errors[1].error.code == 3 and "jitter_d" in errors[1].error.message
+    assert handler_pb2.HandlerResponse.FromString(answers[1]).WhichOneof("result") == "response"
+    assert json.loads(answers[3])["error"]["code"] == "INVALID_ARGUMENT"
+    assert "data" in json.loads(answers[4])["error"]["message"]
+
+
+def test_describe_reports_what_the_gateway_validates_against(model_and_handler):
+    _, metadata, handler = model_and_handler
+    [answer] = handle(handler, [{}], headers={"describe": "True"})
+    described = json.loads(answer)
+    assert described["kind"] == "image" and described["input_size"] == metadata["input_size"]
+    assert described["class_names"] == metadata["class_names"]
+    assert described["methods"] == ["swag_i", "swag_g", "swag_i_g", "jitter_cam", "grad_cam"]
+    assert described["max_n_segments"] == 64 * 64 // 4 and described["cam_size"] == [2, 2]
