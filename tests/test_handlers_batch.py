@@ -46,7 +46,7 @@ def test_mixed_batch_answers_each_item_in_order(model_and_handler):
     model, metadata, handler = model_and_handler
     images = [random_image(60 + i) for i in range(4)]
     items = [
-        internal(data=png(images[0]), methods=["grad_cam"]),
+        internal(data=png(images[0]), methods=["grad_cam"], label=5),
         internal(data=png(images[1]), methods=["swag_i"], n_segments=12),
         {"data": png(images[2])},
         internal(data=png(images[3]), methods=["grad_cam"], target_class=2),
@@ -55,7 +55,11 @@ def test_mixed_batch_answers_each_item_in_order(model_and_handler):
     assert len(answers) == 4
     explainer = explainer_for(model, metadata)
     first, second, fourth = (handler_pb2.HandlerResponse.FromString(answers[i]).response for i in (0, 1, 3))
-    expected_cam = explainer.explain([images[0], images[3]], ["grad_cam"], targets=[None, 2])
+    expected_cam = explainer.explain([images[0], images[3]], ["grad_cam"], targets=[None, 2], labels=[5, None])
+    scored = handler_pb2.HandlerResponse.FromString(answers[0])  # Grad-AMap scores for the anomaly scorer
+    np.testing.assert_allclose(scored.alpha, expected_cam[0].alpha, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(scored.label_alpha, expected_cam[0].label_alpha, rtol=1e-4, atol=1e-7)
+    assert len(scored.alpha) == 512 and not handler_pb2.HandlerResponse.FromString(answers[3]).label_alpha
     for response, expected in ((first, expected_cam[0]), (fourth, expected_cam[1])):
         assert response.target_class == expected.target and response.timings.batch_size == 4
         heatmap = to_numpy(response.explanations[0].heatmap)
