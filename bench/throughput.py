@@ -9,10 +9,13 @@ batches of the same size (same images, same torch threads) for its own throughpu
 Prints, and writes to ``bench/THROUGHPUT.md`` with a plot ``bench/throughput.png``:
 
 - ``batching_speedup`` = best batched throughput / batch-1 throughput;
-- ``efficiency[B]`` = served throughput / in-process throughput at batch size B (target >= 0.8).
+- ``efficiency[B]`` = served throughput / in-process throughput at batch size B (target >= 0.8);
+- ``cpu_efficiency[B]`` = in-process CPU seconds per image / serving CPU seconds per request
+  (TorchServe's frontend and worker plus the gateway; the clients are not counted).
 
-The machine's load average is recorded before and after: on a shared machine other work
-lowers every figure, served and in-process alike.
+On a shared machine other work lowers the wall-clock figures, and not evenly across the
+settings measured one after another; the CPU-time ratio is much less affected by it. The
+load average is recorded before and after.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 import torchvision
 from tqdm import tqdm
@@ -53,10 +57,16 @@ class Row:
     p95_s: float
     mean_batch: float  # TorchServe batch size seen by the requests, averaged
     library_rps: float
+    served_cpu_s: float  # serving CPU seconds per request
+    library_cpu_s: float  # in-process CPU seconds per image
 
     @property
     def efficiency(self) -> float:
         return self.served_rps / self.library_rps
+
+    @property
+    def cpu_efficiency(self) -> float:
+        return self.library_cpu_s / self.served_cpu_s
 
 
 def stand_in(side: int) -> tuple[torch.nn.Module, dict]:
@@ -69,9 +79,24 @@ def stand_in(side: int) -> tuple[torch.nn.Module, dict]:
                    "build_timestamp": time.time()}
 
 
-def served_throughput(target: str, model: str, images: list[np.ndarray], clients: int, seconds: float):
+def serving_cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes and all their children."""
+    total = 0.0
+    for pid in pids:
+        root = psutil.Process(pid)
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+    return total
+
+
+def served_throughput(target: str, model: str, images: list[np.ndarray], clients: int, seconds: float,
+                      serving_pids: list[int]):
     """Closed loop: ``clients`` threads, each with its own channel, for ``seconds``.
-    Returns (requests/s, latencies s, batch sizes seen)."""
+    Returns (requests/s, latencies s, batch sizes seen, serving CPU seconds per request)."""
     requests = [build_request(image, model=model, methods=METHODS) for image in images]
     latencies, batches, lock, stop = [], [], threading.Lock(), threading.Event()
     counting = threading.Event()
@@ -93,25 +118,30 @@ def served_throughput(target: str, model: str, images: list[np.ndarray], clients
     for thread in threads:
         thread.start()
     time.sleep(min(10.0, seconds / 3))  # warm-up: fill the queue, let the worker reach steady state
+    cpu_before = serving_cpu_seconds(serving_pids)
     counting.set()
     started = time.perf_counter()
     time.sleep(seconds)
     stop.set()
     elapsed = time.perf_counter() - started
+    cpu = serving_cpu_seconds(serving_pids) - cpu_before  # includes the few calls still in flight
     for thread in threads:
         thread.join()
-    return len(latencies) / elapsed, np.array(latencies), np.array(batches)
+    return len(latencies) / elapsed, np.array(latencies), np.array(batches), cpu / max(len(latencies), 1)
 
 
-def library_throughput(explainer: Explainer, images: list[np.ndarray], batch_size: int, seconds: float) -> float:
-    """Images per second of ``explainer.explain`` on batches of ``batch_size`` distinct images."""
+def library_throughput(explainer: Explainer, images: list[np.ndarray], batch_size: int,
+                       seconds: float) -> tuple[float, float]:
+    """Images per second of ``explainer.explain`` on batches of ``batch_size`` distinct images,
+    and CPU seconds (all threads of this process) per image."""
     batches = [images[i:i + batch_size] for i in range(0, len(images) - batch_size + 1, batch_size)]
     explainer.explain(batches[0], METHODS, ExplainOptions())  # warm-up
-    done, started = 0, time.perf_counter()
+    done, started, cpu_started = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds:
         explainer.explain(batches[done % len(batches)], METHODS, ExplainOptions())
         done += 1
-    return done * batch_size / (time.perf_counter() - started)
+    images_done = done * batch_size
+    return images_done / (time.perf_counter() - started), (time.process_time() - cpu_started) / images_done
 
 
 def write_report(rows: list[Row], description: str, load: tuple[str, str], path: Path, plot: Path) -> str:
@@ -126,15 +156,19 @@ def write_report(rows: list[Row], description: str, load: tuple[str, str], path:
         "## Throughput and batching (SWAG_I+G through the Explain API)", "",
         f"{description}. Generated by `bench/throughput.py`; load average before / after: {load[0]} / {load[1]} "
         f"(2 cores, shared).", "",
-        "| batch size | maxBatchDelay ms | clients | served req/s | p50 s | p95 s | mean batch | in-process img/s | efficiency |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| batch size | maxBatchDelay ms | clients | served req/s | p50 s | p95 s | mean batch | in-process img/s "
+        "| efficiency | serving CPU s/req | in-process CPU s/img | CPU efficiency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {r.batch_size} | {r.max_batch_delay_ms} | {r.clients} | {r.served_rps:.2f} | {r.p50_s:.2f} | "
-              f"{r.p95_s:.2f} | {r.mean_batch:.2f} | {r.library_rps:.2f} | {r.efficiency:.2f} |" for r in rows]
+              f"{r.p95_s:.2f} | {r.mean_batch:.2f} | {r.library_rps:.2f} | {r.efficiency:.2f} | "
+              f"{r.served_cpu_s:.3f} | {r.library_cpu_s:.3f} | {r.cpu_efficiency:.2f} |" for r in rows]
     lines += ["", f"batching_speedup = {best.served_rps / base.served_rps:.2f} "
               f"(batch {best.batch_size}, {best.max_batch_delay_ms} ms, over batch 1); "
               f"efficiency target >= {EFFICIENCY_TARGET}: "
-              + ", ".join(f"B={r.batch_size}/{r.max_batch_delay_ms}ms {r.efficiency:.2f}" for r in rows), "",
+              + ", ".join(f"B={r.batch_size}/{r.max_batch_delay_ms}ms {r.efficiency:.2f}" for r in rows)
+              + "; cpu_efficiency: " + ", ".join(f"B={r.batch_size}/{r.max_batch_delay_ms}ms {r.cpu_efficiency:.2f}"
+                                                 for r in rows), "",
               f"![throughput]({plot.name})", ""]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for delay in sorted({r.max_batch_delay_ms for r in rows if r.batch_size > 1}):
@@ -197,12 +231,16 @@ def main() -> None:
             wait_serving(listen, timeout=60, process=gateway)
             for batch_size, delay in tqdm(SETTINGS, desc="settings"):
                 clients = 2 * batch_size
-                rps, latencies, batches = served_throughput(listen, names[batch_size, delay], images, clients, args.seconds)
-                library = library_throughput(explainer, images, batch_size, args.seconds / 2)
+                rps, latencies, batches, served_cpu = served_throughput(
+                    listen, names[batch_size, delay], images, clients, args.seconds,
+                    [torchserve.process.pid, gateway.pid])
+                library, library_cpu = library_throughput(explainer, images, batch_size, args.seconds / 2)
                 rows.append(Row(batch_size, delay, clients, rps, float(np.percentile(latencies, 50)),
-                                float(np.percentile(latencies, 95)), float(batches.mean()), library))
+                                float(np.percentile(latencies, 95)), float(batches.mean()), library,
+                                served_cpu, library_cpu))
                 tqdm.write(f"B={batch_size} delay={delay} ms: served {rps:.2f} req/s, p95 {rows[-1].p95_s:.2f} s, "
-                           f"in-process {library:.2f} img/s, efficiency {rows[-1].efficiency:.2f}")
+                           f"in-process {library:.2f} img/s, efficiency {rows[-1].efficiency:.2f}, "
+                           f"cpu_efficiency {rows[-1].cpu_efficiency:.2f}")
         finally:
             if gateway is not None:
                 gateway.terminate()
