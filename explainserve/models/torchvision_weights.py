@@ -1,0 +1,74 @@
+"""Loading user-supplied torchvision weights from a local file (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torchvision
+from torch import nn
+
+from .state_dicts import load_checked, read_state_dict
+
+
+def supported_architectures() -> tuple[str, ...]:
+    """Names of the torchvision image and video classification architectures."""
+    image = torchvision.models.list_models(module=torchvision.models)
+    video = torchvision.models.list_models(module=torchvision.models.video)
+    return tuple(sorted(image + video))
+
+
+def _head_name(model: nn.Module) -> str:
+    """Dotted name of the classifier: the last ``nn.Linear`` (or 1x1 conv, for SqueezeNet)."""
+    heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not heads:
+        heads = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return heads[-1]
+
+
+def load_torchvision_weights(architecture: str, path: str | Path, num_classes: int | None = None) -> nn.Module:
+    """Build a torchvision classifier and load its weights from a local state-dict file.
+
+    The model is built with ``weights=None`` (nothing is downloaded), then the file is loaded
+    strictly. Files written by ``torch.save(model.state_dict(), path)`` work, as do
+    torchvision's own pretrained ``.pth`` files copied to the machine.
+
+    Parameters
+    ----------
+    architecture
+        A torchvision classification name, e.g. ``"resnet50"``, ``"vgg16"``,
+        ``"mobilenet_v3_large"``, or a video one (``"r3d_18"``, ``"mc3_18"``, ``"r2plus1d_18"``).
+    path
+        The state-dict file.
+    num_classes
+        Classes of the head. None: read from the file's classifier weight. Given: must match it.
+
+    Returns
+    -------
+    torch.nn.Module
+        The model in eval mode, on the CPU.
+
+    Raises
+    ------
+    ValueError
+        If the architecture is unknown (the message lists the accepted names), if the file
+        holds another architecture's weights (missing/unexpected keys), or if the class count
+        differs from ``num_classes``; messages name the file and the mismatch.
+    FileNotFoundError
+        If ``path`` does not exist.
+    """
+    accepted = supported_architectures()
+    if architecture not in accepted:
+        raise ValueError(f"architecture: unknown torchvision classifier {architecture!r}; accepted: {', '.join(accepted)}")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes: must be a positive integer or None, got {num_classes!r}")
+    state = read_state_dict(path)
+    head = _head_name(torchvision.models.get_model(architecture, weights=None)) + ".weight"
+    if head not in state:
+        raise ValueError(f"{path}: does not hold {architecture} weights: no classifier tensor {head!r} "
+                         f"(first keys: {list(state)[:5]})")
+    file_classes = int(state[head].shape[0])
+    if num_classes is not None and num_classes != file_classes:
+        raise ValueError(f"{path}: class-count mismatch: the file's {architecture} head {head!r} has "
+                         f"{file_classes} classes, num_classes={num_classes}")
+    model = torchvision.models.get_model(architecture, weights=None, num_classes=file_classes)
+    return load_checked(model, state, path, f"{architecture} with {file_classes} classes").eval()
