@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "explainserve.commands.archive",
     "explainserve.commands.explain",
     "explainserve.commands.distributions",
+    "explainserve.commands.train_demo",
 )
 
 
