@@ -11,6 +11,8 @@ class BurstShape(LoadTestShape):
     """``-u`` users, then ``10 * -u`` users (spawned within a second), then ``-u`` again;
     each phase lasts a third of ``-t``."""
 
+    use_common_options = True  # -u and -t are read in tick()
+
     def tick(self):
         options = self.runner.environment.parsed_options
         run_time, users = options.run_time, options.num_users

@@ -60,7 +60,8 @@ def write_summary(prefix: Path, scenario: str, settings: dict, metric_deltas: di
         f"p50 {total['50%']} ms, p95 {total['95%']} ms, p99 {total['99%']} ms; "
         f"{errors} calls ended with a non-OK status, {total['Failure Count']} with an unexpected one.**",
         "## Latency and throughput", latency_table(stats),
-        "## Status codes", code_table(codes),
+        "## Status codes", "Counted by the gRPC user, including calls that ended while locust was stopping.",
+        code_table(codes),
         "## Anomaly outcomes of answered calls", anomaly_table(codes),
     ]
     if metric_deltas:

@@ -42,7 +42,7 @@ def test_stalled_worker_gives_deadline_exceeded_then_recovers(fault_stack):
         finally:
             os.kill(worker.pid, signal.SIGCONT)
         resumed_at = time.monotonic()
-        # The stalled worker first drains the expired backlog; then calls are answered again.
+        # Once the worker runs again, calls are answered again.
         load.wait_for_calls(2 * CLIENTS, timeout=60, since=resumed_at)
 
     stalled = [c for c in load.calls if c.started >= stalled_at + 0.1 and c.started + c.seconds <= resumed_at]
