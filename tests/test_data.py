@@ -175,3 +175,15 @@ def test_scaling_changes_the_mask_area(motion, sign):
 def test_moving_fashion_rejects_ood_classes_split():
     with pytest.raises(ValueError, match="^split:"):
         MovingFashion("ood_classes")
+
+
+def test_rotate_cw_turns_clockwise_as_displayed():
+    from explainserve.data.compose import render_item
+
+    bar = np.zeros((28, 28), dtype=np.uint8)
+    bar[2:26, 12:16] = 255  # a vertical bar
+    for angle, top_goes in ((-30.0, "right"), (30.0, "left")):  # rotate-cw uses negative PIL angles
+        rows = np.argwhere(render_item(bar, 28, angle) >= MASK_THRESHOLD)
+        top = rows[rows[:, 0] <= rows[:, 0].min() + 2, 1].mean()
+        bottom = rows[rows[:, 0] >= rows[:, 0].max() - 2, 1].mean()
+        assert (top > bottom) == (top_goes == "right")
