@@ -8,7 +8,7 @@ import pytest
 from explainserve.data import (FASHION_MNIST_CLASSES, IN_CLASSES, MOTIONS, OOD_CLASSES, FashionScenes,
                                MovingFashion, load_fashion_mnist, read_idx)
 from explainserve.data.backgrounds import IN_DISTRIBUTION_PHOTOS, OOD_PHOTOS
-from explainserve.data.compose import MASK_THRESHOLD, bounding_box, paste
+from explainserve.data.compose import MASK_THRESHOLD, bounding_box, paste, render_item
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
@@ -178,8 +178,6 @@ def test_moving_fashion_rejects_ood_classes_split():
 
 
 def test_rotate_cw_turns_clockwise_as_displayed():
-    from explainserve.data.compose import render_item
-
     bar = np.zeros((28, 28), dtype=np.uint8)
     bar[2:26, 12:16] = 255  # a vertical bar
     for angle, top_goes in ((-30.0, "right"), (30.0, "left")):  # rotate-cw uses negative PIL angles
