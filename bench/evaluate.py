@@ -35,18 +35,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--random-init", action="store_true",
                         help="random-init torchvision models instead of the trained demo models (harness smoke run)")
-    parser.add_argument("--image-n", type=int, default=40, help="FashionScenes test images for Tables 1-2")
-    parser.add_argument("--grid-n", type=int, default=16, help="FashionScenes val images for the wc/wg grid")
-    parser.add_argument("--ranking-n", type=int, default=24, help="test images for Table 6 (superpixel ranking)")
-    parser.add_argument("--filter-n", type=int, default=500, help="test images for Table 4 (filter removal)")
-    parser.add_argument("--timing-n", type=int, default=6, help="test images timed one by one for Table 5")
-    parser.add_argument("--video-n", type=int, default=24, help="MovingFashion test clips for Table 3")
+    parser.add_argument("--image-n", type=int, default=32, help="FashionScenes test images for Tables 1-2")
+    parser.add_argument("--grid-n", type=int, default=12, help="FashionScenes val images for the wc/wg grid")
+    parser.add_argument("--ranking-n", type=int, default=16, help="test images for Table 6 (superpixel ranking)")
+    parser.add_argument("--filter-n", type=int, default=400, help="test images for Table 4 (filter removal)")
+    parser.add_argument("--timing-n", type=int, default=5, help="test images timed one by one for Table 5")
+    parser.add_argument("--video-n", type=int, default=16, help="MovingFashion test clips for Table 3")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="report folder")
     args = parser.parse_args(argv)
     for name in ("image_n", "grid_n", "ranking_n", "filter_n", "timing_n", "video_n"):
         if getattr(args, name) < 2:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 2")
     return args
+
+
+def run_video(args, clips, results: dict, timed) -> None:
+    """Table 3 and its deletion curves on the video model."""
+    results["video_model"] = clips.name
+    table3 = timed("video methods", eval_sections.compare_methods, clips, np.arange(args.video_n), video_methods(clips))
+    results["video"] = table3
+    results["video_accuracy"] = float((eval_sections.predicted(clips, np.arange(args.video_n)).numpy()
+                                       == clips.labels).mean())
+    eval_plots.curves_png(args.out / "deletion_curves_video.png",
+                          {label: r["deletion_curve"] for label, r in table3.items()},
+                          f"MovingFashion deletion (mean of {args.video_n} clips)", "fraction of voxels removed",
+                          "softmax of the predicted class")
 
 
 def main(argv=None) -> int:
@@ -100,16 +113,13 @@ def main(argv=None) -> int:
     results["ranking"] = timed("superpixel ranking", eval_sections.superpixel_ranking, images,
                                np.arange(args.ranking_n))
 
-    clips = load_subject("video", "test", args.video_n, random_init=args.random_init)
-    results["video_model"] = clips.name
-    table3 = timed("video methods", eval_sections.compare_methods, clips, np.arange(args.video_n), video_methods(clips))
-    results["video"] = table3
-    results["video_accuracy"] = float((eval_sections.predicted(clips, np.arange(args.video_n)).numpy()
-                                       == clips.labels).mean())
-    eval_plots.curves_png(args.out / "deletion_curves_video.png",
-                          {label: r["deletion_curve"] for label, r in table3.items()},
-                          f"MovingFashion deletion (mean of {args.video_n} clips)", "fraction of voxels removed",
-                          "softmax of the predicted class")
+    try:
+        clips = load_subject("video", "test", args.video_n, random_init=args.random_init)
+    except FileNotFoundError as error:  # the video model is trained separately; say so instead of failing
+        print(f"Table 3 skipped: {error}", flush=True)
+        results["video_missing"] = str(error)
+    else:
+        run_video(args, clips, results, timed)
 
     durations["total"] = time.perf_counter() - started
     results["durations"] = durations
