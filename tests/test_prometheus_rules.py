@@ -47,7 +47,7 @@ def test_promtool_check_config_passes():
 def test_promtool_catches_a_broken_expectation(tmp_path):
     """The unit tests are not vacuous: changing one threshold makes them fail."""
     (tmp_path / "rules.yml").write_text(RULES.read_text().replace(
-        "ratio_rate5m > 0.10", "ratio_rate5m > 0.30"))
+        "ratio_rate5m > 0.05", "ratio_rate5m > 0.30"))
     (tmp_path / "rules_test.yml").write_text(RULES_TEST.read_text())
     result = promtool("test", "rules", str(tmp_path / "rules_test.yml"))
     assert result.returncode != 0
