@@ -27,10 +27,11 @@ from .superpixels import MAX_SEGMENTS, check_superpixel_parameters, gradient_sli
 from .swag import pixel_scores, swag
 
 
-# SLIC defaults per kind: K superpixels and the colour / score weights (thesis ch. 3 and 4;
-# the image weights are the winner of bench/evaluate.py's grid search, see bench/REPORT.md).
+# SLIC defaults per kind: K superpixels and the colour / score weights (thesis ch. 3 and 4).
+# The image weights are the winner of bench/evaluate.py's wc, wg grid search on the demo image
+# model (bench/REPORT.md: mean deletion AUC 0.151 at 12/16, 0.166 at the worst pair).
 SLIC_DEFAULTS = {
-    "image": {"n_segments": 300, "wc": 10.0, "wg": 10.0},
+    "image": {"n_segments": 300, "wc": 12.0, "wg": 16.0},
     "video": {"n_segments": 120, "wc": 20.0, "wg": 9.0},
 }
 SWAG_VARIANT = {
@@ -138,15 +139,20 @@ class Explainer:
                 raise ValueError(f"{name}: class id must be in [0, {n_classes - 1}], got {value}")
         if options.top_k < 1:
             raise ValueError(f"top_k: must be >= 1 (more than {n_classes} returns all classes), got {options.top_k}")
+        if any(method in SWAG_VARIANT for method in methods):
+            self.check_slic_options(options)
+        if options.jitter_d is not None:
+            limit = 4 * min(self.cam_size)
+            if not 0 <= options.jitter_d <= limit:
+                raise ValueError(f"jitter_d: must be in [0, {limit}] (cells added to the {self.cam_size} CAM), got {options.jitter_d}")
+
+    def check_slic_options(self, options: ExplainOptions) -> None:
+        """Raise ValueError if the SLIC parameters are out of range for this input size."""
         slic_options = self.slic_options(options)
         max_segments = min(MAX_SEGMENTS, int(np.prod(self.input_size)) // 4)
         if not 1 <= slic_options["n_segments"] <= max_segments:
             raise ValueError(f"n_segments: must be in [1, {max_segments}] for input size {self.input_size}, got {slic_options['n_segments']}")
         check_superpixel_parameters(slic_options["n_segments"], slic_options["wc"], slic_options["wg"], "i_g")
-        if options.jitter_d is not None:
-            limit = 4 * min(self.cam_size)
-            if not 0 <= options.jitter_d <= limit:
-                raise ValueError(f"jitter_d: must be in [0, {limit}] (cells added to the {self.cam_size} CAM), got {options.jitter_d}")
 
     def preprocess(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
         """Stack uint8 samples into RGB in [0, 1], resized to ``input_size``.

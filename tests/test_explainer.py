@@ -5,7 +5,7 @@ import torchvision
 from skimage import data
 
 from explainserve.cam import grad_cam
-from explainserve.explainer import ExplainOptions, Explainer
+from explainserve.explainer import SLIC_DEFAULTS, ExplainOptions, Explainer
 from explainserve.grad_amap import grad_amap
 from explainserve.probe import probe
 from explainserve.superpixels import gradient_slic
@@ -45,7 +45,8 @@ def test_one_call_returns_every_image_method_consistent_with_the_library(image_e
         np.testing.assert_allclose(result.maps["grad_cam"].heatmap, expected_cam[b], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(result.alpha, expected_alpha[b], rtol=1e-4, atol=1e-8)
         image = rgb[b].permute(1, 2, 0).numpy().astype(np.float64)
-        colour = gradient_slic(image, None, variant="i", n_segments=50, wc=10.0, wg=10.0)
+        colour = gradient_slic(image, None, variant="i", n_segments=50, wc=SLIC_DEFAULTS["image"]["wc"],
+                               wg=SLIC_DEFAULTS["image"]["wg"])
         np.testing.assert_array_equal(result.maps["swag_i"].segments, colour)
         assert set(result.timings) >= {"preprocess", "network", "superpixels", "jitter_cam", "total"}
     assert results[0].label_alpha is not None and results[1].label_alpha is None
@@ -119,3 +120,15 @@ def test_every_pixel_score_source_runs_and_guided_grad_cam_is_a_product():
         pixel_scores(without_vanilla, x, "vanilla")
     with pytest.raises(ValueError, match="source"):
         pixel_scores(without_vanilla, x, "sobel")
+
+
+def test_slic_parameters_are_checked_only_when_a_swag_method_is_asked():
+    # 32x32 allows at most 256 superpixels, below the image default of 300: CAM requests must
+    # still be served, SWAG requests with the default must be refused with the range.
+    model = torchvision.models.resnet18(weights=None, num_classes=3)
+    explainer = Explainer(model, kind="image", input_size=(32, 32), mean=MEAN, std=STD, class_names=list("abc"))
+    photo = data.coffee()
+    (result,) = explainer.explain([photo], ["grad_cam"])
+    assert result.maps["grad_cam"].heatmap.shape == (32, 32)
+    with pytest.raises(ValueError, match=r"n_segments: must be in \[1, 256\] for input size \(32, 32\), got 300"):
+        explainer.explain([photo], ["swag_i"])
