@@ -23,6 +23,7 @@ from .grad_amap import grad_amap
 from .jitter_cam import jitter_cam
 from .methods import DEFAULT_METHODS, IMAGE_METHODS, METHODS, VIDEO_METHODS  # noqa: F401 (part of this API)
 from .probe import probe
+from .surprise import REGION_SEGMENTS, FilterRegion, filter_regions
 from .superpixels import MAX_SEGMENTS, check_superpixel_parameters, gradient_slic
 from .swag import pixel_scores, swag
 
@@ -276,3 +277,35 @@ class Explainer:
             )
             for b in range(batch)
         ]
+
+    def filter_regions(self, samples: Sequence[np.ndarray], filters: Sequence[int],
+                       targets: Sequence[int | None] | None = None,
+                       n_segments: int = REGION_SEGMENTS) -> list[FilterRegion]:
+        """The region of each sample that triggered one target-layer filter (thesis 6.3.2).
+
+        One extra forward and backward pass for the batch; see
+        :func:`explainserve.surprise.filter_regions`.
+
+        Parameters
+        ----------
+        samples : list of uint8 ndarray, each (H, W, 3) or (T, H, W, 3)
+        filters : sequence of int
+            Target-layer filter per sample, in [0, ``num_filters`` - 1].
+        targets : sequence of (int or None), optional
+            Class whose score is backpropagated per sample; None takes the predicted class.
+        n_segments : int
+            Approximate number of colour SLIC superpixels (supervoxels for clips).
+
+        Returns
+        -------
+        list of FilterRegion, maps at ``input_size``
+        """
+        targets = list(targets) if targets is not None else [None] * len(samples)
+        if len(filters) != len(samples) or len(targets) != len(samples):
+            raise ValueError(f"filters, targets: expected one entry per sample ({len(samples)}), "
+                             f"got {len(filters)} and {len(targets)}")
+        for target in targets:
+            self.check_request([], ExplainOptions(), target)
+        rgb = self.preprocess(samples)
+        return filter_regions(self.model, (rgb - self.mean) / self.std, list(filters), target=targets,
+                              images=rgb.movedim(1, -1).numpy(), layer=self.layer, n_segments=n_segments)

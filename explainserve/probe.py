@@ -15,6 +15,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,6 +47,12 @@ class ProbeResult:
         dy_target / dA.
     extra_activation_gradients : Tensor or None, same shape as ``activations``
         dy_extra / dA for ``extra_targets``.
+    filter_gradient : Tensor or None, shape of the input
+        Plain input gradient of the target logit backpropagated through one filter per
+        sample (``filters``): dy_target/dA with every other channel zeroed, then pushed to
+        the input with vanilla (unguided) gradients.
+    filters : LongTensor or None, shape (B,)
+        The filter per sample that ``filter_gradient`` kept.
     layer : str
         Dotted name of the target layer.
     """
@@ -60,6 +67,8 @@ class ProbeResult:
     activation_gradients: torch.Tensor
     extra_activation_gradients: torch.Tensor | None
     layer: str
+    filter_gradient: torch.Tensor | None = None
+    filters: torch.Tensor | None = None
 
     def top_k(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(scores, classes)``, each (B, k): the k most probable classes per sample."""
@@ -112,6 +121,25 @@ def _as_class_tensor(classes, batch: int, n_classes: int, name: str, fallback: t
     return tensor
 
 
+def _as_filter_tensor(filters, batch: int, n_filters: int, layer_name: str) -> torch.Tensor:
+    """Filter id per sample, checked against the target layer's channel count."""
+    if isinstance(filters, bool) or (isinstance(filters, torch.Tensor) and filters.is_floating_point()):
+        raise ValueError(f"filters: expected integer filter ids, got {filters!r}")
+    values = filters.tolist() if isinstance(filters, torch.Tensor) else filters
+    values = [values] if not isinstance(values, (list, tuple)) else list(values)
+    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in values):
+        raise ValueError(f"filters: expected integer filter ids, got {values!r}")
+    if len(values) == 1 and batch > 1:
+        values = values * batch
+    if len(values) != batch:
+        raise ValueError(f"filters: expected one filter per sample ({batch}), got {len(values)}")
+    if any(not 0 <= v < n_filters for v in values):
+        raise ValueError(
+            f"filters: filter ids must be in [0, {n_filters - 1}] (layer {layer_name!r} has {n_filters} filters), got {values}"
+        )
+    return torch.tensor(values, dtype=torch.long)
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """Put every submodule in eval mode, then restore each one's own flag."""
@@ -133,6 +161,7 @@ def probe(
     input_gradient: bool = True,
     vanilla_gradient: bool = False,
     extra_targets: Sequence[int] | torch.Tensor | None = None,
+    filters: int | Sequence[int] | torch.Tensor | None = None,
 ) -> ProbeResult:
     """Run one forward and one backward pass and return what every explanation needs.
 
@@ -157,6 +186,10 @@ def probe(
     extra_targets : sequence of int, optional
         A second class per sample whose dy/dA is wanted too (e.g. a ground-truth label for
         Grad-AMap scoring); None entries take the target class. Costs a backward through the layers after the target layer only.
+    filters : int or sequence of int, optional
+        A target-layer filter (channel) per sample. Adds ``filter_gradient``: dy_target/dA
+        with every other filter's gradient zeroed, backpropagated to the input with vanilla
+        gradients (thesis 6.3.2). Costs a backward through the layers before the target layer.
 
     Returns
     -------
@@ -165,7 +198,7 @@ def probe(
     Raises
     ------
     ValueError
-        On a wrong rank, channel count, NaN/Inf input, out-of-range class or unknown layer.
+        On a wrong rank, channel count, NaN/Inf input, out-of-range class or filter, or unknown layer.
     """
     check_inputs(inputs, model)
     layer_name, module = resolve_layer(model, layer)
@@ -183,7 +216,7 @@ def probe(
         state.intercept = False
         return output
 
-    keep_trunk = input_gradient or vanilla_gradient
+    keep_trunk = input_gradient or vanilla_gradient or filters is not None
     x = inputs.detach().clone().requires_grad_(keep_trunk)
     handle = module.register_forward_hook(capture)
     try:
@@ -204,18 +237,26 @@ def probe(
     score = logits[rows, target_ids].sum()
     activations = captured["A"]
 
+    filter_ids = None if filters is None else _as_filter_tensor(filters, batch, activations.shape[1], layer_name)
     wanted = [x, activations] if input_gradient else [activations]
-    more_passes = vanilla_gradient or extra_targets is not None
-    grads = torch.autograd.grad(score, wanted, retain_graph=more_passes)
+    # Later backward passes reuse the graph; the last one may free it.
+    later = [vanilla_gradient, extra_targets is not None, filter_ids is not None]
+    grads = torch.autograd.grad(score, wanted, retain_graph=any(later))
     guided_gradient, activation_gradients = grads if input_gradient else (None, grads[0])
     vanilla = None
     if vanilla_gradient:
         state.guided = False
-        (vanilla,) = torch.autograd.grad(score, [x], retain_graph=extra_targets is not None)
+        (vanilla,) = torch.autograd.grad(score, [x], retain_graph=any(later[1:]))
     extra = None
     if extra_targets is not None:
         extra_ids = _as_class_tensor(extra_targets, batch, n_classes, "extra_targets", target_ids)
-        (extra,) = torch.autograd.grad(logits[rows, extra_ids].sum(), [activations])
+        (extra,) = torch.autograd.grad(logits[rows, extra_ids].sum(), [activations], retain_graph=any(later[2:]))
+    filter_gradient = None
+    if filter_ids is not None:
+        state.guided = False
+        only_filter = torch.zeros_like(activation_gradients)
+        only_filter[rows, filter_ids] = activation_gradients[rows, filter_ids]
+        (filter_gradient,) = torch.autograd.grad(activations, [x], grad_outputs=only_filter)
 
     return ProbeResult(
         logits=logits.detach(),
@@ -228,4 +269,6 @@ def probe(
         activation_gradients=activation_gradients,
         extra_activation_gradients=extra,
         layer=layer_name,
+        filter_gradient=filter_gradient,
+        filters=filter_ids,
     )
