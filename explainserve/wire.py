@@ -12,6 +12,8 @@ from explainserve._generated import explain_pb2
 
 # The input-map key under which the gateway sends a serialised ExplainRequest to TorchServe.
 HANDLER_REQUEST_KEY = "explainserve.v1.ExplainRequest"
+# Beside it, a serialised RegionRequest asks for the regions that triggered given filters.
+REGION_REQUEST_KEY = "explainserve.v1.RegionRequest"
 
 _DTYPES = {
     explain_pb2.Tensor.UINT8: np.dtype("<u1"),

@@ -5,7 +5,10 @@ Two request forms reach ``handle``:
 - internal: the gateway's serialised ``explainserve.v1.ExplainRequest`` under the input key
   ``REQUEST_KEY``; the answer is a serialised ``explainserve.v1.HandlerResponse``;
 - plain: ``{"data": <bytes>}`` (or ``body``) from any TorchServe client; the answer is JSON
-  with the top classes and the default methods' maps.
+  with the top classes and the default methods' maps;
+- region: the internal form plus a serialised ``explainserve.v1.RegionRequest`` under
+  ``REGION_KEY``; the answer's ``regions`` hold, per requested filter, the superpixel that
+  triggered it (thesis 6.3.2), and the request's methods are not run.
 
 Every item of a batch gets its own answer: a bad item's error is written into its answer
 (``HandlerError`` or ``{"error": ...}``) and never raised, because raising fails the batch.
@@ -26,8 +29,12 @@ from explainserve._generated import explain_pb2, handler_pb2
 from explainserve.explainer import DEFAULT_METHODS, ExplainOptions, Explainer
 from explainserve.model_archive import load_model
 from explainserve.superpixels import MAX_SEGMENTS
+from explainserve.surprise import REGION_COMPACTNESS, REGION_SEGMENTS, check_region_parameters
 
 REQUEST_KEY = wire.HANDLER_REQUEST_KEY
+REGION_KEY = wire.REGION_REQUEST_KEY
+# Each requested filter costs a forward and a backward pass.
+MAX_REGION_FILTERS = 8
 PLAIN_KEYS = ("data", "body")
 # google.rpc.Code numbers carried in HandlerError.
 INVALID_ARGUMENT = 3
@@ -48,6 +55,9 @@ class ParsedItem:
     internal: bool = True
     decode_seconds: float = 0.0
     request: explain_pb2.ExplainRequest = field(default_factory=explain_pb2.ExplainRequest)
+    # A region request: (filter, class or None) pairs and the number of superpixels.
+    regions: tuple[tuple[int, int | None], ...] | None = None
+    region_segments: int = REGION_SEGMENTS
 
 
 class ExplainHandler:
@@ -77,9 +87,14 @@ class ExplainHandler:
         parsed: list[ParsedItem | handler_pb2.HandlerError] = [self.parse(item) for item in data]
         answers: list[bytes | None] = [None] * len(data)
         groups: dict[tuple, list[int]] = {}
+        region_groups: dict[int, list[int]] = {}
         for index, item in enumerate(parsed):
-            if isinstance(item, ParsedItem):
+            if isinstance(item, ParsedItem) and item.regions is not None:
+                region_groups.setdefault(item.region_segments, []).append(index)
+            elif isinstance(item, ParsedItem):
                 groups.setdefault((item.methods, astuple(item.options)), []).append(index)
+        for n_segments, indices in region_groups.items():
+            self.answer_regions(parsed, answers, indices, n_segments)
         for (methods, _), indices in groups.items():
             items = [parsed[i] for i in indices]
             try:
@@ -117,6 +132,7 @@ class ExplainHandler:
             "max_n_segments": min(MAX_SEGMENTS, int(np.prod(explainer.input_size)) // 4),
             "max_jitter_d": 4 * min(explainer.cam_size),
             "build_timestamp": self.metadata.get("build_timestamp"),
+            "max_region_filters": MAX_REGION_FILTERS,
         }
 
     @staticmethod
@@ -130,6 +146,8 @@ class ExplainHandler:
             if self.is_internal(item):
                 request = explain_pb2.ExplainRequest.FromString(bytes(item[REQUEST_KEY]))
                 parsed = self.parse_internal(request)
+                if item.get(REGION_KEY) is not None:
+                    self.parse_regions(parsed, handler_pb2.RegionRequest.FromString(bytes(item[REGION_KEY])))
             else:
                 payload = next((item[key] for key in PLAIN_KEYS if item.get(key) is not None), None)
                 if payload is None:
@@ -164,11 +182,51 @@ class ExplainHandler:
             request=request,
         )
 
+    def parse_regions(self, parsed: ParsedItem, region: handler_pb2.RegionRequest) -> None:
+        """Turn ``parsed`` into a region request; ValueError naming the bad field."""
+        if not 1 <= len(region.filters) <= MAX_REGION_FILTERS:
+            raise ValueError(f"filters: a RegionRequest needs 1 to {MAX_REGION_FILTERS} filters, got {len(region.filters)}")
+        n_filters = int(self.explainer.num_filters)
+        for entry in region.filters:
+            if not 0 <= entry.filter < n_filters:
+                raise ValueError(f"filter: must be in [0, {n_filters - 1}] (layer {self.explainer.layer!r}), got {entry.filter}")
+            if entry.HasField("class_index"):
+                self.explainer.check_request([], ExplainOptions(), target=entry.class_index)
+        n_segments = region.n_segments or REGION_SEGMENTS
+        check_region_parameters(n_segments, REGION_COMPACTNESS, self.explainer.input_size)
+        parsed.methods = ()  # the ExplainRequest only carries the input
+        parsed.regions = tuple((e.filter, e.class_index if e.HasField("class_index") else None) for e in region.filters)
+        parsed.region_segments = n_segments
+
     def decode_request(self, request: explain_pb2.ExplainRequest) -> np.ndarray:
         raise NotImplementedError
 
     def decode_plain(self, payload: bytes) -> np.ndarray:
         raise NotImplementedError
+
+    def answer_regions(self, parsed: list, answers: list, indices: list[int], n_segments: int) -> None:
+        """One filter_regions pass for every (item, filter) pair of these region items."""
+        pairs = [(i, region) for i in indices for region in parsed[i].regions]
+        try:
+            regions = self.explainer.filter_regions(
+                [parsed[i].sample for i, _ in pairs], [f for _, (f, _) in pairs],
+                targets=[c for _, (_, c) in pairs], n_segments=n_segments,
+            )
+        except Exception as error:  # noqa: BLE001 - every item must get an answer
+            code = INVALID_ARGUMENT if isinstance(error, ValueError) else INTERNAL
+            for i in indices:
+                parsed[i] = handler_pb2.HandlerError(code=code, message=f"{type(error).__name__}: {error}")
+            return
+        for i in indices:
+            answer = handler_pb2.HandlerResponse()
+            for (owner, _), region in zip(pairs, regions):
+                if owner == i:
+                    answer.regions.add(
+                        filter=region.filter, class_index=region.target, top_segment=region.top_segment,
+                        alpha=region.alpha, heatmap=wire.quantized_tensor(region.heatmap),
+                        segments=wire.exact_tensor(region.segments), segment_scores=wire.exact_tensor(region.segment_scores),
+                    )
+            answers[i] = answer.SerializeToString()
 
     # -- encoding --------------------------------------------------------------------
     def encode(self, item: ParsedItem, result, *, batch_size: int, handler_seconds: float) -> bytes:

@@ -13,7 +13,7 @@ from ts.context import Context, RequestProcessor
 from explainserve.client import build_request
 from explainserve.explainer import ExplainOptions
 from explainserve.model_archive import METADATA_FILE, WEIGHTS_FILE, HANDLERS_DIR
-from explainserve.wire import HANDLER_REQUEST_KEY, to_numpy
+from explainserve.wire import HANDLER_REQUEST_KEY, REGION_REQUEST_KEY, to_numpy
 from explainserve._generated import handler_pb2
 from serving_harness import explainer_for, png, random_image, tiny_image_model
 
@@ -97,3 +97,57 @@ def test_describe_reports_what_the_gateway_validates_against(model_and_handler):
     assert described["class_names"] == metadata["class_names"]
     assert described["methods"] == ["swag_i", "swag_g", "swag_i_g", "jitter_cam", "grad_cam"]
     assert described["max_n_segments"] == 64 * 64 // 4 and described["cam_size"] == [2, 2]
+    assert described["max_region_filters"] == 8
+
+
+def region_item(image, filters, n_segments=0) -> dict:
+    """An internal item asking for the regions of (filter, class or None) pairs."""
+    request = handler_pb2.RegionRequest(n_segments=n_segments)
+    for filter_id, class_index in filters:
+        entry = request.filters.add(filter=filter_id)
+        if class_index is not None:
+            entry.class_index = class_index
+    return {**internal(data=png(image), methods=["swag_i_g"]), REGION_REQUEST_KEY: request.SerializeToString()}
+
+
+def test_region_items_answer_the_filter_regions_beside_ordinary_items(model_and_handler):
+    model, metadata, handler = model_and_handler
+    images = [random_image(80 + i) for i in range(3)]
+    items = [
+        region_item(images[0], [(7, None), (300, 4)]),
+        internal(data=png(images[1]), methods=["grad_cam"]),
+        region_item(images[2], [(511, 2)], n_segments=20),
+    ]
+    answers = [handler_pb2.HandlerResponse.FromString(a) for a in handle(handler, items)]
+    assert [a.WhichOneof("result") for a in answers] == [None, "response", None]
+    assert answers[1].response.explanations[0].method == "grad_cam" and not answers[1].regions
+    explainer = explainer_for(model, metadata)
+    expected = explainer.filter_regions([images[0], images[0]], [7, 300], targets=[None, 4])
+    expected += explainer.filter_regions([images[2]], [511], targets=[2], n_segments=20)
+    got = list(answers[0].regions) + list(answers[2].regions)
+    assert [r.filter for r in got] == [7, 300, 511] and not answers[0].alpha
+    for region, reference in zip(got, expected):
+        assert region.class_index == reference.target and region.top_segment == reference.top_segment
+        assert np.array_equal(to_numpy(region.segments), reference.segments)
+        np.testing.assert_allclose(to_numpy(region.segment_scores), reference.segment_scores, rtol=1e-4, atol=1e-9)
+        assert np.abs(to_numpy(region.heatmap) - reference.heatmap).max() <= region.heatmap.scale / 2 + 1e-6
+        assert region.alpha == pytest.approx(reference.alpha, rel=1e-4, abs=1e-9)
+    assert got[0].class_index == explainer.explain([images[0]], [])[0].predicted
+
+
+@pytest.mark.parametrize(
+    ("filters", "n_segments", "message"),
+    [
+        ([], 0, "filters: a RegionRequest needs 1 to 8 filters, got 0"),
+        ([(0, None)] * 9, 0, "filters: a RegionRequest needs 1 to 8 filters, got 9"),
+        ([(512, None)], 0, "filter: must be in [0, 511] (layer 'layer4'), got 512"),
+        ([(1, 6)], 0, "target: class id must be in [0, 5], got 6"),
+        ([(1, None)], 5000, "n_segments: expected an int in [1, 1024]"),
+    ],
+)
+def test_bad_region_requests_get_in_band_errors(model_and_handler, filters, n_segments, message):
+    _, _, handler = model_and_handler
+    items = [region_item(random_image(90), filters, n_segments), internal(data=png(random_image(91)), methods=[])]
+    bad, good = (handler_pb2.HandlerResponse.FromString(a) for a in handle(handler, items))
+    assert bad.WhichOneof("result") == "error" and bad.error.code == 3 and message in bad.error.message
+    assert good.WhichOneof("result") == "response"
