@@ -10,9 +10,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
 import torchvision
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from explainserve.explainer import Explainer
@@ -78,15 +80,25 @@ class Stack:
 
 
 def start_gateway(workdir: Path, torchserve_inference: str, torchserve_management: str,
-                  poll_interval: float = 0.5) -> tuple[subprocess.Popen, str, str]:
+                  poll_interval: float = 0.5, token_file: Path | None = None) -> tuple[subprocess.Popen, str, str]:
     port, metrics_port = free_port(), free_port()
     log = open(workdir / "gateway.log", "ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "explainserve.cli", "sidecar", "--listen", f"127.0.0.1:{port}",
          "--torchserve", torchserve_inference, "--torchserve-management", torchserve_management,
-         "--metrics-port", str(metrics_port), "--poll-interval", str(poll_interval)],
+         "--metrics-port", str(metrics_port), "--poll-interval", str(poll_interval),
+         *(["--token-file", str(token_file)] if token_file else [])],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return process, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+def health(target: str):
+    """The gateway's server-wide health status, None when it does not answer."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+        except grpc.RpcError:
+            return None
 
 
 def stop_gateway(process: subprocess.Popen) -> None:
@@ -100,8 +112,11 @@ def stop_gateway(process: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def serving_stack(workdir: Path, archives: list[tuple[torch.nn.Module, dict]], *, batch_size: int = 4,
-                  max_batch_delay_ms: int = 100, env: dict[str, str] | None = None):
-    """Archive the models, start TorchServe and the gateway; always stop both."""
+                  max_batch_delay_ms: int = 100, env: dict[str, str] | None = None, token_auth: bool = False):
+    """Archive the models, start TorchServe and the gateway; always stop both.
+
+    ``token_auth`` runs TorchServe with token authorisation and the gateway with ``--token-file``.
+    """
     from explainserve.commands.serve import wait_serving
 
     store = workdir / "model_store"
@@ -110,11 +125,12 @@ def serving_stack(workdir: Path, archives: list[tuple[torch.nn.Module, dict]], *
     torchserve = TorchServe(TorchServeConfig(
         model_store=store, models={metadata["name"]: f"{metadata['name']}.mar" for _, metadata in archives},
         workdir=workdir / "torchserve", grpc_inference_port=0, grpc_management_port=0,
-        disable_token_auth=True, env=env or {}))
+        disable_token_auth=not token_auth, env=env or {}))
     stack = None
     try:
         torchserve.start().wait_ready(timeout=180)
-        gateway, target, metrics_url = start_gateway(workdir, torchserve.grpc_target, torchserve.management_target)
+        gateway, target, metrics_url = start_gateway(workdir, torchserve.grpc_target, torchserve.management_target,
+                                                     token_file=torchserve.key_file)
         stack = Stack(torchserve, gateway, target, metrics_url, workdir)
         wait_serving(target, timeout=60, process=gateway)
         yield stack

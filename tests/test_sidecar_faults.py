@@ -6,22 +6,15 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from explainserve.client import ExplainClient, ExplainError
 from explainserve.sidecar.torchserve import free_port
-from serving_harness import random_image, stack_for_module, start_gateway, stop_gateway, tiny_image_model, wait_for
+from serving_harness import (health, random_image, stack_for_module, start_gateway, stop_gateway, tiny_image_model,
+                             wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 HANDLER_DELAY_S = 4.0
-
-
-def health(target: str):
-    with grpc.insecure_channel(target) as channel:
-        try:
-            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-        except grpc.RpcError:
-            return None
 
 
 def test_torchserve_down_gives_unavailable_promptly(tmp_path):

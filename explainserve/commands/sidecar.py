@@ -20,6 +20,9 @@ def register(subparsers) -> None:
                         help="seconds between TorchServe pings and describe-model polls")
     parser.add_argument("--default-timeout", type=float, default=defaults.default_timeout,
                         help="seconds allowed for TorchServe when the client sets no deadline")
+    parser.add_argument("--token-file", default=defaults.token_file, metavar="PATH",
+                        help="TorchServe's key_file.json (token authorisation): the inference key is sent with "
+                             "Predictions/Ping, the management key with DescribeModel; re-read when it changes")
     parser.set_defaults(func=main)
 
 
@@ -30,5 +33,5 @@ def main(args) -> int:
     run(GatewayConfig(listen=args.listen, torchserve_inference=args.torchserve,
                       torchserve_management=args.torchserve_management, metrics_port=args.metrics_port,
                       metrics_address=args.metrics_address, poll_interval=args.poll_interval,
-                      default_timeout=args.default_timeout))
+                      default_timeout=args.default_timeout, token_file=args.token_file))
     return 0

@@ -16,6 +16,7 @@ from google.protobuf import empty_pb2
 
 from explainserve._generated import inference_pb2_grpc, management_pb2, management_pb2_grpc
 
+from .keys import is_refused
 from .metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class ModelCatalog:
         self.poll_interval = poll_interval
         self.call_timeout = call_timeout
         self.up = False
+        self._refusal_logged = False
         self._metadata: dict[tuple[str, str], dict] = {}
         self._on_health_change = []
 
@@ -73,7 +75,13 @@ class ModelCatalog:
         try:
             answer = await self.inference.Ping(empty_pb2.Empty(), timeout=self.call_timeout)
             up = json.loads(answer.health).get("status") == "Healthy"
-        except (grpc.aio.AioRpcError, ValueError):
+        except grpc.aio.AioRpcError as error:
+            up = False
+            if is_refused(error) and not self._refusal_logged:
+                log.warning("TorchServe refused the ping (%s: %s): it runs with token authorisation; "
+                            "give the sidecar its key file with --token-file", error.code().name, error.details())
+            self._refusal_logged = is_refused(error)
+        except ValueError:
             up = False
         if up != self.up:
             log.info("TorchServe is %s", "up" if up else "down")

@@ -15,6 +15,7 @@ from explainserve._generated import explain_pb2, explain_pb2_grpc
 
 from .anomaly import AnomalyScoring
 from .catalog import ModelCatalog
+from .keys import KeyFile, KeyInterceptor
 from .metrics import GatewayMetrics
 from .service import ExplainerService
 from .torchserve import MAX_MESSAGE_BYTES
@@ -37,6 +38,8 @@ class GatewayConfig:
     metrics_address: str = "127.0.0.1"
     poll_interval: float = 2.0
     default_timeout: float = 120.0
+    # TorchServe's key_file.json; None when TorchServe runs without token authorisation.
+    token_file: str | None = None
 
 
 class Gateway:
@@ -52,8 +55,14 @@ class Gateway:
     async def start(self) -> int:
         """Start serving; returns the bound gRPC port."""
         config = self.config
-        self._inference = grpc.aio.insecure_channel(config.torchserve_inference, options=MESSAGE_OPTIONS)
-        self._management = grpc.aio.insecure_channel(config.torchserve_management, options=MESSAGE_OPTIONS)
+        key_file = KeyFile(config.token_file) if config.token_file else None
+
+        def channel(target: str, kind: str) -> grpc.aio.Channel:
+            interceptors = [KeyInterceptor(key_file, kind)] if key_file else None
+            return grpc.aio.insecure_channel(target, options=MESSAGE_OPTIONS, interceptors=interceptors)
+
+        self._inference = channel(config.torchserve_inference, "inference")
+        self._management = channel(config.torchserve_management, "management")
         catalog = ModelCatalog(self._inference, self._management, self.metrics, poll_interval=config.poll_interval)
         service = ExplainerService(self._inference, catalog, self.metrics, AnomalyScoring(self.metrics),
                                    default_timeout=config.default_timeout)

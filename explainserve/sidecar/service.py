@@ -27,6 +27,9 @@ TORCHSERVE_CODES = {
     grpc.StatusCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.CANCELLED: grpc.StatusCode.CANCELLED,
+    # TorchServe refused the gateway's key (token authorisation): no --token-file, or a stale key.
+    grpc.StatusCode.PERMISSION_DENIED: grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.UNAUTHENTICATED: grpc.StatusCode.UNAVAILABLE,
 }
 
 # TorchServe fails the batch of a worker that died with RESOURCE_EXHAUSTED and this message.

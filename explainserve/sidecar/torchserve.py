@@ -93,6 +93,11 @@ class TorchServe:
     def management_target(self) -> str:
         return f"127.0.0.1:{self.config.grpc_management_port}"
 
+    @property
+    def key_file(self) -> Path | None:
+        """Where TorchServe writes its keys (its working directory), None without token authorisation."""
+        return None if self.config.disable_token_auth else self.config.workdir / "key_file.json"
+
     def start(self) -> "TorchServe":
         config = self.config
         properties = config.workdir / "config.properties"
@@ -113,6 +118,9 @@ class TorchServe:
         """Block until TorchServe answers its ping and every model has a READY worker."""
         from explainserve._generated import management_pb2, management_pb2_grpc
 
+        from .keys import KeyFile, KeyFileError
+
+        keys = KeyFile(self.key_file) if self.key_file else None
         deadline = time.monotonic() + timeout
         models = list(self.config.models) if models is None else models
         with grpc.insecure_channel(self.management_target) as channel:
@@ -132,8 +140,9 @@ class TorchServe:
                     raise TimeoutError(f"TorchServe models {sorted(pending)} not ready after {timeout} s; log: {self.log_path}")
                 for name in list(pending):
                     try:
-                        answer = stub.DescribeModel(management_pb2.DescribeModelRequest(model_name=name), timeout=5)
-                    except grpc.RpcError:
+                        answer = stub.DescribeModel(management_pb2.DescribeModelRequest(model_name=name), timeout=5,
+                                                    metadata=keys.metadata("management") if keys else None)
+                    except (grpc.RpcError, KeyFileError):  # not up yet, or its keys not written yet
                         continue
                     workers = json.loads(answer.msg)[0].get("workers", [])
                     if any(worker.get("status") == "READY" for worker in workers):
