@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2
 
 from explainserve._generated import inference_pb2_grpc
 from explainserve.client import ExplainClient, ExplainError
+from explainserve.sidecar.torchserve import free_port
 from serving_harness import health, random_image, stack_for_module, start_gateway, stop_gateway, tiny_image_model, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
@@ -151,3 +152,17 @@ def test_without_a_token_file_the_refusal_is_reported(own_gateway):
     assert "PERMISSION_DENIED" in failure.details and "Token Authorization failed" in failure.details
     assert wait_for(lambda: log_has(log, "--token-file"), timeout=10)
     assert health(target) == NOT_SERVING
+
+
+def test_with_keys_but_no_torchserve_explain_is_unavailable_promptly(tmp_path):
+    """TorchServe's own failures pass through the key interceptor unchanged."""
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({kind: {"key": "k"} for kind in ("inference", "management", "API")}))
+    nowhere = f"127.0.0.1:{free_port()}"
+    process, target, _ = start_gateway(tmp_path, nowhere, nowhere, token_file=key_file)
+    try:
+        assert wait_for(lambda: health(target), timeout=60) == NOT_SERVING
+        failure = explain_failure(target)
+        assert failure.code == grpc.StatusCode.UNAVAILABLE and "key" not in failure.details, failure
+    finally:
+        stop_gateway(process)
