@@ -1,7 +1,8 @@
 """The layout of an explainserve model archive (.mar) and how a handler rebuilds the model.
 
 An archive holds ``weights.pt`` (a state_dict), ``metadata.json`` (below), the handler
-files and, when one exists, the anomaly distribution store. ``metadata.json``::
+files and, when one is shipped, the anomaly distribution store under the top-level folder
+``distribution_store/`` (its ``manifest.json`` and ``.npy`` arrays). ``metadata.json``::
 
     {"name", "version", "kind": "image"|"video", "input_size": [H, W] or [T, H, W],
      "mean", "std", "class_names", "layer": str|null,
@@ -20,6 +21,8 @@ from torch import nn
 
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "weights.pt"
+# Folder of the archive that holds the anomaly distribution store (what `explainserve serve` unpacks).
+STORE_FOLDER = "distribution_store"
 # Factories a metadata file may name; archives cannot make the handler import anything else.
 ALLOWED_FACTORY_MODULES = ("torchvision.models", "torchvision.models.video", "explainserve.models")
 REQUIRED_KEYS = ("name", "kind", "input_size", "mean", "std", "class_names", "architecture")
@@ -55,6 +58,26 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), metadata
 
 
+def pack_store(store_path: str | Path, metadata: dict, folder: Path) -> Path:
+    """Verify the store for this model and copy it to ``folder/distribution_store``; return ``folder``.
+
+    torch-model-archiver copies the *contents* of a folder given in --extra-files to the
+    archive's top level, so the folder handed to it holds only ``distribution_store/``.
+    """
+    import shutil
+
+    from explainserve.anomaly import Scorer, load_store
+    from explainserve.anomaly.store import ARRAY_SPECS, MANIFEST
+
+    store = load_store(store_path, model_name=metadata["name"], model_version=str(metadata.get("version", "1.0")))
+    Scorer(store)  # refuses a shard or an uncalibrated store
+    target = folder / STORE_FOLDER
+    target.mkdir(parents=True)
+    for name in (MANIFEST, *(f"{array}.npy" for array in ARRAY_SPECS)):
+        shutil.copy2(store.path / name, target / name)
+    return folder
+
+
 HANDLERS_DIR = Path(__file__).resolve().parents[1] / "handlers"
 HANDLER_FILES = {"image": "image_handler.py", "video": "video_handler.py"}
 
@@ -73,11 +96,18 @@ def write_archive(model: nn.Module, metadata: dict, export_dir: str | Path, *, b
     batch_size, max_batch_delay_ms : int
         TorchServe batching: up to ``batch_size`` requests arriving within the delay form a batch.
     store_path : path, optional
-        The anomaly distribution store (a folder) to ship in the archive.
+        A complete, calibrated anomaly distribution store (a folder) built for this model's
+        name and version; it is verified, then shipped under ``distribution_store/``.
 
     Returns
     -------
     Path of the written archive.
+
+    Raises
+    ------
+    ValueError
+        Bad metadata or batching, or (StoreError) a store that is corrupt, a shard,
+        uncalibrated or built for another model name or version.
     """
     import subprocess
     import sys
@@ -100,7 +130,7 @@ def write_archive(model: nn.Module, metadata: dict, export_dir: str | Path, *, b
         )
         extra = [tmp / METADATA_FILE, HANDLERS_DIR / "explain_handler.py"]
         if store_path is not None:
-            extra.append(Path(store_path))
+            extra.append(pack_store(store_path, metadata, tmp / "store"))
         archiver = Path(sys.executable).with_name("torch-model-archiver")
         subprocess.run(
             [str(archiver), "--model-name", metadata["name"], "--version", str(metadata.get("version", "1.0")),

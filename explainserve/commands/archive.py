@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -29,7 +30,10 @@ def register(subparsers) -> None:
     parser.add_argument("--name", help="model name (default: the architecture or demo_<kind>)")
     parser.add_argument("--version", default="1.0")
     parser.add_argument("--weights-dir", type=Path, help="folder of the demo weights (default: the package's)")
-    parser.add_argument("--store", type=Path, help="anomaly distribution store folder to ship in the archive")
+    store = parser.add_mutually_exclusive_group()
+    store.add_argument("--store", type=Path, help="anomaly distribution store folder to ship in the archive "
+                                                  "(default for --demo: the package's store of that demo model)")
+    store.add_argument("--no-store", action="store_true", help="ship no distribution store")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-batch-delay-ms", type=int, default=20)
     parser.add_argument("--export-path", type=Path, default=Path("model_store"))
@@ -79,9 +83,41 @@ def demo_model(kind: str, name: str | None = None, version: str = "1.0",
     return model, metadata
 
 
+def demo_store(kind: str) -> tuple[Path, dict | None, str]:
+    """The committed distribution store of a demo model: its folder, its build record
+    (``stores/<kind>.json``: how and from which weights it was built; None without one) and
+    the sha256 of the package's current weights of that model."""
+    from explainserve.models.training import WEIGHTS_DIR
+
+    folder = WEIGHTS_DIR.parent / "stores" / kind
+    record = folder.with_suffix(".json")
+    weights = json.loads((WEIGHTS_DIR / f"{kind}.json").read_text())["weights_sha256"]
+    return folder, json.loads(record.read_text()) if record.is_file() else None, weights
+
+
+def store_for(args, metadata: dict) -> Path | None:
+    """The store to ship: --store, else for a demo model its committed store when it was built
+    for the archive's model name and version and for the package's current weights."""
+    if args.store is not None or args.no_store or not args.demo:
+        return args.store
+    if args.weights_dir is not None:
+        print("no distribution store shipped: the demo store is for the package's weights, not --weights-dir")
+        return None
+    folder, record, weights = demo_store(args.demo)
+    served = {"name": metadata["name"], "version": str(metadata["version"])}
+    if record is None or record["model"] != served or record["weights_sha256"] != weights:
+        built = "none is committed" if record is None else \
+            f"it is for {record['model']} with weights {record['weights_sha256'][:12]}"
+        print(f"no distribution store shipped for {served} with weights {weights[:12]}: {built}; "
+              "build one with build-distributions and pass --store")
+        return None
+    return folder
+
+
 def main(args) -> int:
     model, metadata = demo_model(args.demo, args.name, args.version, args.weights_dir) if args.demo else torchvision_model(args)
+    store = store_for(args, metadata)
     path = write_archive(model, metadata, args.export_path, batch_size=args.batch_size,
-                         max_batch_delay_ms=args.max_batch_delay_ms, store_path=args.store)
-    print(f"wrote {path}")
+                         max_batch_delay_ms=args.max_batch_delay_ms, store_path=store)
+    print(f"wrote {path}" + (f" with the distribution store {store}" if store is not None else ""))
     return 0

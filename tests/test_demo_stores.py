@@ -1,0 +1,87 @@
+"""The committed demo distribution stores, and archives that carry them under distribution_store/."""
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from explainserve.anomaly import Scorer, StoreError, load_store
+from explainserve.anomaly.store import ARRAY_SPECS, MANIFEST
+from explainserve.cli import main as cli
+from explainserve.commands.archive import demo_model, demo_store
+from explainserve.model_archive import STORE_FOLDER, write_archive
+
+STORE_FILES = sorted([MANIFEST, *(f"{name}.npy" for name in ARRAY_SPECS)])
+
+
+def committed(kind: str):
+    folder, record, weights = demo_store(kind)
+    if record is None:
+        pytest.skip(f"no committed {kind} store")
+    return folder, record, weights
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_committed_store_is_for_the_served_demo_model_and_its_weights(kind):
+    folder, record, weights = committed(kind)
+    _, metadata = demo_model(kind)
+    store = load_store(folder, model_name=metadata["name"], model_version=metadata["version"])
+    assert record["weights_sha256"] == weights, "the demo weights changed: rebuild the store (see its record)"
+    assert record["store_sha256"] == store.sha256
+    assert record["model"] == {"name": f"demo_{kind}", "version": "1.0"}
+    assert list(store.meta.class_names) == metadata["class_names"] and store.meta.layer == metadata["layer"]
+    assert store.calibration["scored_against"] == "predicted"
+    assert int(store.counts.sum()) == record["train_images"]
+    Scorer(store)
+
+
+def archive_names(path: Path) -> list[str]:
+    with zipfile.ZipFile(path) as archive:
+        return archive.namelist()
+
+
+def test_demo_archive_ships_a_loadable_store_under_distribution_store(tmp_path, capsys):
+    folder, _, _ = committed("image")
+    assert cli(["archive", "--demo", "image", "--export-path", str(tmp_path)]) == 0
+    assert "with the distribution store" in capsys.readouterr().out
+    mar = tmp_path / "demo_image.mar"
+    names = archive_names(mar)
+    assert sorted(n for n in names if n.startswith(f"{STORE_FOLDER}/")) == [f"{STORE_FOLDER}/{f}" for f in STORE_FILES]
+    # Nothing of the store lands at the top level (torch-model-archiver flattens folders).
+    assert not any(name in names for name in STORE_FILES)
+    with zipfile.ZipFile(mar) as archive:
+        archive.extractall(tmp_path / "unpacked")
+        metadata = json.loads(archive.read("metadata.json"))
+    store = load_store(tmp_path / "unpacked" / STORE_FOLDER, model_name=metadata["name"],
+                       model_version=metadata["version"])
+    assert store.sha256 == load_store(folder).sha256
+    batch = Scorer(store).score(np.asarray(store.arrays["mean"][0], dtype=np.float32), 0)
+    assert batch.anomalous.shape == (1,)
+
+
+def test_demo_archive_under_another_name_ships_no_store(tmp_path, capsys):
+    committed("image")
+    assert cli(["archive", "--demo", "image", "--name", "other", "--export-path", str(tmp_path)]) == 0
+    assert "no distribution store shipped" in capsys.readouterr().out
+    assert not any(n.startswith(f"{STORE_FOLDER}/") for n in archive_names(tmp_path / "other.mar"))
+    assert cli(["archive", "--demo", "image", "--no-store", "--export-path", str(tmp_path / "none")]) == 0
+    assert not any(n.startswith(f"{STORE_FOLDER}/") for n in archive_names(tmp_path / "none" / "demo_image.mar"))
+
+
+def test_archive_refuses_a_store_of_another_model_or_a_corrupt_one(tmp_path):
+    folder, _, _ = committed("image")
+    model, metadata = demo_model("image", name="other")
+    with pytest.raises(StoreError, match="built for model 'demo_image'"):
+        write_archive(model, metadata, tmp_path, store_path=folder)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in STORE_FILES:
+        (corrupt / name).write_bytes((folder / name).read_bytes())
+    data = bytearray((corrupt / "mean.npy").read_bytes())
+    data[-1] ^= 0xFF
+    (corrupt / "mean.npy").write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="corrupt"):
+        write_archive(*demo_model("image"), tmp_path, store_path=corrupt)
+    assert not (tmp_path / "other.mar").exists() and not (tmp_path / "demo_image.mar").exists()
