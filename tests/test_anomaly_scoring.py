@@ -86,6 +86,13 @@ def test_flags_are_ordered_most_extreme_first(scorer):
     assert [flag.filter for flag in flags.expected_missing] == [2]
 
 
+def test_max_flags_keeps_the_most_extreme(scorer):
+    batch = scorer.score(np.array([1500, 1.5, 0.4, 200.0], dtype=np.float32), 0)
+    full, capped = batch.sample(0), batch.sample(0, max_flags=1)
+    assert capped.surprising == full.surprising[:1] and len(full.surprising) == 2
+    assert batch.surprise_count[0] == 2 and capped.verdict == full.verdict and capped.beta == full.beta
+
+
 def test_beta_and_its_percentile_follow_the_training_distribution(scorer):
     for alpha in (PROBE, training_alpha(0)[100], training_alpha(0)[1000] * 2):
         result = scorer.score(alpha, 0).sample(0)

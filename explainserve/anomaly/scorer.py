@@ -136,8 +136,10 @@ class BatchScores:
     def __len__(self) -> int:
         return len(self.classes)
 
-    def sample(self, index: int) -> SampleScore:
-        """The full result for row ``index``."""
+    def sample(self, index: int, max_flags: int | None = None) -> SampleScore:
+        """The full result for row ``index``; with ``max_flags``, only the ``max_flags`` most
+        extreme filters of each flag list (the counts stay in ``surprise_count`` /
+        ``expectation_count``)."""
         class_id = int(self.classes[index])
         reference = self.scorer.reference
         row = self.alpha[index]
@@ -146,7 +148,7 @@ class BatchScores:
         def flags(mask: np.ndarray, thresholds: np.ndarray, sign: float) -> tuple:
             filters = np.flatnonzero(mask)
             excess = sign * (row[filters] - thresholds[filters])
-            filters = filters[np.argsort(-excess, kind="stable")]
+            filters = filters[np.argsort(-excess, kind="stable")[:max_flags]]
             columns = zip(filters.tolist(), row[filters].tolist(), thresholds[filters].tolist(),
                           reference.exemplars[class_id][filters].tolist())
             if padded:
