@@ -3,6 +3,8 @@
     with ExplainClient("127.0.0.1:50051") as client:
         result = client.explain("cat.png", model="demo_image", methods=["swag_i_g"], timeout=10)
         result.maps["swag_i_g"].heatmap   # float32 (H, W)
+        result.anomaly.predicted.verdict  # ClassVerdict.NORMAL / ANOMALOUS when anomaly.status is OK
+        report = client.score(alpha, model="demo_image", predicted_class=3)  # Score RPC
 
 Errors are raised as :class:`ExplainError`, carrying the gRPC status code.
 """
@@ -121,6 +123,18 @@ def build_request(data, *, model: str, methods: Sequence[str] = (), n_segments: 
     return request
 
 
+def score_request(alpha, *, model: str, predicted_class: int, label: int | None = None, label_alpha=None,
+                  model_version: str = "") -> explain_pb2.ScoreRequest:
+    """A ScoreRequest: ``alpha`` (K,) computed for ``predicted_class``, ``label_alpha`` for ``label``."""
+    request = explain_pb2.ScoreRequest(model=model, model_version=model_version, predicted_class=predicted_class,
+                                       alpha=np.asarray(alpha, dtype=np.float32).tolist())
+    if label is not None:
+        request.label = label
+    if label_alpha is not None:
+        request.label_alpha.extend(np.asarray(label_alpha, dtype=np.float32).tolist())
+    return request
+
+
 class ExplainClient:
     """A blocking client of one gateway at ``target`` ("host:port")."""
 
@@ -138,8 +152,22 @@ class ExplainClient:
         return self.send(build_request(data, model=model, methods=methods, **request_fields), timeout=timeout)
 
     def send(self, request: explain_pb2.ExplainRequest, *, timeout: float | None = None) -> ExplainResult:
+        return ExplainResult.from_response(self._call(self.stub.Explain, request, timeout))
+
+    def score(self, alpha, *, model: str, predicted_class: int, label: int | None = None, label_alpha=None,
+              model_version: str = "", timeout: float | None = None) -> explain_pb2.AnomalyReport:
+        """Anomaly verdict for Grad-AMap filter scores computed elsewhere (the ``Score`` RPC)."""
+        return self._call(self.stub.Score, score_request(alpha, model=model, predicted_class=predicted_class, label=label,
+                                                         label_alpha=label_alpha, model_version=model_version), timeout)
+
+    def score_batch(self, requests: Sequence[explain_pb2.ScoreRequest], *,
+                    timeout: float | None = None) -> list[explain_pb2.AnomalyReport]:
+        """Verdicts for up to 4096 :func:`score_request` s in one ``ScoreBatch`` call."""
+        return list(self._call(self.stub.ScoreBatch, explain_pb2.ScoreBatchRequest(requests=requests), timeout).reports)
+
+    def _call(self, method, request, timeout: float | None):
         try:
-            return ExplainResult.from_response(self.stub.Explain(request, timeout=timeout))
+            return method(request, timeout=timeout)
         except grpc.RpcError as error:
             raise ExplainError(error.code(), error.details()) from None
 

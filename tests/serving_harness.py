@@ -80,14 +80,15 @@ class Stack:
 
 
 def start_gateway(workdir: Path, torchserve_inference: str, torchserve_management: str,
-                  poll_interval: float = 0.5, token_file: Path | None = None) -> tuple[subprocess.Popen, str, str]:
+                  poll_interval: float = 0.5, token_file: Path | None = None, extra_args: tuple[str, ...] = (),
+                  log_name: str = "gateway.log") -> tuple[subprocess.Popen, str, str]:
     port, metrics_port = free_port(), free_port()
-    log = open(workdir / "gateway.log", "ab")
+    log = open(workdir / log_name, "ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "explainserve.cli", "sidecar", "--listen", f"127.0.0.1:{port}",
          "--torchserve", torchserve_inference, "--torchserve-management", torchserve_management,
          "--metrics-port", str(metrics_port), "--poll-interval", str(poll_interval),
-         *(["--token-file", str(token_file)] if token_file else [])],
+         *(["--token-file", str(token_file)] if token_file else []), *extra_args],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return process, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
 
@@ -112,10 +113,12 @@ def stop_gateway(process: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def serving_stack(workdir: Path, archives: list[tuple[torch.nn.Module, dict]], *, batch_size: int = 4,
-                  max_batch_delay_ms: int = 100, env: dict[str, str] | None = None, token_auth: bool = False):
+                  max_batch_delay_ms: int = 100, env: dict[str, str] | None = None, token_auth: bool = False,
+                  gateway_args: tuple[str, ...] = ()):
     """Archive the models, start TorchServe and the gateway; always stop both.
 
-    ``token_auth`` runs TorchServe with token authorisation and the gateway with ``--token-file``.
+    ``token_auth`` runs TorchServe with token authorisation and the gateway with ``--token-file``;
+    ``gateway_args`` are more sidecar flags (``--store-dir DIR``).
     """
     from explainserve.commands.serve import wait_serving
 
@@ -130,7 +133,7 @@ def serving_stack(workdir: Path, archives: list[tuple[torch.nn.Module, dict]], *
     try:
         torchserve.start().wait_ready(timeout=180)
         gateway, target, metrics_url = start_gateway(workdir, torchserve.grpc_target, torchserve.management_target,
-                                                     token_file=torchserve.key_file)
+                                                     token_file=torchserve.key_file, extra_args=gateway_args)
         stack = Stack(torchserve, gateway, target, metrics_url, workdir)
         wait_serving(target, timeout=60, process=gateway)
         yield stack
@@ -160,3 +163,19 @@ def stack_for_module(request, workdir: Path, archives, **options):
         yield stack
         if request.session.testsfailed > failed_before:
             request.config.pluginmanager.get_plugin("terminalreporter").write_line(stack.logs())
+
+
+def build_demo_store(kind: str, out: Path, train_images: int, val_images: int) -> Path:
+    """A calibrated distribution store of demo model ``kind`` ("image": FashionScenes), built
+    in-process by `explainserve build-distributions` on the first training / validation images."""
+    import argparse
+
+    from explainserve.commands import distributions
+
+    data = {"image": "fashion-scenes", "video": "moving-fashion"}[kind]
+    parser = argparse.ArgumentParser(prog="explainserve")
+    distributions.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["build-distributions", "--model", kind, "--data", data, "--out", str(out),
+                              "--limit", str(train_images), "--val-limit", str(val_images)])
+    assert args.func(args) == 0
+    return out

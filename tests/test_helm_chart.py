@@ -441,13 +441,8 @@ def chart_commands(chart):
     return commands
 
 
-# The sidecar's --store-dir and --metrics-per-class come with anomaly scoring in the sidecar;
-# this case passes once the sidecar accepts them.
-PENDING_CLI = pytest.mark.xfail(reason="sidecar flags --store-dir / --metrics-per-class not in the CLI yet")
-
-
 @pytest.mark.parametrize("command, flags", [
-    pytest.param("sidecar", {"--store-dir", "--token-file", "--metrics-per-class"}, marks=PENDING_CLI),
+    ("sidecar", {"--store-dir", "--token-file", "--metrics-per-class"}),
     ("build-distributions", {"--shard", "--num-shards"}),
     ("merge-distributions", set()),
 ])

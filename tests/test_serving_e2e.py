@@ -188,6 +188,12 @@ def test_metrics_are_promtool_clean_and_count_requests(stack, client, tmp_path):
     assert 'explainserve_torchserve_workers{model="tiny_image",status="READY"} 1.0' in text
     assert 'explainserve_request_duration_seconds_bucket{le="2.5",method="predict",rpc="Explain"}' in text
     assert 'explainserve_torchserve_duration_seconds_count{method="predict"}' in text
+    # no --store-dir: every answer is counted unscored, with its reason
+    assert 'explainserve_anomaly_verdicts_total{model="tiny_image",verdict="unavailable"}' in text
+    assert 'explainserve_anomaly_unavailable_total{model="tiny_image",reason="no distribution store"}' in text
+    for name in ("explainserve_anomaly_beta", "explainserve_anomaly_scoring_duration_seconds", "explainserve_store_info",
+                 "explainserve_anomaly_surprise_flags_total", "explainserve_store_build_timestamp_seconds"):
+        assert f"# TYPE {name} " in text
 
 
 def test_score_rpcs_answer_unavailable_without_a_store(stack):
@@ -196,13 +202,20 @@ def test_score_rpcs_answer_unavailable_without_a_store(stack):
     with grpc.insecure_channel(stack.target) as channel:
         stub = explain_pb2_grpc.ExplainerStub(channel)
         request = explain_pb2.ScoreRequest(model="tiny_image", alpha=[0.1] * 512, predicted_class=1)
-        report = stub.Score(request, timeout=10)
-        batch = stub.ScoreBatch(explain_pb2.ScoreBatchRequest(requests=[request, request]), timeout=10)
-        with pytest.raises(grpc.RpcError) as refused:
-            stub.Score(explain_pb2.ScoreRequest(model="tiny_image"), timeout=10)
-    assert report.status == explain_pb2.AnomalyReport.UNAVAILABLE and report.reason == "no distribution store"
-    assert [r.status for r in batch.reports] == [explain_pb2.AnomalyReport.UNAVAILABLE] * 2
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "alpha" in refused.value.details()
+        refusals = {}
+        for name, call in (("score", lambda: stub.Score(request, timeout=10)),
+                           ("batch", lambda: stub.ScoreBatch(explain_pb2.ScoreBatchRequest(requests=[request] * 2),
+                                                             timeout=10)),
+                           ("no alpha", lambda: stub.Score(explain_pb2.ScoreRequest(model="tiny_image"), timeout=10)),
+                           ("unknown model", lambda: stub.Score(explain_pb2.ScoreRequest(model="nope", alpha=[0.1]),
+                                                                timeout=10))):
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            refusals[name] = (refused.value.code(), refused.value.details())
+    assert refusals["score"] == (grpc.StatusCode.UNAVAILABLE, "model: no distribution store")
+    assert refusals["batch"] == (grpc.StatusCode.UNAVAILABLE, "requests[0].model: no distribution store")
+    assert refusals["no alpha"][0] == grpc.StatusCode.INVALID_ARGUMENT and "alpha" in refusals["no alpha"][1]
+    assert refusals["unknown model"] == (grpc.StatusCode.INVALID_ARGUMENT, "model: unknown model 'nope'")
 
 
 def test_explain_command_prints_classes_and_writes_the_overlay(stack, tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from explainserve._generated import explain_pb2
+from explainserve.anomaly import Reason
 from explainserve.client import ExplainClient, ExplainError
 from explainserve.explainer import METHODS
 from explainserve.inputs import decode_image
@@ -43,6 +44,14 @@ def print_result(name: str, result) -> None:
           + f" batch={int(result.timings.get('batch_size', 0))}")
     anomaly = result.anomaly
     print(f"  anomaly: {explain_pb2.AnomalyReport.Status.Name(anomaly.status)} {anomaly.reason}".rstrip())
+    for against, verdict in (("predicted", anomaly.predicted), ("label", anomaly.label)):
+        if anomaly.HasField(against):
+            print(f"    {against} {verdict.class_name} ({verdict.class_index}): "
+                  f"{explain_pb2.ClassVerdict.Verdict.Name(verdict.verdict)} score={verdict.score:.3g} "
+                  f"beta={verdict.beta:.3g} (P{verdict.beta_percentile:.0f}, z={verdict.beta_z:.2f}) "
+                  f"surprising={len(verdict.surprising_filters)} missing={len(verdict.missing_filters)}")
+            for reason in verdict.reasons:
+                print(f"      {Reason(reason.code, reason.value, reason.threshold, reason.source)}")
 
 
 def render(data: np.ndarray, result, path: Path) -> None:

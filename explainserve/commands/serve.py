@@ -7,10 +7,12 @@ port listens on 127.0.0.1. State (ports, process ids, logs) lives in ``--run-dir
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
+import zipfile
+from pathlib import Path, PurePosixPath
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -65,6 +67,30 @@ def wait_serving(target: str, timeout: float, process: subprocess.Popen | None =
             time.sleep(0.3)
 
 
+def unpack_stores(model_store: Path, archives: list[str], stores: Path) -> list[str]:
+    """Extract ``distribution_store/`` of each ``<name>.mar`` into ``stores/<name>/`` (the
+    sidecar's --store-dir, replaced whole); returns the names that shipped a store."""
+    from explainserve.model_archive import STORE_FOLDER
+
+    shutil.rmtree(stores, ignore_errors=True)
+    stores.mkdir(parents=True)
+    shipped = []
+    for name in archives:
+        with zipfile.ZipFile(model_store / f"{name}.mar") as archive:
+            members = [m for m in archive.infolist() if m.filename.startswith(f"{STORE_FOLDER}/") and not m.is_dir()]
+            for member in members:
+                relative = PurePosixPath(member.filename).relative_to(STORE_FOLDER)
+                if ".." in relative.parts:
+                    raise ValueError(f"{name}.mar: unsafe path {member.filename!r} in {STORE_FOLDER}/")
+                target = stores / name / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as source, open(target, "wb") as out:
+                    shutil.copyfileobj(source, out)
+        if members:
+            shipped.append(name)
+    return shipped
+
+
 def serve_main(args) -> int:
     store = args.model_store.resolve()
     archives = args.models or sorted(p.stem for p in store.glob("*.mar"))
@@ -85,7 +111,14 @@ def serve_main(args) -> int:
     try:
         torchserve.wait_ready(timeout=args.startup_timeout)
         listen = f"127.0.0.1:{args.port}"
-        gateway = start_gateway(listen, torchserve, args.metrics_port, args.run_dir / "gateway.log")
+        stores = (args.run_dir / "stores").resolve()
+        shipped = unpack_stores(store, archives, stores)
+        missing = sorted(set(archives) - set(shipped))
+        if missing:
+            print(f"no distribution store in {', '.join(f'{name}.mar' for name in missing)}: "
+                  "their answers carry no anomaly verdict", file=sys.stderr)
+        gateway = start_gateway(listen, torchserve, args.metrics_port, args.run_dir / "gateway.log",
+                                ("--store-dir", str(stores)))
         state.update(gateway_pid=gateway.pid, target=listen, metrics=f"http://127.0.0.1:{args.metrics_port}/metrics")
         state_path.write_text(json.dumps(state))
         wait_serving(listen, timeout=60, process=gateway)

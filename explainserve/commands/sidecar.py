@@ -16,6 +16,11 @@ def register(subparsers) -> None:
                         help="TorchServe gRPC management host:port")
     parser.add_argument("--metrics-port", type=int, default=defaults.metrics_port, help="port of /metrics")
     parser.add_argument("--metrics-address", default=defaults.metrics_address, help="address of /metrics")
+    parser.add_argument("--metrics-per-class", action="store_true",
+                        help="add a `class` label (the scored class id) to the anomaly counters (cardinality x classes)")
+    parser.add_argument("--store-dir", default=defaults.store_dir, metavar="DIR",
+                        help="distribution stores, one folder per model name (DIR/<model>/manifest.json); "
+                             "without it Explain answers carry no anomaly verdict")
     parser.add_argument("--poll-interval", type=float, default=defaults.poll_interval,
                         help="seconds between TorchServe pings and describe-model polls")
     parser.add_argument("--default-timeout", type=float, default=defaults.default_timeout,
@@ -32,6 +37,7 @@ def main(args) -> int:
         raise ValueError("--poll-interval and --default-timeout must be positive seconds")
     run(GatewayConfig(listen=args.listen, torchserve_inference=args.torchserve,
                       torchserve_management=args.torchserve_management, metrics_port=args.metrics_port,
-                      metrics_address=args.metrics_address, poll_interval=args.poll_interval,
+                      metrics_address=args.metrics_address, metrics_per_class=args.metrics_per_class,
+                      store_dir=args.store_dir, poll_interval=args.poll_interval,
                       default_timeout=args.default_timeout, token_file=args.token_file))
     return 0

@@ -46,6 +46,11 @@ class ModelCatalog:
         self._refusal_logged = False
         self._metadata: dict[tuple[str, str], dict] = {}
         self._on_health_change = []
+        self._on_model = []
+
+    def on_model(self, callback) -> None:
+        """Call ``callback(model, version)`` when the default version TorchServe serves is learnt."""
+        self._on_model.append(callback)
 
     def on_health_change(self, callback) -> None:
         """Call ``callback(up: bool)`` whenever TorchServe's ping result changes."""
@@ -69,6 +74,10 @@ class ModelCatalog:
             self._metadata[key] = metadata
             if metadata.get("build_timestamp"):
                 self.metrics.model_build.labels(model).set(metadata["build_timestamp"])
+            if not version:
+                served = str(description.get("modelVersion") or metadata.get("version") or "")
+                for callback in self._on_model:
+                    callback(model, served)
         return self._metadata[key]
 
     async def ping(self) -> bool:

@@ -5,6 +5,14 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)  # seconds; SLO p95 <= 2.5
+# Scoring one answer takes tens of microseconds to a few milliseconds.
+SCORING_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.1)
+# beta = mean_n(alpha_n - mu_cn) scales as (logit - the class's mean logit) / (positions x filters).
+# Demo image model (8x8 positions x 128 filters) on FashionScenes: P1..P99 about -4e-4..4e-4 on
+# test scenes, extremes -7e-4..7e-4 on ood_backgrounds. A 7x7 x 2048 ResNet-50 sits one to two
+# decades lower. Symmetric 1-2-5 steps from 1e-5 to 1e-2 resolve both.
+_BETA_STEPS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
+BETA_BUCKETS = tuple(-b for b in reversed(_BETA_STEPS)) + (0.0,) + _BETA_STEPS
 
 
 def method_label(methods) -> str:
@@ -15,7 +23,8 @@ def method_label(methods) -> str:
 class GatewayMetrics:
     """All metrics of one gateway, in their own registry."""
 
-    def __init__(self):
+    def __init__(self, per_class: bool = False):
+        self.per_class = per_class  # adds `class` to the anomaly counters (--metrics-per-class)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("explainserve_requests", "Requests answered, by RPC, method and gRPC status code.",
@@ -31,8 +40,28 @@ class GatewayMetrics:
                              ["model", "status"], registry=r)
         self.model_build = Gauge("explainserve_model_build_timestamp_seconds",
                                  "When the served model archive was built (seconds since the epoch).", ["model"], registry=r)
-        self.verdicts = Counter("explainserve_anomaly_verdicts", "Anomaly verdicts returned.",
-                                ["model", "verdict"], registry=r)
+        by_class = ["class"] if per_class else []
+        self.verdicts = Counter("explainserve_anomaly_verdicts", "Anomaly verdicts returned by Explain.",
+                                ["model", "verdict", *by_class], registry=r)
+        self.surprise_flags = Counter("explainserve_anomaly_surprise_flags",
+                                      "Surprising filters (alpha above the class's P99.9) counted over Explain answers.",
+                                      ["model", *by_class], registry=r)
+        self.expectation_flags = Counter("explainserve_anomaly_expectation_flags",
+                                         "Expected-but-missing filters counted over Explain answers.",
+                                         ["model", *by_class], registry=r)
+        self.beta = Histogram("explainserve_anomaly_beta", "beta (mean filter score minus the class mean) of Explain answers.",
+                              ["model"], buckets=BETA_BUCKETS, registry=r)
+        self.scoring_duration = Histogram("explainserve_anomaly_scoring_duration_seconds",
+                                          "Anomaly scoring time of one Explain answer.", buckets=SCORING_BUCKETS, registry=r)
         self.anomaly_unavailable = Counter("explainserve_anomaly_unavailable",
-                                           "Requests that could not be scored for anomalies, by reason.",
-                                           ["model", "reason"], registry=r)
+                                           "Explain answers that could not be scored for anomalies, by reason.",
+                                           ["model", "reason", *by_class], registry=r)
+        self.store_info = Gauge("explainserve_store_info", "Distribution stores in use (always 1).",
+                                ["model", "version", "sha256"], registry=r)
+        self.store_build = Gauge("explainserve_store_build_timestamp_seconds",
+                                 "When the distribution store in use was built (seconds since the epoch).", ["model"],
+                                 registry=r)
+
+    def class_labels(self, class_id: int) -> tuple:
+        """The extra label values of the anomaly counters: ``(str(class_id),)`` or ``()``."""
+        return (str(class_id),) if self.per_class else ()

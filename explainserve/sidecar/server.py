@@ -22,6 +22,8 @@ from .torchserve import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = explain_pb2.DESCRIPTOR.services_by_name["Explainer"].full_name
+# Health service name of anomaly scoring: SERVING when every store of --store-dir is in use.
+ANOMALY_HEALTH = "anomaly"
 # Both hops (client -> gateway, gateway -> TorchServe) carry whole maps and clips.
 MESSAGE_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -38,6 +40,9 @@ class GatewayConfig:
     metrics_address: str = "127.0.0.1"
     poll_interval: float = 2.0
     default_timeout: float = 120.0
+    # Distribution stores, one folder per model name (--store-dir); None: no anomaly verdicts.
+    store_dir: str | None = None
+    metrics_per_class: bool = False  # `class` label on the anomaly counters
     # TorchServe's key_file.json; None when TorchServe runs without token authorisation.
     token_file: str | None = None
 
@@ -47,7 +52,7 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig):
         self.config = config
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(per_class=config.metrics_per_class)
         self.server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
         self._metrics_server = None
@@ -64,7 +69,10 @@ class Gateway:
         self._inference = channel(config.torchserve_inference, "inference")
         self._management = channel(config.torchserve_management, "management")
         catalog = ModelCatalog(self._inference, self._management, self.metrics, poll_interval=config.poll_interval)
-        service = ExplainerService(self._inference, catalog, self.metrics, AnomalyScoring(self.metrics),
+        anomaly = AnomalyScoring(self.metrics, config.store_dir)
+        await asyncio.to_thread(anomaly.load)  # verifies every array's sha256
+        catalog.on_model(anomaly.model_served)
+        service = ExplainerService(self._inference, catalog, self.metrics, anomaly,
                                    default_timeout=config.default_timeout)
         health_servicer = health.aio.HealthServicer()
 
@@ -75,6 +83,13 @@ class Gateway:
 
         catalog.on_health_change(lambda up: self._tasks.append(asyncio.ensure_future(report(up))))
         await report(False)  # SERVING only once TorchServe answers its ping
+
+        async def report_anomaly(healthy: bool) -> None:
+            await health_servicer.set(ANOMALY_HEALTH, health_pb2.HealthCheckResponse.SERVING if healthy
+                                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        anomaly.on_health_change(lambda healthy: self._tasks.append(asyncio.ensure_future(report_anomaly(healthy))))
+        await report_anomaly(anomaly.healthy)
 
         self.server = grpc.aio.server(options=MESSAGE_OPTIONS)
         explain_pb2_grpc.add_ExplainerServicer_to_server(service, self.server)

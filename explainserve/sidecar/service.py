@@ -13,7 +13,7 @@ from explainserve.methods import METHODS
 from explainserve._generated import explain_pb2, explain_pb2_grpc, handler_pb2, inference_pb2, inference_pb2_grpc
 from explainserve.wire import HANDLER_REQUEST_KEY
 
-from .anomaly import AnomalyScoring
+from .anomaly import MAX_BATCH, AnomalyScoring, ScoringUnavailable
 from .catalog import ModelCatalog, UnknownModel, is_unknown_model
 from .metrics import GatewayMetrics, method_label
 from .validation import check_request
@@ -31,6 +31,9 @@ TORCHSERVE_CODES = {
     grpc.StatusCode.PERMISSION_DENIED: grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.UNAUTHENTICATED: grpc.StatusCode.UNAVAILABLE,
 }
+
+# Score / ScoreBatch with at most this many filter scores run on the event loop, larger ones in a thread.
+INLINE_SCORES = 1 << 16
 
 # TorchServe fails the batch of a worker that died with RESOURCE_EXHAUSTED and this message.
 WORKER_DIED = "Worker died"
@@ -69,11 +72,14 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
         return await self._measured("Explain", label, self._explain(request, context, label), context)
 
     async def Score(self, request, context):
-        return await self._measured("Score", "score", self._score(request), context)
+        async def score_one():
+            (report,) = await self._score([request], batch=False)
+            return report
+        return await self._measured("Score", "score", score_one(), context)
 
     async def ScoreBatch(self, request, context):
         async def score_all():
-            return explain_pb2.ScoreBatchResponse(reports=[await self._score(item) for item in request.requests])
+            return explain_pb2.ScoreBatchResponse(reports=await self._score(request.requests, batch=True))
         return await self._measured("ScoreBatch", "score", score_all(), context)
 
     # -- plumbing --------------------------------------------------------------------
@@ -129,7 +135,8 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
         response = result.response
         response.anomaly.CopyFrom(self.anomaly.score(
             request.model, result.alpha, response.target_class,
-            request.label if request.HasField("label") else None, result.label_alpha or None))
+            request.label if request.HasField("label") else None, result.label_alpha or None,
+            version=response.model_version))
         timings = response.timings
         timings.torchserve_queue = max(torchserve_seconds - timings.handler, 0.0)
         timings.total = time.perf_counter() - started
@@ -156,10 +163,26 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
             code = grpc.StatusCode.UNAVAILABLE  # a retryable outage, not an oversize request
         return RpcFailure(code, f"TorchServe: {error.code().name}: {error.details()}")
 
-    async def _score(self, request: explain_pb2.ScoreRequest) -> explain_pb2.AnomalyReport:
-        if not request.model:
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "model: the request names no model")
-        if not request.alpha:
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "alpha: the request has no filter scores")
-        return self.anomaly.score(request.model, request.alpha, request.predicted_class,
-                                  request.label if request.HasField("label") else None, request.label_alpha or None)
+    async def _score(self, requests, *, batch: bool) -> list:
+        """AnomalyReports for ScoreRequests: INVALID_ARGUMENT for a bad request or an unknown
+        model, UNAVAILABLE for a model without a usable store."""
+        if len(requests) > MAX_BATCH:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"requests: at most {MAX_BATCH} per ScoreBatch call, got {len(requests)}")
+        for index, request in enumerate(requests):
+            where = f"requests[{index}]." if batch else ""
+            if not request.model:
+                raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"{where}model: the request names no model")
+            if not self.anomaly.has_store(request.model):
+                try:
+                    await self._metadata(request.model, request.model_version)  # known to TorchServe?
+                except RpcFailure as failure:
+                    raise RpcFailure(failure.code, where + failure.message) from None
+        try:
+            if sum(len(r.alpha) + len(r.label_alpha) for r in requests) <= INLINE_SCORES:  # microseconds: inline
+                return self.anomaly.score_requests(requests, batch=batch)
+            return await asyncio.to_thread(self.anomaly.score_requests, requests, batch=batch)
+        except ScoringUnavailable as error:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, error.message) from None
+        except ValueError as error:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
