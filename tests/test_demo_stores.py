@@ -85,3 +85,14 @@ def test_archive_refuses_a_store_of_another_model_or_a_corrupt_one(tmp_path):
     with pytest.raises(StoreError, match="corrupt"):
         write_archive(*demo_model("image"), tmp_path, store_path=corrupt)
     assert not (tmp_path / "other.mar").exists() and not (tmp_path / "demo_image.mar").exists()
+
+
+def test_demo_command_archives_carry_their_stores(tmp_path, capsys):
+    from explainserve.commands.demo import ensure_demo_archives
+
+    for kind in ("image", "video"):
+        committed(kind)
+    assert ensure_demo_archives(tmp_path, None) == ["demo_image", "demo_video"]
+    assert capsys.readouterr().out.count("with its distribution store") == 2
+    for name in ("demo_image", "demo_video"):
+        assert f"{STORE_FOLDER}/{MANIFEST}" in archive_names(tmp_path / f"{name}.mar")

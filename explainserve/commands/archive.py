@@ -95,15 +95,13 @@ def demo_store(kind: str) -> tuple[Path, dict | None, str]:
     return folder, json.loads(record.read_text()) if record.is_file() else None, weights
 
 
-def store_for(args, metadata: dict) -> Path | None:
-    """The store to ship: --store, else for a demo model its committed store when it was built
-    for the archive's model name and version and for the package's current weights."""
-    if args.store is not None or args.no_store or not args.demo:
-        return args.store
-    if args.weights_dir is not None:
+def committed_store(kind: str, metadata: dict, weights_dir: Path | None = None) -> Path | None:
+    """The committed store of demo model ``kind`` when it was built for the archive's model name
+    and version and for the package's current weights; else None, saying why."""
+    if weights_dir is not None:
         print("no distribution store shipped: the demo store is for the package's weights, not --weights-dir")
         return None
-    folder, record, weights = demo_store(args.demo)
+    folder, record, weights = demo_store(kind)
     served = {"name": metadata["name"], "version": str(metadata["version"])}
     if record is None or record["model"] != served or record["weights_sha256"] != weights:
         built = "none is committed" if record is None else \
@@ -116,7 +114,8 @@ def store_for(args, metadata: dict) -> Path | None:
 
 def main(args) -> int:
     model, metadata = demo_model(args.demo, args.name, args.version, args.weights_dir) if args.demo else torchvision_model(args)
-    store = store_for(args, metadata)
+    store = (committed_store(args.demo, metadata, args.weights_dir)
+             if args.demo and args.store is None and not args.no_store else args.store)
     path = write_archive(model, metadata, args.export_path, batch_size=args.batch_size,
                          max_batch_delay_ms=args.max_batch_delay_ms, store_path=store)
     print(f"wrote {path}" + (f" with the distribution store {store}" if store is not None else ""))

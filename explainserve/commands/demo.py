@@ -44,7 +44,9 @@ def ensure_demo_archives(store: Path, weights_dir: Path | None) -> list[str]:
             print(f"demo: training the {kind} demo model (once)")
             train_demo(kind) if weights_dir is None else train_demo(kind, out=weights_dir)
             model, metadata = archive.demo_model(kind, weights_dir=weights_dir)
-        print(f"demo: archived {write_archive(model, metadata, store)}")
+        shipped = archive.committed_store(kind, metadata, weights_dir)
+        print(f"demo: archived {write_archive(model, metadata, store, store_path=shipped)}"
+              + (" with its distribution store" if shipped is not None else ""))
         names.append(metadata["name"])
     return names
 
