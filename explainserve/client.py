@@ -87,7 +87,7 @@ def encode_png(image: np.ndarray) -> bytes:
 def build_request(data, *, model: str, methods: Sequence[str] = (), n_segments: int | None = None,
                   wc: float | None = None, wg: float | None = None, jitter_d: int | None = None,
                   target_class: int | None = None, label: int | None = None, top_k: int = 0,
-                  model_version: str = "") -> explain_pb2.ExplainRequest:
+                  model_version: str = "", explain_anomaly: bool | None = None) -> explain_pb2.ExplainRequest:
     """An ExplainRequest for an image or a clip.
 
     Parameters
@@ -106,6 +106,8 @@ def build_request(data, *, model: str, methods: Sequence[str] = (), n_segments: 
         request.target_class = target_class
     if label is not None:
         request.label = label
+    if explain_anomaly is not None:  # unset: the gateway's --explain-anomaly default
+        request.explain_anomaly = explain_anomaly
     if isinstance(data, (str, Path)):
         request.image = Path(data).read_bytes()
     elif isinstance(data, (bytes, bytearray)):

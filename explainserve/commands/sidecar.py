@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     parser.add_argument("--token-file", default=defaults.token_file, metavar="PATH",
                         help="TorchServe's key_file.json (token authorisation): the inference key is sent with "
                              "Predictions/Ping, the management key with DescribeModel; re-read when it changes")
+    parser.add_argument("--explain-anomaly", action="store_true", default=defaults.explain_anomaly,
+                        help="for an ANOMALOUS verdict, also find the region that triggered its most surprising "
+                             "filter (one more TorchServe call) unless the request sets explain_anomaly=false")
     parser.set_defaults(func=main)
 
 
@@ -39,5 +42,6 @@ def main(args) -> int:
                       torchserve_management=args.torchserve_management, metrics_port=args.metrics_port,
                       metrics_address=args.metrics_address, metrics_per_class=args.metrics_per_class,
                       store_dir=args.store_dir, poll_interval=args.poll_interval,
-                      default_timeout=args.default_timeout, token_file=args.token_file))
+                      default_timeout=args.default_timeout, token_file=args.token_file,
+                      explain_anomaly=args.explain_anomaly))
     return 0

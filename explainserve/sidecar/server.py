@@ -45,6 +45,8 @@ class GatewayConfig:
     metrics_per_class: bool = False  # `class` label on the anomaly counters
     # TorchServe's key_file.json; None when TorchServe runs without token authorisation.
     token_file: str | None = None
+    # Surprise regions for ANOMALOUS verdicts when a request leaves explain_anomaly unset.
+    explain_anomaly: bool = False
 
 
 class Gateway:
@@ -73,7 +75,7 @@ class Gateway:
         await asyncio.to_thread(anomaly.load)  # verifies every array's sha256
         catalog.on_model(anomaly.model_served)
         service = ExplainerService(self._inference, catalog, self.metrics, anomaly,
-                                   default_timeout=config.default_timeout)
+                                   default_timeout=config.default_timeout, explain_anomaly=config.explain_anomaly)
         health_servicer = health.aio.HealthServicer()
 
         async def report(up: bool) -> None:

@@ -11,7 +11,7 @@ import grpc
 from explainserve import inputs
 from explainserve.methods import METHODS
 from explainserve._generated import explain_pb2, explain_pb2_grpc, handler_pb2, inference_pb2, inference_pb2_grpc
-from explainserve.wire import HANDLER_REQUEST_KEY
+from explainserve.wire import HANDLER_REQUEST_KEY, REGION_REQUEST_KEY
 
 from .anomaly import MAX_BATCH, AnomalyScoring, ScoringUnavailable
 from .catalog import ModelCatalog, UnknownModel, is_unknown_model
@@ -35,6 +35,9 @@ TORCHSERVE_CODES = {
 # Score / ScoreBatch with at most this many filter scores run on the event loop, larger ones in a thread.
 INLINE_SCORES = 1 << 16
 
+# Seconds of the client's deadline kept for answering after a surprise-region call.
+REGION_MARGIN = 0.1
+
 # TorchServe fails the batch of a worker that died with RESOURCE_EXHAUSTED and this message.
 WORKER_DIED = "Worker died"
 
@@ -55,15 +58,19 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
     ----------
     default_timeout : float
         Seconds allowed for the TorchServe call when the client sets no deadline.
+    explain_anomaly : bool
+        Find the surprise region of ANOMALOUS verdicts when a request leaves
+        ``explain_anomaly`` unset.
     """
 
     def __init__(self, inference_channel: grpc.aio.Channel, catalog: ModelCatalog, metrics: GatewayMetrics,
-                 anomaly: AnomalyScoring, *, default_timeout: float = 120.0):
+                 anomaly: AnomalyScoring, *, default_timeout: float = 120.0, explain_anomaly: bool = False):
         self.torchserve = inference_pb2_grpc.InferenceAPIsServiceStub(inference_channel)
         self.catalog = catalog
         self.metrics = metrics
         self.anomaly = anomaly
         self.default_timeout = default_timeout
+        self.explain_anomaly = explain_anomaly
 
     async def Explain(self, request, context):
         methods = list(request.methods)
@@ -137,11 +144,54 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
             request.model, result.alpha, response.target_class,
             request.label if request.HasField("label") else None, result.label_alpha or None,
             version=response.model_version))
+        if request.explain_anomaly if request.HasField("explain_anomaly") else self.explain_anomaly:
+            await self._surprise_regions(request, response.anomaly, context)
         timings = response.timings
         timings.torchserve_queue = max(torchserve_seconds - timings.handler, 0.0)
         timings.total = time.perf_counter() - started
         timings.gateway = timings.total - torchserve_seconds
         return response
+
+    async def _surprise_regions(self, request, report: explain_pb2.AnomalyReport, context) -> None:
+        """Thesis 6.3.2 for each ANOMALOUS verdict of ``report``: the region that triggered its most
+        surprising filter, from one more handler call (a RegionRequest), with that filter's
+        exemplars. A failure is written into the verdicts, never raised."""
+        anomalous = [v for v in (report.predicted, report.label) if v.verdict == explain_pb2.ClassVerdict.ANOMALOUS]
+        asked = []
+        for verdict in anomalous:
+            if verdict.surprising_filters:
+                asked.append(verdict)
+            else:
+                verdict.surprise_region_unavailable = "no surprising filter: the verdict rests on the other tests"
+        if not asked:
+            return
+        region_request = handler_pb2.RegionRequest(filters=[
+            handler_pb2.FilterTarget(filter=verdict.surprising_filters[0].filter, class_index=verdict.class_index)
+            for verdict in asked])
+        forwarded = inference_pb2.PredictionsRequest(
+            model_name=request.model, model_version=request.model_version,
+            input={HANDLER_REQUEST_KEY: request.SerializeToString(), REGION_REQUEST_KEY: region_request.SerializeToString()},
+        )
+        remaining = context.time_remaining()
+        timeout = self.default_timeout if remaining is None else remaining - REGION_MARGIN
+        try:
+            if timeout <= 0:
+                raise ValueError("no time left before the request's deadline")
+            answer = await self.torchserve.Predictions(forwarded, timeout=timeout)
+            result = handler_pb2.HandlerResponse.FromString(answer.prediction)
+            if result.WhichOneof("result") == "error":
+                raise ValueError(f"the handler answered: {result.error.message}")
+            if len(result.regions) != len(asked):
+                raise ValueError(f"the handler answered {len(result.regions)} regions for {len(asked)} filters")
+        except (grpc.aio.AioRpcError, ValueError) as error:
+            message = f"TorchServe: {error.code().name}: {error.details()}" if isinstance(error, grpc.aio.AioRpcError) else str(error)
+            log.warning("surprise region for model %r unavailable: %s", request.model, message)
+            for verdict in asked:
+                verdict.surprise_region_unavailable = f"region call failed: {message}"
+            return
+        for verdict, region in zip(asked, result.regions):
+            verdict.surprise_region.CopyFrom(region)
+            verdict.surprise_region.exemplars.extend(verdict.surprising_filters[0].exemplars)
 
     async def _metadata(self, model: str, version: str) -> dict:
         if not model:

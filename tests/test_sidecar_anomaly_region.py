@@ -1,0 +1,87 @@
+"""Surprise regions (thesis 6.3.2) through a real TorchServe and the gateway: asked per request or
+by the gateway's --explain-anomaly default, only for ANOMALOUS verdicts, equal to the library."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from explainserve._generated import explain_pb2, handler_pb2, inference_pb2, inference_pb2_grpc
+from explainserve.client import ExplainClient, build_request
+from explainserve.commands.archive import demo_model
+from explainserve.commands.serve import wait_serving
+from explainserve.data.scenes import FashionScenes
+from explainserve.wire import HANDLER_REQUEST_KEY, REGION_REQUEST_KEY, to_numpy
+from serving_harness import explainer_for, png, start_gateway, stop_gateway
+# The same served stack as the anomaly tests: the demo image model and a small calibrated store.
+from test_sidecar_anomaly import client, demo_store, stack  # noqa: F401
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+MODEL = "demo_image"
+SIDE = 64
+ANOMALOUS = explain_pb2.ClassVerdict.ANOMALOUS
+
+
+@pytest.fixture(scope="module")
+def noise() -> np.ndarray:
+    """Uniform noise: ANOMALOUS with surprising filters for the demo model."""
+    return np.random.default_rng(0).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+
+
+def test_an_anomalous_verdict_carries_the_region_of_its_most_surprising_filter(stack, client, noise):
+    result = client.send(build_request(png(noise), model=MODEL, label=2, explain_anomaly=True), timeout=60)
+    model, metadata = demo_model("image")
+    explainer = explainer_for(model, metadata)
+    for verdict in (result.anomaly.predicted, result.anomaly.label):
+        assert verdict.verdict == ANOMALOUS and verdict.surprising_filters, verdict
+        flag, region = verdict.surprising_filters[0], verdict.surprise_region
+        assert (region.filter, region.class_index) == (flag.filter, verdict.class_index)
+        assert list(region.exemplars) == list(flag.exemplars) and len(region.exemplars) > 0
+        assert not verdict.surprise_region_unavailable
+        [expected] = explainer.filter_regions([noise], [flag.filter], targets=[verdict.class_index])
+        segments = to_numpy(region.segments)
+        assert segments.shape == (SIDE, SIDE) and np.array_equal(segments, expected.segments)
+        np.testing.assert_allclose(to_numpy(region.segment_scores), expected.segment_scores, rtol=1e-3, atol=1e-9)
+        assert region.top_segment == expected.top_segment
+        assert np.abs(to_numpy(region.heatmap) - expected.heatmap).max() <= region.heatmap.scale / 2 + 1e-6
+    assert result.anomaly.label.class_index == 2
+
+
+def test_no_region_unless_asked_or_for_a_normal_verdict(client, noise):
+    plain = client.send(build_request(png(noise), model=MODEL), timeout=60)
+    assert plain.anomaly.predicted.verdict == ANOMALOUS
+    assert not plain.anomaly.predicted.HasField("surprise_region")
+    assert not plain.anomaly.predicted.surprise_region_unavailable
+    scenes = FashionScenes("test", seed=5, size=12, image_size=SIDE)
+    normal = [client.send(build_request(png(scenes[i]["image"]), model=MODEL, explain_anomaly=True), timeout=60)
+              for i in range(len(scenes))]
+    normal = [r.anomaly.predicted for r in normal if r.anomaly.predicted.verdict != ANOMALOUS]
+    assert normal, "no NORMAL verdict among the in-distribution scenes"
+    assert not any(v.HasField("surprise_region") or v.surprise_region_unavailable for v in normal)
+
+
+def test_the_gateway_default_applies_when_the_request_leaves_the_field_unset(stack, noise):
+    process, target, _ = start_gateway(stack.workdir, stack.torchserve.grpc_target, stack.torchserve.management_target,
+                                       extra_args=("--store-dir", str(stack.workdir / "stores"), "--explain-anomaly"),
+                                       log_name="gateway_default.log")
+    try:
+        wait_serving(target, timeout=60, process=process)
+        with ExplainClient(target) as client:
+            default = client.send(build_request(png(noise), model=MODEL), timeout=60).anomaly.predicted
+            refused = client.send(build_request(png(noise), model=MODEL, explain_anomaly=False), timeout=60).anomaly.predicted
+    finally:
+        stop_gateway(process)
+    assert default.verdict == ANOMALOUS and default.surprise_region.filter == default.surprising_filters[0].filter
+    assert default.surprise_region.segments.shape == [SIDE, SIDE]
+    assert not refused.HasField("surprise_region")
+
+
+def test_the_handler_region_path_through_torchserve_rejects_a_bad_filter(stack, noise):
+    region = handler_pb2.RegionRequest(filters=[handler_pb2.FilterTarget(filter=10_000)])
+    with grpc.insecure_channel(stack.torchserve.grpc_target) as channel:
+        answer = inference_pb2_grpc.InferenceAPIsServiceStub(channel).Predictions(inference_pb2.PredictionsRequest(
+            model_name=MODEL, input={HANDLER_REQUEST_KEY: build_request(png(noise), model=MODEL).SerializeToString(),
+                                     REGION_REQUEST_KEY: region.SerializeToString()}), timeout=60)
+    error = handler_pb2.HandlerResponse.FromString(answer.prediction).error
+    assert error.code == 3 and "filter: must be in [0," in error.message
