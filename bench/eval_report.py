@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import eval_ood
 from bench.eval_sections import GRID, mean_sem
 from explainserve.evaluation.localisation import THRESHOLDS
 from explainserve.explainer import SLIC_DEFAULTS
@@ -196,4 +197,6 @@ def render(results: dict) -> str:
     """The whole report as Markdown."""
     parts = [_header(results), _grid(results), _table1_2(results), _table3(results), _table4(results),
              _table5(results), _table6(results), _orderings(results)]
+    if "ood" in results:
+        parts.append(eval_ood.section(results["ood"]))
     return "\n".join(line for part in parts for line in part) + "\n"

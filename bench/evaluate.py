@@ -24,9 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import eval_plots, eval_report, eval_sections  # noqa: E402
+from bench import eval_ood, eval_plots, eval_report, eval_sections  # noqa: E402
 from bench.eval_methods import image_methods, video_methods  # noqa: E402
 from bench.eval_subjects import load_subject  # noqa: E402
+from explainserve.anomaly import StoreError  # noqa: E402
 
 GALLERY = ("Grad-CAM", "Jitter-CAM", "SWAG_I", "SWAG_G", "SWAG_I+G", "LIME-1000")
 
@@ -42,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timing-n", type=int, default=5, help="test images timed one by one for Table 5")
     parser.add_argument("--video-n", type=int, default=16, help="MovingFashion test clips for Table 3")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="report folder")
+    eval_ood.add_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("image_n", "grid_n", "ranking_n", "filter_n", "timing_n", "video_n"):
         if getattr(args, name) < 2:
@@ -120,6 +122,15 @@ def main(argv=None) -> int:
         results["video_missing"] = str(error)
     else:
         run_video(args, clips, results, timed)
+
+    if args.random_init:
+        results["ood"] = {"missing": "random-init models have no distribution store."}
+    else:
+        try:
+            results["ood"] = timed("OOD detection", eval_ood.run, args)
+        except (FileNotFoundError, StoreError) as error:  # no committed store: say so instead of failing
+            print(f"Table 7 skipped: {error}", flush=True)
+            results["ood"] = {"missing": str(error)}
 
     durations["total"] = time.perf_counter() - started
     results["durations"] = durations

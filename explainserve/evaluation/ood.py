@@ -1,0 +1,107 @@
+"""Out-of-distribution detection metrics: AUROC, a threshold at a target false-positive rate,
+and the standard logit-based detectors (MSP, MaxLogit, Energy).
+
+Every score here is an *anomaly* score: higher means more likely out of distribution, and
+an input is flagged when its score is strictly greater than the threshold (the rule the
+anomaly verdict uses, see :mod:`explainserve.anomaly.calibration`). Pure numpy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _scores(values, name: str) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        raise ValueError(f"{name}: expected at least one score")
+    if not np.isfinite(values).all():
+        raise ValueError(f"{name}: scores must be finite")
+    return values
+
+
+def auroc(in_scores, out_scores) -> float:
+    """Area under the ROC curve of telling ``out_scores`` (positives) from ``in_scores``.
+
+    The probability that an out-of-distribution input scores higher than an in-distribution
+    one, ties counting one half (the Mann-Whitney U statistic over n_in * n_out pairs),
+    computed from average ranks. Equals ``sklearn.metrics.roc_auc_score``.
+    """
+    negatives, positives = _scores(in_scores, "in_scores"), _scores(out_scores, "out_scores")
+    combined = np.concatenate([negatives, positives])
+    order = np.argsort(combined, kind="mergesort")
+    ranks = np.empty(combined.size, dtype=np.float64)
+    ranks[order] = np.arange(1, combined.size + 1)
+    # Average the ranks of tied values.
+    _, inverse = np.unique(combined, return_inverse=True)
+    ranks = (np.bincount(inverse, weights=ranks) / np.bincount(inverse))[inverse]
+    n_out, n_in = positives.size, negatives.size
+    u = ranks[n_in:].sum() - n_out * (n_out + 1) / 2
+    return float(u / (n_out * n_in))
+
+
+def auroc_standard_error(area: float, n_in: int, n_out: int) -> float:
+    """Approximate standard error of an AUROC from ``n_in`` negatives and ``n_out`` positives
+    (Hanley & McNeil 1982, exponential approximation; ties ignored). AUROCs of two detectors on
+    the same images are correlated, so their difference is usually known better than this says."""
+    if not 0 <= area <= 1 or n_in < 1 or n_out < 1:
+        raise ValueError(f"expected an AUROC in [0, 1] and counts >= 1, got {area}, {n_in}, {n_out}")
+    q1, q2 = area / (2 - area), 2 * area * area / (1 + area)
+    variance = (area * (1 - area) + (n_out - 1) * (q1 - area * area) + (n_in - 1) * (q2 - area * area)) / (n_in * n_out)
+    return float(math.sqrt(max(variance, 0.0)))
+
+
+def threshold_at_fpr(in_scores, target_fpr: float) -> float:
+    """The lowest threshold t that flags (score > t) at most ``target_fpr`` of ``in_scores``.
+
+    t is the (m+1)-th largest in-distribution score with m = floor(target_fpr * n), so with
+    ties (integer counts) the flagged fraction can fall well below the target: the rate is
+    never exceeded on these scores, as in the verdict's calibration.
+    """
+    if not 0 < target_fpr < 1:
+        raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    values = np.sort(_scores(in_scores, "in_scores"))[::-1]
+    allowed = math.floor(target_fpr * values.size + 1e-9)
+    return float(values[min(allowed, values.size - 1)])
+
+
+def flagged_rate(scores, threshold: float) -> float:
+    """Fraction of ``scores`` strictly above ``threshold`` (FPR on in-distribution data, TPR on OOD)."""
+    return float((_scores(scores, "scores") > threshold).mean())
+
+
+def _logits(logits) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[1] < 1:
+        raise ValueError(f"logits: expected shape (B, N), got {logits.shape}")
+    return logits
+
+
+def logsumexp(logits) -> np.ndarray:
+    """(B,) log sum_c exp(logit_c), computed stably."""
+    logits = _logits(logits)
+    top = logits.max(axis=1)
+    return top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+
+
+def msp_score(logits) -> np.ndarray:
+    """Anomaly score of MSP (Hendrycks & Gimpel): minus the maximum softmax probability."""
+    logits = _logits(logits)
+    return -np.exp(logits.max(axis=1) - logsumexp(logits))
+
+
+def max_logit_score(logits) -> np.ndarray:
+    """Anomaly score of MaxLogit (Hendrycks et al.): minus the largest logit."""
+    return -_logits(logits).max(axis=1)
+
+
+def energy_score(logits, temperature: float = 1.0) -> np.ndarray:
+    """Free energy E(x) = -T log sum_c exp(logit_c / T) (Liu et al.), higher for OOD inputs."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return -temperature * logsumexp(_logits(logits) / temperature)
+
+
+BASELINES = {"MSP": msp_score, "MaxLogit": max_logit_score, "Energy": energy_score}

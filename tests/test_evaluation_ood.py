@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+
+from explainserve.evaluation.ood import (auroc, auroc_standard_error, energy_score, flagged_rate, logsumexp,
+                                         max_logit_score, msp_score, threshold_at_fpr)
+
+
+def test_auroc_of_separated_reversed_and_tied_scores():
+    assert auroc([0.0, 1.0, 2.0], [3.0, 4.0]) == 1.0
+    assert auroc([3.0, 4.0], [0.0, 1.0, 2.0]) == 0.0
+    assert auroc([5.0] * 4, [5.0] * 3) == 0.5
+
+
+def test_auroc_counts_a_tie_as_one_half():
+    # Pairs (out, in): (1, 0) 1, (1, 1) 1/2, (2, 0) 1, (2, 1) 1 -> 3.5 / 4.
+    assert auroc([0.0, 1.0], [1.0, 2.0]) == pytest.approx(0.875)
+    # Integer counts with many ties: in [0, 0, 1, 2], out [0, 2, 3].
+    # out 0: 0 + 0.5 + 0.5 = 1 of 4; out 2: 1 + 1 + 1 + 0.5 = 3.5; out 3: 4 -> 8.5 / 12.
+    assert auroc([0, 0, 1, 2], [0, 2, 3]) == pytest.approx(8.5 / 12)
+
+
+def test_auroc_matches_sklearn_on_random_tied_scores():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    negatives, positives = rng.integers(0, 6, 300), rng.integers(1, 8, 200)
+    expected = metrics.roc_auc_score(np.r_[np.zeros(300), np.ones(200)], np.r_[negatives, positives])
+    assert auroc(negatives, positives) == pytest.approx(expected, abs=1e-12)
+
+
+def test_auroc_refuses_empty_or_non_finite_scores():
+    with pytest.raises(ValueError, match="out_scores"):
+        auroc([1.0], [])
+    with pytest.raises(ValueError, match="in_scores"):
+        auroc([np.nan], [1.0])
+
+
+def test_auroc_standard_error_by_hand():
+    # A = 0.5: Q1 = Q2 = 1/3, var = (1/4 + 9 * (1/3 - 1/4) + 9 * (1/3 - 1/4)) / 100 = 1.75 / 100.
+    assert auroc_standard_error(0.5, 10, 10) == pytest.approx(np.sqrt(0.0175))
+    assert auroc_standard_error(1.0, 10, 10) == 0.0
+    assert auroc_standard_error(0.8, 4000, 2000) < auroc_standard_error(0.8, 40, 20)
+
+
+def test_threshold_flags_at_most_the_target_rate():
+    in_scores = np.arange(100.0)  # 0..99
+    threshold = threshold_at_fpr(in_scores, 0.01)
+    assert threshold == 98.0  # only 99 is above it
+    assert flagged_rate(in_scores, threshold) == 0.01
+    assert flagged_rate([97.0, 98.0, 98.5, 120.0], threshold) == 0.5
+    assert threshold_at_fpr(in_scores, 0.05) == 94.0
+
+
+def test_threshold_with_ties_stays_under_the_target():
+    # 95 zeros and five ones: flagging the ones would be 5 %, over a 1 % target.
+    in_scores = np.r_[np.zeros(95), np.ones(5)]
+    threshold = threshold_at_fpr(in_scores, 0.01)
+    assert threshold == 1.0
+    assert flagged_rate(in_scores, threshold) == 0.0
+    assert flagged_rate([0, 1, 2, 3], threshold) == 0.5
+    with pytest.raises(ValueError, match="target_fpr"):
+        threshold_at_fpr(in_scores, 0.0)
+
+
+def test_logit_baselines_by_hand():
+    logits = np.array([[0.0, 0.0], [2.0, 0.0], [1000.0, 999.0]])
+    assert logsumexp(logits) == pytest.approx([np.log(2), 2 + np.log(1 + np.exp(-2)), 1000 + np.log(1 + np.exp(-1))])
+    assert msp_score(logits) == pytest.approx([-0.5, -1 / (1 + np.exp(-2)), -1 / (1 + np.exp(-1))])
+    assert max_logit_score(logits) == pytest.approx([0.0, -2.0, -1000.0])
+    assert energy_score(logits) == pytest.approx(-logsumexp(logits))
+    # T = 2: -2 * log(exp(0) + exp(0)) for the first row.
+    assert energy_score(logits, temperature=2.0)[0] == pytest.approx(-2 * np.log(2))
+    with pytest.raises(ValueError, match="logits"):
+        msp_score([1.0, 2.0])
+
+
+def test_report_section_is_replaced_in_place_or_appended():
+    from bench.eval_ood import HEADING, splice
+
+    new = [HEADING, "", "new numbers"]
+    assert splice("# report\n\n## Table 6\nrows\n", new) == f"# report\n\n## Table 6\nrows\n\n{HEADING}\n\nnew numbers\n"
+    middle = f"# report\n\n{HEADING}\n\nold\n\n## Later\nkept\n"
+    assert splice(middle, new) == f"# report\n\n{HEADING}\n\nnew numbers\n## Later\nkept\n"
+    last = f"# report\n\n{HEADING}\n\nold\n### Reading\n\nold notes\n"
+    assert splice(last, new) == f"# report\n\n{HEADING}\n\nnew numbers\n"
