@@ -70,14 +70,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_model():
     """The demo image model named as `archive --demo image` serves it, its Explainer and its store."""
+    from explainserve.commands.archive import demo_store
     from explainserve.commands.distributions import load_model
     from explainserve.explainer import Explainer
-    from explainserve.commands.archive import demo_store
 
     model, metadata = load_model("image")
     explainer = Explainer(model, kind="image", input_size=metadata["input_size"], mean=metadata["mean"],
                           std=metadata["std"], class_names=metadata["class_names"], layer=metadata["layer"])
-    folder, _, _ = demo_store("image")
+    folder, record, weights = demo_store("image")
+    if record is None or record["weights_sha256"] != weights:
+        raise StoreError(f"{folder} was not built from the package's image weights {weights[:12]}: "
+                         "rebuild it with explainserve build-distributions (see README)")
     store = load_store(folder, model_name=metadata["name"], model_version=metadata["version"])
     return model, explainer, store
 
