@@ -168,6 +168,9 @@ def test_anomaly_metrics_are_exported_and_promtool_clean(stack, client, scorer):
     assert metric_value(text, "explainserve_store_build_timestamp_seconds", model=MODEL) == scorer.store.build_timestamp
     assert "explainserve_anomaly_unavailable_total{" not in text
     assert 'class="' not in text  # per-class labels are off by default
+    # both verdict series exist from the start (the alert rules divide one by the other)
+    assert 'explainserve_anomaly_verdicts_total{model="demo_image",verdict="anomalous"}' in before
+    assert 'explainserve_anomaly_verdicts_total{model="demo_image",verdict="normal"}' in before
 
 
 # -- Score / ScoreBatch --------------------------------------------------------------------
@@ -395,6 +398,7 @@ def test_per_class_metrics_label_the_counters_and_stay_promtool_clean(demo_store
     assert 'explainserve_anomaly_expectation_flags_total{class="0",model="demo_image"}' in text
     assert 'explainserve_anomaly_unavailable_total{class="5",model="unserved",reason="no distribution store"} 1.0' in text
     assert 'explainserve_anomaly_beta_count{model="demo_image"} 3.0' in text  # no class on the histogram
+    assert 'explainserve_anomaly_verdicts_total{class="7",model="demo_image",verdict="anomalous"}' in text  # from load
 
 
 def test_serve_unpacks_the_stores_shipped_in_archives(demo_store, tmp_path):

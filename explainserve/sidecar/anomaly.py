@@ -127,6 +127,7 @@ class AnomalyScoring:
             return
         self.metrics.store_info.labels(slot.name, store.meta.model_version, store.sha256).set(1)
         self.metrics.store_build.labels(slot.name).set(store.build_timestamp)
+        self.metrics.start_scoring(slot.name, store.num_classes)
         log.info("distribution store for model %r version %r loaded from %s: %d classes x %d filters, sha256 %s",
                  slot.name, store.meta.model_version, slot.path, store.num_classes, store.meta.num_filters, store.sha256)
 

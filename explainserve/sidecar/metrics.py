@@ -62,6 +62,17 @@ class GatewayMetrics:
                                  "When the distribution store in use was built (seconds since the epoch).", ["model"],
                                  registry=r)
 
+    def start_scoring(self, model: str, num_classes: int) -> None:
+        """Create the zero-valued verdict, flag and beta series of a model whose store is in use,
+        so that rates and ratios over them (the alert rules) exist before the first ANOMALOUS."""
+        for class_id in range(num_classes if self.per_class else 1):
+            labels = self.class_labels(class_id)
+            for verdict in ("normal", "anomalous"):
+                self.verdicts.labels(model, verdict, *labels)
+            self.surprise_flags.labels(model, *labels)
+            self.expectation_flags.labels(model, *labels)
+        self.beta.labels(model)
+
     def class_labels(self, class_id: int) -> tuple:
         """The extra label values of the anomaly counters: ``(str(class_id),)`` or ``()``."""
         return (str(class_id),) if self.per_class else ()
