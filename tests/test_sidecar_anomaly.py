@@ -6,9 +6,13 @@ Every verdict is compared with the anomaly library applied to the handler's own 
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -26,7 +30,7 @@ from explainserve.commands.serve import unpack_stores, wait_serving
 from explainserve.data.scenes import FashionScenes
 from explainserve.sidecar.anomaly import MAX_BATCH, MAX_FLAGS, AnomalyScoring
 from explainserve.sidecar.metrics import GatewayMetrics
-from explainserve.sidecar.torchserve import MAX_MESSAGE_BYTES
+from explainserve.sidecar.torchserve import MAX_MESSAGE_BYTES, free_port
 from explainserve.wire import HANDLER_REQUEST_KEY
 from serving_harness import build_demo_store, png, start_gateway, stack_for_module, stop_gateway, wait_for
 
@@ -415,3 +419,153 @@ def test_serve_unpacks_the_stores_shipped_in_archives(demo_store, tmp_path):
     assert unpack_stores(model_store, ["with_store", "without_store"], stores) == ["with_store"]
     assert sorted(p.name for p in stores.iterdir()) == ["with_store"]
     assert load_store(stores / "with_store").sha256 == load_store(demo_store).sha256
+
+
+# -- reloading stores while serving --------------------------------------------------------
+def altered_store(source: Path, out: Path) -> Path:
+    """A valid copy of ``source`` with other P99.9 thresholds, hence another sha256."""
+    from explainserve.anomaly.store import ARRAY_SPECS, MANIFEST, file_sha256, store_sha256, write_manifest
+
+    shutil.copytree(source, out)
+    np.save(out / "p_high.npy", np.load(out / "p_high.npy") * np.float32(1.5))
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["arrays"]["p_high"]["sha256"] = file_sha256(out / "p_high.npy")
+    manifest["sha256"] = store_sha256({name: manifest["arrays"][name]["sha256"] for name in ARRAY_SPECS})
+    write_manifest(out, manifest)
+    return out
+
+
+def put_store(source: Path, stores: Path, name: str = MODEL) -> None:
+    """Install ``source`` as ``stores/name`` the documented way: a hidden sibling, then a rename."""
+    shutil.copytree(source, stores / f".{name}.tmp")
+    os.rename(stores / f".{name}.tmp", stores / name)
+
+
+def link_store(version: Path, stores: Path, name: str = MODEL) -> None:
+    """Point the symlink ``stores/name`` at ``version`` in one rename (replacing the old link)."""
+    os.symlink(version, stores / f".{name}.link")
+    os.replace(stores / f".{name}.link", stores / name)
+
+
+def generate_text(metrics: GatewayMetrics) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(metrics.registry).decode()
+
+
+def test_stores_are_reloaded_when_they_change_appear_or_go(demo_store, scorer, tmp_path):
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    metrics = GatewayMetrics()
+    scoring = AnomalyScoring(metrics, stores)
+    changes = []
+    scoring.on_health_change(changes.append)
+    scoring.load()
+    assert not scoring.healthy and changes == []
+    alpha = alpha_near_mean(scorer, 1, seed=4)
+
+    def report(model=MODEL):
+        return scoring.score(model, alpha, 1)
+
+    def exported(name, **labels):
+        return metric_value(generate_text(metrics), name, **labels)
+
+    first = shutil.copytree(demo_store, stores / ".versions" / "1")
+    link_store(first, stores)  # a new store folder
+    scoring.reload()
+    assert scoring.healthy and changes == [True]
+    assert report().store_sha256 == scorer.store.sha256
+    in_flight = scoring.scorer_for(MODEL)
+    scoring.reload()  # nothing changed: the same scorer stays in use
+    assert scoring.scorer_for(MODEL) is in_flight and changes == [True]
+
+    # replaced by another store (the symlink swapped by a rename): the old sha's info series goes
+    other = altered_store(demo_store, stores / ".versions" / "2")
+    link_store(other, stores)
+    scoring.reload()
+    new_sha = load_store(other).sha256
+    assert new_sha != scorer.store.sha256 and report().store_sha256 == new_sha
+    assert exported("explainserve_store_info", sha256=new_sha) == 1
+    assert exported("explainserve_store_info", sha256=scorer.store.sha256) == 0
+    assert in_flight.store.sha256 == scorer.store.sha256  # a request that started before keeps its store
+    assert in_flight.score(alpha, 1).surprise_count[0] == scorer.score(alpha, 1).surprise_count[0]
+
+    os.remove(stores / MODEL)  # removed
+    scoring.reload()
+    removed = report()
+    assert removed.status == explain_pb2.AnomalyReport.UNAVAILABLE
+    assert removed.reason.startswith("store removed: ") and "was removed from --store-dir" in removed.reason
+    assert not scoring.healthy and changes == [True, False]
+    assert "explainserve_store_info{" not in generate_text(metrics)
+
+    put_store(demo_store, stores)  # restored
+    scoring.reload()
+    assert report().status == explain_pb2.AnomalyReport.OK and scoring.healthy and changes == [True, False, True]
+    corrupt(stores / MODEL)  # damaged in place
+    scoring.reload()
+    refused = report()
+    assert refused.reason.startswith("store refused: ") and "p_high.npy sha256 does not match" in refused.reason
+    assert changes == [True, False, True, False] and "explainserve_store_info{" not in generate_text(metrics)
+    assert exported("explainserve_anomaly_unavailable_total", model=MODEL, reason="store removed") == 1
+    assert exported("explainserve_anomaly_unavailable_total", model=MODEL, reason="store refused") == 1
+
+    # written in place, file by file: refused while half-written, loaded once complete
+    shutil.rmtree(stores / MODEL)
+    (stores / MODEL).mkdir()
+    files = sorted(demo_store.iterdir())
+    for file in files[:-2]:
+        shutil.copy(file, stores / MODEL)
+    scoring.reload()
+    assert report().status == explain_pb2.AnomalyReport.UNAVAILABLE and not scoring.healthy
+    for file in files[-2:]:
+        shutil.copy(file, stores / MODEL)
+    scoring.reload()
+    assert report().store_sha256 == scorer.store.sha256 and scoring.healthy
+
+    scoring.model_served(MODEL, "1.1")  # TorchServe serves another version: refused, also after a forced reload
+    scoring.reload(force=True)
+    assert report().reason.startswith("store mismatch: ") and not scoring.healthy
+
+
+def anomaly_health(target: str):
+    """The `anomaly` health status, None while the gateway does not answer."""
+    try:
+        return health(target, "anomaly")
+    except grpc.RpcError:
+        return None
+
+
+def test_a_running_sidecar_reloads_its_stores_on_sighup(demo_store, scorer, tmp_path):
+    """With --store-poll-interval 0 only SIGHUP reloads; no TorchServe is needed for Score."""
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    put_store(demo_store, stores)
+    nowhere = f"127.0.0.1:{free_port()}"
+    process, target, metrics_url = start_gateway(tmp_path, nowhere, nowhere, extra_args=(
+        "--store-dir", str(stores), "--store-poll-interval", "0"))
+    alpha = alpha_near_mean(scorer, 2, seed=7)
+    serving, down = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    try:
+        wait_for(lambda: anomaly_health(target) == serving, timeout=60)
+        with ExplainClient(target) as client:
+            assert client.score(alpha, model=MODEL, predicted_class=2, timeout=10).status == explain_pb2.AnomalyReport.OK
+            corrupt(stores / MODEL)
+            time.sleep(0.5)
+            assert client.score(alpha, model=MODEL, predicted_class=2, timeout=10).status == explain_pb2.AnomalyReport.OK
+            process.send_signal(signal.SIGHUP)
+            wait_for(lambda: anomaly_health(target) == down, timeout=20)
+            with pytest.raises(ExplainError) as unavailable:
+                client.score(alpha, model=MODEL, predicted_class=2, timeout=10)
+            assert unavailable.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "p_high.npy sha256 does not match" in unavailable.value.details
+            shutil.rmtree(stores / MODEL)
+            put_store(demo_store, stores)
+            process.send_signal(signal.SIGHUP)
+            wait_for(lambda: anomaly_health(target) == serving, timeout=20)
+            report = client.score(alpha, model=MODEL, predicted_class=2, timeout=10)
+            assert report.status == explain_pb2.AnomalyReport.OK and report.store_sha256 == scorer.store.sha256
+        assert metric_value(metrics_text(metrics_url), "explainserve_store_info", sha256=scorer.store.sha256) == 1
+        log_text = (tmp_path / "gateway.log").read_text()
+        assert log_text.count("sha256 does not match") == 1 and "reloaded from" in log_text
+    finally:
+        stop_gateway(process)

@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     parser.add_argument("--store-dir", default=defaults.store_dir, metavar="DIR",
                         help="distribution stores, one folder per model name (DIR/<model>/manifest.json); "
                              "without it Explain answers carry no anomaly verdict")
+    parser.add_argument("--store-poll-interval", type=float, default=defaults.store_poll_interval, metavar="SECONDS",
+                        help="seconds between checks of --store-dir for stores that changed, appeared or were "
+                             "removed (a changed store is verified again before it is used); 0: only on SIGHUP")
     parser.add_argument("--poll-interval", type=float, default=defaults.poll_interval,
                         help="seconds between TorchServe pings and describe-model polls")
     parser.add_argument("--default-timeout", type=float, default=defaults.default_timeout,
@@ -38,10 +41,13 @@ def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.poll_interval <= 0 or args.default_timeout <= 0:
         raise ValueError("--poll-interval and --default-timeout must be positive seconds")
+    if args.store_poll_interval < 0:
+        raise ValueError("--store-poll-interval must be 0 (only on SIGHUP) or positive seconds")
     run(GatewayConfig(listen=args.listen, torchserve_inference=args.torchserve,
                       torchserve_management=args.torchserve_management, metrics_port=args.metrics_port,
                       metrics_address=args.metrics_address, metrics_per_class=args.metrics_per_class,
-                      store_dir=args.store_dir, poll_interval=args.poll_interval,
+                      store_dir=args.store_dir, store_poll_interval=args.store_poll_interval,
+                      poll_interval=args.poll_interval,
                       default_timeout=args.default_timeout, token_file=args.token_file,
                       explain_anomaly=args.explain_anomaly))
     return 0

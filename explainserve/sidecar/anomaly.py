@@ -7,6 +7,12 @@ start-up and refused, with a logged reason, when it is corrupt, truncated, uncal
 names another model than its folder; it is refused later when TorchServe turns out to serve
 the model (by default) in another version than the store's manifest names.
 
+Stores are reloaded while serving (:meth:`AnomalyScoring.watch`, and :meth:`AnomalyScoring.wake`
+on SIGHUP): a store folder whose fingerprint (its inode, and every file's name, mtime, size and
+inode) changed is verified again off the event loop, and the result replaces the model's slot
+in one assignment; a request keeps the scorer it started with. A folder that disappeared is
+unavailable ("store removed") until it is back.
+
 A refused or missing store never fails a request: Explain answers carry an UNAVAILABLE
 anomaly report with the reason. Health (:attr:`AnomalyScoring.healthy`): SERVING when at least
 one store is in use and none was refused.
@@ -14,9 +20,11 @@ one store is in use and none was refused.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +39,7 @@ log = logging.getLogger(__name__)
 NO_STORE = "no distribution store"
 STORE_REFUSED = "store refused"          # corrupt, truncated, uncalibrated, unreadable
 STORE_MISMATCH = "store mismatch"        # built for another model or version
+STORE_REMOVED = "store removed"          # its folder left --store-dir while serving
 NO_ALPHA = "no filter scores"            # the handler returned no alpha
 SCORING_FAILED = "scoring failed"        # the scorer refused the handler's alpha, or an internal error
 
@@ -49,15 +58,45 @@ class ScoringUnavailable(Exception):
         self.message = message
 
 
-@dataclass
+@dataclass(frozen=True)
 class StoreSlot:
-    """One ``--store-dir`` entry: its scorer once loaded, or why it was refused."""
+    """One ``--store-dir`` entry: its scorer once loaded, or why it was refused.
+
+    Never changed in place: a transition puts a new slot into :attr:`AnomalyScoring.slots`, so a
+    reader holding a slot sees one consistent state.
+    """
 
     name: str
     path: Path
     scorer: Scorer | None = None
     reason: str = ""   # metric label while refused
     problem: str = ""  # full text while refused
+    fingerprint: object = None  # folder_fingerprint() taken before the store was read
+
+    @property
+    def state(self) -> tuple:
+        """What a transition changes: the store in use (sha256, version) or the refusal."""
+        if self.scorer is None:
+            return None, self.reason, self.problem
+        return self.scorer.store.sha256, self.scorer.store.meta.model_version
+
+
+def folder_fingerprint(path: Path):
+    """Cheap change check of a store folder (a few stat calls): the folder's inode and every
+    entry's (name, mtime_ns, size, inode); None when the folder is gone."""
+    try:
+        folder = path.stat()
+        with os.scandir(path) as entries:
+            listing = sorted((entry.name, *_stat_key(entry.stat())) for entry in entries)
+    except FileNotFoundError:
+        return None
+    except OSError as error:  # a file went away between the listing and its stat: look again
+        return ("unreadable", str(error), time.monotonic_ns())
+    return folder.st_ino, tuple(listing)
+
+
+def _stat_key(stat: os.stat_result) -> tuple:
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
 
 def class_verdict(scores: BatchScores, row: int) -> explain_pb2.ClassVerdict:
@@ -95,6 +134,9 @@ class AnomalyScoring:
         self.store_dir = Path(store_dir) if store_dir is not None else None
         self.slots: dict[str, StoreSlot] = {}
         self._listeners = []
+        self._served: dict[str, str] = {}  # model -> version TorchServe serves by default
+        self._wake = asyncio.Event()  # set by wake(); bound to the loop that first waits on it
+        self._forced = False
 
     # -- stores ------------------------------------------------------------------------
     def load(self) -> None:
@@ -105,50 +147,128 @@ class AnomalyScoring:
         if not self.store_dir.is_dir():
             log.error("--store-dir %s is not a folder: Explain answers carry no anomaly verdict", self.store_dir)
             return
-        for entry in sorted(self.store_dir.iterdir()):
-            if entry.name.startswith(".") or not entry.is_dir():
-                continue
-            slot = self.slots[entry.name] = StoreSlot(entry.name, entry)
-            self._load(slot)
+        self.apply(self.scan(force=True), notify=False)
         if not self.slots:
             log.error("--store-dir %s holds no store folder: Explain answers carry no anomaly verdict", self.store_dir)
 
-    def _load(self, slot: StoreSlot) -> None:
-        try:
-            store = load_store(slot.path)
-            meta = store.meta
-            if meta.model_name != slot.name:
-                self._refuse(slot, STORE_MISMATCH, f"distribution store {slot.path}: built for model {meta.model_name!r} "
-                                                   f"version {meta.model_version!r}, not {slot.name!r}")
-                return
-            slot.scorer = Scorer(store)
-        except StoreError as error:
-            self._refuse(slot, STORE_REFUSED, str(error))
-            return
-        self.metrics.store_info.labels(slot.name, store.meta.model_version, store.sha256).set(1)
-        self.metrics.store_build.labels(slot.name).set(store.build_timestamp)
-        self.metrics.start_scoring(slot.name, store.num_classes)
-        log.info("distribution store for model %r version %r loaded from %s: %d classes x %d filters, sha256 %s",
-                 slot.name, store.meta.model_version, slot.path, store.num_classes, store.meta.num_filters, store.sha256)
+    def store_folders(self) -> dict[str, Path]:
+        """``store_dir``'s store folders by model name; ``.``-entries and plain files are skipped."""
+        if self.store_dir is None or not self.store_dir.is_dir():
+            return {}
+        return {entry.name: entry for entry in sorted(self.store_dir.iterdir())
+                if not entry.name.startswith(".") and entry.is_dir()}
 
-    def _refuse(self, slot: StoreSlot, reason: str, problem: str) -> None:
-        if slot.scorer is not None:
-            store = slot.scorer.store
-            self.metrics.store_info.remove(slot.name, store.meta.model_version, store.sha256)
-            self.metrics.store_build.remove(slot.name)
-        slot.scorer, slot.reason, slot.problem = None, reason, problem
-        log.error("anomaly scoring unavailable for model %r: %s", slot.name, problem)
+    def scan(self, force: bool = False) -> list[StoreSlot]:
+        """New slots for the store folders that changed since they were read (all with
+        ``force``), each verified again, and for the folders that disappeared. Blocking (reads
+        and hashes the changed stores); changes nothing: hand the result to :meth:`apply`."""
+        folders = self.store_folders()
+        changed = []
+        for name in sorted(set(folders) | set(self.slots)):
+            path = folders.get(name, self.store_dir / name)
+            fingerprint = folder_fingerprint(path) if name in folders else None
+            slot = self.slots.get(name)
+            if slot is not None and not force and fingerprint == slot.fingerprint:
+                continue
+            if fingerprint is None:
+                changed.append(StoreSlot(name, path, reason=STORE_REMOVED, fingerprint=None,
+                                         problem=f"distribution store {path} was removed from --store-dir"))
+            else:
+                changed.append(self._open(name, path, fingerprint))
+        return changed
+
+    @staticmethod
+    def _open(name: str, path: Path, fingerprint) -> StoreSlot:
+        """The slot of the store in ``path``, loaded and verified, or refused with the reason."""
+        try:
+            store = load_store(path)
+            meta = store.meta
+            if meta.model_name != name:
+                return StoreSlot(name, path, None, STORE_MISMATCH, f"distribution store {path}: built for model "
+                                 f"{meta.model_name!r} version {meta.model_version!r}, not {name!r}", fingerprint)
+            return StoreSlot(name, path, Scorer(store), fingerprint=fingerprint)
+        except StoreError as error:
+            return StoreSlot(name, path, None, STORE_REFUSED, str(error), fingerprint)
+        except OSError as error:  # a file vanished or became unreadable while it was read
+            return StoreSlot(name, path, None, STORE_REFUSED, f"distribution store {path}: {error}", fingerprint)
+
+    def apply(self, slots: list[StoreSlot], *, notify: bool = True) -> None:
+        """Put ``slots`` (from :meth:`scan`) in use, one assignment each; logs and exports every
+        transition once and, with ``notify``, tells the health listeners when :attr:`healthy`
+        changed. Call it where the slots are read (the event loop) so that it does not
+        interleave with a request."""
+        was_healthy = self.healthy
+        for slot in slots:
+            served = self._served.get(slot.name)
+            if slot.scorer is not None and served and slot.scorer.store.meta.model_version != served:
+                slot = self._mismatch(slot, served)
+            old = self.slots.get(slot.name)
+            if old is not None and old.state == slot.state:
+                # the same store (or the same refusal) again: keep the scorer in use, log nothing
+                self.slots[slot.name] = replace(old, fingerprint=slot.fingerprint)
+                continue
+            self._transition(old, slot)
+        if notify and self.healthy != was_healthy:
+            self._notify()
+
+    def _transition(self, old: StoreSlot | None, new: StoreSlot) -> None:
+        if old is not None and old.scorer is not None:
+            store = old.scorer.store
+            self.metrics.store_info.remove(old.name, store.meta.model_version, store.sha256)
+            self.metrics.store_build.remove(old.name)
+        self.slots[new.name] = new
+        if new.scorer is None:
+            log.error("anomaly scoring unavailable for model %r: %s", new.name, new.problem)
+            return
+        store = new.scorer.store
+        self.metrics.store_info.labels(new.name, store.meta.model_version, store.sha256).set(1)
+        self.metrics.store_build.labels(new.name).set(store.build_timestamp)
+        self.metrics.start_scoring(new.name, store.num_classes)
+        log.info("distribution store for model %r version %r %s from %s: %d classes x %d filters, sha256 %s",
+                 new.name, store.meta.model_version, "loaded" if old is None else "reloaded", new.path,
+                 store.num_classes, store.meta.num_filters, store.sha256)
+
+    def reload(self, force: bool = False) -> None:
+        """:meth:`scan` then :meth:`apply`, blocking (tests and tools; the gateway uses :meth:`watch`)."""
+        self.apply(self.scan(force))
+
+    def wake(self) -> None:
+        """Make :meth:`watch` verify every store now (SIGHUP), changed or not."""
+        self._forced = True
+        self._wake.set()
+
+    async def watch(self, interval: float | None) -> None:
+        """Reload changed stores every ``interval`` seconds (None: only when woken), verifying
+        them in a worker thread and swapping them in on the event loop."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            force, self._forced = self._forced, False
+            try:
+                self.apply(await asyncio.to_thread(self.scan, force))
+            except Exception:  # noqa: BLE001 - a failed look at the folder must not end the watch
+                log.exception("reloading the distribution stores of %s failed", self.store_dir)
+
+    def _mismatch(self, slot: StoreSlot, version: str) -> StoreSlot:
+        built_for = slot.scorer.store.meta.model_version
+        return StoreSlot(slot.name, slot.path, None, STORE_MISMATCH,
+                         f"distribution store {slot.path}: built for model {slot.name!r} version {built_for!r}, "
+                         f"not {slot.name!r} version {version!r} (served by TorchServe)", slot.fingerprint)
 
     def model_served(self, model: str, version: str) -> None:
-        """TorchServe serves ``model`` in ``version`` by default: a store for another version is refused."""
-        slot = self.slots.get(model)
-        if slot is None or slot.scorer is None or not version:
+        """TorchServe serves ``model`` in ``version`` by default: a store for another version is
+        refused, now and when it is reloaded."""
+        if not version:
             return
-        built_for = slot.scorer.store.meta.model_version
-        if built_for != version:
-            self._refuse(slot, STORE_MISMATCH, f"distribution store {slot.path}: built for model {model!r} version "
-                                               f"{built_for!r}, not {model!r} version {version!r} (served by TorchServe)")
-            self._notify()
+        self._served[model] = version
+        slot = self.slots.get(model)
+        if slot is None or slot.scorer is None or slot.scorer.store.meta.model_version == version:
+            return
+        self._transition(slot, self._mismatch(slot, version))
+        self._notify()
 
     @property
     def healthy(self) -> bool:
@@ -169,7 +289,9 @@ class AnomalyScoring:
 
     def scorer_for(self, model: str, version: str = "") -> Scorer:
         """The scorer of ``model``; ``version``, when given, must be the store's. Raises ScoringUnavailable."""
-        slot = self.slots.get(model)
+        return self._usable(self.slots.get(model), model, version)
+
+    def _usable(self, slot: StoreSlot | None, model: str, version: str) -> Scorer:
         if slot is None:
             raise ScoringUnavailable(NO_STORE, NO_STORE if self.store_dir is None else
                                      f"{NO_STORE} for model {model!r} in {self.store_dir}")
@@ -243,6 +365,7 @@ class AnomalyScoring:
         """Score the requests of one model in one call; ``where`` prefixes each request's field names."""
         rows, classes, fields = [], [], []  # fields: (request position, alpha field, class field) per row
         scorer = None
+        slot = self.slots.get(model)  # one store for the whole group, even if it is reloaded meanwhile
         for position, request in enumerate(requests):
             if not request.alpha:
                 raise ValueError(f"{where[position]}alpha: the request has no filter scores")
@@ -250,7 +373,7 @@ class AnomalyScoring:
                 raise ValueError(f"{where[position]}label_alpha: give it exactly when label is set")
         for position, request in enumerate(requests):
             try:
-                scorer = self.scorer_for(model, request.model_version)
+                scorer = self._usable(slot, model, request.model_version)
             except ScoringUnavailable as error:
                 raise ScoringUnavailable(error.reason, f"{where[position]}model: {error.message}") from None
             rows.append(request.alpha)

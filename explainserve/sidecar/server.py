@@ -42,6 +42,8 @@ class GatewayConfig:
     default_timeout: float = 120.0
     # Distribution stores, one folder per model name (--store-dir); None: no anomaly verdicts.
     store_dir: str | None = None
+    # Seconds between checks of --store-dir for changed stores (0: only on SIGHUP).
+    store_poll_interval: float = 5.0
     metrics_per_class: bool = False  # `class` label on the anomaly counters
     # TorchServe's key_file.json; None when TorchServe runs without token authorisation.
     token_file: str | None = None
@@ -58,6 +60,7 @@ class Gateway:
         self.server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
         self._metrics_server = None
+        self.anomaly: AnomalyScoring | None = None
 
     async def start(self) -> int:
         """Start serving; returns the bound gRPC port."""
@@ -71,7 +74,7 @@ class Gateway:
         self._inference = channel(config.torchserve_inference, "inference")
         self._management = channel(config.torchserve_management, "management")
         catalog = ModelCatalog(self._inference, self._management, self.metrics, poll_interval=config.poll_interval)
-        anomaly = AnomalyScoring(self.metrics, config.store_dir)
+        anomaly = self.anomaly = AnomalyScoring(self.metrics, config.store_dir)
         await asyncio.to_thread(anomaly.load)  # verifies every array's sha256
         catalog.on_model(anomaly.model_served)
         service = ExplainerService(self._inference, catalog, self.metrics, anomaly,
@@ -106,9 +109,16 @@ class Gateway:
         self._metrics_server, _ = start_http_server(config.metrics_port, config.metrics_address,
                                                     registry=self.metrics.registry)
         self._tasks.append(asyncio.ensure_future(catalog.poll_forever()))
+        if config.store_dir is not None:  # reload stores that change (and on SIGHUP: reload_stores)
+            self._tasks.append(asyncio.ensure_future(anomaly.watch(config.store_poll_interval or None)))
         log.info("gateway on %s -> TorchServe %s; metrics on :%d", config.listen, config.torchserve_inference,
                  config.metrics_port)
         return port
+
+    def reload_stores(self) -> None:
+        """Verify every store of --store-dir again now, changed or not (SIGHUP)."""
+        if self.anomaly is not None:
+            self.anomaly.wake()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -125,7 +135,7 @@ class Gateway:
 
 
 def run(config: GatewayConfig) -> None:
-    """Run a gateway until interrupted (SIGINT / SIGTERM)."""
+    """Run a gateway until interrupted (SIGINT / SIGTERM); SIGHUP reloads the distribution stores."""
     import signal
 
     async def main():
@@ -134,6 +144,7 @@ def run(config: GatewayConfig) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(gateway.stop()))
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_stores)
         await gateway.wait()
 
     asyncio.run(main())
