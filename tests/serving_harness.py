@@ -10,16 +10,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 import torch
 import torchvision
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from explainserve.explainer import Explainer
 from explainserve.model_archive import write_archive
-from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, free_port
+from explainserve.sidecar.local import health, start_gateway, stop_gateway  # noqa: F401 - used by the tests
+from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig
 
 IMAGE_SIZE = (64, 64)
 CLIP_SIZE = (4, 32, 32)
@@ -77,38 +76,6 @@ class Stack:
     def logs(self) -> str:
         gateway_log = (self.workdir / "gateway.log").read_text(errors="replace").splitlines()[-40:]
         return self.torchserve.log_tail(40) + "\n==> gateway.log <==\n" + "\n".join(gateway_log)
-
-
-def start_gateway(workdir: Path, torchserve_inference: str, torchserve_management: str,
-                  poll_interval: float = 0.5, token_file: Path | None = None, extra_args: tuple[str, ...] = (),
-                  log_name: str = "gateway.log") -> tuple[subprocess.Popen, str, str]:
-    port, metrics_port = free_port(), free_port()
-    log = open(workdir / log_name, "ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "explainserve.cli", "sidecar", "--listen", f"127.0.0.1:{port}",
-         "--torchserve", torchserve_inference, "--torchserve-management", torchserve_management,
-         "--metrics-port", str(metrics_port), "--poll-interval", str(poll_interval),
-         *(["--token-file", str(token_file)] if token_file else []), *extra_args],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return process, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
-
-
-def health(target: str):
-    """The gateway's server-wide health status, None when it does not answer."""
-    with grpc.insecure_channel(target) as channel:
-        try:
-            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-        except grpc.RpcError:
-            return None
-
-
-def stop_gateway(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @contextlib.contextmanager

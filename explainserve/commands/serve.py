@@ -49,8 +49,9 @@ def start_gateway(listen: str, torchserve: TorchServe, metrics_port: int, log_pa
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_serving(target: str, timeout: float, process: subprocess.Popen | None = None) -> None:
-    """Block until the gateway's health check answers SERVING."""
+def wait_serving(target: str, timeout: float, process: subprocess.Popen | None = None, service: str = "") -> None:
+    """Block until the gateway's health check for ``service`` ("" server-wide, which follows
+    TorchServe; "anomaly": every distribution store loaded) answers SERVING."""
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -58,7 +59,8 @@ def wait_serving(target: str, timeout: float, process: subprocess.Popen | None =
             if process is not None and process.poll() is not None:
                 raise RuntimeError(f"the gateway exited with code {process.returncode}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
