@@ -1,6 +1,6 @@
 """Anomaly scoring speed and memory with a synthetic 1000-class x 2048-filter store.
 
-In-process (always): builds the store with the real builder, calibrates it, and prints
+In-process: builds the store with the real builder, calibrates it, and prints
 
 - ``store_serving_mb``: arrays the scorer reads (mean, P0.1, P99.9, exemplars, β grid);
 - ``store_total_mb``: all arrays, including the float16 percentile grid kept for offline use;
@@ -9,8 +9,18 @@ In-process (always): builds the store with the real builder, calibrates it, and 
 - the same with every per-input result object built (what a server returns);
 - ``single_request_ms`` p50/p99: one alpha vector scored and its result built.
 
-Over gRPC (with ``--grpc-target``): p50/p99 latency of the gateway's ``Score`` RPC against
-a server that has a store for ``--grpc-model`` loaded (target p99 <= 2 ms on loopback).
+Over gRPC: starts a gateway (``explainserve sidecar --store-dir DIR`` on free loopback ports,
+``DIR/synthetic/`` being the same store; no TorchServe, which Score and ScoreBatch do not need for
+a model with a store), waits until its ``anomaly`` health is SERVING, and prints
+
+- ``gateway_rss_mb_after_store_load``: the gateway process's resident memory once the store is
+  loaded and verified (and again after the timing);
+- ``grpc_score_ms`` p50/p99: sequential unary ``Score`` calls after a warm-up (target p99 <= 2 ms);
+- ``grpc_score_batch64_ms`` p50/p99 per ``ScoreBatch`` call of 64, and the scores per second
+  those calls give (client and gateway share the machine's cores).
+
+The gateway is stopped (SIGTERM, SIGKILL after 10 s) whatever happens. ``--grpc-target`` times a
+running gateway instead, one with a store for ``--grpc-model`` of the same size.
 
 Usage::
 
@@ -26,6 +36,7 @@ for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(variable, "1")
 
 import argparse  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -35,16 +46,23 @@ from tqdm import tqdm  # noqa: E402
 
 from explainserve.anomaly import Scorer, build_store, calibrate, load_store, save_calibration  # noqa: E402
 from explainserve.anomaly.synthetic import SyntheticClasses  # noqa: E402
+from explainserve.commands.serve import wait_serving  # noqa: E402
+from explainserve.sidecar.local import start_gateway, stop_gateway  # noqa: E402
+from explainserve.sidecar.torchserve import free_port  # noqa: E402
 
 MB = 1e6
 
 
-def resident_bytes() -> int:
-    """Resident set size of this process, from /proc."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def resident_bytes(pid: int | str = "self") -> int:
+    """Resident set size of a process (this one by default), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def build_synthetic_store(directory: Path, classes: int, filters: int, images_per_class: int,
@@ -60,6 +78,11 @@ def build_synthetic_store(directory: Path, classes: int, filters: int, images_pe
     held_out = np.repeat(np.arange(classes), held_out_per_class)
     save_calibration(store, calibrate(store, synthetic.sample(held_out, seed=9), held_out))
     return synthetic, seconds
+
+
+def percentiles_ms(seconds: list[float], prefix: str) -> dict:
+    return {f"{prefix}_ms_p50": float(np.percentile(seconds, 50) * 1e3),
+            f"{prefix}_ms_p99": float(np.percentile(seconds, 99) * 1e3)}
 
 
 def in_process(directory: Path, synthetic: SyntheticClasses, batches: int, requests: int) -> dict:
@@ -98,39 +121,72 @@ def in_process(directory: Path, synthetic: SyntheticClasses, batches: int, reque
         "store_load_seconds_with_sha256": load_seconds,
         "scores_per_second_per_core": vectorised,
         "scores_per_second_per_core_with_result_objects": with_objects,
-        "single_request_ms_p50": float(np.percentile(latencies, 50) * 1e3),
-        "single_request_ms_p99": float(np.percentile(latencies, 99) * 1e3),
+        **percentiles_ms(latencies, "single_request"),
         "surprising_filters_per_input": float(first.surprise_count.mean()),
         "expected_missing_filters_per_input": float(first.expectation_count.mean()),
     }
 
 
-def grpc_score_latency(target: str, model: str, num_filters: int, num_classes: int, requests: int = 2000) -> dict:
-    """p50/p99 latency of the gateway's ``Score`` RPC at ``target`` (host:port), seconds -> ms.
-
-    The server must have a distribution store for ``model`` with ``num_filters`` filters and
-    ``num_classes`` classes loaded.
-    """
+def grpc_score_latency(target: str, model: str, synthetic: SyntheticClasses, requests: int, batches: int,
+                       warm_up: int = 200) -> dict:
+    """Latency of the gateway's ``Score`` (sequential unary calls after ``warm_up`` of them) and
+    ``ScoreBatch`` of 64 at ``target`` (host:port), whose store for ``model`` is ``synthetic``'s."""
     import grpc
 
     from explainserve._generated import explain_pb2, explain_pb2_grpc
 
     rng = np.random.default_rng(2)
+    classes = rng.integers(0, synthetic.loc.shape[0], size=(20, 64))  # 20 distinct batches, cycled
+    alphas = [synthetic.sample(row, seed=100 + i) for i, row in enumerate(classes)]
+    singles = [explain_pb2.ScoreRequest(model=model, alpha=alpha.tolist(), predicted_class=int(class_id))
+               for alpha_rows, row in zip(alphas[:4], classes[:4]) for alpha, class_id in zip(alpha_rows, row)]
+    batch_requests = [explain_pb2.ScoreBatchRequest(requests=[
+        explain_pb2.ScoreRequest(model=model, alpha=alpha.tolist(), predicted_class=int(class_id))
+        for alpha, class_id in zip(alpha_rows, row)]) for alpha_rows, row in zip(alphas, classes)]
     with grpc.insecure_channel(target) as channel:
         stub = explain_pb2_grpc.ExplainerStub(channel)
-        requests_list = [
-            explain_pb2.ScoreRequest(model=model, alpha=rng.gamma(2.0, 0.01, num_filters).astype(np.float32).tolist(),
-                                     predicted_class=int(rng.integers(num_classes)))
-            for _ in range(min(requests, 200))
-        ]
-        stub.Score(requests_list[0], timeout=10)  # connect and warm up
-        latencies = []
+        for index in range(warm_up):  # connect, and warm both sides up
+            stub.Score(singles[index % len(singles)], timeout=10)
+        single = []
         for index in range(requests):
             started = time.perf_counter()
-            stub.Score(requests_list[index % len(requests_list)], timeout=10)
-            latencies.append(time.perf_counter() - started)
-    return {"grpc_score_ms_p50": float(np.percentile(latencies, 50) * 1e3),
-            "grpc_score_ms_p99": float(np.percentile(latencies, 99) * 1e3)}
+            stub.Score(singles[index % len(singles)], timeout=10)
+            single.append(time.perf_counter() - started)
+        for request in batch_requests[:10]:
+            stub.ScoreBatch(request, timeout=30)
+        batched = []
+        for index in range(batches):
+            started = time.perf_counter()
+            stub.ScoreBatch(batch_requests[index % len(batch_requests)], timeout=30)
+            batched.append(time.perf_counter() - started)
+    return {**percentiles_ms(single, "grpc_score"), **percentiles_ms(batched, "grpc_score_batch64"),
+            "grpc_score_batch64_scores_per_second": 64 * len(batched) / sum(batched)}
+
+
+def grpc_with_gateway(store: Path, scratch: Path, synthetic: SyntheticClasses, requests: int, batches: int) -> dict:
+    """Start a gateway with ``store`` as its only distribution store, time it, always stop it."""
+    model = synthetic.meta.model_name
+    store_dir = scratch / "gateway_stores"
+    store_dir.mkdir()
+    (store_dir / model).symlink_to(store.resolve(), target_is_directory=True)  # DIR/<model name>/
+    nowhere = f"127.0.0.1:{free_port()}"  # no TorchServe: Score needs none for a model with a store
+    gateway, target, _ = start_gateway(scratch, nowhere, nowhere, poll_interval=30.0,
+                                       extra_args=("--store-dir", str(store_dir)))
+    try:
+        started = time.perf_counter()
+        wait_serving(target, timeout=300, process=gateway, service="anomaly")
+        figures = {"gateway_start_seconds": time.perf_counter() - started,
+                   "gateway_rss_mb_after_store_load": resident_bytes(gateway.pid) / MB}
+        figures.update(grpc_score_latency(target, model, synthetic, requests, batches))
+        figures["gateway_rss_mb_after_timing"] = resident_bytes(gateway.pid) / MB
+    except BaseException:
+        log = (scratch / "gateway.log").read_text(errors="replace").splitlines()[-40:]
+        print("==> gateway.log <==", *log, sep="\n", file=sys.stderr)
+        raise
+    finally:
+        stop_gateway(gateway)
+    figures["gateway_exit_code"] = gateway.returncode
+    return figures
 
 
 def main() -> None:
@@ -142,12 +198,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=200, help="batches of 64 timed")
     parser.add_argument("--requests", type=int, default=2000, help="single requests timed")
     parser.add_argument("--store", type=Path, help="reuse (or create) the synthetic store here")
-    parser.add_argument("--grpc-target", help="also time the Score RPC of a running gateway, host:port")
-    parser.add_argument("--grpc-model", default="synthetic", help="model name whose store the gateway holds")
+    parser.add_argument("--grpc-target", help="time this running gateway (host:port) instead of starting one")
+    parser.add_argument("--grpc-model", default="synthetic", help="with --grpc-target: the model whose store it holds")
     args = parser.parse_args()
 
+    print(f"load_average_at_start {load_average()}")
     with tempfile.TemporaryDirectory(prefix="explainserve-bench-") as scratch:
-        directory = args.store or Path(scratch) / "store"
+        scratch = Path(scratch)
+        directory = args.store or scratch / "store"
         if (directory / "manifest.json").exists():
             synthetic = SyntheticClasses.random(args.classes, args.filters, seed=0)
         else:
@@ -155,11 +213,14 @@ def main() -> None:
                                                        args.images_per_class, args.held_out_per_class)
             print(f"store_build_seconds {seconds:.1f}  ({args.classes * args.images_per_class} training vectors)")
         figures = in_process(directory, synthetic, args.batches, args.requests)
-    if args.grpc_target:
-        figures.update(grpc_score_latency(args.grpc_target, args.grpc_model, args.filters, args.classes, args.requests))
+        if args.grpc_target:
+            figures.update(grpc_score_latency(args.grpc_target, args.grpc_model, synthetic, args.requests, args.batches))
+        else:
+            figures.update(grpc_with_gateway(directory, scratch, synthetic, args.requests, args.batches))
     print(f"store: {args.classes} classes x {args.filters} filters")
     for name, value in figures.items():
         print(f"{name} {value:.3f}" if isinstance(value, float) else f"{name} {value}")
+    print(f"load_average_at_end {load_average()}")
 
 
 if __name__ == "__main__":
