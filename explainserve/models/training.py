@@ -48,7 +48,7 @@ RECIPES = {
     # Sized for about 30 minutes on a busy 2-core CPU (20-50 images/s, 4-10 clips/s).
     "image": DemoRecipe("image", IMAGE_ARCHITECTURE, FashionScenes, epochs=8, samples_per_epoch=6400,
                         batch_size=64, learning_rate=3e-3, test_size=4000),
-    "video": DemoRecipe("video", VIDEO_ARCHITECTURE, MovingFashion, epochs=3, samples_per_epoch=2400,
+    "video": DemoRecipe("video", VIDEO_ARCHITECTURE, MovingFashion, epochs=4, samples_per_epoch=2400,
                         batch_size=24, learning_rate=3e-3, val_size=480, test_size=1000),
 }
 
