@@ -2,8 +2,9 @@
 
 1. trains the demo models if their weights are missing; 2. archives them into the model
 store; 3. starts TorchServe and the gateway (``explainserve serve``); 4. sends FashionScenes
-test images and one MovingFashion clip through ``Explain``; 5. prints predictions and
-timings; 6. writes overlay PNGs to ``out/``; 7. leaves the service running.
+test images and one MovingFashion clip through ``Explain``; 5. prints predictions,
+timings and anomaly verdicts; 6. writes overlay PNGs to ``out/``; 7. sends scenes on held-out
+backgrounds and draws the region behind the first ANOMALOUS verdict; 8. leaves the service running.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from explainserve import wire
+from explainserve._generated import explain_pb2
 from explainserve.client import ExplainClient
 from explainserve.commands import archive, serve
 from explainserve.commands.explain import print_result, render
 from explainserve.model_archive import write_archive
+from explainserve.overlay import overlay, save_png
 
 IMAGE_METHODS = ["swag_i_g", "jitter_cam"]
 VIDEO_METHODS = ["swag_v_i_g"]
@@ -23,6 +27,8 @@ VIDEO_METHODS = ["swag_v_i_g"]
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="build, serve and query the demo models end to end")
     parser.add_argument("--images", type=int, default=4, help="FashionScenes test images to send")
+    parser.add_argument("--ood-images", type=int, default=24,
+                        help="FashionScenes scenes on held-out backgrounds to send for anomaly verdicts")
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--model-store", type=Path, default=Path("model_store"))
     parser.add_argument("--port", type=int, default=50051)
@@ -51,6 +57,33 @@ def ensure_demo_archives(store: Path, weights_dir: Path | None) -> list[str]:
     return names
 
 
+def show_anomalies(client: ExplainClient, out: Path, count: int) -> None:
+    """Send scenes on held-out backgrounds, count the ANOMALOUS verdicts, and draw the region
+    that triggered the most surprising filter of the first flagged one."""
+    from explainserve.data import FashionScenes
+
+    scenes = FashionScenes("ood_backgrounds", size=count)
+    flagged = []
+    for index in range(count):
+        sample = scenes[index]
+        result = client.explain(sample["image"], model="demo_image", explain_anomaly=True, timeout=60)
+        if result.anomaly.predicted.verdict == explain_pb2.ClassVerdict.ANOMALOUS:
+            flagged.append((index, sample["image"], result))
+    print(f"\nscenes on held-out backgrounds: {len(flagged)} of {count} ANOMALOUS "
+          f"(the verdict is calibrated to flag 1 % of in-distribution scenes)")
+    for index, image, result in flagged[:1]:
+        print_result(f"held-out background scene {index}", result)
+        verdict = result.anomaly.predicted
+        if not verdict.HasField("surprise_region"):
+            print(f"  no surprise region: {verdict.surprise_region_unavailable}")
+            continue
+        region = verdict.surprise_region
+        path = out / f"ood_scene_{index}_surprise_region.png"
+        save_png(overlay(image, wire.to_numpy(region.heatmap), wire.to_numpy(region.segments)), path)
+        print(f"  region that triggered filter {region.filter} (segment {region.top_segment}); "
+              f"training exemplars of that filter: {list(region.exemplars)} -> {path}")
+
+
 def main(args) -> int:
     from explainserve.data import FashionScenes, MovingFashion
 
@@ -68,10 +101,12 @@ def main(args) -> int:
             result = client.explain(sample["image"], model="demo_image", methods=IMAGE_METHODS, timeout=60)
             print_result(f"scene {index} (true: {scenes.class_names[sample['label']]})", result)
             render(sample["image"], result, args.out / f"scene_{index}_{IMAGE_METHODS[0]}.png")
-        clip = MovingFashion("test", size=1)[0]
+        clips = MovingFashion("test", size=1)
+        clip = clips[0]
         result = client.explain(clip["clip"], model="demo_video", methods=VIDEO_METHODS, timeout=120)
-        print_result("clip 0", result)
+        print_result(f"clip 0 (true: {clips.class_names[clip['label']]})", result)
         render(clip["clip"], result, args.out / f"clip_0_{VIDEO_METHODS[0]}.png")
+        show_anomalies(client, args.out, args.ood_images)
     print(f"\nthe service is still running on {target}; try:\n"
           f"  explainserve explain IMAGE --model demo_image --method swag_i_g --target {target} --out overlay.png\n"
           f"stop it with: explainserve stop --run-dir {run_dir}")

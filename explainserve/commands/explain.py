@@ -49,7 +49,7 @@ def print_result(name: str, result) -> None:
             print(f"    {against} {verdict.class_name} ({verdict.class_index}): "
                   f"{explain_pb2.ClassVerdict.Verdict.Name(verdict.verdict)} score={verdict.score:.3g} "
                   f"beta={verdict.beta:.3g} (P{verdict.beta_percentile:.0f}, z={verdict.beta_z:.2f}) "
-                  f"surprising={len(verdict.surprising_filters)} missing={len(verdict.missing_filters)}")
+                  f"surprising={verdict.surprise_count} missing={verdict.expectation_count}")
             for reason in verdict.reasons:
                 print(f"      {Reason(reason.code, reason.value, reason.threshold, reason.source)}")
 
