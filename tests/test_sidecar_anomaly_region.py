@@ -11,6 +11,7 @@ from explainserve._generated import explain_pb2, handler_pb2, inference_pb2, inf
 from explainserve.client import ExplainClient, build_request
 from explainserve.commands.archive import demo_model
 from explainserve.commands.serve import wait_serving
+from explainserve.sidecar.service import region_filter
 from explainserve.data.scenes import FashionScenes
 from explainserve.wire import HANDLER_REQUEST_KEY, REGION_REQUEST_KEY, to_numpy
 from serving_harness import explainer_for, png, start_gateway, stop_gateway
@@ -35,8 +36,10 @@ def test_an_anomalous_verdict_carries_the_region_of_its_most_surprising_filter(s
     explainer = explainer_for(model, metadata)
     for verdict in (result.anomaly.predicted, result.anomaly.label):
         assert verdict.verdict == ANOMALOUS and verdict.surprising_filters, verdict
-        flag, region = verdict.surprising_filters[0], verdict.surprise_region
+        flag, region = region_filter(verdict), verdict.surprise_region
+        assert flag is not None and flag.alpha != 0
         assert (region.filter, region.class_index) == (flag.filter, verdict.class_index)
+        assert max(to_numpy(region.segment_scores)) > 0, "a blank region map"
         assert list(region.exemplars) == list(flag.exemplars) and len(region.exemplars) > 0
         assert not verdict.surprise_region_unavailable
         [expected] = explainer.filter_regions([noise], [flag.filter], targets=[verdict.class_index])
@@ -46,6 +49,18 @@ def test_an_anomalous_verdict_carries_the_region_of_its_most_surprising_filter(s
         assert region.top_segment == expected.top_segment
         assert np.abs(to_numpy(region.heatmap) - expected.heatmap).max() <= region.heatmap.scale / 2 + 1e-6
     assert result.anomaly.label.class_index == 2
+
+
+def test_the_region_skips_silent_filters():
+    """A filter with alpha == 0 (zero activation everywhere) can be surprising when its training
+    scores are all negative, but no pixel acts through it: the region is the next filter's."""
+    def flag(number, alpha):
+        return explain_pb2.FilterFlag(filter=number, alpha=alpha, threshold=-4e-5, exemplars=[number])
+
+    verdict = explain_pb2.ClassVerdict(surprising_filters=[flag(19, 0.0), flag(27, -3e-5), flag(35, 2e-4)])
+    assert region_filter(verdict).filter == 27
+    assert region_filter(explain_pb2.ClassVerdict(surprising_filters=[flag(19, 0.0)])) is None
+    assert region_filter(explain_pb2.ClassVerdict()) is None
 
 
 def test_no_region_unless_asked_or_for_a_normal_verdict(client, noise):

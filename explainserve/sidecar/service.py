@@ -51,6 +51,14 @@ class RpcFailure(Exception):
         self.message = message
 
 
+def region_filter(verdict: explain_pb2.ClassVerdict) -> explain_pb2.FilterFlag | None:
+    """The filter whose surprise region is shown: the most surprising one with a non-zero
+    Grad-AMap score. A filter whose score is exactly 0 has zero activation (or zero gradient)
+    everywhere, so no pixel acts through it and its region map would be blank; it can still
+    be surprising when its training scores are all negative."""
+    return next((flag for flag in verdict.surprising_filters if flag.alpha != 0), None)
+
+
 class ExplainerService(explain_pb2_grpc.ExplainerServicer):
     """Serves Explain (forwarded to TorchServe) and Score / ScoreBatch (in-process).
 
@@ -157,17 +165,23 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
         surprising filter, from one more handler call (a RegionRequest), with that filter's
         exemplars. A failure is written into the verdicts, never raised."""
         anomalous = [v for v in (report.predicted, report.label) if v.verdict == explain_pb2.ClassVerdict.ANOMALOUS]
-        asked = []
+        asked, flags = [], []
         for verdict in anomalous:
-            if verdict.surprising_filters:
+            flag = region_filter(verdict)
+            if flag is not None:
                 asked.append(verdict)
+                flags.append(flag)
+            elif verdict.surprising_filters:
+                verdict.surprise_region_unavailable = (
+                    "the surprising filters are silent on this input (zero activation or gradient everywhere): "
+                    "no region drives them")
             else:
                 verdict.surprise_region_unavailable = "no surprising filter: the verdict rests on the other tests"
         if not asked:
             return
         region_request = handler_pb2.RegionRequest(filters=[
-            handler_pb2.FilterTarget(filter=verdict.surprising_filters[0].filter, class_index=verdict.class_index)
-            for verdict in asked])
+            handler_pb2.FilterTarget(filter=flag.filter, class_index=verdict.class_index)
+            for verdict, flag in zip(asked, flags)])
         forwarded = inference_pb2.PredictionsRequest(
             model_name=request.model, model_version=request.model_version,
             input={HANDLER_REQUEST_KEY: request.SerializeToString(), REGION_REQUEST_KEY: region_request.SerializeToString()},
@@ -189,9 +203,9 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
             for verdict in asked:
                 verdict.surprise_region_unavailable = f"region call failed: {message}"
             return
-        for verdict, region in zip(asked, result.regions):
+        for verdict, flag, region in zip(asked, flags, result.regions):
             verdict.surprise_region.CopyFrom(region)
-            verdict.surprise_region.exemplars.extend(verdict.surprising_filters[0].exemplars)
+            verdict.surprise_region.exemplars.extend(flag.exemplars)
 
     async def _metadata(self, model: str, version: str) -> dict:
         if not model:
