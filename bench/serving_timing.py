@@ -23,10 +23,9 @@ from tqdm import tqdm
 
 from explainserve.client import ExplainClient, build_request
 from explainserve.commands.archive import IMAGENET_MEAN, IMAGENET_STD, demo_model
-from explainserve.commands.serve import start_gateway, wait_serving
 from explainserve.explainer import ExplainOptions, Explainer
 from explainserve.model_archive import write_archive
-from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, free_port
+from explainserve.sidecar.local import local_service
 from explainserve.wire import HANDLER_REQUEST_KEY
 from explainserve._generated import inference_pb2, inference_pb2_grpc
 
@@ -113,25 +112,12 @@ def main() -> None:
         tmp = Path(tmp)
         for model, metadata in models:
             write_archive(model, metadata, tmp / "store", batch_size=1, max_batch_delay_ms=1)
-        torchserve = TorchServe(TorchServeConfig(
-            model_store=tmp / "store", models={m["name"]: f"{m['name']}.mar" for _, m in models}, workdir=tmp / "ts",
-            grpc_inference_port=0, grpc_management_port=0, disable_token_auth=True)).start()
-        gateway = None
-        try:
-            torchserve.wait_ready(timeout=300)
-            listen = f"127.0.0.1:{free_port()}"
-            gateway = start_gateway(listen, torchserve, free_port(), tmp / "gateway.log")
-            wait_serving(listen, timeout=60, process=gateway)
-            with ExplainClient(listen) as client, grpc.insecure_channel(torchserve.grpc_target, options=[
-                    ("grpc.max_receive_message_length", 64 << 20)]) as channel:
-                stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
-                ratios = {m["name"]: measure(m["name"], model, m, client, stub, args.repeats, args.jitter_repeats)
-                          for model, m in models}
-        finally:
-            if gateway is not None:
-                gateway.terminate()
-                gateway.wait(10)
-            torchserve.stop()
+        with local_service(tmp / "store", [m["name"] for _, m in models], tmp) as (torchserve, _, listen), \
+                ExplainClient(listen) as client, \
+                grpc.insecure_channel(torchserve.grpc_target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+            stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+            ratios = {m["name"]: measure(m["name"], model, m, client, stub, args.repeats, args.jitter_repeats)
+                      for model, m in models}
     print(f"\ngrpc_overhead_ratio = {ratios['resnet50']:.3f} (target <= 1.10)")
 
 

@@ -46,8 +46,7 @@ from tqdm import tqdm  # noqa: E402
 
 from explainserve.anomaly import Scorer, build_store, calibrate, load_store, save_calibration  # noqa: E402
 from explainserve.anomaly.synthetic import SyntheticClasses  # noqa: E402
-from explainserve.commands.serve import wait_serving  # noqa: E402
-from explainserve.sidecar.local import start_gateway, stop_gateway  # noqa: E402
+from explainserve.sidecar.local import start_gateway, stop_gateway, wait_serving  # noqa: E402
 from explainserve.sidecar.torchserve import free_port  # noqa: E402
 
 MB = 1e6

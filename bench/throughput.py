@@ -36,10 +36,9 @@ from tqdm import tqdm
 
 from explainserve.client import ExplainClient, build_request
 from explainserve.commands.archive import IMAGENET_MEAN, IMAGENET_STD, demo_model
-from explainserve.commands.serve import start_gateway, wait_serving
 from explainserve.explainer import ExplainOptions, Explainer
 from explainserve.model_archive import write_archive
-from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, free_port
+from explainserve.sidecar.local import local_service
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["swag_i_g"]
@@ -219,16 +218,9 @@ def main() -> None:
             names[batch_size, delay] = name = f"{metadata['name']}_b{batch_size}_d{delay}"
             write_archive(model, {**metadata, "name": name}, tmp / "store", batch_size=batch_size, max_batch_delay_ms=delay)
         threads = str(args.threads)
-        torchserve = TorchServe(TorchServeConfig(
-            model_store=tmp / "store", models={name: f"{name}.mar" for name in names.values()}, workdir=tmp / "ts",
-            grpc_inference_port=0, grpc_management_port=0, disable_token_auth=True,
-            env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})).start()
-        gateway = None
-        try:
-            torchserve.wait_ready(timeout=600)
-            listen = f"127.0.0.1:{free_port()}"
-            gateway = start_gateway(listen, torchserve, free_port(), tmp / "gateway.log")
-            wait_serving(listen, timeout=60, process=gateway)
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        with local_service(tmp / "store", list(names.values()), tmp, ready_timeout=600, env=env) as (
+                torchserve, gateway, listen):
             for batch_size, delay in tqdm(SETTINGS, desc="settings"):
                 clients = 2 * batch_size
                 rps, latencies, batches, served_cpu = served_throughput(
@@ -241,11 +233,6 @@ def main() -> None:
                 tqdm.write(f"B={batch_size} delay={delay} ms: served {rps:.2f} req/s, p95 {rows[-1].p95_s:.2f} s, "
                            f"in-process {library:.2f} img/s, efficiency {rows[-1].efficiency:.2f}, "
                            f"cpu_efficiency {rows[-1].cpu_efficiency:.2f}")
-        finally:
-            if gateway is not None:
-                gateway.terminate()
-                gateway.wait(10)
-            torchserve.stop()
     load_after = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     print(write_report(rows, description, (load_before, load_after), args.out, args.out.with_suffix(".png").with_name("throughput.png")))
 

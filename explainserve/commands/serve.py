@@ -10,13 +10,10 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path, PurePosixPath
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from explainserve.sidecar.local import wait_serving
 from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, stop_process_group
 
 DEFAULT_RUN_DIR = Path("out/serve")
@@ -47,26 +44,6 @@ def start_gateway(listen: str, torchserve: TorchServe, metrics_port: int, log_pa
                "--metrics-port", str(metrics_port), *extra_args]
     with open(log_path, "ab") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_serving(target: str, timeout: float, process: subprocess.Popen | None = None, service: str = "") -> None:
-    """Block until the gateway's health check for ``service`` ("" server-wide, which follows
-    TorchServe; "anomaly": every distribution store loaded) answers SERVING."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"the gateway exited with code {process.returncode}")
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the gateway at {target} is not SERVING after {timeout} s")
-            time.sleep(0.3)
 
 
 def unpack_stores(model_store: Path, archives: list[str], stores: Path) -> list[str]:

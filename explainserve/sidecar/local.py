@@ -1,15 +1,19 @@
-"""A gateway process (``explainserve sidecar``) on free loopback ports, for tests and benchmarks."""
+"""A gateway process (``explainserve sidecar``) on free loopback ports, alone or in front of a
+TorchServe it starts, for tests and benchmarks."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from explainserve.sidecar.torchserve import free_port
+from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, free_port
 
 
 def start_gateway(workdir: Path, torchserve_inference: str, torchserve_management: str,
@@ -50,3 +54,45 @@ def health(target: str, service: str = ""):
                                                              timeout=2).status
         except grpc.RpcError:
             return None
+
+
+def wait_serving(target: str, timeout: float, process: subprocess.Popen | None = None, service: str = "") -> None:
+    """Block until the gateway's health check for ``service`` ("" server-wide, which follows
+    TorchServe; "anomaly": every distribution store loaded) answers SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the gateway exited with code {process.returncode}")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the gateway at {target} is not SERVING after {timeout} s")
+            time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def local_service(model_store: Path, models: Sequence[str], workdir: Path, *, ready_timeout: float = 300.0,
+                  env: dict[str, str] | None = None) -> Iterator[tuple[TorchServe, subprocess.Popen, str]]:
+    """TorchServe serving ``<name>.mar`` of ``model_store`` for each name in ``models`` (token
+    authorisation off, free loopback ports, working files in ``workdir``) and a gateway in
+    front of it; yields (torchserve, gateway process, gateway target) once both serve, and
+    always stops both."""
+    torchserve = TorchServe(TorchServeConfig(
+        model_store=model_store, models={name: f"{name}.mar" for name in models}, workdir=workdir / "ts",
+        grpc_inference_port=0, grpc_management_port=0, disable_token_auth=True, env=env or {})).start()
+    gateway = None
+    try:
+        torchserve.wait_ready(timeout=ready_timeout)
+        gateway, target, _ = start_gateway(workdir, torchserve.grpc_target, torchserve.management_target)
+        wait_serving(target, timeout=60, process=gateway)
+        yield torchserve, gateway, target
+    finally:
+        if gateway is not None:
+            stop_gateway(gateway)
+        torchserve.stop()
