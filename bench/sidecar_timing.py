@@ -15,6 +15,8 @@ a model with a store), waits until its ``anomaly`` health is SERVING, and prints
 
 - ``gateway_rss_mb_after_store_load``: the gateway process's resident memory once the store is
   loaded and verified (and again after the timing);
+- ``grpc_health_check_ms`` p50/p99: sequential health checks, a unary call that does no work:
+  the floor the Python gRPC stack and the machine set for any call;
 - ``grpc_score_ms`` p50/p99: sequential unary ``Score`` calls after a warm-up (target p99 <= 2 ms);
 - ``grpc_score_batch64_ms`` p50/p99 per ``ScoreBatch`` call of 64, and the scores per second
   those calls give (client and gateway share the machine's cores).
@@ -131,6 +133,7 @@ def grpc_score_latency(target: str, model: str, synthetic: SyntheticClasses, req
     """Latency of the gateway's ``Score`` (sequential unary calls after ``warm_up`` of them) and
     ``ScoreBatch`` of 64 at ``target`` (host:port), whose store for ``model`` is ``synthetic``'s."""
     import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from explainserve._generated import explain_pb2, explain_pb2_grpc
 
@@ -146,6 +149,13 @@ def grpc_score_latency(target: str, model: str, synthetic: SyntheticClasses, req
         stub = explain_pb2_grpc.ExplainerStub(channel)
         for index in range(warm_up):  # connect, and warm both sides up
             stub.Score(singles[index % len(singles)], timeout=10)
+        # The floor of a unary call on this machine: the gateway's health check does no work.
+        health_stub, health_request = health_pb2_grpc.HealthStub(channel), health_pb2.HealthCheckRequest(service="anomaly")
+        floor = []
+        for _ in range(requests):
+            started = time.perf_counter()
+            health_stub.Check(health_request, timeout=10)
+            floor.append(time.perf_counter() - started)
         single = []
         for index in range(requests):
             started = time.perf_counter()
@@ -158,7 +168,8 @@ def grpc_score_latency(target: str, model: str, synthetic: SyntheticClasses, req
             started = time.perf_counter()
             stub.ScoreBatch(batch_requests[index % len(batch_requests)], timeout=30)
             batched.append(time.perf_counter() - started)
-    return {**percentiles_ms(single, "grpc_score"), **percentiles_ms(batched, "grpc_score_batch64"),
+    return {**percentiles_ms(floor, "grpc_health_check"), **percentiles_ms(single, "grpc_score"),
+            **percentiles_ms(batched, "grpc_score_batch64"),
             "grpc_score_batch64_scores_per_second": 64 * len(batched) / sum(batched)}
 
 
