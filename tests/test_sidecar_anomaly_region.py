@@ -3,18 +3,22 @@ by the gateway's --explain-anomaly default, only for ANOMALOUS verdicts, equal t
 
 from __future__ import annotations
 
+import shutil
+import time
+
 import grpc
 import numpy as np
 import pytest
 
 from explainserve._generated import explain_pb2, handler_pb2, inference_pb2, inference_pb2_grpc
 from explainserve.client import ExplainClient, build_request
+from explainserve.commands import archive
 from explainserve.commands.archive import demo_model
 from explainserve.commands.serve import wait_serving
 from explainserve.sidecar.service import region_filter
 from explainserve.data.scenes import FashionScenes
 from explainserve.wire import HANDLER_REQUEST_KEY, REGION_REQUEST_KEY, to_numpy
-from serving_harness import explainer_for, png, start_gateway, stop_gateway
+from serving_harness import explainer_for, png, stack_for_module, start_gateway, stop_gateway
 # The same served stack as the anomaly tests: the demo image model and a small calibrated store.
 from test_sidecar_anomaly import client, demo_store, stack  # noqa: F401
 
@@ -87,7 +91,7 @@ def test_the_gateway_default_applies_when_the_request_leaves_the_field_unset(sta
             refused = client.send(build_request(png(noise), model=MODEL, explain_anomaly=False), timeout=60).anomaly.predicted
     finally:
         stop_gateway(process)
-    assert default.verdict == ANOMALOUS and default.surprise_region.filter == default.surprising_filters[0].filter
+    assert default.verdict == ANOMALOUS and default.surprise_region.filter == region_filter(default).filter
     assert default.surprise_region.segments.shape == [SIDE, SIDE]
     assert not refused.HasField("surprise_region")
 
@@ -100,3 +104,40 @@ def test_the_handler_region_path_through_torchserve_rejects_a_bad_filter(stack, 
                                      REGION_REQUEST_KEY: region.SerializeToString()}), timeout=60)
     error = handler_pb2.HandlerResponse.FromString(answer.prediction).error
     assert error.code == 3 and "filter: must be in [0," in error.message
+
+
+HANDLER_DELAY_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def slow_stack(request, tmp_path_factory):
+    """The demo image model behind a handler that sleeps HANDLER_DELAY_S on every call, with its
+    committed distribution store."""
+    workdir = tmp_path_factory.mktemp("region_slow")
+    shutil.copytree(archive.demo_store("image")[0], workdir / "stores" / MODEL)  # the committed store
+    yield from stack_for_module(request, workdir, [demo_model("image")], batch_size=1, max_batch_delay_ms=1,
+                                env={"EXPLAINSERVE_TEST_HANDLER_DELAY_S": str(HANDLER_DELAY_S)},
+                                gateway_args=("--store-dir", str(workdir / "stores")))
+
+
+def test_a_region_call_that_misses_the_deadline_leaves_the_answer_intact(slow_stack):
+    """The Explain call fits the client's deadline, the extra region call does not: the answer
+    arrives in time with its maps and verdict, and the verdict says why it has no region."""
+    # ANOMALOUS against the committed store, with a surprising filter that is not silent.
+    scene = png(FashionScenes("ood_backgrounds", size=4)[3]["image"])
+    deadline = 2 * HANDLER_DELAY_S - 0.5
+    with ExplainClient(slow_stack.target) as client:
+        started = time.monotonic()
+        result = client.send(build_request(scene, model=MODEL, methods=["grad_cam"], explain_anomaly=True),
+                             timeout=deadline)
+        elapsed = time.monotonic() - started
+        verdict = result.anomaly.predicted
+        assert verdict.verdict == ANOMALOUS and region_filter(verdict) is not None
+        assert not verdict.HasField("surprise_region")
+        assert verdict.surprise_region_unavailable.startswith("region call failed: "), verdict.surprise_region_unavailable
+        assert "DEADLINE_EXCEEDED" in verdict.surprise_region_unavailable or "no time left" in verdict.surprise_region_unavailable
+        assert result.maps["grad_cam"].heatmap.shape == (SIDE, SIDE)
+        assert HANDLER_DELAY_S <= elapsed < deadline
+        # The gateway keeps serving: a deadline long enough for both calls gets the region.
+        served = client.send(build_request(scene, model=MODEL, explain_anomaly=True), timeout=4 * HANDLER_DELAY_S + 30)
+        assert served.anomaly.predicted.HasField("surprise_region")

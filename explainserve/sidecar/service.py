@@ -35,8 +35,9 @@ TORCHSERVE_CODES = {
 # Score / ScoreBatch with at most this many filter scores run on the event loop, larger ones in a thread.
 INLINE_SCORES = 1 << 16
 
-# Seconds of the client's deadline kept for answering after a surprise-region call.
-REGION_MARGIN = 0.1
+# Seconds of the client's deadline kept for answering after a surprise-region call (the answer
+# with its maps still has to be serialised and sent on a possibly busy machine).
+REGION_MARGIN = 0.25
 
 # TorchServe fails the batch of a worker that died with RESOURCE_EXHAUSTED and this message.
 WORKER_DIED = "Worker died"
