@@ -2,12 +2,13 @@
 
 One probe pass (forward + guided backward) serves the prediction, SWAG's pixel scores,
 Grad-CAM and the Grad-AMap filter scores; SWAG_I's superpixels, which need only the image,
-are computed on a worker thread while the network runs. Jitter-CAM adds its own batched pass
+are computed on a worker thread while the network runs when a core is free for them. Jitter-CAM adds its own batched pass
 over the patches. Handlers and command-line tools call this; it knows nothing of serving.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +40,12 @@ SWAG_VARIANT = {
     "swag_i": "i", "swag_g": "g", "swag_i_g": "i_g",
     "swag_v_i": "i", "swag_v_g": "g", "swag_v_i_g": "i_g",
 }
+
+
+def spare_core() -> bool:
+    """Whether this process may use more cores than torch's intra-op threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores > torch.get_num_threads()
 
 
 @dataclass
@@ -219,9 +226,11 @@ class Explainer:
         images = rgb.movedim(1, -1).numpy().astype(np.float64)  # (B, [T,] H, W, 3) for SLIC
         timings = {"preprocess": time.perf_counter() - started}
 
-        # Colour-only superpixels need no gradient: start them before the network pass.
+        # Colour-only superpixels need no gradient: start them before the network pass, but only
+        # when torch leaves a core idle; on a machine whose cores torch already uses, SLIC in
+        # parallel slows the network pass by more than it saves.
         colour_segments = {}
-        if any(SWAG_VARIANT[m] == "i" for m in swag_methods):
+        if any(SWAG_VARIANT[m] == "i" for m in swag_methods) and spare_core():
             colour_segments = {b: self._superpixel_pool.submit(gradient_slic, images[b], None, variant="i", **slic_options)
                                for b in range(batch)}
 
@@ -254,9 +263,12 @@ class Explainer:
             for b in range(batch):
                 for method in swag_methods:
                     variant = SWAG_VARIANT[method]
-                    segments = colour_segments[b] if variant == "i" else self._superpixel_pool.submit(
-                        gradient_slic, images[b], scores[b], variant=variant, **slic_options)
-                    jobs[b, method] = segments
+                    if variant == "i" and b in colour_segments:
+                        jobs[b, method] = colour_segments[b]
+                    else:
+                        jobs[b, method] = self._superpixel_pool.submit(
+                            gradient_slic, images[b], None if variant == "i" else scores[b], variant=variant,
+                            **slic_options)
             for (b, method), future in jobs.items():
                 explanation = swag(images[b], scores[b], segments=future.result())
                 maps[b][method] = ExplanationMap(explanation.heatmap, explanation.segments, explanation.segment_scores)
