@@ -20,7 +20,7 @@ test: install
 bench-core: install
 	$(PY) bench/core_timing.py
 
-# Tables 1-7 of bench/REPORT.md on the demo models (about 32 minutes on 2 cores);
+# Tables 1-7 of bench/REPORT.md on the demo models (11 minutes on 2 idle cores, 37 loaded);
 # bench-ood reruns only Table 7, OOD detection (1-3 minutes).
 bench: install
 	$(PY) bench/evaluate.py

@@ -21,6 +21,8 @@ THESIS_DELETION = {"Grad-CAM": "0.105 / 0.142", "SWAG_I": "0.092", "SWAG_I+G": "
 THESIS_FILTERS = {"random": 0.733, "grad_cam_pp": 0.230, "grad_cam": 0.225, "xgrad_cam": 0.225, "l1_norm": 0.618,
                   "taylor": 0.629, "taylor_class": 0.392, "grad_amap": 0.146}
 NOTES = Path(__file__).resolve().parent / "report_notes.md"
+# Written by bench/throughput.py, which needs TorchServe and runs on its own; the report quotes it.
+THROUGHPUT = Path(__file__).resolve().parent / "THROUGHPUT.md"
 
 
 def _cpu() -> str:
@@ -199,4 +201,6 @@ def render(results: dict) -> str:
              _table5(results), _table6(results), _orderings(results)]
     if "ood" in results:
         parts.append(eval_ood.section(results["ood"]))
+    if THROUGHPUT.exists():
+        parts.append([THROUGHPUT.read_text().strip(), ""])
     return "\n".join(line for part in parts for line in part) + "\n"
