@@ -22,9 +22,9 @@ from torch import nn
 from .cam import grad_cam
 from .grad_amap import grad_amap
 from .jitter_cam import jitter_cam
-from .methods import DEFAULT_METHODS, IMAGE_METHODS, METHODS, VIDEO_METHODS  # noqa: F401 (part of this API)
+from .methods import DEFAULT_METHODS, IMAGE_METHODS, METHODS, SUPPRESSION_STEPS, VIDEO_METHODS  # noqa: F401 (part of this API)
 from .probe import probe
-from .surprise import REGION_SEGMENTS, FilterRegion, filter_regions
+from .surprise import REGION_SEGMENTS, FilterRegion, Suppression, filter_regions, suppress_surprise
 from .superpixels import MAX_SEGMENTS, check_superpixel_parameters, gradient_slic
 from .swag import pixel_scores, swag
 
@@ -321,3 +321,20 @@ class Explainer:
         rgb = self.preprocess(samples)
         return filter_regions(self.model, (rgb - self.mean) / self.std, list(filters), target=targets,
                               images=rgb.movedim(1, -1).numpy(), layer=self.layer, n_segments=n_segments)
+
+    def suppress_surprise(self, samples: Sequence[np.ndarray], regions: Sequence[FilterRegion],
+                          steps: int = SUPPRESSION_STEPS) -> list[Suppression]:
+        """Delete each sample's region superpixels, best first, until the prediction changes
+        (thesis 6.4.1); one batched forward pass. See :func:`explainserve.surprise.suppress_surprise`.
+
+        Parameters
+        ----------
+        samples : list of uint8 ndarray, each (H, W, 3) or (T, H, W, 3)
+            The samples :meth:`filter_regions` was given.
+        regions : sequence of FilterRegion
+            What :meth:`filter_regions` returned for them.
+        steps : int
+            The most segments deleted per sample, in [1, 100].
+        """
+        rgb = self.preprocess(samples)
+        return suppress_surprise(self.model, (rgb - self.mean) / self.std, regions, steps=steps)

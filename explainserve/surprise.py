@@ -11,6 +11,11 @@ drives it. For each sample and its filter n at the target layer:
 4. it is pooled (segment mean, eq. 3.1) into about 50 plain colour SLIC superpixels (or
    supervoxels over T x H x W for clips); the top-scoring segment is the region.
 
+Surprise suppression (thesis 6.4.1, :func:`suppress_surprise`) is the counterfactual: delete the
+region's superpixels, highest score first, one more at a time, and see whether and to what the
+prediction changes. It needs the ground truth to say whether that "fixes" the input, so it is a
+tool for audits with a label, not a runtime detector.
+
 Why |gradient| and not its positive part: a vanilla gradient's sign at a pixel says whether
 brightening or darkening that channel raises the score, which depends on the colour of the
 pixel relative to the normalisation mean, not on whether the pixel belongs to the feature.
@@ -33,7 +38,8 @@ import torch
 from torch import nn
 
 from .grad_amap import grad_amap
-from .probe import probe
+from .methods import SUPPRESSION_STEPS
+from .probe import eval_mode, probe
 from .superpixels import MAX_SEGMENTS, gradient_slic
 from .swag import segment_means
 
@@ -41,6 +47,8 @@ from .swag import segment_means
 REGION_SEGMENTS = 50
 # SLIC compactness m; the colour-only SLIC distance with wc = m is standard SLIC's.
 REGION_COMPACTNESS = 10.0
+# Each suppression step is one more image in a batched forward pass.
+MAX_SUPPRESSION_STEPS = 100
 
 
 @dataclass
@@ -210,3 +218,109 @@ def filter_regions(
         ))
     return regions
 
+
+@dataclass
+class Suppression:
+    """The prediction as a region's superpixels are deleted one more at a time (thesis 6.4.1).
+
+    Attributes
+    ----------
+    original : int
+        The class predicted on the intact input.
+    deleted_segments : ndarray of int32, shape (k,)
+        Segment labels deleted, highest segment score first, up to and including the step at
+        which the prediction changed (all the steps tried when it never did).
+    predicted : ndarray of int64, shape (k,)
+        The class predicted after each deletion step.
+    probabilities : ndarray of float32, shape (k,)
+        Softmax probability of ``original`` after each step.
+    """
+
+    original: int
+    deleted_segments: np.ndarray
+    predicted: np.ndarray
+    probabilities: np.ndarray
+
+    @property
+    def changed(self) -> bool:
+        """Whether deleting the segments changed the prediction."""
+        return bool(len(self.predicted)) and int(self.predicted[-1]) != self.original
+
+    @property
+    def predicted_after(self) -> int:
+        """The class predicted after the last deletion step (``original`` if none was tried)."""
+        return int(self.predicted[-1]) if len(self.predicted) else self.original
+
+
+def suppress_surprise(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    regions: Sequence[FilterRegion],
+    *,
+    steps: int = SUPPRESSION_STEPS,
+) -> list[Suppression]:
+    """Delete each region's top superpixels one more at a time until the prediction changes.
+
+    Deleting sets the pixels (voxels) of a segment to 0 in normalised input space, the
+    training mean, as the thesis does. Every step of every sample runs in one batched
+    forward pass without gradients.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The classifier the regions were found on; run in eval mode, its flags left as found.
+    inputs : Tensor, shape (B, C, H, W) or (B, C, T, H, W)
+        The normalised inputs the regions belong to.
+    regions : sequence of FilterRegion, length B
+        Each sample's region (:func:`filter_regions`); its ``segments`` and ``segment_scores``
+        order the deletions.
+    steps : int
+        The most segments deleted per sample, in [1, ``MAX_SUPPRESSION_STEPS``] (100); fewer
+        when a sample has fewer segments.
+
+    Returns
+    -------
+    list of Suppression, one per sample
+
+    Raises
+    ------
+    ValueError
+        Naming the parameter: ``steps`` out of range, a region count other than B, or
+        segments whose shape differs from the inputs'.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_SUPPRESSION_STEPS:
+        raise ValueError(f"steps: expected an int in [1, {MAX_SUPPRESSION_STEPS}], got {steps!r}")
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim not in (4, 5):
+        raise ValueError("inputs: expected a tensor of shape (B, C, H, W) or (B, C, T, H, W)")
+    if len(regions) != inputs.shape[0]:
+        raise ValueError(f"regions: expected one per sample ({inputs.shape[0]}), got {len(regions)}")
+    spatial = tuple(inputs.shape[2:])
+    variants, orders = [], []
+    for sample, region in zip(inputs, regions):
+        segments = torch.as_tensor(np.asarray(region.segments, dtype=np.int64))
+        if tuple(segments.shape) != spatial:
+            raise ValueError(f"regions: segments of shape {tuple(segments.shape)} for inputs of {spatial}")
+        order = np.argsort(-np.asarray(region.segment_scores), kind="stable")[:steps]
+        orders.append(order.astype(np.int32))
+        deleted = torch.zeros(spatial, dtype=torch.bool)
+        variants.append(sample)  # step 0: the intact input
+        for segment in order:
+            deleted |= segments == int(segment)
+            variants.append(sample.masked_fill(deleted, 0.0))  # (C, ...) masked over every channel
+    with torch.no_grad(), eval_mode(model):
+        probabilities = torch.softmax(model(torch.stack(variants)).float(), dim=1)
+    suppressions, start = [], 0
+    for order in orders:
+        block = probabilities[start:start + len(order) + 1]
+        start += len(order) + 1
+        original = int(block[0].argmax())
+        predicted = block[1:].argmax(dim=1).numpy()
+        changed = np.flatnonzero(predicted != original)
+        taken = int(changed[0]) + 1 if len(changed) else len(order)
+        suppressions.append(Suppression(
+            original=original,
+            deleted_segments=order[:taken],
+            predicted=predicted[:taken].astype(np.int64),
+            probabilities=block[1:taken + 1, original].numpy().astype(np.float32),
+        ))
+    return suppressions

@@ -8,7 +8,8 @@ Two request forms reach ``handle``:
   with the top classes and the default methods' maps;
 - region: the internal form plus a serialised ``explainserve.v1.RegionRequest`` under
   ``REGION_KEY``; the answer's ``regions`` hold, per requested filter, the superpixel that
-  triggered it (thesis 6.3.2), and the request's methods are not run.
+  triggered it (thesis 6.3.2), with the surprise-suppression counterfactual (6.4.1) when the
+  RegionRequest asks for it, and the request's methods are not run.
 
 Every item of a batch gets its own answer: a bad item's error is written into its answer
 (``HandlerError`` or ``{"error": ...}``) and never raised, because raising fails the batch.
@@ -29,7 +30,7 @@ from explainserve._generated import explain_pb2, handler_pb2
 from explainserve.explainer import DEFAULT_METHODS, ExplainOptions, Explainer
 from explainserve.model_archive import load_model
 from explainserve.superpixels import MAX_SEGMENTS
-from explainserve.surprise import REGION_COMPACTNESS, REGION_SEGMENTS, check_region_parameters
+from explainserve.surprise import MAX_SUPPRESSION_STEPS, REGION_COMPACTNESS, REGION_SEGMENTS, check_region_parameters
 
 REQUEST_KEY = wire.HANDLER_REQUEST_KEY
 REGION_KEY = wire.REGION_REQUEST_KEY
@@ -55,9 +56,11 @@ class ParsedItem:
     internal: bool = True
     decode_seconds: float = 0.0
     request: explain_pb2.ExplainRequest = field(default_factory=explain_pb2.ExplainRequest)
-    # A region request: (filter, class or None) pairs and the number of superpixels.
+    # A region request: (filter, class or None) pairs, the number of superpixels, and how many
+    # of them surprise suppression may delete (0: no suppression).
     regions: tuple[tuple[int, int | None], ...] | None = None
     region_segments: int = REGION_SEGMENTS
+    suppression_steps: int = 0
 
 
 class ExplainHandler:
@@ -87,14 +90,14 @@ class ExplainHandler:
         parsed: list[ParsedItem | handler_pb2.HandlerError] = [self.parse(item) for item in data]
         answers: list[bytes | None] = [None] * len(data)
         groups: dict[tuple, list[int]] = {}
-        region_groups: dict[int, list[int]] = {}
+        region_groups: dict[tuple[int, int], list[int]] = {}
         for index, item in enumerate(parsed):
             if isinstance(item, ParsedItem) and item.regions is not None:
-                region_groups.setdefault(item.region_segments, []).append(index)
+                region_groups.setdefault((item.region_segments, item.suppression_steps), []).append(index)
             elif isinstance(item, ParsedItem):
                 groups.setdefault((item.methods, astuple(item.options)), []).append(index)
-        for n_segments, indices in region_groups.items():
-            self.answer_regions(parsed, answers, indices, n_segments)
+        for (n_segments, steps), indices in region_groups.items():
+            self.answer_regions(parsed, answers, indices, n_segments, steps)
         for (methods, _), indices in groups.items():
             items = [parsed[i] for i in indices]
             try:
@@ -194,9 +197,12 @@ class ExplainHandler:
                 self.explainer.check_request([], ExplainOptions(), target=entry.class_index)
         n_segments = region.n_segments or REGION_SEGMENTS
         check_region_parameters(n_segments, REGION_COMPACTNESS, self.explainer.input_size)
+        if not 0 <= region.suppression_steps <= MAX_SUPPRESSION_STEPS:
+            raise ValueError(f"suppression_steps: must be in [0, {MAX_SUPPRESSION_STEPS}], got {region.suppression_steps}")
         parsed.methods = ()  # the ExplainRequest only carries the input
         parsed.regions = tuple((e.filter, e.class_index if e.HasField("class_index") else None) for e in region.filters)
         parsed.region_segments = n_segments
+        parsed.suppression_steps = region.suppression_steps
 
     def decode_request(self, request: explain_pb2.ExplainRequest) -> np.ndarray:
         raise NotImplementedError
@@ -204,14 +210,16 @@ class ExplainHandler:
     def decode_plain(self, payload: bytes) -> np.ndarray:
         raise NotImplementedError
 
-    def answer_regions(self, parsed: list, answers: list, indices: list[int], n_segments: int) -> None:
-        """One filter_regions pass for every (item, filter) pair of these region items."""
+    def answer_regions(self, parsed: list, answers: list, indices: list[int], n_segments: int, steps: int) -> None:
+        """One filter_regions pass for every (item, filter) pair of these region items, and one
+        suppression pass over them when ``steps`` > 0."""
         pairs = [(i, region) for i in indices for region in parsed[i].regions]
+        samples = [parsed[i].sample for i, _ in pairs]
         try:
             regions = self.explainer.filter_regions(
-                [parsed[i].sample for i, _ in pairs], [f for _, (f, _) in pairs],
-                targets=[c for _, (_, c) in pairs], n_segments=n_segments,
+                samples, [f for _, (f, _) in pairs], targets=[c for _, (_, c) in pairs], n_segments=n_segments,
             )
+            suppressions = self.explainer.suppress_surprise(samples, regions, steps) if steps else [None] * len(regions)
         except Exception as error:  # noqa: BLE001 - every item must get an answer
             code = INVALID_ARGUMENT if isinstance(error, ValueError) else INTERNAL
             for i in indices:
@@ -219,13 +227,19 @@ class ExplainHandler:
             return
         for i in indices:
             answer = handler_pb2.HandlerResponse()
-            for (owner, _), region in zip(pairs, regions):
+            for (owner, _), region, suppression in zip(pairs, regions, suppressions):
                 if owner == i:
-                    answer.regions.add(
+                    added = answer.regions.add(
                         filter=region.filter, class_index=region.target, top_segment=region.top_segment,
                         alpha=region.alpha, heatmap=wire.quantized_tensor(region.heatmap),
                         segments=wire.exact_tensor(region.segments), segment_scores=wire.exact_tensor(region.segment_scores),
                     )
+                    if suppression is not None:
+                        added.suppression.CopyFrom(explain_pb2.Suppression(
+                            deleted_segments=suppression.deleted_segments.tolist(),
+                            predicted=suppression.predicted.tolist(),
+                            probabilities=suppression.probabilities.tolist(),
+                            prediction_changed=suppression.changed, predicted_after=suppression.predicted_after))
             answers[i] = answer.SerializeToString()
 
     # -- encoding --------------------------------------------------------------------

@@ -52,6 +52,16 @@ def test_an_anomalous_verdict_carries_the_region_of_its_most_surprising_filter(s
         np.testing.assert_allclose(to_numpy(region.segment_scores), expected.segment_scores, rtol=1e-3, atol=1e-9)
         assert region.top_segment == expected.top_segment
         assert np.abs(to_numpy(region.heatmap) - expected.heatmap).max() <= region.heatmap.scale / 2 + 1e-6
+        # With a label the counterfactual comes along (thesis 6.4.1), equal to the library's.
+        [suppressed] = explainer.suppress_surprise([noise], [expected])
+        suppression = region.suppression
+        assert list(suppression.deleted_segments) == suppressed.deleted_segments.tolist()
+        assert suppression.deleted_segments[0] == region.top_segment
+        assert list(suppression.predicted) == suppressed.predicted.tolist()
+        np.testing.assert_allclose(suppression.probabilities, suppressed.probabilities, rtol=1e-4, atol=1e-6)
+        assert suppression.prediction_changed == suppressed.changed
+        assert suppression.predicted_after == suppressed.predicted_after
+        assert suppression.label_restored == (suppressed.changed and suppressed.predicted_after == 2)
     assert result.anomaly.label.class_index == 2
 
 
@@ -70,6 +80,8 @@ def test_the_region_skips_silent_filters():
 def test_no_region_unless_asked_or_for_a_normal_verdict(client, noise):
     plain = client.send(build_request(png(noise), model=MODEL), timeout=60)
     assert plain.anomaly.predicted.verdict == ANOMALOUS
+    unlabelled = client.send(build_request(png(noise), model=MODEL, explain_anomaly=True), timeout=60).anomaly.predicted
+    assert unlabelled.HasField("surprise_region") and not unlabelled.surprise_region.HasField("suppression")
     assert not plain.anomaly.predicted.HasField("surprise_region")
     assert not plain.anomaly.predicted.surprise_region_unavailable
     scenes = FashionScenes("test", seed=5, size=12, image_size=SIDE)
@@ -96,14 +108,18 @@ def test_the_gateway_default_applies_when_the_request_leaves_the_field_unset(sta
     assert not refused.HasField("surprise_region")
 
 
-def test_the_handler_region_path_through_torchserve_rejects_a_bad_filter(stack, noise):
-    region = handler_pb2.RegionRequest(filters=[handler_pb2.FilterTarget(filter=10_000)])
+@pytest.mark.parametrize("region, message", [
+    (handler_pb2.RegionRequest(filters=[handler_pb2.FilterTarget(filter=10_000)]), "filter: must be in [0,"),
+    (handler_pb2.RegionRequest(filters=[handler_pb2.FilterTarget(filter=1)], suppression_steps=101),
+     "suppression_steps: must be in [0, 100], got 101"),
+], ids=["filter", "suppression steps"])
+def test_the_handler_region_path_through_torchserve_rejects_bad_fields(stack, noise, region, message):
     with grpc.insecure_channel(stack.torchserve.grpc_target) as channel:
         answer = inference_pb2_grpc.InferenceAPIsServiceStub(channel).Predictions(inference_pb2.PredictionsRequest(
             model_name=MODEL, input={HANDLER_REQUEST_KEY: build_request(png(noise), model=MODEL).SerializeToString(),
                                      REGION_REQUEST_KEY: region.SerializeToString()}), timeout=60)
     error = handler_pb2.HandlerResponse.FromString(answer.prediction).error
-    assert error.code == 3 and "filter: must be in [0," in error.message
+    assert error.code == 3 and message in error.message, error.message
 
 
 HANDLER_DELAY_S = 3.0

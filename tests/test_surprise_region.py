@@ -10,7 +10,7 @@ from torch import nn
 
 from explainserve.explainer import Explainer
 from explainserve.probe import probe
-from explainserve.surprise import filter_regions
+from explainserve.surprise import FilterRegion, filter_regions, suppress_surprise
 
 
 def _reference_filter_gradient(model, layer, x, targets, filters):
@@ -213,3 +213,72 @@ def test_explainer_regions_from_raw_samples(resnet):
         explainer.filter_regions(samples, [1, 2], targets=[None, 6])
     with pytest.raises(ValueError, match=r"filters, targets: expected one entry per sample \(2\)"):
         explainer.filter_regions(samples, [1])
+
+
+class LeftHalfModel(nn.Module):
+    """Class 0's logit is the sum of the left half of the input, class 1's is 1: hand-computable."""
+
+    def forward(self, x):
+        left = x[..., : x.shape[-1] // 2].flatten(1).sum(dim=1)
+        return torch.stack([left, torch.ones_like(left)], dim=1)
+
+
+def _stripe_region(scores, size=8) -> FilterRegion:
+    """Four vertical stripes, two columns each, labelled 0..3 from the left."""
+    segments = np.repeat(np.arange(size) // 2, size).reshape(size, size).T.astype(np.int32)
+    scores = np.asarray(scores, dtype=np.float32)
+    return FilterRegion(filter=0, target=0, heatmap=scores[segments], pixel_scores=scores[segments], segments=segments,
+                        segment_scores=scores, top_segment=int(np.argmax(scores)), alpha=1.0)
+
+
+def test_suppression_deletes_the_top_segments_until_the_prediction_changes():
+    model = LeftHalfModel().train()
+    ones = torch.ones(2, 3, 8, 8)  # class 0's logit: 3 channels x 8 rows x 4 columns = 96
+    found = suppress_surprise(model, ones, [_stripe_region([3, 2, 1, 0]), _stripe_region([0, 0, 5, 4])], steps=3)
+    # Stripes 0 then 1 (the whole left half): 96 -> 48 -> 0 < 1, class 1 after the second step.
+    first = found[0]
+    assert first.original == 0 and first.deleted_segments.tolist() == [0, 1] and first.predicted.tolist() == [0, 1]
+    assert first.changed and first.predicted_after == 1
+    np.testing.assert_allclose(first.probabilities, [1 / (1 + np.exp(1 - 48)), 1 / (1 + np.exp(1))], rtol=1e-5)
+    # Stripes 2, 3 (right half, no effect), then 0 (48 > 1): three steps, no change.
+    second = found[1]
+    assert second.deleted_segments.tolist() == [2, 3, 0] and second.predicted.tolist() == [0, 0, 0]
+    assert not second.changed and second.predicted_after == 0
+    assert model.training, "the model's training flag was not restored"
+    # With room for a fourth step the last left stripe goes and the prediction changes.
+    assert suppress_surprise(model, ones[1:], [_stripe_region([0, 0, 5, 4])], steps=10)[0].deleted_segments.tolist() == [2, 3, 0, 1]
+
+
+def test_suppression_of_clip_regions_deletes_supervoxels():
+    clip = torch.ones(1, 3, 2, 8, 8)
+    region = _stripe_region([3, 2, 1, 0])
+    segments = np.stack([region.segments, region.segments])  # the same stripes in both frames
+    region = FilterRegion(**{**region.__dict__, "segments": segments, "heatmap": region.heatmap[None].repeat(2, 0),
+                             "pixel_scores": region.pixel_scores[None].repeat(2, 0)})
+    [found] = suppress_surprise(LeftHalfModel(), clip, [region])
+    assert found.deleted_segments.tolist() == [0, 1] and found.predicted_after == 1
+
+
+def test_suppression_rejects_bad_arguments():
+    ones = torch.ones(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"steps: expected an int in \[1, 100\]"):
+        suppress_surprise(LeftHalfModel(), ones, [_stripe_region([1, 0, 0, 0])], steps=0)
+    with pytest.raises(ValueError, match=r"regions: expected one per sample \(1\), got 2"):
+        suppress_surprise(LeftHalfModel(), ones, [_stripe_region([1, 0, 0, 0])] * 2)
+    with pytest.raises(ValueError, match=r"regions: segments of shape \(8, 8\) for inputs of \(16, 16\)"):
+        suppress_surprise(LeftHalfModel(), torch.ones(1, 3, 16, 16), [_stripe_region([1, 0, 0, 0])])
+
+
+def test_explainer_suppression_equals_deleting_by_hand(resnet):
+    explainer = Explainer(resnet, kind="image", input_size=(64, 64), mean=(0.5,) * 3, std=(0.25,) * 3,
+                          class_names=[str(i) for i in range(6)])
+    samples = [(_smooth_images(1, size=64, seed=s)[0].movedim(0, -1).numpy() * 255).astype(np.uint8) for s in (5, 6)]
+    regions = explainer.filter_regions(samples, [7, 30])
+    found = explainer.suppress_surprise(samples, regions, steps=4)
+    inputs = (explainer.preprocess(samples) - explainer.mean) / explainer.std
+    for b, (region, suppression) in enumerate(zip(regions, found)):
+        assert suppression.deleted_segments[0] == region.top_segment
+        deleted = np.isin(region.segments, suppression.deleted_segments)
+        with torch.no_grad():
+            by_hand = resnet(inputs[b:b + 1].masked_fill(torch.as_tensor(deleted), 0.0)).argmax(dim=1).item()
+        assert by_hand == suppression.predicted_after

@@ -58,30 +58,37 @@ def ensure_demo_archives(store: Path, weights_dir: Path | None) -> list[str]:
 
 
 def show_anomalies(client: ExplainClient, out: Path, count: int) -> None:
-    """Send scenes on held-out backgrounds, count the ANOMALOUS verdicts, and draw the region
-    that triggered the most surprising filter of the first flagged one."""
+    """Send scenes on held-out backgrounds with their labels, count the ANOMALOUS verdicts, draw
+    the region that triggered the most surprising filter of the first flagged one, and say
+    whether deleting that region gives the label back."""
     from explainserve.data import FashionScenes
 
     scenes = FashionScenes("ood_backgrounds", size=count)
     flagged = []
     for index in range(count):
         sample = scenes[index]
-        result = client.explain(sample["image"], model="demo_image", explain_anomaly=True, timeout=60)
+        result = client.explain(sample["image"], model="demo_image", label=sample["label"], explain_anomaly=True,
+                                timeout=60)
         if result.anomaly.predicted.verdict == explain_pb2.ClassVerdict.ANOMALOUS:
-            flagged.append((index, sample["image"], result))
+            flagged.append((index, sample, result))
     print(f"\nscenes on held-out backgrounds: {len(flagged)} of {count} ANOMALOUS "
           f"(the verdict is calibrated to flag 1 % of in-distribution scenes)")
-    for index, image, result in flagged[:1]:
-        print_result(f"held-out background scene {index}", result)
+    for index, sample, result in flagged[:1]:
+        print_result(f"held-out background scene {index} (true: {scenes.class_names[sample['label']]})", result)
         verdict = result.anomaly.predicted
         if not verdict.HasField("surprise_region"):
             print(f"  no surprise region: {verdict.surprise_region_unavailable}")
             continue
         region = verdict.surprise_region
         path = out / f"ood_scene_{index}_surprise_region.png"
-        save_png(overlay(image, wire.to_numpy(region.heatmap), wire.to_numpy(region.segments)), path)
+        save_png(overlay(sample["image"], wire.to_numpy(region.heatmap), wire.to_numpy(region.segments)), path)
         print(f"  region that triggered filter {region.filter} (segment {region.top_segment}); "
               f"training exemplars of that filter: {list(region.exemplars)} -> {path}")
+        suppression = region.suppression
+        outcome = (f"the prediction becomes {scenes.class_names[suppression.predicted_after]}"
+                   if suppression.prediction_changed else "the prediction does not change")
+        print(f"  deleting the region's top {len(suppression.deleted_segments)} superpixels: {outcome}"
+              f" ({'the label: restored' if suppression.label_restored else 'not the label'})")
 
 
 def main(args) -> int:

@@ -9,7 +9,7 @@ import time
 import grpc
 
 from explainserve import inputs
-from explainserve.methods import METHODS
+from explainserve.methods import METHODS, SUPPRESSION_STEPS
 from explainserve._generated import explain_pb2, explain_pb2_grpc, handler_pb2, inference_pb2, inference_pb2_grpc
 from explainserve.wire import HANDLER_REQUEST_KEY, REGION_REQUEST_KEY
 
@@ -180,9 +180,10 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
                 verdict.surprise_region_unavailable = "no surprising filter: the verdict rests on the other tests"
         if not asked:
             return
+        # With a label, the counterfactual too: does deleting the region give the label back?
         region_request = handler_pb2.RegionRequest(filters=[
             handler_pb2.FilterTarget(filter=flag.filter, class_index=verdict.class_index)
-            for verdict, flag in zip(asked, flags)])
+            for verdict, flag in zip(asked, flags)], suppression_steps=SUPPRESSION_STEPS if request.HasField("label") else 0)
         forwarded = inference_pb2.PredictionsRequest(
             model_name=request.model, model_version=request.model_version,
             input={HANDLER_REQUEST_KEY: request.SerializeToString(), REGION_REQUEST_KEY: region_request.SerializeToString()},
@@ -207,6 +208,9 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
         for verdict, flag, region in zip(asked, flags, result.regions):
             verdict.surprise_region.CopyFrom(region)
             verdict.surprise_region.exemplars.extend(flag.exemplars)
+            if region.HasField("suppression"):
+                suppression = verdict.surprise_region.suppression
+                suppression.label_restored = suppression.prediction_changed and suppression.predicted_after == request.label
 
     async def _metadata(self, model: str, version: str) -> dict:
         if not model:
