@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.explainserve-installed
 
-.PHONY: install demo test bench bench-core bench-ood load clean
+.PHONY: install demo test bench bench-core bench-ood bench-suppression load clean
 
 $(STAMP): pyproject.toml scripts/setup.sh scripts/gen_protos.py $(wildcard protos/explainserve/v1/*.proto)
 	./scripts/setup.sh
@@ -20,13 +20,16 @@ test: install
 bench-core: install
 	$(PY) bench/core_timing.py
 
-# Tables 1-7 of bench/REPORT.md on the demo models (11 minutes on 2 idle cores, 37 loaded);
-# bench-ood reruns only Table 7, OOD detection (1-3 minutes).
+# Tables 1-8 of bench/REPORT.md on the demo models (11 minutes on 2 idle cores, 37 loaded);
+# bench-ood reruns only Table 7, OOD detection (1-3 minutes), bench-suppression only Table 8 (under a minute).
 bench: install
 	$(PY) bench/evaluate.py
 
 bench-ood: install
 	$(PY) bench/eval_ood.py
+
+bench-suppression: install
+	$(PY) bench/eval_suppression.py
 
 # The steady locust scenario for 2 minutes against a locally started server; results in out/load/.
 load: install

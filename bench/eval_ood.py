@@ -239,13 +239,14 @@ def section(r: dict) -> list[str]:
     return rows
 
 
-def splice(report: str, lines: list[str]) -> str:
-    """Replace this section of ``report`` (from its heading to the next ``## `` heading), or append it."""
+def splice(report: str, lines: list[str], heading: str = HEADING) -> str:
+    """Replace the section of ``report`` that starts with ``heading`` (up to the next ``## ``
+    heading), or append it."""
     text = "\n".join(lines)
-    start = report.find(HEADING)
+    start = report.find(heading)
     if start < 0:
         return report.rstrip("\n") + "\n\n" + text + "\n"
-    end = report.find("\n## ", start + len(HEADING))
+    end = report.find("\n## ", start + len(heading))
     return report[:start] + text + ("\n" + report[end + 1:] if end >= 0 else "\n")
 
 

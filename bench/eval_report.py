@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import eval_ood
+from bench import eval_ood, eval_suppression
 from bench.eval_sections import GRID, mean_sem
 from explainserve.evaluation.localisation import THRESHOLDS
 from explainserve.explainer import SLIC_DEFAULTS
@@ -201,6 +201,8 @@ def render(results: dict) -> str:
              _table5(results), _table6(results), _orderings(results)]
     if "ood" in results:
         parts.append(eval_ood.section(results["ood"]))
+    if "suppression" in results:
+        parts.append(eval_suppression.section(results["suppression"]))
     if THROUGHPUT.exists():
         parts.append([THROUGHPUT.read_text().strip(), ""])
     return "\n".join(line for part in parts for line in part) + "\n"

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import eval_ood, eval_plots, eval_report, eval_sections  # noqa: E402
+from bench import eval_ood, eval_plots, eval_report, eval_sections, eval_suppression  # noqa: E402
 from bench.eval_methods import image_methods, video_methods  # noqa: E402
 from bench.eval_subjects import load_subject  # noqa: E402
 from explainserve.anomaly import StoreError  # noqa: E402
@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--video-n", type=int, default=16, help="MovingFashion test clips for Table 3")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="report folder")
     eval_ood.add_arguments(parser)
+    eval_suppression.add_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("image_n", "grid_n", "ranking_n", "filter_n", "timing_n", "video_n"):
         if getattr(args, name) < 2:
@@ -123,14 +124,16 @@ def main(argv=None) -> int:
     else:
         run_video(args, clips, results, timed)
 
-    if args.random_init:
-        results["ood"] = {"missing": "random-init models have no distribution store."}
-    else:
+    for key, table, name, module in (("ood", "Table 7", "OOD detection", eval_ood),
+                                     ("suppression", "Table 8", "surprise suppression", eval_suppression)):
+        if args.random_init:
+            results[key] = {"missing": "random-init models have no distribution store."}
+            continue
         try:
-            results["ood"] = timed("OOD detection", eval_ood.run, args)
+            results[key] = timed(name, module.run, args)
         except (FileNotFoundError, StoreError) as error:  # no committed store: say so instead of failing
-            print(f"Table 7 skipped: {error}", flush=True)
-            results["ood"] = {"missing": str(error)}
+            print(f"{table} skipped: {error}", flush=True)
+            results[key] = {"missing": str(error)}
 
     durations["total"] = time.perf_counter() - started
     results["durations"] = durations
