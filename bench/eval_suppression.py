@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import eval_ood  # noqa: E402
 from explainserve.anomaly import Scorer  # noqa: E402
-from explainserve.evaluation.suppression import most_surprising_live_filter, study_suppression  # noqa: E402
+from explainserve.evaluation.suppression import RANKINGS, most_surprising_live_filter, study_suppression  # noqa: E402
 from explainserve.grad_amap import grad_amap  # noqa: E402
 from explainserve.methods import SUPPRESSION_STEPS  # noqa: E402
 from explainserve.probe import probe  # noqa: E402
@@ -71,26 +71,24 @@ def run(args) -> dict:
     chosen = [(index, most_surprising_live_filter(scored.alpha[row], scored.surprising[row], thresholds[row]))
               for row, index in enumerate(wrong)]
     chosen = [(index, flt) for index, flt in chosen if flt is not None]
-    fixed = {"filtered": 0, "unfiltered": 0}
-    changed = {"filtered": 0, "unfiltered": 0}
-    deleted = {"filtered": [], "unfiltered": []}
-    only = {"filtered": 0, "unfiltered": 0}
+    fixed = {which: [] for which in RANKINGS}
+    changed = {which: 0 for which in RANKINGS}
+    deleted = {which: [] for which in RANKINGS}
     for start in tqdm(range(0, len(chosen), 64), desc="suppression", unit="batch", leave=False):
         part = chosen[start:start + 64]
         study = study_suppression(explainer, [images[i] for i, _ in part], labels[[i for i, _ in part]],
                                   [flt for _, flt in part], steps=args.suppression_steps)
-        ours, control = study.fixed("filtered"), study.fixed("unfiltered")
-        only["filtered"] += int((ours & ~control).sum())
-        only["unfiltered"] += int((control & ~ours).sum())
-        for which in fixed:
-            fixed[which] += int(study.fixed(which).sum())
-            found = study.filtered if which == "filtered" else study.unfiltered
+        for which, found in study.by_ranking.items():
+            fixed[which].append(study.fixed(which))
             changed[which] += sum(s.changed for s in found)
             deleted[which] += [len(s.deleted_segments) for s in found if s.changed]
+    ours, control = (np.concatenate(fixed[which]) if fixed[which] else np.zeros(0, bool) for which in RANKINGS)
     return {
         "images": len(images), "misclassified": len(wrong),
         "any_surprise": int((scored.surprise_count > 0).sum()), "studied": len(chosen),
-        "steps": args.suppression_steps, "fixed": fixed, "changed": changed, "only": only,
+        "steps": args.suppression_steps, "changed": changed,
+        "fixed": {"filtered": int(ours.sum()), "unfiltered": int(control.sum())},
+        "only": {"filtered": int((ours & ~control).sum()), "unfiltered": int((control & ~ours).sum())},
         "median_deleted": {k: float(np.median(v)) if v else float("nan") for k, v in deleted.items()},
         "seconds": time.perf_counter() - started,
     }

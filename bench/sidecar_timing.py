@@ -81,6 +81,16 @@ def build_synthetic_store(directory: Path, classes: int, filters: int, images_pe
     return synthetic, seconds
 
 
+def call_seconds(call, count: int) -> list[float]:
+    """Wall-clock seconds of ``call(index)`` for index 0 .. count - 1, one after another."""
+    seconds = []
+    for index in range(count):
+        started = time.perf_counter()
+        call(index)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
 def percentiles_ms(seconds: list[float], prefix: str) -> dict:
     return {f"{prefix}_ms_p50": float(np.percentile(seconds, 50) * 1e3),
             f"{prefix}_ms_p99": float(np.percentile(seconds, 99) * 1e3)}
@@ -109,12 +119,9 @@ def in_process(directory: Path, synthetic: SyntheticClasses, batches: int, reque
         scorer.score(alpha, row).samples()
     with_objects = batches * 64 / (time.perf_counter() - started)
 
-    latencies = []
-    for index in range(requests):
-        alpha = alphas[index % batches][index % 64]
-        started = time.perf_counter()
-        scorer.score(alpha, classes[index % batches, index % 64]).sample(0)
-        latencies.append(time.perf_counter() - started)
+    latencies = call_seconds(
+        lambda index: scorer.score(alphas[index % batches][index % 64], classes[index % batches, index % 64]).sample(0),
+        requests)
     return {
         "store_serving_mb": store.serving_bytes() / MB,
         "store_total_mb": store.total_bytes() / MB,
@@ -151,23 +158,12 @@ def grpc_score_latency(target: str, model: str, synthetic: SyntheticClasses, req
             stub.Score(singles[index % len(singles)], timeout=10)
         # The floor of a unary call on this machine: the gateway's health check does no work.
         health_stub, health_request = health_pb2_grpc.HealthStub(channel), health_pb2.HealthCheckRequest(service="anomaly")
-        floor = []
-        for _ in range(requests):
-            started = time.perf_counter()
-            health_stub.Check(health_request, timeout=10)
-            floor.append(time.perf_counter() - started)
-        single = []
-        for index in range(requests):
-            started = time.perf_counter()
-            stub.Score(singles[index % len(singles)], timeout=10)
-            single.append(time.perf_counter() - started)
+        floor = call_seconds(lambda _: health_stub.Check(health_request, timeout=10), requests)
+        single = call_seconds(lambda index: stub.Score(singles[index % len(singles)], timeout=10), requests)
         for request in batch_requests[:10]:
             stub.ScoreBatch(request, timeout=30)
-        batched = []
-        for index in range(batches):
-            started = time.perf_counter()
-            stub.ScoreBatch(batch_requests[index % len(batch_requests)], timeout=30)
-            batched.append(time.perf_counter() - started)
+        batched = call_seconds(lambda index: stub.ScoreBatch(batch_requests[index % len(batch_requests)], timeout=30),
+                               batches)
     return {**percentiles_ms(floor, "grpc_health_check"), **percentiles_ms(single, "grpc_score"),
             **percentiles_ms(batched, "grpc_score_batch64"),
             "grpc_score_batch64_scores_per_second": 64 * len(batched) / sum(batched)}

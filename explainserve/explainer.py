@@ -2,8 +2,9 @@
 
 One probe pass (forward + guided backward) serves the prediction, SWAG's pixel scores,
 Grad-CAM and the Grad-AMap filter scores; SWAG_I's superpixels, which need only the image,
-are computed on a worker thread while the network runs when a core is free for them. Jitter-CAM adds its own batched pass
-over the patches. Handlers and command-line tools call this; it knows nothing of serving.
+are computed on a worker thread while the network runs when a core is free for them.
+Jitter-CAM adds its own batched pass over the patches. Handlers and command-line tools call
+this; it knows nothing of serving.
 """
 
 from __future__ import annotations

@@ -31,13 +31,13 @@ def test_the_study_suppresses_the_filter_region_and_the_vanilla_control_on_the_s
     labels, filters = [1, 2, 3], [5, 100, 300]
     study = study_suppression(explainer, samples, labels, filters, steps=4)
     regions = explainer.filter_regions(samples, filters, targets=labels)
-    assert [s.deleted_segments.tolist() for s in study.filtered] == \
+    assert [s.deleted_segments.tolist() for s in study.by_ranking["filtered"]] == \
         [s.deleted_segments.tolist() for s in explainer.suppress_surprise(samples, regions, 4)]
     rgb = explainer.preprocess(samples)
     vanilla = probe(model, (rgb - explainer.mean) / explainer.std, target=labels, input_gradient=False,
                     vanilla_gradient=True).vanilla_gradient.abs().amax(dim=1).numpy()
-    for control, region, pixel in zip(study.unfiltered, regions, vanilla):
+    for control, region, pixel in zip(study.by_ranking["unfiltered"], regions, vanilla):
         assert control.deleted_segments[0] == int(np.argmax(segment_means(pixel, region.segments)))
     fixed = study.fixed("filtered")
     assert fixed.dtype == bool and fixed.tolist() == [s.changed and s.predicted_after == label
-                                                      for s, label in zip(study.filtered, labels)]
+                                                      for s, label in zip(study.by_ranking["filtered"], labels)]

@@ -17,33 +17,32 @@ import numpy as np
 from ..explainer import Explainer
 from ..methods import SUPPRESSION_STEPS
 from ..probe import probe
-from ..surprise import FilterRegion, Suppression
+from ..surprise import FilterRegion, Suppression, filter_regions, suppress_surprise
 from ..swag import segment_means
+
+
+RANKINGS = ("filtered", "unfiltered")
 
 
 @dataclass
 class SuppressionStudy:
-    """Per studied input: its filter and the two suppressions.
+    """Per studied input, the suppression under each ranking of the same superpixels.
 
     Attributes
     ----------
-    filters : ndarray of int, shape (n,)
-        The filter whose region was deleted.
-    filtered, unfiltered : list of Suppression, length n
-        Deleting the region ranked through that filter alone, and ranked by the vanilla
-        gradient through every filter (same superpixels).
+    by_ranking : dict of str to list of Suppression, each of length n
+        "filtered": ranked by the gradient through the surprising filter alone; "unfiltered":
+        ranked by the vanilla gradient through every filter.
     labels : ndarray of int, shape (n,)
     """
 
-    filters: np.ndarray
-    filtered: list[Suppression]
-    unfiltered: list[Suppression]
+    by_ranking: dict[str, list[Suppression]]
     labels: np.ndarray
 
-    def fixed(self, which: str) -> np.ndarray:
-        """Bool (n,): the prediction after deletion is the true label ("filtered" or "unfiltered")."""
-        found = self.filtered if which == "filtered" else self.unfiltered
-        return np.array([s.changed and s.predicted_after == label for s, label in zip(found, self.labels)], dtype=bool)
+    def fixed(self, ranking: str) -> np.ndarray:
+        """Bool (n,): the prediction after deletion is the true label."""
+        return np.array([s.changed and s.predicted_after == label
+                         for s, label in zip(self.by_ranking[ranking], self.labels)], dtype=bool)
 
 
 def most_surprising_live_filter(alpha: np.ndarray, surprising: np.ndarray, thresholds: np.ndarray) -> int | None:
@@ -73,12 +72,17 @@ def study_suppression(explainer: Explainer, samples: Sequence[np.ndarray], label
     labels, filters : sequences of int, one per sample
     steps : int
         The most superpixels deleted per sample.
+
+    The samples are preprocessed once; both suppressions and the vanilla gradient run on the
+    same normalised inputs.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    regions = explainer.filter_regions(samples, list(filters), targets=labels.tolist())
     rgb = explainer.preprocess(samples)
-    result = probe(explainer.model, (rgb - explainer.mean) / explainer.std, layer=explainer.layer,
-                   target=labels.tolist(), input_gradient=False, vanilla_gradient=True)
+    inputs = (rgb - explainer.mean) / explainer.std
+    regions = filter_regions(explainer.model, inputs, list(filters), target=labels.tolist(),
+                             images=rgb.movedim(1, -1).numpy(), layer=explainer.layer)
+    result = probe(explainer.model, inputs, layer=explainer.layer, target=labels.tolist(), input_gradient=False,
+                   vanilla_gradient=True)
     scores = result.vanilla_gradient.abs().amax(dim=1).numpy()
     controls: list[FilterRegion] = []
     for region, pixel in zip(regions, scores):
@@ -86,8 +90,7 @@ def study_suppression(explainer: Explainer, samples: Sequence[np.ndarray], label
         controls.append(replace(region, heatmap=means[region.segments], pixel_scores=pixel, segment_scores=means,
                                 top_segment=int(np.argmax(means))))
     return SuppressionStudy(
-        filters=np.asarray(filters, dtype=np.int64),
-        filtered=explainer.suppress_surprise(samples, regions, steps),
-        unfiltered=explainer.suppress_surprise(samples, controls, steps),
+        by_ranking={"filtered": suppress_surprise(explainer.model, inputs, regions, steps=steps),
+                    "unfiltered": suppress_surprise(explainer.model, inputs, controls, steps=steps)},
         labels=labels,
     )
