@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.explainserve-installed
 
-.PHONY: install demo test bench bench-core bench-ood bench-suppression load clean
+.PHONY: install demo test test-unit bench bench-core bench-ood bench-suppression load clean
 
 $(STAMP): pyproject.toml scripts/setup.sh scripts/gen_protos.py $(wildcard protos/explainserve/v1/*.proto)
 	./scripts/setup.sh
@@ -16,6 +16,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+# The library, handlers and gateway logic without starting TorchServe, the gateway or Prometheus.
+test-unit: install
+	$(PY) -m pytest -q -p no:cacheprovider --durations=10 tests/unit
 
 bench-core: install
 	$(PY) bench/core_timing.py

@@ -22,8 +22,8 @@ from PIL import Image
 
 from explainserve import wire
 from explainserve._generated import explain_pb2, explain_pb2_grpc
+from explainserve.wire import MAX_MESSAGE_BYTES  # re-exported for clients
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # gRPC's reconnect backoff grows to 120 s; capped, a restarted gateway is found again within ~2 s.
 MAX_RECONNECT_BACKOFF_MS = 2000
 

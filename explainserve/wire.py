@@ -10,6 +10,10 @@ import numpy as np
 
 from explainserve._generated import explain_pb2
 
+# Both hops (client -> gateway, gateway -> TorchServe) carry full-resolution maps and clips;
+# TorchServe's default limit is 6553500 bytes.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
 # The input-map key under which the gateway sends a serialised ExplainRequest to TorchServe.
 HANDLER_REQUEST_KEY = "explainserve.v1.ExplainRequest"
 # Beside it, a serialised RegionRequest asks for the regions that triggered given filters.

@@ -12,13 +12,13 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from explainserve._generated import explain_pb2, explain_pb2_grpc
+from explainserve.wire import MAX_MESSAGE_BYTES
 
-from .anomaly import AnomalyScoring
+from .scoring import AnomalyScoring
 from .catalog import ModelCatalog
 from .keys import KeyFile, KeyInterceptor
 from .metrics import GatewayMetrics
 from .service import ExplainerService
-from .torchserve import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = explain_pb2.DESCRIPTOR.services_by_name["Explainer"].full_name

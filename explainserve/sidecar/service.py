@@ -13,7 +13,7 @@ from explainserve.methods import METHODS, SUPPRESSION_STEPS
 from explainserve._generated import explain_pb2, explain_pb2_grpc, handler_pb2, inference_pb2, inference_pb2_grpc
 from explainserve.wire import HANDLER_REQUEST_KEY, REGION_REQUEST_KEY
 
-from .anomaly import MAX_BATCH, AnomalyScoring, ScoringUnavailable
+from .scoring import MAX_BATCH, AnomalyScoring, ScoringUnavailable
 from .catalog import ModelCatalog, UnknownModel, is_unknown_model
 from .metrics import GatewayMetrics, method_label
 from .validation import check_request

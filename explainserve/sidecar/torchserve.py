@@ -18,8 +18,7 @@ from pathlib import Path
 
 import grpc
 
-# Both hops carry full-resolution maps; TorchServe's default limit is 6553500 bytes.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+from explainserve.wire import MAX_MESSAGE_BYTES
 
 
 def free_port() -> int:

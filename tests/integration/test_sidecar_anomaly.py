@@ -28,11 +28,12 @@ from explainserve.client import ExplainClient, ExplainError, build_request, scor
 from explainserve.commands.archive import demo_model
 from explainserve.commands.serve import unpack_stores, wait_serving
 from explainserve.data.scenes import FashionScenes
-from explainserve.sidecar.anomaly import MAX_BATCH, MAX_FLAGS, AnomalyScoring
+from explainserve.sidecar.scoring import MAX_BATCH, MAX_FLAGS, AnomalyScoring
 from explainserve.sidecar.metrics import GatewayMetrics
-from explainserve.sidecar.torchserve import MAX_MESSAGE_BYTES, free_port
+from explainserve.sidecar.torchserve import free_port
+from explainserve.wire import MAX_MESSAGE_BYTES
 from explainserve.wire import HANDLER_REQUEST_KEY
-from serving_harness import build_demo_store, png, start_gateway, stack_for_module, stop_gateway, wait_for
+from support.serving_harness import build_demo_store, png, start_gateway, stack_for_module, stop_gateway, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 MODEL = "demo_image"

@@ -13,7 +13,7 @@ import psutil
 
 from explainserve.client import ExplainClient, ExplainError, ExplainResult
 from explainserve.commands.serve import start_gateway, wait_serving
-from serving_harness import Stack
+from support.serving_harness import Stack
 
 BATCH_SIZE = 4
 MAX_BATCH_DELAY_MS = 50

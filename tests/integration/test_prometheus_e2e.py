@@ -37,7 +37,7 @@ from explainserve.data.scenes import FashionScenes
 from explainserve.model_archive import write_archive
 from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, free_port, stop_process_group
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = Path("/usr/bin/prometheus")
 ALERT = "ExplainserveAnomalousVerdictRatioHigh"
 MODEL = "fashion_e2e"

@@ -17,10 +17,10 @@ import time
 import grpc
 import pytest
 
-from fault_load import BackgroundLoad, explain_call, worker_processes
-from serving_harness import random_image, wait_for
+from support.fault_load import BackgroundLoad, explain_call, worker_processes
+from support.serving_harness import random_image, wait_for
 
-pytest_plugins = ["fault_harness"]
+pytest_plugins = ["support.fault_harness"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 OK = grpc.StatusCode.OK
 CLIENTS = 4

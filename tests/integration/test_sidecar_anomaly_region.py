@@ -18,7 +18,7 @@ from explainserve.commands.serve import wait_serving
 from explainserve.sidecar.service import region_filter
 from explainserve.data.scenes import FashionScenes
 from explainserve.wire import HANDLER_REQUEST_KEY, REGION_REQUEST_KEY, to_numpy
-from serving_harness import explainer_for, png, stack_for_module, start_gateway, stop_gateway
+from support.serving_harness import explainer_for, png, stack_for_module, start_gateway, stop_gateway
 # The same served stack as the anomaly tests: the demo image model and a small calibrated store.
 from test_sidecar_anomaly import client, demo_store, stack  # noqa: F401
 

@@ -21,7 +21,7 @@ import pytest
 
 from explainserve.sidecar.torchserve import free_port, stop_process_group
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 pytestmark = pytest.mark.integration
 
 spec = importlib.util.spec_from_file_location("torchserve_ping", DEPLOY / "torchserve_ping.py")

@@ -16,11 +16,11 @@ from explainserve.client import build_request
 from explainserve.explainer import ExplainOptions
 from explainserve.wire import HANDLER_REQUEST_KEY
 from explainserve._generated import handler_pb2, inference_pb2, inference_pb2_grpc
-from fault_load import MODEL, BackgroundLoad, explain_call, restart_gateway
-from serving_harness import explainer_for, random_image
+from support.fault_load import MODEL, BackgroundLoad, explain_call, restart_gateway
+from support.serving_harness import explainer_for, random_image
 from test_serving_e2e import assert_maps_match_library
 
-pytest_plugins = ["fault_harness"]
+pytest_plugins = ["support.fault_harness"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 OK, UNAVAILABLE = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
 CLIENTS = 4

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-GRAFANA_DIR = Path(__file__).resolve().parents[1] / "deploy" / "grafana"
+GRAFANA_DIR = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
 DASHBOARD = GRAFANA_DIR / "explainserve.json"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 

@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2
 
 from explainserve.client import ExplainClient, ExplainError
 from explainserve.sidecar.torchserve import free_port
-from serving_harness import (health, random_image, stack_for_module, start_gateway, stop_gateway, tiny_image_model,
+from support.serving_harness import (health, random_image, stack_for_module, start_gateway, stop_gateway, tiny_image_model,
                              wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -15,7 +15,7 @@ from explainserve.explainer import ExplainOptions
 from explainserve.model_archive import METADATA_FILE, WEIGHTS_FILE, HANDLERS_DIR
 from explainserve.wire import HANDLER_REQUEST_KEY, REGION_REQUEST_KEY, to_numpy
 from explainserve._generated import handler_pb2
-from serving_harness import explainer_for, png, random_image, tiny_image_model
+from support.serving_harness import explainer_for, png, random_image, tiny_image_model
 
 sys.path.insert(0, str(HANDLERS_DIR))  # TorchServe puts the archive folder on the path the same way
 from image_handler import ImageHandler  # noqa: E402

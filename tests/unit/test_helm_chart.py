@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "explainserve"
 KUBERNETES_VERSION = "1.37.0"
 RELEASE, NAMESPACE = "demo", "ml"

@@ -5,7 +5,7 @@ from torch import nn
 
 from explainserve.evaluation import filter_removal_auc, filter_removal_curve
 from explainserve.evaluation.filter_rankings import RANKINGS, filter_scores, layer_signals
-from tests.evaluation_models import ChannelVoteModel
+from support.evaluation_models import ChannelVoteModel
 
 K = 32
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from explainserve.evaluation import superpixel_removal, top_k_agreement
-from tests.evaluation_models import ThresholdModel
+from support.evaluation_models import ThresholdModel
 
 
 def quadrants(side=8):

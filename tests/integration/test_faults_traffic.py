@@ -20,12 +20,12 @@ from explainserve.client import ExplainClient, build_request
 from explainserve.explainer import ExplainOptions
 from explainserve.wire import HANDLER_REQUEST_KEY
 from explainserve._generated import handler_pb2, inference_pb2, inference_pb2_grpc
-from fault_load import MODEL, BackgroundLoad, explain_call, worker_processes
+from support.fault_load import MODEL, BackgroundLoad, explain_call, worker_processes
 from load_tests.payloads import malformed_requests
-from serving_harness import N_CLASSES, explainer_for, png, random_image
+from support.serving_harness import N_CLASSES, explainer_for, png, random_image
 from test_serving_e2e import assert_maps_match_library
 
-pytest_plugins = ["fault_harness"]
+pytest_plugins = ["support.fault_harness"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 OK = grpc.StatusCode.OK
 GOOD_CLIENTS = 2  # fewer than the batch size, so a batch of 3+ holds a bad item

@@ -17,7 +17,7 @@ import pytest
 from explainserve.client import ExplainClient, ExplainError, build_request
 from explainserve.model_archive import write_archive
 from explainserve.sidecar.torchserve import free_port
-from serving_harness import CLIP_SIZE, png, random_image, tiny_image_model, tiny_video_model, wait_for
+from support.serving_harness import CLIP_SIZE, png, random_image, tiny_image_model, tiny_video_model, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 INVALID, TOO_BIG = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED

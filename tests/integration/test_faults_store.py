@@ -22,11 +22,11 @@ from grpc_health.v1 import health_pb2
 from explainserve._generated import explain_pb2
 from explainserve.anomaly import build_store, calibrate, load_store, save_calibration
 from explainserve.anomaly.synthetic import SyntheticClasses
-from fault_load import MODEL, BackgroundLoad, explain_call
-from serving_harness import explainer_for, random_image, start_gateway, stop_gateway, wait_for
+from support.fault_load import MODEL, BackgroundLoad, explain_call
+from support.serving_harness import explainer_for, random_image, start_gateway, stop_gateway, wait_for
 from test_sidecar_anomaly import anomaly_health, corrupt, metric_value, metrics_text
 
-pytest_plugins = ["fault_harness"]
+pytest_plugins = ["support.fault_harness"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 OK, UNAVAILABLE = explain_pb2.AnomalyReport.OK, explain_pb2.AnomalyReport.UNAVAILABLE
 CLIENTS = 3

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2
 from explainserve._generated import inference_pb2_grpc
 from explainserve.client import ExplainClient, ExplainError
 from explainserve.sidecar.torchserve import free_port
-from serving_harness import health, random_image, stack_for_module, start_gateway, stop_gateway, tiny_image_model, wait_for
+from support.serving_harness import health, random_image, stack_for_module, start_gateway, stop_gateway, tiny_image_model, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING

@@ -13,7 +13,7 @@ from explainserve.evaluation.baselines import (
     integrated_gradients,
     random_map,
 )
-from tests.evaluation_models import PresenceModel
+from support.evaluation_models import PresenceModel
 
 
 def small_cnn():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-PROMETHEUS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
+PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "rules.yml"
 RULES_TEST = PROMETHEUS_DIR / "rules_test.yml"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"

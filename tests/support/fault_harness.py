@@ -1,6 +1,6 @@
 """The serving stack shared by the fault-injection tests (a pytest plugin).
 
-Test modules load it with ``pytest_plugins = ["fault_harness"]``, so the session-scoped stack
+Test modules load it with ``pytest_plugins = ["support.fault_harness"]``, so the session-scoped stack
 is started once for every ``test_faults_*`` module. Each test leaves the stack serving (it
 restarts what it killed and waits for it).
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from fault_load import BATCH_SIZE, MAX_BATCH_DELAY_MS
-from serving_harness import stack_for_module, tiny_image_model
+from support.fault_load import BATCH_SIZE, MAX_BATCH_DELAY_MS
+from support.serving_harness import stack_for_module, tiny_image_model
 
 
 @pytest.fixture(scope="session")

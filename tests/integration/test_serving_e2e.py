@@ -19,7 +19,7 @@ from explainserve.client import ExplainClient, build_request
 from explainserve.explainer import ExplainOptions
 from explainserve.wire import HANDLER_REQUEST_KEY
 from explainserve._generated import handler_pb2, inference_pb2, inference_pb2_grpc
-from serving_harness import (CLIP_SIZE, explainer_for, png, random_image, stack_for_module, tiny_image_model,
+from support.serving_harness import (CLIP_SIZE, explainer_for, png, random_image, stack_for_module, tiny_image_model,
                              tiny_video_model)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
-from fault_load import MODEL
-from serving_harness import N_CLASSES
+from support.fault_load import MODEL
+from support.serving_harness import N_CLASSES
 
-pytest_plugins = ["fault_harness"]
+pytest_plugins = ["support.fault_harness"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 

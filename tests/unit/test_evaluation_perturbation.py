@@ -3,7 +3,7 @@ import torch
 
 from explainserve.evaluation import curve_auc, deletion_auc, insertion_auc, perturbation_curves
 from explainserve.evaluation.perturbation import removal_order
-from tests.evaluation_models import PresenceModel
+from support.evaluation_models import PresenceModel
 
 SIDE = 28  # 784 pixels, 28 steps of 28 pixels: curves are exactly linear
 
