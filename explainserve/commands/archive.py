@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torchvision
-
-from explainserve.model_archive import write_archive
+if TYPE_CHECKING:  # torch is imported where a model is built, so that `explainserve --help` starts fast
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,6 +41,9 @@ def register(subparsers) -> None:
 
 def torchvision_model(args) -> tuple[torch.nn.Module, dict]:
     """Build the architecture, load the weights and describe it in archive metadata."""
+    import torch
+    import torchvision
+
     if args.class_names:
         class_names = [line.strip() for line in args.class_names.read_text().splitlines() if line.strip()]
     elif args.num_classes:
@@ -113,6 +115,8 @@ def committed_store(kind: str, metadata: dict, weights_dir: Path | None = None) 
 
 
 def main(args) -> int:
+    from explainserve.model_archive import write_archive
+
     model, metadata = demo_model(args.demo, args.name, args.version, args.weights_dir) if args.demo else torchvision_model(args)
     store = (committed_store(args.demo, metadata, args.weights_dir)
              if args.demo and args.store is None and not args.no_store else args.store)

@@ -17,8 +17,6 @@ from explainserve._generated import explain_pb2
 from explainserve.client import ExplainClient
 from explainserve.commands import archive, serve
 from explainserve.commands.explain import print_result, render
-from explainserve.model_archive import write_archive
-from explainserve.overlay import overlay, save_png
 
 IMAGE_METHODS = ["swag_i_g", "jitter_cam"]
 VIDEO_METHODS = ["swag_v_i_g"]
@@ -40,6 +38,7 @@ def register(subparsers) -> None:
 
 
 def ensure_demo_archives(store: Path, weights_dir: Path | None) -> list[str]:
+    from explainserve.model_archive import write_archive
     from explainserve.models import train_demo
 
     names = []
@@ -62,6 +61,7 @@ def show_anomalies(client: ExplainClient, out: Path, count: int) -> None:
     the region that triggered the most surprising filter of the first flagged one, and say
     whether deleting that region gives the label back."""
     from explainserve.data import FashionScenes
+    from explainserve.overlay import overlay, save_png
 
     scenes = FashionScenes("ood_backgrounds", size=count)
     flagged = []

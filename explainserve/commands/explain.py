@@ -9,9 +9,8 @@ import numpy as np
 from explainserve._generated import explain_pb2
 from explainserve.anomaly import Reason
 from explainserve.client import ExplainClient, ExplainError
-from explainserve.explainer import METHODS
 from explainserve.inputs import decode_image
-from explainserve.overlay import overlay, overlay_clip, save_png
+from explainserve.methods import METHODS
 
 
 def register(subparsers) -> None:
@@ -56,6 +55,8 @@ def print_result(name: str, result) -> None:
 
 def render(data: np.ndarray, result, path: Path) -> None:
     """Write the overlay of the first map of ``result`` on ``data``."""
+    from explainserve.overlay import overlay, overlay_clip, save_png  # matplotlib and skimage: 0.5 s
+
     method, explanation = next(iter(result.maps.items()))
     draw = overlay if data.ndim == 3 else overlay_clip
     path.parent.mkdir(parents=True, exist_ok=True)

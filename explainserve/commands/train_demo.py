@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+# explainserve.models.training imports torch; registering this command must not (see explainserve.cli).
+DEMO_KINDS = ("image", "video")
+
 
 def register(subparsers) -> None:
-    from ..models.training import RECIPES, WEIGHTS_DIR
-
     parser = subparsers.add_parser(
         "train-demo",
         help="train the demo image or video model (seeded, reproducible)",
@@ -16,21 +17,21 @@ def register(subparsers) -> None:
                     "and write <out>/<kind>.pt and <out>/<kind>.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("kind", choices=tuple(RECIPES))
+    parser.add_argument("kind", choices=DEMO_KINDS)
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the recipe's)")
     parser.add_argument("--samples-per-epoch", type=int, default=None,
                         help="fresh composites per epoch (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(WEIGHTS_DIR), help="output folder")
+    parser.add_argument("--out", help="output folder (default: the package's explainserve/models/weights)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..models.training import train_demo
+    from ..models.training import WEIGHTS_DIR, train_demo
 
     metadata = train_demo(args.kind, epochs=args.epochs, samples_per_epoch=args.samples_per_epoch,
-                          seed=args.seed, out=args.out, threads=args.threads)
+                          seed=args.seed, out=args.out or str(WEIGHTS_DIR), threads=args.threads)
     summary = {k: metadata[k] for k in ("architecture", "test_accuracy", "ood_accuracy", "training_seconds")}
     print(json.dumps(summary))
     return 0
