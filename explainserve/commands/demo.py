@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from explainserve import wire
 from explainserve._generated import explain_pb2
 from explainserve.client import ExplainClient
 from explainserve.commands import archive, serve
@@ -61,7 +60,8 @@ def show_anomalies(client: ExplainClient, out: Path, count: int) -> None:
     the region that triggered the most surprising filter of the first flagged one, and say
     whether deleting that region gives the label back."""
     from explainserve.data import FashionScenes
-    from explainserve.overlay import overlay, save_png
+    from explainserve.overlay import save_png
+    from explainserve.result_pictures import counterfactual, region_picture
 
     scenes = FashionScenes("ood_backgrounds", size=count)
     flagged = []
@@ -81,14 +81,11 @@ def show_anomalies(client: ExplainClient, out: Path, count: int) -> None:
             continue
         region = verdict.surprise_region
         path = out / f"ood_scene_{index}_surprise_region.png"
-        save_png(overlay(sample["image"], wire.to_numpy(region.heatmap), wire.to_numpy(region.segments)), path)
+        save_png(region_picture(sample["image"], result, scenes.class_names), path)
         print(f"  region that triggered filter {region.filter} (segment {region.top_segment}); "
               f"training exemplars of that filter: {list(region.exemplars)} -> {path}")
-        suppression = region.suppression
-        outcome = (f"the prediction becomes {scenes.class_names[suppression.predicted_after]}"
-                   if suppression.prediction_changed else "the prediction does not change")
-        print(f"  deleting the region's top {len(suppression.deleted_segments)} superpixels: {outcome}"
-              f" ({'the label: restored' if suppression.label_restored else 'not the label'})")
+        if sentence := counterfactual(result, scenes.class_names):
+            print(f"  {sentence}")
 
 
 def main(args) -> int:

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     parser.add_argument("--label", type=int, help="ground-truth class, also scored for anomalies")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
-    parser.add_argument("--out", type=Path, help="overlay PNG of the first method's map")
+    parser.add_argument("--out", type=Path, help="PNG of the first method's map beside the input")
     parser.set_defaults(func=main)
 
 
@@ -54,14 +54,13 @@ def print_result(name: str, result) -> None:
 
 
 def render(data: np.ndarray, result, path: Path) -> None:
-    """Write the overlay of the first map of ``result`` on ``data``."""
-    from explainserve.overlay import overlay, overlay_clip, save_png  # matplotlib and skimage: 0.5 s
+    """Write the picture of the first map of ``result`` on ``data`` (original | explanation)."""
+    from explainserve.overlay import save_png  # matplotlib and skimage: 0.5 s
+    from explainserve.result_pictures import map_picture
 
-    method, explanation = next(iter(result.maps.items()))
-    draw = overlay if data.ndim == 3 else overlay_clip
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(draw(data, explanation.heatmap, explanation.segments), path)
-    print(f"  {method} overlay -> {path}")
+    save_png(map_picture(data, result), path)
+    print(f"  {next(iter(result.maps))} picture -> {path}")
 
 
 def main(args) -> int:

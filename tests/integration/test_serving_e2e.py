@@ -222,11 +222,15 @@ def test_explain_command_prints_classes_and_writes_the_overlay(stack, tmp_path):
     from PIL import Image
 
     image_path, overlay_path = tmp_path / "input.png", tmp_path / "overlay.png"
-    image_path.write_bytes(png(random_image(50)))
+    image = random_image(50)
+    image_path.write_bytes(png(image))
     run = subprocess.run(
         [sys.executable, "-m", "explainserve.cli", "explain", str(image_path), "--model", "tiny_image",
          "--method", "swag_i_g", "--target", stack.target, "--top-k", "2", "--out", str(overlay_path)],
         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("thing") == 2 and "timings:" in run.stdout and "UNAVAILABLE" in run.stdout
-    assert Image.open(overlay_path).size == (4 * 80, 4 * 72)  # enlarged to at least 256 a side
+    picture = np.asarray(Image.open(overlay_path))
+    title = picture.shape[0] - 4 * 72  # the band naming the method and class
+    assert 0 < title < 40 and picture.shape[1] > 2 * 4 * 80  # original | explanation | colour bar
+    assert np.array_equal(picture[title:, :4 * 80], image.repeat(4, 0).repeat(4, 1))  # enlarged to at least 256 a side

@@ -1,4 +1,4 @@
-"""Map encoding on the wire, input decoding limits and overlay pictures (no processes)."""
+"""Map encoding on the wire and input decoding limits (no processes)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from explainserve import inputs, wire
-from explainserve.overlay import BORDER_COLOUR, overlay
 
 
 def test_quantised_maps_are_within_half_a_step():
@@ -34,19 +33,3 @@ def test_raw_clip_checks_shape_and_length():
         inputs.raw_clip(b"\x00" * 10, clip.shape)
     with pytest.raises(inputs.InputTooLarge):
         inputs.raw_clip(b"", (1, 9000, 8, 3))
-
-
-def test_overlay_blends_and_draws_segment_borders():
-    image = np.zeros((8, 8, 3), np.uint8)
-    heatmap = np.zeros((4, 4))
-    heatmap[:, 2:] = 1.0
-    segments = np.zeros((4, 4), int)
-    segments[:, 2:] = 1
-    picture = overlay(image, heatmap, segments, opacity=1.0, min_side=0)
-    assert picture.shape == (8, 8, 3)
-    assert overlay(image, heatmap, segments, min_side=20).shape == (24, 24, 3)  # enlarged 3 times
-    borders = np.all(picture == BORDER_COLOUR, axis=-1)
-    assert borders[:, 4].all() and borders.sum() == 8  # one line, on the inner side of segment 1
-    assert picture[0, 7, 0] > picture[0, 0, 0]  # jet: hot (red) where the map is high, blue where low
-    with pytest.raises(ValueError, match="opacity"):
-        overlay(image, heatmap, opacity=2)
