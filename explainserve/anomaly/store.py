@@ -13,11 +13,17 @@ Layout (C classes, K filters, L grid levels, k exemplars)::
 A class without training images has NaN statistics and count 0. Every array's size and
 sha256 are recorded in the manifest and verified on load, so a corrupt or truncated store is
 refused before anything is scored against it.
+
+A server loads a store ``into_memory``: every file is read once through one open folder, the
+bytes hashed are the bytes scored, and no file stays mapped, so a writer can neither change the
+data under a verified sha256 nor kill the server with SIGBUS by truncating a mapped file. Stores
+are published whole into fresh folders (:mod:`explainserve.anomaly.publish`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -103,12 +109,18 @@ def array_shape(name: str, num_classes: int, num_filters: int, num_levels: int, 
     return (num_classes,) + ARRAY_SPECS[name][1](num_filters, num_levels, top_k)
 
 
+def _digest(handle) -> tuple[int, str]:
+    """(size in bytes, sha256) of what is left to read of ``handle``, read in 1 MiB blocks."""
+    digest, size = hashlib.sha256(), 0
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
+        size += len(block)
+    return size, digest.hexdigest()
+
+
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return _digest(handle)[1]
 
 
 def store_sha256(array_hashes: dict) -> str:
@@ -231,9 +243,35 @@ def _refuse(directory: Path, problem: str) -> StoreError:
     return StoreError(f"distribution store {directory}: {problem}")
 
 
+def _open_in(folder: int, name: str):
+    """File ``name`` of the open folder ``folder`` (a file descriptor), opened for binary reading."""
+    return open(name, "rb", opener=lambda path, flags: os.open(path, flags, dir_fd=folder))
+
+
+def _read_file(folder: int, name: str) -> bytes:
+    with _open_in(folder, name) as handle:
+        return handle.read()
+
+
+def _array_from_npy(data: bytes) -> np.ndarray:
+    """A read-only array viewing the ``.npy`` file bytes ``data`` (no copy). Raises ValueError."""
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not store arrays")
+    count = int(np.prod(shape))
+    if len(data) - stream.tell() != count * dtype.itemsize:
+        raise ValueError(f"{len(data) - stream.tell()} data bytes for {count} values of {dtype}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(
+        shape, order="F" if fortran_order else "C")
+
+
 def load_store(path: str | os.PathLike, *, model_name: str | None = None,
-               model_version: str | None = None, verify: bool = True) -> DistributionStore:
-    """Open a store, verify it, and memory-map its arrays.
+               model_version: str | None = None, verify: bool = True,
+               into_memory: bool = False) -> DistributionStore:
+    """Open a store, verify it, and memory-map its arrays (or read them into memory).
 
     Parameters
     ----------
@@ -243,6 +281,11 @@ def load_store(path: str | os.PathLike, *, model_name: str | None = None,
         When given, the manifest must name exactly this model.
     verify : bool
         Check every array's size and sha256 against the manifest (reads each file once).
+    into_memory : bool
+        For a server: resolve ``path`` once (a published store is a symlink to a version
+        folder), read the manifest and the ``SERVING_ARRAYS`` through that one open folder into
+        read-only in-memory arrays, hash exactly those bytes, and keep no file open or mapped.
+        ``grid`` is verified but not kept (``arrays`` lacks it). Implies ``verify``.
 
     Returns
     -------
@@ -254,9 +297,22 @@ def load_store(path: str | os.PathLike, *, model_name: str | None = None,
         Missing or unreadable manifest, unknown format, wrong model, a missing, truncated or
         modified array, or an array of the wrong dtype or shape.
     """
-    directory = Path(path)
+    directory = Path(path).resolve() if into_memory else Path(path)
     try:
-        manifest: dict[str, Any] = json.loads((directory / MANIFEST).read_text())
+        folder = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        raise _refuse(directory, "no such folder") from None
+    except OSError as error:
+        raise _refuse(directory, f"unreadable folder ({error})") from None
+    try:  # every file comes from this one folder, even if `path` is swapped meanwhile
+        return _load(directory, folder, model_name, model_version, verify or into_memory, into_memory)
+    finally:
+        os.close(folder)
+
+
+def _load(directory: Path, folder: int, model_name, model_version, verify: bool, into_memory: bool) -> DistributionStore:
+    try:
+        manifest: dict[str, Any] = json.loads(_read_file(folder, MANIFEST))
     except FileNotFoundError:
         raise _refuse(directory, f"no {MANIFEST}") from None
     except (OSError, ValueError) as error:
@@ -278,22 +334,31 @@ def load_store(path: str | os.PathLike, *, model_name: str | None = None,
     held = shard["classes"][1] - shard["classes"][0] if shard else len(meta.class_names)
     arrays = {}
     for name, (dtype, _) in ARRAY_SPECS.items():
-        file = directory / f"{name}.npy"
+        file_name = f"{name}.npy"
         recorded = manifest["arrays"][name]
-        if not file.exists():
-            raise _refuse(directory, f"{file.name} is missing")
-        size = file.stat().st_size
-        if size != recorded["bytes"]:
-            raise _refuse(directory, f"{file.name} is {size} bytes, the manifest says {recorded['bytes']} (truncated or replaced)")
-        if verify and file_sha256(file) != recorded["sha256"]:
-            raise _refuse(directory, f"{file.name} sha256 does not match the manifest (corrupt)")
         try:
-            array = np.load(file, mmap_mode="r")
+            if into_memory and name in SERVING_ARRAYS:
+                data = _read_file(folder, file_name)
+                size, sha256 = len(data), hashlib.sha256(data).hexdigest()
+            else:
+                data = None
+                with _open_in(folder, file_name) as handle:
+                    size, sha256 = _digest(handle) if verify else (os.fstat(handle.fileno()).st_size, recorded["sha256"])
+        except FileNotFoundError:
+            raise _refuse(directory, f"{file_name} is missing") from None
+        if size != recorded["bytes"]:
+            raise _refuse(directory, f"{file_name} is {size} bytes, the manifest says {recorded['bytes']} (truncated or replaced)")
+        if sha256 != recorded["sha256"]:
+            raise _refuse(directory, f"{file_name} sha256 does not match the manifest (corrupt)")
+        if into_memory and data is None:
+            continue  # verified, not kept: the scorer never reads it
+        try:
+            array = _array_from_npy(data) if data is not None else np.load(directory / file_name, mmap_mode="r")
         except ValueError as error:
-            raise _refuse(directory, f"{file.name} is not a valid .npy file ({error})") from None
+            raise _refuse(directory, f"{file_name} is not a valid .npy file ({error})") from None
         expected = array_shape(name, held, meta.num_filters, len(manifest["percentile_levels"]), manifest["top_k"])
         if array.dtype != dtype or array.shape != expected:
-            raise _refuse(directory, f"{file.name} is {array.dtype}{array.shape}, expected {np.dtype(dtype)}{expected}")
+            raise _refuse(directory, f"{file_name} is {array.dtype}{array.shape}, expected {np.dtype(dtype)}{expected}")
         arrays[name] = array
     if verify and store_sha256({name: manifest["arrays"][name]["sha256"] for name in ARRAY_SPECS}) != manifest["sha256"]:
         raise _refuse(directory, "store sha256 does not match its arrays")

@@ -22,6 +22,7 @@ from explainserve.anomaly import (StoreMeta, build_store, calibrate, load_store,
                                   save_calibration, shard_classes)
 from explainserve.anomaly.build import DEFAULT_TOP_K
 from explainserve.anomaly.calibration import DEFAULT_TARGET_FPR
+from explainserve.anomaly.publish import publishing
 
 DEMO_MODELS = ("image", "video")
 DATASETS = {"fashion-scenes": ("FashionScenes", "image"), "moving-fashion": ("MovingFashion", "clip")}
@@ -54,7 +55,8 @@ def add_model_arguments(parser, *, required: bool) -> None:
 def register(subparsers) -> None:
     build = subparsers.add_parser("build-distributions", help="build the anomaly distribution store of a model")
     add_model_arguments(build, required=True)
-    build.add_argument("--out", type=Path, required=True, help="store folder to write")
+    build.add_argument("--out", type=Path, required=True,
+                       help="where to publish the store: a symlink, swapped atomically, to a new version folder beside it")
     build.add_argument("--shard", type=int, default=0, help="index of the shard of classes to build")
     build.add_argument("--num-shards", type=positive_int, default=1, help="number of shards (1: the whole store)")
     build.add_argument("--limit", type=positive_int, help="use only the first N training images")
@@ -65,7 +67,7 @@ def register(subparsers) -> None:
 
     merge = subparsers.add_parser("merge-distributions", help="merge the shards of a sharded build, then calibrate")
     merge.add_argument("shards", type=Path, nargs="+", help="shard store folders")
-    merge.add_argument("--out", type=Path, required=True, help="merged store folder to write")
+    merge.add_argument("--out", type=Path, required=True, help="where to publish the merged store (as build-distributions --out)")
     add_model_arguments(merge, required=False)
     merge.set_defaults(func=merge_main)
 
@@ -197,10 +199,11 @@ def build_main(args) -> int:
     train, key = open_split(args, "train", args.limit, explainer.input_size[-1])
     if list(train.class_names) != list(meta.class_names):
         raise ValueError(f"--data {args.data}: classes {train.class_names} differ from the model's {list(meta.class_names)}")
-    build_store(training_batches(explainer, train, key, held, args.batch_size), args.out, meta, shard_index=args.shard, num_shards=args.num_shards, top_k=args.top_k,
-                build_time=args.build_time, progress=True)
-    if args.num_shards == 1:
-        calibrate_store(args, explainer, args.out)
+    with publishing(args.out) as folder:  # readers of --out see the old store until the new one is complete
+        build_store(training_batches(explainer, train, key, held, args.batch_size), folder, meta, shard_index=args.shard, num_shards=args.num_shards, top_k=args.top_k,
+                    build_time=args.build_time, progress=True)
+        if args.num_shards == 1:
+            calibrate_store(args, explainer, folder)
     print_store(args.out)
     return 0
 
@@ -208,15 +211,16 @@ def build_main(args) -> int:
 def merge_main(args) -> int:
     if (args.model is None) != (args.data is None):
         raise ValueError("--model and --data go together: both calibrate the merged store")
-    merge_stores(args.shards, args.out)
-    if args.model is not None:
-        explainer, meta = open_subject(args)
-        store = load_store(args.out)
-        if (store.meta.model_name, store.meta.model_version) != (meta.model_name, meta.model_version):
-            raise ValueError(f"--model {args.model} is {meta.model_name!r} version {meta.model_version!r}, "
-                             f"the shards were built for {store.meta.model_name!r} version {store.meta.model_version!r}")
-        calibrate_store(args, explainer, args.out)
-    else:
+    with publishing(args.out) as folder:
+        merge_stores(args.shards, folder)
+        if args.model is not None:
+            explainer, meta = open_subject(args)
+            store = load_store(folder)
+            if (store.meta.model_name, store.meta.model_version) != (meta.model_name, meta.model_version):
+                raise ValueError(f"--model {args.model} is {meta.model_name!r} version {meta.model_version!r}, "
+                                 f"the shards were built for {store.meta.model_name!r} version {store.meta.model_version!r}")
+            calibrate_store(args, explainer, folder)
+    if args.model is None:
         print("merged without calibration: pass --model and --data to calibrate before serving")
     print_store(args.out)
     return 0

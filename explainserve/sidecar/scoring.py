@@ -11,7 +11,14 @@ Stores are reloaded while serving (:meth:`AnomalyScoring.watch`, and :meth:`Anom
 on SIGHUP): a store folder whose fingerprint (its inode, and every file's name, mtime, size and
 inode) changed is verified again off the event loop, and the result replaces the model's slot
 in one assignment; a request keeps the scorer it started with. A folder that disappeared is
-unavailable ("store removed") until it is back.
+unavailable ("store removed") until it is back. A store that fails to load while its folder
+changes under the read is not refused: the store in use stays until the next check.
+
+A store is read into memory through one open folder (``load_store(into_memory=True)``): the
+scored arrays are exactly the bytes whose sha256 was verified, which every answer's
+``store_sha256`` names, and no file stays mapped, so nothing a writer does to the folder can
+change them or fault the gateway. ``build-distributions`` and ``merge-distributions`` publish a
+store by swapping a symlink to a complete new version folder (:mod:`explainserve.anomaly.publish`).
 
 A refused or missing store never fails a request: Explain answers carry an UNAVAILABLE
 anomaly report with the reason. Health (:attr:`AnomalyScoring.healthy`): SERVING when at least
@@ -173,15 +180,20 @@ class AnomalyScoring:
             if fingerprint is None:
                 changed.append(StoreSlot(name, path, reason=STORE_REMOVED, fingerprint=None,
                                          problem=f"distribution store {path} was removed from --store-dir"))
-            else:
-                changed.append(self._open(name, path, fingerprint))
+                continue
+            opened = self._open(name, path, fingerprint)
+            if opened.scorer is None and folder_fingerprint(path) != fingerprint:
+                # written or swapped while it was read: keep the store in use, look again next time
+                log.info("distribution store %s changed while it was read; reading it again at the next check", path)
+                continue
+            changed.append(opened)
         return changed
 
     @staticmethod
     def _open(name: str, path: Path, fingerprint) -> StoreSlot:
         """The slot of the store in ``path``, loaded and verified, or refused with the reason."""
         try:
-            store = load_store(path)
+            store = load_store(path, into_memory=True)  # no file stays mapped: a writer cannot change what is scored
             meta = store.meta
             if meta.model_name != name:
                 return StoreSlot(name, path, None, STORE_MISMATCH, f"distribution store {path}: built for model "
