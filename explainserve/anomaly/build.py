@@ -15,7 +15,7 @@ from tqdm import tqdm
 from explainserve.anomaly.spill import ClassSpill
 from explainserve.anomaly.store import (ARRAY_SPECS, BUILD_TIME_FORMAT, MANIFEST, StoreMeta,
                                         array_shape, finalise_store)
-from explainserve.anomaly.summary import NO_EXEMPLAR, PERCENTILE_LEVELS, summarise_class
+from explainserve.anomaly.summary import NO_EXEMPLAR, PERCENTILE_LEVELS, ClassSummary, summarise_class
 
 DEFAULT_TOP_K = 4  # the thesis shows the top four training images per filter (fig. 6.11)
 MAX_IMAGE_ID = np.iinfo(np.int32).max
@@ -65,6 +65,35 @@ def check_alpha_batch(alpha, classes, image_ids, num_classes: int, num_filters: 
     if len(image_ids) and (image_ids.min() < 0 or image_ids.max() > MAX_IMAGE_ID):
         raise ValueError(f"image ids must be in [0, {MAX_IMAGE_ID}]")
     return alpha, classes, image_ids
+
+
+def write_class_arrays(directory: Path, summaries: Iterable[ClassSummary | None], num_classes: int,
+                       num_filters: int, top_k: int) -> None:
+    """Write every store array, one class row at a time, from the classes' summaries.
+
+    Parameters
+    ----------
+    directory : Path
+        The store folder (exists).
+    summaries : iterable of ClassSummary or None
+        One per class held, in class order; None for a class without training images (NaN
+        statistics, no exemplars).
+    num_classes, num_filters, top_k : int
+        C (of this store or shard), K and k.
+    """
+    outputs = {
+        name: open_memmap(directory / f"{name}.npy", mode="w+", dtype=dtype,
+                          shape=array_shape(name, num_classes, num_filters, len(PERCENTILE_LEVELS), top_k))
+        for name, (dtype, _) in ARRAY_SPECS.items()
+    }
+    for row, summary in enumerate(summaries):
+        for name, array in outputs.items():
+            if summary is None:
+                array[row] = NO_EXEMPLAR if name == "exemplars" else np.nan
+            else:
+                array[row] = getattr(summary, name)
+    for array in outputs.values():
+        array.flush()
 
 
 def build_store(batches: Iterable, out: str | os.PathLike, meta: StoreMeta, *,
@@ -120,25 +149,15 @@ def build_store(batches: Iterable, out: str | os.PathLike, meta: StoreMeta, *,
             if mine.any():
                 spill.add(alpha[mine], classes[mine], image_ids[mine])
 
-        outputs = {
-            name: open_memmap(directory / f"{name}.npy", mode="w+", dtype=dtype,
-                              shape=array_shape(name, len(held), num_filters, len(PERCENTILE_LEVELS), top_k))
-            for name, (dtype, _) in ARRAY_SPECS.items()
-        }
         counts = []
-        for row, class_id in enumerate(tqdm(held, desc="summarising classes", unit="class", disable=not progress)):
-            values, image_ids = spill.read(class_id)
-            counts.append(len(values))
-            if len(values) == 0:
-                for name, array in outputs.items():
-                    array[row] = NO_EXEMPLAR if name == "exemplars" else np.nan
-                continue
-            summary = summarise_class(values, image_ids, top_k)
-            for name, array in outputs.items():
-                array[row] = getattr(summary, name)
-        for array in outputs.values():
-            array.flush()
-        del outputs
+
+        def summaries():
+            for class_id in tqdm(held, desc="summarising classes", unit="class", disable=not progress):
+                values, image_ids = spill.read(class_id)
+                counts.append(len(values))
+                yield summarise_class(values, image_ids, top_k) if len(values) else None
+
+        write_class_arrays(directory, summaries(), len(held), num_filters, top_k)
 
     shard = None if num_shards == 1 else {"index": shard_index, "count": num_shards, "classes": [held.start, held.stop]}
     finalise_store(directory, meta, counts=counts, top_k=top_k, levels=PERCENTILE_LEVELS,

@@ -42,8 +42,8 @@ def merge_stores(shard_paths: Sequence[str | os.PathLike], out: str | os.PathLik
             raise StoreError(f"distribution store {store.path}: not a shard (no shard section in its manifest)")
         if store.manifest["shard"]["count"] != first.manifest["shard"]["count"]:
             raise StoreError(f"shards {first.path} and {store.path} come from builds with different shard counts")
-        for key in ("model", "layer", "input_transform", "class_names", "num_filters", "percentile_levels", "top_k"):
-            if store.manifest[key] != first.manifest[key]:
+        for key in ("model", "layer", "input_transform", "class_names", "num_filters", "percentile_levels", "top_k", "data"):
+            if store.manifest.get(key) != first.manifest.get(key):
                 raise StoreError(f"shards {first.path} and {store.path} disagree on {key}")
     expected_count = first.manifest["shard"]["count"]
     found = [store.manifest["shard"]["index"] for store in shards]
@@ -73,5 +73,5 @@ def merge_stores(shard_paths: Sequence[str | os.PathLike], out: str | os.PathLik
         del merged
     finalise_store(directory, first.meta, counts=[c for store in shards for c in store.manifest["counts"]],
                    top_k=first.manifest["top_k"], levels=tuple(first.manifest["percentile_levels"]),
-                   build_time=max(store.manifest["build_time"] for store in shards))
+                   build_time=max(store.manifest["build_time"] for store in shards), data=first.manifest.get("data"))
     return directory

@@ -138,7 +138,7 @@ def write_manifest(directory: Path, manifest: dict) -> None:
 
 
 def finalise_store(directory: Path, meta: StoreMeta, *, counts: list, top_k: int, levels: tuple,
-                   build_time: str, shard: dict | None = None) -> dict:
+                   build_time: str, shard: dict | None = None, data: dict | None = None) -> dict:
     """Hash the written arrays and write the manifest, which makes the store loadable.
 
     Parameters
@@ -155,6 +155,9 @@ def finalise_store(directory: Path, meta: StoreMeta, *, counts: list, top_k: int
         ISO 8601 UTC time of the build.
     shard : dict, optional
         ``{"index": i, "count": n, "classes": [start, stop]}`` for one shard of a build.
+    data : dict, optional
+        Where the training samples came from and how the validation split was chosen
+        (JSON-serialisable; the same in every shard of a build).
 
     Returns
     -------
@@ -179,6 +182,8 @@ def finalise_store(directory: Path, meta: StoreMeta, *, counts: list, top_k: int
     }
     if shard is not None:
         manifest["shard"] = shard
+    if data is not None:
+        manifest["data"] = data
     write_manifest(directory, manifest)
     return manifest
 

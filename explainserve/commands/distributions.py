@@ -2,6 +2,8 @@
 
 ``build-distributions`` runs every training image through the model with its ground-truth
 class, keeps its Grad-AMap filter scores, and writes the store (or one shard of its classes).
+The data is a demo dataset or a user's files (``imagefolder:DIR``, ``clipfolder:DIR``,
+``manifest:FILE``; see :mod:`explainserve.data.sources` and :mod:`.distributions_files`).
 A whole build is then calibrated on the validation split, scored against the *predicted*
 class as the server will score it. ``merge-distributions`` joins the shards of a sharded build
 and, given the model and data, calibrates the merged store the same way.
@@ -23,9 +25,29 @@ from explainserve.anomaly import (StoreMeta, build_store, calibrate, load_store,
 from explainserve.anomaly.build import DEFAULT_TOP_K
 from explainserve.anomaly.calibration import DEFAULT_TARGET_FPR
 from explainserve.anomaly.publish import publishing
+from explainserve.commands.distributions_files import (BUILD_RECORD, build_from_files, merged_record,
+                                                      remove_checkpoint, validation_from_files, write_record)
+from explainserve.data.loader import default_workers
+from explainserve.data.sources import is_file_source, open_source
 
 DEMO_MODELS = ("image", "video")
 DATASETS = {"fashion-scenes": ("FashionScenes", "image"), "moving-fashion": ("MovingFashion", "clip")}
+
+
+def data_spec(text: str) -> str:
+    """argparse type: a demo dataset name or a file source spelling."""
+    if text in DATASETS or is_file_source(text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected a demo dataset ({', '.join(sorted(DATASETS))}) or "
+                                     f"imagefolder:DIR, clipfolder:DIR or manifest:FILE, got {text!r}")
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -39,7 +61,16 @@ def positive_int(text: str) -> int:
 def add_model_arguments(parser, *, required: bool) -> None:
     parser.add_argument("--model", required=required,
                         help="'image' or 'video' (a demo model), a .mar archive, or an unpacked archive folder")
-    parser.add_argument("--data", required=required, choices=sorted(DATASETS), help="dataset with train and val splits")
+    parser.add_argument("--data", required=required, type=data_spec, metavar="SPEC",
+                        help="training and validation data: imagefolder:DIR (DIR/train/<class>/*, DIR/val/<class>/*), "
+                             "clipfolder:DIR (DIR/<split>/<class>/<clip>/<frames>), manifest:FILE (CSV or JSONL with "
+                             f"path, label, split), or a demo dataset ({', '.join(sorted(DATASETS))})")
+    parser.add_argument("--val-fraction", type=float,
+                        help="without a val split: hold out this fraction of each class, deterministically")
+    parser.add_argument("--max-bad-fraction", type=fraction, default=0.01,
+                        help="fail if more than this fraction of the files are bad (default 0.01)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help=f"decoding processes beside the network pass (default {default_workers()} here; 0: none)")
     parser.add_argument("--name", help="served model name the store is for (default: the model's metadata)")
     parser.add_argument("--version", help="served model version (default: the model's metadata)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
@@ -170,11 +201,23 @@ def validation_alpha(explainer, dataset, key: str, batch_size: int) -> tuple[np.
     return np.concatenate(alphas), np.concatenate(classes)
 
 
-def calibrate_store(args, explainer, store_path: Path) -> None:
-    """Calibrate the store at ``store_path`` on the validation split and print the result."""
+def calibrate_store(args, explainer, store_path: Path, record: dict | None = None) -> None:
+    """Calibrate the store at ``store_path`` on the validation split and print the result.
+
+    For a file source, the validation files skipped as bad go into the build ``record``,
+    which is written with the store.
+    """
     store = load_store(store_path)
-    val, key = open_split(args, "val", args.val_limit, explainer.input_size[-1])
-    alpha, predicted = validation_alpha(explainer, val, key, args.batch_size)
+    if is_file_source(args.data):
+        data = open_source(args.data, explainer.class_names, val_fraction=args.val_fraction)
+        alpha, predicted, bad = validation_from_files(args, explainer, data.val[:args.val_limit], alpha_of)
+        if record is not None:
+            record["val"] = bad.to_json()
+            write_record(store_path, record)
+        print(f"validation files: {bad.files}, bad and skipped: {bad.bad}")
+    else:
+        val, key = open_split(args, "val", args.val_limit, explainer.input_size[-1])
+        alpha, predicted = validation_alpha(explainer, val, key, args.batch_size)
     calibration = calibrate(store, alpha, predicted, target_fpr=args.target_fpr,
                             min_class_count=args.min_class_count)
     save_calibration(store, calibration)
@@ -195,6 +238,17 @@ def print_store(path: Path) -> None:
 
 def build_main(args) -> int:
     explainer, meta = open_subject(args)
+    if is_file_source(args.data):
+        if args.limit is not None:
+            raise ValueError("--limit applies to the demo datasets; a file source is used whole")
+        data = open_source(args.data, list(meta.class_names), val_fraction=args.val_fraction)
+        with publishing(args.out) as folder:  # readers of --out see the old store until the new one is complete
+            record = build_from_files(args, explainer, meta, data, alpha_of, folder)
+            if args.num_shards == 1:
+                calibrate_store(args, explainer, folder, record)
+        remove_checkpoint(args.out)
+        print_store(args.out)
+        return 0
     held = shard_classes(len(meta.class_names), args.shard, args.num_shards)
     train, key = open_split(args, "train", args.limit, explainer.input_size[-1])
     if list(train.class_names) != list(meta.class_names):
@@ -213,13 +267,17 @@ def merge_main(args) -> int:
         raise ValueError("--model and --data go together: both calibrate the merged store")
     with publishing(args.out) as folder:
         merge_stores(args.shards, folder)
+        record = (merged_record(args.shards, args.max_bad_fraction)
+                  if all((shard / BUILD_RECORD).is_file() for shard in args.shards) else None)
+        if record is not None:
+            write_record(folder, record)
         if args.model is not None:
             explainer, meta = open_subject(args)
             store = load_store(folder)
             if (store.meta.model_name, store.meta.model_version) != (meta.model_name, meta.model_version):
                 raise ValueError(f"--model {args.model} is {meta.model_name!r} version {meta.model_version!r}, "
                                  f"the shards were built for {store.meta.model_name!r} version {store.meta.model_version!r}")
-            calibrate_store(args, explainer, folder)
+            calibrate_store(args, explainer, folder, record)
     if args.model is None:
         print("merged without calibration: pass --model and --data to calibrate before serving")
     print_store(args.out)
