@@ -39,7 +39,7 @@ LINE_HEIGHT = 16
 
 def explanation_picture(image: np.ndarray, heatmap: np.ndarray, segments: np.ndarray | None = None,
                         segment_scores: np.ndarray | None = None, *, top: int = 3, opacity: float = 0.75,
-                        title: str = "", min_side: int = 256) -> np.ndarray:
+                        title: str = "", min_side: int = 256, with_original: bool = True) -> np.ndarray:
     """Original beside its explanation, with a colour bar.
 
     Parameters
@@ -52,6 +52,7 @@ def explanation_picture(image: np.ndarray, heatmap: np.ndarray, segments: np.nda
     opacity : float in [0, 1], the heatmap's weight where it is highest
     title : str, written in a band above the panels
     min_side : int; smaller inputs are enlarged by a whole factor (nearest neighbour) first
+    with_original : bool; False leaves the original out (a gallery shows it apart)
 
     Returns
     -------
@@ -63,13 +64,14 @@ def explanation_picture(image: np.ndarray, heatmap: np.ndarray, segments: np.nda
     heat = normalised(resize_to(heatmap, image.shape[:2], order=1))
     labels = None if segments is None else resize_to(segments, image.shape[:2], order=0).astype(np.int64)
     panel = heat_panel(image, heat, labels, segment_scores, top, opacity)
-    row = hstack([image, panel, colour_bar(image.shape[0], heatmap)])
+    row = hstack([image] * with_original + [panel, colour_bar(image.shape[0], heatmap)])
     return with_text(row, above=[title] if title else [])
 
 
 def explanation_strip(clip: np.ndarray, heatmap: np.ndarray, segments: np.ndarray | None = None,
                       segment_scores: np.ndarray | None = None, *, max_frames: int = 8, top: int = 3,
-                      opacity: float = 0.75, title: str = "", min_side: int = 128) -> np.ndarray:
+                      opacity: float = 0.75, title: str = "", min_side: int = 128,
+                      with_original: bool = True) -> np.ndarray:
     """:func:`explanation_picture` for a clip: originals above, explanations below, one colour bar.
 
     clip : uint8 (T, H, W, 3); heatmap float (T', h, w) and segments int (T', h, w) share the
@@ -87,12 +89,12 @@ def explanation_strip(clip: np.ndarray, heatmap: np.ndarray, segments: np.ndarra
         labels = None if segments is None else resize_to(segments[t_map], frame.shape[:2], order=0).astype(np.int64)
         originals.append(frame)
         panels.append(heat_panel(frame, heat, labels, None, 0, opacity, outlined=ranked))
-    grid = vstack([hstack(originals), hstack(panels)])
+    grid = vstack([hstack(originals)] * with_original + [hstack(panels)])
     return with_text(hstack([grid, colour_bar(grid.shape[0], heatmap)]), above=[title] if title else [])
 
 
 def region_picture(image: np.ndarray, segments: np.ndarray, region: int, caption: Sequence[str] = (),
-                   *, min_side: int = 256) -> np.ndarray:
+                   *, min_side: int = 256, with_original: bool = True) -> np.ndarray:
     """Original beside the region (segment ``region`` of ``segments``) kept bright and outlined.
 
     image : uint8 (H, W, 3); segments int (h, w), resized nearest-neighbour to (H, W);
@@ -101,11 +103,11 @@ def region_picture(image: np.ndarray, segments: np.ndarray, region: int, caption
     """
     image = enlarge(check_image(image), min_side)
     labels = resize_to(segments, image.shape[:2], order=0).astype(np.int64)
-    return with_text(hstack([image, region_panel(image, labels == region)]), below=list(caption))
+    return with_text(hstack([image] * with_original + [region_panel(image, labels == region)]), below=list(caption))
 
 
 def region_strip(clip: np.ndarray, segments: np.ndarray, region: int, caption: Sequence[str] = (),
-                 *, max_frames: int = 8, min_side: int = 128) -> np.ndarray:
+                 *, max_frames: int = 8, min_side: int = 128, with_original: bool = True) -> np.ndarray:
     """:func:`region_picture` for a clip: originals above, the supervoxel ``region`` outlined below.
 
     clip : uint8 (T, H, W, 3); segments int (T', h, w), matched to the frames by position.
@@ -117,7 +119,13 @@ def region_strip(clip: np.ndarray, segments: np.ndarray, region: int, caption: S
         labels = resize_to(segments[t_map], frame.shape[:2], order=0).astype(np.int64)
         originals.append(frame)
         panels.append(region_panel(frame, labels == region))
-    return with_text(vstack([hstack(originals), hstack(panels)]), below=list(caption))
+    return with_text(vstack([hstack(originals)] * with_original + [hstack(panels)]), below=list(caption))
+
+
+def frame_strip(clip: np.ndarray, *, max_frames: int = 8, min_side: int = 128) -> np.ndarray:
+    """The frames :func:`explanation_strip` picks, side by side, untouched: uint8 (H', W', 3)."""
+    clip = check_clip(clip)
+    return hstack([enlarge(clip[t], min_side) for t, _ in strip_frames(clip.shape[0], clip.shape[0], max_frames)])
 
 
 def region_caption(filter_index: int, class_name: str, exemplars: Sequence[int], alpha: float | None = None,

@@ -11,13 +11,15 @@ import numpy as np
 from explainserve import overlay, wire
 
 
-def map_picture(data: np.ndarray, result, method: str | None = None) -> np.ndarray:
+def map_picture(data: np.ndarray, result, method: str | None = None, *, with_original: bool = True,
+                min_side: int = 256) -> np.ndarray:
     """``method``'s map (default: the first) on ``data``: uint8 (H, W, 3) image or (T, H, W, 3) clip."""
     method = method or next(iter(result.maps))
     explanation = result.maps[method]
     title = f"{method}: class {class_name(result, result.target_class)}"
     draw = overlay.explanation_picture if data.ndim == 3 else overlay.explanation_strip
-    return draw(data, explanation.heatmap, explanation.segments, explanation.segment_scores, title=title)
+    return draw(data, explanation.heatmap, explanation.segments, explanation.segment_scores, title=title,
+                with_original=with_original, min_side=min_side if data.ndim == 3 else min_side // 2)
 
 
 def surprise_region(result):
@@ -26,7 +28,8 @@ def surprise_region(result):
     return verdict.surprise_region if result.anomaly.HasField("predicted") and verdict.HasField("surprise_region") else None
 
 
-def region_picture(data: np.ndarray, result, class_names=None) -> np.ndarray | None:
+def region_picture(data: np.ndarray, result, class_names=None, *, with_caption: bool = True,
+                   with_original: bool = True, min_side: int = 256) -> np.ndarray | None:
     """The region that triggered the most surprising filter, captioned; None without one.
 
     class_names : sequence of str, optional; names classes the answer does not name itself.
@@ -34,11 +37,20 @@ def region_picture(data: np.ndarray, result, class_names=None) -> np.ndarray | N
     region = surprise_region(result)
     if region is None:
         return None
-    caption = overlay.region_caption(region.filter, class_name(result, region.class_index, class_names),
-                                     region.exemplars, region.alpha, counterfactual(result, class_names))
+    caption = region_caption(result, class_names) if with_caption else []
     segments = wire.to_numpy(region.segments).astype(np.int64)
     draw = overlay.region_picture if data.ndim == 3 else overlay.region_strip
-    return draw(data, segments, region.top_segment, caption)
+    return draw(data, segments, region.top_segment, caption, with_original=with_original,
+                min_side=min_side if data.ndim == 3 else min_side // 2)
+
+
+def region_caption(result, class_names=None) -> list[str]:
+    """The lines that name the surprise region's filter, exemplars and counterfactual; [] without one."""
+    region = surprise_region(result)
+    if region is None:
+        return []
+    return overlay.region_caption(region.filter, class_name(result, region.class_index, class_names),
+                                  region.exemplars, region.alpha, counterfactual(result, class_names))
 
 
 def counterfactual(result, class_names=None) -> str:

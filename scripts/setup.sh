@@ -9,7 +9,8 @@ command -v "$PY" >/dev/null || PY=python3
 VENV=.venv
 
 apt_missing=()
-for pkg in dataset-fashion-mnist prometheus; do
+# chromium renders the bulk report in its tests; prometheus-alertmanager delivers the alerts in theirs.
+for pkg in dataset-fashion-mnist prometheus prometheus-alertmanager chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || apt_missing+=("$pkg")
 done
 command -v java >/dev/null 2>&1 || apt_missing+=(openjdk-17-jre-headless)

@@ -1,4 +1,7 @@
-"""``explainserve explain IMAGE|CLIP``: call the gateway, print classes and timings, draw the overlay."""
+"""``explainserve explain IMAGE|CLIP``: call the gateway, print classes and timings, draw the overlay.
+
+``explainserve explain DIR|MANIFEST --out OUTDIR``: explain many inputs (see :mod:`explainserve.bulk`).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,12 @@ from explainserve.methods import METHODS
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("explain", help="explain an image (JPEG/PNG) or a clip (.npy, uint8 T x H x W x 3)")
-    parser.add_argument("input", type=Path)
+    parser = subparsers.add_parser(
+        "explain", help="explain an image (JPEG/PNG), a clip (.npy, uint8 T x H x W x 3), or many",
+        description="Explain one image or clip, or every input of a folder or manifest (.txt: one path a line; "
+                    ".csv or .jsonl: path and optional label) into --out OUTDIR: results.jsonl, pictures/ and "
+                    "report.html. A rerun skips the inputs results.jsonl already holds.")
+    parser.add_argument("input", type=Path, help="a picture, a .npy clip, a folder, or a manifest")
     parser.add_argument("--model", required=True, help="served model name")
     parser.add_argument("--method", action="append", default=[], choices=METHODS,
                         help="explanation method (repeat for several; none: prediction only)")
@@ -24,7 +31,13 @@ def register(subparsers) -> None:
     parser.add_argument("--label", type=int, help="ground-truth class, also scored for anomalies")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
-    parser.add_argument("--out", type=Path, help="PNG of the first method's map beside the input")
+    parser.add_argument("--out", type=Path, help="PNG of the first method's map beside the input; "
+                                                 "for a folder or manifest, the output folder (required)")
+    bulk = parser.add_argument_group("many inputs")
+    bulk.add_argument("--concurrency", type=int, default=4, help="calls in flight at once (default 4)")
+    bulk.add_argument("--retries", type=int, default=3, help="further attempts while the gateway is UNAVAILABLE")
+    bulk.add_argument("--backoff", type=float, default=0.5, help="seconds before the first retry, doubled each time")
+    bulk.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=main)
 
 
@@ -63,7 +76,29 @@ def render(data: np.ndarray, result, path: Path) -> None:
     print(f"  {next(iter(result.maps))} picture -> {path}")
 
 
+def bulk_main(args) -> int:
+    from explainserve.bulk import BulkOptions, list_inputs, run_bulk, write_report
+
+    if args.out is None:
+        raise ValueError("--out: a folder for the results is needed with a folder or manifest input")
+    options = BulkOptions(model=args.model, concurrency=args.concurrency, timeout=args.timeout, retries=args.retries,
+                          backoff=args.backoff, methods=args.method, top_k=args.top_k, target_class=args.target_class)
+    options.check()
+    inputs = list_inputs(args.input, exclude=args.out)
+    with ExplainClient(args.target) as client:
+        counts = run_bulk(client, inputs, args.out, options, progress=not args.no_progress)
+    report = write_report(args.out)
+    print(f"{counts['inputs']} inputs: {counts['skipped']} done before, {counts['ok']} answered now, "
+          f"{counts['errors']} errors, {counts['anomalous']} anomalous; results in {args.out / 'results.jsonl'}, "
+          f"report {report}")
+    return 0
+
+
 def main(args) -> int:
+    from explainserve.bulk.inputs import is_bulk_source
+
+    if is_bulk_source(args.input):
+        return bulk_main(args)
     data = load_input(args.input)
     with ExplainClient(args.target) as client:
         try:
