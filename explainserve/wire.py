@@ -6,6 +6,8 @@ round-trip error is at most ``scale / 2``; labels and scores travel losslessly.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from explainserve._generated import explain_pb2
@@ -18,6 +20,21 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 HANDLER_REQUEST_KEY = "explainserve.v1.ExplainRequest"
 # Beside it, a serialised RegionRequest asks for the regions that triggered given filters.
 REGION_REQUEST_KEY = "explainserve.v1.RegionRequest"
+# And the time (seconds since the epoch, ASCII) after which the caller no longer waits for the answer:
+# the handler skips such a request before decoding it and again before its network pass.
+DEADLINE_KEY = "explainserve.deadline"
+
+
+def deadline_entry(seconds_left: float) -> bytes:
+    """The DEADLINE_KEY value for a call that may take ``seconds_left`` more seconds."""
+    return f"{time.time() + seconds_left:.3f}".encode()
+
+
+def deadline_passed(entry) -> bool:
+    """Whether a DEADLINE_KEY value (bytes, str or None: no deadline) lies in the past."""
+    if entry is None:
+        return False
+    return time.time() > float(bytes(entry) if not isinstance(entry, str) else entry)
 
 _DTYPES = {
     explain_pb2.Tensor.UINT8: np.dtype("<u1"),

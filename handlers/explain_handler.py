@@ -39,7 +39,10 @@ MAX_REGION_FILTERS = 8
 PLAIN_KEYS = ("data", "body")
 # google.rpc.Code numbers carried in HandlerError.
 INVALID_ARGUMENT = 3
+DEADLINE_EXCEEDED = 4
 INTERNAL = 13
+# The answer to a request whose caller gave up: it is not decoded (or not run once decoded).
+DEADLINE_PASSED = handler_pb2.HandlerError(code=DEADLINE_EXCEEDED, message="the caller's deadline passed; not run")
 # Tests only: seconds to sleep in every handle() call, to exercise the gateway's deadlines.
 TEST_DELAY_ENV = "EXPLAINSERVE_TEST_HANDLER_DELAY_S"
 
@@ -145,6 +148,8 @@ class ExplainHandler:
     def parse(self, item: dict) -> ParsedItem | handler_pb2.HandlerError:
         """Decode one batch item; any problem becomes that item's HandlerError."""
         started = time.perf_counter()
+        if wire.deadline_passed(item.get(wire.DEADLINE_KEY)):
+            return DEADLINE_PASSED
         try:
             if self.is_internal(item):
                 request = explain_pb2.ExplainRequest.FromString(bytes(item[REQUEST_KEY]))
@@ -166,7 +171,7 @@ class ExplainHandler:
         except Exception as error:  # noqa: BLE001 - a malformed item must not fail its batch
             return handler_pb2.HandlerError(code=INVALID_ARGUMENT, message=f"malformed request: {type(error).__name__}: {error}")
         parsed.decode_seconds = time.perf_counter() - started
-        return parsed
+        return DEADLINE_PASSED if wire.deadline_passed(item.get(wire.DEADLINE_KEY)) else parsed
 
     def parse_internal(self, request: explain_pb2.ExplainRequest) -> ParsedItem:
         options = request.options

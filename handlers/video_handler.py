@@ -19,8 +19,8 @@ class VideoHandler(ExplainHandler):
     def decode_request(self, request) -> np.ndarray:
         if request.WhichOneof("input") != "clip":
             raise ValueError("clip: this is a video model; send `clip`, not an image")
-        clip = request.clip
-        return self.checked_length(decode_frames(list(clip.frames)) if clip.frames else raw_clip(clip.raw, list(clip.shape)))
+        clip, frames = request.clip, self.explainer.input_size[0]
+        return decode_frames(list(clip.frames), frames) if clip.frames else raw_clip(clip.raw, list(clip.shape), frames)
 
     def decode_plain(self, payload: bytes) -> np.ndarray:
         try:
@@ -29,11 +29,4 @@ class VideoHandler(ExplainHandler):
             raise ValueError(f"data: expected a .npy file holding a uint8 (T, H, W, 3) clip: {error}") from None
         if array.dtype != np.uint8:
             raise ValueError(f"data: clip must be uint8, got {array.dtype}")
-        return self.checked_length(raw_clip(array.tobytes(), array.shape))
-
-    def checked_length(self, clip: np.ndarray) -> np.ndarray:
-        """The clip, if it has the model's number of frames (checked here so it fails alone)."""
-        frames = self.explainer.input_size[0]
-        if clip.shape[0] != frames:
-            raise ValueError(f"clip: the model takes {frames} frames, got {clip.shape[0]}")
-        return clip
+        return raw_clip(array.tobytes(), array.shape, self.explainer.input_size[0])

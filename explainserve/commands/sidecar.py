@@ -34,6 +34,13 @@ def register(subparsers) -> None:
     parser.add_argument("--explain-anomaly", action="store_true", default=defaults.explain_anomaly,
                         help="for an ANOMALOUS verdict, also find the region that triggered its most surprising "
                              "filter (one more TorchServe call) unless the request sets explain_anomaly=false")
+    parser.add_argument("--max-concurrent-requests", type=int, default=defaults.max_concurrent_requests, metavar="N",
+                        help="API calls at work at once (health checks are not counted)")
+    parser.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests, metavar="N",
+                        help="API calls waiting for a turn beyond --max-concurrent-requests; more are refused at "
+                             "once with RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-connection-age", type=float, default=defaults.max_connection_age, metavar="SECONDS",
+                        help="close client connections after this long (gracefully), so clients spread over new pods")
     parser.set_defaults(func=main)
 
 
@@ -43,11 +50,16 @@ def main(args) -> int:
         raise ValueError("--poll-interval and --default-timeout must be positive seconds")
     if args.store_poll_interval < 0:
         raise ValueError("--store-poll-interval must be 0 (only on SIGHUP) or positive seconds")
+    if args.max_concurrent_requests < 1 or args.max_queued_requests < 0:
+        raise ValueError("--max-concurrent-requests must be >= 1 and --max-queued-requests >= 0")
+    if args.max_connection_age <= 0:
+        raise ValueError("--max-connection-age must be positive seconds")
     run(GatewayConfig(listen=args.listen, torchserve_inference=args.torchserve,
                       torchserve_management=args.torchserve_management, metrics_port=args.metrics_port,
                       metrics_address=args.metrics_address, metrics_per_class=args.metrics_per_class,
                       store_dir=args.store_dir, store_poll_interval=args.store_poll_interval,
                       poll_interval=args.poll_interval,
                       default_timeout=args.default_timeout, token_file=args.token_file,
-                      explain_anomaly=args.explain_anomaly))
+                      explain_anomaly=args.explain_anomaly, max_concurrent_requests=args.max_concurrent_requests,
+                      max_queued_requests=args.max_queued_requests, max_connection_age=args.max_connection_age))
     return 0

@@ -35,6 +35,11 @@ class GatewayMetrics:
                                              "Round trip of the forwarded Predictions call to TorchServe.",
                                              ["method"], buckets=LATENCY_BUCKETS, registry=r)
         self.inflight = Gauge("explainserve_inflight_requests", "Requests being handled now.", ["rpc"], registry=r)
+        self.queued = Gauge("explainserve_queued_requests", "Calls waiting for a turn (--max-queued-requests).",
+                            registry=r)
+        self.refused = Counter("explainserve_refused_requests", "Calls refused before any work, by RPC and reason: "
+                               "overloaded (queue full), deadline, unauthenticated, permission_denied.",
+                               ["rpc", "reason"], registry=r)
         self.torchserve_up = Gauge("explainserve_torchserve_up", "1 when TorchServe answers its ping.", registry=r)
         self.workers = Gauge("explainserve_torchserve_workers", "TorchServe workers per model and status.",
                              ["model", "status"], registry=r)

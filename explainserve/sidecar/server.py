@@ -14,6 +14,7 @@ from prometheus_client import start_http_server
 from explainserve._generated import explain_pb2, explain_pb2_grpc
 from explainserve.wire import MAX_MESSAGE_BYTES
 
+from .admission import Admission, AdmissionInterceptor
 from .scoring import AnomalyScoring
 from .catalog import ModelCatalog
 from .keys import KeyFile, KeyInterceptor
@@ -29,6 +30,24 @@ MESSAGE_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+# Server pings find dead client connections; clients may ping every 10 s (grpc's default minimum is 5 min,
+# and a client that pings more often is disconnected with "too_many_pings").
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+def server_options(config: "GatewayConfig") -> list[tuple[str, int]]:
+    """The public server's channel options: message sizes, keepalive, and a maximum connection age
+    (with grpc's own +-10 % jitter) after which a client reconnects, so new pods get traffic; calls
+    in flight on an aged connection get ``default_timeout`` seconds to finish."""
+    return MESSAGE_OPTIONS + KEEPALIVE_OPTIONS + [
+        ("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(config.default_timeout * 1000)),
+    ]
 
 
 @dataclass
@@ -49,6 +68,11 @@ class GatewayConfig:
     token_file: str | None = None
     # Surprise regions for ANOMALOUS verdicts when a request leaves explain_anomaly unset.
     explain_anomaly: bool = False
+    # Admission control (sidecar.admission): calls at work at once, and calls waiting beyond them.
+    max_concurrent_requests: int = 8
+    max_queued_requests: int = 8
+    # Seconds after which a client connection is closed (gracefully), so clients rebalance.
+    max_connection_age: float = 300.0
 
 
 class Gateway:
@@ -96,7 +120,10 @@ class Gateway:
         anomaly.on_health_change(lambda healthy: self._tasks.append(asyncio.ensure_future(report_anomaly(healthy))))
         await report_anomaly(anomaly.healthy)
 
-        self.server = grpc.aio.server(options=MESSAGE_OPTIONS)
+        admission = Admission(config.max_concurrent_requests, config.max_queued_requests)
+        self.metrics.queued.set_function(lambda: admission.queued)
+        self.server = grpc.aio.server(options=server_options(config),
+                                      interceptors=[AdmissionInterceptor(admission, self.metrics.refused)])
         explain_pb2_grpc.add_ExplainerServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
         reflection.enable_server_reflection(

@@ -11,7 +11,7 @@ import grpc
 from explainserve import inputs
 from explainserve.methods import METHODS, SUPPRESSION_STEPS
 from explainserve._generated import explain_pb2, explain_pb2_grpc, handler_pb2, inference_pb2, inference_pb2_grpc
-from explainserve.wire import HANDLER_REQUEST_KEY, REGION_REQUEST_KEY
+from explainserve.wire import DEADLINE_KEY, HANDLER_REQUEST_KEY, REGION_REQUEST_KEY, deadline_entry
 
 from .scoring import MAX_BATCH, AnomalyScoring, ScoringUnavailable
 from .catalog import ModelCatalog, UnknownModel, is_unknown_model
@@ -137,6 +137,7 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
         )
         remaining = context.time_remaining()
         timeout = self.default_timeout if remaining is None else max(remaining, 0.0)
+        forwarded.input[DEADLINE_KEY] = deadline_entry(timeout)
         forwarded_at = time.perf_counter()
         try:
             answer = await self.torchserve.Predictions(forwarded, timeout=timeout)
@@ -193,6 +194,7 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
         try:
             if timeout <= 0:
                 raise ValueError("no time left before the request's deadline")
+            forwarded.input[DEADLINE_KEY] = deadline_entry(timeout)
             answer = await self.torchserve.Predictions(forwarded, timeout=timeout)
             result = handler_pb2.HandlerResponse.FromString(answer.prediction)
             if result.WhichOneof("result") == "error":

@@ -15,7 +15,7 @@ MAX_TOP_K = 100
 
 
 def check_request(request: explain_pb2.ExplainRequest, metadata: dict) -> None:
-    """Validate everything the handler would refuse, decoding the pixels to be sure."""
+    """Validate everything the handler would refuse but undecodable pixels (see :func:`check_input`)."""
     check_methods(request.methods, metadata)
     check_options(request, metadata)
     check_input(request, metadata)
@@ -48,6 +48,9 @@ def check_options(request: explain_pb2.ExplainRequest, metadata: dict) -> None:
 
 
 def check_input(request: explain_pb2.ExplainRequest, metadata: dict) -> None:
+    """Check the input from its headers alone: format, sizes, frame count and decoded pixels.
+    Nothing is decoded here (the handler decodes, and answers undecodable pixels with
+    INVALID_ARGUMENT), so the gateway's memory does not grow with what the pixels decode to."""
     kind = metadata["kind"]
     given = request.WhichOneof("input")
     if given is None:
@@ -55,7 +58,7 @@ def check_input(request: explain_pb2.ExplainRequest, metadata: dict) -> None:
     if kind == "image":
         if given != "image":
             raise ValueError(f"input: model {metadata['name']!r} takes an `image`, not a clip")
-        inputs.decode_image(request.image)
+        inputs.image_size(request.image)
         return
     if given != "clip":
         raise ValueError(f"input: model {metadata['name']!r} takes a `clip`, not an image")
@@ -64,7 +67,8 @@ def check_input(request: explain_pb2.ExplainRequest, metadata: dict) -> None:
         raise ValueError("clip: has neither `frames` nor `raw` pixels")
     if clip.frames and (clip.raw or clip.shape):
         raise ValueError("clip: give either `frames` or `raw` with `shape`, not both")
-    frames = inputs.decode_frames(list(clip.frames)) if clip.frames else inputs.raw_clip(clip.raw, list(clip.shape))
     expected = metadata["input_size"][0]
-    if frames.shape[0] != expected:
-        raise ValueError(f"clip: the model takes {expected} frames, got {frames.shape[0]}")
+    if clip.frames:
+        inputs.check_frames(list(clip.frames), expected)
+    else:
+        inputs.check_raw_clip(len(clip.raw), list(clip.shape), expected)

@@ -54,6 +54,11 @@ CASES = {
     "negative label": (build_request(GOOD, model="tiny_image", label=-1), INVALID, "label"),
     "top_k too large": (build_request(GOOD, model="tiny_image", top_k=7), INVALID, "top_k"),
     "wrong clip length": (build_request(clip_of(CLIP_SIZE[0] + 1), model="tiny_video"), INVALID, "frames"),
+    # Refused from the frames' headers: 4 x 2100 x 2100 pixels would decode to 50 MiB.
+    "clip over the pixel budget": (build_request([png_claiming(2100, 2100)] * CLIP_SIZE[0], model="tiny_video"),
+                                   TOO_BIG, "pixels decoded"),
+    "16 frames of 4096 x 4096": (build_request([png_claiming(4096, 4096)] * 16, model="tiny_video"), INVALID,
+                                 "the model takes 4 frames, got 16"),
     "clip raw/shape mismatch": (build_request(clip_of(CLIP_SIZE[0]), model="tiny_video"), None, None),
     "clip sent to an image model": (build_request(clip_of(CLIP_SIZE[0]), model="tiny_image"), INVALID, "image"),
     "unknown model": (build_request(GOOD, model="no_such_model"), INVALID, "no_such_model"),

@@ -151,3 +151,20 @@ def test_bad_region_requests_get_in_band_errors(model_and_handler, filters, n_se
     bad, good = (handler_pb2.HandlerResponse.FromString(a) for a in handle(handler, items))
     assert bad.WhichOneof("result") == "error" and bad.error.code == 3 and message in bad.error.message
     assert good.WhichOneof("result") == "response"
+
+
+def test_a_request_whose_caller_gave_up_is_neither_decoded_nor_run(model_and_handler):
+    from explainserve.wire import DEADLINE_KEY, deadline_entry
+
+    _, _, handler = model_and_handler
+    undecodable = png(random_image(70, (64, 64)))[:64]  # a valid header; decoding it fails
+    items = [
+        {**internal(data=undecodable, methods=["grad_cam"]), DEADLINE_KEY: deadline_entry(-0.001)},
+        {**internal(data=png(random_image(71)), methods=["grad_cam"]), DEADLINE_KEY: deadline_entry(60)},
+        {**internal(data=undecodable, methods=["grad_cam"]), DEADLINE_KEY: deadline_entry(60)},
+    ]
+    gone, live, bad = (handler_pb2.HandlerResponse.FromString(answer) for answer in handle(handler, items))
+    assert gone.WhichOneof("result") == "error" and gone.error.code == 4, gone  # DEADLINE_EXCEEDED, not decoded
+    assert "deadline passed" in gone.error.message
+    assert live.WhichOneof("result") == "response" and len(live.response.explanations) == 1
+    assert bad.error.code == 3 and "not a decodable JPEG or PNG" in bad.error.message  # decoded: refused as such

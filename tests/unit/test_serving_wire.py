@@ -33,3 +33,52 @@ def test_raw_clip_checks_shape_and_length():
         inputs.raw_clip(b"\x00" * 10, clip.shape)
     with pytest.raises(inputs.InputTooLarge):
         inputs.raw_clip(b"", (1, 9000, 8, 3))
+
+
+def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def headers_only(data: bytes) -> bytes:
+    """A PNG whose header is intact and whose pixel data is cut off: decoding it fails, so
+    a check that answers something else about it has not decoded it."""
+    return data[:64]
+
+
+def test_a_clip_is_refused_from_its_headers_before_any_frame_is_decoded():
+    big = headers_only(png_bytes(2048, 2048))
+    # 4 frames of 2048 x 2048 = 16.8 M pixels: at the limit; 5 frames are over it
+    assert inputs.check_frames([big] * 4) == (2048, 2048)
+    with pytest.raises(inputs.InputTooLarge, match=rf"clip is 5 x 2048x2048 = {5 * 2048 * 2048} pixels decoded; "
+                                                   rf"the limit is {inputs.MAX_REQUEST_PIXELS}"):
+        inputs.decode_frames([big] * 5)
+    with pytest.raises(ValueError, match="clip: the model takes 4 frames, got 5"):
+        inputs.decode_frames([big] * 5, expected=4)
+    with pytest.raises(inputs.InputTooLarge, match="clip has 257 frames; the limit is 256"):
+        inputs.decode_frames([headers_only(png_bytes(8, 8))] * 257)
+    with pytest.raises(ValueError, match="clip frames differ in size: frame 0 is 2048x2048, frame 1 is 8x8"):
+        inputs.decode_frames([big, headers_only(png_bytes(8, 8))])
+    with pytest.raises(ValueError, match="clip frame 0 is not a decodable JPEG or PNG"):
+        inputs.decode_frames([big] * 4)  # within the limits: only now is a frame decoded
+    with pytest.raises(inputs.InputTooLarge, match="clip is 2 x 4096x4096"):
+        inputs.raw_clip(b"", (2, 4096, 4096, 3))
+    with pytest.raises(ValueError, match="the model takes 3 frames, got 2"):
+        inputs.check_raw_clip(2 * 8 * 8 * 3, (2, 8, 8, 3), expected=3)
+
+
+def test_decoded_clip_and_image_sizes():
+    frames = [png_bytes(12, 10, seed) for seed in range(3)]
+    clip = inputs.decode_frames(frames, expected=3)
+    assert clip.shape == (3, 10, 12, 3) and clip.flags.writeable
+    for frame, decoded in zip(frames, clip):
+        np.testing.assert_array_equal(decoded, inputs.decode_image(frame))
+    assert inputs.image_size(headers_only(png_bytes(40, 30))) == (40, 30)
+    with pytest.raises(inputs.InputTooLarge, match="image is 9000x8 pixels"):
+        inputs.image_size(headers_only(png_bytes(9000, 8)))
