@@ -25,9 +25,7 @@ from explainserve.anomaly import (StoreMeta, build_store, calibrate, load_store,
 from explainserve.anomaly.build import DEFAULT_TOP_K
 from explainserve.anomaly.calibration import DEFAULT_TARGET_FPR
 from explainserve.anomaly.publish import publishing
-from explainserve.commands.distributions_files import (BUILD_RECORD, build_from_files, merged_record,
-                                                      remove_checkpoint, validation_from_files, write_record)
-from explainserve.data.loader import default_workers
+from explainserve.data.files import default_workers
 from explainserve.data.sources import is_file_source, open_source
 
 DEMO_MODELS = ("image", "video")
@@ -207,6 +205,9 @@ def calibrate_store(args, explainer, store_path: Path, record: dict | None = Non
     For a file source, the validation files skipped as bad go into the build ``record``,
     which is written with the store.
     """
+    # distributions_files imports torch (its DataLoader): imported where used, so `explainserve --help` starts fast.
+    from explainserve.commands.distributions_files import validation_from_files, write_record
+
     store = load_store(store_path)
     if is_file_source(args.data):
         data = open_source(args.data, explainer.class_names, val_fraction=args.val_fraction)
@@ -237,6 +238,8 @@ def print_store(path: Path) -> None:
 
 
 def build_main(args) -> int:
+    from explainserve.commands.distributions_files import build_from_files, remove_checkpoint
+
     explainer, meta = open_subject(args)
     if is_file_source(args.data):
         if args.limit is not None:
@@ -263,6 +266,8 @@ def build_main(args) -> int:
 
 
 def merge_main(args) -> int:
+    from explainserve.commands.distributions_files import BUILD_RECORD, merged_record, write_record
+
     if (args.model is None) != (args.data is None):
         raise ValueError("--model and --data go together: both calibrate the merged store")
     with publishing(args.out) as folder:

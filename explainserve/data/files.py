@@ -9,6 +9,7 @@ training sample and the same file sent to Explain reach the network identically.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,3 +85,9 @@ def decode_sample(path: Path, kind: str, frames: int | None = None) -> np.ndarra
         raise ValueError(f"{path}: unreadable ({error.strerror or error})") from None
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
+
+
+def default_workers() -> int:
+    """Decoding processes: one per core the network pass does not need, at least one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores - 1))

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
 import torch.utils.data
 
 from explainserve.data.files import SampleFile, decode_sample
-
-
-def default_workers() -> int:
-    """Decoding processes: one per core the network pass does not need, at least one."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores - 1))
 
 
 class DecodedSamples(torch.utils.data.Dataset):

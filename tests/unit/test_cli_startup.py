@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-HEAVY = ("torch", "torchvision", "matplotlib", "skimage")
+HEAVY = ("torch", "torchvision", "matplotlib", "skimage.segmentation", "skimage.transform")  # skimage itself loads lazily
 
 
 def modules_after(argv: list[str]) -> dict:
