@@ -7,6 +7,7 @@ from skimage import data
 from explainserve.cam import grad_cam
 from explainserve.explainer import SLIC_DEFAULTS, ExplainOptions, Explainer
 from explainserve.grad_amap import grad_amap
+from explainserve.jitter_cam import jitter_cam
 from explainserve.probe import probe
 from explainserve.superpixels import gradient_slic
 from explainserve.swag import PIXEL_SOURCES, pixel_scores
@@ -132,3 +133,41 @@ def test_slic_parameters_are_checked_only_when_a_swag_method_is_asked():
     assert result.maps["grad_cam"].heatmap.shape == (32, 32)
     with pytest.raises(ValueError, match=r"n_segments: must be in \[1, 256\] for input size \(32, 32\), got 300"):
         explainer.explain([photo], ["swag_i"])
+
+
+def test_each_map_is_the_library_function_applied_to_that_sample_alone_for_a_requested_target(image_explainer, photos):
+    # A batch must not leak between samples, and the requested class (here never the predicted
+    # one) drives every map: each is recomputed from the sample alone, with plain formulas where
+    # the library's step is a one-liner.
+    model = image_explainer.model
+    methods = ["swag_i", "swag_g", "swag_i_g", "grad_cam", "jitter_cam"]
+    slic = {"n_segments": 40, "wc": 6.0, "wg": 14.0}
+    rgb = image_explainer.preprocess(photos)
+    inputs = (rgb - image_explainer.mean) / image_explainer.std
+    predicted = probe(model, inputs, input_gradient=False).predicted.tolist()
+    # Per sample, the other class with the strongest Grad-CAM, so that no map is blank.
+    strength = torch.stack([grad_cam(r.activations, r.activation_gradients, (2, 2)).sum(dim=(1, 2))
+                            for r in (probe(model, inputs, target=c, input_gradient=False) for c in range(10))], dim=1)
+    strength[torch.arange(2), predicted] = -1
+    targets = strength.argmax(dim=1).tolist()
+    results = image_explainer.explain(photos, methods, ExplainOptions(**slic, jitter_d=1), targets=targets)
+    for b, result in enumerate(results):
+        assert result.target == targets[b] != result.predicted == predicted[b]
+        alone = probe(model, inputs[b : b + 1], target=[targets[b]])
+        weights = alone.activation_gradients.mean(dim=(2, 3), keepdim=True)
+        cam = torch.nn.functional.interpolate((weights * alone.activations).sum(1, keepdim=True).clamp(min=0),
+                                              size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
+        np.testing.assert_allclose(result.maps["grad_cam"].heatmap, cam.numpy(), rtol=1e-4, atol=1e-6)
+        jitter = jitter_cam(model, inputs[b : b + 1], torch.tensor([targets[b]]), cam_size=(2, 2), d=1)[0]
+        np.testing.assert_allclose(result.maps["jitter_cam"].heatmap, jitter.numpy(), rtol=1e-4, atol=1e-6)
+        of_predicted = jitter_cam(model, inputs[b : b + 1], torch.tensor([predicted[b]]), cam_size=(2, 2), d=1)[0]
+        assert jitter.max() > 0 and not torch.allclose(jitter, of_predicted, atol=1e-4)
+
+        guided = alone.input_gradient[0].abs().amax(0).numpy()  # M: max over channels of |guided gradient|
+        image = rgb[b].permute(1, 2, 0).numpy().astype(np.float64)
+        for method, variant in (("swag_i", "i"), ("swag_g", "g"), ("swag_i_g", "i_g")):
+            segments = gradient_slic(image, None if variant == "i" else guided, variant=variant, **slic)
+            np.testing.assert_array_equal(result.maps[method].segments, segments, err_msg=method)
+            means = np.array([guided[segments == label].mean() for label in range(segments.max() + 1)])
+            np.testing.assert_allclose(result.maps[method].segment_scores, means, rtol=1e-4, err_msg=method)
+            np.testing.assert_allclose(result.maps[method].heatmap, means[segments], rtol=1e-4, err_msg=method)

@@ -44,8 +44,42 @@ def test_jitter_cam_equals_the_hand_computed_average_over_patches(size, d, strid
     expected_cells = F.avg_pool2d(upscaled[:, :1], cell)[:, 0] / z
     expected = F.interpolate(expected_cells[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     assert torch.allclose(result, expected, atol=1e-6)
-    # Without dividing by the count map C the centre cells would be several times larger.
-    assert not torch.allclose(result * 2, expected, atol=1e-3)
+
+
+class AdaptiveChannelNet(PooledChannelNet):
+    """PooledChannelNet whose cells are an adaptive pooling to ``cells``: any input size works."""
+
+    def __init__(self, cells: tuple[int, int]):
+        super().__init__(1)
+        self.pool = nn.AdaptiveAvgPool2d(cells)
+
+
+def test_cell_sizes_that_do_not_divide_the_input_round_each_patch_to_the_nearest_pixel():
+    # 28 x 40 pixels over a 3 x 3 map: cells of 9.33 x 13.33 pixels. Each patch starts at the
+    # pixel nearest to its cell offset times the cell size, and its CAM is relu(A) / Z with A
+    # the adaptive cell means of channel 0; J / C averages the patches that cover each cell.
+    height, width, m, d = 28, 40, (3, 3), (2, 3)
+    model = AdaptiveChannelNet(m).eval()
+    x = torch.rand(2, 3, height, width) + 0.1
+    result = jitter_cam(model, x, torch.tensor([0, 0]), cam_size=m, layer="pool", d=d)
+
+    cell_h, cell_w = height / m[0], width / m[1]
+    big = (round(height + d[0] * cell_h), round(width + d[1] * cell_w))
+    assert big == (47, 80)
+    upscaled = F.interpolate(x, size=big, mode="bilinear", align_corners=False)
+    total, count = torch.zeros(2, m[0] + d[0], m[1] + d[1]), torch.zeros(m[0] + d[0], m[1] + d[1])
+    starts = []
+    for i in range(d[0] + 1):
+        for j in range(d[1] + 1):
+            y, x0 = min(int(i * cell_h + 0.5), big[0] - height), min(int(j * cell_w + 0.5), big[1] - width)
+            starts.append((y, x0))
+            patch = upscaled[:, :1, y : y + height, x0 : x0 + width]
+            total[:, i : i + m[0], j : j + m[1]] += F.adaptive_avg_pool2d(patch, m)[:, 0] / (m[0] * m[1])
+            count[i : i + m[0], j : j + m[1]] += 1
+    # Cell offsets 9.33, 18.67 and 13.33, 26.67 round to 9, 19 and 13, 27 (truncation would give 18 and 26).
+    assert sorted({y for y, _ in starts}) == [0, 9, 19] and sorted({x for _, x in starts}) == [0, 13, 27, 40]
+    expected = F.interpolate((total / count)[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(result, expected, atol=1e-6)
 
 
 def test_count_map_covers_every_cell_with_any_stride():

@@ -3,56 +3,76 @@
 import numpy as np
 import pytest
 from skimage import data, transform
+from skimage.color import rgb2lab
 from skimage.util import regular_grid
 
-from explainserve.superpixels import gradient_slic, rescale_scores, slic_features
+from explainserve.superpixels import gradient_slic, rescale_scores
 from explainserve.swag import segment_means, swag
 
 
-def reference_slic(image_rgb, scores, *, n_segments, wc, wg, variant, spacing=(1.0, 1.0, 1.0), max_num_iter=10):
-    """SLIC k-means written from the thesis: D'^2 = (dc/wc)^2 + (ds/S)^2 + (dg/wg)^2.
+def thesis_terms(image_rgb, scores, variant):
+    """The colour and score parts of the thesis's description vector C = [l, a, b, x, y, g].
 
-    Seeds on skimage's regular grid, search windows of 2S around each centre, centres
-    initialised with zero features, as scikit-image does; no connectivity enforcement.
+    Written from the text, not from ``slic_features``: CIELAB colour (eq. 3.2) and the pixel
+    scores M scaled to [0, 100] "to match the range of LAB values" (before eq. 3.5). A variant
+    without a term gets an empty one.
     """
-    features = slic_features(image_rgb, scores, variant=variant, wc=wc, wg=wg)
-    is_image = features.ndim == 3
+    shape = (np.shape(image_rgb)[:-1] if image_rgb is not None else np.shape(scores))
+    lab = rgb2lab(np.asarray(image_rgb, dtype=np.float64)) if variant in ("i", "i_g") else np.zeros(shape + (0,))
+    if variant in ("g", "i_g"):
+        m = np.asarray(scores, dtype=np.float64)
+        g = (100.0 * (m - m.min()) / (m.max() - m.min()))[..., None]
+    else:
+        g = np.zeros(shape + (0,))
+    return lab, g
+
+
+def reference_slic(image_rgb, scores, *, n_segments, wc, wg, variant, spacing=(1.0, 1.0, 1.0), max_num_iter=10):
+    """SLIC k-means written from the thesis: D'^2 = (dc/wc)^2 + (ds/ws)^2 + (dg/wg)^2 (eq. 3.5).
+
+    Each term is its own distance (dc over CIELAB, ds over position, dg over the rescaled
+    scores), weighted as the equation says; "i" drops dg (eq. 3.4), "g" drops dc (eq. 3.6).
+    Seeds on skimage's regular grid, search windows of 2S around each centre, centres
+    initialised with zero colour and score, as scikit-image does; no connectivity enforcement.
+    """
+    lab, g = thesis_terms(image_rgb, scores, variant)
+    is_image = lab.ndim == 3
     if is_image:
-        features = features[None]
-    depth, height, width = features.shape[:3]
+        lab, g = lab[None], g[None]
+    depth, height, width = lab.shape[:3]
     slices = regular_grid((depth, height, width), n_segments)
     steps = [int(s.step) if s.step is not None else 1 for s in slices]
-    step = float(max(float(s.step) if s.step is not None else 1.0 for s in slices))
+    ws = float(max(float(s.step) if s.step is not None else 1.0 for s in slices))
     grid = np.mgrid[:depth, :height, :width]
-    centres_xyz = np.stack([g[slices].ravel() for g in grid], axis=1).astype(float)
-    centres = np.concatenate([centres_xyz, np.zeros((len(centres_xyz), features.shape[-1]))], axis=1)
     coords = np.stack(grid, axis=-1).astype(float)
+    n = len(grid[0][slices].ravel())
+    centre_xyz = np.stack([c[slices].ravel() for c in grid], axis=1).astype(float)
+    centre_lab, centre_g = np.zeros((n, lab.shape[-1])), np.zeros((n, g.shape[-1]))
     spacing = np.asarray(spacing, dtype=float)
     labels = np.zeros((depth, height, width), dtype=np.intp)
     for _ in range(max_num_iter):
         distance = np.full((depth, height, width), np.inf)
         changed = False
-        for k, centre in enumerate(centres):
-            lo = [max(int(centre[a] - 2 * steps[a]), 0) for a in range(3)]
-            hi = [min(int(centre[a] + 2 * steps[a] + 1), n) for a, n in enumerate((depth, height, width))]
+        for k in range(n):
+            lo = [max(int(centre_xyz[k, a] - 2 * steps[a]), 0) for a in range(3)]
+            hi = [min(int(centre_xyz[k, a] + 2 * steps[a] + 1), size) for a, size in enumerate((depth, height, width))]
             window = tuple(slice(a, b) for a, b in zip(lo, hi))
-            ds2 = (((coords[window] - centre[:3]) * spacing) ** 2).sum(-1) / step**2
-            df2 = ((features[window] - centre[3:]) ** 2).sum(-1)
-            total = ds2 + df2
+            ds = np.sqrt((((coords[window] - centre_xyz[k]) * spacing) ** 2).sum(-1))
+            dc = np.sqrt(((lab[window] - centre_lab[k]) ** 2).sum(-1))
+            dg = np.sqrt(((g[window] - centre_g[k]) ** 2).sum(-1))
+            total = (dc / wc) ** 2 + (ds / ws) ** 2 + (dg / wg) ** 2
             closer = total < distance[window]
-            if closer.any():
-                changed = True
+            changed |= bool(closer.any())
             distance[window] = np.where(closer, total, distance[window])
             labels[window] = np.where(closer, k, labels[window])
         if not changed:
             break
-        for k in range(len(centres)):
+        for k in range(n):
             members = labels == k
             if members.any():
-                centres[k, :3] = coords[members].mean(0)
-                centres[k, 3:] = features[members].mean(0)
+                centre_xyz[k], centre_lab[k], centre_g[k] = coords[members].mean(0), lab[members].mean(0), g[members].mean(0)
             else:
-                centres[k] = 0
+                centre_xyz[k], centre_lab[k], centre_g[k] = 0, 0, 0
     return labels[0] if is_image else labels
 
 
@@ -124,3 +144,29 @@ def test_bad_parameters_raise(small_image, kwargs, message):
     image, scores = small_image
     with pytest.raises(ValueError, match=message):
         gradient_slic(image, scores, **kwargs)
+
+
+def purity(segments, classes):
+    """Share of pixels whose segment's majority class is their own (1 = segments never cross an edge)."""
+    agreeing = 0
+    for label in np.unique(segments):
+        agreeing += np.bincount(classes[segments == label]).max()
+    return agreeing / classes.size
+
+
+def test_raising_wc_follows_colour_and_raising_wg_follows_the_scores():
+    # A red/blue edge along one diagonal and a score step along the other: no compact segment
+    # can follow both, so the weights decide which edge the segments keep to.
+    yy, xx = np.mgrid[:48, :48]
+    colour_class = (yy > xx).astype(int)
+    score_class = (yy + xx > 47).astype(int)
+    image = np.where(colour_class[..., None] == 1, [0.9, 0.1, 0.1], [0.1, 0.1, 0.9])
+    scores = score_class.astype(float)
+    purities = {}
+    for name, wc, wg in (("colour", 1.0, 1000.0), ("scores", 1000.0, 1.0)):
+        segments = gradient_slic(image, scores, variant="i_g", n_segments=9, wc=wc, wg=wg)
+        purities[name] = (purity(segments, colour_class), purity(segments, score_class))
+    # A large wc lowers the colour term's influence (thesis, after eq. 3.4); a large wg the score term's.
+    colour_led, score_led = purities["colour"], purities["scores"]
+    assert colour_led[0] > 0.98 and colour_led[0] > colour_led[1] + 0.05, purities
+    assert score_led[1] > 0.98 and score_led[1] > score_led[0] + 0.05, purities
