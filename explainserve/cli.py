@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = (
     "explainserve.commands.demo",
     "explainserve.commands.sidecar",
+    "explainserve.commands.api_key",
     "explainserve.commands.serve",
     "explainserve.commands.archive",
     "explainserve.commands.explain",
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # A command named like its module needs only that module: `explainserve sidecar` then
     # starts without importing torch (seconds), which matters when the gateway restarts.
-    own_module = f"explainserve.commands.{argv[0]}" if argv else ""
+    own_module = f"explainserve.commands.{argv[0].replace('-', '_')}" if argv else ""
     args = build_parser((own_module,) if own_module in COMMAND_MODULES else COMMAND_MODULES).parse_args(argv)
     try:
         return int(args.func(args) or 0)

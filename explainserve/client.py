@@ -6,12 +6,14 @@
         result.anomaly.predicted.verdict  # ClassVerdict.NORMAL / ANOMALOUS when anomaly.status is OK
         report = client.score(alpha, model="demo_image", predicted_class=3)  # Score RPC
 
-Errors are raised as :class:`ExplainError`, carrying the gRPC status code.
+Errors are raised as :class:`ExplainError`, carrying the gRPC status code. A gateway with TLS
+and API keys: ``ExplainClient(target, tls_ca="ca.pem", token=key)`` (or $EXPLAINSERVE_TOKEN).
 """
 
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +26,8 @@ from explainserve import wire
 from explainserve._generated import explain_pb2, explain_pb2_grpc
 from explainserve.wire import MAX_MESSAGE_BYTES  # re-exported for clients
 
+# The API key a client sends when none is given to it.
+TOKEN_ENV = "EXPLAINSERVE_TOKEN"
 # gRPC's reconnect backoff grows to 120 s; capped, a restarted gateway is found again within ~2 s.
 MAX_RECONNECT_BACKOFF_MS = 2000
 
@@ -137,15 +141,41 @@ def score_request(alpha, *, model: str, predicted_class: int, label: int | None 
     return request
 
 
-class ExplainClient:
-    """A blocking client of one gateway at ``target`` ("host:port")."""
+def read_optional(path: str | Path | None) -> bytes | None:
+    return Path(path).read_bytes() if path is not None else None
 
-    def __init__(self, target: str, *, max_message_bytes: int = MAX_MESSAGE_BYTES):
-        self.channel = grpc.insecure_channel(target, options=[
+
+class ExplainClient:
+    """A blocking client of one gateway at ``target`` ("host:port").
+
+    Parameters
+    ----------
+    tls : bool
+        Connect with TLS, trusting the system's CAs (implied by ``tls_ca`` and a client certificate).
+    tls_ca : path, optional
+        PEM of the CA that signed the gateway's certificate.
+    tls_client_cert, tls_client_key : path, optional
+        PEM certificate chain and key of this client, for a gateway that requires them (mutual TLS).
+    token : str, optional
+        API key sent as ``authorization: Bearer <token>``; default: $EXPLAINSERVE_TOKEN, if set.
+    """
+
+    def __init__(self, target: str, *, max_message_bytes: int = MAX_MESSAGE_BYTES, tls: bool = False,
+                 tls_ca: str | Path | None = None, tls_client_cert: str | Path | None = None,
+                 tls_client_key: str | Path | None = None, token: str | None = None):
+        options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
-        ])
+        ]
+        if tls or tls_ca is not None or tls_client_cert is not None:
+            credentials = grpc.ssl_channel_credentials(read_optional(tls_ca), read_optional(tls_client_key),
+                                                       read_optional(tls_client_cert))
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.stub = explain_pb2_grpc.ExplainerStub(self.channel)
 
     def explain(self, data, *, model: str, methods: Sequence[str] = (), timeout: float | None = None,
@@ -169,7 +199,7 @@ class ExplainClient:
 
     def _call(self, method, request, timeout: float | None):
         try:
-            return method(request, timeout=timeout)
+            return method(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as error:
             raise ExplainError(error.code(), error.details()) from None
 

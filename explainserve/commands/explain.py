@@ -11,7 +11,8 @@ import numpy as np
 
 from explainserve._generated import explain_pb2
 from explainserve.anomaly import Reason
-from explainserve.client import ExplainClient, ExplainError
+from explainserve.client import ExplainError
+from explainserve.commands.connection import add_connection_arguments, connect
 from explainserve.inputs import decode_image
 from explainserve.methods import METHODS
 
@@ -26,13 +27,13 @@ def register(subparsers) -> None:
     parser.add_argument("--model", required=True, help="served model name")
     parser.add_argument("--method", action="append", default=[], choices=METHODS,
                         help="explanation method (repeat for several; none: prediction only)")
-    parser.add_argument("--target", default="127.0.0.1:50051", help="gateway host:port")
     parser.add_argument("--class", dest="target_class", type=int, help="class to explain (default: predicted)")
     parser.add_argument("--label", type=int, help="ground-truth class, also scored for anomalies")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
     parser.add_argument("--out", type=Path, help="PNG of the first method's map beside the input; "
                                                  "for a folder or manifest, the output folder (required)")
+    add_connection_arguments(parser)
     bulk = parser.add_argument_group("many inputs")
     bulk.add_argument("--concurrency", type=int, default=4, help="calls in flight at once (default 4)")
     bulk.add_argument("--retries", type=int, default=3, help="further attempts while the gateway is UNAVAILABLE")
@@ -85,7 +86,7 @@ def bulk_main(args) -> int:
                           backoff=args.backoff, methods=args.method, top_k=args.top_k, target_class=args.target_class)
     options.check()
     inputs = list_inputs(args.input, exclude=args.out)
-    with ExplainClient(args.target) as client:
+    with connect(args) as client:
         counts = run_bulk(client, inputs, args.out, options, progress=not args.no_progress)
     report = write_report(args.out)
     print(f"{counts['inputs']} inputs: {counts['skipped']} done before, {counts['ok']} answered now, "
@@ -100,7 +101,7 @@ def main(args) -> int:
     if is_bulk_source(args.input):
         return bulk_main(args)
     data = load_input(args.input)
-    with ExplainClient(args.target) as client:
+    with connect(args) as client:
         try:
             result = client.explain(data, model=args.model, methods=args.method, timeout=args.timeout,
                                     target_class=args.target_class, label=args.label, top_k=args.top_k)

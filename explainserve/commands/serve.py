@@ -78,7 +78,8 @@ def serve_main(args) -> int:
     state_path = args.run_dir / STATE_FILE
     if state_path.exists():
         raise ValueError(f"--run-dir: {state_path} exists; run `explainserve stop --run-dir {args.run_dir}` first")
-    print("WARNING: local mode: TorchServe token authorisation is disabled and all ports are on 127.0.0.1. "
+    print("WARNING: local mode: TorchServe token authorisation is disabled, the gateway takes no API key and "
+          "answers reflection, and all ports are on 127.0.0.1. "
           "Never use this mode outside this machine; the Helm chart keeps authorisation on.", file=sys.stderr)
     torchserve = TorchServe(TorchServeConfig(
         model_store=store, models={name: f"{name}.mar" for name in archives}, workdir=(args.run_dir / "torchserve").resolve(),
@@ -97,7 +98,7 @@ def serve_main(args) -> int:
             print(f"no distribution store in {', '.join(f'{name}.mar' for name in missing)}: "
                   "their answers carry no anomaly verdict", file=sys.stderr)
         gateway = start_gateway(listen, torchserve, args.metrics_port, args.run_dir / "gateway.log",
-                                ("--store-dir", str(stores)))
+                                ("--store-dir", str(stores), "--reflection"))
         state.update(gateway_pid=gateway.pid, target=listen, metrics=f"http://127.0.0.1:{args.metrics_port}/metrics")
         state_path.write_text(json.dumps(state))
         wait_serving(listen, timeout=60, process=gateway)

@@ -6,6 +6,8 @@ import logging
 
 from explainserve.sidecar.server import GatewayConfig, run
 
+log = logging.getLogger(__name__)
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("sidecar", help="run the typed gRPC Explain gateway in front of TorchServe")
@@ -41,7 +43,26 @@ def register(subparsers) -> None:
                              "once with RESOURCE_EXHAUSTED")
     parser.add_argument("--max-connection-age", type=float, default=defaults.max_connection_age, metavar="SECONDS",
                         help="close client connections after this long (gracefully), so clients spread over new pods")
+    security = parser.add_argument_group("security of the public port (docs/SECURITY.md)")
+    security.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain (re-read when it changes)")
+    security.add_argument("--tls-key", metavar="PEM", help="the certificate's private key (re-read when it changes)")
+    security.add_argument("--tls-client-ca", metavar="PEM",
+                          help="require client certificates signed by this CA (mutual TLS); needs --tls-cert")
+    security.add_argument("--auth-keys", metavar="JSON",
+                          help="bearer API keys a caller must send, as sha256 hashes, optionally limited to models "
+                               "(make one with `explainserve api-key`); re-read when the file changes")
+    security.add_argument("--allow-unauthenticated", action="store_true",
+                          help="serve callers without an API key on a non-loopback --listen address (refused "
+                               "otherwise: only when something in front authenticates them)")
+    security.add_argument("--reflection", action="store_true",
+                          help="enable gRPC server reflection (it lists the API to any caller; off by default)")
     parser.set_defaults(func=main)
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether a host:port address only accepts connections from this host."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def main(args) -> int:
@@ -54,6 +75,19 @@ def main(args) -> int:
         raise ValueError("--max-concurrent-requests must be >= 1 and --max-queued-requests >= 0")
     if args.max_connection_age <= 0:
         raise ValueError("--max-connection-age must be positive seconds")
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        raise ValueError("--tls-cert and --tls-key go together, and --tls-client-ca needs them")
+    exposed = not is_loopback(args.listen)
+    if exposed and not args.auth_keys and not args.allow_unauthenticated:
+        raise ValueError(f"--listen {args.listen} is reachable from other hosts and no --auth-keys is given: any "
+                         "caller would be served; pass --auth-keys FILE, or --allow-unauthenticated if something in "
+                         "front authenticates callers")
+    if exposed and not args.tls_cert:
+        log.warning("--listen %s is reachable from other hosts WITHOUT TLS: API keys and images cross the network "
+                    "in clear text; pass --tls-cert and --tls-key unless a proxy or mesh in front encrypts them",
+                    args.listen)
+    if exposed and args.allow_unauthenticated and not args.auth_keys:
+        log.warning("--allow-unauthenticated: every caller that reaches %s is served", args.listen)
     run(GatewayConfig(listen=args.listen, torchserve_inference=args.torchserve,
                       torchserve_management=args.torchserve_management, metrics_port=args.metrics_port,
                       metrics_address=args.metrics_address, metrics_per_class=args.metrics_per_class,
@@ -61,5 +95,7 @@ def main(args) -> int:
                       poll_interval=args.poll_interval,
                       default_timeout=args.default_timeout, token_file=args.token_file,
                       explain_anomaly=args.explain_anomaly, max_concurrent_requests=args.max_concurrent_requests,
-                      max_queued_requests=args.max_queued_requests, max_connection_age=args.max_connection_age))
+                      max_queued_requests=args.max_queued_requests, max_connection_age=args.max_connection_age,
+                      tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                      auth_keys=args.auth_keys, reflection=args.reflection))
     return 0

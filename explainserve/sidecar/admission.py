@@ -15,6 +15,7 @@ it is saturated.
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 
 import grpc
 
@@ -33,6 +34,23 @@ def rpc_name(method: str) -> str:
 
 def is_open(method: str) -> bool:
     return method.startswith(OPEN_SERVICES)
+
+
+async def guarded(continuation, details, guard):
+    """The handler of ``details.method`` with its work run inside ``async with guard(rpc, request,
+    context)``, for the unary calls of the API services; others are left as they are. A guard
+    refuses a call by aborting its context before it yields."""
+    handler = await continuation(details)
+    if handler is None or handler.unary_unary is None or is_open(details.method):
+        return handler
+    work, rpc = handler.unary_unary, rpc_name(details.method)
+
+    async def run(request, context):
+        async with guard(rpc, request, context):
+            return await work(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(run, request_deserializer=handler.request_deserializer,
+                                               response_serializer=handler.response_serializer)
 
 
 class Refused(Exception):
@@ -88,36 +106,45 @@ class Admission:
         self._turns.release()
 
 
-class AdmissionInterceptor(grpc.aio.ServerInterceptor):
-    """Puts every unary call of the API services through an :class:`Admission`.
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Runs every unary call of the API services inside the async context manager
+    ``self.guard(rpc, request, context)``, which refuses a call with :meth:`refuse`.
 
     Parameters
     ----------
-    admission : Admission
     refused : prometheus_client.Counter
         ``explainserve_refused_requests_total``, labels (rpc, reason).
     """
 
-    def __init__(self, admission: Admission, refused):
-        self.admission = admission
+    def __init__(self, refused):
         self.refused = refused
 
     async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None or is_open(details.method):
-            return handler
-        work, rpc, admission = handler.unary_unary, rpc_name(details.method), self.admission
+        return await guarded(continuation, details, self.guard)
 
-        async def admitted(request, context):
-            try:
-                await admission.enter(context)
-            except Refused as refusal:
-                self.refused.labels(rpc, refusal.reason).inc()
-                await context.abort(refusal.code, refusal.message)
-            try:
-                return await work(request, context)
-            finally:
-                admission.leave()
+    def guard(self, rpc: str, request, context):
+        raise NotImplementedError
 
-        return grpc.unary_unary_rpc_method_handler(admitted, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+    async def refuse(self, context, rpc: str, reason: str, code: grpc.StatusCode, message: str) -> None:
+        """Count the refusal and end the call with ``code``."""
+        self.refused.labels(rpc, reason).inc()
+        await context.abort(code, message)
+
+
+class AdmissionInterceptor(GuardInterceptor):
+    """Puts every unary call of the API services through an :class:`Admission`."""
+
+    def __init__(self, admission: Admission, refused):
+        super().__init__(refused)
+        self.admission = admission
+
+    @asynccontextmanager
+    async def guard(self, rpc: str, _request, context):
+        try:
+            await self.admission.enter(context)
+        except Refused as refusal:
+            await self.refuse(context, rpc, refusal.reason, refusal.code, refusal.message)
+        try:
+            yield
+        finally:
+            self.admission.leave()

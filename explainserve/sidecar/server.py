@@ -15,11 +15,13 @@ from explainserve._generated import explain_pb2, explain_pb2_grpc
 from explainserve.wire import MAX_MESSAGE_BYTES
 
 from .admission import Admission, AdmissionInterceptor
+from .auth import AuthInterceptor, KeyRing
 from .scoring import AnomalyScoring
 from .catalog import ModelCatalog
 from .keys import KeyFile, KeyInterceptor
 from .metrics import GatewayMetrics
 from .service import ExplainerService
+from .tls import ServerCertificates
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = explain_pb2.DESCRIPTOR.services_by_name["Explainer"].full_name
@@ -73,6 +75,14 @@ class GatewayConfig:
     max_queued_requests: int = 8
     # Seconds after which a client connection is closed (gracefully), so clients rebalance.
     max_connection_age: float = 300.0
+    # TLS on the public port (sidecar.tls): certificate and key, and a CA for client certificates (mTLS).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    # Bearer API keys (sidecar.auth); None: any caller that reaches the port is served.
+    auth_keys: str | None = None
+    # gRPC server reflection (lists the services and their messages to anyone who asks).
+    reflection: bool = False
 
 
 class Gateway:
@@ -122,14 +132,21 @@ class Gateway:
 
         admission = Admission(config.max_concurrent_requests, config.max_queued_requests)
         self.metrics.queued.set_function(lambda: admission.queued)
-        self.server = grpc.aio.server(options=server_options(config),
-                                      interceptors=[AdmissionInterceptor(admission, self.metrics.refused)])
+        # First refuse callers without a key, then queue: a stranger never holds a turn.
+        interceptors = [AuthInterceptor(KeyRing(config.auth_keys), self.metrics.refused)] if config.auth_keys else []
+        interceptors.append(AdmissionInterceptor(admission, self.metrics.refused))
+        self.server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
         explain_pb2_grpc.add_ExplainerServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
-        port = self.server.add_insecure_port(config.listen)
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                self.server)
+        if config.tls_cert:
+            certificates = ServerCertificates(config.tls_cert, config.tls_key, config.tls_client_ca)
+            port = self.server.add_secure_port(config.listen, certificates.credentials())
+        else:
+            port = self.server.add_insecure_port(config.listen)
         if port == 0:
             raise OSError(f"cannot listen on {config.listen}")
         await self.server.start()

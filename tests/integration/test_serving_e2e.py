@@ -35,7 +35,7 @@ def models():
 @pytest.fixture(scope="module")
 def stack(request, tmp_path_factory, models):
     yield from stack_for_module(request, tmp_path_factory.mktemp("serving"), list(models.values()),
-                                batch_size=4, max_batch_delay_ms=300)
+                                batch_size=4, max_batch_delay_ms=300, gateway_args=("--reflection",))
 
 
 @pytest.fixture(scope="module")
