@@ -43,6 +43,9 @@ def register(subparsers) -> None:
                              "once with RESOURCE_EXHAUSTED")
     parser.add_argument("--max-connection-age", type=float, default=defaults.max_connection_age, metavar="SECONDS",
                         help="close client connections after this long (gracefully), so clients spread over new pods")
+    parser.add_argument("--drain-seconds", type=float, default=defaults.drain_seconds, metavar="SECONDS",
+                        help="on SIGTERM: health NOT_SERVING, new calls refused, and calls in flight get this long "
+                             "to finish before the gateway exits")
     security = parser.add_argument_group("security of the public port (docs/SECURITY.md)")
     security.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain (re-read when it changes)")
     security.add_argument("--tls-key", metavar="PEM", help="the certificate's private key (re-read when it changes)")
@@ -73,6 +76,8 @@ def main(args) -> int:
         raise ValueError("--store-poll-interval must be 0 (only on SIGHUP) or positive seconds")
     if args.max_concurrent_requests < 1 or args.max_queued_requests < 0:
         raise ValueError("--max-concurrent-requests must be >= 1 and --max-queued-requests >= 0")
+    if args.drain_seconds < 0:
+        raise ValueError("--drain-seconds must be 0 or positive seconds")
     if args.max_connection_age <= 0:
         raise ValueError("--max-connection-age must be positive seconds")
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
@@ -97,5 +102,5 @@ def main(args) -> int:
                       explain_anomaly=args.explain_anomaly, max_concurrent_requests=args.max_concurrent_requests,
                       max_queued_requests=args.max_queued_requests, max_connection_age=args.max_connection_age,
                       tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                      auth_keys=args.auth_keys, reflection=args.reflection))
+                      auth_keys=args.auth_keys, reflection=args.reflection, drain_seconds=args.drain_seconds))
     return 0

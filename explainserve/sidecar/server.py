@@ -83,10 +83,12 @@ class GatewayConfig:
     auth_keys: str | None = None
     # gRPC server reflection (lists the services and their messages to anyone who asks).
     reflection: bool = False
+    # Seconds in-flight calls get to finish after SIGTERM (then they are cancelled and the gateway exits).
+    drain_seconds: float = 30.0
 
 
 class Gateway:
-    """One running gateway; ``await start()`` then ``await wait()`` / ``await stop()``."""
+    """One running gateway; ``await start()``, later ``await stop(grace)``."""
 
     def __init__(self, config: GatewayConfig):
         self.config = config
@@ -113,7 +115,7 @@ class Gateway:
         catalog.on_model(anomaly.model_served)
         service = ExplainerService(self._inference, catalog, self.metrics, anomaly,
                                    default_timeout=config.default_timeout, explain_anomaly=config.explain_anomaly)
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = self._health = health.aio.HealthServicer()
 
         async def report(up: bool) -> None:
             status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -164,31 +166,41 @@ class Gateway:
         if self.anomaly is not None:
             self.anomaly.wake()
 
-    async def wait(self) -> None:
-        await self.server.wait_for_termination()
-
     async def stop(self, grace: float = 2.0) -> None:
+        """Drain: every health status NOT_SERVING, refuse new calls, let calls in flight finish for
+        up to ``grace`` seconds (then cancel them), then close everything."""
+        log.info("draining: health NOT_SERVING, new calls refused, %d call(s) in flight get up to %g s",
+                 self.inflight(), grace)
+        if self.server is not None:
+            await self._health.enter_graceful_shutdown()
+            await self.server.stop(grace)
         for task in self._tasks:
             task.cancel()
-        if self.server is not None:
-            await self.server.stop(grace)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         for channel in (self._inference, self._management):
             await channel.close()
+        log.info("stopped")
+
+    def inflight(self) -> int:
+        """API calls being handled now."""
+        return int(sum(sample.value for metric in self.metrics.inflight.collect() for sample in metric.samples))
 
 
 def run(config: GatewayConfig) -> None:
-    """Run a gateway until interrupted (SIGINT / SIGTERM); SIGHUP reloads the distribution stores."""
+    """Run a gateway until SIGTERM or SIGINT, then drain for ``config.drain_seconds``; SIGHUP
+    reloads the distribution stores."""
     import signal
 
     async def main():
         gateway = Gateway(config)
         await gateway.start()
         loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(gateway.stop()))
+            loop.add_signal_handler(sig, stopping.set)
         loop.add_signal_handler(signal.SIGHUP, gateway.reload_stores)
-        await gateway.wait()
+        await stopping.wait()
+        await gateway.stop(config.drain_seconds)
 
     asyncio.run(main())
