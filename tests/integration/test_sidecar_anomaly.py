@@ -390,8 +390,9 @@ def test_per_class_metrics_label_the_counters_and_stay_promtool_clean(demo_store
     metrics = GatewayMetrics(per_class=True)
     scoring = AnomalyScoring(metrics, demo_store.parent)
     scoring.load()
-    for class_id in range(3):
-        scoring.score(MODEL, alpha_near_mean(scorer, class_id, seed=class_id), class_id)
+    alphas = [alpha_near_mean(scorer, class_id, seed=class_id) for class_id in range(3)]
+    for class_id, alpha in enumerate(alphas):
+        scoring.score(MODEL, alpha, class_id)
     scoring.score("unserved", np.zeros(128, np.float32), 5)
     from prometheus_client import generate_latest
 
@@ -399,7 +400,12 @@ def test_per_class_metrics_label_the_counters_and_stay_promtool_clean(demo_store
     check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert metric_value(text, "explainserve_anomaly_verdicts_total", model=MODEL, **{"class": "2"}) == 1
-    assert metric_value(text, "explainserve_anomaly_surprise_flags_total", **{"class": "1"}) >= 0
+    # Each class's flag counters hold exactly its one answer's flags, as the library counts them.
+    for class_id, alpha in enumerate(alphas):
+        expected = scorer.score(alpha, class_id)
+        labels = {"model": MODEL, "class": str(class_id)}
+        assert metric_value(text, "explainserve_anomaly_surprise_flags_total", **labels) == expected.surprise_count[0]
+        assert metric_value(text, "explainserve_anomaly_expectation_flags_total", **labels) == expected.expectation_count[0]
     assert 'explainserve_anomaly_expectation_flags_total{class="0",model="demo_image"}' in text
     assert 'explainserve_anomaly_unavailable_total{class="5",model="unserved",reason="no distribution store"} 1.0' in text
     assert 'explainserve_anomaly_beta_count{model="demo_image"} 3.0' in text  # no class on the histogram

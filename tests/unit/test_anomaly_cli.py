@@ -79,11 +79,12 @@ def test_build_then_merge_match_and_score(archive_folder, tmp_path, capsys):
     for file in sorted(full.iterdir()):
         assert (merged / file.name).read_bytes() == file.read_bytes(), file.name
 
-    # The store scores the model's own alpha vectors.
+    # The merged store scores: every filter far above anything seen in training is surprising.
     scorer = Scorer(load_store(merged))
-    alpha = np.zeros((1, 576), np.float32)
+    alpha = np.full((1, 576), 1e3, np.float32)
     predicted = int(np.flatnonzero(store.counts)[0])
-    assert scorer.score(alpha, predicted).sample(0).verdict in ("NORMAL", "ANOMALOUS")
+    scores = scorer.score(alpha, predicted)
+    assert scores.surprise_count.tolist() == [576] and scores.sample(0).verdict == "ANOMALOUS"
 
 
 def test_bad_arguments_are_named(archive_folder, tmp_path, capsys):
