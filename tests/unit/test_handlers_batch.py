@@ -168,3 +168,34 @@ def test_a_request_whose_caller_gave_up_is_neither_decoded_nor_run(model_and_han
     assert "deadline passed" in gone.error.message
     assert live.WhichOneof("result") == "response" and len(live.response.explanations) == 1
     assert bad.error.code == 3 and "not a decodable JPEG or PNG" in bad.error.message  # decoded: refused as such
+
+
+def test_a_group_whose_network_pass_raises_answers_each_of_its_items_and_spares_the_other_groups(model_and_handler):
+    # The model fails on any batch holding a blank picture, as a real network can fail on one
+    # batch: both items of that group get an in-band INTERNAL error, the other groups their maps.
+    _, _, handler = model_and_handler
+
+    def refuse_blank(module, args):
+        if (args[0].flatten(1).std(dim=1) == 0).any():
+            raise RuntimeError("blank input in the batch")
+
+    blank = np.zeros_like(random_image(80))
+    items = [
+        internal(data=png(blank), methods=["grad_cam"]),
+        internal(data=png(random_image(81)), methods=["swag_i"], n_segments=12),
+        internal(data=png(random_image(82)), methods=["grad_cam"]),
+        {"data": png(random_image(83))},
+    ]
+    hook = handler.explainer.model.register_forward_pre_hook(refuse_blank)
+    try:
+        answers = handle(handler, items)
+    finally:
+        hook.remove()
+    assert len(answers) == 4
+    failed = [handler_pb2.HandlerResponse.FromString(answers[i]) for i in (0, 2)]
+    for answer in failed:
+        assert answer.WhichOneof("result") == "error" and answer.error.code == 13  # INTERNAL
+        assert answer.error.message == "RuntimeError: blank input in the batch"
+    swag = handler_pb2.HandlerResponse.FromString(answers[1])
+    assert swag.WhichOneof("result") == "response" and swag.response.explanations[0].method == "swag_i"
+    assert sorted(json.loads(answers[3])["explanations"]) == ["jitter_cam", "swag_i_g"]
