@@ -43,6 +43,9 @@ def register(subparsers) -> None:
                              "once with RESOURCE_EXHAUSTED")
     parser.add_argument("--max-connection-age", type=float, default=defaults.max_connection_age, metavar="SECONDS",
                         help="close client connections after this long (gracefully), so clients spread over new pods")
+    parser.add_argument("--health-listen", metavar="HOST:PORT",
+                        help="also serve grpc.health.v1 alone, in plaintext, here (for kubelet gRPC probes, which "
+                             "cannot speak TLS); its service 'liveness' is SERVING while the gateway answers")
     parser.add_argument("--drain-seconds", type=float, default=defaults.drain_seconds, metavar="SECONDS",
                         help="on SIGTERM: health NOT_SERVING, new calls refused, and calls in flight get this long "
                              "to finish before the gateway exits")
@@ -102,5 +105,6 @@ def main(args) -> int:
                       explain_anomaly=args.explain_anomaly, max_concurrent_requests=args.max_concurrent_requests,
                       max_queued_requests=args.max_queued_requests, max_connection_age=args.max_connection_age,
                       tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                      auth_keys=args.auth_keys, reflection=args.reflection, drain_seconds=args.drain_seconds))
+                      auth_keys=args.auth_keys, reflection=args.reflection, drain_seconds=args.drain_seconds,
+                      health_listen=args.health_listen))
     return 0

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = explain_pb2.DESCRIPTOR.services_by_name["Explainer"].full_name
 # Health service name of anomaly scoring: SERVING when every store of --store-dir is in use.
 ANOMALY_HEALTH = "anomaly"
+# Health service name that is SERVING while the event loop answers (a liveness probe), whatever TorchServe does.
+LIVENESS_HEALTH = "liveness"
 # Both hops (client -> gateway, gateway -> TorchServe) carry whole maps and clips.
 MESSAGE_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -85,6 +87,8 @@ class GatewayConfig:
     reflection: bool = False
     # Seconds in-flight calls get to finish after SIGTERM (then they are cancelled and the gateway exits).
     drain_seconds: float = 30.0
+    # A plaintext host:port serving only grpc.health.v1 (kubelet gRPC probes cannot speak TLS); None: none.
+    health_listen: str | None = None
 
 
 class Gateway:
@@ -94,6 +98,7 @@ class Gateway:
         self.config = config
         self.metrics = GatewayMetrics(per_class=config.metrics_per_class)
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None  # --health-listen
         self._tasks: list[asyncio.Task] = []
         self._metrics_server = None
         self.anomaly: AnomalyScoring | None = None
@@ -131,6 +136,7 @@ class Gateway:
 
         anomaly.on_health_change(lambda healthy: self._tasks.append(asyncio.ensure_future(report_anomaly(healthy))))
         await report_anomaly(anomaly.healthy)
+        await health_servicer.set(LIVENESS_HEALTH, health_pb2.HealthCheckResponse.SERVING)
 
         admission = Admission(config.max_concurrent_requests, config.max_queued_requests)
         self.metrics.queued.set_function(lambda: admission.queued)
@@ -152,6 +158,12 @@ class Gateway:
         if port == 0:
             raise OSError(f"cannot listen on {config.listen}")
         await self.server.start()
+        if config.health_listen:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.health_server)
+            if self.health_server.add_insecure_port(config.health_listen) == 0:
+                raise OSError(f"cannot listen on {config.health_listen}")
+            await self.health_server.start()
         self._metrics_server, _ = start_http_server(config.metrics_port, config.metrics_address,
                                                     registry=self.metrics.registry)
         self._tasks.append(asyncio.ensure_future(catalog.poll_forever()))
@@ -174,6 +186,8 @@ class Gateway:
         if self.server is not None:
             await self._health.enter_graceful_shutdown()
             await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         for task in self._tasks:
             task.cancel()
         if self._metrics_server is not None:

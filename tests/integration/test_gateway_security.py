@@ -23,7 +23,7 @@ from explainserve.sidecar.auth import key_sha256, new_key
 from explainserve.sidecar.torchserve import free_port
 from support.certificates import CertificateAuthority
 from support.fault_load import MODEL
-from support.serving_harness import random_image, start_gateway, stop_gateway, wait_for
+from support.serving_harness import health, random_image, start_gateway, stop_gateway, wait_for
 from test_sidecar_anomaly import metric_value, metrics_text
 
 pytest_plugins = ["support.fault_harness"]
@@ -84,10 +84,15 @@ def test_tls_and_api_keys(fault_stack, pki, tmp_path):
     alice, limited, later = new_key(), new_key(), new_key()
     write_keys(keys_file, [{"name": "alice", "sha256": key_sha256(alice)},
                            {"name": "limited", "sha256": key_sha256(limited), "models": ["another_model"]}])
+    probes = f"127.0.0.1:{free_port()}"
     process, target, metrics_url = gateway(fault_stack, tmp_path, "--tls-cert", str(server.cert), "--tls-key",
-                                           str(server.key), "--auth-keys", str(keys_file))
+                                           str(server.key), "--auth-keys", str(keys_file), "--health-listen", probes)
     try:
         wait_for(lambda: tls_health(target, ca) == health_pb2.HealthCheckResponse.SERVING, timeout=60)  # health is open
+        # the plaintext probe port answers health alone: the kubelet's probes, which cannot speak TLS
+        assert health(probes) == health(probes, "liveness") == health_pb2.HealthCheckResponse.SERVING
+        with ExplainClient(probes, token=alice) as on_probe_port:
+            assert refusal(on_probe_port).code == grpc.StatusCode.UNIMPLEMENTED
         with ExplainClient(target, tls_ca=ca, token=alice) as client:
             assert len(client.explain(random_image(1), model=MODEL, timeout=60).classes) == 5  # the TLS handshake
         with ExplainClient(target) as plaintext:  # a client without TLS cannot talk to it

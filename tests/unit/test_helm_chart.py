@@ -29,8 +29,12 @@ VALUE_SETS = {
     "distributions": {"distributions": {"build": {"enabled": True, "dataClaim": "training-images",
                                                   "numShards": 3, "parallelism": 2, "name": "demo_image"}}},
     "insecure": {"torchserve": {"tokenAuthorization": False}, "insecure": True},
+    "cert-manager-mtls": {"sidecar": {"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "internal-ca"}},
+                                              "clientCA": {"enabled": True}}}},
+    "no-tls-no-keys": {"insecure": True, "sidecar": {"tls": {"enabled": False}, "auth": {"enabled": False},
+                                                     "reflection": True}},
 }
-CRD_GROUP = "monitoring.coreos.com/"
+CRD_GROUPS = ("monitoring.coreos.com/", "cert-manager.io/")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +98,7 @@ def test_lint_reports_no_errors():
 
 def test_core_objects_pass_kubernetes_validate(rendered):
     _, (objects, _) = rendered
-    core = [o for o in objects if not o["apiVersion"].startswith(CRD_GROUP)]
+    core = [o for o in objects if not o["apiVersion"].startswith(CRD_GROUPS)]
     assert len(core) >= 5
     for obj in core:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
@@ -140,7 +144,13 @@ def test_probes_point_at_ports_that_exist(rendered):
     assert {"startupProbe", "livenessProbe", "readinessProbe"} <= torchserve.keys()
     assert probe_port(torchserve["readinessProbe"]) == 8080
     sidecar = container(pod, "sidecar")
-    assert sidecar["readinessProbe"]["grpc"] == {"port": 50051, "service": "explainserve.v1.Explainer"}
+    # the plaintext health port: the kubelet's gRPC probes cannot speak TLS
+    assert sidecar["readinessProbe"]["grpc"] == {"port": 50052, "service": "explainserve.v1.Explainer"}
+    # liveness asks a gRPC service that answers while the event loop does, with a timeout (a TCP
+    # probe would pass with the loop stuck)
+    assert sidecar["livenessProbe"]["grpc"] == {"port": 50052, "service": "liveness"}
+    assert sidecar["livenessProbe"]["timeoutSeconds"] == 5
+    assert "--health-listen=0.0.0.0:50052" in sidecar["args"]
 
 
 def test_torchserve_probe_asks_ping_with_the_key_or_plain_http(chart):
@@ -152,7 +162,8 @@ def test_torchserve_probe_asks_ping_with_the_key_or_plain_http(chart):
     assert command[command.index("--key-file") + 1] == "/run/torchserve/key_file.json"
     insecure, _ = render(chart, VALUE_SETS["insecure"])
     probe = container(one(insecure, "Deployment")["spec"]["template"]["spec"], "torchserve")["livenessProbe"]
-    assert probe["httpGet"] == {"path": "/ping", "port": 8080}
+    # TorchServe listens on 127.0.0.1 only: the probe runs inside the container, without a key
+    assert probe["exec"]["command"][-2:] == ["--url", "http://127.0.0.1:8080/ping"]
 
 
 def test_pods_are_locked_down(rendered):
@@ -180,8 +191,9 @@ def test_one_pod_runs_torchserve_and_the_sidecar_with_the_documented_commands(ch
     assert [c["name"] for c in pod["containers"]] == ["torchserve", "sidecar"]
     torchserve, sidecar = pod["containers"]
     assert torchserve["image"] == sidecar["image"] == "ghcr.io/explainserve/explainserve:0.1.0"
+    # tini as PID 1 forwards SIGTERM to TorchServe's process group, so the pod stops in seconds
     assert torchserve["command"] + torchserve["args"][:7] == [
-        "torchserve", "--foreground", "--ts-config", "/config/config.properties",
+        "tini", "-g", "--", "torchserve", "--foreground", "--ts-config", "/config/config.properties",
         "--model-store", "/models", "--models", "all"]
     assert sidecar["command"] == ["explainserve", "sidecar"]
     assert sidecar["args"][:7] == ["--listen=0.0.0.0:50051", "--metrics-port=9095", "--metrics-address=0.0.0.0",
@@ -251,7 +263,10 @@ def test_torchserve_config_is_the_deploy_file_with_secure_settings(chart):
     config = one(objects, "ConfigMap", f"{FULLNAME}-torchserve")["data"]["config.properties"]
     assert config.startswith((ROOT / "deploy" / "config.properties").read_text())
     settings = properties(config)
-    assert settings["grpc_inference_address"] == "0.0.0.0"
+    # TorchServe answers only inside the pod: everything from outside goes through the sidecar
+    assert settings["grpc_inference_address"] == "127.0.0.1"
+    assert settings["inference_address"] == "http://127.0.0.1:8080"
+    assert settings["grpc_management_address"] == "127.0.0.1"
     assert settings["disable_token_authorization"] == "false"
     assert settings["metrics_mode"] == "prometheus"
     assert int(settings["max_request_size"]) > 6553500 and int(settings["max_response_size"]) > 6553500
@@ -266,6 +281,8 @@ def test_service_exposes_the_explain_api_and_metrics_and_torchserve_grpc_only_on
     objects, _ = render(chart, {"torchserve": {"directAccess": True}})
     ports = {p["name"]: p["port"] for p in one(objects, "Service")["spec"]["ports"]}
     assert ports["ts-grpc"] == 7070
+    config = one(objects, "ConfigMap", f"{FULLNAME}-torchserve")["data"]["config.properties"]
+    assert properties(config)["grpc_inference_address"] == "0.0.0.0"  # opened only on request
     # every Service targetPort names a port of a container
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     named = {p["name"] for c in containers(pod) for p in c.get("ports", [])}
@@ -279,7 +296,9 @@ def test_network_policy_admits_clients_and_prometheus_only(chart):
     assert {p["port"] for p in api["ports"]} == {50051, 7070}
     assert {p["port"] for p in metrics["ports"]} == {9095, 8082}
     assert metrics["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
-    assert not find(render(chart, {})[0], "NetworkPolicy")
+    (default,) = find(render(chart, {})[0], "NetworkPolicy")  # on by default
+    assert {p["port"] for p in default["spec"]["ingress"][0]["ports"]} == {50051}
+    assert not find(render(chart, {"networkPolicy": {"enabled": False}})[0], "NetworkPolicy")
 
 
 def test_autoscaling(chart):
@@ -296,7 +315,7 @@ def test_autoscaling(chart):
     assert "replicas" not in one(objects, "Deployment")["spec"]
     (metric,) = one(render(chart, {})[0], "HorizontalPodAutoscaler")["spec"]["metrics"]
     assert metric["resource"]["name"] == "cpu"
-    assert one(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    assert one(objects, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
 
 
 def test_prometheus_rule_is_the_promtool_tested_file(chart):
@@ -442,7 +461,9 @@ def chart_commands(chart):
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("sidecar", {"--store-dir", "--token-file", "--metrics-per-class"}),
+    ("sidecar", {"--store-dir", "--token-file", "--metrics-per-class", "--tls-cert", "--tls-key", "--tls-client-ca",
+                 "--auth-keys", "--allow-unauthenticated", "--reflection", "--health-listen", "--drain-seconds",
+                 "--max-concurrent-requests", "--max-queued-requests", "--max-connection-age"}),
     ("build-distributions", {"--shard", "--num-shards"}),
     ("merge-distributions", set()),
 ])
@@ -474,3 +495,123 @@ def test_the_packaged_chart_carries_the_linked_files(tmp_path):
     assert rule["spec"] == yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules.yml").read_text())
     config = one(objects, "ConfigMap", f"{FULLNAME}-torchserve")["data"]["config.properties"]
     assert config.startswith((ROOT / "deploy" / "config.properties").read_text())
+
+
+def chart_without_schema(tmp_path):
+    """The chart without values.schema.json, to reach the templates' own checks."""
+    import shutil
+
+    copy = tmp_path / "explainserve"
+    shutil.copytree(CHART, copy)  # follows files/ links
+    (copy / "values.schema.json").unlink()
+    return helm_python.Chart.load(str(copy))
+
+
+def test_the_sidecar_serves_tls_and_api_keys_from_secrets(chart):
+    objects, notes = render(chart, {})
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    sidecar = container(pod, "sidecar")
+    args = sidecar["args"]
+    assert {"--tls-cert=/etc/explainserve/tls/tls.crt", "--tls-key=/etc/explainserve/tls/tls.key",
+            "--auth-keys=/etc/explainserve/auth/api-keys.json"} <= set(args)
+    assert "--allow-unauthenticated" not in args and "--reflection" not in args  # reflection off in the chart
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == f"{FULLNAME}-tls"
+    assert volumes["api-keys"]["secret"]["secretName"] == f"{FULLNAME}-api-keys"
+    mounts = {m["name"]: m for m in sidecar["volumeMounts"]}
+    for name, path in (("tls", "/etc/explainserve/tls"), ("api-keys", "/etc/explainserve/auth")):
+        # mounted whole, read-only: a subPath mount would never see a rotated Secret
+        assert mounts[name] == {"name": name, "mountPath": path, "readOnly": True}
+    assert "tls" not in {m["name"] for m in container(pod, "torchserve")["volumeMounts"]}
+    assert not find(objects, "Certificate")
+    assert f"create secret tls {FULLNAME}-tls" in notes and "explainserve api-key --name" in notes
+    assert "WARNING" not in notes
+
+
+def test_cert_manager_issues_the_certificate_and_mutual_tls_uses_its_ca(chart):
+    objects, notes = render(chart, VALUE_SETS["cert-manager-mtls"])
+    certificate = one(objects, "Certificate")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    assert certificate["spec"]["secretName"] == f"{FULLNAME}-tls"
+    assert certificate["spec"]["issuerRef"] == {"name": "internal-ca", "kind": "Issuer", "group": "cert-manager.io"}
+    assert f"{FULLNAME}.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
+    assert certificate["spec"]["privateKey"]["rotationPolicy"] == "Always"
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert "--tls-client-ca=/etc/explainserve/client-ca/ca.crt" in container(pod, "sidecar")["args"]
+    client_ca = next(v for v in pod["volumes"] if v["name"] == "client-ca")["secret"]
+    assert client_ca == {"secretName": f"{FULLNAME}-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    assert "cert-manager issues Secret" in notes
+    with pytest.raises(helm_python.HelmRenderError, match="issuerRef.name is required"):
+        render(chart, {"sidecar": {"tls": {"certManager": {"enabled": True}}}})
+
+
+@pytest.mark.parametrize("values, setting", [
+    ({"sidecar": {"tls": {"enabled": False}}}, "sidecar.tls.enabled: false"),
+    ({"sidecar": {"auth": {"enabled": False}}}, "sidecar.auth.enabled: false"),
+    ({"torchserve": {"extraConfig": {"disable_token_authorization": "true"}}},
+     "torchserve.extraConfig.disable_token_authorization"),
+    ({"torchserve": {"extraConfig": {"disable_token_authorization": True}}},
+     "torchserve.extraConfig.disable_token_authorization"),
+])
+def test_security_can_only_be_switched_off_with_insecure(chart, tmp_path, values, setting):
+    with pytest.raises(helm_python.HelmValuesError):  # the schema refuses it ...
+        chart.validate_schema(values)
+    with chart_without_schema(tmp_path) as bare:  # ... and so do the templates, should the schema be skipped
+        with pytest.raises(helm_python.HelmRenderError, match=re.escape(setting) + ".*set insecure: true"):
+            render(bare, values)
+    objects, notes = render(chart, {**values, "insecure": True})
+    assert "WARNING" in notes
+
+
+def test_extra_config_can_neither_inject_lines_nor_switch_token_auth_off_quietly(chart, tmp_path):
+    injected = {"torchserve": {"extraConfig": {"job_queue_size": "100\ndisable_token_authorization=true"}}}
+    with pytest.raises(helm_python.HelmValuesError):
+        chart.validate_schema(injected)
+    with chart_without_schema(tmp_path) as bare:
+        with pytest.raises(helm_python.HelmRenderError, match="values one line"):
+            render(bare, injected)
+    objects, notes = render(chart, {"insecure": True, "torchserve": {"extraConfig": {"disable_token_authorization": "true"}}})
+    config = one(objects, "ConfigMap", f"{FULLNAME}-torchserve")["data"]["config.properties"]
+    assert properties(config)["disable_token_authorization"] == "true"
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert not any(a.startswith("--token-file") for a in container(pod, "sidecar")["args"])  # agrees with TorchServe
+    assert notes.startswith("WARNING: TorchServe's token authorisation is DISABLED")
+    objects, _ = render(chart, {"torchserve": {"extraConfig": {"job_queue_size": 100, "disable_token_authorization": "false"}}})
+    config = one(objects, "ConfigMap", f"{FULLNAME}-torchserve")["data"]["config.properties"]
+    assert properties(config)["job_queue_size"] == "100"
+
+
+def test_two_replicas_spread_over_nodes_and_zones_with_a_disruption_budget(chart):
+    objects, _ = render(chart, {})
+    assert one(objects, "HorizontalPodAutoscaler")["spec"]["minReplicas"] == 2
+    assert one(objects, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    selector = {"app.kubernetes.io/name": "explainserve", "app.kubernetes.io/instance": RELEASE}
+    spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    assert set(spread) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    assert all(c["labelSelector"]["matchLabels"] == selector and c["maxSkew"] == 1 for c in spread.values())
+    (preferred,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred["podAffinityTerm"] == {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": selector}}
+    fixed, _ = render(chart, {"autoscaling": {"enabled": False}})
+    assert one(fixed, "Deployment")["spec"]["replicas"] == 2
+    # a user's affinity is kept, and the anti-affinity added to it
+    node_affinity = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["cpu"]}]}]}}
+    objects, _ = render(chart, {"affinity": {"nodeAffinity": node_affinity}})
+    affinity = one(objects, "Deployment")["spec"]["template"]["spec"]["affinity"]
+    assert affinity["nodeAffinity"] == node_affinity and "podAntiAffinity" in affinity
+
+
+def test_stop_order_and_grace_period_agree(chart):
+    objects, _ = render(chart, {})
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    sidecar, torchserve = container(pod, "sidecar"), container(pod, "torchserve")
+    assert sidecar["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    assert "--drain-seconds=30" in sidecar["args"]
+    # TorchServe keeps answering until the sidecar's wait and drain are over
+    assert torchserve["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "35"]
+    assert pod["terminationGracePeriodSeconds"] == 5 + 30 + 15
+    objects, _ = render(chart, {"sidecar": {"drainSeconds": 100}, "terminationGracePeriodSeconds": 200})
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 200
+    with pytest.raises(helm_python.HelmRenderError, match="terminationGracePeriodSeconds 20 is shorter than"):
+        render(chart, {"terminationGracePeriodSeconds": 20})

@@ -41,14 +41,57 @@ app.kubernetes.io/part-of: explainserve
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* Token authorisation: on unless explicitly disabled together with insecure: true. */}}
+{{/* Token authorisation: on unless explicitly disabled (tokenAuthorization: false, or
+     extraConfig.disable_token_authorization) together with insecure: true. */}}
 {{- define "explainserve.tokenAuth" -}}
+{{- $extra := index .Values.torchserve.extraConfig "disable_token_authorization" | default "false" | toString | lower | trim }}
 {{- if not .Values.torchserve.tokenAuthorization }}
 {{- if not .Values.insecure }}
 {{- fail "torchserve.tokenAuthorization: false disables TorchServe's token authorisation; set insecure: true as well to confirm" }}
 {{- end }}
+{{- else if ne $extra "false" }}
+{{- if not .Values.insecure }}
+{{- fail "torchserve.extraConfig.disable_token_authorization disables TorchServe's token authorisation; set insecure: true as well to confirm" }}
+{{- end }}
 {{- else -}}
 true
+{{- end }}
+{{- end }}
+
+{{/* The sidecar's TLS and API keys: on unless disabled together with insecure: true. */}}
+{{- define "explainserve.tls" -}}
+{{- if .Values.sidecar.tls.enabled -}}
+true
+{{- else if not .Values.insecure }}
+{{- fail "sidecar.tls.enabled: false serves the Explain API (and its API keys) in clear text; set insecure: true as well to confirm" }}
+{{- end }}
+{{- end }}
+
+{{- define "explainserve.auth" -}}
+{{- if .Values.sidecar.auth.enabled -}}
+true
+{{- else if not .Values.insecure }}
+{{- fail "sidecar.auth.enabled: false serves every caller that reaches the Explain API; set insecure: true as well to confirm" }}
+{{- end }}
+{{- end }}
+
+{{- define "explainserve.tlsSecret" -}}
+{{- default (printf "%s-tls" (include "explainserve.fullname" .)) .Values.sidecar.tls.secretName }}
+{{- end }}
+
+{{- define "explainserve.authSecret" -}}
+{{- default (printf "%s-api-keys" (include "explainserve.fullname" .)) .Values.sidecar.auth.secretName }}
+{{- end }}
+
+{{/* Seconds a pod may take to stop: the sidecar's preStop wait and drain, then TorchServe's stop. */}}
+{{- define "explainserve.terminationGrace" -}}
+{{- $needed := add .Values.sidecar.preStopSeconds .Values.sidecar.drainSeconds 15 }}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- $needed }}
+{{- else if lt (int .Values.terminationGracePeriodSeconds) (int $needed) }}
+{{- fail (printf "terminationGracePeriodSeconds %v is shorter than sidecar.preStopSeconds + sidecar.drainSeconds + 15 = %v: calls in flight would be cut" .Values.terminationGracePeriodSeconds $needed) }}
+{{- else }}
+{{- .Values.terminationGracePeriodSeconds }}
 {{- end }}
 {{- end }}
 
@@ -104,6 +147,26 @@ seccompProfile:
     {{- if .Values.sidecar.metricsPerClass }}
     - --metrics-per-class
     {{- end }}
+    - --health-listen=0.0.0.0:{{ .Values.sidecar.healthPort }}
+    {{- if include "explainserve.tls" . }}
+    - --tls-cert=/etc/explainserve/tls/tls.crt
+    - --tls-key=/etc/explainserve/tls/tls.key
+    {{- if .Values.sidecar.tls.clientCA.enabled }}
+    - --tls-client-ca=/etc/explainserve/client-ca/{{ .Values.sidecar.tls.clientCA.key }}
+    {{- end }}
+    {{- end }}
+    {{- if include "explainserve.auth" . }}
+    - --auth-keys=/etc/explainserve/auth/{{ .Values.sidecar.auth.key }}
+    {{- else }}
+    - --allow-unauthenticated
+    {{- end }}
+    {{- if .Values.sidecar.reflection }}
+    - --reflection
+    {{- end }}
+    - --max-concurrent-requests={{ .Values.sidecar.maxConcurrentRequests }}
+    - --max-queued-requests={{ .Values.sidecar.maxQueuedRequests }}
+    - --max-connection-age={{ .Values.sidecar.maxConnectionAgeSeconds }}
+    - --drain-seconds={{ .Values.sidecar.drainSeconds }}
     {{- range .Values.sidecar.extraArgs }}
     - {{ . | quote }}
     {{- end }}
@@ -114,22 +177,34 @@ seccompProfile:
     - name: metrics
       containerPort: {{ .Values.sidecar.metricsPort }}
       protocol: TCP
+    - name: health
+      containerPort: {{ .Values.sidecar.healthPort }}
+      protocol: TCP
   env:
     - name: HOME
       value: /tmp
-  {{- /* Readiness asks the gRPC health service for the Explain API, SERVING only while
-         TorchServe answers. Liveness only checks that the process accepts connections:
-         the server's "" status also follows TorchServe, and restarting the sidecar while
-         TorchServe loads its models would not help. */}}
+  {{- /* Both probes ask the plaintext health port (the kubelet's gRPC probes cannot speak TLS).
+         Readiness: the Explain API's status, SERVING only while TorchServe answers. Liveness:
+         "liveness", SERVING whenever the event loop answers (the "" status follows TorchServe,
+         and restarting the sidecar while TorchServe loads its models would not help); a stuck
+         loop misses the timeout. */}}
   livenessProbe:
-    tcpSocket:
-      port: {{ .Values.sidecar.port }}
+    grpc:
+      port: {{ .Values.sidecar.healthPort }}
+      service: liveness
     {{- toYaml .Values.sidecar.livenessProbe | nindent 4 }}
   readinessProbe:
     grpc:
-      port: {{ .Values.sidecar.port }}
+      port: {{ .Values.sidecar.healthPort }}
       service: explainserve.v1.Explainer
     {{- toYaml .Values.sidecar.readinessProbe | nindent 4 }}
+  {{- if .Values.sidecar.preStopSeconds }}
+  lifecycle:
+    # Keep serving while the endpoints forget this pod; SIGTERM then drains (--drain-seconds).
+    preStop:
+      exec:
+        command: [sleep, "{{ .Values.sidecar.preStopSeconds }}"]
+  {{- end }}
   resources:
     {{- toYaml .Values.sidecar.resources | nindent 4 }}
   securityContext:
@@ -143,6 +218,22 @@ seccompProfile:
     {{- if include "explainserve.tokenAuth" . }}
     - name: torchserve-keys
       mountPath: {{ include "explainserve.keyDir" . }}
+      readOnly: true
+    {{- end }}
+    {{- /* Secrets mounted whole (no subPath), so that the kubelet's updates reach the files. */}}
+    {{- if include "explainserve.tls" . }}
+    - name: tls
+      mountPath: /etc/explainserve/tls
+      readOnly: true
+    {{- if .Values.sidecar.tls.clientCA.enabled }}
+    - name: client-ca
+      mountPath: /etc/explainserve/client-ca
+      readOnly: true
+    {{- end }}
+    {{- end }}
+    {{- if include "explainserve.auth" . }}
+    - name: api-keys
+      mountPath: /etc/explainserve/auth
       readOnly: true
     {{- end }}
 {{- end }}
