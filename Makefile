@@ -5,7 +5,7 @@ STAMP := $(VENV)/.explainserve-installed
 
 .PHONY: install demo test test-unit bench bench-core bench-ood bench-suppression load clean
 
-$(STAMP): pyproject.toml scripts/setup.sh scripts/gen_protos.py $(wildcard protos/explainserve/v1/*.proto)
+$(STAMP): pyproject.toml scripts/setup.sh scripts/gen_protos.py $(wildcard protos/explainserve/v1/*.proto protos/inference/*.proto)
 	./scripts/setup.sh
 	touch $(STAMP)
 

@@ -2,6 +2,7 @@
 
 Sources:
 - ``protos/explainserve/v1/*.proto`` — our API and the internal handler protocol;
+- ``protos/inference/grpc_predict_v2.proto`` — the Open Inference Protocol (KServe v2) the gateway also serves;
 - TorchServe's ``inference.proto`` and ``management.proto``, read at build time from the
   installed wheel's ``ts/frontend/model-server.jar`` (they are not copied into the repo).
 
@@ -24,7 +25,8 @@ PROTO_ROOT = ROOT / "protos"
 OUT = ROOT / "explainserve" / "_generated"
 TORCHSERVE_PROTOS = ("inference.proto", "management.proto")
 # protoc emits "from <proto dir as package> import x_pb2"; our proto dirs are not packages.
-IMPORT_LINE = re.compile(r"^from (explainserve\.v1|torchserve) import (\w+_pb2)", re.MULTILINE)
+IMPORT_LINE = re.compile(r"^from (explainserve\.v1|inference|torchserve) import (\w+_pb2)", re.MULTILINE)
+OUR_PROTOS = ("explainserve/v1/*.proto", "inference/*.proto")
 
 
 def torchserve_jar() -> Path:
@@ -43,13 +45,17 @@ def googleapis_include() -> Path:
     return Path(status.__file__).parents[2]
 
 
+def our_protos() -> list[Path]:
+    return sorted(path for pattern in OUR_PROTOS for path in PROTO_ROOT.glob(pattern))
+
+
 def sources() -> list[Path]:
-    return sorted(PROTO_ROOT.glob("explainserve/v1/*.proto")) + [torchserve_jar(), Path(__file__)]
+    return our_protos() + [torchserve_jar(), Path(__file__)]
 
 
 def up_to_date() -> bool:
     outputs = list(OUT.glob("*_pb2*.py"))
-    if len(outputs) < 7:
+    if len(outputs) < 9:
         return False
     newest_input = max(p.stat().st_mtime for p in sources())
     return min(p.stat().st_mtime for p in outputs) > newest_input
@@ -65,7 +71,7 @@ def generate() -> list[Path]:
         with zipfile.ZipFile(torchserve_jar()) as jar:
             for name in TORCHSERVE_PROTOS:
                 (staging / "torchserve" / name).write_bytes(jar.read(f"proto/{name}"))
-        ours = [str(p.relative_to(PROTO_ROOT)) for p in sorted(PROTO_ROOT.glob("explainserve/v1/*.proto"))]
+        ours = [str(p.relative_to(PROTO_ROOT)) for p in our_protos()]
         theirs = [f"torchserve/{name}" for name in TORCHSERVE_PROTOS]
         raw_out = Path(tmp) / "out"
         raw_out.mkdir()

@@ -20,8 +20,10 @@ from contextlib import asynccontextmanager
 import grpc
 
 # gRPC services outside admission control (and, in sidecar.auth, outside authentication).
+# The Open Inference Protocol's liveness and readiness are probes too.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
-                 "/grpc.reflection.v1.ServerReflection/")
+                 "/grpc.reflection.v1.ServerReflection/", "/inference.GRPCInferenceService/ServerLive",
+                 "/inference.GRPCInferenceService/ServerReady")
 
 OVERLOADED = "overloaded"       # the queue was full
 DEADLINE = "deadline"           # the call's deadline passed before its work started

@@ -141,12 +141,15 @@ class KeyRing:
 
 def requested_models(request) -> set[str]:
     """The models a request names: ``model`` (Explain, Score), ``model_name`` (Open Inference
-    Protocol), or every ``requests[i].model`` (ScoreBatch); empty for calls about no model."""
+    Protocol's ModelInfer) or ``name`` (its ModelReady, ModelMetadata), or every ``requests[i].model``
+    (ScoreBatch); empty for calls about no model."""
     fields = request.DESCRIPTOR.fields_by_name
     if "model" in fields:
         return {request.model}
     if "model_name" in fields:
         return {request.model_name}
+    if "name" in fields and request.DESCRIPTOR.full_name.startswith("inference.Model"):
+        return {request.name}
     if "requests" in fields:
         return {entry.model for entry in request.requests}
     return set()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from explainserve.methods import METHODS
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)  # seconds; SLO p95 <= 2.5
 # Scoring one answer takes tens of microseconds to a few milliseconds.
 SCORING_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.1)
@@ -16,7 +18,11 @@ BETA_BUCKETS = tuple(-b for b in reversed(_BETA_STEPS)) + (0.0,) + _BETA_STEPS
 
 
 def method_label(methods) -> str:
-    """The `method` label: requested methods sorted and joined by '+', or 'predict'."""
+    """The `method` label: requested methods sorted and joined by '+', 'predict' for none, and
+    'invalid' for unknown or repeated names (which keeps the label set bounded)."""
+    methods = list(methods)
+    if not set(methods) <= set(METHODS) or len(set(methods)) != len(methods):
+        return "invalid"
     return "+".join(sorted(methods)) or "predict"
 
 

@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from explainserve._generated import explain_pb2, explain_pb2_grpc
+from explainserve._generated import explain_pb2, explain_pb2_grpc, grpc_predict_v2_pb2_grpc
 from explainserve.wire import MAX_MESSAGE_BYTES
 
 from .admission import Admission, AdmissionInterceptor
@@ -20,6 +20,7 @@ from .scoring import AnomalyScoring
 from .catalog import ModelCatalog
 from .keys import KeyFile, KeyInterceptor
 from .metrics import GatewayMetrics
+from .oip import SERVICE_NAME as OIP_SERVICE_NAME, InferenceService
 from .service import ExplainerService
 from .tls import ServerCertificates
 
@@ -145,10 +146,13 @@ class Gateway:
         interceptors.append(AdmissionInterceptor(admission, self.metrics.refused))
         self.server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
         explain_pb2_grpc.add_ExplainerServicer_to_server(service, self.server)
+        # The Open Inference Protocol on the same port, over the same Explain path.
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(service), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
         if config.reflection:
             reflection.enable_server_reflection(
-                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                (SERVICE_NAME, OIP_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME),
                 self.server)
         if config.tls_cert:
             certificates = ServerCertificates(config.tls_cert, config.tls_key, config.tls_client_ca)

@@ -18,10 +18,9 @@ from PIL import Image
 from explainserve._generated import explain_pb2
 from explainserve.bulk.record import read_results
 from explainserve.client import ExplainClient
-from explainserve.commands.archive import committed_store, demo_model
 from explainserve.data.scenes import FashionScenes
 from support import chromium
-from support.serving_harness import png, stack_for_module
+from support.serving_harness import png, scored_demo_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 MODEL = "demo_image"
@@ -31,12 +30,7 @@ needs_chromium = pytest.mark.skipif(chromium.CHROMIUM is None, reason="Debian's 
 
 @pytest.fixture(scope="module")
 def stack(request, tmp_path_factory):
-    """The demo image model with its committed, calibrated distribution store."""
-    workdir = tmp_path_factory.mktemp("bulk")
-    model, metadata = demo_model("image")
-    shutil.copytree(committed_store("image", metadata), workdir / "stores" / MODEL)
-    yield from stack_for_module(request, workdir, [(model, metadata)], batch_size=4, max_batch_delay_ms=20,
-                                gateway_args=("--store-dir", str(workdir / "stores")))
+    yield from scored_demo_stack(request, tmp_path_factory.mktemp("bulk"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,10 @@ store that `explainserve build-distributions` builds and calibrates here (Fashio
 train / val). When the sidecar scores with it and the model is trained, the anomaly alert
 is driven from inactive to firing by in-distribution (test split) and then
 out-of-distribution (ood_backgrounds) traffic.
-Last, TorchServe is stopped and its outage alert must fire.
+Prometheus sends its alerts to a real Alertmanager (Debian's prometheus-alertmanager) loaded
+with deploy/alertmanager/alertmanager.yml, whose webhook points at a receiver in this test: the
+firing anomaly alert must arrive there with its labels, summary and runbook URL.
+Last, TorchServe is stopped and its outage alert must fire and be delivered too.
 """
 from __future__ import annotations
 
@@ -18,10 +21,12 @@ import importlib.util
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +44,15 @@ from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, free_p
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = Path("/usr/bin/prometheus")
+ALERTMANAGER = Path("/usr/bin/prometheus-alertmanager")
 ALERT = "ExplainserveAnomalousVerdictRatioHigh"
 MODEL = "fashion_e2e"
 NORMAL_REQUESTS = 20
 OOD_REQUESTS = 200  # the alert needs > 5 % of all 220 scored: more than 10 flagged
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900),
-              pytest.mark.skipif(not PROMETHEUS.exists(), reason="Debian's prometheus is not installed")]
+              pytest.mark.skipif(not PROMETHEUS.exists(), reason="Debian's prometheus is not installed"),
+              pytest.mark.skipif(not ALERTMANAGER.exists(), reason="Debian's prometheus-alertmanager is not installed")]
 
 
 def load_dashboard_generator():
@@ -139,11 +146,13 @@ def stack(tmp_path_factory):
         torchserve.stop()
 
 
-def prometheus_config(sidecar: str, torchserve: str) -> dict:
-    """deploy/prometheus/prometheus.yml with these targets, 1 s intervals and an absolute rules path."""
+def prometheus_config(sidecar: str, torchserve: str, alertmanager: str) -> dict:
+    """deploy/prometheus/prometheus.yml with these targets, 1 s intervals, an absolute rules path
+    and the Alertmanager to send alerts to."""
     config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(ROOT / "deploy" / "prometheus" / "rules.yml")]
+    config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
     targets = {"explainserve-sidecar": sidecar, "explainserve-torchserve": torchserve}
     assert {job["job_name"] for job in config["scrape_configs"]} == set(targets)
     for job in config["scrape_configs"]:
@@ -185,11 +194,77 @@ class PrometheusAPI:
         raise AssertionError(f"Prometheus: {what} not reached in {timeout} s")
 
 
+class Webhook:
+    """An HTTP receiver of Alertmanager's webhook notifications on a free loopback port."""
+
+    def __init__(self):
+        self.notifications: list[dict] = []
+        received = self.notifications
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def alerts(self, name: str, status: str = "firing") -> list[dict]:
+        return [alert for note in self.notifications for alert in note["alerts"]
+                if alert["labels"]["alertname"] == name and alert["status"] == status]
+
+
+def alertmanager_config(webhook: str) -> dict:
+    """deploy/alertmanager/alertmanager.yml sending to ``webhook``, with waits cut to a second."""
+    config = yaml.safe_load((ROOT / "deploy" / "alertmanager" / "alertmanager.yml").read_text())
+    config["route"].update(group_wait="1s", group_interval="1s")
+    (receiver,) = config["receivers"]
+    (hook,) = receiver["webhook_configs"]
+    hook["url"] = webhook
+    return config
+
+
 @pytest.fixture(scope="module")
-def prometheus(stack, tmp_path_factory):
+def webhook():
+    receiver = Webhook()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def alertmanager(webhook, tmp_path_factory):
+    """Alertmanager on a free loopback port (clustering off), routing to the test's webhook."""
+    workdir = tmp_path_factory.mktemp("alertmanager")
+    (workdir / "alertmanager.yml").write_text(yaml.safe_dump(alertmanager_config(webhook.url)))
+    listen = f"127.0.0.1:{free_port()}"
+    with open(workdir / "alertmanager.log", "wb") as log:
+        process = subprocess.Popen([str(ALERTMANAGER), f"--config.file={workdir / 'alertmanager.yml'}",
+                                    f"--storage.path={workdir / 'data'}", f"--web.listen-address={listen}",
+                                    "--cluster.listen-address="], stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        PrometheusAPI(f"http://{listen}").wait_for(lambda: ready(PrometheusAPI(f"http://{listen}")), 60,
+                                                   "Alertmanager ready")
+        yield listen
+    except BaseException:
+        print((workdir / "alertmanager.log").read_text()[-3000:], file=sys.stderr)
+        raise
+    finally:
+        stop_process_group(process.pid)
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def prometheus(stack, alertmanager, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("prometheus")
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(stack["sidecar_metrics"],
-                                                                               stack["torchserve_metrics"])))
+                                                                               stack["torchserve_metrics"],
+                                                                               alertmanager)))
     port = free_port()
     with open(workdir / "prometheus.log", "wb") as log:
         process = subprocess.Popen([str(PROMETHEUS), f"--config.file={workdir / 'prometheus.yml'}",
@@ -296,7 +371,19 @@ def test_anomaly_alert_goes_from_inactive_to_firing(stack, prometheus, normal_tr
     assert float(alert["value"]) > 0.05
 
 
-def test_a_torchserve_outage_fires_its_alert(stack, prometheus, normal_traffic):
+def test_the_firing_anomaly_alert_reaches_the_webhook_through_alertmanager(prometheus, webhook):
+    if prometheus.alert_rule(ALERT)["state"] != "firing":
+        pytest.skip("the anomaly alert did not fire (see the test before)")
+    delivered = prometheus.wait_for(lambda: webhook.alerts(ALERT), 60, f"{ALERT} delivered to the webhook")
+    alert = delivered[0]
+    assert alert["labels"]["model"] == MODEL and alert["labels"]["severity"] == "warning"
+    assert alert["annotations"]["summary"].startswith(f"{MODEL}: ") and "judged anomalous" in alert["annotations"]["summary"]
+    assert alert["annotations"]["runbook_url"] == f"docs/RUNBOOK.md#{ALERT.lower()}"
+    note = next(note for note in webhook.notifications if alert in note["alerts"])
+    assert note["receiver"] == "explainserve-oncall" and note["groupLabels"]["alertname"] == ALERT
+
+
+def test_a_torchserve_outage_fires_its_alert(stack, prometheus, webhook, normal_traffic):
     """The whole alerting path on a real failure: TorchServe stops, the sidecar's ping
     gauge drops, the rule goes pending and fires after its 2 minutes. Runs last."""
     name = "ExplainserveTorchServeUnreachable"
@@ -307,3 +394,5 @@ def test_a_torchserve_outage_fires_its_alert(stack, prometheus, normal_traffic):
     (alert,) = [a for a in prometheus.get("/api/v1/alerts")["alerts"] if a["labels"]["alertname"] == name]
     assert alert["labels"]["job"] == "explainserve-sidecar" and alert["labels"]["severity"] == "critical"
     assert alert["annotations"]["summary"].startswith(f"TorchServe behind sidecar {stack['sidecar_metrics']}")
+    (delivered, *_) = prometheus.wait_for(lambda: webhook.alerts(name), 60, f"{name} delivered to the webhook")
+    assert delivered["labels"]["severity"] == "critical" and delivered["annotations"]["runbook_url"].endswith(name.lower())

@@ -146,3 +146,16 @@ def build_demo_store(kind: str, out: Path, train_images: int, val_images: int) -
                               "--limit", str(train_images), "--val-limit", str(val_images)])
     assert args.func(args) == 0
     return out
+
+
+def scored_demo_stack(request, workdir: Path, **options):
+    """Body of a module-scoped fixture: the demo image model with its committed, calibrated
+    distribution store (--store-dir), so that answers carry verdicts."""
+    import shutil
+
+    from explainserve.commands.archive import committed_store, demo_model
+
+    model, metadata = demo_model("image")
+    shutil.copytree(committed_store("image", metadata), workdir / "stores" / metadata["name"])
+    yield from stack_for_module(request, workdir, [(model, metadata)], batch_size=4, max_batch_delay_ms=20,
+                                gateway_args=("--store-dir", str(workdir / "stores")), **options)

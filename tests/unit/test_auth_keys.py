@@ -47,3 +47,12 @@ def test_the_models_a_request_names():
     assert requested_models(explain_pb2.ExplainRequest(model="a")) == {"a"}
     batch = explain_pb2.ScoreBatchRequest(requests=[explain_pb2.ScoreRequest(model="a"), explain_pb2.ScoreRequest(model="b")])
     assert requested_models(batch) == {"a", "b"}
+
+
+def test_the_models_an_open_inference_protocol_request_names():
+    from explainserve._generated import grpc_predict_v2_pb2 as oip
+
+    assert requested_models(oip.ModelInferRequest(model_name="a")) == {"a"}
+    assert requested_models(oip.ModelMetadataRequest(name="b")) == {"b"}
+    assert requested_models(oip.ModelReadyRequest(name="c")) == {"c"}
+    assert requested_models(oip.ServerMetadataRequest()) == set()

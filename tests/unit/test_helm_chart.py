@@ -615,3 +615,31 @@ def test_stop_order_and_grace_period_agree(chart):
     assert one(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 200
     with pytest.raises(helm_python.HelmRenderError, match="terminationGracePeriodSeconds 20 is shorter than"):
         render(chart, {"terminationGracePeriodSeconds": 20})
+
+
+def test_alertmanager_config_example_routes_the_alerts_to_the_webhook(chart):
+    objects, _ = render(chart, {})
+    assert not find(objects, "AlertmanagerConfig")  # an example: off until given a receiver
+    url = "https://hooks.example.org/explainserve"
+    objects, _ = render(chart, {"monitoring": {"alertmanagerConfig": {"enabled": True, "webhookURL": url}}})
+    config = one(objects, "AlertmanagerConfig")
+    assert config["apiVersion"] == "monitoring.coreos.com/v1alpha1"
+    route = config["spec"]["route"]
+    assert route["matchers"] == [{"name": "alertname", "matchType": "=~", "value": "Explainserve.*"}]
+    assert {r["name"] for r in config["spec"]["receivers"]} == {route["receiver"]} | {
+        r["receiver"] for r in route["routes"]}
+    assert config["spec"]["receivers"][0]["webhookConfigs"] == [{"url": url, "sendResolved": True}]
+    # the same routing as deploy/alertmanager/alertmanager.yml, which the end-to-end test loads
+    plain = yaml.safe_load((ROOT / "deploy" / "alertmanager" / "alertmanager.yml").read_text())["route"]
+    assert route["groupBy"] == plain["group_by"] and route["repeatInterval"] == plain["repeat_interval"]
+    with pytest.raises(Exception, match="webhookURL"):
+        render(chart, {"monitoring": {"alertmanagerConfig": {"enabled": True}}})
+
+
+def test_runbook_links_point_where_the_runbook_is_hosted(chart):
+    hosted = "https://git.example.org/ml/explainserve/blob/main/docs/RUNBOOK.md"
+    objects, _ = render(chart, {"monitoring": {"prometheusRule": {"runbookURL": hosted}}})
+    alerts = [r for g in one(objects, "PrometheusRule")["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert len(alerts) >= 10
+    for alert in alerts:
+        assert alert["annotations"]["runbook_url"] == f"{hosted}#{alert['alert'].lower()}"

@@ -4,6 +4,7 @@ promtool (Debian's prometheus package) checks rules.yml, runs rules_test.yml, an
 checks prometheus.yml; the Python checks make sure the unit tests cover every alert
 both firing and not firing, and that every alert carries its annotations.
 """
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -93,3 +94,21 @@ def test_ratios_come_from_recording_rules():
     assert len(ratio_alerts) >= 3
     for rule in ratio_alerts:
         assert any(name in rule["expr"] for name in recorded), rule["alert"]
+
+
+def test_every_alert_links_its_section_of_the_runbook():
+    runbook = (PROMETHEUS_DIR.parents[1] / "docs" / "RUNBOOK.md").read_text()
+    sections = {heading.lower() for heading in re.findall(r"^## (\S+)$", runbook, flags=re.M)}
+    alerts = [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"] if "alert" in rule]
+    for alert in alerts:
+        assert alert["annotations"]["runbook_url"] == f"docs/RUNBOOK.md#{alert['alert'].lower()}"
+    assert sections == {alert["alert"].lower() for alert in alerts}
+
+
+def test_the_alertmanager_example_passes_amtool():
+    amtool = shutil.which("amtool")
+    if amtool is None:
+        pytest.skip("Debian's prometheus-alertmanager (amtool) is not installed")
+    config = PROMETHEUS_DIR.parent / "alertmanager" / "alertmanager.yml"
+    checked = subprocess.run([amtool, "check-config", str(config)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

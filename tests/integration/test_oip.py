@@ -1,0 +1,137 @@
+"""The Open Inference Protocol v2 on the gateway's port, called with the real `tritonclient[grpc]`
+against a real TorchServe: metadata, then inference whose maps and verdicts equal Explain's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from explainserve._generated import explain_pb2
+from explainserve.client import ExplainClient
+from explainserve.data.scenes import FashionScenes
+from support.serving_harness import png, scored_demo_stack
+
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+MODEL = "demo_image"
+SIDE = 64
+METHODS = ["swag_i_g", "jitter_cam"]
+
+
+@pytest.fixture(scope="module")
+def stack(request, tmp_path_factory):
+    yield from scored_demo_stack(request, tmp_path_factory.mktemp("oip"))
+
+
+@pytest.fixture(scope="module")
+def triton(stack):
+    client = grpcclient.InferenceServerClient(stack.target)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def images() -> list[np.ndarray]:
+    """A test scene and uniform noise (ANOMALOUS for the demo model)."""
+    scene = FashionScenes("test", seed=4, size=1, image_size=SIDE)[0]["image"]
+    return [scene, np.random.default_rng(0).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)]
+
+
+def test_liveness_readiness_and_metadata(triton):
+    assert triton.is_server_live() and triton.is_server_ready()
+    assert triton.is_model_ready(MODEL) and not triton.is_model_ready("no_such_model")
+    server = triton.get_server_metadata()
+    assert server.name == "explainserve" and server.version
+    model = triton.get_model_metadata(MODEL)
+    assert model.name == MODEL and model.platform == "explainserve" and list(model.versions) == ["1.0"]
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [
+        ("image", "BYTES", [-1]), ("pixels", "UINT8", [-1, -1, -1, 3])]
+    outputs = {t.name: (t.datatype, list(t.shape)) for t in model.outputs}
+    assert outputs["heatmap_swag_i_g"] == ("FP32", [-1, SIDE, SIDE]) and outputs["segments_swag_i_g"][0] == "INT32"
+    assert outputs["verdict"] == ("BYTES", [-1]) and outputs["verdict_score"] == ("FP64", [-1])
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        triton.get_model_metadata("no_such_model")
+
+
+def infer(triton, tensor: np.ndarray, datatype: str, **parameters):
+    data = grpcclient.InferInput("image" if datatype == "BYTES" else "pixels", list(tensor.shape), datatype)
+    data.set_data_from_numpy(tensor)
+    return triton.infer(MODEL, [data], parameters=parameters, client_timeout=120)
+
+
+def test_a_batch_of_encoded_images_answers_what_explain_answers(stack, triton, images):
+    encoded = np.array([png(image) for image in images], dtype=object)
+    result = infer(triton, encoded, "BYTES", methods=",".join(METHODS), top_k=3, label=2)
+    with ExplainClient(stack.target) as client:
+        expected = [client.explain(png(image), model=MODEL, methods=METHODS, top_k=3, label=2, timeout=60)
+                    for image in images]
+    verdicts = result.as_numpy("verdict")
+    assert result.as_numpy("classes").shape == (2, 3) and result.as_numpy("predicted_class").shape == (2,)
+    for n, answer in enumerate(expected):
+        assert result.as_numpy("classes")[n].tolist() == [c[0] for c in answer.classes]
+        np.testing.assert_allclose(result.as_numpy("probabilities")[n], [c[2] for c in answer.classes], rtol=1e-5)
+        assert result.as_numpy("predicted_class")[n] == answer.predicted_class
+        for method in METHODS:
+            served, reference = result.as_numpy(f"heatmap_{method}")[n], answer.maps[method]
+            # both quantised by the handler: equal up to one step where a float rounds the other way
+            assert served.shape == (SIDE, SIDE)
+            assert np.abs(served - reference.heatmap).max() <= reference.quantisation_step + 1e-7, method
+        np.testing.assert_array_equal(result.as_numpy("segments_swag_i_g")[n], answer.maps["swag_i_g"].segments)
+        verdict = answer.anomaly.predicted
+        assert verdicts[n].decode() == explain_pb2.ClassVerdict.Verdict.Name(verdict.verdict)
+        assert result.as_numpy("verdict_score")[n] == pytest.approx(verdict.score, rel=1e-6, abs=1e-9)
+        assert result.as_numpy("surprise_count")[n] == verdict.surprise_count
+        assert result.as_numpy("expectation_count")[n] == verdict.expectation_count
+    assert verdicts[1] == b"ANOMALOUS"  # the noise
+
+
+def test_pixels_as_uint8_nhwc_answer_like_their_encoded_files(triton, images):
+    pixels = infer(triton, np.stack(images), "UINT8", methods="swag_i_g")
+    encoded = infer(triton, np.array([png(image) for image in images], dtype=object), "BYTES", methods="swag_i_g")
+    assert pixels.as_numpy("predicted_class").tolist() == encoded.as_numpy("predicted_class").tolist()
+    np.testing.assert_array_equal(pixels.as_numpy("segments_swag_i_g"), encoded.as_numpy("segments_swag_i_g"))
+    assert pixels.as_numpy("verdict").tolist() == encoded.as_numpy("verdict").tolist()
+    only = triton.infer(MODEL, [grpc_input(images)], outputs=[grpcclient.InferRequestedOutput("verdict")])
+    assert [o.name for o in only.get_response().outputs] == ["verdict"]
+
+
+def grpc_input(images):
+    data = grpcclient.InferInput("pixels", [len(images), SIDE, SIDE, 3], "UINT8")
+    data.set_data_from_numpy(np.stack(images))
+    return data
+
+
+@pytest.mark.parametrize("case, code, message", [
+    ("unknown model", "INVALID_ARGUMENT", "model: unknown model 'no_such_model'"),
+    ("unknown method", "INVALID_ARGUMENT", "methods"),
+    ("unknown parameter", "INVALID_ARGUMENT", "parameters.colour: unknown"),
+    ("clip to an image model", "INVALID_ARGUMENT", "takes BYTES"),
+    ("class out of range", "INVALID_ARGUMENT", "target_class"),
+])
+def test_bad_requests_get_explains_status_codes(triton, images, case, code, message):
+    model, parameters, data = MODEL, {}, grpc_input(images)
+    if case == "unknown model":
+        model = "no_such_model"
+    elif case == "unknown method":
+        parameters = {"methods": "swag_x"}
+    elif case == "unknown parameter":
+        parameters = {"colour": "blue"}
+    elif case == "clip to an image model":
+        data = grpcclient.InferInput("clip", [1, 2, SIDE, SIDE, 3], "UINT8")
+        data.set_data_from_numpy(np.zeros((1, 2, SIDE, SIDE, 3), np.uint8))
+    elif case == "class out of range":
+        parameters = {"target_class": 99}
+    with pytest.raises(InferenceServerException) as refused:
+        triton.infer(model, [data], parameters=parameters, client_timeout=60)
+    assert refused.value.status() == f"StatusCode.{code}"
+    assert message in refused.value.message()
+
+
+def test_inference_calls_are_counted(stack):
+    import urllib.request
+
+    text = urllib.request.urlopen(stack.metrics_url, timeout=10).read().decode()
+    assert 'explainserve_requests_total{code="OK",method="jitter_cam+swag_i_g",rpc="ModelInfer"}' in text
+    assert 'explainserve_requests_total{code="INVALID_ARGUMENT",method="invalid",rpc="ModelInfer"}' in text
