@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.explainserve-installed
 
-.PHONY: install demo test test-unit bench bench-core bench-ood bench-suppression load clean
+.PHONY: install demo test test-unit mutation bench bench-core bench-ood bench-suppression load clean
 
 $(STAMP): pyproject.toml scripts/setup.sh scripts/gen_protos.py $(wildcard protos/explainserve/v1/*.proto protos/inference/*.proto)
 	./scripts/setup.sh
@@ -20,6 +20,11 @@ test: install
 # The library, handlers and gateway logic without starting TorchServe, the gateway or Prometheus.
 test-unit: install
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10 tests/unit
+
+# Mutation testing of the core (scripts/mutation.py): each module against its own unit tests,
+# at the lowest priority; prints mutation_score=X. MODULES="swag cam" runs only those.
+mutation: install
+	nice -n 19 $(PY) scripts/mutation.py $(MODULES)
 
 bench-core: install
 	$(PY) bench/core_timing.py
