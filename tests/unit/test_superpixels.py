@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-from skimage import data, transform
+from skimage import data, measure, transform
 from skimage.color import rgb2lab
 from skimage.util import regular_grid
 
-from explainserve.superpixels import gradient_slic, rescale_scores
+from explainserve.superpixels import MAX_SEGMENTS, check_superpixel_parameters, gradient_slic, rescale_scores
 from explainserve.swag import segment_means, swag
 
 
@@ -21,7 +21,8 @@ def thesis_terms(image_rgb, scores, variant):
     lab = rgb2lab(np.asarray(image_rgb, dtype=np.float64)) if variant in ("i", "i_g") else np.zeros(shape + (0,))
     if variant in ("g", "i_g"):
         m = np.asarray(scores, dtype=np.float64)
-        g = (100.0 * (m - m.min()) / (m.max() - m.min()))[..., None]
+        span = m.max() - m.min()  # constant scores carry no information: all zero
+        g = (100.0 * (m - m.min()) / span if span > 0 else np.zeros_like(m))[..., None]
     else:
         g = np.zeros(shape + (0,))
     return lab, g
@@ -84,13 +85,32 @@ def small_image():
     return image, scores
 
 
-@pytest.mark.parametrize("variant,wc,wg", [("i", 10.0, 10.0), ("g", 10.0, 6.0), ("i_g", 8.0, 12.0)])
-def test_skimage_slic_reproduces_the_thesis_distance_on_an_image(small_image, variant, wc, wg):
+# The last weights give features spanning less than 1, the last iteration count stops early.
+@pytest.mark.parametrize("variant,wc,wg,iterations",
+                         [("i", 10.0, 10.0, 10), ("g", 10.0, 6.0, 10), ("i_g", 8.0, 12.0, 10), ("i_g", 500.0, 400.0, 10),
+                          ("i_g", 8.0, 12.0, 2)])
+def test_skimage_slic_reproduces_the_thesis_distance_on_an_image(small_image, variant, wc, wg, iterations):
     image, scores = small_image
-    ours = gradient_slic(image, scores, variant=variant, n_segments=12, wc=wc, wg=wg, enforce_connectivity=False)
-    reference = reference_slic(image, scores, n_segments=12, wc=wc, wg=wg, variant=variant)
+    ours = gradient_slic(image, scores, variant=variant, n_segments=12, wc=wc, wg=wg, enforce_connectivity=False,
+                         max_num_iter=iterations)
+    reference = reference_slic(image, scores, n_segments=12, wc=wc, wg=wg, variant=variant, max_num_iter=iterations)
     assert ours.shape == reference.shape
     np.testing.assert_array_equal(ours, reference)
+
+
+def test_constant_scores_give_the_spatial_grid(small_image):
+    image, scores = small_image
+    constant = np.full_like(scores, 0.3)
+    ours = gradient_slic(None, constant, variant="g", n_segments=12, enforce_connectivity=False)
+    np.testing.assert_array_equal(ours, reference_slic(None, constant, n_segments=12, wc=10.0, wg=10.0, variant="g"))
+    assert ours.max() + 1 == 12
+
+
+def test_segments_are_connected_by_default(small_image):
+    image, scores = small_image
+    segments = gradient_slic(image, scores, variant="i_g", n_segments=30, wc=2.0, wg=2.0)
+    for label in np.unique(segments):
+        assert measure.label(segments == label, connectivity=1).max() == 1, label
 
 
 def test_the_reference_is_sensitive_to_the_weights(small_image):
@@ -115,7 +135,8 @@ def test_skimage_slic_reproduces_the_thesis_distance_on_a_clip():
 def test_scores_are_rescaled_to_the_lab_range():
     rescaled = rescale_scores(np.array([[2.0, 4.0], [6.0, 10.0]]))
     np.testing.assert_allclose(rescaled, [[0, 25], [50, 100]])
-    np.testing.assert_array_equal(rescale_scores(np.full((2, 2), 3.0)), np.zeros((2, 2)))
+    constant = rescale_scores(np.full((2, 2), 3.0))
+    assert constant.shape == (2, 2) and not constant.any()
 
 
 def test_every_swag_segment_score_is_the_mean_of_m_over_its_segment(small_image):
@@ -135,8 +156,11 @@ def test_every_swag_segment_score_is_the_mean_of_m_over_its_segment(small_image)
     [
         ({"n_segments": 0}, r"n_segments: expected an int in \[1, 10000\]"),
         ({"n_segments": 10**6}, "n_segments"),
+        ({"n_segments": True}, "n_segments"),
         ({"wc": -1.0}, r"wc: expected a weight in \(0, 1000\]"),
-        ({"wg": float("nan")}, "wg"),
+        ({"wc": 0.0}, "wc: "),
+        ({"wg": 1000.5}, "wg: "),
+        ({"wg": float("nan")}, "wg: "),
         ({"variant": "x"}, "variant"),
     ],
 )
@@ -170,3 +194,8 @@ def test_raising_wc_follows_colour_and_raising_wg_follows_the_scores():
     colour_led, score_led = purities["colour"], purities["scores"]
     assert colour_led[0] > 0.98 and colour_led[0] > colour_led[1] + 0.05, purities
     assert score_led[1] > 0.98 and score_led[1] > score_led[0] + 0.05, purities
+
+
+def test_the_ends_of_the_accepted_ranges_are_accepted():
+    assert check_superpixel_parameters(np.int64(MAX_SEGMENTS), 1000.0, 0.5, "i_g") is None
+    assert check_superpixel_parameters(1, 0.01, 1000.0, "g") is None
