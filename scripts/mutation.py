@@ -1,0 +1,134 @@
+"""Mutation testing of the core library: each module against its own fast unit tests.
+
+For every module in ``MODULES`` this copies the package and the tests into
+``out/mutation/<name>/`` (kept between runs: mutmut reruns only the mutants of functions that
+changed), writes a mutmut configuration that mutates that one file and selects its own test
+files, runs ``mutmut run`` there and counts the outcome of every mutant.
+
+    python scripts/mutation.py                    # every module
+    python scripts/mutation.py swag superpixels   # some of them
+    python scripts/mutation.py --list-survivors jitter_cam
+
+Prints ``mutation_score[<name>]=X`` per module and ``mutation_score=X`` over the modules run:
+killed / (killed + survived), where a timeout counts as killed, a mutant that no selected test
+executes counts as survived, and the mutants listed in ``tests/mutation/equivalent.txt``
+(equivalent to the original: no test can tell them apart) are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EQUIVALENT = ROOT / "tests" / "mutation" / "equivalent.txt"
+UNIT = "tests/unit/"
+
+# Module -> (file to mutate, its own fast unit test files).
+MODULES = {
+    "probe": ("explainserve/probe.py", ["test_probe.py"]),
+    "guided": ("explainserve/guided.py", ["test_probe.py"]),
+    "cam": ("explainserve/cam.py", ["test_cam.py"]),
+    "swag": ("explainserve/swag.py", ["test_swag.py", "test_superpixels.py"]),
+    "superpixels": ("explainserve/superpixels.py", ["test_superpixels.py"]),
+    "jitter_cam": ("explainserve/jitter_cam.py", ["test_jitter_cam.py"]),
+    "grad_amap": ("explainserve/grad_amap.py", ["test_cam.py"]),
+    "explainer": ("explainserve/explainer.py", ["test_explainer.py"]),
+    "scorer": ("explainserve/anomaly/scorer.py", ["test_anomaly_scoring.py"]),
+    "calibration": ("explainserve/anomaly/calibration.py", ["test_anomaly_calibration.py"]),
+}
+
+KILLED = {"killed", "timeout", "segfault"}
+SURVIVED = {"survived", "no tests"}
+
+
+def read_equivalent(path: Path = EQUIVALENT) -> dict[str, str]:
+    """Mutant name -> the one-line reason it was judged equivalent (``name  reason`` per line)."""
+    equivalent = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                name, _, reason = line.partition(" ")
+                equivalent[name] = reason.strip()
+    return equivalent
+
+
+def prepare(name: str, workdir: Path) -> Path:
+    """Copy the package and tests into ``workdir/name`` and write its mutmut configuration."""
+    source, tests = MODULES[name]
+    root = workdir / name
+    root.mkdir(parents=True, exist_ok=True)
+    for folder in ("explainserve", "tests"):
+        shutil.copytree(ROOT / folder, root / folder, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    selection = json.dumps([UNIT + test for test in tests])
+    (root / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + f"""
+[tool.mutmut]
+source_paths = ["explainserve"]
+only_mutate = ["{source}"]
+pytest_add_cli_args_test_selection = {selection}
+pytest_add_cli_args = ["-p", "no:cacheprovider"]
+# torch and grpc are not fork-safe once used: fork every mutant from a clean server.
+process_isolation = "forkserver"
+""")
+    return root
+
+
+def statuses(root: Path, source: str) -> dict[str, str]:
+    """Mutant name -> mutmut's status, read from the run's meta file."""
+    from mutmut.stats import status_by_exit_code
+
+    meta = json.loads((root / "mutants" / f"{source}.meta").read_text())
+    return {key: status_by_exit_code[code] for key, code in meta["exit_code_by_key"].items()}
+
+
+def score(counts: Counter) -> float:
+    killed = sum(counts[s] for s in KILLED)
+    survived = sum(counts[s] for s in SURVIVED)
+    return killed / (killed + survived) if killed + survived else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", metavar="MODULE",
+                        help=f"modules to mutate (default all): {', '.join(MODULES)}")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "mutation")
+    parser.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
+    parser.add_argument("--list-survivors", action="store_true", help="print each surviving mutant's name")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.modules) - set(MODULES))
+    if unknown:
+        parser.error(f"modules: unknown {unknown}; expected some of {list(MODULES)}")
+    equivalent = read_equivalent()
+    total = Counter()
+    for name in args.modules or list(MODULES):
+        source = MODULES[name][0]
+        root = prepare(name, args.workdir)
+        run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
+                             cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if run.returncode != 0:
+            print(f"mutmut run failed for {name} (rc {run.returncode}):\n{run.stderr[-2000:]}", file=sys.stderr)
+            return run.returncode
+        counts = Counter()
+        for key, status in statuses(root, source).items():
+            if key in equivalent:
+                counts["equivalent"] += 1
+                continue
+            counts[status] += 1
+            if args.list_survivors and status in SURVIVED:
+                print(f"  {status}: {key}")
+        total += counts
+        detail = " ".join(f"{status.replace(' ', '_')}={n}" for status, n in sorted(counts.items()))
+        print(f"mutation_score[{name}]={score(counts):.3f} {detail}", flush=True)
+    print(f"mutation_score={score(total):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
