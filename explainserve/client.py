@@ -24,6 +24,7 @@ from PIL import Image
 
 from explainserve import wire
 from explainserve._generated import explain_pb2, explain_pb2_grpc
+from explainserve.video_files import VIDEO_SUFFIXES
 from explainserve.wire import MAX_MESSAGE_BYTES  # re-exported for clients
 
 # The API key a client sends when none is given to it.
@@ -97,7 +98,8 @@ def build_request(data, *, model: str, methods: Sequence[str] = (), n_segments: 
     Parameters
     ----------
     data : bytes, path, ndarray or list of bytes
-        Encoded image bytes or a path to one; a uint8 (H, W, 3) array (sent as PNG); a uint8
+        Encoded image bytes or a path to an image or a video file (MP4, WebM, AVI: sent as
+        ``Clip.video``); a uint8 (H, W, 3) array (sent as PNG); a uint8
         (T, H, W, 3) array (sent raw as a clip); or a list of encoded frames (a clip).
     """
     options = explain_pb2.ExplainOptions()
@@ -112,7 +114,9 @@ def build_request(data, *, model: str, methods: Sequence[str] = (), n_segments: 
         request.label = label
     if explain_anomaly is not None:  # unset: the gateway's --explain-anomaly default
         request.explain_anomaly = explain_anomaly
-    if isinstance(data, (str, Path)):
+    if isinstance(data, (str, Path)) and Path(data).suffix.lower() in VIDEO_SUFFIXES:
+        request.clip.video = Path(data).read_bytes()
+    elif isinstance(data, (str, Path)):
         request.image = Path(data).read_bytes()
     elif isinstance(data, (bytes, bytearray)):
         request.image = bytes(data)

@@ -11,7 +11,8 @@ import io
 
 import numpy as np
 
-from explainserve.inputs import InputTooLarge, check_image_size
+from explainserve.inputs import (InputTooLarge, check_frames, check_image_size, check_raw_clip,
+                                 check_request_pixels, decode_frames, raw_clip)
 
 #: Container formats accepted, as FFmpeg names them, and what users call them.
 VIDEO_CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2": "MP4", "matroska,webm": "WebM", "avi": "AVI"}
@@ -41,11 +42,34 @@ def sample_indices(count: int, frames: int) -> np.ndarray:
     return ((2 * np.arange(frames, dtype=np.int64) + 1) * count) // (2 * frames)
 
 
+def check_video(data: bytes, frames: int, what: str = "video") -> None:
+    """Check an encoded video from its container header alone, before any frame is decoded:
+    an MP4, WebM or AVI with a video stream whose frame size is within the image limits and
+    whose ``frames`` sampled frames are within the request's decoded-pixel limit.
+
+    Raises
+    ------
+    ValueError
+        Empty, not a video, another container, no video stream, an unreadable header.
+    InputTooLarge
+        Frames larger than the limits.
+    """
+    import av  # imported here: image models never need it
+
+    if not data:
+        raise ValueError(f"{what} is empty")
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            video_stream(container, frames, what)
+    except av.FFmpegError as error:
+        raise ValueError(f"{what} is not a decodable MP4, WebM or AVI video: {error}") from None
+
+
 def decode_video(data: bytes, frames: int, what: str = "video") -> np.ndarray:
     """Decode an MP4, WebM or AVI file into a (frames, H, W, 3) uint8 RGB clip.
 
-    The frame size is checked from the stream header before any frame is decoded; the frames
-    kept are :func:`sample_indices` of the video's frame count.
+    The header is checked first (:func:`check_video`); the frames kept are
+    :func:`sample_indices` of the video's frame count, counted from its packets.
 
     Parameters
     ----------
@@ -59,18 +83,16 @@ def decode_video(data: bytes, frames: int, what: str = "video") -> np.ndarray:
     Raises
     ------
     ValueError
-        Empty, not a video, another container, no video stream, undecodable.
+        As :func:`check_video`, or undecodable frames.
     InputTooLarge
-        Frames larger than the image limits, or more than ``MAX_VIDEO_FRAMES`` frames.
+        As :func:`check_video`, or more than ``MAX_VIDEO_FRAMES`` frames.
     """
-    import av  # imported here: the gateway and image models never need it
+    import av
 
-    if not data:
-        raise ValueError(f"{what} is empty")
+    check_video(data, frames, what)
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
-            stream = video_stream(container, what)
-            check_image_size(stream.codec_context.width, stream.codec_context.height, what=f"{what} frame")
+            stream = video_stream(container, frames, what)
             count = sum(1 for packet in container.demux(stream) if packet.size)
         if count == 0:
             raise ValueError(f"{what} has no frames")
@@ -78,7 +100,7 @@ def decode_video(data: bytes, frames: int, what: str = "video") -> np.ndarray:
             raise InputTooLarge(f"{what} has {count} frames; the limit is {MAX_VIDEO_FRAMES}")
         wanted = sample_indices(count, frames)
         with av.open(io.BytesIO(data), mode="r") as container:
-            kept = decode_selected(container, video_stream(container, what), wanted)
+            kept = decode_selected(container, video_stream(container, frames, what), wanted)
     except av.FFmpegError as error:
         raise ValueError(f"{what} is not a decodable MP4, WebM or AVI video: {error}") from None
     if not kept:
@@ -88,13 +110,18 @@ def decode_video(data: bytes, frames: int, what: str = "video") -> np.ndarray:
     return np.stack(clip)
 
 
-def video_stream(container, what: str):
-    """The first video stream of an open container of an accepted format."""
+def video_stream(container, frames: int, what: str):
+    """The first video stream of an open container of an accepted format, its size checked
+    for a clip of ``frames`` frames."""
     if container.format.name not in VIDEO_CONTAINERS:
         raise ValueError(f"{what} is a {container.format.long_name} file; only MP4, WebM and AVI videos are accepted")
     if not container.streams.video:
         raise ValueError(f"{what} has no video stream")
-    return container.streams.video[0]
+    stream = container.streams.video[0]
+    width, height = stream.codec_context.width, stream.codec_context.height
+    check_image_size(width, height, what=f"{what} frame")
+    check_request_pixels(frames, width, height, what=what)
+    return stream
 
 
 def decode_selected(container, stream, wanted: np.ndarray) -> dict[int, np.ndarray]:
@@ -137,3 +164,42 @@ def encode_video(clip: np.ndarray, container: str = "mp4", fps: int = 8) -> byte
         for packet in stream.encode():
             output.mux(packet)
     return buffer.getvalue()
+
+
+def clip_form(clip) -> str:
+    """Which input an ``explainserve.v1.Clip`` message carries: "frames", "raw" or "video".
+
+    Raises ValueError when it carries none or more than one.
+    """
+    given = [name for name, present in (("frames", bool(clip.frames)), ("raw", bool(clip.raw or clip.shape)),
+                                        ("video", bool(clip.video))) if present]
+    if not given:
+        raise ValueError("clip: has none of `frames`, `raw` pixels or a `video` file")
+    if len(given) > 1:
+        raise ValueError(f"clip: give one of `frames`, `raw` with `shape`, or `video`; got {' and '.join(given)}")
+    return given[0]
+
+
+def check_clip(clip, frames: int) -> None:
+    """Check a Clip message for a model of ``frames`` frames from headers alone (the gateway)."""
+    form = clip_form(clip)
+    if form == "video":
+        check_video(clip.video, frames, what="clip video")
+    elif form == "frames":
+        check_frames(list(clip.frames), frames)
+    else:
+        check_raw_clip(len(clip.raw), list(clip.shape), frames)
+
+
+def decode_clip(clip, frames: int) -> np.ndarray:
+    """Decode a Clip message into the (frames, H, W, 3) uint8 clip (the video handler).
+
+    A ``video`` is sampled to ``frames`` as build-distributions samples video files;
+    ``frames`` or ``raw`` pixels must have that many already.
+    """
+    form = clip_form(clip)
+    if form == "video":
+        return decode_video(clip.video, frames, what="clip video")
+    if form == "frames":
+        return decode_frames(list(clip.frames), frames)
+    return raw_clip(clip.raw, list(clip.shape), frames)

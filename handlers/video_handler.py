@@ -10,7 +10,8 @@ import io
 import numpy as np
 from explain_handler import ExplainHandler
 
-from explainserve.inputs import decode_frames, raw_clip
+from explainserve.inputs import raw_clip
+from explainserve.video_files import decode_clip
 
 
 class VideoHandler(ExplainHandler):
@@ -19,8 +20,7 @@ class VideoHandler(ExplainHandler):
     def decode_request(self, request) -> np.ndarray:
         if request.WhichOneof("input") != "clip":
             raise ValueError("clip: this is a video model; send `clip`, not an image")
-        clip, frames = request.clip, self.explainer.input_size[0]
-        return decode_frames(list(clip.frames), frames) if clip.frames else raw_clip(clip.raw, list(clip.shape), frames)
+        return decode_clip(request.clip, self.explainer.input_size[0])
 
     def decode_plain(self, payload: bytes) -> np.ndarray:
         try:

@@ -219,6 +219,11 @@ def calibrate_store(args, explainer, store_path: Path, record: dict | None = Non
     else:
         val, key = open_split(args, "val", args.val_limit, explainer.input_size[-1])
         alpha, predicted = validation_alpha(explainer, val, key, args.batch_size)
+    scorable = store.counts[predicted] > 0
+    if not scorable.all():  # no training distribution to score them against
+        print(f"left out of calibration: {int((~scorable).sum())} val images predicted as classes without "
+              f"training samples ({sorted({store.meta.class_names[c] for c in predicted[~scorable]})})")
+        alpha, predicted = alpha[scorable], predicted[scorable]
     calibration = calibrate(store, alpha, predicted, target_fpr=args.target_fpr,
                             min_class_count=args.min_class_count)
     save_calibration(store, calibration)

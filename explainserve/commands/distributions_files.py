@@ -64,6 +64,13 @@ class BadFiles:
                              f"{max_fraction:g}; the first:\n  {shown}")
 
 
+def workers(args) -> int:
+    """Decoding processes: --workers, checked."""
+    if args.workers < 0:
+        raise ValueError(f"--workers: must be >= 0 (0 decodes in the build process), got {args.workers}")
+    return args.workers
+
+
 def checkpoint_folder(out: Path) -> Path:
     """Where the finished classes of a build of ``out`` wait; hidden from a gateway's --store-dir scan."""
     out = Path(out)
@@ -119,7 +126,7 @@ def build_from_files(args, explainer, meta: StoreMeta, data: DataSplits, alpha_o
     with tqdm(total=len(todo), unit="images", desc=f"training alpha, classes {held.start}..{held.stop - 1}",
               dynamic_ncols=True) as bar:
         for batch in decoded_batches(data.train, class_batches(data.train, todo, args.batch_size), explainer.kind,
-                                     frames, args.workers):
+                                     frames, workers(args)):
             label = data.train[batch[0][0]].label
             if label != current and current is not None:
                 finish(current, rows, ids, class_bad)
@@ -197,7 +204,7 @@ def validation_from_files(args, explainer, samples: list[SampleFile], alpha_of: 
     alphas, classes, bad = [], [], BadFiles(files=len(samples))
     with tqdm(total=len(samples), unit="images", desc="calibrating on val", dynamic_ncols=True) as bar:
         for batch in decoded_batches(samples, plain_batches(list(range(len(samples))), args.batch_size),
-                                     explainer.kind, frames, args.workers):
+                                     explainer.kind, frames, workers(args)):
             good = [(index, sample) for index, sample, reason in batch if reason is None]
             for index, _, reason in batch:
                 if reason is not None:

@@ -15,11 +15,13 @@ from explainserve.client import ExplainError
 from explainserve.commands.connection import add_connection_arguments, connect
 from explainserve.inputs import decode_image
 from explainserve.methods import METHODS
+from explainserve.video_files import VIDEO_SUFFIXES, decode_video
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "explain", help="explain an image (JPEG/PNG), a clip (.npy, uint8 T x H x W x 3), or many",
+        "explain", help="explain an image (JPEG/PNG), a clip (.npy, uint8 T x H x W x 3; or an MP4, WebM or AVI "
+                    "file), or many",
         description="Explain one image or clip, or every input of a folder or manifest (.txt: one path a line; "
                     ".csv or .jsonl: path and optional label) into --out OUTDIR: results.jsonl, pictures/ and "
                     "report.html. A rerun skips the inputs results.jsonl already holds.")
@@ -100,15 +102,18 @@ def main(args) -> int:
 
     if is_bulk_source(args.input):
         return bulk_main(args)
-    data = load_input(args.input)
+    video = args.input.suffix.lower() in VIDEO_SUFFIXES
+    data = None if video else load_input(args.input)
     with connect(args) as client:
         try:
-            result = client.explain(data, model=args.model, methods=args.method, timeout=args.timeout,
+            result = client.explain(args.input if video else data, model=args.model, methods=args.method, timeout=args.timeout,
                                     target_class=args.target_class, label=args.label, top_k=args.top_k)
         except ExplainError as error:
             print(f"explain failed: {error}")
             return 1
     print_result(str(args.input), result)
     if args.out and result.maps:
+        if video:  # the frames the server sampled, for the picture
+            data = decode_video(args.input.read_bytes(), next(iter(result.maps.values())).heatmap.shape[0])
         render(data, result, args.out)
     return 0

@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     serve.add_argument("--torchserve-grpc-port", type=int, default=7070)
     serve.add_argument("--torchserve-management-port", type=int, default=7071)
     serve.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    serve.add_argument("--stores", type=Path, help="distribution stores to score with, one folder per model name "
+                                                   "(build-distributions --out DIR/<name>), instead of those in the archives")
     serve.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the models")
     serve.set_defaults(func=serve_main)
     stop = subparsers.add_parser("stop", help="stop what `explainserve serve` started")
@@ -91,11 +93,15 @@ def serve_main(args) -> int:
     try:
         torchserve.wait_ready(timeout=args.startup_timeout)
         listen = f"127.0.0.1:{args.port}"
-        stores = (args.run_dir / "stores").resolve()
-        shipped = unpack_stores(store, archives, stores)
+        if args.stores is not None:
+            stores = args.stores.resolve()
+            shipped = [name for name in archives if (stores / name).is_dir()]
+        else:
+            stores = (args.run_dir / "stores").resolve()
+            shipped = unpack_stores(store, archives, stores)
         missing = sorted(set(archives) - set(shipped))
         if missing:
-            print(f"no distribution store in {', '.join(f'{name}.mar' for name in missing)}: "
+            print(f"no distribution store for {', '.join(missing)}: "
                   "their answers carry no anomaly verdict", file=sys.stderr)
         gateway = start_gateway(listen, torchserve, args.metrics_port, args.run_dir / "gateway.log",
                                 ("--store-dir", str(stores), "--reflection"))

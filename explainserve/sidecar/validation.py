@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from explainserve import inputs
+from explainserve import inputs, video_files
 from explainserve._generated import explain_pb2
 
 MAX_TOP_K = 100
@@ -62,13 +62,4 @@ def check_input(request: explain_pb2.ExplainRequest, metadata: dict) -> None:
         return
     if given != "clip":
         raise ValueError(f"input: model {metadata['name']!r} takes a `clip`, not an image")
-    clip = request.clip
-    if not clip.frames and not clip.raw:
-        raise ValueError("clip: has neither `frames` nor `raw` pixels")
-    if clip.frames and (clip.raw or clip.shape):
-        raise ValueError("clip: give either `frames` or `raw` with `shape`, not both")
-    expected = metadata["input_size"][0]
-    if clip.frames:
-        inputs.check_frames(list(clip.frames), expected)
-    else:
-        inputs.check_raw_clip(len(clip.raw), list(clip.shape), expected)
+    video_files.check_clip(request.clip, metadata["input_size"][0])

@@ -158,3 +158,23 @@ def test_class_batches_never_mix_classes():
     from explainserve.data.files import SampleFile
     samples = [SampleFile(None, label) for label in (0, 0, 0, 1, 1, 2)]
     assert class_batches(samples, list(range(6)), 2) == [[0, 1], [2], [3, 4], [5]]
+
+
+def test_a_clip_message_decodes_its_one_form_to_the_model_length():
+    from explainserve._generated import explain_pb2
+    from explainserve.video_files import decode_clip
+
+    levels = np.linspace(20, 235, 12).astype(np.uint8)
+    frames = np.broadcast_to(levels[:, None, None, None], (12, 16, 16, 3)).copy()
+    video = decode_clip(explain_pb2.Clip(video=encode_video(frames, "webm")), 4)
+    np.testing.assert_allclose(video[:, 8, 8, 0], levels[sample_indices(12, 4)], atol=4)
+    raw = decode_clip(explain_pb2.Clip(raw=frames[:4].tobytes(), shape=[4, 16, 16, 3]), 4)
+    np.testing.assert_array_equal(raw, frames[:4])
+    with pytest.raises(ValueError, match="the model takes 4 frames, got 12"):
+        decode_clip(explain_pb2.Clip(raw=frames.tobytes(), shape=[12, 16, 16, 3]), 4)
+    with pytest.raises(ValueError, match="got raw and video"):
+        decode_clip(explain_pb2.Clip(raw=frames.tobytes(), shape=[12, 16, 16, 3], video=b"x"), 4)
+    with pytest.raises(ValueError, match="has none of"):
+        decode_clip(explain_pb2.Clip(), 4)
+    with pytest.raises(ValueError, match="clip video is not a decodable"):
+        decode_clip(explain_pb2.Clip(video=b"\x00" * 64), 4)

@@ -1,0 +1,142 @@
+"""A user's own data to verdicts, with the commands a user runs: `archive` a random-init
+torchvision model, `build-distributions` as two shards over real files, `merge-distributions`,
+`serve`, then Explain. Images: FashionScenes written as JPEG class folders, a ResNet-18 at
+64 px. Clips: MovingFashion as MP4 files (served) and as clip folders, an R3D-18 at 4 x 32 x 32.
+
+"Exactly as served": a class with a single training sample stores that sample's alpha as its
+mean, so the handler's alpha for the same file must equal it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from explainserve._generated import explain_pb2, handler_pb2, inference_pb2, inference_pb2_grpc
+from explainserve.anomaly import load_store
+from explainserve.cli import main as cli
+from explainserve.client import ExplainClient
+from explainserve.data import FashionScenes, MovingFashion
+from explainserve.sidecar.torchserve import free_port
+from explainserve.wire import HANDLER_REQUEST_KEY
+from support.data_folders import folder_name, write_clip_folders, write_image_folder
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+BUILD_TIME = "2026-01-01T00:00:00Z"
+IMAGE_CLASSES = [folder_name(name) for name in FashionScenes("val", size=1).class_names]
+CLIP_CLASSES = [folder_name(name) for name in MovingFashion("val", size=1).class_names]
+CALIBRATION = ["--min-class-count", "2", "--target-fpr", "0.1", "--batch-size", "4", "--workers", "1"]
+
+
+def keep_one(folder: Path) -> Path:
+    """Leave a single sample in a class folder; return it."""
+    entries = sorted(folder.iterdir())
+    for extra in entries[1:]:
+        shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
+    return entries[0]
+
+
+def sharded_build(workdir: Path, name: str, data: str) -> Path:
+    """build-distributions as two shards, then merge-distributions (calibrating) into stores/<name>."""
+    mar = str(workdir / "model_store" / f"{name}.mar")
+    shards = [workdir / "stores" / ".shards" / name / str(i) for i in range(2)]
+    for index, shard in enumerate(shards):
+        assert cli(["build-distributions", "--model", mar, "--data", data, "--out", str(shard), "--shard", str(index),
+                    "--num-shards", "2", "--build-time", BUILD_TIME, *CALIBRATION]) == 0
+    out = workdir / "stores" / name
+    assert cli(["merge-distributions", *map(str, shards), "--out", str(out), "--model", mar, "--data", data,
+                *CALIBRATION]) == 0
+    return out
+
+
+def handler_alpha(target: str, request: explain_pb2.ExplainRequest) -> np.ndarray:
+    """The served handler's alpha for ``request``, straight from TorchServe."""
+    with grpc.insecure_channel(target) as channel:
+        answer = inference_pb2_grpc.InferenceAPIsServiceStub(channel).Predictions(inference_pb2.PredictionsRequest(
+            model_name=request.model, input={HANDLER_REQUEST_KEY: request.SerializeToString()}), timeout=300)
+    response = handler_pb2.HandlerResponse.FromString(answer.prediction)
+    assert not response.HasField("error"), response.error.message
+    return np.asarray(response.alpha, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Both models archived, their stores built from files, and `explainserve serve` running."""
+    workdir = tmp_path_factory.mktemp("your_data")
+    images = write_image_folder(workdir / "photos", {"train": 3, "val": 2}, size=64)
+    single_image = keep_one(images / "train" / IMAGE_CLASSES[0])
+    videos = write_clip_folders(workdir / "videos", {"train": 2, "val": 1}, size=32, videos=True)
+    single_video = keep_one(videos / "train" / CLIP_CLASSES[0])
+    (workdir / "image_classes.txt").write_text("\n".join(IMAGE_CLASSES))
+    (workdir / "clip_classes.txt").write_text("\n".join(CLIP_CLASSES))
+    for name, arch, classes, size in (("scenes", "resnet18", "image_classes.txt", ["64", "64"]),
+                                      ("motions", "r3d_18", "clip_classes.txt", ["4", "32", "32"])):
+        assert cli(["archive", "--torchvision", arch, "--class-names", str(workdir / classes), "--input-size", *size,
+                    "--name", name, "--no-store", "--export-path", str(workdir / "model_store")]) == 0
+    image_store = sharded_build(workdir, "scenes", f"imagefolder:{images}")
+    video_store = sharded_build(workdir, "motions", f"imagefolder:{videos}")
+    ports = {name: free_port() for name in ("port", "metrics-port", "torchserve-grpc-port", "torchserve-management-port")}
+    run_dir = workdir / "run"
+    assert cli(["serve", "--model-store", str(workdir / "model_store"), "--stores", str(workdir / "stores"),
+                "--run-dir", str(run_dir), *[f"--{name}={port}" for name, port in ports.items()]]) == 0
+    try:
+        yield {"workdir": workdir, "target": f"127.0.0.1:{ports['port']}", "images": images, "videos": videos,
+               "torchserve": f"127.0.0.1:{ports['torchserve-grpc-port']}", "image_store": image_store,
+               "video_store": video_store, "single_image": single_image, "single_video": single_video}
+    finally:
+        cli(["stop", "--run-dir", str(run_dir)])
+
+
+def test_image_folder_to_verdicts(served):
+    store = load_store(served["image_store"])
+    assert store.counts.tolist() == [1, 3, 3, 3, 3, 3, 3, 3] and store.calibration["held_out_images"] == 16
+    record = json.loads((served["image_store"] / "build_record.json").read_text())
+    assert record["train"] == {"files": 22, "bad": 0, "listed": []} and record["val"]["files"] == 16
+    with ExplainClient(served["target"]) as client:
+        for path in sorted((served["images"] / "val").glob("*/*.jpg"))[:4]:
+            result = client.explain(path, model="scenes", timeout=300)
+            assert result.anomaly.status == explain_pb2.AnomalyReport.OK, result.anomaly.reason
+            assert result.anomaly.predicted.verdict in (explain_pb2.ClassVerdict.NORMAL, explain_pb2.ClassVerdict.ANOMALOUS)
+            assert result.anomaly.store_sha256 == store.sha256
+        # The single training image of class 0, scored against class 0: its alpha is the class mean.
+        label = client.explain(served["single_image"], model="scenes", label=0, timeout=300).anomaly.label
+    assert label.class_index == 0 and abs(label.beta) < 1e-5
+
+
+def test_the_stored_alpha_of_an_image_is_the_served_alpha(served):
+    request = explain_pb2.ExplainRequest(model="scenes", image=served["single_image"].read_bytes(), target_class=0)
+    served_alpha = handler_alpha(served["torchserve"], request)
+    stored = np.asarray(load_store(served["image_store"]).arrays["mean"][0])
+    assert np.abs(served_alpha).max() > 1e-3  # a live layer, not zeros on both sides
+    np.testing.assert_allclose(served_alpha, stored, rtol=0, atol=1e-5)
+
+
+def test_video_files_to_verdicts_and_the_stored_alpha_is_served(served):
+    store = load_store(served["video_store"])
+    assert store.counts.tolist() == [1, 2, 2, 2, 2, 2, 2, 2]
+    request = explain_pb2.ExplainRequest(model="motions", clip=explain_pb2.Clip(video=served["single_video"].read_bytes()),
+                                         target_class=0)
+    np.testing.assert_allclose(handler_alpha(served["torchserve"], request), store.arrays["mean"][0], rtol=0, atol=1e-5)
+    with ExplainClient(served["target"]) as client:
+        for path in sorted((served["videos"] / "val").glob("*/*.mp4"))[:3]:
+            result = client.explain(path, model="motions", timeout=300)
+            assert result.anomaly.status == explain_pb2.AnomalyReport.OK, result.anomaly.reason
+
+
+def test_clip_folders_build_the_alpha_served_for_their_frames(served, tmp_path):
+    clips = write_clip_folders(tmp_path / "clips", {"train": 1, "val": 1}, size=32)
+    mar = str(served["workdir"] / "model_store" / "motions.mar")
+    assert cli(["build-distributions", "--model", mar, "--data", f"clipfolder:{clips}", "--out", str(tmp_path / "store"),
+                *CALIBRATION]) == 0
+    store = load_store(tmp_path / "store")
+    assert store.counts.tolist() == [1] * 8
+    clip = sorted((clips / "train" / CLIP_CLASSES[3]).iterdir())[0]
+    frames = sorted(clip.iterdir())
+    chosen = [frames[i].read_bytes() for i in (2, 6, 10, 14)]  # the middle frame of each quarter of 16
+    request = explain_pb2.ExplainRequest(model="motions", clip=explain_pb2.Clip(frames=chosen), target_class=3)
+    np.testing.assert_allclose(handler_alpha(served["torchserve"], request), store.arrays["mean"][3], rtol=0, atol=1e-5)
