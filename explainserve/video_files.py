@@ -174,7 +174,7 @@ def clip_form(clip) -> str:
     given = [name for name, present in (("frames", bool(clip.frames)), ("raw", bool(clip.raw or clip.shape)),
                                         ("video", bool(clip.video))) if present]
     if not given:
-        raise ValueError("clip: has none of `frames`, `raw` pixels or a `video` file")
+        raise ValueError("clip: has neither `frames`, `raw` pixels nor a `video` file")
     if len(given) > 1:
         raise ValueError(f"clip: give one of `frames`, `raw` with `shape`, or `video`; got {' and '.join(given)}")
     return given[0]

@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
+from explainserve._generated import explain_pb2
 from explainserve.client import ExplainClient, ExplainError, build_request
 from explainserve.model_archive import write_archive
 from explainserve.sidecar.torchserve import free_port
@@ -54,6 +55,10 @@ CASES = {
     "negative label": (build_request(GOOD, model="tiny_image", label=-1), INVALID, "label"),
     "top_k too large": (build_request(GOOD, model="tiny_image", top_k=7), INVALID, "top_k"),
     "wrong clip length": (build_request(clip_of(CLIP_SIZE[0] + 1), model="tiny_video"), INVALID, "frames"),
+    "corrupt video file": (explain_pb2.ExplainRequest(model="tiny_video", clip=explain_pb2.Clip(video=b"\x00" * 512)),
+                           INVALID, "not a decodable MP4, WebM or AVI"),
+    "video and frames": (explain_pb2.ExplainRequest(model="tiny_video", clip=explain_pb2.Clip(video=b"v", frames=[b"f"])),
+                         INVALID, "give one of"),
     # Refused from the frames' headers: 4 x 2100 x 2100 pixels would decode to 50 MiB.
     "clip over the pixel budget": (build_request([png_claiming(2100, 2100)] * CLIP_SIZE[0], model="tiny_video"),
                                    TOO_BIG, "pixels decoded"),

@@ -174,7 +174,7 @@ def test_a_clip_message_decodes_its_one_form_to_the_model_length():
         decode_clip(explain_pb2.Clip(raw=frames.tobytes(), shape=[12, 16, 16, 3]), 4)
     with pytest.raises(ValueError, match="got raw and video"):
         decode_clip(explain_pb2.Clip(raw=frames.tobytes(), shape=[12, 16, 16, 3], video=b"x"), 4)
-    with pytest.raises(ValueError, match="has none of"):
+    with pytest.raises(ValueError, match="has neither"):
         decode_clip(explain_pb2.Clip(), 4)
     with pytest.raises(ValueError, match="clip video is not a decodable"):
         decode_clip(explain_pb2.Clip(video=b"\x00" * 64), 4)

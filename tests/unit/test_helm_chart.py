@@ -33,6 +33,9 @@ VALUE_SETS = {
                                               "clientCA": {"enabled": True}}}},
     "no-tls-no-keys": {"insecure": True, "sidecar": {"tls": {"enabled": False}, "auth": {"enabled": False},
                                                      "reflection": True}},
+    "your-data": {"distributions": {"build": {"enabled": True, "dataClaim": "photos", "data": "imagefolder:catalogue/v2",
+                                              "valFraction": 0.1, "maxBadFraction": 0.02, "numShards": 2,
+                                              "model": "/models/resnet50.mar", "name": "resnet50"}}},
 }
 CRD_GROUPS = ("monitoring.coreos.com/", "cert-manager.io/")
 
@@ -375,7 +378,22 @@ def test_distribution_build_is_an_indexed_job_then_a_merge_job(chart):
     assert "distributions-build (3 shards)" in notes
 
 
+def test_distribution_jobs_read_a_file_source_on_the_data_claim(chart):
+    objects, _ = render(chart, VALUE_SETS["your-data"])
+    for step in ("build", "merge"):
+        job = one(objects, "Job", f"{FULLNAME}-distributions-{step}")
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        assert {"--data=imagefolder:/data/catalogue/v2", "--val-fraction=0.1", "--max-bad-fraction=0.02",
+                "--model=/models/resnet50.mar", "--name=resnet50"} <= set(container["args"])
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["data"] == {"name": "data", "mountPath": "/data", "readOnly": True}
+    build = one(objects, "Job", f"{FULLNAME}-distributions-build")
+    assert "--out=/stores/.shards/resnet50/$(JOB_COMPLETION_INDEX)" in build["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
 @pytest.mark.parametrize("values, message", [
+    ({"distributions": {"build": {"enabled": True, "data": "manifest:rows.csv"}}},
+     "reads files: set distributions.build.dataClaim"),
     ({"distributions": {"build": {"enabled": True}}, "stores": {"source": "initContainer",
       "initContainer": {"image": "x"}}}, "distributions.build.enabled needs stores.source: pvc"),
     ({"models": {"source": "initContainer"}}, "models.initContainer.image is required"),
@@ -464,8 +482,8 @@ def chart_commands(chart):
     ("sidecar", {"--store-dir", "--token-file", "--metrics-per-class", "--tls-cert", "--tls-key", "--tls-client-ca",
                  "--auth-keys", "--allow-unauthenticated", "--reflection", "--health-listen", "--drain-seconds",
                  "--max-concurrent-requests", "--max-queued-requests", "--max-connection-age"}),
-    ("build-distributions", {"--shard", "--num-shards"}),
-    ("merge-distributions", set()),
+    ("build-distributions", {"--shard", "--num-shards", "--val-fraction", "--max-bad-fraction"}),
+    ("merge-distributions", {"--val-fraction", "--max-bad-fraction"}),
 ])
 def test_the_cli_accepts_every_flag_the_chart_passes(chart_commands, command, flags):
     """Each rendered command line parses with the real `explainserve` parser, and every --flag
