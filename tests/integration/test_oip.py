@@ -9,7 +9,7 @@ import pytest
 from explainserve._generated import explain_pb2
 from explainserve.client import ExplainClient
 from explainserve.data.scenes import FashionScenes
-from support.serving_harness import png, scored_demo_stack
+from support.serving_harness import CLIP_SIZE, png, scored_demo_stack, tiny_video_model
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -22,7 +22,7 @@ METHODS = ["swag_i_g", "jitter_cam"]
 
 @pytest.fixture(scope="module")
 def stack(request, tmp_path_factory):
-    yield from scored_demo_stack(request, tmp_path_factory.mktemp("oip"))
+    yield from scored_demo_stack(request, tmp_path_factory.mktemp("oip"), more_archives=[tiny_video_model()])
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +135,25 @@ def test_inference_calls_are_counted(stack):
     text = urllib.request.urlopen(stack.metrics_url, timeout=10).read().decode()
     assert 'explainserve_requests_total{code="OK",method="jitter_cam+swag_i_g",rpc="ModelInfer"}' in text
     assert 'explainserve_requests_total{code="INVALID_ARGUMENT",method="invalid",rpc="ModelInfer"}' in text
+
+
+def test_a_batch_of_clips_answers_what_explain_answers(stack, triton):
+    frames, side = CLIP_SIZE[0], CLIP_SIZE[1]
+    clips = np.random.default_rng(5).integers(0, 256, (2, frames, side, side, 3), dtype=np.uint8)
+    model = triton.get_model_metadata("tiny_video")
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [("clip", "UINT8", [-1, -1, -1, -1, 3])]
+    data = grpcclient.InferInput("clip", list(clips.shape), "UINT8")
+    data.set_data_from_numpy(clips)
+    result = triton.infer("tiny_video", [data], parameters={"methods": "swag_v_i_g"}, client_timeout=120)
+    with ExplainClient(stack.target) as client:
+        expected = [client.explain(clip, model="tiny_video", methods=["swag_v_i_g"], timeout=120) for clip in clips]
+    heatmaps, segments = result.as_numpy("heatmap_swag_v_i_g"), result.as_numpy("segments_swag_v_i_g")
+    assert heatmaps.shape == (2, *CLIP_SIZE) and segments.shape == (2, *CLIP_SIZE)
+    for n, answer in enumerate(expected):
+        reference = answer.maps["swag_v_i_g"]
+        assert result.as_numpy("predicted_class")[n] == answer.predicted_class
+        assert np.abs(heatmaps[n] - reference.heatmap).max() <= reference.quantisation_step + 1e-7
+        np.testing.assert_array_equal(segments[n], reference.segments)
+    assert result.as_numpy("verdict").tolist() == [b"UNAVAILABLE"] * 2  # no store for this model
+    assert np.isnan(result.as_numpy("verdict_score")).all() and (result.as_numpy("surprise_count") == -1).all()
+

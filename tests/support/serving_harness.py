@@ -148,14 +148,15 @@ def build_demo_store(kind: str, out: Path, train_images: int, val_images: int) -
     return out
 
 
-def scored_demo_stack(request, workdir: Path, **options):
+def scored_demo_stack(request, workdir: Path, more_archives=(), **options):
     """Body of a module-scoped fixture: the demo image model with its committed, calibrated
-    distribution store (--store-dir), so that answers carry verdicts."""
+    distribution store (--store-dir), so that answers carry verdicts; ``more_archives``
+    ((model, metadata) pairs) are served beside it without a store."""
     import shutil
 
     from explainserve.commands.archive import committed_store, demo_model
 
     model, metadata = demo_model("image")
     shutil.copytree(committed_store("image", metadata), workdir / "stores" / metadata["name"])
-    yield from stack_for_module(request, workdir, [(model, metadata)], batch_size=4, max_batch_delay_ms=20,
-                                gateway_args=("--store-dir", str(workdir / "stores")), **options)
+    yield from stack_for_module(request, workdir, [(model, metadata), *more_archives], batch_size=4,
+                                max_batch_delay_ms=20, gateway_args=("--store-dir", str(workdir / "stores")), **options)
