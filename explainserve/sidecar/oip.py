@@ -5,7 +5,7 @@ ModelInfer runs each element of its batch through the very path of ``Explainer/E
 
 Inputs (one tensor; its name is free):
 - image models: encoded JPEG/PNG images as BYTES ``[N]`` (or ``[N, 1]``), or pixels as UINT8 ``[N, H, W, 3]``;
-- video models: clips as UINT8 ``[N, T, H, W, 3]``.
+- video models: clips as UINT8 ``[N, T, H, W, 3]``, or encoded MP4/WebM/AVI files as BYTES ``[N]``.
 
 Request parameters: ``methods`` (comma-separated, e.g. "swag_i_g,jitter_cam"), ``n_segments``,
 ``wc``, ``wg``, ``jitter_d``, ``target_class``, ``label``, ``top_k`` and ``explain_anomaly``.
@@ -134,12 +134,15 @@ def explain_requests(request, template: explain_pb2.ExplainRequest, metadata: di
     elif kind == "image" and tensor.datatype == "UINT8" and len(shape) == 4 and shape[3] == 3:
         for image in data:
             requests.append(explain_pb2.ExplainRequest(image=encode_png(image)))  # lossless: the same pixels
+    elif kind == "video" and tensor.datatype == "BYTES" and (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+        for item in data:
+            requests.append(explain_pb2.ExplainRequest(clip=explain_pb2.Clip(video=item)))
     elif kind == "video" and tensor.datatype == "UINT8" and len(shape) == 5 and shape[4] == 3:
         for clip in data:
             requests.append(explain_pb2.ExplainRequest(clip=explain_pb2.Clip(raw=clip.tobytes(), shape=clip.shape)))
     else:
         accepted = ("BYTES [N] of encoded JPEG/PNG images, or UINT8 [N, H, W, 3]" if kind == "image"
-                    else "UINT8 [N, T, H, W, 3]")
+                    else "BYTES [N] of encoded MP4/WebM/AVI files, or UINT8 [N, T, H, W, 3]")
         raise ValueError(f"{what}: {kind} model {metadata['name']!r} takes {accepted}; "
                          f"got {tensor.datatype} {shape}")
     if not requests:
@@ -207,7 +210,8 @@ def model_metadata(name: str, metadata: dict) -> oip.ModelMetadataResponse:
         inputs = [tensor(name="image", datatype="BYTES", shape=[-1]),
                   tensor(name="pixels", datatype="UINT8", shape=[-1, -1, -1, 3])]
     else:
-        inputs = [tensor(name="clip", datatype="UINT8", shape=[-1, -1, -1, -1, 3])]
+        inputs = [tensor(name="video", datatype="BYTES", shape=[-1]),
+                  tensor(name="clip", datatype="UINT8", shape=[-1, -1, -1, -1, 3])]
     maps = [[tensor(name=f"heatmap_{m}", datatype="FP32", shape=[-1, *size])]
             + ([tensor(name=f"segments_{m}", datatype="INT32", shape=[-1, *size])] if m.startswith("swag") else [])
             for m in metadata["methods"]]

@@ -141,7 +141,8 @@ def test_a_batch_of_clips_answers_what_explain_answers(stack, triton):
     frames, side = CLIP_SIZE[0], CLIP_SIZE[1]
     clips = np.random.default_rng(5).integers(0, 256, (2, frames, side, side, 3), dtype=np.uint8)
     model = triton.get_model_metadata("tiny_video")
-    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [("clip", "UINT8", [-1, -1, -1, -1, 3])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [
+        ("video", "BYTES", [-1]), ("clip", "UINT8", [-1, -1, -1, -1, 3])]
     data = grpcclient.InferInput("clip", list(clips.shape), "UINT8")
     data.set_data_from_numpy(clips)
     result = triton.infer("tiny_video", [data], parameters={"methods": "swag_v_i_g"}, client_timeout=120)
@@ -156,4 +157,20 @@ def test_a_batch_of_clips_answers_what_explain_answers(stack, triton):
         np.testing.assert_array_equal(segments[n], reference.segments)
     assert result.as_numpy("verdict").tolist() == [b"UNAVAILABLE"] * 2  # no store for this model
     assert np.isnan(result.as_numpy("verdict_score")).all() and (result.as_numpy("surprise_count") == -1).all()
+
+
+def test_video_files_as_bytes_answer_what_explain_answers(stack, triton):
+    from explainserve.video_files import encode_video
+
+    frames, side = CLIP_SIZE[0] * 2, CLIP_SIZE[1]
+    clip = np.random.default_rng(6).integers(0, 256, (frames, side, side, 3), dtype=np.uint8)
+    video = encode_video(clip, "mp4")
+    data = grpcclient.InferInput("video", [1], "BYTES")
+    data.set_data_from_numpy(np.array([video], dtype=object))
+    result = triton.infer("tiny_video", [data], parameters={"methods": "swag_v_i_g"}, client_timeout=120)
+    with ExplainClient(stack.target) as client:
+        answer = client.send(explain_pb2.ExplainRequest(model="tiny_video", methods=["swag_v_i_g"],
+                                                        clip=explain_pb2.Clip(video=video)), timeout=120)
+    assert result.as_numpy("predicted_class")[0] == answer.predicted_class
+    np.testing.assert_array_equal(result.as_numpy("segments_swag_v_i_g")[0], answer.maps["swag_v_i_g"].segments)
 

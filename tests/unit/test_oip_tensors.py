@@ -77,8 +77,12 @@ def test_each_batch_element_becomes_one_explain_request():
     requests = service.explain_requests(request, service.explain_template(request), VIDEO)
     assert len(requests) == 3 and list(requests[1].clip.shape) == [2, 8, 8, 3]
     assert requests[1].clip.raw == clips[1].tobytes()
-    with pytest.raises(ValueError, match=r"video model 'v' takes UINT8 \[N, T, H, W, 3\]; got BYTES \[2, 1\]"):
-        service.explain_requests(images, service.explain_template(images), VIDEO)
+    videos = service.explain_requests(images, service.explain_template(images), VIDEO)  # encoded video files
+    assert [r.clip.video for r in videos] == [b"a", b"b"]
+    with pytest.raises(ValueError, match=r"video model 'v' takes BYTES \[N\] of encoded MP4/WebM/AVI files, "
+                                         r"or UINT8 \[N, T, H, W, 3\]; got UINT8 \[3, 8, 8\]"):
+        flat = infer_request("UINT8", [3, 8, 8], raw=bytes(192))
+        service.explain_requests(flat, service.explain_template(flat), VIDEO)
     with pytest.raises(ValueError, match="inputs: expected one tensor"):
         service.explain_requests(oip.ModelInferRequest(), explain_pb2.ExplainRequest(), IMAGE)
 
