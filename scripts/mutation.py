@@ -8,6 +8,7 @@ files, runs ``mutmut run`` there and counts the outcome of every mutant.
     python scripts/mutation.py                    # every module
     python scripts/mutation.py swag superpixels   # some of them
     python scripts/mutation.py --list-survivors jitter_cam
+    python scripts/mutation.py --report-only jitter_cam   # the last run's results, even unfinished
 
 Prints ``mutation_score[<name>]=X`` per module and ``mutation_score=X`` over the modules run:
 killed / (killed + survived), where a timeout counts as killed, a mutant that no selected test
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "mutation")
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
     parser.add_argument("--list-survivors", action="store_true", help="print each surviving mutant's name")
+    parser.add_argument("--report-only", action="store_true",
+                        help="count the last run's results without running; mutants not tested yet show as not_checked")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.modules) - set(MODULES))
     if unknown:
@@ -109,12 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     total = Counter()
     for name in args.modules or list(MODULES):
         source = MODULES[name][0]
-        root = prepare(name, args.workdir)
-        run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
-                             cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if run.returncode != 0:
-            print(f"mutmut run failed for {name} (rc {run.returncode}):\n{run.stderr[-2000:]}", file=sys.stderr)
-            return run.returncode
+        root = args.workdir / name
+        if not args.report_only:
+            run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
+                                 cwd=prepare(name, args.workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True)
+            if run.returncode != 0:
+                print(f"mutmut run failed for {name} (rc {run.returncode}):\n{run.stderr[-2000:]}", file=sys.stderr)
+                return run.returncode
         counts = Counter()
         for key, status in statuses(root, source).items():
             if key in equivalent:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -35,6 +36,7 @@ import torch
 import torchvision
 import yaml
 
+from explainserve.anomaly.publish import publishing
 from explainserve.client import ExplainClient
 from explainserve.commands.archive import demo_model
 from explainserve.commands.serve import start_gateway, wait_serving
@@ -94,9 +96,9 @@ def scenes(split: str, count: int, side: int) -> list[np.ndarray]:
     return [data[i]["image"] for i in range(count)]
 
 
-def build_store(archive: Path, out: Path, train_images: int, val_images: int) -> Path:
+def build_store(archive: Path, out: Path, train_images: int, val_images: int, build_time: str | None = None) -> Path:
     """The model's calibrated distribution store, made by `explainserve build-distributions`
-    on FashionScenes training and validation images."""
+    on FashionScenes training and validation images (``build_time``: ISO 8601, default now)."""
     import argparse
 
     from explainserve.commands import distributions
@@ -104,7 +106,8 @@ def build_store(archive: Path, out: Path, train_images: int, val_images: int) ->
     parser = argparse.ArgumentParser(prog="explainserve")
     distributions.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["build-distributions", "--model", str(archive), "--data", "fashion-scenes",
-                              "--out", str(out), "--limit", str(train_images), "--val-limit", str(val_images)])
+                              "--out", str(out), "--limit", str(train_images), "--val-limit", str(val_images),
+                              *(["--build-time", build_time] if build_time else [])])
     assert args.func(args) == 0
     return out
 
@@ -121,8 +124,8 @@ def stack(tmp_path_factory):
     # model, one of 240 training / 240 validation images flags 2 % of ood_backgrounds scenes,
     # one of 2000 / 1000 flags 6.5 % (1 % of test scenes), which the alert test needs.
     scoring = sidecar_accepts("--store-dir")
-    store = build_store(write_archive(model, metadata, workdir / "unscored"), workdir / "stores" / MODEL,
-                        *((2000, 1000) if scoring else (240, 240)))
+    unscored = write_archive(model, metadata, workdir / "unscored")
+    store = build_store(unscored, workdir / "stores" / MODEL, *((2000, 1000) if scoring else (240, 240)))
     write_archive(model, metadata, workdir / "model_store", batch_size=4, max_batch_delay_ms=20, store_path=store)
     extra_args = ["--store-dir", str(store.parent)] if scoring else []
     torchserve = TorchServe(TorchServeConfig(model_store=workdir / "model_store", models={MODEL: f"{MODEL}.mar"},
@@ -136,7 +139,8 @@ def stack(tmp_path_factory):
         wait_serving(listen, timeout=90, process=gateway)
         yield {"target": listen, "sidecar_metrics": f"127.0.0.1:{metrics_port}",
                "torchserve_metrics": f"127.0.0.1:{torchserve.config.metrics_port}",
-               "trained": trained, "side": metadata["input_size"][0], "torchserve": torchserve}
+               "trained": trained, "side": metadata["input_size"][0], "torchserve": torchserve,
+               "archive": unscored, "store": store, "workdir": workdir}
     except BaseException:
         print(torchserve.log_tail(40), file=sys.stderr)
         raise
@@ -381,6 +385,31 @@ def test_the_firing_anomaly_alert_reaches_the_webhook_through_alertmanager(prome
     assert alert["annotations"]["runbook_url"] == f"docs/RUNBOOK.md#{ALERT.lower()}"
     note = next(note for note in webhook.notifications if alert in note["alerts"])
     assert note["receiver"] == "explainserve-oncall" and note["groupLabels"]["alertname"] == ALERT
+
+
+def test_a_store_built_before_its_model_raises_its_alert_then_clears(stack, prometheus, normal_traffic):
+    """A store built in 2000 is published while the gateway serves: the gateway reloads it and
+    exports its build time, Prometheus finds it older than the model and the alert goes pending
+    (its `for` is 10 minutes); the current store published again clears it."""
+    alert = "ExplainserveStoreOlderThanModel"
+    assert prometheus.alert_rule(alert)["state"] == "inactive"
+    current = stack["workdir"] / "current_store"
+    shutil.copytree(stack["store"].resolve(), current)
+    build_store(stack["archive"], stack["store"], 240, 240, build_time="2000-01-01T00:00:00Z")
+
+    def pending():
+        rule = prometheus.alert_rule(alert)
+        return rule if rule["state"] == "pending" else None
+
+    rule = prometheus.wait_for(pending, 120, f"{alert} pending")
+    (labels,) = [a["labels"] for a in rule["alerts"]]
+    assert labels["model"] == MODEL and labels["severity"] == "warning"
+    (stale,) = prometheus.query(f'explainserve_store_build_timestamp_seconds{{model="{MODEL}"}}')
+    assert float(stale["value"][1]) == 946684800.0  # 2000-01-01T00:00:00Z
+
+    with publishing(stack["store"]) as folder:
+        shutil.copytree(current, folder, dirs_exist_ok=True)
+    prometheus.wait_for(lambda: prometheus.alert_rule(alert)["state"] == "inactive", 120, f"{alert} inactive again")
 
 
 def test_a_torchserve_outage_fires_its_alert(stack, prometheus, webhook, normal_traffic):
