@@ -144,8 +144,9 @@ def build_from_files(args, explainer, meta: StoreMeta, data: DataSplits, alpha_o
             bar.update(len(batch))
         if current is not None:
             finish(current, rows, ids, class_bad)
+    done = checkpoint.finished()
     for class_id in held:  # classes without any file in this source
-        if class_id not in checkpoint.finished():
+        if class_id not in done:
             checkpoint.save(class_id, None, {"count": 0, "bad": BadFiles().to_json()})
     return write_store(args, meta, data, held, checkpoint, folder)
 
