@@ -88,8 +88,10 @@ def fingerprint(args, meta: StoreMeta, model, samples: list[SampleFile], held: r
     for name, tensor in model.state_dict().items():
         weights.update(name.encode())
         weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    paths = hashlib.sha256("\n".join(f"{s.label}:{s.path}" for s in samples).encode()).hexdigest()
-    return {"model": meta.to_json(), "weights": weights.hexdigest(), "samples": paths, "classes": [held.start, held.stop],
+    paths = hashlib.sha256()
+    for sample in samples:
+        paths.update(f"{sample.label}:{sample.path}\n".encode())
+    return {"model": meta.to_json(), "weights": weights.hexdigest(), "samples": paths.hexdigest(), "classes": [held.start, held.stop],
             "batch_size": args.batch_size, "top_k": args.top_k}
 
 
