@@ -25,7 +25,6 @@ from explainserve.anomaly.build import default_build_time, write_class_arrays
 from explainserve.anomaly.checkpoint import ClassCheckpoint
 from explainserve.anomaly.store import MANIFEST, finalise_store
 from explainserve.anomaly.summary import PERCENTILE_LEVELS, summarise_class
-from explainserve.data.classes import classes_without
 from explainserve.data.files import SampleFile
 from explainserve.data.loader import class_batches, decoded_batches, plain_batches
 from explainserve.data.sources import DataSplits

@@ -50,9 +50,3 @@ def label_index(label, model_classes: Sequence[str], where: str) -> int:
             raise ValueError(f"{where}: label {value} is outside the model's class indices [0, {len(model_classes) - 1}]")
         return value
     raise ValueError(f"{where}: label {label!r} is not a class of the model ({list(model_classes)}) nor a class index")
-
-
-def classes_without(labels: Iterable[int], model_classes: Sequence[str]) -> list[str]:
-    """The model's classes with no sample among ``labels``."""
-    present = set(labels)
-    return [name for i, name in enumerate(model_classes) if i not in present]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from explainserve.data.classes import class_index, label_index
 from explainserve.data.files import SampleFile, visible
-from explainserve.data.holdout import HOLDOUT_RULE, check_fraction, hold_out
+from explainserve.data.holdout import HOLDOUT_RULE, hold_out
 from explainserve.data.manifest import read_manifest
 
 SOURCE_KINDS = ("imagefolder", "clipfolder", "manifest")
@@ -84,7 +84,7 @@ def open_source(spec: str, class_names: list[str], *, val_fraction: float | None
     if not val:
         if val_fraction is None:
             raise ValueError(f"--data {spec}: no val samples to calibrate on; add a val split or pass --val-fraction F")
-        train, val = hold_out(train, check_fraction(val_fraction), data_root)
+        train, val = hold_out(train, val_fraction, data_root)
         record["val_holdout"] = {"fraction": val_fraction, "rule": HOLDOUT_RULE}
     train.sort(key=lambda sample: sample.label)  # stable: paths (folders) or rows (manifests) within a class
     return DataSplits(train, val, record)
