@@ -67,13 +67,13 @@ def pack_store(store_path: str | Path, metadata: dict, folder: Path) -> Path:
     import shutil
 
     from explainserve.anomaly import Scorer, load_store
-    from explainserve.anomaly.store import ARRAY_SPECS, MANIFEST
+    from explainserve.anomaly.store import MANIFEST
 
     store = load_store(store_path, model_name=metadata["name"], model_version=str(metadata.get("version", "1.0")))
     Scorer(store)  # refuses a shard or an uncalibrated store
     target = folder / STORE_FOLDER
     target.mkdir(parents=True)
-    for name in (MANIFEST, *(f"{array}.npy" for array in ARRAY_SPECS)):
+    for name in (MANIFEST, *(f"{array}.npy" for array in store.manifest["arrays"])):  # calibration's arrays too
         shutil.copy2(store.path / name, target / name)
     return folder
 

@@ -73,8 +73,22 @@ def panels():
         row("Anomaly detection"),
         panel("Anomalous verdict ratio", "timeseries", [
             (f"model:explainserve_anomaly_verdicts_anomalous:ratio_rate5m{{{NS},{MODEL}}}", "{{model}}"),
-        ], unit="percentunit", description="Share of scored requests judged ANOMALOUS (5 m window); "
-                                           "calibrated to 1 % on in-distribution data."),
+        ], unit="percentunit", description="Share of scored requests judged ANOMALOUS (5 m window): "
+                                           "p-value below the store's target rate (1 % by default)."),
+        panel("Verdict p-values below 0.05", "timeseries", [
+            (f"model:explainserve_anomaly_p_value_below_0_05:ratio_rate30m{{{NS},{MODEL}}}", "{{model}}"),
+        ], unit="percentunit", description="Share of verdict p-values below 0.05 (30 m window). Uniform "
+                                           "in distribution: 5 %; well above it, the inputs drift."),
+        panel("Verdict p-value distribution over time", "heatmap", [
+            (f"sum by (le) (increase(explainserve_anomaly_p_value_bucket{{{NS},{MODEL}}}{rate}))", "{{le}}"),
+        ], description="Histogram of verdict p-values; flat (uniform) for in-distribution inputs, "
+                       "piling up at the bottom under a shift.",
+            options={"calculate": False, "yAxis": {"unit": "short"}, "cellGap": 1}),
+        panel("Tests firing per second", "timeseries", [
+            (f"sum by (model, test) (rate(explainserve_anomaly_test_fired_total{{{NS},{MODEL}}}{rate}))",
+             "{{model}} {{test}}"),
+        ], unit="ops", description="Answers where one test's own p-value was below the target rate: "
+                                   "surprise, missing or low_beta."),
         panel("Verdicts per second", "timeseries", [
             (f"sum by (model, verdict) (rate(explainserve_anomaly_verdicts_total{{{NS},{MODEL}}}{rate}))",
              "{{model}} {{verdict}}"),

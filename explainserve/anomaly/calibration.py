@@ -1,129 +1,158 @@
-"""Calibrate the verdict thresholds on held-out in-distribution data to a target false-positive rate.
+"""Calibrate the verdict on held-out in-distribution images: scales, tail grids, conformal ranks.
 
-The verdict flags an input when any of three statistics is extreme for its class:
+An input scored against class c meets three graded tests (larger = more anomalous):
 
-- surprise count   > t_s  (surprising filters, alpha_n > P99.9_cn)
-- expectation count > t_e (expected-but-missing filters)
-- β_z              < t_β  (β standardised by the class's training β median and IQR)
+- surprise:  sum over filters of max(0, alpha_n - P99.9_cn) / s_cn
+- missing:   sum over expected filters (mu_cn above the class's mean mu) of max(0, P0.1_cn - alpha_n) / s_cn
+- low_beta:  -β_z, β standardised by the class's training β median and IQR
 
-The three thresholds are chosen jointly, as order statistics of the held-out values: for a
-rank m, t_s is the (m+1)-th largest surprise count, t_e the (m+1)-th largest expectation count
-and t_β the (m+1)-th smallest β_z. The flagged fraction grows with m, so a bisection finds the
-largest m whose *union* flags at most ``target_fpr`` of the held-out images. Counts are small
-integers with many ties, which is why the union is what gets calibrated, not each test alone.
+s_cn is a robust scale of filter n on class c: how far a filter went, in its own units, not only
+whether it crossed (the thesis's counts). The verdict's p-value combines the three
+(:mod:`explainserve.anomaly.conformal`) and an input is ANOMALOUS exactly when it is below the
+target false-positive rate.
 
-Classes with at least ``min_class_count`` held-out images get their own thresholds; the rest
-use a class-independent fallback fitted on all held-out images pooled (counts and β_z mean the
-same thing in every class). Use the class the server will score against (the predicted class)
-for the held-out images, so the calibrated rate is the served one.
+The held-out images are split within each class they are scored against, in their order:
+even positions form part A, odd positions part B (half each, no randomness).
 
-How many images a class needs: thresholds fitted on n images overshoot the target on new
-data, because the tail is estimated from few points and three tests are combined. Simulated
-at a 1 % target (Poisson surprise and expectation counts, normal β_z, 200 fits each), the
-mean realised rate is 6.7 % for n = 30, 2.4 % for 100, 1.7 % for 200, 1.2 % for 500 and
-1.06 % for 1000. The default minimum is therefore max(30, 5 / target_fpr): 500 images at 1 %.
+- Part A fits the scales, s_cn = IQR of alpha_n over the part-A images of class c. Statistics
+  fitted on the training images themselves are narrower than on new images (NAC-UE), so the
+  training IQR is used only for a class with fewer than ``MIN_SCALE_IMAGES`` part-A images.
+  Part A also fits the tail grids that put the three tests on one scale.
+- Part B gives the conformal ranks; being disjoint from part A, its images are exchangeable
+  with new in-distribution inputs under the fitted statistics, which is what the p-values need.
+  At most ``MAX_CLASS_RANKS`` of a class's part-B images are ranked (``MAX_FALLBACK_RANKS`` in
+  the class-independent group), which bounds the store.
+
+A class whose part B holds at least ``min_class_count`` images is its own group: its tail grid
+from its part A, its ranks from its part B. Every other class uses the class-independent group
+(all of part A, all of part B): the statistics are in robust units and β_z, comparable across
+classes. The default minimum, ceil(2 / target_fpr) and at least 50, leaves about two part-B
+images past the critical value (a p-value is never below 1 / (n + 1)).
+
+Use the class the server will score against (the predicted class) for the held-out images, so
+the calibrated rate is the served one.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
-from explainserve.anomaly.reference import ClassReference, FilterStatistics
-from explainserve.anomaly.store import DistributionStore, write_manifest
+from explainserve.anomaly.conformal import (STATISTICS, TESTS, critical_value, fit_tail_grid, sorted_ranks,
+                                            tail_evidence)
+from explainserve.anomaly.reference import ClassReference, inverse_scale
+from explainserve.anomaly.store import DistributionStore, save_calibration_arrays
 
 DEFAULT_TARGET_FPR = 0.01
-SMALLEST_MIN_CLASS_COUNT = 30
+SMALLEST_MIN_CLASS_COUNT = 50
+#: Part-A images a class needs for its own held-out scales (an IQR settles with a few dozen).
+MIN_SCALE_IMAGES = 30
+#: Part-B images ranked per class and in the class-independent group, at most: the first ones
+#: in order (a choice independent of their values keeps the p-values valid). Bounds the
+#: serving arrays: class_ranks of 1000 classes take at most 16 MB.
+MAX_CLASS_RANKS = 1000
+MAX_FALLBACK_RANKS = 100_000
+FALLBACK = "fallback"
 
 
 def default_min_class_count(target_fpr: float) -> int:
-    """Held-out images a class needs for its own thresholds: max(30, ceil(5 / target_fpr))."""
-    return max(SMALLEST_MIN_CLASS_COUNT, math.ceil(5 / target_fpr - 1e-9))
+    """Part-B images a class needs for its own ranks: max(50, ceil(2 / target_fpr))."""
+    return max(SMALLEST_MIN_CLASS_COUNT, math.ceil(2 / target_fpr - 1e-9))
 
 
 @dataclass(frozen=True)
-class Thresholds:
-    """Flag an input when surprise_count > surprise, expectation_count > expectation or
-    beta_z < beta_z. ``count`` is the number of held-out images they were fitted on."""
+class Calibration:
+    """What :func:`calibrate` fits.
 
-    surprise: int
-    expectation: int
-    beta_z: float
-    count: int
-
-
-def union_flags(surprise, expectation, beta_z, thresholds: Thresholds | tuple) -> np.ndarray:
-    """(B,) bool, whether any of the three tests fires; ``thresholds`` may hold (B,) arrays."""
-    t_surprise, t_expectation, t_beta = (
-        (thresholds.surprise, thresholds.expectation, thresholds.beta_z)
-        if isinstance(thresholds, Thresholds) else thresholds
-    )
-    return (surprise > t_surprise) | (expectation > t_expectation) | (beta_z < t_beta)
-
-
-def fit_thresholds(surprise: np.ndarray, expectation: np.ndarray, beta_z: np.ndarray,
-                   target_fpr: float) -> Thresholds:
-    """Joint thresholds flagging at most ``target_fpr`` of these held-out images.
-
-    Parameters
+    Attributes
     ----------
-    surprise, expectation : np.ndarray
-        (n,) int counts of held-out images, n >= 1.
-    beta_z : np.ndarray
-        (n,) float.
-    target_fpr : float
-        In (0, 1).
-
-    Returns
-    -------
-    Thresholds
+    section : dict
+        The manifest's ``calibration`` section (JSON).
+    arrays : dict of str -> np.ndarray
+        ``scale`` (C, K) float32, ``tail_grid`` (C, 3, G + 2) float64 (the fallback's for
+        classes on it), ``class_ranks`` (C, 4, L) float32 and ``fallback_ranks`` (4, n)
+        float32 (part-B statistics sorted, +inf padded; see :mod:`~explainserve.anomaly.conformal`).
     """
-    count = len(surprise)
-    descending_s = np.sort(surprise)[::-1]
-    descending_e = np.sort(expectation)[::-1]
-    ascending_z = np.sort(beta_z)
-    allowed = math.floor(target_fpr * count + 1e-9)
 
-    def at(rank: int) -> Thresholds:
-        return Thresholds(int(descending_s[rank]), int(descending_e[rank]), float(ascending_z[rank]), count)
+    section: dict
+    arrays: dict
 
-    low, high = 0, count - 1  # rank 0 flags nothing; find the largest feasible rank
-    while low < high:
-        middle = (low + high + 1) // 2
-        if union_flags(surprise, expectation, beta_z, at(middle)).sum() <= allowed:
-            low = middle
-        else:
-            high = middle - 1
-    return at(low)
+
+def split_parts(classes: np.ndarray) -> np.ndarray:
+    """(n,) bool, True for part B: the odd positions among the images of each class, in order."""
+    part_b = np.zeros(len(classes), dtype=bool)
+    for class_id in np.unique(classes):
+        rows = np.flatnonzero(classes == class_id)
+        part_b[rows[1::2]] = True
+    return part_b
+
+
+def within_class_position(classes: np.ndarray, selected: np.ndarray) -> np.ndarray:
+    """(n,) int64: each selected image's position among the selected images of its class, in order."""
+    position = np.zeros(len(classes), dtype=np.int64)
+    for class_id in np.unique(classes[selected]):
+        rows = np.flatnonzero(selected & (classes == class_id))
+        position[rows] = np.arange(len(rows))
+    return position
+
+
+def held_out_scales(reference: ClassReference, alpha: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, list]:
+    """(C, K) float32 robust scales and, per class, ``"held-out"`` or ``"training"`` (where they came from)."""
+    scale = reference.training_iqr()
+    origin = ["training"] * reference.num_classes
+    for class_id in range(reference.num_classes):
+        rows = alpha[classes == class_id]
+        if len(rows) >= MIN_SCALE_IMAGES:
+            upper, lower = np.percentile(rows.astype(np.float64), [75, 25], axis=0)
+            scale[class_id] = (upper - lower).astype(np.float32)
+            origin[class_id] = "held-out"
+    return scale, origin
+
+
+def graded_statistics(stats) -> np.ndarray:
+    """(B, 3) float32 statistics of the tests in ``TESTS`` order, larger = more anomalous."""
+    return np.stack([stats.surprise, stats.missing, -stats.beta_z], axis=1).astype(np.float32)
+
+
+def with_combined(tests: np.ndarray, grids: np.ndarray) -> np.ndarray:
+    """(B, 4) float32: the three tests and their combined statistic, the largest tail evidence."""
+    combined = tail_evidence(tests, grids).max(axis=1)
+    return np.concatenate([tests, combined[:, None]], axis=1).astype(np.float32)
+
+
+def _critical(ranked: np.ndarray, count: int, target_fpr: float) -> list:
+    """Critical values of the four statistics of one group; None where none can be reached (JSON)."""
+    values = [critical_value(ranked[s, :count], target_fpr) for s in range(len(STATISTICS))]
+    return [value if math.isfinite(value) else None for value in values]
 
 
 def calibrate(store: DistributionStore, alpha: np.ndarray, classes: np.ndarray, *,
               target_fpr: float = DEFAULT_TARGET_FPR, min_class_count: int | None = None,
-              scored_against: str = "predicted") -> dict:
-    """Fit per-class and fallback thresholds on held-out in-distribution alpha vectors.
+              scored_against: str = "predicted") -> Calibration:
+    """Fit the verdict's scales, tail grids and conformal ranks on held-out in-distribution images.
 
     Parameters
     ----------
     store : DistributionStore
         A complete store.
     alpha : np.ndarray
-        (n, K) float32 held-out filter scores, each computed for the class in ``classes``.
+        (n, K) float32 held-out filter scores, each computed for the class in ``classes``,
+        in dataset order.
     classes : np.ndarray
         (n,) int class each image is scored against (the predicted class, as served).
     target_fpr : float
         Target false-positive rate in (0, 1); default 1 %.
     min_class_count : int, optional
-        Classes with fewer held-out images use the fallback; >= 1. Default
-        :func:`default_min_class_count` (see the module docstring).
+        Part-B images a class needs for its own group, >= 1; default
+        :func:`default_min_class_count`.
     scored_against : str
         Recorded in the manifest: which class the held-out images were scored against.
 
     Returns
     -------
-    dict
-        The manifest's ``calibration`` section (see :func:`save_calibration`).
+    Calibration
     """
     if not 0 < target_fpr < 1:
         raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
@@ -133,38 +162,52 @@ def calibrate(store: DistributionStore, alpha: np.ndarray, classes: np.ndarray, 
         raise ValueError(f"min_class_count must be >= 1, got {min_class_count}")
     reference = ClassReference(store)
     alpha, classes = reference.check(alpha, classes)
-    if len(alpha) == 0:
-        raise ValueError("calibration needs at least one held-out image")
-    stats: FilterStatistics = reference.statistics(alpha, classes)
-    fallback = fit_thresholds(stats.surprise_count, stats.expectation_count, stats.beta_z, target_fpr)
-    per_class = {name: [] for name in ("surprise", "expectation", "beta_z", "count", "source")}
-    chosen = []
-    for class_id in range(reference.num_classes):
-        rows = classes == class_id
-        count = int(rows.sum())
-        own = count >= min_class_count
-        fitted = (fit_thresholds(stats.surprise_count[rows], stats.expectation_count[rows], stats.beta_z[rows], target_fpr)
-                  if own else fallback)
-        chosen.append(fitted)
-        for name in ("surprise", "expectation", "beta_z"):
-            per_class[name].append(getattr(fitted, name))
-        per_class["count"].append(count)
-        per_class["source"].append("class" if own else "fallback")
-    used = tuple(np.array([getattr(t, name) for t in chosen])[classes] for name in ("surprise", "expectation", "beta_z"))
-    flagged = union_flags(stats.surprise_count, stats.expectation_count, stats.beta_z, used)
-    return {
+    part_b = split_parts(classes)
+    if part_b.sum() < 1 or (~part_b).sum() < 1:
+        raise ValueError(f"calibration needs at least two held-out images of one class, got {len(alpha)}")
+    ranked = part_b & (within_class_position(classes, part_b) < MAX_CLASS_RANKS)
+    scale, scale_origin = held_out_scales(reference, alpha[~part_b], classes[~part_b])
+    tests = graded_statistics(reference.statistics(alpha, classes, inverse_scale(scale)))
+
+    num_classes = reference.num_classes
+    counts_b = np.bincount(classes[ranked], minlength=num_classes)
+    own = counts_b >= min_class_count
+    fallback_grid = fit_tail_grid(tests[~part_b])
+    grids = np.repeat(fallback_grid[None], num_classes, axis=0)
+    for class_id in np.flatnonzero(own):
+        grids[class_id] = fit_tail_grid(tests[~part_b & (classes == class_id)])
+    statistics = with_combined(tests, grids[classes])
+
+    width = max(1, int(counts_b[own].max()) if own.any() else 1)
+    class_ranks = np.full((num_classes, len(STATISTICS), width), np.inf, dtype=np.float32)
+    critical = []
+    for class_id in range(num_classes):
+        if own[class_id]:
+            class_ranks[class_id] = sorted_ranks(statistics[ranked & (classes == class_id)], width)
+            critical.append(_critical(class_ranks[class_id], int(counts_b[class_id]), target_fpr))
+        else:
+            critical.append(None)
+    # The fallback ranks use the fallback grid for every image, own class or not.
+    pooled = np.flatnonzero(part_b)[:MAX_FALLBACK_RANKS]
+    fallback_statistics = with_combined(tests[pooled], np.repeat(fallback_grid[None], len(pooled), axis=0))
+    fallback_ranks = sorted_ranks(fallback_statistics, len(fallback_statistics))
+    section = {
         "target_fpr": target_fpr,
         "min_class_count": min_class_count,
         "scored_against": scored_against,
         "held_out_images": len(alpha),
-        "held_out_fpr": float(flagged.mean()),
-        "fallback": asdict(fallback),
-        "classes": per_class,
+        "split": {"rule": "within each class, even positions part A (scales, tail grids), odd part B (ranks)",
+                  "part_a": int((~part_b).sum()), "part_b": int(part_b.sum())},
+        "statistics": list(STATISTICS),
+        "fallback": {"count": len(pooled), "critical": _critical(fallback_ranks, fallback_ranks.shape[1], target_fpr)},
+        "classes": {"count": counts_b.tolist(), "source": ["class" if mine else FALLBACK for mine in own],
+                    "scale": scale_origin, "critical": critical},
     }
+    arrays = {"scale": scale, "tail_grid": grids, "class_ranks": class_ranks, "fallback_ranks": fallback_ranks}
+    return Calibration(section, arrays)
 
 
-def save_calibration(store: DistributionStore, calibration: dict) -> None:
-    """Record ``calibration`` in the store's manifest (arrays are not touched)."""
-    manifest = dict(store.manifest, calibration=calibration)
-    write_manifest(store.path, manifest)
-    store.manifest = manifest
+def save_calibration(store: DistributionStore, calibration: Calibration) -> None:
+    """Write the calibration arrays into the store and record ``calibration.section`` in its
+    manifest (hashed with the rest, written last)."""
+    save_calibration_arrays(store, calibration.section, calibration.arrays)

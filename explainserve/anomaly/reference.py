@@ -1,6 +1,6 @@
-"""Per-input statistics against a class's training distribution: flags, counts and β.
+"""Per-input statistics against a class's training distribution: flags, graded exceedances and β.
 
-Both calibration and serving compute these with the same code, so the thresholds are
+Both calibration and serving compute these with the same code, so the p-values are
 calibrated on exactly the numbers they are later applied to.
 """
 
@@ -11,7 +11,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from explainserve.anomaly.store import DistributionStore
-from explainserve.anomaly.summary import BETA_LEVELS, beta_scores, class_mean_of_means
+from explainserve.anomaly.summary import BETA_LEVELS, PERCENTILE_LEVELS, beta_scores, class_mean_of_means
+
+#: A (class, filter) scale is at least this fraction of the class's median scale: a filter
+#: that is constant on the held-out images (a silent one) would otherwise weigh without bound.
+SCALE_FLOOR = 0.1
+
+
+def inverse_scale(scale: np.ndarray) -> np.ndarray:
+    """(C, K) float32 1 / max(scale, SCALE_FLOOR x the class's median scale), 0 for a class
+    whose scales are all zero or NaN (no training images)."""
+    scale = np.nan_to_num(np.asarray(scale, dtype=np.float32), nan=0.0)
+    floor = SCALE_FLOOR * np.median(scale, axis=1, keepdims=True)
+    floored = np.maximum(scale, floor)
+    return np.divide(1.0, floored, out=np.zeros_like(floored), where=floored > 0).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,11 @@ class FilterStatistics:
         (B, K) bool, alpha_n < P0.1_cn and mu_cn > mean_n(mu_cn).
     surprise_count, expectation_count : np.ndarray
         (B,) int64 row sums of the two masks.
+    surprise : np.ndarray
+        (B,) float32, sum over surprising filters of (alpha_n - P99.9_cn) / s_cn, with s_cn the
+        robust scale of (class, filter) fitted on held-out images (0 without a scale).
+    missing : np.ndarray
+        (B,) float32, sum over expected-but-missing filters of (P0.1_cn - alpha_n) / s_cn.
     beta : np.ndarray
         (B,) float64, mean_n(alpha_n - mu_cn).
     beta_percentile : np.ndarray
@@ -38,6 +56,8 @@ class FilterStatistics:
     expected_missing: np.ndarray
     surprise_count: np.ndarray
     expectation_count: np.ndarray
+    surprise: np.ndarray
+    missing: np.ndarray
     beta: np.ndarray
     beta_percentile: np.ndarray
     beta_z: np.ndarray
@@ -82,6 +102,8 @@ class ClassReference:
     -----
     The expectation test folds the mu condition into its threshold: filters with
     mu_cn <= mean_n(mu_cn) get a threshold of -inf, so one comparison does both tests.
+    The graded statistics need the robust scales of a calibrated store (``scale`` array);
+    calibration, which fits them, passes them to :meth:`statistics` instead.
     """
 
     def __init__(self, store: DistributionStore):
@@ -102,6 +124,14 @@ class ClassReference:
         self.beta_median = self.beta_grid[:, 50]
         spread = self.beta_grid[:, 75] - self.beta_grid[:, 25]
         self.beta_scale = np.where(spread > 0, spread, 1.0)
+        self.inverse_scale = None
+        if "scale" in store.arrays:
+            self.inverse_scale = inverse_scale(store.arrays["scale"])
+
+    def training_iqr(self) -> np.ndarray:
+        """(C, K) float32 P75 - P25 of each (class, filter) on the training images."""
+        grid = np.asarray(self.store.arrays["grid"], dtype=np.float32)
+        return grid[:, PERCENTILE_LEVELS.index(75.0)] - grid[:, PERCENTILE_LEVELS.index(25.0)]
 
     def check(self, alpha, classes) -> tuple[np.ndarray, np.ndarray]:
         """Validate scoring input.
@@ -150,16 +180,34 @@ class ClassReference:
         narrow = np.uint16 if self.num_filters <= np.iinfo(np.uint16).max else np.int64
         return mask.view(np.uint8).sum(axis=1, dtype=narrow).astype(np.int64)
 
-    def statistics(self, alpha: np.ndarray, classes: np.ndarray) -> FilterStatistics:
-        """Statistics of checked input (see :meth:`check`)."""
-        surprising = alpha > np.take(self.p_high, classes, axis=0)
-        expected_missing = alpha < np.take(self.p_low_expected, classes, axis=0)
+    @staticmethod
+    def _exceedance_sums(upper: np.ndarray, lower: np.ndarray, flagged: np.ndarray, classes: np.ndarray,
+                         inverse: np.ndarray | None) -> np.ndarray:
+        """(B,) float32 row sums of (upper - lower) / s_cn over the flagged entries only (few per
+        in-distribution input), in entry order (the same sum whatever the batch); zero without scales."""
+        if inverse is None:
+            return np.zeros(len(flagged), dtype=np.float32)
+        rows, columns = np.nonzero(flagged)
+        terms = (upper[rows, columns] - lower[rows, columns]) * inverse[classes[rows], columns]
+        return np.bincount(rows, weights=terms, minlength=len(flagged)).astype(np.float32)
+
+    def statistics(self, alpha: np.ndarray, classes: np.ndarray, inverse: np.ndarray | None = None) -> FilterStatistics:
+        """Statistics of checked input (see :meth:`check`); ``inverse`` (C, K) overrides the
+        store's :func:`inverse_scale`."""
+        inverse = self.inverse_scale if inverse is None else inverse
+        high = np.take(self.p_high, classes, axis=0)
+        low = np.take(self.p_low_expected, classes, axis=0)
+        surprising, expected_missing = alpha > high, alpha < low
+        surprise = self._exceedance_sums(alpha, high, surprising, classes, inverse)
+        missing = self._exceedance_sums(low, alpha, expected_missing, classes, inverse)
         beta = beta_scores(alpha, self.mean_of_means[classes])
         return FilterStatistics(
             surprising=surprising,
             expected_missing=expected_missing,
             surprise_count=self._count(surprising),
             expectation_count=self._count(expected_missing),
+            surprise=surprise,
+            missing=missing,
             beta=beta,
             beta_percentile=percentile_in_grid(beta, self.beta_grid[classes]),
             beta_z=(beta - self.beta_median[classes]) / self.beta_scale[classes],

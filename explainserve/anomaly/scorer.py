@@ -1,4 +1,4 @@
-"""Score alpha vectors against a calibrated store: flags, β and a NORMAL / ANOMALOUS verdict."""
+"""Score alpha vectors against a calibrated store: flags, graded tests, p-values and a verdict."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ from typing import NamedTuple
 
 import numpy as np
 
+from explainserve.anomaly.calibration import graded_statistics, with_combined
+from explainserve.anomaly.conformal import (STATISTICS, TESTS, RankTable, interpolated_p_values,
+                                            tail_evidence)
 from explainserve.anomaly.reference import ClassReference
-from explainserve.anomaly.store import DistributionStore, StoreError
+from explainserve.anomaly.store import REBUILD_HINT, DistributionStore, StoreError
 from explainserve.anomaly.summary import NO_EXEMPLAR
 
 NORMAL = "NORMAL"
 ANOMALOUS = "ANOMALOUS"
-REASON_CODES = ("surprise_count", "expectation_count", "low_beta")
+#: One reason code per test, in ``TESTS`` order.
+REASON_CODES = TESTS
 
 
 class FilterFlag(NamedTuple):
@@ -29,27 +33,38 @@ class FilterFlag(NamedTuple):
         P99.9_cn for a surprising filter, P0.1_cn for an expected-but-missing one.
     exemplars : tuple of int
         Ids of the training images of the class with the highest alpha for this filter.
+    exceedance : float
+        |alpha - threshold| / s_cn, in robust units of the (class, filter): this filter's
+        term of the surprise or missing statistic.
     """
 
     filter: int
     alpha: float
     threshold: float
     exemplars: tuple
+    exceedance: float
 
 
 class Reason(NamedTuple):
-    """Why a verdict is ANOMALOUS: ``code`` is one of ``REASON_CODES``; ``source`` is
-    ``"class"`` (the class's own thresholds) or ``"fallback"`` (class-independent)."""
+    """One test that made a verdict ANOMALOUS.
+
+    ``code`` is one of ``REASON_CODES``; ``value`` the test's statistic (β_z for low_beta);
+    ``threshold`` where the test alone would reach a p-value of the target rate (value >
+    threshold; value < threshold for low_beta); ``source`` ``"class"`` (the class's own
+    calibration images) or ``"fallback"`` (the class-independent group); ``p_value`` the
+    test's own conformal p-value.
+    """
 
     code: str
     value: float
     threshold: float
     source: str
+    p_value: float
 
     def __str__(self) -> str:
         relation = "<" if self.code == "low_beta" else ">"
-        name = "beta_z" if self.code == "low_beta" else self.code.replace("_", " ")
-        return f"{name} {self.value:g} {relation} {self.threshold:g} ({self.source} threshold)"
+        name = "beta_z" if self.code == "low_beta" else self.code
+        return f"{name} {self.value:g} {relation} {self.threshold:g}, p = {self.p_value:.3g} ({self.source} calibration)"
 
 
 @dataclass(frozen=True)
@@ -61,30 +76,38 @@ class SampleScore:
     class_id : int
     class_name : str
     surprising : tuple of FilterFlag
-        Sorted by alpha - threshold, largest first: ``surprising[0]`` is the most surprising.
+        Sorted by exceedance, largest first: ``surprising[0]`` is the most surprising.
     expected_missing : tuple of FilterFlag
-        Sorted by threshold - alpha, largest first.
+        Sorted by exceedance, largest first.
+    surprise, missing : float
+        The graded statistics (sums of the exceedances).
     beta : float
     beta_percentile : float
         In [0, 100], within the class's training β.
     beta_z : float
     verdict : str
-        ``NORMAL`` or ``ANOMALOUS``.
+        ``NORMAL`` or ``ANOMALOUS``: ANOMALOUS exactly when ``p_value`` < the target rate.
+    p_value : float
+        The verdict's conformal p-value, in (0, 1].
     reasons : tuple of Reason
-        Empty when NORMAL.
+        Empty when NORMAL; otherwise the tests whose own p-value is below the target rate,
+        smallest first, or the test with the most tail evidence when none is.
     score : float
-        max(surprise_count - t_s, expectation_count - t_e, t_β - β_z): the margin past the
-        nearest threshold; positive exactly when ANOMALOUS. A continuous score for ROC curves.
+        The combined statistic: -ln of the smallest part-A tail probability of the three tests.
+        A continuous ranking (ROC curves), which keeps growing past the calibration images.
     """
 
     class_id: int
     class_name: str
     surprising: tuple
     expected_missing: tuple
+    surprise: float
+    missing: float
     beta: float
     beta_percentile: float
     beta_z: float
     verdict: str
+    p_value: float
     reasons: tuple
     score: float
 
@@ -100,19 +123,24 @@ class BatchScores:
     classes : np.ndarray
         (B,) int64 class each row was scored against.
     surprise_count, expectation_count : np.ndarray
-        (B,) int64.
+        (B,) int64 flagged filters.
     beta, beta_percentile, beta_z : np.ndarray
         (B,) float64.
+    statistics : np.ndarray
+        (B, 4) float32, the tests' statistics and the combined one, in ``STATISTICS`` order
+        (larger = more anomalous; low_beta's is -β_z).
+    p_values : np.ndarray
+        (B, 4) float64 conformal p-values of ``statistics``; column 3 is the verdict's.
+    critical : np.ndarray
+        (B, 4) float64, the statistic where each p-value reaches the target rate (+inf: never).
     tests : np.ndarray
-        (B, 3) bool, which test fired, in ``REASON_CODES`` order.
-    thresholds : np.ndarray
-        (B, 3) float64, the thresholds applied.
+        (B, 3) bool, the tests given as reasons (see :class:`SampleScore`).
     from_class : np.ndarray
-        (B,) bool, True when the class's own thresholds were used, False for the fallback.
+        (B,) bool, True when the class's own calibration was used, False for the fallback.
     anomalous : np.ndarray
-        (B,) bool.
+        (B,) bool, p_value < target rate.
     score : np.ndarray
-        (B,) float64, see :class:`SampleScore`.
+        (B,) float64, the combined statistic.
     surprising, expected_missing : np.ndarray
         (B, K) bool masks.
     """
@@ -125,8 +153,10 @@ class BatchScores:
     beta: np.ndarray
     beta_percentile: np.ndarray
     beta_z: np.ndarray
+    statistics: np.ndarray
+    p_values: np.ndarray
+    critical: np.ndarray
     tests: np.ndarray
-    thresholds: np.ndarray
     from_class: np.ndarray
     anomalous: np.ndarray
     score: np.ndarray
@@ -136,6 +166,11 @@ class BatchScores:
     def __len__(self) -> int:
         return len(self.classes)
 
+    @property
+    def p_value(self) -> np.ndarray:
+        """(B,) float64, the verdict's p-values."""
+        return self.p_values[:, -1]
+
     def sample(self, index: int, max_flags: int | None = None) -> SampleScore:
         """The full result for row ``index``; with ``max_flags``, only the ``max_flags`` most
         extreme filters of each flag list (the counts stay in ``surprise_count`` /
@@ -143,35 +178,42 @@ class BatchScores:
         class_id = int(self.classes[index])
         reference = self.scorer.reference
         row = self.alpha[index]
+        inverse = reference.inverse_scale[class_id]
         padded = reference.counts[class_id] < reference.exemplars.shape[-1]
 
         def flags(mask: np.ndarray, thresholds: np.ndarray, sign: float) -> tuple:
             filters = np.flatnonzero(mask)
-            excess = sign * (row[filters] - thresholds[filters])
-            filters = filters[np.argsort(-excess, kind="stable")[:max_flags]]
+            exceedance = sign * (row[filters] - thresholds[filters]) * inverse[filters]
+            order = np.argsort(-exceedance, kind="stable")[:max_flags]
+            filters = filters[order]
             columns = zip(filters.tolist(), row[filters].tolist(), thresholds[filters].tolist(),
-                          reference.exemplars[class_id][filters].tolist())
+                          reference.exemplars[class_id][filters].tolist(), exceedance[order].tolist())
             if padded:
-                return tuple(FilterFlag(f, a, t, tuple(i for i in ids if i != NO_EXEMPLAR)) for f, a, t, ids in columns)
-            return tuple(FilterFlag(f, a, t, tuple(ids)) for f, a, t, ids in columns)
+                return tuple(FilterFlag(f, a, t, tuple(i for i in ids if i != NO_EXEMPLAR), e) for f, a, t, ids, e in columns)
+            return tuple(FilterFlag(f, a, t, tuple(ids), e) for f, a, t, ids, e in columns)
 
         source = "class" if self.from_class[index] else "fallback"
-        values = (self.surprise_count[index], self.expectation_count[index], self.beta_z[index])
-        reasons = tuple(
-            Reason(code, float(value), float(threshold), source)
-            for code, value, threshold, fired in zip(REASON_CODES, values, self.thresholds[index], self.tests[index])
-            if fired
-        )
+        statistics, critical, p_values = self.statistics[index], self.critical[index], self.p_values[index]
+        reasons = []
+        for test in np.flatnonzero(self.tests[index]):
+            value, threshold = float(statistics[test]), float(critical[test])
+            if REASON_CODES[test] == "low_beta":  # the statistic is -β_z: report β_z and its bound
+                value, threshold = -value, -threshold
+            reasons.append(Reason(REASON_CODES[test], value, threshold, source, float(p_values[test])))
+        reasons.sort(key=lambda reason: reason.p_value)
         return SampleScore(
             class_id=class_id,
             class_name=reference.store.meta.class_names[class_id],
             surprising=flags(self.surprising[index], reference.p_high[class_id], 1.0),
             expected_missing=flags(self.expected_missing[index], reference.p_low[class_id], -1.0),
+            surprise=float(statistics[0]),
+            missing=float(statistics[1]),
             beta=float(self.beta[index]),
             beta_percentile=float(self.beta_percentile[index]),
             beta_z=float(self.beta_z[index]),
             verdict=ANOMALOUS if self.anomalous[index] else NORMAL,
-            reasons=reasons,
+            p_value=float(p_values[-1]),
+            reasons=tuple(reasons),
             score=float(self.score[index]),
         )
 
@@ -202,19 +244,47 @@ class Scorer:
         except ValueError as error:
             raise StoreError(str(error)) from None
         try:
+            self.target_fpr = float(calibration["target_fpr"])
             per_class = calibration["classes"]
-            self.thresholds = np.stack(
-                [np.asarray(per_class[name], dtype=np.float64) for name in ("surprise", "expectation", "beta_z")], axis=1
-            )
             self.from_class = np.asarray(per_class["source"]) == "class"
+            fallback = np.asarray(self._finite(calibration["fallback"]["critical"]), dtype=np.float64)
+            self.critical = np.stack([np.asarray(self._finite(c), dtype=np.float64) if c is not None else fallback
+                                      for c in per_class["critical"]])
+            self.class_counts = np.asarray(per_class["count"], dtype=np.int64)
         except (KeyError, TypeError, ValueError) as error:
-            raise StoreError(f"distribution store {store.path}: malformed calibration ({error!r})") from None
-        if self.thresholds.shape != (store.num_classes, 3) or self.from_class.shape != (store.num_classes,):
+            raise StoreError(f"distribution store {store.path}: malformed calibration ({error!r}); {REBUILD_HINT}") from None
+        if self.from_class.shape != (store.num_classes,) or self.critical.shape != (store.num_classes, len(STATISTICS)):
             raise StoreError(f"distribution store {store.path}: calibration does not cover its {store.num_classes} classes")
+        num_statistics = len(STATISTICS)
+        self.tail_grid = np.asarray(store.arrays["tail_grid"])
+        class_ranks = np.asarray(store.arrays["class_ranks"])
+        self.class_ranks = RankTable(class_ranks.reshape(-1, class_ranks.shape[-1]),  # row = class * 4 + statistic
+                                     np.repeat(np.where(self.from_class, self.class_counts, 0), num_statistics))
+        fallback_ranks = np.asarray(store.arrays["fallback_ranks"])
+        self.fallback_ranks = RankTable(fallback_ranks, np.full(num_statistics, fallback_ranks.shape[1]))
+
+    @staticmethod
+    def _finite(values: list) -> list:
+        return [np.inf if value is None else value for value in values]
 
     @property
     def store(self) -> DistributionStore:
         return self.reference.store
+
+    def p_values(self, statistics: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """(B, 4) float64 conformal p-values of (B, 4) ``statistics`` scored against ``classes``."""
+        columns = np.arange(statistics.shape[1])
+        p_values = np.empty(statistics.shape, dtype=np.float64)
+        own = self.from_class[classes]
+        if own.any():
+            rows = (classes[own, None] * statistics.shape[1] + columns).ravel()
+            p_values[own] = interpolated_p_values(self.class_ranks, rows,
+                                                  statistics[own].ravel()).reshape(-1, statistics.shape[1])
+        if not own.all():
+            rows = np.tile(columns, int((~own).sum()))
+            p_values[~own] = interpolated_p_values(self.fallback_ranks, rows,
+                                                   statistics[~own].ravel()).reshape(-1, statistics.shape[1])
+        return p_values
 
     def score(self, alpha, classes) -> BatchScores:
         """Score each row of ``alpha`` against the class in ``classes``.
@@ -238,15 +308,20 @@ class Scorer:
         """
         alpha, classes = self.reference.check(alpha, classes)
         stats = self.reference.statistics(alpha, classes)
-        thresholds = self.thresholds[classes]
-        values = np.stack([stats.surprise_count, stats.expectation_count, stats.beta_z], axis=1)
-        margins = np.concatenate([values[:, :2] - thresholds[:, :2], thresholds[:, 2:] - values[:, 2:]], axis=1)
-        tests = margins > 0  # same tests as calibration's union_flags: s > t_s, e > t_e, beta_z < t_beta
+        statistics = with_combined(graded_statistics(stats), self.tail_grid[classes])
+        p_values = self.p_values(statistics, classes)
+        anomalous = p_values[:, -1] < self.target_fpr
+        tests = p_values[:, :-1] < self.target_fpr
+        # An ANOMALOUS verdict that no single test reaches names the test with the most evidence.
+        lone = np.flatnonzero(anomalous & ~tests.any(axis=1))
+        if len(lone):
+            strongest = tail_evidence(statistics[lone, :-1], self.tail_grid[classes[lone]]).argmax(axis=1)
+            tests[lone, strongest] = True
         return BatchScores(
             scorer=self, alpha=alpha, classes=classes,
             surprise_count=stats.surprise_count, expectation_count=stats.expectation_count,
             beta=stats.beta, beta_percentile=stats.beta_percentile, beta_z=stats.beta_z,
-            tests=tests, thresholds=thresholds, from_class=self.from_class[classes],
-            anomalous=tests.any(axis=1), score=margins.max(axis=1),
+            statistics=statistics, p_values=p_values, critical=self.critical[classes], tests=tests,
+            from_class=self.from_class[classes], anomalous=anomalous, score=statistics[:, -1].astype(np.float64),
             surprising=stats.surprising, expected_missing=stats.expected_missing,
         )

@@ -10,6 +10,15 @@ Layout (C classes, K filters, L grid levels, k exemplars)::
     exemplars.npy    (C, K, k) int32    top-k training image ids per (class, filter)
     beta_grid.npy    (C, 101)  float32  percentiles 0..100 of the class's training β
 
+Calibration (:mod:`explainserve.anomaly.calibration`) adds, G tail levels, L part-B images of
+the largest own-ranked class, n part-B images in all::
+
+    scale.npy           (C, K)     float32  robust scale s_cn of each (class, filter)
+    tail_grid.npy       (C, 3, G+2) float64 part-A tail model of the three tests (quantiles,
+                                            exponential tail's start and slope)
+    class_ranks.npy     (C, 4, L)  float32  part-B statistics per class, sorted, +inf padded
+    fallback_ranks.npy  (4, n)     float32  part-B statistics of the class-independent group
+
 A class without training images has NaN statistics and count 0. Every array's size and
 sha256 are recorded in the manifest and verified on load, so a corrupt or truncated store is
 refused before anything is scored against it.
@@ -33,7 +42,10 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+#: 2: graded tests and conformal p-values (calibration arrays); 1: integer-count thresholds.
+FORMAT_VERSION = 2
+REBUILD_HINT = ("rebuild it with `explainserve build-distributions --model ... --data ... --out DIR` "
+                "(see README, Distribution stores)")
 MANIFEST = "manifest.json"
 BUILD_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -50,8 +62,17 @@ ARRAY_SPECS = {
 MANIFEST_KEYS = ("model", "layer", "input_transform", "class_names", "num_filters", "percentile_levels",
                  "top_k", "counts", "build_time", "arrays", "sha256", "calibration")
 
+#: Calibration arrays: name -> (dtype, expected shape from (C, K, calibration section); None
+#: leaves an axis unchecked).
+CALIBRATION_SPECS = {
+    "scale": (np.float32, lambda C, K, section: (C, K)),
+    "tail_grid": (np.float64, lambda C, K, section: (C, len(section["statistics"]) - 1, None)),
+    "class_ranks": (np.float32, lambda C, K, section: (C, len(section["statistics"]), None)),
+    "fallback_ranks": (np.float32, lambda C, K, section: (len(section["statistics"]), section["fallback"]["count"])),
+}
+
 #: Arrays the scorer reads; ``grid`` stays on disk.
-SERVING_ARRAYS = ("mean", "p_low", "p_high", "exemplars", "beta_grid")
+SERVING_ARRAYS = ("mean", "p_low", "p_high", "exemplars", "beta_grid", *CALIBRATION_SPECS)
 
 
 class StoreError(ValueError):
@@ -164,11 +185,7 @@ def finalise_store(directory: Path, meta: StoreMeta, *, counts: list, top_k: int
     dict
         The manifest written (uncalibrated).
     """
-    arrays = {
-        name: {"bytes": (Path(directory) / f"{name}.npy").stat().st_size,
-               "sha256": file_sha256(Path(directory) / f"{name}.npy")}
-        for name in ARRAY_SPECS
-    }
+    arrays = {name: _array_entry(directory, name) for name in ARRAY_SPECS}
     manifest = {
         "format_version": FORMAT_VERSION,
         **meta.to_json(),
@@ -237,7 +254,7 @@ class DistributionStore:
 
     def serving_bytes(self) -> int:
         """Bytes of the arrays the scorer reads (everything except the percentile grid)."""
-        return sum(self.arrays[name].nbytes for name in SERVING_ARRAYS)
+        return sum(self.arrays[name].nbytes for name in SERVING_ARRAYS if name in self.arrays)
 
     def total_bytes(self) -> int:
         """Bytes of all arrays."""
@@ -271,6 +288,32 @@ def _array_from_npy(data: bytes) -> np.ndarray:
         raise ValueError(f"{len(data) - stream.tell()} data bytes for {count} values of {dtype}")
     return np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(
         shape, order="F" if fortran_order else "C")
+
+
+def _array_entry(directory: Path, name: str) -> dict:
+    file = Path(directory) / f"{name}.npy"
+    return {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+
+
+def save_calibration_arrays(store: "DistributionStore", section: dict, arrays: dict) -> None:
+    """Write calibration ``arrays`` (``CALIBRATION_SPECS``) into ``store``'s folder and record
+    ``section``, their sizes and hashes in its manifest, written last (atomically). The store
+    object then holds them too."""
+    directory = Path(store.path)
+    entries = {name: entry for name, entry in store.manifest["arrays"].items() if name in ARRAY_SPECS}
+    for name, (dtype, _) in CALIBRATION_SPECS.items():
+        file = directory / f"{name}.npy"
+        temporary = file.with_suffix(".npy.tmp")
+        with open(temporary, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(arrays[name], dtype=dtype))
+        os.replace(temporary, file)
+        entries[name] = _array_entry(directory, name)
+    manifest = dict(store.manifest, calibration=section, arrays=entries,
+                    sha256=store_sha256({name: entry["sha256"] for name, entry in entries.items()}))
+    write_manifest(directory, manifest)
+    store.manifest = manifest
+    store.arrays = {**{name: store.arrays[name] for name in ARRAY_SPECS},
+                    **{name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in CALIBRATION_SPECS}}
 
 
 def load_store(path: str | os.PathLike, *, model_name: str | None = None,
@@ -324,7 +367,9 @@ def _load(directory: Path, folder: int, model_name, model_version, verify: bool,
         raise _refuse(directory, f"unreadable {MANIFEST} ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         found = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise _refuse(directory, f"format_version {found!r} is not {FORMAT_VERSION}")
+        older = isinstance(found, int) and found < FORMAT_VERSION
+        raise _refuse(directory, f"format_version {found!r} is not {FORMAT_VERSION}"
+                      + (f" (built by an older explainserve, before conformal p-values); {REBUILD_HINT}" if older else ""))
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if missing:
         raise _refuse(directory, f"{MANIFEST} lacks {missing}")
@@ -337,10 +382,22 @@ def _load(directory: Path, folder: int, model_name, model_version, verify: bool,
         )
     shard = manifest.get("shard")
     held = shard["classes"][1] - shard["classes"][0] if shard else len(meta.class_names)
+    section = manifest["calibration"]
+    num_levels, top_k = len(manifest["percentile_levels"]), manifest["top_k"]
+    specs = {name: (dtype, array_shape(name, held, meta.num_filters, num_levels, top_k))
+             for name, (dtype, _) in ARRAY_SPECS.items()}
+    if section is not None:
+        try:
+            specs.update({name: (dtype, shape(held, meta.num_filters, section))
+                          for name, (dtype, shape) in CALIBRATION_SPECS.items()})
+        except (KeyError, TypeError) as error:
+            raise _refuse(directory, f"malformed calibration section ({error!r}); {REBUILD_HINT}") from None
     arrays = {}
-    for name, (dtype, _) in ARRAY_SPECS.items():
+    for name, (dtype, expected) in specs.items():
         file_name = f"{name}.npy"
-        recorded = manifest["arrays"][name]
+        recorded = manifest["arrays"].get(name)
+        if recorded is None:
+            raise _refuse(directory, f"{MANIFEST} records no {file_name}")
         try:
             if into_memory and name in SERVING_ARRAYS:
                 data = _read_file(folder, file_name)
@@ -361,10 +418,10 @@ def _load(directory: Path, folder: int, model_name, model_version, verify: bool,
             array = _array_from_npy(data) if data is not None else np.load(directory / file_name, mmap_mode="r")
         except ValueError as error:
             raise _refuse(directory, f"{file_name} is not a valid .npy file ({error})") from None
-        expected = array_shape(name, held, meta.num_filters, len(manifest["percentile_levels"]), manifest["top_k"])
-        if array.dtype != dtype or array.shape != expected:
+        fits = len(array.shape) == len(expected) and all(e is None or a == e for a, e in zip(array.shape, expected))
+        if array.dtype != dtype or not fits:
             raise _refuse(directory, f"{file_name} is {array.dtype}{array.shape}, expected {np.dtype(dtype)}{expected}")
         arrays[name] = array
-    if verify and store_sha256({name: manifest["arrays"][name]["sha256"] for name in ARRAY_SPECS}) != manifest["sha256"]:
+    if verify and store_sha256({name: manifest["arrays"][name]["sha256"] for name in specs}) != manifest["sha256"]:
         raise _refuse(directory, "store sha256 does not match its arrays")
     return DistributionStore(directory, manifest, meta, arrays)

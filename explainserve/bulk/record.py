@@ -3,7 +3,7 @@
 A line holds the input's ``id`` and ``path``, ``status`` ("ok" or "error"), and either
 ``error`` ({"code", "message"}) or the answer: ``model``, ``predicted`` and ``top_k``
 ({"index", "name", "score"}), ``verdict`` (NORMAL / ANOMALOUS, null when the model has no
-store), ``anomaly_status``, ``score`` (margin past the threshold), ``p_value`` (when the gateway
+store), ``anomaly_status``, ``score`` (the verdict's combined statistic, a ranking), ``p_value`` (when the gateway
 sends one), ``beta``, ``surprise_count``, ``expectation_count``, ``label_verdict``, ``region``
 (the surprise region's filter and exemplars), ``timings`` (seconds: the gateway's stages and
 ``client``, the whole call as the client saw it), ``attempts`` and ``pictures`` (paths under

@@ -77,8 +77,8 @@ def add_model_arguments(parser, *, required: bool) -> None:
     parser.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR,
                         help=f"false-positive rate the verdict is calibrated to (default {DEFAULT_TARGET_FPR})")
     parser.add_argument("--min-class-count", type=positive_int,
-                        help="classes with fewer validation images use the class-independent fallback "
-                             "(default max(30, 5 / target-fpr): 500 at 1 %%)")
+                        help="classes with fewer validation images in the ranking half use the class-independent "
+                             "group (default max(50, 2 / target-fpr): 200 at 1 %%)")
 
 
 def register(subparsers) -> None:
@@ -227,11 +227,11 @@ def calibrate_store(args, explainer, store_path: Path, record: dict | None = Non
     calibration = calibrate(store, alpha, predicted, target_fpr=args.target_fpr,
                             min_class_count=args.min_class_count)
     save_calibration(store, calibration)
-    own = calibration["classes"]["source"].count("class")
-    print(f"calibrated on {len(alpha)} val images to a {args.target_fpr:.2%} false-positive rate: "
-          f"{own} classes with their own thresholds, {store.num_classes - own} on the fallback "
-          f"(surprise > {calibration['fallback']['surprise']}, expectation > {calibration['fallback']['expectation']}, "
-          f"beta_z < {calibration['fallback']['beta_z']:.3f}); rate on the calibration images {calibration['held_out_fpr']:.2%}")
+    section = calibration.section
+    own = section["classes"]["source"].count("class")
+    print(f"calibrated on {len(alpha)} val images to a {args.target_fpr:.2%} false-positive rate "
+          f"({section['split']['part_a']} for scales and tail grids, {section['split']['part_b']} for conformal ranks): "
+          f"{own} classes ranked on their own images, {store.num_classes - own} on the class-independent group")
 
 
 def print_store(path: Path) -> None:

@@ -62,11 +62,12 @@ def print_result(name: str, result) -> None:
     for against, verdict in (("predicted", anomaly.predicted), ("label", anomaly.label)):
         if anomaly.HasField(against):
             print(f"    {against} {verdict.class_name} ({verdict.class_index}): "
-                  f"{explain_pb2.ClassVerdict.Verdict.Name(verdict.verdict)} score={verdict.score:.3g} "
+                  f"{explain_pb2.ClassVerdict.Verdict.Name(verdict.verdict)} p={verdict.p_value:.3g} "
+                  f"(target {verdict.target_fpr:g}) score={verdict.score:.3g} "
                   f"beta={verdict.beta:.3g} (P{verdict.beta_percentile:.0f}, z={verdict.beta_z:.2f}) "
                   f"surprising={verdict.surprise_count} missing={verdict.expectation_count}")
             for reason in verdict.reasons:
-                print(f"      {Reason(reason.code, reason.value, reason.threshold, reason.source)}")
+                print(f"      {Reason(reason.code, reason.value, reason.threshold, reason.source, reason.p_value)}")
 
 
 def render(data: np.ndarray, result, path: Path) -> None:

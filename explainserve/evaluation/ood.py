@@ -105,3 +105,24 @@ def energy_score(logits, temperature: float = 1.0) -> np.ndarray:
 
 
 BASELINES = {"MSP": msp_score, "MaxLogit": max_logit_score, "Energy": energy_score}
+
+
+def auroc_bootstrap_interval(in_scores, out_scores, *, resamples: int = 200, level: float = 0.95,
+                             seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`auroc`: negatives and positives resampled with
+    replacement, each on its own. The same ``seed`` draws the same resamples for every detector
+    scored on the same images, so their intervals are comparable.
+
+    Returns
+    -------
+    (float, float)
+        The (1 - level) / 2 and (1 + level) / 2 quantiles of ``resamples`` bootstrap AUROCs.
+    """
+    if resamples < 2 or not 0 < level < 1:
+        raise ValueError(f"expected resamples >= 2 and level in (0, 1), got {resamples}, {level}")
+    negatives, positives = _scores(in_scores, "in_scores"), _scores(out_scores, "out_scores")
+    rng = np.random.default_rng(seed)
+    areas = [auroc(negatives[rng.integers(0, negatives.size, negatives.size)],
+                   positives[rng.integers(0, positives.size, positives.size)]) for _ in range(resamples)]
+    low, high = np.quantile(areas, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)

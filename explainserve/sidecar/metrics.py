@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from explainserve.anomaly.conformal import TESTS
 from explainserve.methods import METHODS
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)  # seconds; SLO p95 <= 2.5
@@ -15,6 +16,9 @@ SCORING_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0
 # decades lower. Symmetric 1-2-5 steps from 1e-5 to 1e-2 resolve both.
 _BETA_STEPS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
 BETA_BUCKETS = tuple(-b for b in reversed(_BETA_STEPS)) + (0.0,) + _BETA_STEPS
+# Verdict p-values are uniform on in-distribution traffic: every bucket's share is its upper
+# bound. Fine steps at the bottom resolve the usual targets (0.1 %, 1 %, 5 %).
+P_VALUE_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def method_label(methods) -> str:
@@ -62,6 +66,12 @@ class GatewayMetrics:
                                          ["model", *by_class], registry=r)
         self.beta = Histogram("explainserve_anomaly_beta", "beta (mean filter score minus the class mean) of Explain answers.",
                               ["model"], buckets=BETA_BUCKETS, registry=r)
+        self.p_value = Histogram("explainserve_anomaly_p_value",
+                                 "Conformal p-value of the anomaly verdicts of Explain answers (uniform in distribution).",
+                                 ["model"], buckets=P_VALUE_BUCKETS, registry=r)
+        self.test_fired = Counter("explainserve_anomaly_test_fired",
+                                  "Explain answers where one test's own p-value was below the target rate, by test.",
+                                  ["model", "test"], registry=r)
         self.scoring_duration = Histogram("explainserve_anomaly_scoring_duration_seconds",
                                           "Anomaly scoring time of one Explain answer.", buckets=SCORING_BUCKETS, registry=r)
         self.anomaly_unavailable = Counter("explainserve_anomaly_unavailable",
@@ -83,6 +93,9 @@ class GatewayMetrics:
             self.surprise_flags.labels(model, *labels)
             self.expectation_flags.labels(model, *labels)
         self.beta.labels(model)
+        self.p_value.labels(model)
+        for test in TESTS:
+            self.test_fired.labels(model, test)
 
     def class_labels(self, class_id: int) -> tuple:
         """The extra label values of the anomaly counters: ``(str(class_id),)`` or ``()``."""

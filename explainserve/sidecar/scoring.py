@@ -38,6 +38,7 @@ import numpy as np
 
 from explainserve._generated import explain_pb2
 from explainserve.anomaly import ANOMALOUS, BatchScores, Scorer, StoreError, load_store
+from explainserve.anomaly.conformal import TESTS
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +113,17 @@ def class_verdict(scores: BatchScores, row: int) -> explain_pb2.ClassVerdict:
     verdict = explain_pb2.ClassVerdict
 
     def flags(found) -> list:
-        return [explain_pb2.FilterFlag(filter=f.filter, alpha=f.alpha, threshold=f.threshold, exemplars=f.exemplars)
+        return [explain_pb2.FilterFlag(filter=f.filter, alpha=f.alpha, threshold=f.threshold, exemplars=f.exemplars,
+                                       exceedance=f.exceedance)
                 for f in found]
 
     return verdict(
         class_index=sample.class_id, class_name=sample.class_name,
         verdict=verdict.ANOMALOUS if sample.verdict == ANOMALOUS else verdict.NORMAL,
         beta=sample.beta, beta_percentile=sample.beta_percentile, beta_z=sample.beta_z, score=sample.score,
-        reasons=[explain_pb2.VerdictReason(code=r.code, value=r.value, threshold=r.threshold, source=r.source)
+        p_value=sample.p_value, target_fpr=scores.scorer.target_fpr, surprise=sample.surprise, missing=sample.missing,
+        reasons=[explain_pb2.VerdictReason(code=r.code, value=r.value, threshold=r.threshold, source=r.source,
+                                           p_value=r.p_value)
                  for r in sample.reasons],
         surprise_count=int(scores.surprise_count[row]), expectation_count=int(scores.expectation_count[row]),
         surprising_filters=flags(sample.surprising), missing_filters=flags(sample.expected_missing),
@@ -354,6 +358,10 @@ class AnomalyScoring:
         self.metrics.surprise_flags.labels(model, *class_labels).inc(int(batch.surprise_count[0]))
         self.metrics.expectation_flags.labels(model, *class_labels).inc(int(batch.expectation_count[0]))
         self.metrics.beta.labels(model).observe(float(batch.beta[0]))
+        self.metrics.p_value.labels(model).observe(float(batch.p_value[0]))
+        for test, p_value in zip(TESTS, batch.p_values[0]):
+            if p_value < scorer.target_fpr:
+                self.metrics.test_fired.labels(model, test).inc()
         return report
 
     # -- Score / ScoreBatch ------------------------------------------------------------

@@ -43,7 +43,7 @@ SIDE = 64
 @pytest.fixture(scope="session")
 def demo_store(tmp_path_factory) -> Path:
     """A calibrated store of the demo image model from 160 training and 80 validation scenes
-    (every class on the class-independent fallback thresholds), built once."""
+    (every class ranked in the class-independent group), built once."""
     return build_demo_store("image", tmp_path_factory.mktemp("anomaly_store") / MODEL, 160, 80)
 
 
@@ -90,12 +90,16 @@ def assert_verdict_is(verdict: explain_pb2.ClassVerdict, scores, row: int = 0) -
     assert (verdict.class_index, verdict.class_name) == (sample.class_id, sample.class_name)
     expected = explain_pb2.ClassVerdict.ANOMALOUS if sample.verdict == ANOMALOUS else explain_pb2.ClassVerdict.NORMAL
     assert verdict.verdict == expected
-    assert (verdict.beta, verdict.beta_percentile, verdict.beta_z, verdict.score) == (
-        sample.beta, sample.beta_percentile, sample.beta_z, sample.score)
-    assert [(r.code, r.value, r.threshold, r.source) for r in verdict.reasons] == [tuple(r) for r in sample.reasons]
+    assert (verdict.beta, verdict.beta_percentile, verdict.beta_z, verdict.score, verdict.p_value) == (
+        sample.beta, sample.beta_percentile, sample.beta_z, sample.score, sample.p_value)
+    assert (verdict.surprise, verdict.missing, verdict.target_fpr) == (sample.surprise, sample.missing,
+                                                                       scores.scorer.target_fpr)
+    assert (verdict.verdict == explain_pb2.ClassVerdict.ANOMALOUS) == (verdict.p_value < verdict.target_fpr)
+    assert [(r.code, r.value, r.threshold, r.source, r.p_value) for r in verdict.reasons] == [tuple(r) for r in sample.reasons]
     for served, flags in ((verdict.surprising_filters, sample.surprising), (verdict.missing_filters, sample.expected_missing)):
-        assert [(f.filter, f.alpha, f.threshold, tuple(f.exemplars)) for f in served] == [
-            (f.filter, np.float32(f.alpha), np.float32(f.threshold), f.exemplars) for f in flags[:MAX_FLAGS]]
+        assert [(f.filter, f.alpha, f.threshold, tuple(f.exemplars), f.exceedance) for f in served] == [
+            (f.filter, np.float32(f.alpha), np.float32(f.threshold), f.exemplars, np.float32(f.exceedance))
+            for f in flags[:MAX_FLAGS]]
 
 
 def health(target: str, service: str) -> int:

@@ -132,9 +132,11 @@ def stack_for_module(request, workdir: Path, archives, **options):
             request.config.pluginmanager.get_plugin("terminalreporter").write_line(stack.logs())
 
 
-def build_demo_store(kind: str, out: Path, train_images: int, val_images: int) -> Path:
+def build_demo_store(kind: str, out: Path, train_images: int, val_images: int, target_fpr: float = 0.05) -> Path:
     """A calibrated distribution store of demo model ``kind`` ("image": FashionScenes), built
-    in-process by `explainserve build-distributions` on the first training / validation images."""
+    in-process by `explainserve build-distributions` on the first training / validation images.
+    The default 5 % target lets a few dozen validation images reach it: half of them rank, and
+    a p-value is never below 1 / (ranked + 1)."""
     import argparse
 
     from explainserve.commands import distributions
@@ -143,7 +145,8 @@ def build_demo_store(kind: str, out: Path, train_images: int, val_images: int) -
     parser = argparse.ArgumentParser(prog="explainserve")
     distributions.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["build-distributions", "--model", kind, "--data", data, "--out", str(out),
-                              "--limit", str(train_images), "--val-limit", str(val_images)])
+                              "--limit", str(train_images), "--val-limit", str(val_images),
+                              "--target-fpr", str(target_fpr)])
     assert args.func(args) == 0
     return out
 

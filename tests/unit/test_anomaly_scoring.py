@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from explainserve.anomaly import (ANOMALOUS, NORMAL, Scorer, StoreError, StoreMeta, build_store,
+from explainserve.anomaly import (ANOMALOUS, NORMAL, Scorer, StoreError, StoreMeta, build_store, calibrate,
                                   load_store, save_calibration)
 from explainserve.anomaly.reference import percentile_in_grid
+from explainserve.anomaly.store import MANIFEST, write_manifest
 
 # Class c's training image i has alpha = i * SCALES[c], i = 0..1000, so with 1001 images the
 # exact P0.1 is 1 * scale, P99.9 is 999 * scale and mu is 500 * scale. Class 2 has no images.
@@ -23,13 +24,19 @@ def training_betas(class_id):
     return alpha.mean(axis=1, dtype=np.float64) - alpha.mean(axis=0, dtype=np.float64).astype(np.float32).astype(np.float64).mean()
 
 
-def hand_calibration(surprise, expectation, beta_z, source):
-    return {
-        "target_fpr": 0.01, "min_class_count": 30, "scored_against": "predicted", "held_out_images": 0,
-        "held_out_fpr": 0.0, "fallback": {"surprise": 1, "expectation": 0, "beta_z": -100.0, "count": 0},
-        "classes": {"surprise": surprise, "expectation": expectation, "beta_z": beta_z,
-                    "count": [0, 0, 0], "source": source},
-    }
+def held_out():
+    """Held-out images: every training vector of class 0 and every other one of class 1, plus
+    noise that moves each filter by up to 1 % of its class's range."""
+    alpha = np.concatenate([training_alpha(0), training_alpha(1)[::2]])
+    classes = np.repeat([0, 1], [1001, 501])
+    noise = np.random.default_rng(0).uniform(-1, 1, alpha.shape).astype(np.float32)
+    return alpha + 0.01 * noise * SCALES[classes] * 1000, classes
+
+
+def calibrated(store_dir, **options) -> Scorer:
+    store = load_store(store_dir)
+    save_calibration(store, calibrate(store, *held_out(), **options))
+    return Scorer(load_store(store_dir))
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +51,8 @@ def store_dir(tmp_path_factory):
 
 @pytest.fixture()
 def scorer(store_dir):
-    store = load_store(store_dir)
-    save_calibration(store, hand_calibration([0, 1, 0], [5, 0, 0], [-100.0, -100.0, -100.0], ["class", "fallback", "fallback"]))
-    return Scorer(load_store(store_dir))
+    # Part B holds 500 images of class 0 (its own ranks) and 250 of class 1 (the fallback's).
+    return calibrated(store_dir, min_class_count=500, target_fpr=0.05)
 
 
 PROBE = np.array([999.5, 1.5, 0.4, 0.1 * np.float32(999)], dtype=np.float32)
@@ -79,8 +85,10 @@ def test_surprise_is_strictly_above_p999_and_expectation_needs_an_important_filt
 
 
 def test_flags_are_ordered_most_extreme_first(scorer):
-    alpha = np.array([1500, 1.5, 0.4, 200.0], dtype=np.float32)  # f3 exceeds 99.9 by 100, f0 exceeds 999 by 501
-    assert [flag.filter for flag in scorer.score(alpha, 0).sample(0).surprising] == [0, 3]
+    # f0 exceeds 999 by 501 (1.0 of its held-out IQR, 500), f3 exceeds 99.9 by 100 (2.0 IQRs of 50):
+    # in robust units f3 is the more surprising.
+    alpha = np.array([1500, 1.5, 0.4, 200.0], dtype=np.float32)
+    assert [flag.filter for flag in scorer.score(alpha, 0).sample(0).surprising] == [3, 0]
     alpha = np.array([3000, 1.5, 0.1, 999.0], dtype=np.float32)  # against class 1: f2 misses 2 by 1.9, f3 sits above 1
     flags = scorer.score(alpha, 1).sample(0)
     assert [flag.filter for flag in flags.expected_missing] == [2]
@@ -105,29 +113,41 @@ def test_beta_and_its_percentile_follow_the_training_distribution(scorer):
     assert scorer.score(training_alpha(0)[100], 0).sample(0).beta_percentile == pytest.approx(10, abs=0.01)
 
 
-def test_verdicts_apply_class_and_fallback_thresholds(scorer):
-    # Class 0 (own thresholds): 1 surprising filter > t_s = 0.
-    zero = scorer.score(PROBE, 0).sample(0)
-    assert zero.verdict == ANOMALOUS
-    assert [(r.code, r.value, r.threshold, r.source) for r in zero.reasons] == [("surprise_count", 1, 0, "class")]
-    assert str(zero.reasons[0]) == "surprise count 1 > 0 (class threshold)"
-    assert zero.score == 1.0
-    # Class 1 (fallback): 1 surprising is not > 1, but 1 expected-missing is > 0.
-    one = scorer.score(PROBE, 1).sample(0)
-    assert [(r.code, r.source) for r in one.reasons] == [("expectation_count", "fallback")]
-    # A typical training vector trips nothing.
-    typical = scorer.score(training_alpha(0)[500], 0).sample(0)
-    assert typical.verdict == NORMAL and typical.reasons == () and typical.score <= 0
+def test_graded_statistics_sum_the_exceedances_in_held_out_scales(scorer):
+    result = scorer.score(PROBE, 0).sample(0)
+    scale = scorer.store.arrays["scale"][0]
+    # The held-out IQR of a filter spreading uniformly over 0..1000 x its scale is 500 x its scale.
+    np.testing.assert_allclose(scale, 500 * SCALES[0], rtol=0.01)
+    assert result.surprising[0].exceedance == pytest.approx((999.5 - 999) / scale[0], rel=1e-5)
+    assert result.surprise == pytest.approx(result.surprising[0].exceedance, rel=1e-5)
+    assert result.missing == pytest.approx((2 - 1.5) / scale[1], rel=1e-5)
 
 
-def test_low_beta_verdict(store_dir):
-    store = load_store(store_dir)
-    save_calibration(store, hand_calibration([9, 9, 9], [9, 9, 9], [-0.5, -0.5, -0.5], ["class", "class", "class"]))
-    scorer = Scorer(load_store(store_dir))
-    low, high = scorer.score(np.stack([training_alpha(0)[100], training_alpha(0)[900]]), [0, 0]).samples()
-    assert low.beta_z < -0.5 and [r.code for r in low.reasons] == ["low_beta"] and low.verdict == ANOMALOUS
-    assert low.score == pytest.approx(-0.5 - low.beta_z)
-    assert high.verdict == NORMAL
+def test_verdict_is_anomalous_exactly_below_the_target_and_says_why(scorer):
+    rng = np.random.default_rng(2)
+    alpha = (rng.random((300, 4)) * [1300, 2600, 650, 130] - [100, 200, 50, 10]).astype(np.float32)
+    classes = rng.integers(0, 2, 300)
+    batch = scorer.score(alpha, classes)
+    np.testing.assert_array_equal(batch.anomalous, batch.p_value < 0.05)
+    assert 0 < batch.anomalous.sum() < 300
+    np.testing.assert_array_equal(batch.from_class, classes == 0)
+    for index in range(300):
+        sample = batch.sample(index)
+        assert sample.p_value == batch.p_value[index] and sample.score == batch.statistics[index, 3]
+        if sample.verdict == NORMAL:
+            assert sample.reasons == ()
+            continue
+        assert sample.reasons and all(r.source == ("class" if classes[index] == 0 else "fallback") for r in sample.reasons)
+        assert [r.p_value for r in sample.reasons] == sorted(r.p_value for r in sample.reasons)
+        for reason in sample.reasons:
+            test = ("surprise", "missing", "low_beta").index(reason.code)
+            assert reason.p_value == batch.p_values[index, test]
+            relation = reason.value < reason.threshold if reason.code == "low_beta" else reason.value > reason.threshold
+            assert relation == (reason.p_value < 0.05)
+    # A held-out-like vector is normal, one far past every tail is not.
+    assert scorer.score(training_alpha(0)[500], 0).sample(0).verdict == NORMAL
+    far = scorer.score(training_alpha(0)[1000] * 3, 0).sample(0)
+    assert far.verdict == ANOMALOUS and far.reasons[0].code == "surprise" and str(far.reasons[0]).startswith("surprise ")
 
 
 def test_a_batch_scores_like_its_rows(scorer):
@@ -173,17 +193,18 @@ def test_uncalibrated_or_shard_stores_are_not_scored(tmp_path):
         Scorer(load_store(whole))
     shard = build_store([(training_alpha(0), np.zeros(1001, int), STEPS)], tmp_path / "shard", META,
                         shard_index=0, num_shards=2)
-    store = load_store(shard)
-    save_calibration(store, hand_calibration([0] * 3, [0] * 3, [0.0] * 3, ["class"] * 3))
-    with pytest.raises(StoreError, match="is one shard; merge the shards before scoring"):
-        Scorer(load_store(shard))
+    with pytest.raises(ValueError, match="is one shard; merge the shards before scoring"):
+        calibrate(load_store(shard), training_alpha(0)[::10], np.zeros(101, int), min_class_count=1)
     store = load_store(whole)
-    save_calibration(store, hand_calibration([0] * 2, [0] * 3, [0.0] * 3, ["class"] * 3))
-    with pytest.raises(StoreError, match="malformed calibration"):
-        Scorer(load_store(whole))
-    save_calibration(store, hand_calibration([0] * 2, [0] * 2, [0.0] * 2, ["class"] * 2))
-    with pytest.raises(StoreError, match="calibration does not cover its 3 classes"):
-        Scorer(load_store(whole))
+    save_calibration(store, calibrate(store, training_alpha(0)[::10], np.zeros(101, int), min_class_count=1))
+    manifest = load_store(whole).manifest
+    for broken, message in ((dict(manifest["calibration"], classes={}), "malformed calibration"),
+                            (dict(manifest["calibration"], classes=dict(manifest["calibration"]["classes"], source=["class"])),
+                             "calibration does not cover its 3 classes")):
+        write_manifest(whole, dict(manifest, calibration=broken))
+        with pytest.raises(StoreError, match=message):
+            Scorer(load_store(whole))
+    (whole / MANIFEST).unlink()
 
 
 def test_exemplars_of_a_small_class_are_not_padded(tmp_path):
@@ -192,6 +213,6 @@ def test_exemplars_of_a_small_class_are_not_padded(tmp_path):
     store_dir = build_store([(alpha, np.array([0, 0, 1, 1]), np.array([7, 8, 9, 10]))], tmp_path / "small", META, top_k=3)
     store = load_store(store_dir)
     np.testing.assert_array_equal(store.arrays["exemplars"][0, 0], [8, 7, -1])
-    save_calibration(store, hand_calibration([0] * 3, [0] * 3, [-100.0] * 3, ["class"] * 3))
+    save_calibration(store, calibrate(store, alpha, np.array([0, 0, 1, 1]), min_class_count=1))
     result = Scorer(load_store(store_dir)).score(np.array([5, 0, 0, 0], np.float32), 0).sample(0)
     assert result.surprising[0].filter == 0 and result.surprising[0].exemplars == (8, 7)

@@ -1,5 +1,6 @@
 """The distribution store: exact per-class summaries, round trip, shard/merge equality, refusal of bad stores."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +157,7 @@ def test_missing_parts_and_wrong_model_are_refused(store_dir, tmp_path):
     (broken / "mean.npy").unlink()
     with pytest.raises(StoreError, match="mean.npy is missing"):
         load_store(broken)
-    (broken / "manifest.json").write_text('{"format_version": 1, "model": {"name": "x", "version": "1"}}')
+    (broken / "manifest.json").write_text('{"format_version": 2, "model": {"name": "x", "version": "1"}}')
     with pytest.raises(StoreError, match=r"manifest.json lacks \['layer'"):
         load_store(broken)
     (broken / "manifest.json").write_text("{not json")
@@ -164,6 +165,18 @@ def test_missing_parts_and_wrong_model_are_refused(store_dir, tmp_path):
         load_store(broken)
     with pytest.raises(StoreError, match="built for model 'synthetic' version '1', not 'synthetic' version '2'"):
         load_store(store_dir, model_name="synthetic", model_version="2")
+
+
+def test_a_store_of_the_older_format_is_refused_with_how_to_rebuild_it(store_dir, tmp_path):
+    old = copy_store(store_dir, tmp_path / "old")
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps(dict(manifest, format_version=1)))
+    with pytest.raises(StoreError, match=r"format_version 1 is not 2 \(built by an older explainserve, before "
+                                         r"conformal p-values\); rebuild it with `explainserve build-distributions"):
+        load_store(old)
+    (old / "manifest.json").write_text(json.dumps(dict(manifest, format_version=3)))
+    with pytest.raises(StoreError, match=r"format_version 3 is not 2$"):
+        load_store(old)
 
 
 def test_class_without_training_images_is_kept_empty(synthetic, tmp_path):

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from explainserve.anomaly import Scorer, StoreError, load_store
-from explainserve.anomaly.store import ARRAY_SPECS, MANIFEST
+from explainserve.anomaly.store import ARRAY_SPECS, CALIBRATION_SPECS, MANIFEST
 from explainserve.cli import main as cli
 from explainserve.commands.archive import demo_model, demo_store
 from explainserve.model_archive import STORE_FOLDER, write_archive
 
-STORE_FILES = sorted([MANIFEST, *(f"{name}.npy" for name in ARRAY_SPECS)])
+STORE_FILES = sorted([MANIFEST, *(f"{name}.npy" for name in (*ARRAY_SPECS, *CALIBRATION_SPECS))])
 
 
 def committed(kind: str):

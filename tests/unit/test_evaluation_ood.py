@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from explainserve.evaluation.ood import (auroc, auroc_standard_error, energy_score, flagged_rate, logsumexp,
-                                         max_logit_score, msp_score, threshold_at_fpr)
+from explainserve.evaluation.ood import (auroc, auroc_bootstrap_interval, auroc_standard_error, energy_score,
+                                         flagged_rate, logsumexp, max_logit_score, msp_score, threshold_at_fpr)
 
 
 def test_auroc_of_separated_reversed_and_tied_scores():
@@ -82,3 +82,48 @@ def test_report_section_is_replaced_in_place_or_appended():
     assert splice(middle, new) == f"# report\n\n{HEADING}\n\nnew numbers\n## Later\nkept\n"
     last = f"# report\n\n{HEADING}\n\nold\n### Reading\n\nold notes\n"
     assert splice(last, new) == f"# report\n\n{HEADING}\n\nnew numbers\n"
+
+
+def test_bootstrap_interval_covers_the_auroc_and_narrows_with_more_images():
+    rng = np.random.default_rng(0)
+    intervals = []
+    for n in (100, 3000):
+        negatives, positives = rng.normal(size=n), rng.normal(0.5, size=n)
+        low, high = auroc_bootstrap_interval(negatives, positives, resamples=200)
+        assert low < auroc(negatives, positives) < high
+        # About +-1.96 Hanley-McNeil standard errors.
+        width = 2 * 1.96 * auroc_standard_error(auroc(negatives, positives), n, n)
+        assert 0.7 * width < high - low < 1.3 * width, (n, high - low, width)
+        intervals.append(high - low)
+    assert intervals[1] < intervals[0] / 3  # about sqrt(30) narrower
+    assert auroc_bootstrap_interval([0.0, 1.0], [2.0, 3.0], resamples=20) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="resamples >= 2"):
+        auroc_bootstrap_interval([0.0], [1.0], resamples=1)
+
+
+def test_feature_baselines_see_the_models_own_head():
+    """ReAct with nothing clipped and ASH with nothing pruned are Energy on the model's logits,
+    so the head they are given is the model's (mean-pool then linear), on real feature maps."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("pytorch_ood")
+    from bench.ood_baselines import FeatureBaselines
+    from explainserve.models.architectures import FashionVGG
+
+    torch.manual_seed(0)
+    model = FashionVGG().eval()
+    with torch.no_grad():
+        maps = model.features(torch.randn(80, 3, 32, 32))
+        logits = model.classifier(model.pool(maps).flatten(1))
+    features = maps.flatten(2).mean(dim=2).numpy()
+    baselines = FeatureBaselines(model.classifier, features, np.arange(80) % 8, maps)
+    baselines.react.threshold = float("inf")
+    baselines.ash.percentile = 0.0
+    scores = baselines.scores(maps)
+    expected = energy_score(logits.double().numpy())
+    np.testing.assert_allclose(scores["ReAct+Energy"], expected, rtol=1e-5)
+    assert set(scores) == {"KNN", "ViM", "Mahalanobis", "ReAct+Energy", "ASH-S"}
+    # KNN: the distance of each unit-normalised feature to its 50th nearest training feature
+    # (itself first, at distance 0).
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    distances = np.sort(np.linalg.norm(unit[:, None] - unit[None], axis=2), axis=1)
+    np.testing.assert_allclose(scores["KNN"], distances[:, 49], rtol=1e-4, atol=1e-6)

@@ -75,6 +75,8 @@ def test_panels_do_not_overlap(board):
     ["model:explainserve_anomaly_verdicts_anomalous:ratio_rate5m"],             # verdict ratio
     ["explainserve_anomaly_surprise_flags_total", "explainserve_anomaly_expectation_flags_total"],
     ["explainserve_anomaly_beta_bucket"],                                       # beta over time
+    ["model:explainserve_anomaly_p_value_below_0_05:ratio_rate30m",
+     "explainserve_anomaly_p_value_bucket", "explainserve_anomaly_test_fired_total"],  # p-values, tests
     ['up{job="explainserve-sidecar"', "explainserve_torchserve_up"],            # availability
     ["explainserve_torchserve_workers", "QueueTime"],                           # workers and queue
 ])

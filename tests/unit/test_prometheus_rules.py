@@ -45,14 +45,20 @@ def test_promtool_check_config_passes():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_promtool_catches_a_broken_expectation(tmp_path):
-    """The unit tests are not vacuous: changing one threshold makes them fail."""
-    (tmp_path / "rules.yml").write_text(RULES.read_text().replace(
-        "ratio_rate5m > 0.05", "ratio_rate5m > 0.30"))
+@pytest.mark.parametrize("threshold, broken, alert", [
+    # The unit tests are not vacuous: changing one threshold makes them fail.
+    ("ratio_rate5m > 0.05", "ratio_rate5m > 0.30", "ExplainserveAnomalousVerdictRatioHigh"),
+    # A p-value alert at the uniform share itself (5 %) would fire on healthy traffic.
+    ("p_value_below_0_05:ratio_rate30m > 0.10", "p_value_below_0_05:ratio_rate30m > 0.04",
+     "ExplainserveAnomalyPValuesSkewed"),
+])
+def test_promtool_catches_a_broken_expectation(tmp_path, threshold, broken, alert):
+    assert threshold in RULES.read_text()
+    (tmp_path / "rules.yml").write_text(RULES.read_text().replace(threshold, broken))
     (tmp_path / "rules_test.yml").write_text(RULES_TEST.read_text())
     result = promtool("test", "rules", str(tmp_path / "rules_test.yml"))
     assert result.returncode != 0
-    assert "ExplainserveAnomalousVerdictRatioHigh" in result.stdout + result.stderr
+    assert alert in result.stdout + result.stderr
 
 
 def test_every_alert_is_tested_firing_and_not_firing():
@@ -70,6 +76,7 @@ def test_the_required_alerts_exist():
     required = {
         "ExplainserveAnomalousVerdictRatioHigh": "anomalous:ratio_rate5m",
         "ExplainserveSurpriseFlagSurge": "surprise_flags_per_request",
+        "ExplainserveAnomalyPValuesSkewed": "p_value_below_0_05",
         "ExplainserveSidecarDown": 'up{job="explainserve-sidecar"}',
         "ExplainserveLatencyP95AboveSLO": "2.5",
         "ExplainserveModelWorkerDown": "explainserve_torchserve_workers",
