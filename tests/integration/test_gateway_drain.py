@@ -20,9 +20,10 @@ from test_sidecar_anomaly import metric_value, metrics_text
 
 pytest_plugins = ["support.fault_harness"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
-# A maximum-size image with two maps: seconds of decoding, resizing and SLIC in the handler here.
-SLOW_IMAGE = png(np.random.default_rng(0).integers(0, 256, (4096, 4096, 3), dtype=np.uint8))
-SLOW_METHODS = ["swag_i", "grad_cam"]
+# A maximum-size image (49 kB that decode to 48 MiB) with three maps: seconds of decoding and
+# resizing in the handler here.
+SLOW_IMAGE = png(np.zeros((4096, 4096, 3), np.uint8))
+SLOW_METHODS = ["swag_i", "grad_cam", "jitter_cam"]
 
 
 def in_flight_call(target: str) -> tuple[threading.Thread, dict]:
@@ -63,7 +64,7 @@ def test_sigterm_finishes_the_call_in_flight_refuses_new_ones_and_exits(fault_st
         wait_in_flight(metrics_url)
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        wait_for(lambda: "draining" in (tmp_path / "gateway.log").read_text(), timeout=10, interval=0.02)
+        wait_for(lambda: "draining" in (tmp_path / "gateway.log").read_text(), timeout=10, interval=0.01)
         with ExplainClient(target) as late:
             with pytest.raises(ExplainError) as refused:
                 late.explain(SLOW_IMAGE, model=MODEL, timeout=10)
