@@ -19,7 +19,7 @@ from .probe import check_inputs, probe
 
 
 def _pair(value, name: str) -> tuple[int, int]:
-    values = (value, value) if isinstance(value, int) else tuple(value)
+    values = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
     if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise ValueError(f"{name}: expected an int or a pair of ints, got {value!r}")
     return values

@@ -112,9 +112,22 @@ def test_default_d_doubles_the_resolution_and_batches_patches():
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [({"d": -1}, "d: must be >= 0"), ({"stride": 0}, "stride: must be an int >= 1"), ({"d": 100}, "d: at most")],
+    [
+        ({"d": -1}, "d: must be >= 0"),
+        ({"stride": 0}, "stride: must be an int >= 1"),
+        ({"d": 100}, "d: at most"),
+        ({"d": (1, 2, 3)}, r"d: expected an int or a pair of ints, got \(1, 2, 3\)"),
+        ({"d": (True, 1)}, "d: expected an int or a pair of ints"),
+        ({"d": 1.5}, "d: expected an int or a pair of ints, got 1.5"),
+        ({"cam_size": (2, 2, 2)}, "cam_size: expected an int or a pair of ints"),
+        ({"cam_size": (3, 3)}, r"cam_size: the layer's map is \(2, 2\), not \(3, 3\)"),
+        ({"batch_size": 0}, "batch_size: must be an int >= 1"),
+        ({"inputs": torch.randn(1, 3, 2, 64, 64)}, r"inputs: Jitter-CAM takes images \(B, C, H, W\), got rank 5"),
+    ],
 )
 def test_bad_parameters_raise(kwargs, message):
     model = torchvision.models.resnet18(weights=None, num_classes=4).eval()
+    arguments = {"inputs": torch.randn(1, 3, 64, 64), "cam_size": (2, 2)} | kwargs
+    inputs = arguments.pop("inputs")
     with pytest.raises(ValueError, match=message):
-        jitter_cam(model, torch.randn(1, 3, 64, 64), torch.tensor([0]), cam_size=(2, 2), **kwargs)
+        jitter_cam(model, inputs, torch.tensor([0]), **arguments)
