@@ -19,6 +19,7 @@ executes counts as survived, and the mutants listed in ``tests/mutation/equivale
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -60,11 +61,28 @@ def read_equivalent(path: Path = EQUIVALENT) -> dict[str, str]:
     return equivalent
 
 
+def tests_fingerprint(tests: list[str]) -> str:
+    """sha256 of the test files a module is checked with, their conftest and the harnesses."""
+    digest = hashlib.sha256()
+    for path in [ROOT / UNIT / test for test in tests] + [ROOT / "tests" / "conftest.py",
+                                                          *sorted((ROOT / "tests" / "support").glob("*.py"))]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def prepare(name: str, workdir: Path) -> Path:
-    """Copy the package and tests into ``workdir/name`` and write its mutmut configuration."""
+    """Copy the package and tests into ``workdir/name`` and write its mutmut configuration.
+
+    mutmut keeps each mutant's result until its function changes; when the tests change, the
+    results are dropped so that every mutant meets the new tests.
+    """
     source, tests = MODULES[name]
     root = workdir / name
     root.mkdir(parents=True, exist_ok=True)
+    fingerprint, recorded = tests_fingerprint(tests), root / "tests.sha256"
+    if not recorded.exists() or recorded.read_text() != fingerprint:
+        shutil.rmtree(root / "mutants", ignore_errors=True)
+        recorded.write_text(fingerprint)
     for folder in ("explainserve", "tests"):
         shutil.copytree(ROOT / folder, root / folder, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
