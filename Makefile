@@ -30,7 +30,7 @@ bench-core: install
 	$(PY) bench/core_timing.py
 
 # Tables 1-8 of bench/REPORT.md on the demo models (11 minutes on 2 idle cores, 37 loaded);
-# bench-ood reruns only Table 7, OOD detection (1-3 minutes), bench-suppression only Table 8 (under a minute).
+# bench-ood reruns only Table 7, OOD detection (about 10 minutes idle; needs the dev extra's pytorch-ood), bench-suppression only Table 8 (under a minute).
 bench: install
 	$(PY) bench/evaluate.py
 
