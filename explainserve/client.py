@@ -91,7 +91,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def build_request(data, *, model: str, methods: Sequence[str] = (), n_segments: int | None = None,
                   wc: float | None = None, wg: float | None = None, jitter_d: int | None = None,
-                  target_class: int | None = None, label: int | None = None, top_k: int = 0,
+                  target_class: int | None = None, label: int | None = None, top_k: int | None = None,
                   model_version: str = "", explain_anomaly: bool | None = None) -> explain_pb2.ExplainRequest:
     """An ExplainRequest for an image or a clip.
 
@@ -101,13 +101,15 @@ def build_request(data, *, model: str, methods: Sequence[str] = (), n_segments: 
         Encoded image bytes or a path to an image or a video file (MP4, WebM, AVI: sent as
         ``Clip.video``); a uint8 (H, W, 3) array (sent as PNG); a uint8
         (T, H, W, 3) array (sent raw as a clip); or a list of encoded frames (a clip).
+    top_k : int, optional
+        Classes returned; None asks for the model's default, min(5, number of classes).
     """
     options = explain_pb2.ExplainOptions()
     for name, value in (("n_segments", n_segments), ("wc", wc), ("wg", wg), ("jitter_d", jitter_d)):
         if value is not None:
             setattr(options, name, value)
     request = explain_pb2.ExplainRequest(model=model, model_version=model_version, methods=list(methods),
-                                         options=options, top_k=top_k)
+                                         options=options, top_k=top_k or 0)
     if target_class is not None:
         request.target_class = target_class
     if label is not None:

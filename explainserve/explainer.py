@@ -26,7 +26,8 @@ from .jitter_cam import jitter_cam
 from .methods import DEFAULT_METHODS, IMAGE_METHODS, METHODS, SUPPRESSION_STEPS, VIDEO_METHODS  # noqa: F401 (part of this API)
 from .probe import probe
 from .surprise import REGION_SEGMENTS, FilterRegion, Suppression, filter_regions, suppress_surprise
-from .superpixels import MAX_SEGMENTS, check_superpixel_parameters, gradient_slic
+from .limits import Limits
+from .superpixels import gradient_slic
 from .swag import pixel_scores, swag
 
 
@@ -49,15 +50,16 @@ def spare_core() -> bool:
     return cores > torch.get_num_threads()
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExplainOptions:
-    """Per-request parameters; None takes the kind's default (``SLIC_DEFAULTS``, d = m)."""
+    """Per-request parameters; None takes the default (``SLIC_DEFAULTS``, d = m, top-k of
+    ``Limits.default_top_k``). Frozen: requests with equal options are batched together."""
 
     n_segments: int | None = None
     wc: float | None = None
     wg: float | None = None
     jitter_d: int | None = None
-    top_k: int = 5
+    top_k: int | None = None
 
 
 @dataclass
@@ -121,7 +123,6 @@ class Explainer:
         self.mean = torch.tensor(mean, dtype=torch.float32).reshape(3, *(1,) * spatial)
         self.std = torch.tensor(std, dtype=torch.float32).reshape(3, *(1,) * spatial)
         self.class_names = list(class_names)
-        self.methods = IMAGE_METHODS if kind == "image" else VIDEO_METHODS
         # One dry pass finds the layer, the activation-map size and the number of classes.
         dry = probe(model, torch.zeros(1, 3, *self.input_size), layer=layer, input_gradient=False)
         self.layer = dry.layer
@@ -129,39 +130,32 @@ class Explainer:
         self.num_filters = dry.activations.shape[1]
         if dry.logits.shape[1] != len(self.class_names):
             raise ValueError(f"class_names: the model has {dry.logits.shape[1]} outputs but {len(self.class_names)} class names were given")
+        self.limits = Limits.for_model(kind=kind, input_size=self.input_size, cam_size=self.cam_size,
+                                       n_classes=len(self.class_names), num_filters=self.num_filters)
+        self.methods = self.limits.methods
         self._superpixel_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="superpixels")
 
     # -- validation -------------------------------------------------------------------
     def slic_options(self, options: ExplainOptions) -> dict:
-        defaults = SLIC_DEFAULTS[self.kind]
+        """SLIC's n_segments, wc and wg: the request's, or the kind's defaults (n_segments at
+        most ``limits.max_n_segments``, so the default always fits a small input)."""
+        defaults = dict(SLIC_DEFAULTS[self.kind])
+        defaults["n_segments"] = min(defaults["n_segments"], self.limits.max_n_segments)
         return {name: defaults[name] if getattr(options, name) is None else getattr(options, name) for name in defaults}
 
     def check_request(self, methods: Sequence[str], options: ExplainOptions = ExplainOptions(),
                       target: int | None = None, label: int | None = None) -> None:
         """Raise ValueError, naming the parameter and its accepted range, if a request is invalid."""
-        unknown = [m for m in methods if m not in self.methods]
-        if unknown:
-            raise ValueError(f"methods: {unknown} not available for {self.kind} models; accepted: {list(self.methods)}")
-        n_classes = len(self.class_names)
-        for name, value in (("target", target), ("label", label)):
-            if value is not None and not 0 <= value < n_classes:
-                raise ValueError(f"{name}: class id must be in [0, {n_classes - 1}], got {value}")
-        if options.top_k < 1:
-            raise ValueError(f"top_k: must be >= 1 (more than {n_classes} returns all classes), got {options.top_k}")
-        if any(method in SWAG_VARIANT for method in methods):
-            self.check_slic_options(options)
-        if options.jitter_d is not None:
-            limit = 4 * min(self.cam_size)
-            if not 0 <= options.jitter_d <= limit:
-                raise ValueError(f"jitter_d: must be in [0, {limit}] (cells added to the {self.cam_size} CAM), got {options.jitter_d}")
+        limits = self.limits
+        limits.check_methods(methods)
+        self.check_class(target, "target")
+        self.check_class(label, "label")
+        limits.top_k(options.top_k)
+        limits.check_options(n_segments=options.n_segments, wc=options.wc, wg=options.wg, jitter_d=options.jitter_d)
 
-    def check_slic_options(self, options: ExplainOptions) -> None:
-        """Raise ValueError if the SLIC parameters are out of range for this input size."""
-        slic_options = self.slic_options(options)
-        max_segments = min(MAX_SEGMENTS, int(np.prod(self.input_size)) // 4)
-        if not 1 <= slic_options["n_segments"] <= max_segments:
-            raise ValueError(f"n_segments: must be in [1, {max_segments}] for input size {self.input_size}, got {slic_options['n_segments']}")
-        check_superpixel_parameters(slic_options["n_segments"], slic_options["wc"], slic_options["wg"], "i_g")
+    def check_class(self, value: int | None, name: str = "target") -> None:
+        """Raise ValueError unless ``value`` is a class id of this model (None passes)."""
+        self.limits.check_class(value, name)
 
     def preprocess(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
         """Stack uint8 samples into RGB in [0, 1], resized to ``input_size``.
@@ -275,7 +269,7 @@ class Explainer:
                 maps[b][method] = ExplanationMap(explanation.heatmap, explanation.segments, explanation.segment_scores)
             timings["superpixels"] = time.perf_counter() - superpixels_started
 
-        top_scores, top_classes = result.top_k(options.top_k)
+        top_scores, top_classes = result.top_k(self.limits.top_k(options.top_k))
         timings["total"] = time.perf_counter() - started
         return [
             SampleExplanation(
@@ -318,7 +312,7 @@ class Explainer:
             raise ValueError(f"filters, targets: expected one entry per sample ({len(samples)}), "
                              f"got {len(filters)} and {len(targets)}")
         for target in targets:
-            self.check_request([], ExplainOptions(), target)
+            self.check_class(target)
         rgb = self.preprocess(samples)
         return filter_regions(self.model, (rgb - self.mean) / self.std, list(filters), target=targets,
                               images=rgb.movedim(1, -1).numpy(), layer=self.layer, n_segments=n_segments)

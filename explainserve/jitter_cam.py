@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cam import CamWeights, class_activation_map, gradcam_weights, upsample
+from .limits import JITTER_D_PER_CAM_CELL
 from .probe import check_inputs, probe
 
 
@@ -81,8 +82,8 @@ def jitter_cam(
     d_h, d_w = _pair(d, "d") if d is not None else (m_h, m_w)
     if d_h < 0 or d_w < 0:
         raise ValueError(f"d: must be >= 0 (cells added per axis), got {(d_h, d_w)}")
-    if d_h > 4 * m_h or d_w > 4 * m_w:
-        raise ValueError(f"d: at most 4 x the CAM size {(m_h, m_w)} per axis, got {(d_h, d_w)}")
+    if d_h > JITTER_D_PER_CAM_CELL * m_h or d_w > JITTER_D_PER_CAM_CELL * m_w:
+        raise ValueError(f"d: at most {JITTER_D_PER_CAM_CELL} x the CAM size {(m_h, m_w)} per axis, got {(d_h, d_w)}")
     if not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride: must be an int >= 1 (cells), got {stride!r}")
     if not isinstance(batch_size, int) or batch_size < 1:

@@ -14,8 +14,9 @@ import numpy as np
 from skimage.color import rgb2lab
 from skimage.segmentation import slic
 
+from .limits import MAX_SEGMENTS, check_weight
+
 VARIANTS = ("i", "g", "i_g")
-MAX_SEGMENTS = 10_000
 
 
 def check_superpixel_parameters(n_segments: int, wc: float, wg: float, variant: str) -> None:
@@ -24,9 +25,8 @@ def check_superpixel_parameters(n_segments: int, wc: float, wg: float, variant: 
         raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
     if isinstance(n_segments, bool) or not isinstance(n_segments, (int, np.integer)) or not 1 <= n_segments <= MAX_SEGMENTS:
         raise ValueError(f"n_segments: expected an int in [1, {MAX_SEGMENTS}], got {n_segments!r}")
-    for name, value in (("wc", wc), ("wg", wg)):
-        if not np.isfinite(value) or not 0 < value <= 1000:
-            raise ValueError(f"{name}: expected a weight in (0, 1000], got {value!r}")
+    check_weight("wc", wc)
+    check_weight("wg", wg)
 
 
 def rescale_scores(scores: np.ndarray) -> np.ndarray:

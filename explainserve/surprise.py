@@ -38,17 +38,16 @@ import torch
 from torch import nn
 
 from .grad_amap import grad_amap
+from .limits import MAX_SUPPRESSION_STEPS, max_segments
 from .methods import SUPPRESSION_STEPS
 from .probe import eval_mode, probe
-from .superpixels import MAX_SEGMENTS, gradient_slic
+from .superpixels import gradient_slic
 from .swag import segment_means
 
 # Thesis 6.3.2: about 50 superpixels, so the top one is a single contiguous feature.
 REGION_SEGMENTS = 50
 # SLIC compactness m; the colour-only SLIC distance with wc = m is standard SLIC's.
 REGION_COMPACTNESS = 10.0
-# Each suppression step is one more image in a batched forward pass.
-MAX_SUPPRESSION_STEPS = 100
 
 
 @dataclass
@@ -93,8 +92,7 @@ class FilterRegion:
 
 def check_region_parameters(n_segments: int, compactness: float, spatial_shape: Sequence[int]) -> None:
     """Raise ValueError naming the parameter unless the SLIC settings fit the input size."""
-    pixels = int(np.prod(spatial_shape))
-    limit = max(1, min(MAX_SEGMENTS, pixels // 4))
+    limit = max_segments(spatial_shape)
     if isinstance(n_segments, bool) or not isinstance(n_segments, (int, np.integer)) or not 1 <= n_segments <= limit:
         raise ValueError(
             f"n_segments: expected an int in [1, {limit}] for an input of {tuple(spatial_shape)} pixels, got {n_segments!r}"

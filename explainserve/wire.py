@@ -36,6 +36,16 @@ def deadline_passed(entry) -> bool:
         return False
     return time.time() > float(bytes(entry) if not isinstance(entry, str) else entry)
 
+
+# google.rpc.Code numbers a handler writes into HandlerError.code; the gateway answers with
+# the status of the same name.
+INVALID_ARGUMENT = 3
+DEADLINE_EXCEEDED = 4
+RESOURCE_EXHAUSTED = 8
+INTERNAL = 13
+CODE_NAMES = {INVALID_ARGUMENT: "INVALID_ARGUMENT", DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
+              RESOURCE_EXHAUSTED: "RESOURCE_EXHAUSTED", INTERNAL: "INTERNAL"}
+
 _DTYPES = {
     explain_pb2.Tensor.UINT8: np.dtype("<u1"),
     explain_pb2.Tensor.UINT16: np.dtype("<u2"),

@@ -21,26 +21,21 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from explainserve import wire
 from explainserve._generated import explain_pb2, handler_pb2
 from explainserve.explainer import DEFAULT_METHODS, ExplainOptions, Explainer
+from explainserve.inputs import InputTooLarge
 from explainserve.model_archive import load_model
-from explainserve.superpixels import MAX_SEGMENTS
-from explainserve.surprise import MAX_SUPPRESSION_STEPS, REGION_COMPACTNESS, REGION_SEGMENTS, check_region_parameters
+from explainserve.surprise import REGION_SEGMENTS
+from explainserve.wire import CODE_NAMES, DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, RESOURCE_EXHAUSTED
 
 REQUEST_KEY = wire.HANDLER_REQUEST_KEY
 REGION_KEY = wire.REGION_REQUEST_KEY
-# Each requested filter costs a forward and a backward pass.
-MAX_REGION_FILTERS = 8
 PLAIN_KEYS = ("data", "body")
-# google.rpc.Code numbers carried in HandlerError.
-INVALID_ARGUMENT = 3
-DEADLINE_EXCEEDED = 4
-INTERNAL = 13
 # The answer to a request whose caller gave up: it is not decoded (or not run once decoded).
 DEADLINE_PASSED = handler_pb2.HandlerError(code=DEADLINE_EXCEEDED, message="the caller's deadline passed; not run")
 # Tests only: seconds to sleep in every handle() call, to exercise the gateway's deadlines.
@@ -98,7 +93,7 @@ class ExplainHandler:
             if isinstance(item, ParsedItem) and item.regions is not None:
                 region_groups.setdefault((item.region_segments, item.suppression_steps), []).append(index)
             elif isinstance(item, ParsedItem):
-                groups.setdefault((item.methods, astuple(item.options)), []).append(index)
+                groups.setdefault((item.methods, item.options), []).append(index)
         for (n_segments, steps), indices in region_groups.items():
             self.answer_regions(parsed, answers, indices, n_segments, steps)
         for (methods, _), indices in groups.items():
@@ -122,23 +117,15 @@ class ExplainHandler:
 
     # -- parsing ---------------------------------------------------------------------
     def describe(self) -> dict:
-        """What the gateway needs to check requests before forwarding them."""
-        explainer = self.explainer
+        """What the gateway needs to check requests before forwarding them: the model's
+        identity and class names, and its :class:`~explainserve.limits.Limits` fields."""
         return {
             "name": self.metadata["name"],
             "version": self.metadata.get("version", ""),
-            "kind": self.kind,
-            "input_size": list(explainer.input_size),
-            "class_names": explainer.class_names,
-            "methods": list(explainer.methods),
-            "default_methods": list(DEFAULT_METHODS[self.kind]),
-            "layer": explainer.layer,
-            "cam_size": list(explainer.cam_size),
-            "num_filters": int(explainer.num_filters),
-            "max_n_segments": min(MAX_SEGMENTS, int(np.prod(explainer.input_size)) // 4),
-            "max_jitter_d": 4 * min(explainer.cam_size),
+            "class_names": self.explainer.class_names,
+            "layer": self.explainer.layer,
             "build_timestamp": self.metadata.get("build_timestamp"),
-            "max_region_filters": MAX_REGION_FILTERS,
+            **self.explainer.limits.as_dict(),
         }
 
     @staticmethod
@@ -166,6 +153,8 @@ class ExplainHandler:
                                     options=ExplainOptions(), internal=False)
             self.explainer.check_request(parsed.methods if parsed.methods is not None else DEFAULT_METHODS[self.kind],
                                          parsed.options, parsed.target, parsed.label)
+        except InputTooLarge as error:
+            return handler_pb2.HandlerError(code=RESOURCE_EXHAUSTED, message=str(error))
         except ValueError as error:
             return handler_pb2.HandlerError(code=INVALID_ARGUMENT, message=str(error))
         except Exception as error:  # noqa: BLE001 - a malformed item must not fail its batch
@@ -183,7 +172,7 @@ class ExplainHandler:
                 wc=options.wc if options.HasField("wc") else None,
                 wg=options.wg if options.HasField("wg") else None,
                 jitter_d=options.jitter_d if options.HasField("jitter_d") else None,
-                top_k=request.top_k or min(5, len(self.explainer.class_names)),
+                top_k=request.top_k or None,  # 0: the model's default
             ),
             target=request.target_class if request.HasField("target_class") else None,
             label=request.label if request.HasField("label") else None,
@@ -192,20 +181,12 @@ class ExplainHandler:
 
     def parse_regions(self, parsed: ParsedItem, region: handler_pb2.RegionRequest) -> None:
         """Turn ``parsed`` into a region request; ValueError naming the bad field."""
-        if not 1 <= len(region.filters) <= MAX_REGION_FILTERS:
-            raise ValueError(f"filters: a RegionRequest needs 1 to {MAX_REGION_FILTERS} filters, got {len(region.filters)}")
-        n_filters = int(self.explainer.num_filters)
-        for entry in region.filters:
-            if not 0 <= entry.filter < n_filters:
-                raise ValueError(f"filter: must be in [0, {n_filters - 1}] (layer {self.explainer.layer!r}), got {entry.filter}")
-            if entry.HasField("class_index"):
-                self.explainer.check_request([], ExplainOptions(), target=entry.class_index)
+        regions = tuple((e.filter, e.class_index if e.HasField("class_index") else None) for e in region.filters)
         n_segments = region.n_segments or REGION_SEGMENTS
-        check_region_parameters(n_segments, REGION_COMPACTNESS, self.explainer.input_size)
-        if not 0 <= region.suppression_steps <= MAX_SUPPRESSION_STEPS:
-            raise ValueError(f"suppression_steps: must be in [0, {MAX_SUPPRESSION_STEPS}], got {region.suppression_steps}")
+        self.explainer.limits.check_region_request([f for f, _ in regions], [c for _, c in regions], n_segments,
+                                                   region.suppression_steps)
         parsed.methods = ()  # the ExplainRequest only carries the input
-        parsed.regions = tuple((e.filter, e.class_index if e.HasField("class_index") else None) for e in region.filters)
+        parsed.regions = regions
         parsed.region_segments = n_segments
         parsed.suppression_steps = region.suppression_steps
 
@@ -294,5 +275,5 @@ class ExplainHandler:
     def encode_error(error: handler_pb2.HandlerError, *, internal: bool) -> bytes:
         if internal:
             return handler_pb2.HandlerResponse(error=error).SerializeToString()
-        code = "INVALID_ARGUMENT" if error.code == INVALID_ARGUMENT else "INTERNAL"
+        code = CODE_NAMES.get(error.code, "INTERNAL")
         return json.dumps({"error": {"code": code, "message": error.message}}).encode()

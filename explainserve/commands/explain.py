@@ -31,7 +31,7 @@ def register(subparsers) -> None:
                         help="explanation method (repeat for several; none: prediction only)")
     parser.add_argument("--class", dest="target_class", type=int, help="class to explain (default: predicted)")
     parser.add_argument("--label", type=int, help="ground-truth class, also scored for anomalies")
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--top-k", type=int, help="classes returned (default: 5, or every class of a smaller model)")
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
     parser.add_argument("--out", type=Path, help="PNG of the first method's map beside the input; "
                                                  "for a folder or manifest, the output folder (required)")

@@ -11,6 +11,7 @@ import grpc
 from explainserve import inputs
 from explainserve.methods import SUPPRESSION_STEPS
 from explainserve._generated import explain_pb2, explain_pb2_grpc, handler_pb2, inference_pb2, inference_pb2_grpc
+from explainserve import wire
 from explainserve.wire import DEADLINE_KEY, HANDLER_REQUEST_KEY, REGION_REQUEST_KEY, deadline_entry
 
 from .scoring import MAX_BATCH, AnomalyScoring, ScoringUnavailable
@@ -20,7 +21,7 @@ from .validation import check_request
 
 log = logging.getLogger(__name__)
 # A handler's HandlerError.code (google.rpc.Code number) -> the status we answer with.
-HANDLER_CODES = {3: grpc.StatusCode.INVALID_ARGUMENT, 8: grpc.StatusCode.RESOURCE_EXHAUSTED}
+HANDLER_CODES = {code: getattr(grpc.StatusCode, name) for code, name in wire.CODE_NAMES.items() if code != wire.INTERNAL}
 # TorchServe's own failures -> ours; anything else is INTERNAL.
 TORCHSERVE_CODES = {
     grpc.StatusCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,

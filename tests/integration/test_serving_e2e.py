@@ -15,7 +15,7 @@ import urllib.request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from explainserve.client import ExplainClient, build_request
+from explainserve.client import ExplainClient, ExplainError, build_request
 from explainserve.explainer import ExplainOptions
 from explainserve.wire import HANDLER_REQUEST_KEY
 from explainserve._generated import handler_pb2, inference_pb2, inference_pb2_grpc
@@ -29,7 +29,8 @@ VIDEO_METHODS = ["swag_v_i", "swag_v_g", "swag_v_i_g", "grad_cam"]
 
 @pytest.fixture(scope="module")
 def models():
-    return {"image": tiny_image_model(), "video": tiny_video_model()}
+    return {"image": tiny_image_model(), "video": tiny_video_model(),
+            "three": tiny_image_model("three_classes", n_classes=3)}
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +235,22 @@ def test_explain_command_prints_classes_and_writes_the_overlay(stack, tmp_path):
     title = picture.shape[0] - 4 * 72  # the band naming the method and class
     assert 0 < title < 40 and picture.shape[1] > 2 * 4 * 80  # original | explanation | colour bar
     assert np.array_equal(picture[title:, :4 * 80], image.repeat(4, 0).repeat(4, 1))  # enlarged to at least 256 a side
+
+
+def test_a_three_class_model_answers_every_default(stack, client, models, tmp_path):
+    # top_k unset means min(5, number of classes) in the client, the CLI, the gateway and the
+    # handler alike; an explicit top_k above the class count is refused with the range.
+    model, metadata = models["three"]
+    image = random_image(52)
+    result = client.explain(png(image), model="three_classes", timeout=120)
+    expected = explainer_for(model, metadata).explain([image], [])[0]
+    assert [index for index, _, _ in result.classes] == expected.classes.tolist() and len(expected.classes) == 3
+    image_path = tmp_path / "input.png"
+    image_path.write_bytes(png(image))
+    run = subprocess.run([sys.executable, "-m", "explainserve.cli", "explain", str(image_path), "--model", "three_classes",
+                          "--target", stack.target], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("thing") == 3
+    with pytest.raises(ExplainError) as refused:
+        client.explain(png(image), model="three_classes", top_k=4, timeout=120)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and "top_k: must be in [1, 3]" in str(refused.value)

@@ -25,13 +25,13 @@ CLIP_SIZE = (4, 32, 32)
 N_CLASSES = 6
 
 
-def tiny_image_model() -> tuple[torch.nn.Module, dict]:
+def tiny_image_model(name: str = "tiny_image", n_classes: int = N_CLASSES) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(1)
-    model = torchvision.models.resnet18(num_classes=N_CLASSES).eval()
+    model = torchvision.models.resnet18(num_classes=n_classes).eval()
     metadata = {
-        "name": "tiny_image", "version": "1.0", "kind": "image", "input_size": list(IMAGE_SIZE),
-        "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "class_names": [f"thing{i}" for i in range(N_CLASSES)],
-        "layer": None, "architecture": {"factory": "torchvision.models.resnet18", "kwargs": {"num_classes": N_CLASSES}},
+        "name": name, "version": "1.0", "kind": "image", "input_size": list(IMAGE_SIZE),
+        "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "class_names": [f"thing{i}" for i in range(n_classes)],
+        "layer": None, "architecture": {"factory": "torchvision.models.resnet18", "kwargs": {"num_classes": n_classes}},
         "build_timestamp": 1.7e9,
     }
     return model, metadata

@@ -123,16 +123,18 @@ def test_every_pixel_score_source_runs_and_guided_grad_cam_is_a_product():
         pixel_scores(without_vanilla, x, "sobel")
 
 
-def test_slic_parameters_are_checked_only_when_a_swag_method_is_asked():
-    # 32x32 allows at most 256 superpixels, below the image default of 300: CAM requests must
-    # still be served, SWAG requests with the default must be refused with the range.
+def test_default_superpixel_count_fits_a_small_input():
+    # 32x32 allows at most 256 superpixels, below the image default of 300: the default shrinks
+    # to the limit (a default request is always served), an explicit 300 is refused with the range.
     model = torchvision.models.resnet18(weights=None, num_classes=3)
     explainer = Explainer(model, kind="image", input_size=(32, 32), mean=MEAN, std=STD, class_names=list("abc"))
     photo = data.coffee()
-    (result,) = explainer.explain([photo], ["grad_cam"])
+    (result,) = explainer.explain([photo], ["grad_cam", "swag_i"])
     assert result.maps["grad_cam"].heatmap.shape == (32, 32)
+    assert explainer.slic_options(ExplainOptions())["n_segments"] == 256
+    assert 1 < len(result.maps["swag_i"].segment_scores) <= 256
     with pytest.raises(ValueError, match=r"n_segments: must be in \[1, 256\] for input size \(32, 32\), got 300"):
-        explainer.explain([photo], ["swag_i"])
+        explainer.explain([photo], ["grad_cam"], ExplainOptions(n_segments=300))
 
 
 def test_each_map_is_the_library_function_applied_to_that_sample_alone_for_a_requested_target(image_explainer, photos):

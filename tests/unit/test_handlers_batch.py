@@ -13,7 +13,8 @@ from ts.context import Context, RequestProcessor
 from explainserve.client import build_request
 from explainserve.explainer import ExplainOptions
 from explainserve.model_archive import METADATA_FILE, WEIGHTS_FILE, HANDLERS_DIR
-from explainserve.wire import HANDLER_REQUEST_KEY, REGION_REQUEST_KEY, to_numpy
+from explainserve.limits import Limits
+from explainserve.wire import HANDLER_REQUEST_KEY, INVALID_ARGUMENT, REGION_REQUEST_KEY, RESOURCE_EXHAUSTED, to_numpy
 from explainserve._generated import handler_pb2
 from support.serving_harness import explainer_for, png, random_image, tiny_image_model
 
@@ -98,6 +99,24 @@ def test_describe_reports_what_the_gateway_validates_against(model_and_handler):
     assert described["methods"] == ["swag_i", "swag_g", "swag_i_g", "jitter_cam", "grad_cam"]
     assert described["max_n_segments"] == 64 * 64 // 4 and described["cam_size"] == [2, 2]
     assert described["max_region_filters"] == 8
+    assert Limits.from_dict(described) == handler.explainer.limits
+
+
+def test_oversized_input_is_resource_exhausted_and_top_k_follows_the_limits(model_and_handler):
+    # A PNG that claims 8193 pixels per side is refused from its header as InputTooLarge: the
+    # gateway answers that HandlerError code (8) with RESOURCE_EXHAUSTED, not INVALID_ARGUMENT.
+    _, _, handler = model_and_handler
+    image = random_image(95)
+    items = [internal(data=png(np.zeros((8, 8193, 3), np.uint8)), methods=[]),
+             internal(data=png(image), methods=[]),
+             internal(data=png(image), methods=[], top_k=7),
+             {"data": png(np.zeros((8, 8193, 3), np.uint8))}]
+    too_big, default, too_many, plain = handle(handler, items)
+    too_big, default, too_many = (handler_pb2.HandlerResponse.FromString(a) for a in (too_big, default, too_many))
+    assert too_big.error.code == RESOURCE_EXHAUSTED == 8 and "8193" in too_big.error.message
+    assert json.loads(plain)["error"]["code"] == "RESOURCE_EXHAUSTED"
+    assert len(default.response.classes) == 5  # min(5, 6 classes)
+    assert too_many.error.code == INVALID_ARGUMENT and "top_k: must be in [1, 6]" in too_many.error.message
 
 
 def region_item(image, filters, n_segments=0) -> dict:
@@ -140,9 +159,9 @@ def test_region_items_answer_the_filter_regions_beside_ordinary_items(model_and_
     [
         ([], 0, "filters: a RegionRequest needs 1 to 8 filters, got 0"),
         ([(0, None)] * 9, 0, "filters: a RegionRequest needs 1 to 8 filters, got 9"),
-        ([(512, None)], 0, "filter: must be in [0, 511] (layer 'layer4'), got 512"),
-        ([(1, 6)], 0, "target: class id must be in [0, 5], got 6"),
-        ([(1, None)], 5000, "n_segments: expected an int in [1, 1024]"),
+        ([(512, None)], 0, "filter: must be in [0, 511], got 512"),
+        ([(1, 6)], 0, "class_index: class id must be in [0, 5], got 6"),
+        ([(1, None)], 5000, "n_segments: must be in [1, 1024]"),
     ],
 )
 def test_bad_region_requests_get_in_band_errors(model_and_handler, filters, n_segments, message):
