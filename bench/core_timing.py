@@ -78,7 +78,7 @@ def main() -> None:
     explainer = Explainer(model, kind="image", input_size=(224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                           class_names=[str(i) for i in range(1000)])
     image = (transform.resize(data.chelsea(), (224, 224), anti_aliasing=True) * 255).astype(np.uint8)
-    inputs = (explainer.preprocess([image]) - explainer.mean) / explainer.std
+    inputs = explainer.prepare([image]).inputs
     target = int(probe(model, inputs, input_gradient=False).predicted[0])
     guided_backprop = GuidedBackprop(model)
     grad_cam_reference = GradCAM(model=model, target_layers=[model.layer4])

@@ -37,9 +37,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from explainserve.anomaly import Scorer, StoreError, calibrate, load_store, save_calibration  # noqa: E402
+from explainserve.explainer import FilterScores  # noqa: E402
 from explainserve.evaluation.ood import (BASELINES, auroc, auroc_bootstrap_interval,  # noqa: E402
                                          threshold_at_fpr)
-from explainserve.grad_amap import grad_amap  # noqa: E402
 from explainserve.probe import probe  # noqa: E402
 
 HEADING = "## Table 7: out-of-distribution detection (FashionScenes; Grad-AMap verdict vs logit and feature baselines)"
@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def open_model():
-    """The demo image model named as `archive --demo image` serves it, its Explainer and its store."""
+    """The Explainer of the demo image model named as `archive --demo image` serves it, and its store."""
     from explainserve.commands.archive import demo_store
     from explainserve.commands.distributions import load_model
     from explainserve.explainer import Explainer
@@ -92,22 +92,23 @@ def open_model():
         raise StoreError(f"{folder} was not built from the package's image weights {weights[:12]}: "
                          "rebuild it with explainserve build-distributions (see README)")
     store = load_store(folder, model_name=metadata["name"], model_version=metadata["version"])
-    return model, explainer, store
+    return explainer, store
 
 
-def network_pass(model, explainer, samples: np.ndarray, batch_size: int, desc: str, baselines=None,
+def network_pass(explainer, samples: np.ndarray, batch_size: int, desc: str, baselines=None,
                  keep_maps: int = 0) -> dict:
     """Logits (n, N), predicted class (n,), Grad-AMap alpha (n, K) for the predicted class and
-    pooled features (n, K), computed as the server computes them; with ``baselines``, their
+    pooled features (n, K), computed as the server computes them (Explainer.prepare, FilterScores.of); with ``baselines``, their
     scores; with ``keep_maps``, the first ``keep_maps`` feature maps."""
     logits, predicted, alpha, features, maps, scores = [], [], [], [], [], {}
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", leave=False):
-        rgb = explainer.preprocess(list(samples[start:start + batch_size]))
-        result = probe(model, (rgb - explainer.mean) / explainer.std, layer=explainer.layer, input_gradient=False)
+        prepared = explainer.prepare(list(samples[start:start + batch_size]))
+        result = probe(explainer.model, prepared.inputs, layer=explainer.layer, input_gradient=False)
+        served = FilterScores.of(result)
         activations = result.activations.detach()
-        logits.append(result.logits.detach().numpy().astype(np.float64))
-        predicted.append(result.predicted.numpy())
-        alpha.append(grad_amap(result.activations, result.activation_gradients).numpy())
+        logits.append(served.logits.astype(np.float64))
+        predicted.append(served.predicted)
+        alpha.append(served.alpha)
         features.append(activations.flatten(2).mean(dim=2).numpy())
         if start < keep_maps:
             maps.append(activations[:keep_maps - start].clone())
@@ -163,7 +164,8 @@ def run(args) -> dict:
 
     torch.set_num_threads(2)
     started = time.perf_counter()
-    model, explainer, store = open_model()
+    explainer, store = open_model()
+    model = explainer.model
     scorer = Scorer(store)
     target = store.calibration["target_fpr"]
     val = data.FashionScenes("val", seed=0)
@@ -180,17 +182,17 @@ def run(args) -> dict:
         labels[name] = test_labels[: args.ood_shift_n]
 
     fit_images, fit_labels, _, _ = fit.batch()
-    fitted = network_pass(model, explainer, fit_images, args.ood_batch_size, "fit", keep_maps=1000)
+    fitted = network_pass(explainer, fit_images, args.ood_batch_size, "fit", keep_maps=1000)
     baselines = FeatureBaselines(model.classifier, fitted["features"], fit_labels, fitted["maps"])
     del fitted
     val_images, val_labels, _, _ = val.batch()
     if len(val_images) != store.calibration["held_out_images"]:
         raise StoreError(f"the store was calibrated on {store.calibration['held_out_images']} images, "
                          f"the val split holds {len(val_images)}: rebuild it on the whole val split")
-    passes = {"val": network_pass(model, explainer, val_images, args.ood_batch_size, "val", baselines),
-              "test": network_pass(model, explainer, test_images, args.ood_batch_size, "test", baselines)}
+    passes = {"val": network_pass(explainer, val_images, args.ood_batch_size, "val", baselines),
+              "test": network_pass(explainer, test_images, args.ood_batch_size, "test", baselines)}
     for name, images in samples.items():
-        passes[name] = network_pass(model, explainer, images, args.ood_batch_size, name, baselines)
+        passes[name] = network_pass(explainer, images, args.ood_batch_size, name, baselines)
     scored = {name: detector_scores(scorer, passed) for name, passed in passes.items()}
     detectors = (VERDICT, *TESTS, *LOGIT_BASELINES, *FEATURE_DETECTORS)
 

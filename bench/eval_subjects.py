@@ -42,8 +42,7 @@ class Subject:
 
     def inputs(self, indices=slice(None)) -> torch.Tensor:
         """Normalised model inputs of samples ``indices``, exactly as the Explainer builds them."""
-        explainer = self.explainer
-        return (explainer.preprocess(list(self.samples[indices])) - explainer.mean) / explainer.std
+        return self.explainer.prepare(list(self.samples[indices])).inputs
 
     @property
     def layer(self) -> torch.nn.Module:

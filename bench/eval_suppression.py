@@ -30,9 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import eval_ood  # noqa: E402
 from explainserve.anomaly import Scorer  # noqa: E402
 from explainserve.evaluation.suppression import RANKINGS, most_surprising_live_filter, study_suppression  # noqa: E402
-from explainserve.grad_amap import grad_amap  # noqa: E402
 from explainserve.methods import SUPPRESSION_STEPS  # noqa: E402
-from explainserve.probe import probe  # noqa: E402
 
 HEADING = "## Table 8: surprise suppression (misclassified FashionScenes test images; as thesis Figure 6.12)"
 
@@ -42,15 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suppression-steps", type=int, default=SUPPRESSION_STEPS, help="most superpixels deleted")
 
 
-def true_class_pass(model, explainer, samples: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> dict:
+def true_class_pass(explainer, samples: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> dict:
     """Predicted class (n,) and Grad-AMap alpha (n, K) for the *true* class of each image."""
     predicted, alpha = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="true-class pass", unit="batch", leave=False):
-        rgb = explainer.preprocess(list(samples[start:start + batch_size]))
-        result = probe(model, (rgb - explainer.mean) / explainer.std, layer=explainer.layer,
-                       target=labels[start:start + batch_size].tolist(), input_gradient=False)
-        predicted.append(result.predicted.numpy())
-        alpha.append(grad_amap(result.activations, result.activation_gradients).numpy())
+        scores = explainer.filter_scores(list(samples[start:start + batch_size]),
+                                         targets=labels[start:start + batch_size].tolist())
+        predicted.append(scores.predicted)
+        alpha.append(scores.alpha)
     return {"predicted": np.concatenate(predicted), "alpha": np.concatenate(alpha)}
 
 
@@ -60,11 +57,11 @@ def run(args) -> dict:
 
     torch.set_num_threads(2)
     started = time.perf_counter()
-    model, explainer, store = eval_ood.open_model()
+    explainer, store = eval_ood.open_model()
     scorer = Scorer(store)
     images, labels, _, _ = data.FashionScenes("test", seed=0, size=args.suppression_n).batch()
     labels = np.asarray(labels, dtype=np.int64)
-    passed = true_class_pass(model, explainer, images, labels)
+    passed = true_class_pass(explainer, images, labels)
     wrong = np.flatnonzero(passed["predicted"] != labels)
     scored = scorer.score(passed["alpha"][wrong], labels[wrong])
     thresholds = scorer.reference.p_high[labels[wrong]]

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -24,7 +25,7 @@ from .cam import grad_cam
 from .grad_amap import grad_amap
 from .jitter_cam import jitter_cam
 from .methods import DEFAULT_METHODS, IMAGE_METHODS, METHODS, SUPPRESSION_STEPS, VIDEO_METHODS  # noqa: F401 (part of this API)
-from .probe import probe
+from .probe import ProbeResult, probe
 from .surprise import REGION_SEGMENTS, FilterRegion, Suppression, filter_regions, suppress_surprise
 from .limits import Limits
 from .superpixels import gradient_slic
@@ -90,6 +91,68 @@ class SampleExplanation:
     alpha: np.ndarray
     label_alpha: np.ndarray | None
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A batch as the network and SLIC take it: :meth:`Explainer.prepare`'s answer.
+
+    Attributes
+    ----------
+    rgb : Tensor, shape (B, 3, H, W) or (B, 3, T, H, W), float32 in [0, 1]
+        The samples resized to the model's input size.
+    inputs : Tensor, same shape
+        ``rgb`` normalised with the model's mean and std: what the network is given.
+    """
+
+    rgb: torch.Tensor
+    inputs: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.rgb.shape[0]
+
+    @cached_property
+    def images(self) -> np.ndarray:
+        """ndarray of float64, shape (B, H, W, 3) or (B, T, H, W, 3), in [0, 1]: SLIC's input."""
+        return self.rgb.movedim(1, -1).numpy().astype(np.float64)
+
+    def take(self, rows: Sequence[int]) -> "Prepared":
+        """The samples at ``rows`` (repeats allowed), without preparing them again."""
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        return Prepared(self.rgb[index], self.inputs[index])
+
+
+@dataclass
+class FilterScores:
+    """The network's answer and the Grad-AMap filter scores, exactly as Explain serves them.
+
+    Attributes
+    ----------
+    logits : ndarray of float32, shape (B, N)
+    predicted : ndarray of int64, shape (B,)
+    target : ndarray of int64, shape (B,)
+        The class ``alpha`` is computed for: the requested one, else ``predicted``.
+    alpha : ndarray of float32, shape (B, K)
+        Grad-AMap score of each target-layer filter for ``target`` (mean over space of A * dy/dA).
+    label_alpha : ndarray of float32, shape (B, K), or None
+        The same for the labels, when labels were given.
+    """
+
+    logits: np.ndarray
+    predicted: np.ndarray
+    target: np.ndarray
+    alpha: np.ndarray
+    label_alpha: np.ndarray | None
+
+    @classmethod
+    def of(cls, result: ProbeResult) -> "FilterScores":
+        """The one place alpha is computed from a probe pass (the store, the server and the
+        benchmarks all come here)."""
+        label_alpha = (grad_amap(result.activations, result.extra_activation_gradients).numpy()
+                       if result.extra_activation_gradients is not None else None)
+        return cls(logits=result.logits.detach().numpy(), predicted=result.predicted.numpy(),
+                   target=result.target.numpy(), alpha=grad_amap(result.activations, result.activation_gradients).numpy(),
+                   label_alpha=label_alpha)
 
 
 class Explainer:
@@ -185,15 +248,49 @@ class Explainer:
             tensors.append(frames[0] if self.kind == "image" else frames.permute(1, 0, 2, 3))
         return torch.stack(tensors)
 
+    def prepare(self, samples: Sequence[np.ndarray] | Prepared) -> Prepared:
+        """Resize and normalise a batch once, for every pass that follows.
+
+        Parameters
+        ----------
+        samples : list of uint8 ndarray, each (H, W, 3) or (T, H, W, 3); a Prepared passes through
+
+        Returns
+        -------
+        Prepared : the RGB in [0, 1], the normalised inputs, and (on demand) SLIC's images
+        """
+        if isinstance(samples, Prepared):
+            return samples
+        rgb = self.preprocess(samples)
+        return Prepared(rgb, (rgb - self.mean) / self.std)
+
+    def filter_scores(self, samples: Sequence[np.ndarray] | Prepared, targets: Sequence[int | None] | None = None,
+                      labels: Sequence[int | None] | None = None) -> FilterScores:
+        """Logits, prediction and Grad-AMap alpha exactly as Explain serves them, from one
+        forward and backward pass without input gradient: what the distribution store is
+        built from and what the benchmarks score.
+
+        Parameters
+        ----------
+        samples : list of uint8 ndarray, or Prepared
+        targets : sequence of (int or None), optional
+            Class alpha is computed for, per sample; None takes the predicted class.
+        labels : sequence of (int or None), optional
+            Classes whose alpha is returned as ``label_alpha`` (an entry of None repeats the target's).
+        """
+        prepared = self.prepare(samples)
+        targets, labels = self._per_sample(len(prepared), targets, labels)
+        return FilterScores.of(self._network_pass(prepared, targets, labels, input_gradient=False))
+
     # -- the work ---------------------------------------------------------------------
-    def explain(self, samples: Sequence[np.ndarray], methods: Sequence[str] | None = None,
+    def explain(self, samples: Sequence[np.ndarray] | Prepared, methods: Sequence[str] | None = None,
                 options: ExplainOptions = ExplainOptions(), targets: Sequence[int | None] | None = None,
                 labels: Sequence[int | None] | None = None) -> list[SampleExplanation]:
         """Explain a batch in one probe pass.
 
         Parameters
         ----------
-        samples : list of uint8 ndarray, each (H, W, 3) or (T, H, W, 3)
+        samples : list of uint8 ndarray, each (H, W, 3) or (T, H, W, 3), or Prepared
         methods : sequence of str, optional
             Subset of ``self.methods``; ``DEFAULT_METHODS[kind]`` when None, none for an
             empty list (prediction and Grad-AMap scores only).
@@ -205,87 +302,108 @@ class Explainer:
         """
         started = time.perf_counter()
         methods = list(DEFAULT_METHODS[self.kind] if methods is None else methods)
-        batch = len(samples)
-        targets = list(targets) if targets is not None else [None] * batch
-        labels = list(labels) if labels is not None else [None] * batch
-        for name, values in (("targets", targets), ("labels", labels)):
-            if len(values) != batch:
-                raise ValueError(f"{name}: expected one entry per sample ({batch}), got {len(values)}")
+        targets, labels = self._per_sample(len(samples), targets, labels)
         for target, label in zip(targets, labels):
             self.check_request(methods, options, target, label)
-        slic_options = self.slic_options(options)
         swag_methods = [m for m in methods if m in SWAG_VARIANT]
+        slic_options = self.slic_options(options)
 
-        rgb = self.preprocess(samples)
-        inputs = (rgb - self.mean) / self.std
-        images = rgb.movedim(1, -1).numpy().astype(np.float64)  # (B, [T,] H, W, 3) for SLIC
+        prepared = self.prepare(samples)
         timings = {"preprocess": time.perf_counter() - started}
-
-        # Colour-only superpixels need no gradient: start them before the network pass, but only
-        # when torch leaves a core idle; on a machine whose cores torch already uses, SLIC in
-        # parallel slows the network pass by more than it saves.
-        colour_segments = {}
-        if any(SWAG_VARIANT[m] == "i" for m in swag_methods) and spare_core():
-            colour_segments = {b: self._superpixel_pool.submit(gradient_slic, images[b], None, variant="i", **slic_options)
-                               for b in range(batch)}
+        colour_segments = self._start_colour_superpixels(prepared, swag_methods, slic_options)
 
         network_started = time.perf_counter()
-        extra = labels if any(label is not None for label in labels) else None
-        result = probe(self.model, inputs, layer=self.layer, target=targets, input_gradient=bool(swag_methods),
-                       extra_targets=extra)
-        alpha = grad_amap(result.activations, result.activation_gradients).numpy()
-        label_alpha = (grad_amap(result.activations, result.extra_activation_gradients).numpy()
-                       if extra is not None else None)
+        result = self._network_pass(prepared, targets, labels, input_gradient=bool(swag_methods))
+        scores = FilterScores.of(result)
         timings["network"] = time.perf_counter() - network_started
 
-        maps: list[dict[str, ExplanationMap]] = [{} for _ in range(batch)]
-        if "grad_cam" in methods:
-            heatmaps = grad_cam(result.activations, result.activation_gradients, self.input_size).numpy()
-            for b in range(batch):
-                maps[b]["grad_cam"] = ExplanationMap(heatmaps[b])
-        if "jitter_cam" in methods:
-            jitter_started = time.perf_counter()
-            heatmaps = jitter_cam(self.model, inputs, result.target, cam_size=self.cam_size, layer=self.layer,
-                                  d=options.jitter_d).numpy()
-            for b in range(batch):
-                maps[b]["jitter_cam"] = ExplanationMap(heatmaps[b])
-            timings["jitter_cam"] = time.perf_counter() - jitter_started
-
+        maps: list[dict[str, ExplanationMap]] = [{} for _ in range(len(prepared))]
+        self._cam_maps(prepared, result, methods, options, maps, timings)
         if swag_methods:
             superpixels_started = time.perf_counter()
-            scores = pixel_scores(result, inputs, "guided")
-            jobs = {}
-            for b in range(batch):
-                for method in swag_methods:
-                    variant = SWAG_VARIANT[method]
-                    if variant == "i" and b in colour_segments:
-                        jobs[b, method] = colour_segments[b]
-                    else:
-                        jobs[b, method] = self._superpixel_pool.submit(
-                            gradient_slic, images[b], None if variant == "i" else scores[b], variant=variant,
-                            **slic_options)
-            for (b, method), future in jobs.items():
-                explanation = swag(images[b], scores[b], segments=future.result())
-                maps[b][method] = ExplanationMap(explanation.heatmap, explanation.segments, explanation.segment_scores)
+            self._swag_maps(prepared, result, swag_methods, slic_options, colour_segments, maps)
             timings["superpixels"] = time.perf_counter() - superpixels_started
-
         top_scores, top_classes = result.top_k(self.limits.top_k(options.top_k))
         timings["total"] = time.perf_counter() - started
         return [
             SampleExplanation(
                 classes=top_classes[b].numpy(),
                 scores=top_scores[b].numpy(),
-                predicted=int(result.predicted[b]),
-                target=int(result.target[b]),
+                predicted=int(scores.predicted[b]),
+                target=int(scores.target[b]),
                 maps=maps[b],
-                alpha=alpha[b],
-                label_alpha=label_alpha[b] if label_alpha is not None and labels[b] is not None else None,
+                alpha=scores.alpha[b],
+                label_alpha=scores.label_alpha[b] if scores.label_alpha is not None and labels[b] is not None else None,
                 timings=dict(timings),
             )
-            for b in range(batch)
+            for b in range(len(prepared))
         ]
 
-    def filter_regions(self, samples: Sequence[np.ndarray], filters: Sequence[int],
+    # -- the steps of explain() -------------------------------------------------------
+    def _per_sample(self, batch: int, targets, labels) -> tuple[list, list]:
+        """Targets and labels as one checked entry (class id or None) per sample."""
+        targets = list(targets) if targets is not None else [None] * batch
+        labels = list(labels) if labels is not None else [None] * batch
+        for name, values in (("targets", targets), ("labels", labels)):
+            if len(values) != batch:
+                raise ValueError(f"{name}: expected one entry per sample ({batch}), got {len(values)}")
+        for target, label in zip(targets, labels):
+            self.check_class(target, "target")
+            self.check_class(label, "label")
+        return targets, labels
+
+    def _network_pass(self, prepared: Prepared, targets: list, labels: list, *, input_gradient: bool) -> ProbeResult:
+        """The probe pass: prediction, target-layer activations and gradients (and the guided
+        input gradient when SWAG needs it); labels, if any, backpropagated beside the targets."""
+        extra = labels if any(label is not None for label in labels) else None
+        return probe(self.model, prepared.inputs, layer=self.layer, target=targets, input_gradient=input_gradient,
+                     extra_targets=extra)
+
+    def _start_colour_superpixels(self, prepared: Prepared, swag_methods: list[str], slic_options: dict) -> dict[int, Future]:
+        """Colour-only superpixels need no gradient: start them before the network pass, but only
+        when torch leaves a core idle; on a machine whose cores torch already uses, SLIC in
+        parallel slows the network pass by more than it saves."""
+        if not any(SWAG_VARIANT[m] == "i" for m in swag_methods) or not spare_core():
+            return {}
+        return {b: self._superpixel_pool.submit(gradient_slic, prepared.images[b], None, variant="i", **slic_options)
+                for b in range(len(prepared))}
+
+    def _cam_maps(self, prepared: Prepared, result: ProbeResult, methods: list[str], options: ExplainOptions,
+                  maps: list[dict], timings: dict) -> None:
+        """Grad-CAM from the probe pass, and Jitter-CAM from its own batched pass over the patches."""
+        if "grad_cam" in methods:
+            heatmaps = grad_cam(result.activations, result.activation_gradients, self.input_size).numpy()
+            for b, heatmap in enumerate(heatmaps):
+                maps[b]["grad_cam"] = ExplanationMap(heatmap)
+        if "jitter_cam" in methods:
+            jitter_started = time.perf_counter()
+            heatmaps = jitter_cam(self.model, prepared.inputs, result.target, cam_size=self.cam_size, layer=self.layer,
+                                  d=options.jitter_d).numpy()
+            for b, heatmap in enumerate(heatmaps):
+                maps[b]["jitter_cam"] = ExplanationMap(heatmap)
+            timings["jitter_cam"] = time.perf_counter() - jitter_started
+
+    def _swag_maps(self, prepared: Prepared, result: ProbeResult, swag_methods: list[str], slic_options: dict,
+                   colour_segments: dict[int, Future], maps: list[dict]) -> None:
+        """SWAG's maps: SLIC per sample and variant on the pool (colour-only ones may have
+        started already), each superpixel weighted by its mean guided gradient."""
+        scores = pixel_scores(result, prepared.inputs, "guided")
+        images = prepared.images
+        jobs = {}
+        for b in range(len(prepared)):
+            for method in swag_methods:
+                variant = SWAG_VARIANT[method]
+                if variant == "i" and b in colour_segments:
+                    jobs[b, method] = colour_segments[b]
+                else:
+                    jobs[b, method] = self._superpixel_pool.submit(
+                        gradient_slic, images[b], None if variant == "i" else scores[b], variant=variant, **slic_options)
+        for (b, method), future in jobs.items():
+            explanation = swag(images[b], scores[b], segments=future.result())
+            maps[b][method] = ExplanationMap(explanation.heatmap, explanation.segments, explanation.segment_scores)
+
+    # -- regions (thesis 6.3.2, 6.4.1) ------------------------------------------------
+    def filter_regions(self, samples: Sequence[np.ndarray] | Prepared, filters: Sequence[int],
                        targets: Sequence[int | None] | None = None,
                        n_segments: int = REGION_SEGMENTS) -> list[FilterRegion]:
         """The region of each sample that triggered one target-layer filter (thesis 6.3.2).
@@ -295,7 +413,7 @@ class Explainer:
 
         Parameters
         ----------
-        samples : list of uint8 ndarray, each (H, W, 3) or (T, H, W, 3)
+        samples : list of uint8 ndarray, each (H, W, 3) or (T, H, W, 3), or Prepared
         filters : sequence of int
             Target-layer filter per sample, in [0, ``num_filters`` - 1].
         targets : sequence of (int or None), optional
@@ -307,29 +425,39 @@ class Explainer:
         -------
         list of FilterRegion, maps at ``input_size``
         """
-        targets = list(targets) if targets is not None else [None] * len(samples)
-        if len(filters) != len(samples) or len(targets) != len(samples):
-            raise ValueError(f"filters, targets: expected one entry per sample ({len(samples)}), "
+        prepared = self.prepare(samples)
+        targets = list(targets) if targets is not None else [None] * len(prepared)
+        if len(filters) != len(prepared) or len(targets) != len(prepared):
+            raise ValueError(f"filters, targets: expected one entry per sample ({len(prepared)}), "
                              f"got {len(filters)} and {len(targets)}")
         for target in targets:
             self.check_class(target)
-        rgb = self.preprocess(samples)
-        return filter_regions(self.model, (rgb - self.mean) / self.std, list(filters), target=targets,
-                              images=rgb.movedim(1, -1).numpy(), layer=self.layer, n_segments=n_segments)
+        return filter_regions(self.model, prepared.inputs, list(filters), target=targets,
+                              images=prepared.rgb.movedim(1, -1).numpy(), layer=self.layer, n_segments=n_segments)
 
-    def suppress_surprise(self, samples: Sequence[np.ndarray], regions: Sequence[FilterRegion],
+    def suppress_surprise(self, samples: Sequence[np.ndarray] | Prepared, regions: Sequence[FilterRegion],
                           steps: int = SUPPRESSION_STEPS) -> list[Suppression]:
         """Delete each sample's region superpixels, best first, until the prediction changes
         (thesis 6.4.1); one batched forward pass. See :func:`explainserve.surprise.suppress_surprise`.
 
         Parameters
         ----------
-        samples : list of uint8 ndarray, each (H, W, 3) or (T, H, W, 3)
+        samples : list of uint8 ndarray, each (H, W, 3) or (T, H, W, 3), or Prepared
             The samples :meth:`filter_regions` was given.
         regions : sequence of FilterRegion
             What :meth:`filter_regions` returned for them.
         steps : int
             The most segments deleted per sample, in [1, 100].
         """
-        rgb = self.preprocess(samples)
-        return suppress_surprise(self.model, (rgb - self.mean) / self.std, regions, steps=steps)
+        return suppress_surprise(self.model, self.prepare(samples).inputs, regions, steps=steps)
+
+    # -- lifetime ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the superpixel threads (waiting for running jobs); the Explainer is unusable after."""
+        self._superpixel_pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "Explainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

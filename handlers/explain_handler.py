@@ -198,14 +198,15 @@ class ExplainHandler:
 
     def answer_regions(self, parsed: list, answers: list, indices: list[int], n_segments: int, steps: int) -> None:
         """One filter_regions pass for every (item, filter) pair of these region items, and one
-        suppression pass over them when ``steps`` > 0."""
+        suppression pass over them when ``steps`` > 0; each item's sample is prepared once."""
         pairs = [(i, region) for i in indices for region in parsed[i].regions]
-        samples = [parsed[i].sample for i, _ in pairs]
         try:
+            prepared = self.explainer.prepare([parsed[i].sample for i in indices])
+            prepared = prepared.take([indices.index(i) for i, _ in pairs])
             regions = self.explainer.filter_regions(
-                samples, [f for _, (f, _) in pairs], targets=[c for _, (_, c) in pairs], n_segments=n_segments,
+                prepared, [f for _, (f, _) in pairs], targets=[c for _, (_, c) in pairs], n_segments=n_segments,
             )
-            suppressions = self.explainer.suppress_surprise(samples, regions, steps) if steps else [None] * len(regions)
+            suppressions = self.explainer.suppress_surprise(prepared, regions, steps) if steps else [None] * len(regions)
         except Exception as error:  # noqa: BLE001 - every item must get an answer
             code = INVALID_ARGUMENT if isinstance(error, ValueError) else INTERNAL
             for i in indices:

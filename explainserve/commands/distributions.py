@@ -153,10 +153,8 @@ def alpha_of(explainer, samples: list, ids: list, targets: list | None) -> tuple
 
     With ``targets`` the alpha is computed for those classes, else for the predicted ones.
     """
-    results = explainer.explain(samples, methods=[], targets=targets)
-    classes = targets if targets is not None else [result.predicted for result in results]
-    return (np.stack([result.alpha for result in results]), np.asarray(classes, dtype=np.int64),
-            np.asarray(ids, dtype=np.int64))
+    scores = explainer.filter_scores(samples, targets=targets)
+    return scores.alpha, scores.target.astype(np.int64), np.asarray(ids, dtype=np.int64)
 
 
 def training_batches(explainer, dataset, key: str, held: range, batch_size: int) -> Iterator[tuple]:

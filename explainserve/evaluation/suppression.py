@@ -17,7 +17,7 @@ import numpy as np
 from ..explainer import Explainer
 from ..methods import SUPPRESSION_STEPS
 from ..probe import probe
-from ..surprise import FilterRegion, Suppression, filter_regions, suppress_surprise
+from ..surprise import FilterRegion, Suppression
 from ..swag import segment_means
 
 
@@ -77,11 +77,9 @@ def study_suppression(explainer: Explainer, samples: Sequence[np.ndarray], label
     same normalised inputs.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    rgb = explainer.preprocess(samples)
-    inputs = (rgb - explainer.mean) / explainer.std
-    regions = filter_regions(explainer.model, inputs, list(filters), target=labels.tolist(),
-                             images=rgb.movedim(1, -1).numpy(), layer=explainer.layer)
-    result = probe(explainer.model, inputs, layer=explainer.layer, target=labels.tolist(), input_gradient=False,
+    prepared = explainer.prepare(samples)
+    regions = explainer.filter_regions(prepared, list(filters), targets=labels.tolist())
+    result = probe(explainer.model, prepared.inputs, layer=explainer.layer, target=labels.tolist(), input_gradient=False,
                    vanilla_gradient=True)
     scores = result.vanilla_gradient.abs().amax(dim=1).numpy()
     controls: list[FilterRegion] = []
@@ -90,7 +88,7 @@ def study_suppression(explainer: Explainer, samples: Sequence[np.ndarray], label
         controls.append(replace(region, heatmap=means[region.segments], pixel_scores=pixel, segment_scores=means,
                                 top_segment=int(np.argmax(means))))
     return SuppressionStudy(
-        by_ranking={"filtered": suppress_surprise(explainer.model, inputs, regions, steps=steps),
-                    "unfiltered": suppress_surprise(explainer.model, inputs, controls, steps=steps)},
+        by_ranking={"filtered": explainer.suppress_surprise(prepared, regions, steps=steps),
+                    "unfiltered": explainer.suppress_surprise(prepared, controls, steps=steps)},
         labels=labels,
     )

@@ -33,8 +33,7 @@ def test_the_study_suppresses_the_filter_region_and_the_vanilla_control_on_the_s
     regions = explainer.filter_regions(samples, filters, targets=labels)
     assert [s.deleted_segments.tolist() for s in study.by_ranking["filtered"]] == \
         [s.deleted_segments.tolist() for s in explainer.suppress_surprise(samples, regions, 4)]
-    rgb = explainer.preprocess(samples)
-    vanilla = probe(model, (rgb - explainer.mean) / explainer.std, target=labels, input_gradient=False,
+    vanilla = probe(model, explainer.prepare(samples).inputs, target=labels, input_gradient=False,
                     vanilla_gradient=True).vanilla_gradient.abs().amax(dim=1).numpy()
     for control, region, pixel in zip(study.by_ranking["unfiltered"], regions, vanilla):
         assert control.deleted_segments[0] == int(np.argmax(segment_means(pixel, region.segments)))

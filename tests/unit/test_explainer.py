@@ -31,8 +31,8 @@ def test_one_call_returns_every_image_method_consistent_with_the_library(image_e
     methods = ["swag_i", "swag_g", "swag_i_g", "grad_cam", "jitter_cam"]
     options = ExplainOptions(n_segments=50, top_k=3)
     results = image_explainer.explain(photos, methods, options, labels=[4, None])
-    rgb = image_explainer.preprocess(photos)
-    inputs = (rgb - image_explainer.mean) / image_explainer.std
+    prepared = image_explainer.prepare(photos)
+    rgb, inputs = prepared.rgb, prepared.inputs
     reference = probe(image_explainer.model, inputs)
     expected_cam = grad_cam(reference.activations, reference.activation_gradients, (64, 64)).numpy()
     expected_alpha = grad_amap(reference.activations, reference.activation_gradients).numpy()
@@ -52,6 +52,46 @@ def test_one_call_returns_every_image_method_consistent_with_the_library(image_e
         assert set(result.timings) >= {"preprocess", "network", "superpixels", "jitter_cam", "total"}
     assert results[0].label_alpha is not None and results[1].label_alpha is None
     assert not np.allclose(results[0].label_alpha, results[0].alpha) or results[0].target == 4
+
+
+def test_prepare_resizes_and_normalises_once(image_explainer, photos):
+    prepared = image_explainer.prepare(photos)
+    assert prepared.rgb.shape == (2, 3, 64, 64) and image_explainer.prepare(prepared) is prepared
+    # mean 0.5, std 0.25 for every channel: inputs = 4 rgb - 2, by hand
+    np.testing.assert_allclose(prepared.inputs.numpy(), 4 * prepared.rgb.numpy() - 2, rtol=0, atol=1e-6)
+    assert prepared.images.shape == (2, 64, 64, 3) and prepared.images.dtype == np.float64
+    np.testing.assert_array_equal(prepared.images[1], prepared.rgb[1].permute(1, 2, 0).numpy())
+    taken = prepared.take([1, 1, 0])
+    assert torch.equal(taken.inputs[2], prepared.inputs[0]) and torch.equal(taken.rgb[0], prepared.rgb[1])
+
+
+def test_filter_scores_are_the_served_alpha(image_explainer, photos):
+    # The store is built from filter_scores and Explain serves explain()'s alpha: they must agree,
+    # with and without targets and labels, whatever the methods run beside.
+    served = image_explainer.explain(photos, ["swag_g", "grad_cam"], targets=[None, 7], labels=[2, None])
+    scores = image_explainer.filter_scores(photos, targets=[None, 7], labels=[2, None])
+    assert scores.target.tolist() == [served[0].predicted, 7] == [r.target for r in served]
+    assert scores.predicted.tolist() == [r.predicted for r in served] and scores.logits.shape == (2, 10)
+    for b, result in enumerate(served):
+        np.testing.assert_allclose(scores.alpha[b], result.alpha, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(scores.label_alpha[0], served[0].label_alpha, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match=r"target: class id must be in \[0, 9\], got 10"):
+        image_explainer.filter_scores(photos, targets=[10, None])
+
+
+def test_close_stops_the_superpixel_threads(photos):
+    model = torchvision.models.resnet18(weights=None, num_classes=3)
+    with Explainer(model, kind="image", input_size=(32, 32), mean=MEAN, std=STD, class_names=list("abc")) as explainer:
+        explainer.explain(photos[:1], ["swag_i_g"])
+    with pytest.raises(RuntimeError, match="shutdown"):
+        explainer.explain(photos[:1], ["swag_i_g"])
+
+
+def test_options_are_frozen_and_hashable():
+    options = ExplainOptions(n_segments=40)
+    with pytest.raises(AttributeError):
+        options.n_segments = 50
+    assert {options: 1}[ExplainOptions(n_segments=40)] == 1
 
 
 def test_default_methods_and_prediction_only(image_explainer, photos):
@@ -144,8 +184,8 @@ def test_each_map_is_the_library_function_applied_to_that_sample_alone_for_a_req
     model = image_explainer.model
     methods = ["swag_i", "swag_g", "swag_i_g", "grad_cam", "jitter_cam"]
     slic = {"n_segments": 40, "wc": 6.0, "wg": 14.0}
-    rgb = image_explainer.preprocess(photos)
-    inputs = (rgb - image_explainer.mean) / image_explainer.std
+    prepared = image_explainer.prepare(photos)
+    rgb, inputs = prepared.rgb, prepared.inputs
     predicted = probe(model, inputs, input_gradient=False).predicted.tolist()
     # Per sample, the other class with the strongest Grad-CAM, so that no map is blank.
     strength = torch.stack([grad_cam(r.activations, r.activation_gradients, (2, 2)).sum(dim=(1, 2))

@@ -129,6 +129,23 @@ def region_item(image, filters, n_segments=0) -> dict:
     return {**internal(data=png(image), methods=["swag_i_g"]), REGION_REQUEST_KEY: request.SerializeToString()}
 
 
+def test_a_region_batch_prepares_each_sample_once(model_and_handler, monkeypatch):
+    # Two items with two filters each, and the suppression pass: one preprocess of two samples.
+    _, _, handler = model_and_handler
+    calls = []
+    preprocess = handler.explainer.preprocess
+    monkeypatch.setattr(handler.explainer, "preprocess", lambda samples: calls.append(len(samples)) or preprocess(samples))
+    items = []
+    for seed in (85, 86):
+        item = region_item(random_image(seed), [(3, None), (9, 1)])
+        request = handler_pb2.RegionRequest.FromString(item[REGION_REQUEST_KEY])
+        request.suppression_steps = 3
+        items.append({**item, REGION_REQUEST_KEY: request.SerializeToString()})
+    answers = [handler_pb2.HandlerResponse.FromString(a) for a in handle(handler, items)]
+    assert [len(a.regions) for a in answers] == [2, 2] and answers[1].regions[1].HasField("suppression")
+    assert calls == [2]
+
+
 def test_region_items_answer_the_filter_regions_beside_ordinary_items(model_and_handler):
     model, metadata, handler = model_and_handler
     images = [random_image(80 + i) for i in range(3)]

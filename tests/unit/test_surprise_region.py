@@ -203,9 +203,8 @@ def test_explainer_regions_from_raw_samples(resnet):
                           class_names=[str(i) for i in range(6)])
     samples = [(_smooth_images(1, size=80, seed=s)[0].movedim(0, -1).numpy() * 255).astype(np.uint8) for s in (3, 4)]
     regions = explainer.filter_regions(samples, [10, 20], targets=[None, 3])
-    rgb = explainer.preprocess(samples)
-    expected = filter_regions(resnet, (rgb - explainer.mean) / explainer.std, [10, 20], target=[None, 3],
-                              images=rgb.movedim(1, -1).numpy())
+    prepared = explainer.prepare(samples)
+    expected = filter_regions(resnet, prepared.inputs, [10, 20], target=[None, 3], images=prepared.images)
     for region, reference in zip(regions, expected):
         assert region.heatmap.shape == (64, 64) and np.array_equal(region.segments, reference.segments)
         assert region.top_segment == reference.top_segment
@@ -275,7 +274,7 @@ def test_explainer_suppression_equals_deleting_by_hand(resnet):
     samples = [(_smooth_images(1, size=64, seed=s)[0].movedim(0, -1).numpy() * 255).astype(np.uint8) for s in (5, 6)]
     regions = explainer.filter_regions(samples, [7, 30])
     found = explainer.suppress_surprise(samples, regions, steps=4)
-    inputs = (explainer.preprocess(samples) - explainer.mean) / explainer.std
+    inputs = explainer.prepare(samples).inputs
     for b, (region, suppression) in enumerate(zip(regions, found)):
         assert suppression.deleted_segments[0] == region.top_segment
         deleted = np.isin(region.segments, suppression.deleted_segments)
