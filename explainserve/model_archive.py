@@ -109,6 +109,7 @@ def write_archive(model: nn.Module, metadata: dict, export_dir: str | Path, *, b
         Bad metadata or batching, or (StoreError) a store that is corrupt, a shard,
         uncalibrated or built for another model name or version.
     """
+    import os
     import subprocess
     import sys
     import tempfile
@@ -139,6 +140,8 @@ def write_archive(model: nn.Module, metadata: dict, export_dir: str | Path, *, b
              "--extra-files", ",".join(str(p) for p in extra),
              "--config-file", str(tmp / "model-config.yaml"),
              "--export-path", str(export_dir), "--force"],
-            check=True, capture_output=True, text=True,
+            # The archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps two
+            # archives of one name (parallel builds or test runs) from mixing their files.
+            check=True, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp)},
         )
     return export_dir / f"{metadata['name']}.mar"
