@@ -187,8 +187,9 @@ class ClassReference:
         in-distribution input), in entry order (the same sum whatever the batch); zero without scales."""
         if inverse is None:
             return np.zeros(len(flagged), dtype=np.float32)
-        rows, columns = np.nonzero(flagged)
-        terms = (upper[rows, columns] - lower[rows, columns]) * inverse[classes[rows], columns]
+        entries = np.flatnonzero(flagged)  # several times faster than a 2-D np.nonzero
+        rows, columns = np.divmod(entries, flagged.shape[1])
+        terms = (upper.ravel()[entries] - lower.ravel()[entries]) * inverse[classes[rows], columns]
         return np.bincount(rows, weights=terms, minlength=len(flagged)).astype(np.float32)
 
     def statistics(self, alpha: np.ndarray, classes: np.ndarray, inverse: np.ndarray | None = None) -> FilterStatistics:

@@ -435,13 +435,13 @@ def test_serve_unpacks_the_stores_shipped_in_archives(demo_store, tmp_path):
 # -- reloading stores while serving --------------------------------------------------------
 def altered_store(source: Path, out: Path) -> Path:
     """A valid copy of ``source`` with other P99.9 thresholds, hence another sha256."""
-    from explainserve.anomaly.store import ARRAY_SPECS, MANIFEST, file_sha256, store_sha256, write_manifest
+    from explainserve.anomaly.store import MANIFEST, file_sha256, store_sha256, write_manifest
 
     shutil.copytree(source, out)
     np.save(out / "p_high.npy", np.load(out / "p_high.npy") * np.float32(1.5))
     manifest = json.loads((out / MANIFEST).read_text())
     manifest["arrays"]["p_high"]["sha256"] = file_sha256(out / "p_high.npy")
-    manifest["sha256"] = store_sha256({name: manifest["arrays"][name]["sha256"] for name in ARRAY_SPECS})
+    manifest["sha256"] = store_sha256({name: entry["sha256"] for name, entry in manifest["arrays"].items()})
     write_manifest(out, manifest)
     return out
 
