@@ -14,8 +14,8 @@ Outputs (first dimension N; ask for a subset with the request's ``outputs``):
 ``probabilities`` FP32 [N, k] and ``classes`` INT64 [N, k] (top-k, best first),
 ``predicted_class`` INT64 [N], ``heatmap_<method>`` FP32 [N, H, W] (clips [N, T, H, W]) per method,
 ``segments_<method>`` INT32 for SWAG methods, ``verdict`` BYTES [N] (NORMAL, ANOMALOUS or
-UNAVAILABLE: no store), ``verdict_score`` FP64 [N] (margin past the threshold, > 0 exactly when
-ANOMALOUS), ``beta`` FP64, ``surprise_count`` and ``expectation_count`` INT32 [N]; without a
+UNAVAILABLE: no store), ``verdict_score`` FP64 [N] (``ClassVerdict.score``, see
+docs/SERVING.md), ``beta`` FP64, ``surprise_count`` and ``expectation_count`` INT32 [N]; without a
 verdict the numbers are NaN and the counts -1.
 """
 
