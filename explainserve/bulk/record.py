@@ -3,8 +3,8 @@
 A line holds the input's ``id`` and ``path``, ``status`` ("ok" or "error"), and either
 ``error`` ({"code", "message"}) or the answer: ``model``, ``predicted`` and ``top_k``
 ({"index", "name", "score"}), ``verdict`` (NORMAL / ANOMALOUS, null when the model has no
-store), ``anomaly_status``, ``score`` (the verdict's combined statistic, a ranking), ``p_value`` (when the gateway
-sends one), ``beta``, ``surprise_count``, ``expectation_count``, ``label_verdict``, ``region``
+store), ``anomaly_status``, ``score`` (the verdict's combined statistic, a ranking), ``p_value`` (its conformal
+p-value), ``beta``, ``surprise_count``, ``expectation_count``, ``label_verdict``, ``region``
 (the surprise region's filter and exemplars), ``timings`` (seconds: the gateway's stages and
 ``client``, the whole call as the client saw it), ``attempts`` and ``pictures`` (paths under
 the output folder).
@@ -28,9 +28,8 @@ def verdict_fields(verdict: explain_pb2.ClassVerdict) -> dict:
         "verdict": explain_pb2.ClassVerdict.Verdict.Name(verdict.verdict),
         "score": verdict.score, "beta": verdict.beta,
         "surprise_count": verdict.surprise_count, "expectation_count": verdict.expectation_count,
+        "p_value": verdict.p_value,
     }
-    if "p_value" in verdict.DESCRIPTOR.fields_by_name:  # the calibrated p-value, where the gateway has one
-        fields["p_value"] = getattr(verdict, "p_value")
     return fields
 
 

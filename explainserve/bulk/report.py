@@ -2,8 +2,8 @@
 
 A summary (counts and three plots: verdict rate, score histogram, latency histogram) above a
 gallery of one card per input: original | map | surprise region, the prediction, the verdict
-with its score (and p-value) and flag counts, or the error. Buttons sort the cards by score,
-latency or name and filter them by verdict; the page applies ``#filter=ANOMALOUS&sort=score-desc``
+with its score and p-value and flag counts, or the error. Buttons sort the cards by score,
+p-value, latency or name and filter them by verdict; the page applies ``#filter=ANOMALOUS&sort=score-desc``
 from its address by clicking the same buttons, so a view can be linked to. Pictures are embedded
 as data URIs: the file can be mailed or archived alone.
 """
@@ -20,7 +20,7 @@ from explainserve.bulk.record import read_results
 REPORT = "report.html"
 PANELS = (("original", "original"), ("map", "map"), ("region", "surprise region"))
 SORTS = (("id-asc", "name"), ("score-desc", "score, highest first"), ("score-asc", "score, lowest first"),
-         ("latency-desc", "latency, slowest first"))
+         ("p-asc", "p-value, lowest first"), ("latency-desc", "latency, slowest first"))
 
 STYLE = """
 body { font: 14px sans-serif; margin: 16px; color: #111; background: #fff; }
@@ -118,7 +118,7 @@ def number(value, digits: int = 3) -> str:
 def card(line: dict, folder: Path) -> str:
     key = verdict_key(line)
     attributes = (f'data-id="{escape(line["id"])}" data-verdict="{key}" data-score="{number(line.get("score"), 6)}" '
-                  f'data-latency="{number(line["timings"].get("client"), 6)}"')
+                  f'data-p="{number(line.get("p_value"), 6)}" data-latency="{number(line["timings"].get("client"), 6)}"')
     head = (f'<p><span class="verdict">{plots.VERDICT_NAMES[key]}</span> '
             f'<span class="id">{escape(line["id"])}</span></p>')
     if line["status"] != "ok":

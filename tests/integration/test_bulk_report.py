@@ -90,7 +90,7 @@ def test_every_input_gets_one_line_and_bad_files_are_error_lines(bulk_run):
             assert (bulk_run / line["pictures"][name]).is_file()
     for name in ("noise_0.png", "noise_1.png"):  # uniform noise is far from every training scene
         line = lines[name]
-        assert line["verdict"] == "ANOMALOUS" and line["score"] > 0 and line["region"]["exemplars"]
+        assert line["verdict"] == "ANOMALOUS" and 0 < line["p_value"] < 0.05 and line["region"]["exemplars"]
         assert {"region", "region_overlay"} <= set(line["pictures"])
         region = np.asarray(Image.open(bulk_run / line["pictures"]["region_overlay"]))
         assert region.shape[0] > 256  # the 256-pixel panels over the caption
@@ -105,6 +105,7 @@ def test_a_line_says_what_explain_answers(stack, inputs, bulk_run):
     assert line["predicted"]["score"] == pytest.approx(answer.classes[0][2], rel=1e-6)
     assert line["verdict"] == explain_pb2.ClassVerdict.Verdict.Name(verdict.verdict)
     assert line["score"] == pytest.approx(verdict.score, rel=1e-6)
+    assert line["p_value"] == pytest.approx(verdict.p_value, rel=1e-6)
     assert (line["surprise_count"], line["expectation_count"]) == (verdict.surprise_count, verdict.expectation_count)
 
 
@@ -181,6 +182,11 @@ def test_the_report_sorts_and_filters_when_its_buttons_are_clicked(bulk_run):
     assert len(page.cards) == len(lines)  # the others are hidden, not removed
     errors = Cards(chromium.dom(bulk_run / "report.html", fragment="filter=ERROR"))
     assert sorted(card["data-id"] for card in errors.shown()) == ["broken.jpg", "flat.npy", "tiny.png"]
+    by_p = Cards(chromium.dom(bulk_run / "report.html", fragment="sort=p-asc"))
+    p_values = [float(card["data-p"]) for card in by_p.shown() if card["data-p"]]
+    assert p_values == sorted(p_values) and len(p_values) == 8  # the answered ones; errors last
+    assert [card["data-id"] for card in by_p.shown()][-3:] == sorted(["broken.jpg", "flat.npy", "tiny.png"]) or \
+        {card["data-id"] for card in by_p.shown()[-3:]} == {"broken.jpg", "flat.npy", "tiny.png"}
     slowest = Cards(chromium.dom(bulk_run / "report.html", fragment="sort=latency-desc"))
     latencies = [float(card["data-latency"]) for card in slowest.shown() if card["data-latency"]]
     assert latencies == sorted(latencies, reverse=True) and len(latencies) == len(lines)
