@@ -61,9 +61,17 @@ def picture_key(item: BulkInput) -> str:
     return f"{stem}-{hashlib.sha1(item.id.encode()).hexdigest()[:10]}"
 
 
+class CallFailed(Exception):
+    """The last failure of a call, after ``attempts`` tries."""
+
+    def __init__(self, error: ExplainError, attempts: int):
+        super().__init__(str(error))
+        self.error, self.attempts = error, attempts
+
+
 def call_with_retries(client: ExplainClient, data, label: int | None, options: BulkOptions,
                       methods: Sequence[str]):
-    """(result, attempts); raises the last ExplainError once retries are spent or on any other code."""
+    """(result, attempts); raises CallFailed once retries are spent, or at once for any code but UNAVAILABLE."""
     for attempt in range(options.retries + 1):
         try:
             result = client.explain(data, model=options.model, methods=methods, timeout=options.timeout,
@@ -72,8 +80,7 @@ def call_with_retries(client: ExplainClient, data, label: int | None, options: B
             return result, attempt + 1
         except ExplainError as error:
             if error.code != grpc.StatusCode.UNAVAILABLE or attempt == options.retries:
-                error.attempts = attempt + 1
-                raise
+                raise CallFailed(error, attempt + 1) from None
             delay = min(MAX_BACKOFF, options.backoff * 2 ** attempt)
             time.sleep(delay * random.uniform(0.5, 1.0))
 
@@ -92,9 +99,9 @@ def explain_one(client: ExplainClient, item: BulkInput, options: BulkOptions, ou
         # Pictures go as their own file bytes, so the gateway decodes exactly what is on disk.
         result, attempts = call_with_retries(client, item.path.read_bytes() if kind == "image" else data, label,
                                              options, methods)
-    except ExplainError as error:
-        return error_line(item, error.code.name, error.details or "", time.perf_counter() - started,
-                          getattr(error, "attempts", 1))
+    except CallFailed as failed:
+        return error_line(item, failed.error.code.name, failed.error.details or "", time.perf_counter() - started,
+                          failed.attempts)
     seconds = time.perf_counter() - started
     return ok_line(item, result, seconds, attempts, write_pictures(data, result, out, picture_key(item)))
 

@@ -48,7 +48,12 @@ VERDICT_OUTPUTS = ("verdict", "verdict_p_value", "verdict_score", "beta", "surpr
 
 
 class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
-    """OIP v2 in front of the same ``ExplainerService`` the Explain API uses."""
+    """OIP v2 in front of the same ``ExplainerService`` the Explain API uses.
+
+    It calls that servicer's own steps (``_metadata``, ``_explain``, ``_measured``) on purpose:
+    a second protocol over one path, so the two APIs cannot drift apart in validation, scoring,
+    status codes or metrics.
+    """
 
     def __init__(self, explainer: ExplainerService):
         self.explainer = explainer
