@@ -1,11 +1,12 @@
 """build-distributions over a user's files: decode in parallel, one class at a time, resumable.
 
-Every sample is decoded by the handler's own functions (:mod:`explainserve.data.files`) in
-worker processes, while the network computes the alpha of earlier batches. Each class is
-summarised as soon as its last batch is done and kept in a checkpoint folder beside the store
-so a build killed halfway and restarted with the same arguments skips
-the classes it finished (the checkpoint is ``.<name>.checkpoint`` beside ``--out``). Bad files (unreadable, corrupt, too small, of the wrong kind) are
-skipped and counted; the build fails when more than ``--max-bad-fraction`` of them are bad.
+Every sample is decoded by the handler's own functions (:mod:`explainserve.data.files`) and
+prepared by the Explainer's (:meth:`~explainserve.explainer.Explainer.prepare`) in worker
+processes, while the network computes the alpha of earlier batches. Each class is summarised
+as soon as its last batch is done and kept in a checkpoint folder (``.<name>.checkpoint``
+beside ``--out``), so a build killed halfway and restarted with the same arguments skips the
+classes it finished. Bad files (unreadable, corrupt, too small, of the wrong kind) are skipped
+and counted; the build fails when more than ``--max-bad-fraction`` of them are bad.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from explainserve.anomaly import StoreMeta, shard_classes
@@ -28,6 +30,7 @@ from explainserve.anomaly.summary import PERCENTILE_LEVELS, summarise_class
 from explainserve.data.files import SampleFile
 from explainserve.data.loader import class_batches, decoded_batches, plain_batches
 from explainserve.data.sources import DataSplits
+from explainserve.explainer import Prepared
 
 BUILD_RECORD = "build_record.json"
 LISTED_BAD_FILES = 100  # paths kept in the build record; the count is complete
@@ -68,6 +71,18 @@ def workers(args) -> int:
     if args.workers < 0:
         raise ValueError(f"--workers: must be >= 0 (0 decodes in the build process), got {args.workers}")
     return args.workers
+
+
+def prepare_one(explainer) -> Callable:
+    """What the decoding workers apply to each sample: the Explainer's own preparation (resize
+    and normalise, as for a request), so the network's process only runs the network."""
+    return lambda sample: explainer.prepare([sample])
+
+
+def joined(parts: list[Prepared]) -> Prepared:
+    """One batch of samples prepared one at a time (preparation is per sample, so the batch is
+    the one :meth:`Explainer.prepare` would give)."""
+    return Prepared(torch.cat([part.rgb for part in parts]), torch.cat([part.inputs for part in parts]))
 
 
 def checkpoint_folder(out: Path) -> Path:
@@ -127,7 +142,7 @@ def build_from_files(args, explainer, meta: StoreMeta, data: DataSplits, alpha_o
     with tqdm(total=len(todo), unit="images", desc=f"training alpha, classes {held.start}..{held.stop - 1}",
               dynamic_ncols=True) as bar:
         for batch in decoded_batches(data.train, class_batches(data.train, todo, args.batch_size), explainer.kind,
-                                     frames, workers(args)):
+                                     frames, workers(args), prepare_one(explainer)):
             label = data.train[batch[0][0]].label
             if label != current and current is not None:
                 finish(current, rows, ids, class_bad)
@@ -139,7 +154,7 @@ def build_from_files(args, explainer, meta: StoreMeta, data: DataSplits, alpha_o
                 if reason is not None:
                     class_bad.add(data.train[index].path, reason)
             if good:
-                alpha, _, _ = alpha_of(explainer, [s for _, s in good], [i for i, _ in good], [label] * len(good))
+                alpha, _, _ = alpha_of(explainer, joined([s for _, s in good]), [i for i, _ in good], [label] * len(good))
                 rows.append(alpha)
                 ids.extend(i for i, _ in good)
             bar.update(len(batch))
@@ -206,13 +221,13 @@ def validation_from_files(args, explainer, samples: list[SampleFile], alpha_of: 
     alphas, classes, bad = [], [], BadFiles(files=len(samples))
     with tqdm(total=len(samples), unit="images", desc="calibrating on val", dynamic_ncols=True) as bar:
         for batch in decoded_batches(samples, plain_batches(list(range(len(samples))), args.batch_size),
-                                     explainer.kind, frames, workers(args)):
+                                     explainer.kind, frames, workers(args), prepare_one(explainer)):
             good = [(index, sample) for index, sample, reason in batch if reason is None]
             for index, _, reason in batch:
                 if reason is not None:
                     bad.add(samples[index].path, reason)
             if good:
-                alpha, predicted, _ = alpha_of(explainer, [s for _, s in good], [i for i, _ in good], None)
+                alpha, predicted, _ = alpha_of(explainer, joined([s for _, s in good]), [i for i, _ in good], None)
                 alphas.append(alpha)
                 classes.append(predicted)
             bar.update(len(batch))

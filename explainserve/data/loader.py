@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch.utils.data
@@ -11,11 +11,11 @@ from explainserve.data.files import SampleFile, decode_sample
 
 
 class DecodedSamples(torch.utils.data.Dataset):
-    """Sample ``i`` decoded: ``(i, array, None)``, or ``(i, None, reason)`` if it is bad (the
-    reason does not repeat the path)."""
+    """Sample ``i`` decoded, then given to ``prepare`` when set: ``(i, sample, None)``, or
+    ``(i, None, reason)`` if it is bad (the reason does not repeat the path)."""
 
-    def __init__(self, samples: list[SampleFile], kind: str, frames: int | None):
-        self.samples, self.kind, self.frames = samples, kind, frames
+    def __init__(self, samples: list[SampleFile], kind: str, frames: int | None, prepare: Callable | None = None):
+        self.samples, self.kind, self.frames, self.prepare = samples, kind, frames, prepare
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -23,7 +23,8 @@ class DecodedSamples(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str | None]:
         path = self.samples[index].path
         try:
-            return index, decode_sample(path, self.kind, self.frames), None
+            sample = decode_sample(path, self.kind, self.frames)
+            return index, sample if self.prepare is None else self.prepare(sample), None
         except ValueError as error:
             return index, None, str(error).removeprefix(f"{path}: ")
 
@@ -50,7 +51,7 @@ def plain_batches(indices: list[int], batch_size: int) -> list[list[int]]:
 
 
 def decoded_batches(samples: list[SampleFile], batches: list[list[int]], kind: str, frames: int | None,
-                    workers: int) -> Iterator[list[tuple[int, np.ndarray | None, str | None]]]:
+                    workers: int, prepare: Callable | None = None) -> Iterator[list[tuple]]:
     """Each batch of sample indices, decoded, in order; ``workers`` processes decode ahead.
 
     Parameters
@@ -62,12 +63,15 @@ def decoded_batches(samples: list[SampleFile], batches: list[list[int]], kind: s
         As :func:`explainserve.data.files.decode_sample`.
     workers : int
         Decoding processes; 0 decodes in this process (no overlap with the network).
+    prepare : callable, optional
+        Applied to each decoded uint8 sample in the worker (the model's resize and
+        normalisation), so that the network's process only runs the network.
 
     Yields
     ------
-    list of (index, uint8 array or None, reason or None)
+    list of (index, uint8 array or what ``prepare`` returns, or None; reason or None)
     """
     loader = torch.utils.data.DataLoader(
-        DecodedSamples(samples, kind, frames), batch_sampler=batches, collate_fn=list, num_workers=workers,
+        DecodedSamples(samples, kind, frames, prepare), batch_sampler=batches, collate_fn=list, num_workers=workers,
         prefetch_factor=4 if workers else None)
     yield from loader
