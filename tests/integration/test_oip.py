@@ -176,3 +176,50 @@ def test_video_files_as_bytes_answer_what_explain_answers(stack, triton):
     assert result.as_numpy("predicted_class")[0] == answer.predicted_class
     np.testing.assert_array_equal(result.as_numpy("segments_swag_v_i_g")[0], answer.maps["swag_v_i_g"].segments)
 
+
+
+def test_a_secured_gateway_takes_tritonclient_over_tls_with_a_key_limited_to_a_model(stack, images, tmp_path):
+    """TLS and API keys apply to the Open Inference Protocol as to Explain: a key limited to the
+    image model infers and reads its metadata, but neither for the video model; no key: refused."""
+    import json
+
+    from explainserve.sidecar.auth import key_sha256, new_key
+    from support.certificates import CertificateAuthority
+    from support.serving_harness import start_gateway, stop_gateway, wait_for
+
+    ca = CertificateAuthority(tmp_path / "pki", "oip")
+    server = ca.issue("gateway", server=True)
+    key = new_key()
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"name": "audit", "sha256": key_sha256(key), "models": [MODEL]}]}))
+    torchserve = stack.torchserve
+    process, target, _ = start_gateway(tmp_path, torchserve.grpc_target, torchserve.management_target,
+                                       token_file=torchserve.key_file,
+                                       extra_args=("--tls-cert", str(server.cert), "--tls-key", str(server.key),
+                                                   "--auth-keys", str(keys)))
+    try:
+        client = grpcclient.InferenceServerClient(target, ssl=True, root_certificates=str(ca.cert))
+        wait_for(lambda: ready(client), 60)  # readiness is open, as health is
+        allowed = {"authorization": f"Bearer {key}"}
+        result = client.infer(MODEL, [grpc_input(images)], headers=allowed, client_timeout=60)
+        assert result.as_numpy("predicted_class").shape == (2,)
+        assert client.get_model_metadata(MODEL, headers=allowed).name == MODEL
+        refusals = {}
+        for case, call in (("no key", lambda: client.infer(MODEL, [grpc_input(images)], client_timeout=30)),
+                           ("other model", lambda: client.get_model_metadata("tiny_video", headers=allowed))):
+            with pytest.raises(InferenceServerException) as refused:
+                call()
+            refusals[case] = refused.value.status()
+        assert refusals == {"no key": "StatusCode.UNAUTHENTICATED", "other model": "StatusCode.PERMISSION_DENIED"}
+        client.close()
+    finally:
+        stop_gateway(process)
+
+
+def ready(client) -> bool:
+    """ServerReady, False while the server does not answer yet."""
+    try:
+        return client.is_server_ready()
+    except InferenceServerException:
+        return False
+
