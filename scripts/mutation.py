@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             if run.returncode != 0:
                 print(f"mutmut run failed for {name} (rc {run.returncode}):\n{run.stderr[-2000:]}", file=sys.stderr)
                 return run.returncode
+        if not (root / "mutants" / f"{source}.meta").exists():
+            print(f"mutation_score[{name}]=nan not_run")
+            continue
         counts = Counter()
         for key, status in statuses(root, source).items():
             if key in equivalent:
