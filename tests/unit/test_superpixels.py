@@ -199,3 +199,14 @@ def test_raising_wc_follows_colour_and_raising_wg_follows_the_scores():
 def test_the_ends_of_the_accepted_ranges_are_accepted():
     assert check_superpixel_parameters(np.int64(MAX_SEGMENTS), 1000.0, 0.5, "i_g") is None
     assert check_superpixel_parameters(1, 0.01, 1000.0, "g") is None
+
+
+def test_the_defaults_are_the_slic_weights_and_a_frame_per_pixel_step(small_image):
+    # wc = 10 is SLIC's own default (thesis §3.4), used for wg too; a frame step weighs a pixel step.
+    image, scores = small_image
+    np.testing.assert_array_equal(gradient_slic(image, scores, n_segments=20),
+                                  gradient_slic(image, scores, n_segments=20, wc=10.0, wg=10.0))
+    clip = np.stack([np.roll(image, 3 * t, axis=1) for t in range(8)])
+    clip_scores = np.stack([np.roll(scores, 3 * t, axis=1) for t in range(8)])
+    np.testing.assert_array_equal(gradient_slic(clip, clip_scores, n_segments=40),
+                                  gradient_slic(clip, clip_scores, n_segments=40, temporal_spacing=1.0))
