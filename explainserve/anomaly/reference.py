@@ -6,6 +6,7 @@ calibrated on exactly the numbers they are later applied to.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,18 +14,26 @@ import numpy as np
 from explainserve.anomaly.store import DistributionStore
 from explainserve.anomaly.summary import BETA_LEVELS, PERCENTILE_LEVELS, beta_scores, class_mean_of_means
 
-#: A (class, filter) scale is at least this fraction of the class's median scale: a filter
-#: that is constant on the held-out images (a silent one) would otherwise weigh without bound.
+#: A (class, filter) scale is at least this fraction of the class's median positive scale: a
+#: filter that is constant on the held-out images (a silent one, IQR 0) would otherwise weigh
+#: without bound, or, were the floor 0, not at all.
 SCALE_FLOOR = 0.1
 
 
 def inverse_scale(scale: np.ndarray) -> np.ndarray:
-    """(C, K) float32 1 / max(scale, SCALE_FLOOR x the class's median scale), 0 for a class
-    whose scales are all zero or NaN (no training images)."""
+    """(C, K) float32 1 / max(s_cn, SCALE_FLOOR x the median of the class's positive scales).
+
+    A class without a positive scale (most filters silent on few images, or no images) takes
+    the median positive scale of all classes, and 1.0 when there is none at all.
+    """
     scale = np.nan_to_num(np.asarray(scale, dtype=np.float32), nan=0.0)
-    floor = SCALE_FLOOR * np.median(scale, axis=1, keepdims=True)
-    floored = np.maximum(scale, floor)
-    return np.divide(1.0, floored, out=np.zeros_like(floored), where=floored > 0).astype(np.float32)
+    positive = np.where(scale > 0, scale, np.nan)
+    with warnings.catch_warnings():  # a row without a positive scale: handled below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        median = np.nanmedian(positive, axis=1, keepdims=True)
+    overall = float(np.median(scale[scale > 0])) if (scale > 0).any() else 1.0
+    floor = SCALE_FLOOR * np.where(np.isnan(median), overall, median)
+    return (1.0 / np.maximum(scale, floor)).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -216,3 +216,30 @@ def test_exemplars_of_a_small_class_are_not_padded(tmp_path):
     save_calibration(store, calibrate(store, alpha, np.array([0, 0, 1, 1]), min_class_count=1))
     result = Scorer(load_store(store_dir)).score(np.array([5, 0, 0, 0], np.float32), 0).sample(0)
     assert result.surprising[0].filter == 0 and result.surprising[0].exemplars == (8, 7)
+
+
+def test_silent_filters_still_weigh_when_they_fire():
+    # Class 0: three of four filters silent (IQR 0): the floor is a tenth of the median positive
+    # scale (2.0), not 0, so their exceedances count. Class 1 has no positive scale: it takes the
+    # median positive scale of all classes (of 2, 1, 2, 3, 4: 2.0). Class 2 is ordinary.
+    from explainserve.anomaly.reference import inverse_scale
+
+    scale = np.array([[0.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
+    np.testing.assert_allclose(inverse_scale(scale), [[5.0, 5.0, 5.0, 0.5], [5.0] * 4,
+                                                      [1.0, 0.5, 1 / 3, 0.25]], rtol=1e-6)
+    assert np.isfinite(inverse_scale(np.zeros((2, 3)))).all()
+
+
+def test_an_input_far_above_a_mostly_silent_class_is_surprising(tmp_path):
+    # Training and held-out alpha of class 0 are 0 on filters 0-2 (silent) and spread on filter 3.
+    rng = np.random.default_rng(0)
+    alpha = np.zeros((400, 4), dtype=np.float32)
+    alpha[:, 3] = rng.random(400)
+    classes = np.zeros(400, dtype=int)
+    store_dir = build_store([(alpha[:300], classes[:300], np.arange(300))], tmp_path / "silent",
+                            StoreMeta("s", "1", "l", {}, ("only",), 4))
+    store = load_store(store_dir)
+    save_calibration(store, calibrate(store, alpha[300:], classes[300:], target_fpr=0.05, min_class_count=1))
+    result = Scorer(load_store(store_dir)).score(np.array([5.0, 5.0, 5.0, 0.5], np.float32), 0).sample(0)
+    assert [flag.filter for flag in result.surprising] == [0, 1, 2]
+    assert result.surprise > 0 and result.verdict == ANOMALOUS
