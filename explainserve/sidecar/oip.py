@@ -77,7 +77,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         try:
-            metadata = await self.explainer._metadata(request.name, request.version)  # Explain's own lookup
+            metadata = await self.explainer.pipeline.metadata(request.name, request.version)  # Explain's own lookup
         except RpcFailure as failure:
             await context.abort(failure.code, failure.message.replace("model:", "name:", 1))
         return model_metadata(request.name, metadata)
@@ -90,7 +90,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         return await self.explainer._measured("ModelInfer", label, self._infer(request, context), context)
 
     async def _infer(self, request, context) -> oip.ModelInferResponse:
-        metadata = await self.explainer._metadata(request.model_name, request.model_version)
+        metadata = await self.explainer.pipeline.metadata(request.model_name, request.model_version)
         try:
             template = explain_template(request)
             requests = explain_requests(request, template, metadata)
@@ -99,7 +99,8 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         except ValueError as error:
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         label = method_label(template.methods)
-        answers = await asyncio.gather(*(self.explainer._explain(r, context, label) for r in requests))
+        answers = await asyncio.gather(*(self.explainer.pipeline.explain(r, context.time_remaining, label)
+                                         for r in requests))
         return infer_response(request, answers, wanted)
 
 
