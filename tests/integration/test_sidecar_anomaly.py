@@ -359,37 +359,6 @@ def test_a_broken_store_gives_unavailable_anomalies_with_intact_predictions(stac
 
 
 # -- in-process: store folder rules, per-class metrics, serve's unpacking ------------------
-def test_store_folder_rules(demo_store, tmp_path):
-    stores = tmp_path / "stores"
-    shutil.copytree(demo_store, stores / MODEL)
-    shutil.copytree(demo_store, stores / "renamed")  # its manifest names demo_image
-    (stores / ".shards").mkdir()
-    (stores / "README").write_text("not a store")
-    scoring = AnomalyScoring(GatewayMetrics(), stores)
-    scoring.load()
-    assert sorted(scoring.slots) == [MODEL, "renamed"] and not scoring.healthy
-    refused = scoring.score("renamed", np.zeros(128, np.float32), 0)
-    assert refused.status == explain_pb2.AnomalyReport.UNAVAILABLE
-    assert refused.reason.startswith("store mismatch: ") and "built for model 'demo_image'" in refused.reason
-    # a wrong alpha from a handler is never an error of the request
-    wrong = scoring.score(MODEL, np.zeros(64, np.float32), 0)
-    assert wrong.status == explain_pb2.AnomalyReport.UNAVAILABLE and wrong.reason.startswith("scoring failed: ")
-    assert scoring.score(MODEL, np.zeros(128, np.float32), 0, version="1.0").status == explain_pb2.AnomalyReport.OK
-    assert "version '1.0', not '7'" in scoring.score(MODEL, np.zeros(128, np.float32), 0, version="7").reason
-
-    shutil.rmtree(stores / "renamed")
-    healthy = AnomalyScoring(GatewayMetrics(), stores)
-    changes = []
-    healthy.on_health_change(changes.append)
-    healthy.load()
-    assert healthy.healthy
-    healthy.model_served(MODEL, "1.0")
-    assert healthy.healthy and changes == []
-    healthy.model_served(MODEL, "1.1")  # TorchServe serves another version: refused
-    assert not healthy.healthy and changes == [False]
-    assert not AnomalyScoring(GatewayMetrics(), None).healthy  # nothing to score with
-
-
 def test_per_class_metrics_label_the_counters_and_stay_promtool_clean(demo_store, scorer):
     metrics = GatewayMetrics(per_class=True)
     scoring = AnomalyScoring(metrics, demo_store.parent)
