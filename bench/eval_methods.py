@@ -1,7 +1,7 @@
 """The explanation methods the evaluation compares, each as ``maps(subject, indices, targets)``.
 
 Ours run through the Explainer (exactly what the service returns); the baselines are the peer
-libraries' implementations from ``explainserve.evaluation.baselines``.
+libraries' implementations from ``bench/baselines.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from skimage.segmentation import relabel_sequential
 
 from bench.eval_subjects import Subject
-from explainserve.evaluation import baselines
+from bench import baselines
 from explainserve.explainer import ExplainOptions
 from explainserve.probe import probe
 from explainserve.superpixels import gradient_slic

@@ -25,8 +25,8 @@ from explainserve.evaluation import (
     top_k_agreement,
     weak_localisation,
 )
-from explainserve.evaluation.baselines import LimeBaseline
-from explainserve.evaluation.filter_rankings import RANKINGS, filter_scores, layer_signals
+from bench.baselines import LimeBaseline
+from bench.filter_rankings import RANKINGS, filter_scores, layer_signals
 from explainserve.explainer import ExplainOptions
 from explainserve.probe import probe
 from explainserve.swag import PIXEL_SOURCES, pixel_scores, segment_means

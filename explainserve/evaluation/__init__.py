@@ -1,7 +1,8 @@
 """Evaluation metrics for explanations (DESIGN.md section 4).
 
-Pure torch/numpy/scikit-image. The peer baselines (``baselines``) and the filter rankings
-(``filter_rankings``) import ``grad-cam`` and ``captum`` and are imported on their own.
+Pure torch/numpy/scikit-image. The peer baselines and the filter rankings, which import the
+dev-only ``grad-cam`` and ``captum``, live beside the benchmarks (``bench/baselines.py``,
+``bench/filter_rankings.py``), not in the package.
 """
 
 from explainserve.evaluation.filter_removal import filter_removal_auc, filter_removal_curve

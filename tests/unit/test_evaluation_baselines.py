@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from explainserve.evaluation.baselines import (
+from bench.baselines import (
     CAM_METHODS,
     CamBaseline,
     LimeBaseline,

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from explainserve.evaluation import filter_removal_auc, filter_removal_curve
-from explainserve.evaluation.filter_rankings import RANKINGS, filter_scores, layer_signals
+from bench.filter_rankings import RANKINGS, filter_scores, layer_signals
 from support.evaluation_models import ChannelVoteModel
 
 K = 32
