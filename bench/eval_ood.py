@@ -2,7 +2,7 @@
 baselines (MSP, MaxLogit, Energy) and feature baselines (KNN, ViM, Mahalanobis, ReAct + Energy,
 ASH-S; bench/ood_baselines.py, from pytorch-ood). A section of bench/REPORT.md.
 
-Every input goes through the network once, as the server sees it (``Explainer.preprocess``,
+Every input goes through the network once, as the server sees it (``Explainer.prepare``,
 normalisation, one probe pass with logit gradients at the target layer) and is scored against
 its *predicted* class with the committed demo store (explainserve/models/stores/image). The
 feature baselines are fitted on the first ``--ood-fit-n`` training images (pooled features and
