@@ -171,10 +171,13 @@ class ClassReference:
             raise ValueError(f"alpha must have {self.num_filters} filter scores per input, got shape {alpha.shape}")
         if classes.shape != (len(alpha),) or not np.issubdtype(classes.dtype, np.integer):
             raise ValueError(f"classes must be {len(alpha)} integer class ids, got {classes.dtype} shape {classes.shape}")
-        # One float32 sum per row is finite exactly when the row is (short of an overflow).
-        if not np.isfinite(alpha.sum(dtype=np.float32)):
-            raise ValueError("alpha contains NaN or infinite values" if not np.isfinite(alpha).all()
-                             else "alpha values are too large: their sum overflows float32")
+        # One float32 sum per row is finite exactly when the row is (short of an overflow); a
+        # batch's total may overflow though every row is fine, so each row is judged alone.
+        bad = np.flatnonzero(~np.isfinite(alpha.sum(axis=1, dtype=np.float32)))
+        if len(bad):
+            row = int(bad[0])
+            raise ValueError(f"alpha[{row}] contains NaN or infinite values" if not np.isfinite(alpha[row]).all()
+                             else f"alpha[{row}] values are too large: their sum overflows float32")
         classes = classes.astype(np.int64, copy=False)
         unknown = (classes < 0) | (classes >= self.num_classes)
         if unknown.any():

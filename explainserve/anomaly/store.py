@@ -326,7 +326,7 @@ def load_store(path: str | os.PathLike, *, model_name: str | None = None,
     path : path-like
         Store directory.
     model_name, model_version : str, optional
-        When given, the manifest must name exactly this model.
+        When given, the manifest must name this model (and this version, if one is given).
     verify : bool
         Check every array's size and sha256 against the manifest (reads each file once).
     into_memory : bool
@@ -374,7 +374,8 @@ def _load(directory: Path, folder: int, model_name, model_version, verify: bool,
     if missing:
         raise _refuse(directory, f"{MANIFEST} lacks {missing}")
     meta = StoreMeta.from_json(manifest)
-    if model_name is not None and (meta.model_name, meta.model_version) != (model_name, model_version):
+    if model_name is not None and (meta.model_name != model_name
+                                   or (model_version is not None and meta.model_version != model_version)):
         raise _refuse(
             directory,
             f"built for model {meta.model_name!r} version {meta.model_version!r}, "

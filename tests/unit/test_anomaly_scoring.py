@@ -174,7 +174,7 @@ def test_percentile_in_grid_matches_np_interp():
 def test_bad_input_is_named(scorer):
     cases = [
         ((PROBE[:3], 0), r"alpha must have 4 filter scores per input, got shape \(1, 3\)"),
-        ((np.array([1, np.nan, 1, 1], np.float32), 0), "alpha contains NaN or infinite values"),
+        ((np.array([1, np.nan, 1, 1], np.float32), 0), r"alpha\[0\] contains NaN or infinite values"),
         ((np.array([1, np.inf, 1, 1], np.float32), 0), "NaN or infinite"),
         ((PROBE, 3), r"unknown class 3: class ids must be in \[0, 2\]"),
         ((PROBE, -1), "unknown class -1"),

@@ -8,6 +8,7 @@ import pytest
 
 from explainserve.anomaly import (StoreError, build_store, calibrate, load_store, merge_stores,
                                   save_calibration, shard_classes)
+from explainserve.anomaly.reference import ClassReference
 from explainserve.anomaly.summary import PERCENTILE_LEVELS, summarise_class
 from explainserve.anomaly.synthetic import SyntheticClasses
 
@@ -56,6 +57,30 @@ def test_summary_top_k_matches_a_full_sort():
     for n in range(16):
         expected = sorted(range(200), key=lambda i: (-values[i, n], ids[i]))[:5]
         np.testing.assert_array_equal(exemplars[n], ids[expected])
+
+
+def test_a_model_name_without_a_version_matches_any_version(store_dir):
+    assert load_store(store_dir, model_name="synthetic").meta.model_version == "1"
+    with pytest.raises(StoreError, match="built for model 'synthetic' version '1', not 'other'"):
+        load_store(store_dir, model_name="other")
+    with pytest.raises(StoreError, match="not 'synthetic' version '2'"):
+        load_store(store_dir, model_name="synthetic", model_version="2")
+
+
+def test_alpha_is_checked_row_by_row(store_dir):
+    # Rows of finite, large scores are accepted whatever the batch's total; a bad row is named.
+    reference = ClassReference(load_store(store_dir))
+    big = np.full((3, reference.num_filters), 3e38 / reference.num_filters / 2, np.float32)
+    assert np.isinf(big.sum(dtype=np.float32)) and np.isfinite(big.sum(axis=1, dtype=np.float32)).all()
+    alpha, classes = reference.check(big, np.array([0, 1, 2]))
+    assert alpha.shape == big.shape and classes.tolist() == [0, 1, 2]
+    bad = big.copy()
+    bad[2, 5] = np.nan
+    with pytest.raises(ValueError, match=r"alpha\[2\] contains NaN or infinite values"):
+        reference.check(bad, np.array([0, 1, 2]))
+    bad[2, 5], bad[1] = 0.0, 3e38
+    with pytest.raises(ValueError, match=r"alpha\[1\] values are too large: their sum overflows float32"):
+        reference.check(bad, np.array([0, 1, 2]))
 
 
 def test_store_round_trip(store_dir, synthetic):
