@@ -1,7 +1,8 @@
 """What the gateway knows about TorchServe: is it up, which models, their metadata, workers.
 
 Model metadata (kind, input size, classes, accepted ranges) comes from the handler's
-customised describe (TorchServe's DescribeModel with ``customized=true``) and is cached.
+customised describe (TorchServe's DescribeModel with ``customized=true``) and is cached for
+``metadata_ttl`` seconds, so a re-registered model or a new default version is seen.
 A background task pings TorchServe and polls describe-model for worker status.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import grpc
 from google.protobuf import empty_pb2
@@ -36,15 +38,18 @@ class ModelCatalog:
     """Cached model metadata and TorchServe health, refreshed by :meth:`poll_forever`."""
 
     def __init__(self, inference_channel: grpc.aio.Channel, management_channel: grpc.aio.Channel,
-                 metrics: GatewayMetrics, *, poll_interval: float = 2.0, call_timeout: float = 5.0):
+                 metrics: GatewayMetrics, *, poll_interval: float = 2.0, call_timeout: float = 5.0,
+                 metadata_ttl: float = 30.0):
         self.inference = inference_pb2_grpc.InferenceAPIsServiceStub(inference_channel)
         self.management = management_pb2_grpc.ManagementAPIsServiceStub(management_channel)
         self.metrics = metrics
         self.poll_interval = poll_interval
         self.call_timeout = call_timeout
+        self.metadata_ttl = metadata_ttl
         self.up = False
         self._refusal_logged = False
-        self._metadata: dict[tuple[str, str], dict] = {}
+        # (model, version) -> (time.monotonic() when described, describe())
+        self._metadata: dict[tuple[str, str], tuple[float, dict]] = {}
         self._on_health_change = []
         self._on_model = []
 
@@ -57,28 +62,45 @@ class ModelCatalog:
         self._on_health_change.append(callback)
 
     async def metadata(self, model: str, version: str = "") -> dict:
-        """The handler's describe() for a model; raises UnknownModel or grpc.aio.AioRpcError."""
+        """The handler's describe() for a model, described again once ``metadata_ttl`` old;
+        raises UnknownModel, or grpc.aio.AioRpcError when TorchServe fails and nothing is cached
+        (a failed refresh keeps the last answer)."""
         key = (model, version)
-        if key not in self._metadata:
-            request = management_pb2.DescribeModelRequest(model_name=model, model_version=version, customized=True)
-            try:
-                answer = await self.management.DescribeModel(request, timeout=self.call_timeout)
-            except grpc.aio.AioRpcError as error:
-                if is_unknown_model(error):
-                    raise UnknownModel(model) from None
+        cached = self._metadata.get(key)
+        if cached is not None and time.monotonic() - cached[0] < self.metadata_ttl:
+            return cached[1]
+        try:
+            return await self._describe(model, version)
+        except UnknownModel:
+            self._metadata.pop(key, None)  # unregistered
+            raise
+        except grpc.aio.AioRpcError as error:
+            if cached is None:
                 raise
-            description = json.loads(answer.msg)[0]
-            metadata = description["customizedMetadata"]  # TorchServe parses the handler's JSON
-            if isinstance(metadata, str):
-                metadata = json.loads(metadata)
-            self._metadata[key] = metadata
-            if metadata.get("build_timestamp"):
-                self.metrics.model_build.labels(model).set(metadata["build_timestamp"])
-            if not version:
-                served = str(description.get("modelVersion") or metadata.get("version") or "")
-                for callback in self._on_model:
-                    callback(model, served)
-        return self._metadata[key]
+            log.warning("describe of model %r failed (%s: %s): its cached metadata stays in use",
+                        model, error.code().name, error.details())
+            return cached[1]
+
+    async def _describe(self, model: str, version: str) -> dict:
+        request = management_pb2.DescribeModelRequest(model_name=model, model_version=version, customized=True)
+        try:
+            answer = await self.management.DescribeModel(request, timeout=self.call_timeout)
+        except grpc.aio.AioRpcError as error:
+            if is_unknown_model(error):
+                raise UnknownModel(model) from None
+            raise
+        description = json.loads(answer.msg)[0]
+        metadata = description["customizedMetadata"]  # TorchServe parses the handler's JSON
+        if isinstance(metadata, str):
+            metadata = json.loads(metadata)
+        self._metadata[(model, version)] = (time.monotonic(), metadata)
+        if metadata.get("build_timestamp"):
+            self.metrics.model_build.labels(model).set(metadata["build_timestamp"])
+        if not version:  # the store/model version check runs on every describe of the default version
+            served = str(description.get("modelVersion") or metadata.get("version") or "")
+            for callback in self._on_model:
+                callback(model, served)
+        return metadata
 
     async def ping(self) -> bool:
         try:
@@ -112,8 +134,8 @@ class ModelCatalog:
             for worker in workers:
                 key = (name, worker.get("status", "UNKNOWN"))
                 counts[key] = counts.get(key, 0) + 1
-            if (name, "") not in self._metadata and any(w.get("status") == "READY" for w in workers):
-                await self.metadata(name)  # cached before the first request needs it
+            if any(w.get("status") == "READY" for w in workers):
+                await self.metadata(name)  # cached (or refreshed) before a request needs it
         self.metrics.workers.clear()
         for (name, status), count in counts.items():
             self.metrics.workers.labels(name, status).set(count)
