@@ -180,7 +180,7 @@ class Explainer:
         spatial = 2 if kind == "image" else 3
         if len(input_size) != spatial or min(input_size) < 1:
             raise ValueError(f"input_size: expected {spatial} positive ints for kind {kind!r}, got {tuple(input_size)}")
-        self.model = model.eval()
+        self.model = model  # every pass runs it in eval mode and leaves its flags as found
         self.kind = kind
         self.input_size = tuple(int(v) for v in input_size)
         self.mean = torch.tensor(mean, dtype=torch.float32).reshape(3, *(1,) * spatial)

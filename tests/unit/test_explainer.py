@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,23 @@ def test_close_stops_the_superpixel_threads(photos):
         explainer.explain(photos[:1], ["swag_i_g"])
     with pytest.raises(RuntimeError, match="shutdown"):
         explainer.explain(photos[:1], ["swag_i_g"])
+
+
+def test_the_callers_model_keeps_its_training_flags(photos):
+    # The Explainer runs every pass in eval mode (probe's promise) without switching the caller's
+    # model to eval for good; its running statistics are not touched either.
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=3).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    explainer = Explainer(model, kind="image", input_size=(32, 32), mean=MEAN, std=STD, class_names=list("abc"))
+    (result,) = explainer.explain(photos[:1], ["grad_cam", "jitter_cam"])
+    assert all(module.training for module in model.modules())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    evaluated = copy.deepcopy(model).eval()
+    (reference,) = Explainer(evaluated, kind="image", input_size=(32, 32), mean=MEAN, std=STD,
+                             class_names=list("abc")).explain(photos[:1], ["grad_cam", "jitter_cam"])
+    for method in ("grad_cam", "jitter_cam"):
+        np.testing.assert_allclose(result.maps[method].heatmap, reference.maps[method].heatmap, rtol=1e-5, atol=1e-7)
 
 
 def test_options_are_frozen_and_hashable():
