@@ -105,6 +105,10 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self._metrics_server = None
         self.anomaly: AnomalyScoring | None = None
+        # Set by start(); stop() closes whatever start() got to (a signal may come before it ran).
+        self._health: health.aio.HealthServicer | None = None
+        self._inference: grpc.aio.Channel | None = None
+        self._management: grpc.aio.Channel | None = None
 
     async def start(self) -> int:
         """Start serving; returns the bound gRPC port."""
@@ -189,8 +193,9 @@ class Gateway:
         up to ``grace`` seconds (then cancel them), then close everything."""
         log.info("draining: health NOT_SERVING, new calls refused, %d call(s) in flight get up to %g s",
                  self.inflight(), grace)
-        if self.server is not None:
+        if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        if self.server is not None:
             await self.server.stop(grace)
         if self.health_server is not None:
             await self.health_server.stop(0)
@@ -199,7 +204,8 @@ class Gateway:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         for channel in (self._inference, self._management):
-            await channel.close()
+            if channel is not None:
+                await channel.close()
         log.info("stopped")
 
     def inflight(self) -> int:
