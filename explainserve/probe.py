@@ -152,6 +152,21 @@ def eval_mode(model: nn.Module):
             module.training = training
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module):
+    """Turn ``requires_grad`` off on every parameter (no pass needs their gradients), then
+    restore each one's own flag."""
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, requires_grad in flags:
+            parameter.requires_grad_(requires_grad)
+
+
+@torch.enable_grad()  # whatever the caller's mode: the passes below are autograd
 def probe(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -209,8 +224,7 @@ def probe(
         if not isinstance(output, torch.Tensor):
             raise ValueError(f"layer: {layer_name!r} returns {type(output).__name__}; a tensor output is required")
         if not keep_trunk:
-            # The trunk ran without autograd; record the graph from A onwards only.
-            torch.set_grad_enabled(True)
+            # Nothing before A needs a gradient: the graph starts at A.
             output = output.detach().requires_grad_(True)
         captured["A"] = output
         state.intercept = False
@@ -221,7 +235,9 @@ def probe(
     handle = module.register_forward_hook(capture)
     try:
         guided_relus = GuidedReLUMode(state) if input_gradient else contextlib.nullcontext()
-        with eval_mode(model), torch.set_grad_enabled(keep_trunk), guided_relus:
+        # No parameter tracked: the graph holds only what depends on x (when the trunk is kept)
+        # or on A, and grad mode is never switched inside the model's forward.
+        with eval_mode(model), frozen_parameters(model), guided_relus:
             logits = model(x)
     finally:
         handle.remove()

@@ -133,6 +133,41 @@ def test_no_hook_flag_or_gradient_is_left_behind_even_after_an_error():
     assert not torch.overrides._is_torch_function_mode_enabled()
 
 
+class NoGradTrunk(nn.Module):
+    """A model that runs its trunk, target layer included, without autograd, and says what grad
+    mode the code after the layer ran in."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act, self.fc = nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Linear(4, 2)
+        self.grad_mode_after_layer = []
+
+    def forward(self, x):
+        with torch.no_grad():
+            a = self.act(self.conv(x))
+            self.grad_mode_after_layer.append(torch.is_grad_enabled())
+        return self.fc(a.mean(dim=(2, 3)))
+
+
+def test_probe_leaves_the_grad_mode_of_the_models_code_alone():
+    # The capture hook must not switch grad mode on for the rest of the forward pass: the
+    # model's own no_grad block stays without autograd, and dy/dA is still exact; a caller's
+    # no_grad does not stop the probe.
+    torch.manual_seed(0)
+    model, x = NoGradTrunk(), torch.randn(2, 3, 12, 12)
+    result = probe(model, x, layer="act", input_gradient=False)
+    with torch.no_grad():
+        again = probe(model, x, layer="act", input_gradient=False)
+        assert not torch.is_grad_enabled()  # the caller's mode, restored
+    assert model.grad_mode_after_layer == [False, False]
+    assert torch.equal(again.activation_gradients, result.activation_gradients)
+    a = model.act(model.conv(x)).requires_grad_(True)
+    logits = model.fc(a.mean(dim=(2, 3)))
+    (expected,) = torch.autograd.grad(logits[torch.arange(2), result.target].sum(), a)
+    assert torch.allclose(result.activation_gradients, expected, atol=1e-7)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 IMAGE_ARCHITECTURES = {
     "resnet18": "layer4", "vgg11": "features.19", "densenet121": "features", "mobilenet_v2": "features",
     "mobilenet_v3_small": "features", "efficientnet_b0": "features", "convnext_tiny": "features",
