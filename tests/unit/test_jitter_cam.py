@@ -131,3 +131,14 @@ def test_bad_parameters_raise(kwargs, message):
     inputs = arguments.pop("inputs")
     with pytest.raises(ValueError, match=message):
         jitter_cam(model, inputs, torch.tensor([0]), **arguments)
+
+
+def test_each_axis_takes_d_from_zero_to_four_times_its_cam_size():
+    model = PooledChannelNet(8).eval()
+    x = torch.rand(1, 3, 32, 32)
+    for d in ((16, 0), (0, 16)):
+        assert jitter_cam(model, x, torch.tensor([0]), cam_size=(4, 4), layer="pool", d=d).shape == (1, 32, 32)
+    for d, message in (((17, 0), "d: at most"), ((0, 17), "d: at most"), ((-1, 0), "d: must be >= 0"),
+                       ((0, -1), "d: must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            jitter_cam(model, x, torch.tensor([0]), cam_size=(4, 4), layer="pool", d=d)
