@@ -142,3 +142,11 @@ def test_each_axis_takes_d_from_zero_to_four_times_its_cam_size():
                        ((0, -1), "d: must be >= 0")):
         with pytest.raises(ValueError, match=message):
             jitter_cam(model, x, torch.tensor([0]), cam_size=(4, 4), layer="pool", d=d)
+
+
+def test_one_patch_per_pass_gives_the_same_map():
+    model = PooledChannelNet(8).eval()
+    x = torch.rand(2, 3, 32, 32)
+    together = jitter_cam(model, x, torch.tensor([0, 1]), cam_size=(4, 4), layer="pool", d=2)
+    alone = jitter_cam(model, x, torch.tensor([0, 1]), cam_size=(4, 4), layer="pool", d=2, batch_size=1)
+    assert torch.allclose(together, alone, atol=1e-7)
