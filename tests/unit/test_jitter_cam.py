@@ -54,30 +54,36 @@ class AdaptiveChannelNet(PooledChannelNet):
         self.pool = nn.AdaptiveAvgPool2d(cells)
 
 
-def test_cell_sizes_that_do_not_divide_the_input_round_each_patch_to_the_nearest_pixel():
-    # 28 x 40 pixels over a 3 x 3 map: cells of 9.33 x 13.33 pixels. Each patch starts at the
-    # pixel nearest to its cell offset times the cell size, and its CAM is relu(A) / Z with A
-    # the adaptive cell means of channel 0; J / C averages the patches that cover each cell.
-    height, width, m, d = 28, 40, (3, 3), (2, 3)
+# 28 x 40 pixels over a 3 x 3 map: cells of 9.33 x 13.33 pixels, offsets 9.33, 18.67 and 13.33,
+# 26.67 round to 9, 19 and 13, 27 (truncation would give 18 and 26). 21 x 21 over 2 x 2 with
+# d = 3: the last offset, 31.5, rounds (to even) to 32, past the 52 - 21 = 31 the upscaled
+# image allows, and is clamped to 31.
+@pytest.mark.parametrize("height,width,m,d,rows,columns", [
+    (28, 40, (3, 3), (2, 3), [0, 9, 19], [0, 13, 27, 40]),
+    (21, 21, (2, 2), (3, 3), [0, 10, 21, 31], [0, 10, 21, 31]),
+])
+def test_cell_sizes_that_do_not_divide_the_input_round_each_patch_to_the_nearest_pixel(height, width, m, d, rows,
+                                                                                       columns):
+    # Each patch starts at the pixel nearest to its cell offset times the cell size (Python's
+    # rounding), within the upscaled image; its CAM is relu(A) / Z with A the adaptive cell
+    # means of channel 0; J / C averages the patches that cover each cell.
     model = AdaptiveChannelNet(m).eval()
     x = torch.rand(2, 3, height, width) + 0.1
     result = jitter_cam(model, x, torch.tensor([0, 0]), cam_size=m, layer="pool", d=d)
 
     cell_h, cell_w = height / m[0], width / m[1]
     big = (round(height + d[0] * cell_h), round(width + d[1] * cell_w))
-    assert big == (47, 80)
     upscaled = F.interpolate(x, size=big, mode="bilinear", align_corners=False)
     total, count = torch.zeros(2, m[0] + d[0], m[1] + d[1]), torch.zeros(m[0] + d[0], m[1] + d[1])
     starts = []
     for i in range(d[0] + 1):
         for j in range(d[1] + 1):
-            y, x0 = min(int(i * cell_h + 0.5), big[0] - height), min(int(j * cell_w + 0.5), big[1] - width)
+            y, x0 = min(round(i * cell_h), big[0] - height), min(round(j * cell_w), big[1] - width)
             starts.append((y, x0))
             patch = upscaled[:, :1, y : y + height, x0 : x0 + width]
             total[:, i : i + m[0], j : j + m[1]] += F.adaptive_avg_pool2d(patch, m)[:, 0] / (m[0] * m[1])
             count[i : i + m[0], j : j + m[1]] += 1
-    # Cell offsets 9.33, 18.67 and 13.33, 26.67 round to 9, 19 and 13, 27 (truncation would give 18 and 26).
-    assert sorted({y for y, _ in starts}) == [0, 9, 19] and sorted({x for _, x in starts}) == [0, 13, 27, 40]
+    assert sorted({y for y, _ in starts}) == rows and sorted({x for _, x in starts}) == columns
     expected = F.interpolate((total / count)[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
     assert torch.allclose(result, expected, atol=1e-6)
 
