@@ -6,7 +6,9 @@ ReLU module several times (ResNet's ``self.relu``). A :class:`torch.overrides.To
 intercepts all of these at the function level while it is active, so one mechanism covers them.
 
 The backward rule is read when the backward pass *runs*, not when the graph is built, so one
-forward pass can be backpropagated twice: once guided, once vanilla.
+forward pass can be backpropagated twice: once guided, once vanilla. Rectifiers after the target
+layer (VGG's classifier, DenseNet's ``F.relu`` after ``features``) are intercepted too and
+counted, so the probe knows when the head must be backpropagated both ways.
 """
 
 from __future__ import annotations
@@ -25,15 +27,22 @@ class GuidedState:
     Attributes
     ----------
     intercept : bool
-        While True, ReLUs executed in the forward pass get the guided backward rule.
-        Cleared once the target layer has run, so layers after it backpropagate normally.
+        While True, ReLUs executed in the forward pass get the switchable backward rule.
     guided : bool
         Read at backward time: True applies ``grad * (x > 0) * (grad > 0)``,
         False the ordinary ReLU gradient ``grad * (x > 0)``.
+    after_target : bool
+        Set by the probe once the target layer has run.
+    rectifiers_after_target : int
+        How many rectifier calls were intercepted after the target layer (0 for ResNets, 2 for
+        VGG's classifier): when non-zero, dy/dA (vanilla) and the guided input gradient need
+        two backward passes through the head.
     """
 
     intercept: bool = True
     guided: bool = True
+    after_target: bool = False
+    rectifiers_after_target: int = 0
 
 
 class _RectifierFunction(torch.autograd.Function):
@@ -83,12 +92,16 @@ class GuidedReLUMode(TorchFunctionMode):
             x = args[0]
             if func in _OUT_OF_PLACE or func in _IN_PLACE:
                 inplace = func in _IN_PLACE or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
-                return _RectifierFunction.apply(x, None, inplace, self.state)
+                return self._rectify(x, None, inplace)
             if func is F.hardtanh:
                 min_val, max_val, inplace = _hardtanh_arguments(args, kwargs)
                 if min_val == 0.0:
-                    return _RectifierFunction.apply(x, max_val, inplace, self.state)
+                    return self._rectify(x, max_val, inplace)
         return func(*args, **kwargs)
+
+    def _rectify(self, x: torch.Tensor, upper: float | None, inplace: bool) -> torch.Tensor:
+        self.state.rectifiers_after_target += self.state.after_target
+        return _RectifierFunction.apply(x, upper, inplace, self.state)
 
 
 def _hardtanh_arguments(args, kwargs):

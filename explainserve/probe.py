@@ -1,12 +1,19 @@
 """The probe pass: one forward and one guided backward feed every explanation.
 
-From a single ``torch.autograd.grad`` call on the target logits we get
+From one forward pass and one ``torch.autograd.grad`` call on the target logits we get
 
 * the guided-backprop input gradient (SWAG's pixel scores),
 * the activation A of the target layer and dy_c/dA (Grad-CAM, Jitter-CAM, Grad-AMap),
 
 and the forward pass gives the prediction. ``autograd.grad`` with respect to the input and A
 only, instead of ``.backward()``, skips every parameter gradient.
+
+Both gradients are exact for any head. Guided backprop applies its rule at every ReLU, those
+after the target layer included, while dy_c/dA must be the vanilla gradient. When the head has
+rectifiers (VGG's classifier) it is backpropagated twice: vanilla to A, then guided to the
+input; the head is cheap next to the trunk. Layers after the target see a copy of A, so an
+in-place op there (DenseNet's ``F.relu(features, inplace=True)``) cannot turn dy/dA into
+dy/d(relu(A)).
 """
 
 from __future__ import annotations
@@ -227,8 +234,9 @@ def probe(
             # Nothing before A needs a gradient: the graph starts at A.
             output = output.detach().requires_grad_(True)
         captured["A"] = output
-        state.intercept = False
-        return output
+        state.after_target = True
+        # Later layers get a copy, so their in-place ops leave A (and dy/dA) alone.
+        return output.clone()
 
     keep_trunk = input_gradient or vanilla_gradient or filters is not None
     x = inputs.detach().clone().requires_grad_(keep_trunk)
@@ -254,14 +262,21 @@ def probe(
     activations = captured["A"]
 
     filter_ids = None if filters is None else _as_filter_tensor(filters, batch, activations.shape[1], layer_name)
-    wanted = [x, activations] if input_gradient else [activations]
     # Later backward passes reuse the graph; the last one may free it.
     later = [vanilla_gradient, extra_targets is not None, filter_ids is not None]
-    grads = torch.autograd.grad(score, wanted, retain_graph=any(later))
-    guided_gradient, activation_gradients = grads if input_gradient else (None, grads[0])
+    guided_gradient = None
+    if input_gradient and not state.rectifiers_after_target:
+        guided_gradient, activation_gradients = torch.autograd.grad(score, [x, activations], retain_graph=any(later))
+    else:
+        state.guided = False
+        (activation_gradients,) = torch.autograd.grad(score, [activations], retain_graph=input_gradient or any(later))
+        if input_gradient:
+            state.guided = True
+            (guided_gradient,) = torch.autograd.grad(score, [x], retain_graph=any(later))
+    # Every later gradient is a vanilla one.
+    state.guided = False
     vanilla = None
     if vanilla_gradient:
-        state.guided = False
         (vanilla,) = torch.autograd.grad(score, [x], retain_graph=any(later[1:]))
     extra = None
     if extra_targets is not None:
@@ -269,7 +284,6 @@ def probe(
         (extra,) = torch.autograd.grad(logits[rows, extra_ids].sum(), [activations], retain_graph=any(later[2:]))
     filter_gradient = None
     if filter_ids is not None:
-        state.guided = False
         only_filter = torch.zeros_like(activation_gradients)
         only_filter[rows, filter_ids] = activation_gradients[rows, filter_ids]
         (filter_gradient,) = torch.autograd.grad(activations, [x], grad_outputs=only_filter)

@@ -8,6 +8,7 @@ from captum.attr import GuidedBackprop
 from torch import nn
 
 from explainserve.probe import probe
+from support.references import ModuleReLUs, guided_backprop, layer_gradient
 
 
 def _guided_reference(model, x, target):
@@ -112,6 +113,34 @@ def test_layers_after_the_target_backpropagate_normally():
     handle.remove()
     (expected,) = torch.autograd.grad(logits[0, result.target[0]], captured["A"])
     assert torch.allclose(result.activation_gradients, expected, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("architecture", ["vgg11_bn", "densenet121"])
+def test_guided_gradient_applies_the_rule_after_the_target_layer_too(architecture):
+    # VGG's classifier has two nn.ReLUs after the target layer, DenseNet one F.relu; guided
+    # backprop guides them all, while dy/dA stays the vanilla gradient.
+    model = torchvision.models.get_model(architecture, num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    result = probe(model, x)
+    expected = guided_backprop(ModuleReLUs(model), x, result.target)
+    assert torch.allclose(result.input_gradient, expected, rtol=1e-4, atol=1e-7)
+    activations, gradient = layer_gradient(model, x, result.layer, result.target)
+    assert torch.allclose(result.activation_gradients, gradient, rtol=1e-4, atol=1e-8)
+    # A head backpropagated with the vanilla rule misses the reference: the test can fail.
+    unguided_head = probe(model, x, layer=result.layer, vanilla_gradient=True).vanilla_gradient
+    assert not torch.allclose(unguided_head, expected, rtol=1e-2, atol=1e-5)
+
+
+def test_in_place_op_after_the_target_layer_leaves_a_and_its_gradient_exact():
+    # DenseNet runs F.relu(features, inplace=True) on the target layer's output.
+    model = torchvision.models.densenet121(num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    for kwargs in ({}, {"input_gradient": False}):
+        result = probe(model, x, **kwargs)
+        activations, gradient = layer_gradient(model, x, result.layer, result.target)
+        assert (activations < 0).any()  # A is the pre-ReLU map
+        assert torch.equal(result.activations, activations)
+        assert torch.allclose(result.activation_gradients, gradient, rtol=1e-4, atol=1e-8)
 
 
 def test_no_hook_flag_or_gradient_is_left_behind_even_after_an_error():
