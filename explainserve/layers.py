@@ -1,65 +1,171 @@
-"""Choosing the target layer: the last convolutional block, whose activation A feeds the CAMs."""
+"""Choosing the target layer: one rule for any CNN, from one dry forward pass.
+
+The rule: the target layer is **the last module whose output is a spatial feature map that the
+head then pools**. A spatial feature map is a tensor of the input's rank, (B, C, h, w) for
+images or (B, C, t, h, w) for video, with more than one spatial position, and not the output
+of a pooling module (VGG's last max-pool and ``avgpool`` are skipped, so its target is the last
+ReLU of ``features``, as in the thesis). Modules called more than once (a shared ``self.relu``)
+are skipped, since a hook could not tell their calls apart. The choice is refused when
+
+* token tensors (rank 3, as in a vision transformer) follow the map: the head does not pool it;
+* the logits depend on the input through a path that bypasses the map (two branches merged
+  after it): no single layer carries everything the head sees.
+
+A model may name its own target with a ``target_layer`` attribute; ``layer=`` overrides both.
+"""
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+
+import torch
 from torch import nn
-from torchvision import models as tvm
-from torchvision.models import video as tvv
 
-# Architectures whose last conv block is a named child. Each entry maps a class to a
-# function returning the dotted module name.
-_KNOWN_LAYERS = (
-    (tvm.ResNet, lambda m: "layer4"),
-    (tvv.VideoResNet, lambda m: "layer4"),
-    # VGG16's features[29]: the ReLU after the last convolution, before the last max-pool.
-    (tvm.VGG, lambda m: _last_of_type(m, nn.ReLU, prefix="features")),
-    (tvm.DenseNet, lambda m: "features"),
-    (tvm.MobileNetV2, lambda m: "features"),
-    (tvm.MobileNetV3, lambda m: "features"),
-    (tvm.EfficientNet, lambda m: "features"),
-    (tvm.ConvNeXt, lambda m: "features"),
-)
+# Modules whose output is a pooled summary, never the target map.
+_POOLING = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+            nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+# Rule results per model and input shape (C, H, W) or (C, T, H, W).
+_CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _last_of_type(model: nn.Module, kind: type, prefix: str) -> str:
-    names = [name for name, module in model.named_modules() if isinstance(module, kind) and name.startswith(prefix + ".")]
-    return names[-1]
+@dataclass
+class _Call:
+    """One module call of the dry pass, in order of completion."""
+
+    name: str
+    output: torch.Tensor
+    pooled: bool
 
 
-def default_target_layer(model: nn.Module) -> str:
-    """Return the dotted name of the default target layer of ``model``.
+def _record_calls(model: nn.Module, inputs: torch.Tensor) -> tuple[list[_Call], dict[str, int], torch.Tensor, torch.Tensor]:
+    """Run ``model`` once on ``inputs[:1]`` with autograd; return its calls, call counts, input and logits."""
+    from .probe import eval_mode  # probe imports this module
 
-    Known torchvision architectures map to their last conv block (ResNet and video ResNet
-    ``layer4``, VGG's last ReLU in ``features``, ``features`` for DenseNet, MobileNetV2/V3,
-    EfficientNet and ConvNeXt). A model may name its own with a ``target_layer`` attribute.
-    Otherwise the last ``Conv2d``/``Conv3d`` module is used.
+    calls: list[_Call] = []
+    counts: dict[str, int] = {}
+    pooled_ids: set[int] = set()
+
+    def record(name):
+        def hook(module, _args, output):
+            counts[name] = counts.get(name, 0) + 1
+            if isinstance(output, torch.Tensor):
+                if isinstance(module, _POOLING):
+                    pooled_ids.add(id(output))
+                calls.append(_Call(name, output, id(output) in pooled_ids))
+        return hook
+
+    handles = [module.register_forward_hook(record(name)) for name, module in model.named_modules() if name]
+    x = inputs[:1].detach().clone().requires_grad_(True)
+    try:
+        with eval_mode(model), torch.enable_grad():
+            logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, counts, x, logits
+
+
+def _is_feature_map(call: _Call, rank: int) -> bool:
+    output = call.output
+    return output.ndim == rank and not call.pooled and output.shape[2:].numel() > 1
+
+
+def _bypasses(logits: torch.Tensor, node, x: torch.Tensor) -> bool:
+    """True when the autograd graph of ``logits`` reaches ``x`` without passing through ``node``."""
+    stack, seen = [logits.grad_fn], set()
+    while stack:
+        current = stack.pop()
+        if current is None or current is node or current in seen:
+            continue
+        seen.add(current)
+        if getattr(current, "variable", None) is x:
+            return True
+        stack.extend(next_node for next_node, _ in current.next_functions)
+    return False
+
+
+def _candidates_text(calls: list[_Call], rank: int) -> str:
+    maps = [f"{c.name} {tuple(c.output.shape)}" for c in calls if c.output.ndim == rank]
+    return ", ".join(maps[-8:]) or "none"
+
+
+def feature_map_layer(model: nn.Module, inputs: torch.Tensor) -> str:
+    """Apply the target-layer rule (module docstring) to ``model`` on ``inputs``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A classifier returning logits (B, N).
+    inputs : Tensor, shape (B, C, H, W) or (B, C, T, H, W)
+        A batch the model takes; only its first sample is run (values do not matter).
+
+    Returns
+    -------
+    str
+        Dotted module name of the target layer.
 
     Raises
     ------
     ValueError
-        If the model has no convolution at all.
+        When the rule cannot decide: the message lists the model's layers with a map of the
+        input's rank and their output shapes, and asks for ``layer=``.
     """
-    for kind, choose in _KNOWN_LAYERS:
-        if isinstance(model, kind):
-            return choose(model)
+    key = tuple(inputs.shape[1:])
+    cached = _CHOSEN.get(model, {}).get(key)
+    if cached is not None:
+        return cached
+    rank = inputs.ndim
+    calls, counts, x, logits = _record_calls(model, inputs)
+    maps = [i for i, c in enumerate(calls) if _is_feature_map(c, rank) and counts[c.name] == 1]
+    listed = _candidates_text(calls, rank)
+    if not maps:
+        raise ValueError(f"layer: no module outputs a spatial feature map of rank {rank} with more than one position "
+                         f"(layers with rank-{rank} outputs: {listed}); pass layer=<dotted module name>")
+    chosen = calls[maps[-1]]
+    after = [c for c in calls[maps[-1] + 1:] if not chosen.name.startswith(c.name + ".")]
+    tokens = [c for c in after if c.output.ndim not in (2, rank)]
+    if tokens:
+        raise ValueError(f"layer: the head does not pool the last spatial map {chosen.name} "
+                         f"{tuple(chosen.output.shape)}: {tokens[0].name} {tuple(tokens[0].output.shape)} follows it "
+                         f"(a transformer is not a CNN); candidates: {listed}; pass layer=<dotted module name>")
+    if _bypasses(logits, chosen.output.grad_fn, x):
+        raise ValueError(f"layer: the logits depend on the input through a path that bypasses the last spatial map "
+                         f"{chosen.name} {tuple(chosen.output.shape)}, so no single layer can be chosen; "
+                         f"candidates: {listed}; pass layer=<dotted module name>")
+    _CHOSEN.setdefault(model, {})[key] = chosen.name
+    return chosen.name
+
+
+def default_target_layer(model: nn.Module, inputs: torch.Tensor | None = None) -> str:
+    """Return the dotted name of the default target layer of ``model``.
+
+    The model's ``target_layer`` attribute when it has one (the demo models do), else the
+    rule of this module applied on ``inputs``.
+
+    Raises
+    ------
+    ValueError
+        If the rule cannot decide (see :func:`feature_map_layer`), or no inputs are given to apply it.
+    """
     named = getattr(model, "target_layer", None)
     if isinstance(named, str):
         return named
-    convolutions = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Conv3d))]
-    if not convolutions:
-        raise ValueError("layer: the model has no Conv2d/Conv3d module; pass layer=<dotted module name>")
-    return convolutions[-1]
+    if inputs is None:
+        raise ValueError("layer: the target-layer rule needs an input batch to run the model once; pass inputs or layer=")
+    return feature_map_layer(model, inputs)
 
 
-def resolve_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Module]:
+def resolve_layer(model: nn.Module, layer: str | None, inputs: torch.Tensor | None = None) -> tuple[str, nn.Module]:
     """Return ``(name, module)`` for ``layer``, or for the default target layer when None.
 
     Raises
     ------
     ValueError
-        If ``layer`` names no module of the model; the message lists the accepted names.
+        If ``layer`` names no module of the model (the message lists the accepted names), or
+        the default rule cannot decide.
     """
-    name = default_target_layer(model) if layer is None else layer
+    name = default_target_layer(model, inputs) if layer is None else layer
     modules = dict(model.named_modules())
     if name not in modules or name == "":
         candidates = [n for n, m in model.named_modules() if n and not isinstance(m, (nn.Sequential, nn.ModuleList))]

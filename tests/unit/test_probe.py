@@ -239,3 +239,54 @@ def test_bad_input_raises_a_precise_value_error(inputs, kwargs, message):
     model = torchvision.models.resnet18(weights=None, num_classes=10)
     with pytest.raises(ValueError, match=message):
         probe(model, inputs, **kwargs)
+
+
+class PointwiseNet(nn.Module):
+    """1x1 convolutions only, so the guided gradient can be written by hand per pixel."""
+
+    def __init__(self, activation: type[nn.Module]):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(2, 3, 1), nn.Conv2d(3, 3, 1)
+        self.act1, self.act2 = activation(), activation()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.act2(self.conv2(self.act1(self.conv1(x)))).mean(dim=(2, 3)))
+
+
+def test_relu6_is_guided_before_and_after_the_target_layer_by_hand():
+    torch.manual_seed(3)
+    model = PointwiseNet(nn.ReLU6).eval()
+    with torch.no_grad():
+        model.conv1.weight.mul_(8)  # some units above 6, some below 0
+    x = torch.randn(1, 2, 3, 4) * 2
+    result = probe(model, x, layer="conv2", target=1)
+    w1, b1 = model.conv1.weight[:, :, 0, 0].double(), model.conv1.bias.double()
+    w2, b2 = model.conv2.weight[:, :, 0, 0].double(), model.conv2.bias.double()
+    w3 = model.fc.weight[1].double()
+    pixels = x[0].double().flatten(1)  # (2, P)
+    h1 = w1 @ pixels + b1[:, None]
+    h2 = w2 @ h1.clamp(0, 6) + b2[:, None]
+    passes = lambda h: ((h > 0) & (h < 6)).double()  # noqa: E731 - ReLU6's derivative
+    assert passes(h1).min() == 0 and (h1 > 6).any() and (h1 < 0).any()
+    seed = w3[:, None].expand_as(h2) / pixels.shape[1]
+    vanilla_da = seed * passes(h2)
+    guided_h1 = (w2.T @ vanilla_da.clamp(min=0)) * passes(h1)
+    guided_x = w1.T @ guided_h1.clamp(min=0)
+    assert torch.allclose(result.activation_gradients[0].double().flatten(1), vanilla_da, atol=1e-7)
+    assert torch.allclose(result.input_gradient[0].double().flatten(1), guided_x, atol=1e-6)
+    assert not torch.allclose(guided_x, w1.T @ ((w2.T @ vanilla_da) * passes(h1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", [nn.SiLU, nn.GELU, nn.Hardswish])
+def test_smooth_activations_backpropagate_normally(activation):
+    # No rectifier: the guided rule changes nothing, so the input gradient is the vanilla one.
+    model = PointwiseNet(activation).eval()
+    x = torch.randn(2, 2, 3, 3)
+    result = probe(model, x, layer="conv2", vanilla_gradient=True)
+    plain = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(model(plain)[torch.arange(2), result.target].sum(), plain)
+    assert torch.allclose(result.input_gradient, expected, atol=1e-7)
+    assert torch.allclose(result.vanilla_gradient, expected, atol=1e-7)
+    # Negative gradients reach the layer, so a guided clamp would have changed the result.
+    assert (result.activation_gradients < 0).any() and (result.activation_gradients > 0).any()
