@@ -6,25 +6,27 @@ files and, when one is shipped, the anomaly distribution store under the top-lev
 
     {"name", "version", "kind": "image"|"video", "input_size": [H, W] or [T, H, W],
      "mean", "std", "class_names", "layer": str|null,
-     "architecture": {"factory": "torchvision.models.resnet18", "kwargs": {...}},
+     "architecture": {"source": "torchvision", "name": "resnet18", "kwargs": {...}},
      "build_timestamp": seconds since the epoch}
+
+``architecture`` takes every form of :mod:`explainserve.model_sources`; a ``model_file``
+source's Python file ships at the archive's top level (TorchServe's ``--model-file``).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .model_sources import ALLOWED_FACTORY_MODULES, SOURCES, build_architecture
+
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "weights.pt"
 # Folder of the archive that holds the anomaly distribution store (what `explainserve serve` unpacks).
 STORE_FOLDER = "distribution_store"
-# Factories a metadata file may name; archives cannot make the handler import anything else.
-ALLOWED_FACTORY_MODULES = ("torchvision.models", "torchvision.models.video", "explainserve.models")
 REQUIRED_KEYS = ("name", "kind", "input_size", "mean", "std", "class_names", "architecture")
 
 
@@ -35,25 +37,29 @@ def check_metadata(metadata: dict) -> None:
         raise ValueError(f"metadata: missing keys {missing}")
     if metadata["kind"] not in ("image", "video"):
         raise ValueError(f"metadata kind: expected 'image' or 'video', got {metadata['kind']!r}")
-    factory = metadata["architecture"].get("factory", "")
-    module_name = factory.rpartition(".")[0]
-    if module_name not in ALLOWED_FACTORY_MODULES:
+    architecture = metadata["architecture"]
+    source = architecture.get("source")
+    if source is not None and source not in SOURCES:
+        raise ValueError(f"metadata architecture.source: {source!r} is not one of {SOURCES}")
+    factory = architecture.get("factory", "")
+    if source is None and factory.rpartition(".")[0] not in ALLOWED_FACTORY_MODULES:
         raise ValueError(f"metadata architecture.factory: {factory!r} is not in one of {ALLOWED_FACTORY_MODULES}")
 
 
-def build_model(metadata: dict) -> nn.Module:
-    """Instantiate the (untrained) architecture named by ``metadata["architecture"]``."""
+def build_model(metadata: dict, model_dir: str | Path | None = None) -> nn.Module:
+    """Instantiate the (untrained) model ``metadata["architecture"]`` describes.
+
+    ``model_dir`` is the unpacked archive, where a ``model_file`` source's file lies.
+    """
     check_metadata(metadata)
-    module_name, _, function_name = metadata["architecture"]["factory"].rpartition(".")
-    factory = getattr(importlib.import_module(module_name), function_name)
-    return factory(**metadata["architecture"].get("kwargs", {}))
+    return build_architecture(metadata["architecture"], model_dir)
 
 
 def load_model(model_dir: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the model and read the metadata from an unpacked archive folder."""
     model_dir = Path(model_dir)
     metadata = json.loads((model_dir / METADATA_FILE).read_text())
-    model = build_model(metadata)
+    model = build_model(metadata, model_dir)
     model.load_state_dict(torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True))
     return model.eval(), metadata
 
@@ -84,7 +90,7 @@ HANDLER_FILES = {"image": "image_handler.py", "video": "video_handler.py"}
 
 def write_archive(model: nn.Module, metadata: dict, export_dir: str | Path, *, batch_size: int = 4,
                   max_batch_delay_ms: int = 20, response_timeout_s: int = 120,
-                  store_path: str | Path | None = None) -> Path:
+                  store_path: str | Path | None = None, model_file: str | Path | None = None) -> Path:
     """Package a model as ``<export_dir>/<name>.mar`` with torch-model-archiver.
 
     Parameters
@@ -98,6 +104,8 @@ def write_archive(model: nn.Module, metadata: dict, export_dir: str | Path, *, b
     store_path : path, optional
         A complete, calibrated anomaly distribution store (a folder) built for this model's
         name and version; it is verified, then shipped under ``distribution_store/``.
+    model_file : path, optional
+        The Python file of a ``model_file`` source; shipped at the archive's top level.
 
     Returns
     -------
@@ -139,6 +147,7 @@ def write_archive(model: nn.Module, metadata: dict, export_dir: str | Path, *, b
              "--handler", str(HANDLERS_DIR / HANDLER_FILES[metadata["kind"]]),
              "--extra-files", ",".join(str(p) for p in extra),
              "--config-file", str(tmp / "model-config.yaml"),
+             *(["--model-file", str(model_file)] if model_file is not None else []),
              "--export-path", str(export_dir), "--force"],
             # The archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps two
             # archives of one name (parallel builds or test runs) from mixing their files.

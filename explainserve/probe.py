@@ -223,7 +223,7 @@ def probe(
         On a wrong rank, channel count, NaN/Inf input, out-of-range class or filter, or unknown layer.
     """
     check_inputs(inputs, model)
-    layer_name, module = resolve_layer(model, layer)
+    layer_name, module = resolve_layer(model, layer, inputs)
     state = GuidedState(intercept=input_gradient, guided=True)
     captured: dict[str, torch.Tensor] = {}
 

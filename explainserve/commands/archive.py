@@ -1,4 +1,11 @@
-"""``explainserve archive``: build a .mar for the demo models or for user torchvision weights."""
+"""``explainserve archive``: build a .mar for a demo model or the user's CNN.
+
+The user's model comes from torchvision (``--torchvision ARCH``), timm (``--timm NAME``) or
+their own Python file (``--model-file FILE.py --model-class NAME [--model-kwargs JSON]``), with
+weights from a local state-dict file (``--weights``). The model is run once at the archive's
+input size, so a non-classifier, a non-CNN or a layer the rule cannot choose is refused here,
+not when TorchServe loads it.
+"""
 
 from __future__ import annotations
 
@@ -18,15 +25,22 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("archive", help="build TorchServe model archives (.mar) into the model store")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--demo", choices=("image", "video"), help="one of the demo models")
-    source.add_argument("--torchvision", metavar="ARCH", help="a torchvision architecture, e.g. resnet50")
-    parser.add_argument("--weights", type=Path, help="state_dict file for --torchvision (default: random init)")
-    parser.add_argument("--class-names", type=Path, help="text file, one class name per line (--torchvision)")
-    parser.add_argument("--num-classes", type=int, help="number of classes when no --class-names is given")
+    source.add_argument("--torchvision", metavar="ARCH", help="a torchvision classifier, image or video, e.g. resnet50")
+    source.add_argument("--timm", metavar="NAME", help="a timm model, e.g. efficientnet_b0 (needs explainserve[timm])")
+    source.add_argument("--model-file", type=Path, metavar="FILE.py",
+                        help="your Python file defining the model class (shipped inside the archive)")
+    parser.add_argument("--model-class", metavar="NAME", help="the nn.Module class in --model-file")
+    parser.add_argument("--model-kwargs", default="{}", metavar="JSON",
+                        help="keyword arguments of --model-class, as a JSON object")
+    parser.add_argument("--weights", type=Path, help="state_dict file of the model (default: random init)")
+    parser.add_argument("--class-names", type=Path, help="text file, one class name per line")
+    parser.add_argument("--num-classes", type=int,
+                        help="number of classes when no --class-names is given (--model-file: default the model's)")
     parser.add_argument("--input-size", type=int, nargs="+", default=[224, 224], help="H W, or T H W for video")
     parser.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN)
     parser.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD)
-    parser.add_argument("--layer", help="target layer (default: the architecture's last conv block)")
-    parser.add_argument("--name", help="model name (default: the architecture or demo_<kind>)")
+    parser.add_argument("--layer", help="target layer (default: the last spatial feature map the head pools)")
+    parser.add_argument("--name", help="model name (default: the architecture, the class or demo_<kind>)")
     parser.add_argument("--version", default="1.0")
     parser.add_argument("--weights-dir", type=Path, help="folder of the demo weights (default: the package's)")
     store = parser.add_mutually_exclusive_group()
@@ -39,31 +53,66 @@ def register(subparsers) -> None:
     parser.set_defaults(func=main)
 
 
-def torchvision_model(args) -> tuple[torch.nn.Module, dict]:
-    """Build the architecture, load the weights and describe it in archive metadata."""
-    import torch
-    import torchvision
-
+def class_names_of(args, n_outputs: int | None) -> list[str]:
+    """Class names from --class-names or --num-classes; for a model file, the model's output count."""
     if args.class_names:
-        class_names = [line.strip() for line in args.class_names.read_text().splitlines() if line.strip()]
-    elif args.num_classes:
-        class_names = [f"class_{i}" for i in range(args.num_classes)]
-    else:
-        raise ValueError("--class-names or --num-classes is needed with --torchvision")
-    kind = "video" if len(args.input_size) == 3 else "image"
-    module = "torchvision.models.video" if kind == "video" else "torchvision.models"
-    factory = f"{module}.{args.torchvision}"
+        return [line.strip() for line in args.class_names.read_text().splitlines() if line.strip()]
+    if args.num_classes:
+        if args.num_classes < 1:
+            raise ValueError(f"--num-classes: must be a positive integer, got {args.num_classes}")
+        return [f"class_{i}" for i in range(args.num_classes)]
+    if n_outputs is None:
+        raise ValueError("--class-names or --num-classes is needed with --torchvision and --timm")
+    return [f"class_{i}" for i in range(n_outputs)]
+
+
+def architecture_of(args) -> tuple[dict, str]:
+    """The archive's ``architecture`` entry for the chosen source, and the model's default name."""
+    if args.model_class and not args.model_file:
+        raise ValueError("--model-class: only with --model-file FILE.py")
+    if args.torchvision or args.timm:
+        names = class_names_of(args, None)
+        source, name = ("torchvision", args.torchvision) if args.torchvision else ("timm", args.timm)
+        return {"source": source, "name": name, "kwargs": {"num_classes": len(names)}}, name
+    if not args.model_class:
+        raise ValueError("--model-class: required with --model-file; pass the name of your nn.Module class")
     try:
-        model = torchvision.models.get_model(args.torchvision, weights=None, num_classes=len(class_names))
-    except ValueError as error:
-        raise ValueError(f"--torchvision: {error}") from None
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--model-kwargs: not JSON ({error}); pass an object such as '{{\"num_classes\": 3}}'") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--model-kwargs: expected a JSON object, got {args.model_kwargs!r}")
+    return {"source": "model_file", "file": args.model_file.name, "class": args.model_class,
+            "kwargs": kwargs}, args.model_class.lower()
+
+
+def user_model(args) -> tuple[torch.nn.Module, dict]:
+    """Build the user's model, load its weights, check it and describe it in archive metadata."""
+    import torch
+
+    from explainserve.layers import resolve_layer
+    from explainserve.model_sources import build_architecture, check_classifier, load_weights
+
+    architecture, default_name = architecture_of(args)
+    model_dir = args.model_file.parent if args.model_file else None
+    model = build_architecture(architecture, model_dir)
     if args.weights:
-        model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+        load_weights(model, args.weights, f"{default_name} as built from your arguments")
+    kind = "video" if len(args.input_size) == 3 else "image"
+    inputs = torch.zeros(1, 3, *args.input_size)
+    n_outputs = check_classifier(model, inputs)
+    class_names = class_names_of(args, n_outputs)
+    if len(class_names) != n_outputs:
+        raise ValueError(f"--class-names: {len(class_names)} names, but the model returns {n_outputs} logits")
+    try:
+        layer, _ = resolve_layer(model, args.layer, inputs)
+    except ValueError as error:
+        argument = f"--layer {args.layer}" if args.layer else f"--{architecture['source'].replace('_', '-')}"
+        raise ValueError(f"{argument}: {str(error).replace('layer=<dotted module name>', '--layer NAME')}") from None
     metadata = {
-        "name": args.name or args.torchvision, "version": args.version, "kind": kind,
+        "name": args.name or default_name, "version": args.version, "kind": kind,
         "input_size": args.input_size, "mean": list(args.mean), "std": list(args.std),
-        "class_names": class_names, "layer": args.layer,
-        "architecture": {"factory": factory, "kwargs": {"num_classes": len(class_names)}},
+        "class_names": class_names, "layer": layer, "architecture": architecture,
         "build_timestamp": time.time(),
     }
     return model, metadata
@@ -117,10 +166,11 @@ def committed_store(kind: str, metadata: dict, weights_dir: Path | None = None) 
 def main(args) -> int:
     from explainserve.model_archive import write_archive
 
-    model, metadata = demo_model(args.demo, args.name, args.version, args.weights_dir) if args.demo else torchvision_model(args)
+    model, metadata = demo_model(args.demo, args.name, args.version, args.weights_dir) if args.demo else user_model(args)
     store = (committed_store(args.demo, metadata, args.weights_dir)
              if args.demo and args.store is None and not args.no_store else args.store)
     path = write_archive(model, metadata, args.export_path, batch_size=args.batch_size,
-                         max_batch_delay_ms=args.max_batch_delay_ms, store_path=store)
+                         max_batch_delay_ms=args.max_batch_delay_ms, store_path=store,
+                         model_file=args.model_file if not args.demo else None)
     print(f"wrote {path}" + (f" with the distribution store {store}" if store is not None else ""))
     return 0

@@ -1,0 +1,175 @@
+"""Model sources of ``explainserve archive`` and the loader: torchvision, timm, a model file.
+
+Each source is archived the way the CLI does it (metadata, then the loader rebuilds the model
+from it and the weights file) and must give the same logits. Bad input gets one line naming the
+argument and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from explainserve.cli import build_parser, main
+from explainserve.commands.archive import user_model
+from explainserve.model_archive import build_model
+from explainserve.model_sources import model_class
+
+MODEL_FILE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class TinyNet(nn.Module):
+        """Two conv blocks, global average pool, linear head."""
+
+        def __init__(self, num_classes=3, width=8):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
+            self.head = nn.Linear(width, num_classes)
+
+        def forward(self, x):
+            return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+    class TokenNet(nn.Module):
+        """Patch embedding, then a transformer layer on tokens: not a CNN."""
+
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 16, 8, stride=8)
+            self.encoder = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.encoder(self.embed(x).flatten(2).transpose(1, 2)).mean(dim=1))
+
+
+    class Flat(nn.Module):
+        """A multilayer perceptron: no spatial map at all."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3 * 32 * 32, 3)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+''')
+
+
+def archive_args(*argv: str):
+    return build_parser(("explainserve.commands.archive",)).parse_args(["archive", *argv])
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "model.py"
+    path.write_text(MODEL_FILE)
+    return path
+
+
+def rebuilt_logits(model: nn.Module, metadata: dict, model_dir=None) -> tuple[torch.Tensor, torch.Tensor]:
+    rebuilt = build_model(json.loads(json.dumps(metadata)), model_dir)
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, *metadata["input_size"])
+    with torch.no_grad():
+        return model.eval()(x), rebuilt.eval()(x)
+
+
+@pytest.mark.parametrize("source,name,size,layer", [
+    ("--torchvision", "resnet18", ["64", "64"], "layer4"),
+    ("--torchvision", "r3d_18", ["4", "32", "32"], "layer4"),
+    ("--timm", "resnet10t", ["64", "64"], "layer4"),
+])
+def test_library_sources_round_trip_with_weights(tmp_path, source, name, size, layer):
+    builder = (lambda: torchvision.models.get_model(name, num_classes=3)) if source == "--torchvision" else \
+        (lambda: pytest.importorskip("timm").create_model(name, pretrained=False, num_classes=3))
+    weights = tmp_path / "weights.pt"
+    torch.save(builder().state_dict(), weights)
+    model, metadata = user_model(archive_args(source, name, "--weights", str(weights), "--num-classes", "3",
+                                              "--input-size", *size))
+    assert metadata["architecture"] == {"source": source[2:], "name": name, "kwargs": {"num_classes": 3}}
+    assert metadata["layer"] == layer and metadata["kind"] == ("video" if len(size) == 3 else "image")
+    assert torch.equal(model.state_dict()["fc.weight"], torch.load(weights)["fc.weight"])
+    ours, rebuilt = rebuilt_logits(model, metadata)
+    assert torch.equal(ours, rebuilt)
+
+
+def test_model_file_round_trip_from_the_archive_folder(tmp_path, model_file):
+    weights = tmp_path / "weights.pt"
+    torch.save(model_class(model_file, "TinyNet")(num_classes=4, width=6).state_dict(), weights)
+    model, metadata = user_model(archive_args(
+        "--model-file", str(model_file), "--model-class", "TinyNet", "--model-kwargs", '{"num_classes": 4, "width": 6}',
+        "--weights", str(weights), "--input-size", "32", "32"))
+    assert metadata["architecture"] == {"source": "model_file", "file": "model.py", "class": "TinyNet",
+                                        "kwargs": {"num_classes": 4, "width": 6}}
+    assert metadata["class_names"] == [f"class_{i}" for i in range(4)]  # from the model's outputs
+    assert metadata["layer"] == "body"
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "model.py").write_text(model_file.read_text())
+    ours, rebuilt = rebuilt_logits(model, metadata, served)
+    assert torch.equal(ours, rebuilt)
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    assert main(["archive", *argv]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message, message
+    return message
+
+
+def test_bad_sources_get_one_line_naming_the_argument_and_the_fix(tmp_path, model_file, capsys):
+    other = tmp_path / "other.pt"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), other)
+    small = ("--input-size", "32", "32")
+    cases = [
+        (("--torchvision", "resnet19", "--num-classes", "3"), r"--torchvision resnet19: not a torchvision .* pass one of"),
+        (("--timm", "no_such_net", "--num-classes", "3"), r"--timm no_such_net: not a timm model name; pass one of"),
+        (("--torchvision", "vgg11", "--num-classes", "3", "--weights", str(other), *small),
+         r"--weights .*other\.pt: does not hold weights of vgg11 .* pass the state_dict saved from this model"),
+        (("--model-file", str(model_file), "--model-class", "Missing", *small),
+         r"--model-class Missing: model\.py defines no nn\.Module class 'Missing'; pass one of \['Flat', 'TinyNet', 'TokenNet'\]"),
+        (("--model-file", str(model_file), "--model-class", "TokenNet", *small),
+         r"--model-file: layer: the head does not pool .* is not a CNN.* pass --layer NAME"),
+        (("--model-file", str(model_file), "--model-class", "Flat", *small),
+         r"--model-file: layer: no module outputs a spatial feature map .* pass --layer NAME"),
+        (("--model-file", str(model_file), "--model-class", "TinyNet", "--model-kwargs", '{"depth": 2}', *small),
+         r"--model-kwargs .*TinyNet\(\*\*kwargs\) failed .* pass the keyword arguments of TinyNet\(num_classes=3, width=8\)"),
+        (("--model-file", str(model_file), "--model-class", "TinyNet", "--num-classes", "5", *small),
+         r"--class-names: 5 names, but the model returns 3 logits"),
+        (("--torchvision", "resnet18", *small), r"--class-names or --num-classes is needed"),
+    ]
+    for argv, pattern in cases:
+        message = one_line_error(capsys, *argv)
+        assert re.search(pattern, message), (argv, message)
+
+
+def test_compiled_models_are_refused_saying_why_and_what_to_pass(tmp_path, model_file, capsys):
+    net = model_class(model_file, "TinyNet")().eval()
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(net), scripted)
+    exported = tmp_path / "exported.pt2"
+    torch.export.save(torch.export.export(net, (torch.randn(1, 3, 16, 16),)), exported)
+    renamed = tmp_path / "exported.pt"
+    renamed.write_bytes(exported.read_bytes())
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07")
+    base = ("--model-file", str(model_file), "--model-class", "TinyNet", "--input-size", "16", "16")
+    cases = [
+        ((*base, "--weights", str(scripted)), "--weights .*scripted.pt: a TorchScript module"),
+        ((*base, "--weights", str(exported)), "--weights .*exported.pt2: a torch.export program"),
+        ((*base, "--weights", str(renamed)), "--weights .*exported.pt: a torch.export program"),
+        (("--model-file", str(onnx), "--model-class", "TinyNet"), "--model-file .*model.onnx: an ONNX model"),
+    ]
+    for argv, pattern in cases:
+        message = one_line_error(capsys, *argv)
+        assert re.search(pattern, message), (argv, message)
+        assert "explanations need the eager nn.Module" in message and "--model-file FILE.py --model-class NAME" in message
