@@ -6,6 +6,13 @@ scikit-image's SLIC minimises exactly this when given the stacked features
 F = [LAB/wc, M/wg] and ``compactness = 1/(F.max() - F.min())``: it rescales F to [0, 1] by
 its global range and then divides by the compactness, which restores F, while the spatial
 term is (ds/S)^2. Variants drop a term: "i" keeps colour only, "g" the scores only.
+
+Degenerate inputs. On noise (or a clip of identical noisy frames) the thesis's weights let the
+feature term swamp the spatial one: SLIC's clusters fragment, and enforcing connectivity merges
+the fragments until one segment covers the whole input. A segmentation with fewer than
+``MIN_SEGMENT_FRACTION`` of the requested segments is redone with the feature term scaled down by
+``RETRY_SCALE`` (up to ``MAX_RETRIES`` times), and finally on position alone (a regular grid),
+so a request for K > 1 segments never gets one.
 """
 
 from __future__ import annotations
@@ -17,6 +24,10 @@ from skimage.segmentation import slic
 from .limits import MAX_SEGMENTS, check_weight
 
 VARIANTS = ("i", "g", "i_g")
+# Fewer segments than this fraction of the requested number means SLIC collapsed (module docstring).
+MIN_SEGMENT_FRACTION = 1 / 8
+RETRY_SCALE = 4.0
+MAX_RETRIES = 3
 
 
 def check_superpixel_parameters(n_segments: int, wc: float, wg: float, variant: str) -> None:
@@ -94,16 +105,35 @@ def gradient_slic(
     Returns
     -------
     ndarray of int32, shape (H, W) or (T, H, W)
-        Segment labels starting at 0.
+        Segment labels starting at 0; never a single segment when ``n_segments`` > 1 (see the
+        module docstring for what happens on noise and flat inputs).
     """
     check_superpixel_parameters(n_segments, wc, wg, variant)
     features = slic_features(image, scores, variant=variant, wc=wc, wg=wg)
-    spatial_ndim = features.ndim - 1
+    spacing = None if features.ndim == 3 else np.array([temporal_spacing, 1.0, 1.0])
+    options = {"n_segments": int(n_segments), "spacing": spacing, "enforce_connectivity": enforce_connectivity,
+               "max_num_iter": max_num_iter}
+    labels = _slic(features, **options)
+    for _ in range(MAX_RETRIES):
+        if not _collapsed(labels, n_segments):
+            return labels
+        features = features / np.float32(RETRY_SCALE)
+        labels = _slic(features, **options)
+    if _collapsed(labels, n_segments):
+        labels = _slic(np.zeros_like(features[..., :1]), **options)
+    return labels
+
+
+def _collapsed(labels: np.ndarray, n_segments: int) -> bool:
+    found = int(labels.max()) + 1
+    return n_segments > 1 and found < max(2, int(np.ceil(n_segments * MIN_SEGMENT_FRACTION)))
+
+
+def _slic(features: np.ndarray, *, n_segments: int, spacing, enforce_connectivity: bool, max_num_iter: int) -> np.ndarray:
     value_range = float(features.max() - features.min())
-    spacing = None if spatial_ndim == 2 else np.array([temporal_spacing, 1.0, 1.0])
     labels = slic(
         features,
-        n_segments=int(n_segments),
+        n_segments=n_segments,
         # Undo skimage's global rescale to [0, 1] so the feature scale is the thesis's.
         compactness=1.0 / value_range if value_range > 0 else 1.0,
         convert2lab=False,

@@ -1,5 +1,6 @@
 """Independent references for the probe: plain autograd and captum, none of the library's code.
 
+``assert_probe_exact`` checks one model against all of them.
 ``layer_gradient`` detaches a clone of the target layer's output and feeds a copy of it to the
 rest of the network, so dy/dA is taken with respect to a leaf that no later op can alias.
 ``guided_backprop`` is captum's GuidedBackprop, extended to ReLU6 modules (captum hooks
@@ -8,11 +9,18 @@ rest of the network, so dy/dA is taken with respect to a leaf that no later op c
 
 from __future__ import annotations
 
+import copy
 import warnings
 
+import numpy as np
 import torch
 from captum.attr import GuidedBackprop
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
+
+from explainserve.cam import class_activation_map
+from explainserve.probe import probe
 
 
 def layer_gradient(model: nn.Module, inputs: torch.Tensor, layer: str, target: torch.Tensor):
@@ -76,3 +84,65 @@ class ModuleReLUs(nn.Module):
             pooled = nn.functional.adaptive_avg_pool2d(self.relu(model.features(x)), 1)
             return model.classifier(torch.flatten(pooled, 1))
         return model(x)
+
+
+def pytorch_grad_cam_map(model: nn.Module, layer: str, inputs: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """pytorch-grad-cam's unnormalised Grad-CAM at ``layer``, from its own activation and gradient hooks
+    (its ReLU applied as its ``compute_cam_per_layer`` does, before any resizing or scaling)."""
+    module = dict(model.named_modules())[layer]
+    with GradCAM(model=model, target_layers=[module]) as cam:
+        cam(input_tensor=inputs, targets=[ClassifierOutputTarget(int(c)) for c in target])
+        activations = cam.activations_and_grads.activations[0].numpy()
+        gradients = cam.activations_and_grads.gradients[0].numpy()
+        return np.maximum(cam.get_cam_image(inputs, module, None, activations, gradients, eigen_smooth=False), 0)
+
+
+def reference_copy(model: nn.Module) -> nn.Module:
+    """A copy without in-place ops, whose functional ReLUs captum can hook; ``model.`` prefixes its names.
+
+    pytorch-grad-cam keeps a view of the layer's output, which DenseNet's in-place ReLU later
+    rewrites (its CAM would then weight relu(A)); on this copy it keeps A itself.
+    """
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False
+    return ModuleReLUs(twin).eval()
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((ours - reference).abs().max() / reference.abs().max().clamp(min=1e-12))
+
+
+def assert_probe_exact(model: nn.Module, inputs: torch.Tensor, expected_layer: str, *, rectifiers: bool) -> None:
+    """Check one probe pass of ``model`` on ``inputs`` against the references.
+
+    * the default target layer is ``expected_layer``;
+    * A and dy/dA equal :func:`layer_gradient`'s;
+    * the Grad-CAM map equals pytorch-grad-cam's at the same layer, from its own hooks;
+    * the guided input gradient equals :func:`guided_backprop`'s; with ``rectifiers`` (ReLU or
+      ReLU6 networks) it differs from the vanilla gradient, so that comparison can fail;
+      without, the pixel scores and the Grad-CAM sum before its ReLU are finite and not constant.
+    """
+    result = probe(model, inputs, vanilla_gradient=True)
+    assert result.layer == expected_layer
+
+    activations, gradients = layer_gradient(model, inputs, result.layer, result.target)
+    assert torch.equal(result.activations, activations)
+    assert relative_error(result.activation_gradients, gradients) < 1e-4
+
+    twin = reference_copy(model)
+    theirs = pytorch_grad_cam_map(twin, f"model.{result.layer}", inputs, result.target)
+    ours = class_activation_map(result.activations, result.activation_gradients).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * max(np.abs(theirs).max(), 1e-6))
+
+    expected = guided_backprop(twin, inputs, result.target)
+    assert relative_error(result.input_gradient, expected) < 1e-4
+    if rectifiers:
+        assert relative_error(result.vanilla_gradient, expected) > 1e-2, "the guided rule was not applied"
+        return
+    pixel_scores = result.input_gradient.abs().amax(dim=1)
+    weights = result.activation_gradients.mean(dim=tuple(range(2, result.activations.ndim)), keepdim=True)
+    for name, values in (("pixel scores", pixel_scores), ("Grad-CAM before its ReLU", (weights * result.activations).sum(dim=1))):
+        assert torch.isfinite(values).all(), name
+        assert values.flatten(1).std(dim=1).min() > 0, f"{name} are constant"

@@ -210,3 +210,30 @@ def test_the_defaults_are_the_slic_weights_and_a_frame_per_pixel_step(small_imag
     clip_scores = np.stack([np.roll(scores, 3 * t, axis=1) for t in range(8)])
     np.testing.assert_array_equal(gradient_slic(clip, clip_scores, n_segments=40),
                                   gradient_slic(clip, clip_scores, n_segments=40, temporal_spacing=1.0))
+
+
+def _degenerate_inputs():
+    rng = np.random.default_rng(0)
+    frame, frame_scores = rng.random((1, 32, 32, 3)), rng.random((1, 32, 32))
+    return {
+        "noise image": (rng.random((48, 48, 3)), rng.random((48, 48)), {"n_segments": 300, "wc": 12.0, "wg": 16.0}),
+        "flat image": (np.full((48, 48, 3), 0.4), np.zeros((48, 48)), {"n_segments": 300, "wc": 12.0, "wg": 16.0}),
+        "noise clip": (rng.random((8, 32, 32, 3)), rng.random((8, 32, 32)), {"n_segments": 120, "wc": 20.0, "wg": 9.0}),
+        "flat clip": (np.full((8, 32, 32, 3), 0.7), np.zeros((8, 32, 32)), {"n_segments": 120, "wc": 20.0, "wg": 9.0}),
+        "identical frames": (np.repeat(frame, 8, 0), np.repeat(frame_scores, 8, 0),
+                             {"n_segments": 120, "wc": 20.0, "wg": 9.0}),
+    }
+
+
+@pytest.mark.parametrize("case", _degenerate_inputs())
+@pytest.mark.parametrize("variant", ["i", "g", "i_g"])
+def test_noise_flat_colour_and_identical_frames_never_give_one_segment(case, variant):
+    # Before the retry, noise clips and identical noisy frames collapsed to one supervoxel
+    # (and a noise image to 2 superpixels of 300): the SWAG map was then constant.
+    image, scores, options = _degenerate_inputs()[case]
+    result = swag(image, scores, variant=variant, **options)
+    found = len(np.unique(result.segments))
+    assert found >= options["n_segments"] / 8, found
+    assert result.heatmap.std() > 0 or case.startswith("flat")
+    single = gradient_slic(image, scores, variant=variant, **{**options, "n_segments": 1})
+    assert len(np.unique(single)) == 1

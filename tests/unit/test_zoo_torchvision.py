@@ -17,20 +17,15 @@ Transformers without a pooled spatial map (ViT, MViT) are refused with a clear e
 
 from __future__ import annotations
 
-import copy
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torchvision
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from explainserve.cam import class_activation_map
 from explainserve.probe import probe
-from support.references import ModuleReLUs, guided_backprop, layer_gradient
+from support.references import assert_probe_exact
 
 pytestmark = pytest.mark.slow
 
@@ -104,10 +99,6 @@ def test_every_torchvision_classifier_belongs_to_a_tested_family():
         assert family_of(name) in {**FAMILIES, **REFUSED}, name
 
 
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((ours - reference).abs().max() / reference.abs().max().clamp(min=1e-12))
-
-
 def build(name: str, **kwargs) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -116,58 +107,11 @@ def build(name: str, **kwargs) -> nn.Module:
         return torchvision.models.get_model(name, weights=None, num_classes=5, **kwargs).eval()
 
 
-def pytorch_grad_cam_map(model: nn.Module, layer: str, inputs: torch.Tensor, target: torch.Tensor) -> np.ndarray:
-    """pytorch-grad-cam's unnormalised Grad-CAM at ``layer``, from its own activation and gradient hooks
-    (its ReLU applied as its ``compute_cam_per_layer`` does, before any resizing or scaling)."""
-    module = dict(model.named_modules())[layer]
-    with GradCAM(model=model, target_layers=[module]) as cam:
-        cam(input_tensor=inputs, targets=[ClassifierOutputTarget(int(c)) for c in target])
-        activations = cam.activations_and_grads.activations[0].numpy()
-        gradients = cam.activations_and_grads.gradients[0].numpy()
-        return np.maximum(cam.get_cam_image(inputs, module, None, activations, gradients, eigen_smooth=False), 0)
-
-
-def reference_copy(model: nn.Module) -> nn.Module:
-    """A copy without in-place ops, whose functional ReLUs captum can hook; ``model.`` prefixes its names.
-
-    pytorch-grad-cam keeps a view of the layer's output, which DenseNet's in-place ReLU later
-    rewrites (its CAM would then weight relu(A)); on this copy it keeps A itself.
-    """
-    twin = copy.deepcopy(model)
-    for module in twin.modules():
-        if hasattr(module, "inplace"):
-            module.inplace = False
-    return ModuleReLUs(twin).eval()
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_probe_is_exact_on_every_family(family):
     name, shape, expected_layer, activation = FAMILIES[family]
     model = build(name)
-    x = torch.randn(2, *shape)
-    result = probe(model, x, vanilla_gradient=True)
-    assert result.layer == expected_layer
-
-    activations, gradients = layer_gradient(model, x, result.layer, result.target)
-    assert torch.equal(result.activations, activations)
-    assert relative_error(result.activation_gradients, gradients) < 1e-4
-
-    twin = reference_copy(model)
-    theirs = pytorch_grad_cam_map(twin, f"model.{result.layer}", x, result.target)
-    ours = class_activation_map(result.activations, result.activation_gradients).numpy()
-    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * max(np.abs(theirs).max(), 1e-6))
-
-    expected = guided_backprop(twin, x, result.target)
-    assert relative_error(result.input_gradient, expected) < 1e-4
-    if activation in ("relu", "relu6"):
-        assert relative_error(result.vanilla_gradient, expected) > 1e-2, "the guided rule was not applied"
-    else:
-        pixel_scores = result.input_gradient.abs().amax(dim=1)
-        weighted_sum = (result.activation_gradients.mean(dim=tuple(range(2, result.activations.ndim)), keepdim=True)
-                        * result.activations).sum(dim=1)
-        for name_, values in (("pixel scores", pixel_scores), ("Grad-CAM before its ReLU", weighted_sum)):
-            assert torch.isfinite(values).all(), name_
-            assert values.flatten(1).std(dim=1).min() > 0, f"{name_} are constant"
+    assert_probe_exact(model, torch.randn(2, *shape), expected_layer, rectifiers=activation in ("relu", "relu6"))
 
 
 @pytest.mark.parametrize("family", REFUSED)
