@@ -2,12 +2,17 @@
 
 The rule: the target layer is **the last module whose output is a spatial feature map that the
 head then pools**. A spatial feature map is a tensor of the input's rank, (B, C, h, w) for
-images or (B, C, t, h, w) for video, with more than one spatial position, and not the output
-of a pooling module (VGG's last max-pool and ``avgpool`` are skipped, so its target is the last
-ReLU of ``features``, as in the thesis). Modules called more than once (a shared ``self.relu``)
-are skipped, since a hook could not tell their calls apart. The choice is refused when
+images or (B, C, t, h, w) for video, that is neither the output of a pooling module (VGG's last
+max-pool and ``avgpool`` are skipped, so its target is the last ReLU of ``features``, as in the
+thesis) nor computed from a global pool's output (the pooled head: ConvNeXt's LayerNorm2d,
+MobileNetV3's 1x1 ``conv_head`` in timm; a squeeze-and-excitation block inside the trunk is
+computed from its input too, so its output stays a map). Modules called more than once (a
+shared ``self.relu``) are skipped, since a hook could not tell their calls apart. The choice is
+refused when
 
 * token tensors (rank 3, as in a vision transformer) follow the map: the head does not pool it;
+* the map is channels-last, (B, t, h, w, C) as in Video Swin: the first linear layer after it
+  takes its last dimension, not its dimension 1;
 * the logits depend on the input through a path that bypasses the map (two branches merged
   after it): no single layer carries everything the head sees.
 
@@ -34,8 +39,9 @@ class _Call:
     """One module call of the dry pass, in order of completion."""
 
     name: str
+    module: nn.Module
     output: torch.Tensor
-    pooled: bool
+    pooled: bool  # a pooling module's output, or computed from a global pool's output
 
 
 def _record_calls(model: nn.Module, inputs: torch.Tensor) -> tuple[list[_Call], dict[str, int], torch.Tensor, torch.Tensor]:
@@ -44,15 +50,21 @@ def _record_calls(model: nn.Module, inputs: torch.Tensor) -> tuple[list[_Call], 
 
     calls: list[_Call] = []
     counts: dict[str, int] = {}
-    pooled_ids: set[int] = set()
+    pool_outputs: set[int] = set()  # every pooling module's output
+    global_ids: set[int] = set()  # tensors computed from a global pool's output
 
     def record(name):
-        def hook(module, _args, output):
+        def hook(module, args, output):
             counts[name] = counts.get(name, 0) + 1
-            if isinstance(output, torch.Tensor):
-                if isinstance(module, _POOLING):
-                    pooled_ids.add(id(output))
-                calls.append(_Call(name, output, id(output) in pooled_ids))
+            if not isinstance(output, torch.Tensor):
+                return
+            if isinstance(module, _POOLING):
+                pool_outputs.add(id(output))
+                if output.ndim > 2 and output.shape[2:].numel() == 1:
+                    global_ids.add(id(output))
+            if any(isinstance(a, torch.Tensor) and id(a) in global_ids for a in args):
+                global_ids.add(id(output))
+            calls.append(_Call(name, module, output, id(output) in pool_outputs or id(output) in global_ids))
         return hook
 
     handles = [module.register_forward_hook(record(name)) for name, module in model.named_modules() if name]
@@ -67,8 +79,7 @@ def _record_calls(model: nn.Module, inputs: torch.Tensor) -> tuple[list[_Call], 
 
 
 def _is_feature_map(call: _Call, rank: int) -> bool:
-    output = call.output
-    return output.ndim == rank and not call.pooled and output.shape[2:].numel() > 1
+    return call.output.ndim == rank and not call.pooled
 
 
 def _bypasses(logits: torch.Tensor, node, x: torch.Tensor) -> bool:
@@ -120,7 +131,7 @@ def feature_map_layer(model: nn.Module, inputs: torch.Tensor) -> str:
     maps = [i for i, c in enumerate(calls) if _is_feature_map(c, rank) and counts[c.name] == 1]
     listed = _candidates_text(calls, rank)
     if not maps:
-        raise ValueError(f"layer: no module outputs a spatial feature map of rank {rank} with more than one position "
+        raise ValueError(f"layer: no module outputs a spatial feature map of rank {rank} before the head pools "
                          f"(layers with rank-{rank} outputs: {listed}); pass layer=<dotted module name>")
     chosen = calls[maps[-1]]
     after = [c for c in calls[maps[-1] + 1:] if not chosen.name.startswith(c.name + ".")]
@@ -129,6 +140,12 @@ def feature_map_layer(model: nn.Module, inputs: torch.Tensor) -> str:
         raise ValueError(f"layer: the head does not pool the last spatial map {chosen.name} "
                          f"{tuple(chosen.output.shape)}: {tokens[0].name} {tuple(tokens[0].output.shape)} follows it "
                          f"(a transformer is not a CNN); candidates: {listed}; pass layer=<dotted module name>")
+    shape = tuple(chosen.output.shape)
+    linear = next((c for c in after if isinstance(c.module, nn.Linear)), None)
+    if linear is not None and linear.module.in_features == shape[-1] != shape[1]:
+        raise ValueError(f"layer: the last spatial map {chosen.name} {shape} is channels-last ({linear.name} takes its "
+                         f"last dimension); the maps need (B, C, ...) activations; candidates: {listed}; "
+                         f"pass layer=<dotted module name> of a channels-first map")
     if _bypasses(logits, chosen.output.grad_fn, x):
         raise ValueError(f"layer: the logits depend on the input through a path that bypasses the last spatial map "
                          f"{chosen.name} {tuple(chosen.output.shape)}, so no single layer can be chosen; "

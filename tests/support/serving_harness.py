@@ -81,8 +81,11 @@ class Stack:
 @contextlib.contextmanager
 def serving_stack(workdir: Path, archives: list[tuple[torch.nn.Module, dict]], *, batch_size: int = 4,
                   max_batch_delay_ms: int = 100, env: dict[str, str] | None = None, token_auth: bool = False,
-                  gateway_args: tuple[str, ...] = ()):
+                  gateway_args: tuple[str, ...] = (), prebuilt: tuple[str, ...] = ()):
     """Archive the models, start TorchServe and the gateway; always stop both.
+
+    ``prebuilt`` names archives the test already wrote to ``workdir/model_store`` (with
+    ``explainserve archive``), served beside ``archives``.
 
     ``token_auth`` runs TorchServe with token authorisation and the gateway with ``--token-file``;
     ``gateway_args`` are more sidecar flags (``--store-dir DIR``).
@@ -93,7 +96,7 @@ def serving_stack(workdir: Path, archives: list[tuple[torch.nn.Module, dict]], *
     for model, metadata in archives:
         write_archive(model, metadata, store, batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms)
     torchserve = TorchServe(TorchServeConfig(
-        model_store=store, models={metadata["name"]: f"{metadata['name']}.mar" for _, metadata in archives},
+        model_store=store, models={name: f"{name}.mar" for name in [m["name"] for _, m in archives] + list(prebuilt)},
         workdir=workdir / "torchserve", grpc_inference_port=0, grpc_management_port=0,
         disable_token_auth=not token_auth, env=env or {}))
     stack = None

@@ -12,7 +12,8 @@ them). For each, on a batch of 2:
   networks it differs from the vanilla gradient, so the comparison can fail;
 * for SiLU / GELU / Hardswish networks the maps are finite and not constant.
 
-Transformers without a pooled spatial map (ViT, MViT) are refused with a clear error.
+Transformers without a pooled spatial map (ViT, MViT) or with a channels-last one (Video Swin)
+are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -52,12 +53,13 @@ IMAGE_FAMILIES = {
 VIDEO_FAMILIES = {
     "Video ResNet (R3D, MC3, R(2+1)D)": ("r2plus1d_18", (3, 4, 32, 32), "layer4", "relu"),
     "S3D": ("s3d", (3, 8, 64, 64), "features", "relu"),
-    "Video Swin": ("swin3d_t", (3, 4, 64, 64), "permute", "gelu"),
 }
-# Transformers whose head reads tokens, not a pooled map: (name, builder kwargs, input shape).
+# Refused by the rule: (builder, input shape, why). ViT and MViT heads read tokens; Video Swin's
+# last map is channels-last (B, t, h, w, C), which no layer of it turns channels-first.
 REFUSED = {
-    "ViT": ("vit_b_16", {"image_size": 32}, (3, 32, 32)),
-    "MViT": ("mvit_v2_s", {"spatial_size": (32, 32), "temporal_size": 4}, (3, 4, 32, 32)),
+    "ViT": (lambda: build("vit_b_16", image_size=32), (3, 32, 32), "the head does not pool .* is not a CNN"),
+    "MViT": (lambda: _tiny_mvit(), (3, 4, 32, 32), "the head does not pool .* is not a CNN"),
+    "Video Swin": (lambda: build("swin3d_t"), (3, 4, 64, 64), r"norm \(1, 2, 2, 2, 768\) is channels-last"),
 }
 # Which family each torchvision name belongs to, by name prefix.
 PREFIXES = {
@@ -79,6 +81,17 @@ SHRUNK = {
         head_dim=8, stochastic_depth_prob=0.0, num_classes=5),
     "s3d": lambda: _with_head_pool(torchvision.models.video.s3d(num_classes=5), nn.AvgPool3d((1, 2, 2), stride=1)),
 }
+
+
+def _tiny_mvit() -> nn.Module:
+    """MViT v2 (its own builder and block type), two one-head blocks at 4 x 32 x 32."""
+    from torchvision.models.video.mvit import MSBlockConfig, _mvit
+
+    block = MSBlockConfig(num_heads=1, input_channels=96, output_channels=96, kernel_q=[3, 3, 3],
+                          kernel_kv=[3, 3, 3], stride_q=[1, 1, 1], stride_kv=[1, 2, 2])
+    return _mvit(block_setting=[block, block], stochastic_depth_prob=0.0, weights=None, progress=False,
+                 spatial_size=(32, 32), temporal_size=4, residual_pool=True, residual_with_cls_embed=False,
+                 rel_pos_embed=True, proj_after_attn=True, num_classes=5).eval()
 
 
 def _with_head_pool(model: nn.Module, pool: nn.Module) -> nn.Module:
@@ -115,7 +128,7 @@ def test_probe_is_exact_on_every_family(family):
 
 
 @pytest.mark.parametrize("family", REFUSED)
-def test_transformers_without_a_pooled_map_are_refused(family):
-    name, kwargs, shape = REFUSED[family]
-    with pytest.raises(ValueError, match=r"layer: the head does not pool the last spatial map .* is not a CNN"):
-        probe(build(name, **kwargs), torch.randn(1, *shape))
+def test_transformers_without_a_channels_first_pooled_map_are_refused(family):
+    builder, shape, why = REFUSED[family]
+    with pytest.raises(ValueError, match=f"layer: .*{why}.*candidates: .* pass layer="):
+        probe(builder(), torch.randn(1, *shape))

@@ -1,0 +1,109 @@
+"""A user's own CNN (TorchServe model file) and a timm model: archived with ``explainserve
+archive``, served by a real TorchServe behind the real gateway, explained over gRPC; the maps
+and the Grad-AMap alpha equal the library's."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from explainserve._generated import handler_pb2
+from explainserve.cli import main
+from explainserve.client import ExplainClient, build_request
+from explainserve.commands.archive import register, user_model
+from explainserve.explainer import ExplainOptions
+from explainserve.model_sources import model_class
+from explainserve.wire import HANDLER_REQUEST_KEY
+from support.serving_harness import explainer_for, png, random_image, stack_for_module
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+METHODS = ["swag_i_g", "grad_cam", "jitter_cam"]
+SIZE = ("64", "64")
+# In-place and functional ReLUs, one after the target layer and one in the head: what the probe
+# must get right without captum's module hooks.
+USER_MODEL = textwrap.dedent('''
+    import torch.nn.functional as F
+    from torch import nn
+
+
+    class UserCNN(nn.Module):
+        def __init__(self, num_classes=3, width=8):
+            super().__init__()
+            self.stem = nn.Conv2d(3, width, 3, stride=2, padding=1)
+            self.block = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+            self.hidden = nn.Linear(2 * width, 16)
+            self.out = nn.Linear(16, num_classes)
+
+        def forward(self, x):
+            x = F.relu(self.stem(x), inplace=True)
+            x = F.relu(self.block(x), inplace=True)
+            return self.out(F.relu(self.hidden(x.mean(dim=(2, 3)))))
+''')
+
+
+def archive_argv(workdir, source: str) -> list[str]:
+    weights = workdir / f"{source}.pt"
+    if source == "user":
+        (workdir / "user_cnn.py").write_text(USER_MODEL)
+        torch.manual_seed(5)
+        torch.save(model_class(workdir / "user_cnn.py", "UserCNN")(num_classes=3).state_dict(), weights)
+        argv = ["--model-file", str(workdir / "user_cnn.py"), "--model-class", "UserCNN", "--name", "user_cnn"]
+    else:
+        timm = pytest.importorskip("timm")
+        torch.manual_seed(6)
+        torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=3).state_dict(), weights)
+        argv = ["--timm", "resnet10t", "--num-classes", "3", "--name", "timm_resnet10t"]
+    return argv + ["--weights", str(weights), "--input-size", *SIZE, "--mean", "0.5", "0.5", "0.5",
+                   "--std", "0.25", "0.25", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def served(request, tmp_path_factory):
+    """Both archives built by the CLI, and the library's own model and metadata for each."""
+    import argparse
+
+    workdir = tmp_path_factory.mktemp("user_models")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    references = {}
+    for source in ("user", "timm"):
+        argv = archive_argv(workdir, source)
+        assert main(["archive", *argv, "--export-path", str(workdir / "model_store")]) == 0
+        model, metadata = user_model(parser.parse_args(["archive", *argv]))
+        references[metadata["name"]] = (model, metadata)
+    assert references["user_cnn"][1]["layer"] == "block"
+    for stack in stack_for_module(request, workdir, [], prebuilt=tuple(references)):
+        yield stack, references
+
+
+@pytest.mark.parametrize("name", ["user_cnn", "timm_resnet10t"])
+def test_served_maps_and_alpha_equal_the_library(served, name):
+    stack, references = served
+    model, metadata = references[name]
+    library = explainer_for(model, metadata)
+    image = random_image(11)
+    expected = library.explain([image], METHODS, ExplainOptions(top_k=3))[0]
+    with ExplainClient(stack.target) as client:
+        result = client.explain(png(image), model=name, methods=METHODS, top_k=3, timeout=240)
+    assert result.predicted_class == expected.predicted
+    np.testing.assert_allclose([score for _, _, score in result.classes], expected.scores, rtol=1e-4)
+    for method in METHODS:
+        served_map, reference = result.maps[method], expected.maps[method]
+        tolerance = served_map.quantisation_step / 2 + 1e-4 * float(np.ptp(reference.heatmap)) + 1e-7
+        assert np.abs(served_map.heatmap - reference.heatmap).max() <= tolerance, method
+        assert np.ptp(reference.heatmap) > 0, method
+
+    import grpc
+    from explainserve._generated import inference_pb2, inference_pb2_grpc
+
+    request = build_request(png(image), model=name, methods=["grad_cam"], top_k=3)
+    with grpc.insecure_channel(stack.torchserve.grpc_target) as channel:
+        answer = inference_pb2_grpc.InferenceAPIsServiceStub(channel).Predictions(
+            inference_pb2.PredictionsRequest(model_name=name, input={HANDLER_REQUEST_KEY: request.SerializeToString()}),
+            timeout=240).prediction
+    alpha = np.array(handler_pb2.HandlerResponse.FromString(answer).alpha)
+    assert alpha.shape == expected.alpha.shape and np.abs(expected.alpha).max() > 0
+    np.testing.assert_allclose(alpha, expected.alpha, rtol=1e-4, atol=1e-6 * np.abs(expected.alpha).max())
