@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 import torch
+import torchvision
 from captum.attr import GuidedBackprop
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -80,7 +81,7 @@ class ModuleReLUs(nn.Module):
 
     def forward(self, x):
         model = self.model
-        if hasattr(model, "features") and type(model).__name__ == "DenseNet":
+        if isinstance(model, torchvision.models.DenseNet):  # not timm's, whose features end with their ReLU
             pooled = nn.functional.adaptive_avg_pool2d(self.relu(model.features(x)), 1)
             return model.classifier(torch.flatten(pooled, 1))
         return model(x)
