@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -42,9 +42,9 @@ DEADLINE_PASSED = handler_pb2.HandlerError(code=DEADLINE_EXCEEDED, message="the 
 TEST_DELAY_ENV = "EXPLAINSERVE_TEST_HANDLER_DELAY_S"
 
 
-@dataclass
-class ParsedItem:
-    """One request of a batch, decoded and checked."""
+@dataclass(frozen=True)
+class ExplainItem:
+    """One Explain request of a batch, decoded and checked."""
 
     sample: np.ndarray
     methods: tuple[str, ...] | None  # None: the kind's default methods
@@ -53,12 +53,28 @@ class ParsedItem:
     label: int | None = None
     internal: bool = True
     decode_seconds: float = 0.0
-    request: explain_pb2.ExplainRequest = field(default_factory=explain_pb2.ExplainRequest)
-    # A region request: (filter, class or None) pairs, the number of superpixels, and how many
-    # of them surprise suppression may delete (0: no suppression).
-    regions: tuple[tuple[int, int | None], ...] | None = None
-    region_segments: int = REGION_SEGMENTS
+
+
+@dataclass(frozen=True)
+class RegionItem:
+    """One region request of a batch (the gateway's RegionRequest beside an ExplainRequest that
+    carries the input), decoded and checked.
+
+    Attributes
+    ----------
+    regions : tuple of (filter, class or None)
+        The filters whose regions are asked for, each with the class backpropagated.
+    n_segments : int
+        Superpixels of the region map.
+    suppression_steps : int
+        How many superpixels surprise suppression may delete (0: no suppression).
+    """
+
+    sample: np.ndarray
+    regions: tuple[tuple[int, int | None], ...]
+    n_segments: int = REGION_SEGMENTS
     suppression_steps: int = 0
+    decode_seconds: float = 0.0
 
 
 class ExplainHandler:
@@ -85,14 +101,14 @@ class ExplainHandler:
             return [json.dumps(self.describe())]
         if self.test_delay:
             time.sleep(self.test_delay)
-        parsed: list[ParsedItem | handler_pb2.HandlerError] = [self.parse(item) for item in data]
+        parsed: list[ExplainItem | RegionItem | handler_pb2.HandlerError] = [self.parse(item) for item in data]
         answers: list[bytes | None] = [None] * len(data)
         groups: dict[tuple, list[int]] = {}
         region_groups: dict[tuple[int, int], list[int]] = {}
         for index, item in enumerate(parsed):
-            if isinstance(item, ParsedItem) and item.regions is not None:
-                region_groups.setdefault((item.region_segments, item.suppression_steps), []).append(index)
-            elif isinstance(item, ParsedItem):
+            if isinstance(item, RegionItem):
+                region_groups.setdefault((item.n_segments, item.suppression_steps), []).append(index)
+            elif isinstance(item, ExplainItem):
                 groups.setdefault((item.methods, item.options), []).append(index)
         for (n_segments, steps), indices in region_groups.items():
             self.answer_regions(parsed, answers, indices, n_segments, steps)
@@ -132,7 +148,7 @@ class ExplainHandler:
     def is_internal(item: dict) -> bool:
         return REQUEST_KEY in item
 
-    def parse(self, item: dict) -> ParsedItem | handler_pb2.HandlerError:
+    def parse(self, item: dict) -> ExplainItem | RegionItem | handler_pb2.HandlerError:
         """Decode one batch item; any problem becomes that item's HandlerError."""
         started = time.perf_counter()
         if wire.deadline_passed(item.get(wire.DEADLINE_KEY)):
@@ -141,30 +157,30 @@ class ExplainHandler:
             if self.is_internal(item):
                 request = explain_pb2.ExplainRequest.FromString(bytes(item[REQUEST_KEY]))
                 parsed = self.parse_internal(request)
-                if item.get(REGION_KEY) is not None:
-                    self.parse_regions(parsed, handler_pb2.RegionRequest.FromString(bytes(item[REGION_KEY])))
             else:
                 payload = next((item[key] for key in PLAIN_KEYS if item.get(key) is not None), None)
                 if payload is None:
                     raise ValueError(f"request has no {' or '.join(PLAIN_KEYS)} entry and no {REQUEST_KEY}")
                 if isinstance(payload, str):
                     payload = payload.encode("latin-1")
-                parsed = ParsedItem(sample=self.decode_plain(bytes(payload)), methods=None,
-                                    options=ExplainOptions(), internal=False)
+                parsed = ExplainItem(sample=self.decode_plain(bytes(payload)), methods=None,
+                                     options=ExplainOptions(), internal=False)
             self.explainer.check_request(parsed.methods if parsed.methods is not None else DEFAULT_METHODS[self.kind],
                                          parsed.options, parsed.target, parsed.label)
+            if self.is_internal(item) and item.get(REGION_KEY) is not None:
+                parsed = self.parse_regions(parsed, handler_pb2.RegionRequest.FromString(bytes(item[REGION_KEY])))
         except InputTooLarge as error:
             return handler_pb2.HandlerError(code=RESOURCE_EXHAUSTED, message=str(error))
         except ValueError as error:
             return handler_pb2.HandlerError(code=INVALID_ARGUMENT, message=str(error))
         except Exception as error:  # noqa: BLE001 - a malformed item must not fail its batch
             return handler_pb2.HandlerError(code=INVALID_ARGUMENT, message=f"malformed request: {type(error).__name__}: {error}")
-        parsed.decode_seconds = time.perf_counter() - started
+        parsed = replace(parsed, decode_seconds=time.perf_counter() - started)
         return DEADLINE_PASSED if wire.deadline_passed(item.get(wire.DEADLINE_KEY)) else parsed
 
-    def parse_internal(self, request: explain_pb2.ExplainRequest) -> ParsedItem:
+    def parse_internal(self, request: explain_pb2.ExplainRequest) -> ExplainItem:
         options = request.options
-        return ParsedItem(
+        return ExplainItem(
             sample=self.decode_request(request),
             methods=tuple(request.methods),
             options=ExplainOptions(
@@ -176,19 +192,16 @@ class ExplainHandler:
             ),
             target=request.target_class if request.HasField("target_class") else None,
             label=request.label if request.HasField("label") else None,
-            request=request,
         )
 
-    def parse_regions(self, parsed: ParsedItem, region: handler_pb2.RegionRequest) -> None:
-        """Turn ``parsed`` into a region request; ValueError naming the bad field."""
+    def parse_regions(self, parsed: ExplainItem, region: handler_pb2.RegionRequest) -> RegionItem:
+        """The region request on ``parsed``'s input; ValueError naming the bad field."""
         regions = tuple((e.filter, e.class_index if e.HasField("class_index") else None) for e in region.filters)
         n_segments = region.n_segments or REGION_SEGMENTS
         self.explainer.limits.check_region_request([f for f, _ in regions], [c for _, c in regions], n_segments,
                                                    region.suppression_steps)
-        parsed.methods = ()  # the ExplainRequest only carries the input
-        parsed.regions = regions
-        parsed.region_segments = n_segments
-        parsed.suppression_steps = region.suppression_steps
+        return RegionItem(sample=parsed.sample, regions=regions, n_segments=n_segments,
+                          suppression_steps=region.suppression_steps)
 
     def decode_request(self, request: explain_pb2.ExplainRequest) -> np.ndarray:
         raise NotImplementedError
@@ -230,7 +243,7 @@ class ExplainHandler:
             answers[i] = answer.SerializeToString()
 
     # -- encoding --------------------------------------------------------------------
-    def encode(self, item: ParsedItem, result, *, batch_size: int, handler_seconds: float) -> bytes:
+    def encode(self, item: ExplainItem, result, *, batch_size: int, handler_seconds: float) -> bytes:
         if not item.internal:
             return json.dumps(self.plain_answer(result)).encode()
         names = self.explainer.class_names

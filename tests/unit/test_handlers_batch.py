@@ -129,6 +129,19 @@ def region_item(image, filters, n_segments=0) -> dict:
     return {**internal(data=png(image), methods=["swag_i_g"]), REGION_REQUEST_KEY: request.SerializeToString()}
 
 
+def test_items_are_parsed_into_their_own_frozen_types(model_and_handler):
+    from explain_handler import ExplainItem, RegionItem
+
+    _, _, handler = model_and_handler
+    region = handler.parse(region_item(random_image(87), [(3, None), (9, 1)], n_segments=20))
+    explain = handler.parse(internal(data=png(random_image(88)), methods=["grad_cam"], label=2))
+    assert isinstance(region, RegionItem) and region.regions == ((3, None), (9, 1)) and region.n_segments == 20
+    assert isinstance(explain, ExplainItem) and explain.methods == ("grad_cam",) and explain.label == 2
+    assert region.decode_seconds > 0 and explain.decode_seconds > 0
+    with pytest.raises(AttributeError):
+        explain.methods = ()
+
+
 def test_a_region_batch_prepares_each_sample_once(model_and_handler, monkeypatch):
     # Two items with two filters each, and the suppression pass: one preprocess of two samples.
     _, _, handler = model_and_handler
