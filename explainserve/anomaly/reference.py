@@ -173,7 +173,8 @@ class ClassReference:
             raise ValueError(f"classes must be {len(alpha)} integer class ids, got {classes.dtype} shape {classes.shape}")
         # One float32 sum per row is finite exactly when the row is (short of an overflow); a
         # batch's total may overflow though every row is fine, so each row is judged alone.
-        bad = np.flatnonzero(~np.isfinite(alpha.sum(axis=1, dtype=np.float32)))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is what is looked for
+            bad = np.flatnonzero(~np.isfinite(alpha.sum(axis=1, dtype=np.float32)))
         if len(bad):
             row = int(bad[0])
             raise ValueError(f"alpha[{row}] contains NaN or infinite values" if not np.isfinite(alpha[row]).all()
