@@ -27,6 +27,11 @@ TORCHSERVE_PROTOS = ("inference.proto", "management.proto")
 # protoc emits "from <proto dir as package> import x_pb2"; our proto dirs are not packages.
 IMPORT_LINE = re.compile(r"^from (explainserve\.v1|inference|torchserve) import (\w+_pb2)", re.MULTILINE)
 OUR_PROTOS = ("explainserve/v1/*.proto", "inference/*.proto")
+# Modules registered in a descriptor pool of their own: the Open Inference Protocol's message
+# names (inference.ModelInferRequest, ...) are also those of Triton's client, which registers
+# them in the default pool, so a process holding both (a test calling the gateway with
+# tritonclient) would fail to import the second. The wire format does not carry these names.
+PRIVATE_POOL = ("grpc_predict_v2_pb2.py",)
 
 
 def torchserve_jar() -> Path:
@@ -93,6 +98,9 @@ def generate() -> list[Path]:
         written = []
         for module in sorted(raw_out.rglob("*.py*")):
             text = IMPORT_LINE.sub(r"from explainserve._generated import \2", module.read_text())
+            if module.name in PRIVATE_POOL:
+                text = text.replace("_descriptor_pool.Default().AddSerializedFile",
+                                    "_descriptor_pool.DescriptorPool().AddSerializedFile")
             target = OUT / module.name
             target.write_text(text)
             written.append(target)

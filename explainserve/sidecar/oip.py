@@ -36,7 +36,6 @@ from .metrics import method_label
 from .oip_tensors import input_array, output_tensor, parameter_value
 from .service import ExplainerService, RpcFailure
 
-SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 PLATFORM = "explainserve"
 # parameter -> (accepted Python types, where it goes in the ExplainRequest)
 PARAMETERS = {

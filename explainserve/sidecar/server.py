@@ -20,7 +20,7 @@ from .scoring import AnomalyScoring
 from .catalog import ModelCatalog
 from .keys import KeyFile, KeyInterceptor
 from .metrics import GatewayMetrics
-from .oip import SERVICE_NAME as OIP_SERVICE_NAME, InferenceService
+from .oip import InferenceService
 from .service import ExplainerService
 from .tls import ServerCertificates
 
@@ -157,8 +157,8 @@ class Gateway:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
         if config.reflection:
             reflection.enable_server_reflection(
-                (SERVICE_NAME, OIP_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME),
+                # Not the Open Inference Protocol: its messages live in a pool of their own (gen_protos.py).
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
                 self.server)
         if config.tls_cert:
             certificates = ServerCertificates(config.tls_cert, config.tls_key, config.tls_client_ca)
