@@ -4,7 +4,9 @@ gRPC is patched for gevent before any channel exists, so hundreds of users share
 Each call is reported to locust's ``request`` event under a name chosen by the task
 (``"swag_i_g"``, ``"bad: truncated png"``, ...). A call *fails* for locust when its status code
 differs from the one the task expected, so malformed requests refused with their documented
-code count as successes. Status codes and anomaly verdicts are tallied per name and written to
+code count as successes. A valid call the gateway sheds because it is at capacity
+(RESOURCE_EXHAUSTED "overloaded: ...", ``--max-concurrent-requests``) is expected too: shedding a
+burst at once is the documented back-pressure, not a fault; it is tallied as ``SHED``. Status codes and anomaly verdicts are tallied per name and written to
 ``<csv prefix>_codes.csv`` when locust quits.
 """
 
@@ -23,6 +25,10 @@ from explainserve._generated import explain_pb2, explain_pb2_grpc
 
 grpc_gevent.init_gevent()
 
+# How the gateway's admission control words a refusal at capacity (explainserve.sidecar.admission).
+OVERLOADED_PREFIX = "overloaded:"
+# Status name tallied for a call shed at capacity.
+SHED = "SHED"
 # (request name, status code name, anomaly status) -> calls
 CODE_COUNTS: collections.Counter = collections.Counter()
 
@@ -49,15 +55,24 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
         elapsed_ms = (time.perf_counter() - started) * 1000
         response = call.result() if code == grpc.StatusCode.OK else None
         anomaly = ""
+        if shed(code, call.details()) and expected == grpc.StatusCode.OK:
+            expected, code_name = code, SHED
+        else:
+            code_name = code.name
         if isinstance(response, explain_pb2.ExplainResponse):
             anomaly = anomaly_outcome(response.anomaly)
         self.user.environment.events.request.fire(
             request_type="grpc", name=name, response_time=elapsed_ms,
             response_length=response.ByteSize() if response is not None else 0, response=response,
-            context={"code": code.name, "anomaly": anomaly},
+            context={"code": code_name, "anomaly": anomaly},
             exception=None if code == expected else UnexpectedStatus(code, expected, call.details() or ""),
         )
         return call
+
+
+def shed(code: grpc.StatusCode, details: str | None) -> bool:
+    """Whether the gateway refused a call at once because it was at capacity."""
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and (details or "").startswith(OVERLOADED_PREFIX)
 
 
 def anomaly_outcome(report: explain_pb2.AnomalyReport) -> str:

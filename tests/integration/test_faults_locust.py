@@ -31,7 +31,9 @@ def test_scenario_runs_headless_and_summarises(fault_stack, tmp_path, scenario):
         codes = list(csv.DictReader(handle))
     answered = sum(int(row["count"]) for row in codes if row["code"] == "OK")
     assert answered > 0
-    assert all(row["code"] == "OK" or row["name"].startswith("bad: ") for row in codes), codes
+    # 2 users never exceed the gateway's admission limit; the burst's 20 may, and are then shed at once
+    valid_outcomes = {"OK", "SHED"} if scenario == "burst" else {"OK"}
+    assert all(row["code"] in valid_outcomes or row["name"].startswith("bad: ") for row in codes), codes
     summary = (tmp_path / f"{scenario}_summary.md").read_text()
     assert f"# Load scenario `{scenario}`" in summary and "| Aggregated |" in summary
     # every answered call was counted by the gateway as an anomaly outcome (no store: unavailable)
