@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .grad_amap import grad_amap
-from .limits import MAX_SUPPRESSION_STEPS, max_segments
+from .limits import MAX_SUPPRESSION_STEPS, MAX_WEIGHT, max_segments
 from .methods import SUPPRESSION_STEPS
 from .probe import eval_mode, probe
 from .superpixels import gradient_slic
@@ -97,8 +97,8 @@ def check_region_parameters(n_segments: int, compactness: float, spatial_shape: 
         raise ValueError(
             f"n_segments: expected an int in [1, {limit}] for an input of {tuple(spatial_shape)} pixels, got {n_segments!r}"
         )
-    if not np.isfinite(compactness) or not 0 < compactness <= 1000:
-        raise ValueError(f"compactness: expected a value in (0, 1000], got {compactness!r}")
+    if not np.isfinite(compactness) or not 0 < compactness <= MAX_WEIGHT:  # the colour weight wc of colour-only SLIC
+        raise ValueError(f"compactness: expected a value in (0, {MAX_WEIGHT:g}], got {compactness!r}")
 
 
 def _rgb_for_slic(inputs: torch.Tensor, images: np.ndarray | None) -> np.ndarray:
