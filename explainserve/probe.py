@@ -235,8 +235,10 @@ def probe(
             output = output.detach().requires_grad_(True)
         captured["A"] = output
         state.after_target = True
-        # Later layers get a copy, so their in-place ops leave A (and dy/dA) alone.
-        return output.clone()
+        # Later layers get a copy, so their in-place ops leave A (and dy/dA) alone; the copy is
+        # recorded even where the model runs the layer under its own no_grad.
+        with torch.enable_grad():
+            return output.clone()
 
     keep_trunk = input_gradient or vanilla_gradient or filters is not None
     x = inputs.detach().clone().requires_grad_(keep_trunk)
