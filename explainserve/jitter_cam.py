@@ -16,6 +16,7 @@ from torch import nn
 
 from .cam import CamWeights, class_activation_map, gradcam_weights, upsample
 from .limits import JITTER_D_PER_CAM_CELL
+from .layers import resolve_layer
 from .probe import check_inputs, probe
 
 
@@ -104,6 +105,8 @@ def jitter_cam(
     patches = patches.reshape(batch * len(offsets), *inputs.shape[1:])
     patch_targets = torch.as_tensor(target, dtype=torch.long).reshape(-1).repeat_interleave(len(offsets))
 
+    # The default layer rule runs the model once: apply it once, not once per chunk.
+    layer = resolve_layer(model, layer, inputs[:1])[0]
     cams = []
     for start in range(0, patches.shape[0], batch_size):
         chunk = slice(start, start + batch_size)

@@ -113,7 +113,15 @@ def test_default_d_doubles_the_resolution_and_batches_patches():
     finally:
         handle.remove()
     assert cams.shape == (1, 64, 64)
-    assert calls == [9]  # (d + 1)^2 = 9 patches for a 2x2 CAM, in one pass
+    # the target-layer rule's one dry pass on one sample, then (d + 1)^2 = 9 patches for a 2x2 CAM in one pass
+    assert calls == [1, 9]
+    calls.clear()
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        jitter_cam(model, x, torch.tensor([1]), cam_size=(2, 2), batch_size=4, layer="layer4")
+    finally:
+        handle.remove()
+    assert calls == [4, 4, 1]  # a named layer needs no dry pass; 9 patches in chunks of 4
 
 
 @pytest.mark.parametrize(
