@@ -27,6 +27,10 @@ OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerRefl
 
 OVERLOADED = "overloaded"       # the queue was full
 DEADLINE = "deadline"           # the call's deadline passed before its work started
+# A queued call gives up this many seconds before its deadline: gRPC cancels the call at the
+# deadline itself, and when that cancellation wins the race the refusal is neither answered by
+# us nor counted.
+DEADLINE_MARGIN_S = 0.05
 
 
 def rpc_name(method: str) -> str:
@@ -91,7 +95,9 @@ class Admission:
                           f"overloaded: {self.max_concurrent} calls at work and {self.queued} waiting; retry later")
         self.queued += 1
         try:
-            await asyncio.wait_for(self._turns.acquire(), context.time_remaining())
+            remaining = context.time_remaining()
+            wait = None if remaining is None else max(remaining - DEADLINE_MARGIN_S, 0.0)
+            await asyncio.wait_for(self._turns.acquire(), wait)
         except asyncio.TimeoutError:
             raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE,
                           "the deadline passed while the call waited for a turn") from None
