@@ -17,9 +17,10 @@ demo: install
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
-# The library, handlers and gateway logic without starting TorchServe, the gateway or Prometheus.
+# The library, handlers and gateway logic without starting TorchServe, the gateway or Prometheus;
+# the unit tests marked slow (the architecture zoos, the demo stores' held-out checks) run in `make test`.
 test-unit: install
-	$(PY) -m pytest -q -p no:cacheprovider --durations=10 tests/unit
+	$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m "not slow" tests/unit
 
 # Mutation testing of the core (scripts/mutation.py): each module against its own unit tests,
 # at the lowest priority; prints mutation_score=X. MODULES="swag cam" runs only those.
