@@ -89,7 +89,7 @@ def _grid(r: dict) -> list[str]:
         "## SWAG_I+G weights: grid search",
         "",
         f"wc, wg ∈ {{{', '.join(str(v) for v in GRID)}}}, mean deletion AUC of SWAG_I+G on the val subset "
-        f"(K = {default['n_segments']}). **Winner: wc = {wc:g}, wg = {wg:g}** (AUC {g['auc'].min():.4f}; "
+        f"(K = {r['image_segments']}, the served default for this input size). **Winner: wc = {wc:g}, wg = {wg:g}** (AUC {g['auc'].min():.4f}; "
         f"worst {g['auc'].max():.4f}). The Explainer's image default is wc = {default['wc']:g}, wg = {default['wg']:g}; "
         "Table 1 uses the winner.",
         "",

@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     n_image = max(args.image_n, args.ranking_n, args.filter_n, args.timing_n)
     images = load_subject("image", "test", n_image, random_init=args.random_init)
     results["image_model"] = images.name
+    results["image_segments"] = images.explainer.limits.default_n_segments
     grid_subject = load_subject("image", "val", args.grid_n, random_init=args.random_init)
     grid_subject.model, grid_subject.explainer = images.model, images.explainer
     grid = timed("grid search", eval_sections.grid_search, grid_subject, np.arange(args.grid_n))

@@ -32,12 +32,13 @@ from .superpixels import gradient_slic
 from .swag import pixel_scores, swag
 
 
-# SLIC defaults per kind: K superpixels and the colour / score weights (thesis ch. 3 and 4).
-# The image weights are the winner of bench/evaluate.py's wc, wg grid search on the demo image
-# model (bench/REPORT.md: mean deletion AUC 0.151 at 12/16, 0.166 at the worst pair).
+# SLIC weight defaults per kind: colour / score weights (thesis ch. 3 and 4). The image weights
+# are the winner of bench/evaluate.py's wc, wg grid search on the demo image model (bench/REPORT.md:
+# mean deletion AUC 0.151 at 12/16, 0.166 at the worst pair). The superpixel count scales with the
+# input (Limits.default_n_segments, limits.default_segments).
 SLIC_DEFAULTS = {
-    "image": {"n_segments": 300, "wc": 12.0, "wg": 16.0},
-    "video": {"n_segments": 120, "wc": 20.0, "wg": 9.0},
+    "image": {"wc": 12.0, "wg": 16.0},
+    "video": {"wc": 20.0, "wg": 9.0},
 }
 SWAG_VARIANT = {
     "swag_i": "i", "swag_g": "g", "swag_i_g": "i_g",
@@ -53,8 +54,8 @@ def spare_core() -> bool:
 
 @dataclass(frozen=True)
 class ExplainOptions:
-    """Per-request parameters; None takes the default (``SLIC_DEFAULTS``, d = m, top-k of
-    ``Limits.default_top_k``). Frozen: requests with equal options are batched together."""
+    """Per-request parameters; None takes the default (``Limits.default_n_segments``, the kind's
+    ``SLIC_DEFAULTS`` weights, d = m, top-k of ``Limits.default_top_k``). Frozen: requests with equal options are batched together."""
 
     n_segments: int | None = None
     wc: float | None = None
@@ -200,10 +201,9 @@ class Explainer:
 
     # -- validation -------------------------------------------------------------------
     def slic_options(self, options: ExplainOptions) -> dict:
-        """SLIC's n_segments, wc and wg: the request's, or the kind's defaults (n_segments at
-        most ``limits.max_n_segments``, so the default always fits a small input)."""
-        defaults = dict(SLIC_DEFAULTS[self.kind])
-        defaults["n_segments"] = min(defaults["n_segments"], self.limits.max_n_segments)
+        """SLIC's n_segments, wc and wg: the request's, or the defaults (n_segments scaled to
+        the input, ``limits.default_n_segments``; the kind's weights)."""
+        defaults = dict(SLIC_DEFAULTS[self.kind], n_segments=self.limits.default_n_segments)
         return {name: defaults[name] if getattr(options, name) is None else getattr(options, name) for name in defaults}
 
     def check_request(self, methods: Sequence[str], options: ExplainOptions = ExplainOptions(),

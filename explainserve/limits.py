@@ -15,6 +15,14 @@ from .methods import DEFAULT_METHODS, IMAGE_METHODS, VIDEO_METHODS
 
 # Superpixels requested per input, whatever its size (SLIC's cost grows with it).
 MAX_SEGMENTS = 10_000
+# The thesis's superpixel scale, kept whatever the input size: SWAG's 300 superpixels at 224 x 224
+# (thesis 3.4, about 167 px each) and SWAG-V's 120 supervoxels on 16 frames of 112 x 112 (thesis
+# 4.4.3, about 1,672 voxels each). A constant count would make superpixels of 14 px at 64 px and
+# of 870 px at 512 px.
+REFERENCE_SEGMENTS = {"image": (300, (224, 224)), "video": (120, (16, 112, 112))}
+# The default never drops below this many superpixels (a 4 x 4 grid's worth), so a small input
+# is still split into regions SWAG can rank.
+MIN_DEFAULT_SEGMENTS = 16
 # SLIC colour / score weights accepted (thesis eq. 3.6; the defaults are 9-20).
 MAX_WEIGHT = 1000.0
 # Jitter-CAM cells added per axis, as a multiple of the CAM size ((4m + 1)² patches at most).
@@ -32,6 +40,34 @@ MAX_SUPPRESSION_STEPS = 100
 def max_segments(spatial_shape: Sequence[int]) -> int:
     """The most superpixels (supervoxels) asked of an input: one per 4 pixels, at most MAX_SEGMENTS."""
     return max(1, min(MAX_SEGMENTS, math.prod(int(v) for v in spatial_shape) // 4))
+
+
+def default_segments(kind: str, spatial_shape: Sequence[int]) -> int:
+    """SWAG's default superpixel count: the thesis's mean superpixel size on this input.
+
+    ``round(K_ref * prod(spatial_shape) / prod(shape_ref))`` with the reference of
+    :data:`REFERENCE_SEGMENTS` (300 at 224 x 224 for images; 120 at 16 x 112 x 112 for clips,
+    so a clip scales with its frame area and its frame count), at least
+    :data:`MIN_DEFAULT_SEGMENTS` and at most :func:`max_segments`.
+
+    Parameters
+    ----------
+    kind : {"image", "video"}
+    spatial_shape : sequence of int
+        (H, W) or (T, H, W) of the network input, in pixels (and frames).
+
+    Returns
+    -------
+    int
+        64 x 64: 24; 112 x 112: 75; 224 x 224: 300; 512 x 512: 1,567; 16 x 64 x 64: 39.
+    """
+    if kind not in REFERENCE_SEGMENTS:
+        raise ValueError(f"kind: expected 'image' or 'video', got {kind!r}")
+    count, shape = REFERENCE_SEGMENTS[kind]
+    if len(spatial_shape) != len(shape) or any(int(v) < 1 for v in spatial_shape):
+        raise ValueError(f"spatial_shape: expected {len(shape)} positive sizes for a {kind} input, got {tuple(spatial_shape)}")
+    scaled = round(count * math.prod(int(v) for v in spatial_shape) / math.prod(shape))
+    return min(max(MIN_DEFAULT_SEGMENTS, scaled), max_segments(spatial_shape))
 
 
 @dataclass(frozen=True)
@@ -55,6 +91,8 @@ class Limits:
         Channels of the target layer; filter ids are in [0, num_filters - 1].
     max_n_segments : int
         Largest ``n_segments`` (SWAG and region superpixels).
+    default_n_segments : int
+        SWAG's ``n_segments`` when a request leaves it unset (:func:`default_segments`).
     max_jitter_d : int
         Largest Jitter-CAM ``d``, in CAM cells.
     max_top_k, default_top_k : int
@@ -73,6 +111,7 @@ class Limits:
     cam_size: tuple[int, ...]
     num_filters: int
     max_n_segments: int
+    default_n_segments: int
     max_jitter_d: int
     max_top_k: int
     default_top_k: int
@@ -94,6 +133,7 @@ class Limits:
             cam_size=tuple(int(v) for v in cam_size),
             num_filters=int(num_filters),
             max_n_segments=max_segments(input_size),
+            default_n_segments=default_segments(kind, input_size),
             max_jitter_d=JITTER_D_PER_CAM_CELL * min(int(v) for v in cam_size),
             max_top_k=min(int(n_classes), MAX_TOP_K),
             default_top_k=min(DEFAULT_TOP_K, int(n_classes)),

@@ -134,6 +134,10 @@ def test_video_explainer_returns_supervoxel_maps():
     for method in ("swag_v_i", "swag_v_g", "swag_v_i_g", "grad_cam"):
         assert result.maps[method].heatmap.shape == (8, 32, 32)
     assert result.maps["swag_v_i"].segments.max() >= 2
+    # unset, n_segments is 120 * (8 * 32 * 32) / (16 * 112 * 112) = 5, raised to the floor of 16
+    assert explainer.limits.default_n_segments == 16
+    default = explainer.explain([clip], ["swag_v_i"])[0].maps["swag_v_i"]
+    assert 8 <= len(default.segment_scores) <= 32
     with pytest.raises(ValueError, match="expected a clip of 8 frames"):
         explainer.explain([clip[:5]], ["grad_cam"])
     with pytest.raises(ValueError, match="methods"):
@@ -182,18 +186,25 @@ def test_every_pixel_score_source_runs_and_guided_grad_cam_is_a_product():
         pixel_scores(without_vanilla, x, "sobel")
 
 
-def test_default_superpixel_count_fits_a_small_input():
-    # 32x32 allows at most 256 superpixels, below the image default of 300: the default shrinks
-    # to the limit (a default request is always served), an explicit 300 is refused with the range.
+def test_default_superpixel_count_scales_with_the_input_area():
+    # The served default keeps the thesis's mean superpixel area (300 at 224 x 224, about 167 px):
+    # 24 at 64 x 64 and 75 at 112 x 112, the floor of 16 at 32 x 32; a constant 300 would give
+    # superpixels of 14 px at 64 px and be refused outright at 32 px (at most 256).
     model = torchvision.models.resnet18(weights=None, num_classes=3)
-    explainer = Explainer(model, kind="image", input_size=(32, 32), mean=MEAN, std=STD, class_names=list("abc"))
     photo = data.coffee()
-    (result,) = explainer.explain([photo], ["grad_cam", "swag_i"])
-    assert result.maps["grad_cam"].heatmap.shape == (32, 32)
-    assert explainer.slic_options(ExplainOptions())["n_segments"] == 256
-    assert 1 < len(result.maps["swag_i"].segment_scores) <= 256
+    for side, expected in ((32, 16), (64, 24), (112, 75)):
+        with Explainer(model, kind="image", input_size=(side, side), mean=MEAN, std=STD, class_names=list("abc")) as explainer:
+            assert explainer.limits.default_n_segments == expected
+            assert explainer.slic_options(ExplainOptions())["n_segments"] == expected
+            (result,) = explainer.explain([photo], ["swag_i"])
+            found = len(result.maps["swag_i"].segment_scores)
+            assert expected // 2 <= found <= 2 * expected, (side, found)
+            # the request's n_segments overrides the default
+            (finer,) = explainer.explain([photo], ["swag_i"], ExplainOptions(n_segments=4 * expected))
+            assert len(finer.maps["swag_i"].segment_scores) > 2 * expected
     with pytest.raises(ValueError, match=r"n_segments: must be in \[1, 256\] for input size \(32, 32\), got 300"):
-        explainer.explain([photo], ["grad_cam"], ExplainOptions(n_segments=300))
+        Explainer(model, kind="image", input_size=(32, 32), mean=MEAN, std=STD,
+                  class_names=list("abc")).explain([photo], ["grad_cam"], ExplainOptions(n_segments=300))
 
 
 def test_each_map_is_the_library_function_applied_to_that_sample_alone_for_a_requested_target(image_explainer, photos):

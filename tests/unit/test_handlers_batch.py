@@ -98,6 +98,7 @@ def test_describe_reports_what_the_gateway_validates_against(model_and_handler):
     assert described["class_names"] == metadata["class_names"]
     assert described["methods"] == ["swag_i", "swag_g", "swag_i_g", "jitter_cam", "grad_cam"]
     assert described["max_n_segments"] == 64 * 64 // 4 and described["cam_size"] == [2, 2]
+    assert described["default_n_segments"] == 24  # 300 * 64² / 224², the thesis's superpixel area
     assert described["max_region_filters"] == 8
     assert Limits.from_dict(described) == handler.explainer.limits
 
