@@ -26,7 +26,10 @@ even positions form part A, odd positions part B (half each, no randomness).
 A class whose part B holds at least ``min_class_count`` images is its own group: its tail grid
 from its part A, its ranks from its part B. Every other class uses the class-independent group
 (all of part A, all of part B): the statistics are in robust units and β_z, comparable across
-classes. The default minimum, ceil(2 / target_fpr) and at least 50, leaves about two part-B
+classes. A class without training images (its store rows hold the pooled distribution of all
+classes, :mod:`explainserve.anomaly.pooled`) is the ``pooled`` group: every held-out image,
+whatever its class, scored against the pooled rows; scales from all of part A, tail grid from
+all of part A, ranks from the first ``MAX_CLASS_RANKS`` of part B. The default minimum, ceil(2 / target_fpr) and at least 50, leaves about two part-B
 images past the critical value (a p-value is never below 1 / (n + 1)).
 
 Use the class the server will score against (the predicted class) for the held-out images, so
@@ -55,6 +58,7 @@ MIN_SCALE_IMAGES = 30
 MAX_CLASS_RANKS = 1000
 MAX_FALLBACK_RANKS = 100_000
 FALLBACK = "fallback"
+POOLED = "pooled"
 
 
 def default_min_class_count(target_fpr: float) -> int:
@@ -103,7 +107,8 @@ def held_out_scales(reference: ClassReference, alpha: np.ndarray, classes: np.nd
     scale = reference.training_iqr()
     origin = ["training"] * reference.num_classes
     for class_id in range(reference.num_classes):
-        rows = alpha[classes == class_id]
+        # The pooled rows (classes without training images) stand for every class: all images.
+        rows = alpha if reference.pooled[class_id] else alpha[classes == class_id]
         if len(rows) >= MIN_SCALE_IMAGES:
             upper, lower = np.percentile(rows.astype(np.float64), [75, 25], axis=0)
             scale[class_id] = (upper - lower).astype(np.float32)
@@ -120,6 +125,36 @@ def with_combined(tests: np.ndarray, grids: np.ndarray) -> np.ndarray:
     """(B, 4) float32: the three tests and their combined statistic, the largest tail evidence."""
     combined = tail_evidence(tests, grids).max(axis=1)
     return np.concatenate([tests, combined[:, None]], axis=1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PooledGroup:
+    """The calibration of the pooled rows: every held-out image scored against them.
+
+    Attributes
+    ----------
+    grid : np.ndarray
+        (3, G + 2) float64 tail model fitted on part A.
+    ranked : np.ndarray
+        (n, 4) float32 statistics of the first ``MAX_CLASS_RANKS`` part-B images.
+    """
+
+    grid: np.ndarray
+    ranked: np.ndarray
+
+
+def pooled_group(reference: ClassReference, alpha: np.ndarray, part_b: np.ndarray, scale: np.ndarray) -> PooledGroup:
+    """Score every held-out image against the pooled rows (the rows of the classes without
+    training images, all equal), fit the tail model on part A and keep part B's statistics.
+
+    An input predicted as such a class is scored against the pool of all classes, so its null
+    is an in-distribution image of any class scored against that pool: these images.
+    """
+    against_pool = np.full(len(alpha), np.flatnonzero(reference.pooled)[0], dtype=np.int64)
+    tests = graded_statistics(reference.statistics(alpha, against_pool, inverse_scale(scale)))
+    grid = fit_tail_grid(tests[~part_b])
+    ranked = np.flatnonzero(part_b)[:MAX_CLASS_RANKS]
+    return PooledGroup(grid, with_combined(tests[ranked], np.repeat(grid[None], len(ranked), axis=0)))
 
 
 def _critical(ranked: np.ndarray, count: int, target_fpr: float) -> list:
@@ -171,22 +206,30 @@ def calibrate(store: DistributionStore, alpha: np.ndarray, classes: np.ndarray, 
 
     num_classes = reference.num_classes
     counts_b = np.bincount(classes[ranked], minlength=num_classes)
-    own = counts_b >= min_class_count
+    own = (counts_b >= min_class_count) & ~reference.pooled
     fallback_grid = fit_tail_grid(tests[~part_b])
     grids = np.repeat(fallback_grid[None], num_classes, axis=0)
     for class_id in np.flatnonzero(own):
         grids[class_id] = fit_tail_grid(tests[~part_b & (classes == class_id)])
     statistics = with_combined(tests, grids[classes])
 
-    width = max(1, int(counts_b[own].max()) if own.any() else 1)
+    pool = pooled_group(reference, alpha, part_b, scale) if reference.pooled.any() else None
+    if pool is not None:
+        grids[reference.pooled] = pool.grid
+        counts_b[reference.pooled] = len(pool.ranked)
+
+    width = max([1] + counts_b[own | reference.pooled].tolist())
     class_ranks = np.full((num_classes, len(STATISTICS), width), np.inf, dtype=np.float32)
     critical = []
     for class_id in range(num_classes):
         if own[class_id]:
             class_ranks[class_id] = sorted_ranks(statistics[ranked & (classes == class_id)], width)
-            critical.append(_critical(class_ranks[class_id], int(counts_b[class_id]), target_fpr))
+        elif reference.pooled[class_id]:
+            class_ranks[class_id] = sorted_ranks(pool.ranked, width)
         else:
             critical.append(None)
+            continue
+        critical.append(_critical(class_ranks[class_id], int(counts_b[class_id]), target_fpr))
     # The fallback ranks use the fallback grid for every image, own class or not.
     pooled = np.flatnonzero(part_b)[:MAX_FALLBACK_RANKS]
     fallback_statistics = with_combined(tests[pooled], np.repeat(fallback_grid[None], len(pooled), axis=0))
@@ -200,7 +243,9 @@ def calibrate(store: DistributionStore, alpha: np.ndarray, classes: np.ndarray, 
                   "part_a": int((~part_b).sum()), "part_b": int(part_b.sum())},
         "statistics": list(STATISTICS),
         "fallback": {"count": len(pooled), "critical": _critical(fallback_ranks, fallback_ranks.shape[1], target_fpr)},
-        "classes": {"count": counts_b.tolist(), "source": ["class" if mine else FALLBACK for mine in own],
+        "classes": {"count": counts_b.tolist(),
+                    "source": ["class" if mine else POOLED if empty else FALLBACK
+                               for mine, empty in zip(own, reference.pooled)],
                     "scale": scale_origin, "critical": critical},
     }
     arrays = {"scale": scale, "tail_grid": grids, "class_ranks": class_ranks, "fallback_ranks": fallback_ranks}

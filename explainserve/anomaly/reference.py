@@ -124,6 +124,10 @@ class ClassReference:
         self.counts = store.counts
         mean = np.asarray(store.arrays["mean"])
         self.mean_of_means = class_mean_of_means(mean)
+        # A class without training images scores against the pooled rows the build wrote for
+        # it; a store without them (a shard, or an older build) has NaN rows there.
+        self.scorable = np.isfinite(self.mean_of_means)
+        self.pooled = (self.counts == 0) & self.scorable
         # Plain ndarray views of the memory maps: np.memmap indexing costs tens of microseconds.
         self.p_high = store.arrays["p_high"].view(np.ndarray)
         self.p_low = store.arrays["p_low"].view(np.ndarray)
@@ -161,7 +165,8 @@ class ClassReference:
         ------
         ValueError
             Wrong alpha length or shape, NaN or infinite alpha, a class id outside
-            [0, C), or a class without training images.
+            [0, C), or a class without any distribution (no training images and no pooled
+            rows).
         """
         alpha = np.ascontiguousarray(alpha, dtype=np.float32)
         if alpha.ndim == 1:
@@ -183,9 +188,10 @@ class ClassReference:
         unknown = (classes < 0) | (classes >= self.num_classes)
         if unknown.any():
             raise ValueError(f"unknown class {int(classes[unknown][0])}: class ids must be in [0, {self.num_classes - 1}]")
-        empty = self.counts[classes] == 0
+        empty = ~self.scorable[classes]
         if empty.any():
-            raise ValueError(f"class {int(classes[empty][0])} has no training images in the distribution store")
+            raise ValueError(f"class {int(classes[empty][0])} has no training images in the distribution store "
+                             "and the store holds no pooled distribution for it; rebuild the store")
         return alpha, classes
 
     @staticmethod

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from explainserve.anomaly.calibration import graded_statistics, with_combined
+from explainserve.anomaly.calibration import FALLBACK, graded_statistics, with_combined
 from explainserve.anomaly.conformal import (STATISTICS, TESTS, RankTable, interpolated_p_values,
                                             tail_evidence)
 from explainserve.anomaly.reference import ClassReference
@@ -51,8 +51,9 @@ class Reason(NamedTuple):
     ``code`` is one of ``REASON_CODES``; ``value`` the test's statistic (β_z for low_beta);
     ``threshold`` where the test alone would reach a p-value of the target rate (value >
     threshold; value < threshold for low_beta); ``source`` ``"class"`` (the class's own
-    calibration images) or ``"fallback"`` (the class-independent group); ``p_value`` the
-    test's own conformal p-value.
+    calibration images), ``"fallback"`` (the class-independent group) or ``"pooled"`` (a class
+    without training images: every calibration image scored against the pooled distribution);
+    ``p_value`` the test's own conformal p-value.
     """
 
     code: str
@@ -136,7 +137,8 @@ class BatchScores:
     tests : np.ndarray
         (B, 3) bool, the tests given as reasons (see :class:`SampleScore`).
     from_class : np.ndarray
-        (B,) bool, True when the class's own calibration was used, False for the fallback.
+        (B,) bool, True when the class's own row of ranks was used (its own images, or the
+        pooled group for a class without training images), False for the fallback.
     anomalous : np.ndarray
         (B,) bool, p_value < target rate.
     score : np.ndarray
@@ -192,7 +194,7 @@ class BatchScores:
                 return tuple(FilterFlag(f, a, t, tuple(i for i in ids if i != NO_EXEMPLAR), e) for f, a, t, ids, e in columns)
             return tuple(FilterFlag(f, a, t, tuple(ids), e) for f, a, t, ids, e in columns)
 
-        source = "class" if self.from_class[index] else "fallback"
+        source = str(self.scorer.sources[class_id])
         statistics, critical, p_values = self.statistics[index], self.critical[index], self.p_values[index]
         reasons = []
         for test in np.flatnonzero(self.tests[index]):
@@ -246,7 +248,8 @@ class Scorer:
         try:
             self.target_fpr = float(calibration["target_fpr"])
             per_class = calibration["classes"]
-            self.from_class = np.asarray(per_class["source"]) == "class"
+            self.sources = np.asarray(per_class["source"])  # "class", "pooled" or "fallback"
+            self.from_class = self.sources != FALLBACK  # ranked in the class's own row of class_ranks
             fallback = np.asarray(self._finite(calibration["fallback"]["critical"]), dtype=np.float64)
             self.critical = np.stack([np.asarray(self._finite(c), dtype=np.float64) if c is not None else fallback
                                       for c in per_class["critical"]])

@@ -19,7 +19,9 @@ the largest own-ranked class, n part-B images in all::
     class_ranks.npy     (C, 4, L)  float32  part-B statistics per class, sorted, +inf padded
     fallback_ranks.npy  (4, n)     float32  part-B statistics of the class-independent group
 
-A class without training images has NaN statistics and count 0. Every array's size and
+A class without training images has count 0; in a complete store its rows hold the pooled
+distribution of all classes (:mod:`explainserve.anomaly.pooled`, listed in the manifest's
+``pooled`` section), in a shard NaN statistics until the merge. Every array's size and
 sha256 are recorded in the manifest and verified on load, so a corrupt or truncated store is
 refused before anything is scored against it.
 
@@ -41,6 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from explainserve.anomaly.pooled import RULE as POOLED_RULE
+from explainserve.anomaly.pooled import fill_pooled_rows
 
 #: 2: graded tests and conformal p-values (calibration arrays); 1: integer-count thresholds.
 FORMAT_VERSION = 2
@@ -184,7 +189,14 @@ def finalise_store(directory: Path, meta: StoreMeta, *, counts: list, top_k: int
     -------
     dict
         The manifest written (uncalibrated).
+
+    Notes
+    -----
+    A complete store (no ``shard``) gets the pooled distribution in the rows of its classes
+    without training images (:mod:`explainserve.anomaly.pooled`), listed in the manifest's
+    ``pooled`` section; a shard keeps those rows NaN until the merge.
     """
+    pooled = [] if shard is not None else fill_pooled_rows(directory, counts)
     arrays = {name: _array_entry(directory, name) for name in ARRAY_SPECS}
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -201,6 +213,8 @@ def finalise_store(directory: Path, meta: StoreMeta, *, counts: list, top_k: int
         manifest["shard"] = shard
     if data is not None:
         manifest["data"] = data
+    if pooled:
+        manifest["pooled"] = {"classes": pooled, "rule": POOLED_RULE}
     write_manifest(directory, manifest)
     return manifest
 

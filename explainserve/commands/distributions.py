@@ -23,7 +23,7 @@ from tqdm import tqdm
 from explainserve.anomaly import (StoreMeta, build_store, calibrate, load_store, merge_stores,
                                   save_calibration, shard_classes)
 from explainserve.anomaly.build import DEFAULT_TOP_K
-from explainserve.anomaly.calibration import DEFAULT_TARGET_FPR
+from explainserve.anomaly.calibration import DEFAULT_TARGET_FPR, POOLED
 from explainserve.anomaly.publish import publishing
 from explainserve.data.files import default_workers
 from explainserve.data.sources import is_file_source, open_source
@@ -217,19 +217,19 @@ def calibrate_store(args, explainer, store_path: Path, record: dict | None = Non
     else:
         val, key = open_split(args, "val", args.val_limit, explainer.input_size[-1])
         alpha, predicted = validation_alpha(explainer, val, key, args.batch_size)
-    scorable = store.counts[predicted] > 0
-    if not scorable.all():  # no training distribution to score them against
-        print(f"left out of calibration: {int((~scorable).sum())} val images predicted as classes without "
-              f"training samples ({sorted({store.meta.class_names[c] for c in predicted[~scorable]})})")
-        alpha, predicted = alpha[scorable], predicted[scorable]
     calibration = calibrate(store, alpha, predicted, target_fpr=args.target_fpr,
                             min_class_count=args.min_class_count)
     save_calibration(store, calibration)
     section = calibration.section
-    own = section["classes"]["source"].count("class")
+    sources = section["classes"]["source"]
     print(f"calibrated on {len(alpha)} val images to a {args.target_fpr:.2%} false-positive rate "
           f"({section['split']['part_a']} for scales and tail grids, {section['split']['part_b']} for conformal ranks): "
-          f"{own} classes ranked on their own images, {store.num_classes - own} on the class-independent group")
+          f"{sources.count('class')} classes ranked on their own images, {sources.count('fallback')} on the "
+          f"class-independent group")
+    pooled = [name for name, source in zip(store.meta.class_names, sources) if source == POOLED]
+    if pooled:
+        print(f"classes without training samples, scored against the pooled distribution of all classes and "
+              f"ranked among all {section['classes']['count'][sources.index(POOLED)]} ranking val images: {pooled}")
 
 
 def print_store(path: Path) -> None:

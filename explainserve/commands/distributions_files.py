@@ -197,7 +197,7 @@ def report(record: dict) -> None:
     for item in train["listed"][:PRINTED_BAD_FILES]:
         print(f"  bad: {item['path']}: {item['reason']}")
     if record["classes_without_training_samples"]:
-        print(f"classes without training samples (scored on the class-independent fallback): "
+        print(f"classes without training samples (scored against the pooled distribution of all classes): "
               f"{record['classes_without_training_samples']}")
 
 

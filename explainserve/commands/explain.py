@@ -65,7 +65,8 @@ def print_result(name: str, result) -> None:
                   f"{explain_pb2.ClassVerdict.Verdict.Name(verdict.verdict)} p={verdict.p_value:.3g} "
                   f"(target {verdict.target_fpr:g}) score={verdict.score:.3g} "
                   f"beta={verdict.beta:.3g} (P{verdict.beta_percentile:.0f}, z={verdict.beta_z:.2f}) "
-                  f"surprising={verdict.surprise_count} missing={verdict.expectation_count}")
+                  f"surprising={verdict.surprise_count} missing={verdict.expectation_count}"
+                  + (" (no training images: scored against the pooled distribution)" if verdict.pooled_distribution else ""))
             for reason in verdict.reasons:
                 print(f"      {Reason(reason.code, reason.value, reason.threshold, reason.source, reason.p_value)}")
 

@@ -127,6 +127,7 @@ def class_verdict(scores: BatchScores, row: int) -> explain_pb2.ClassVerdict:
                  for r in sample.reasons],
         surprise_count=int(scores.surprise_count[row]), expectation_count=int(scores.expectation_count[row]),
         surprising_filters=flags(sample.surprising), missing_filters=flags(sample.expected_missing),
+        pooled_distribution=bool(scores.scorer.reference.pooled[sample.class_id]),
     )
 
 

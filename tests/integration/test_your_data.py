@@ -4,7 +4,8 @@ torchvision model, `build-distributions` as two shards over real files, `merge-d
 64 px. Clips: MovingFashion as MP4 files (served) and as clip folders, an R3D-18 at 4 x 32 x 32.
 
 "Exactly as served": a class with a single training sample stores that sample's alpha as its
-mean, so the handler's alpha for the same file must equal it.
+mean, so the handler's alpha for the same file must equal it. One image class has val images
+but no training folder: it is reported and scored against the pooled distribution.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from explainserve._generated import explain_pb2, handler_pb2, inference_pb2, inference_pb2_grpc
-from explainserve.anomaly import load_store
+from explainserve.anomaly import Scorer, load_store
 from explainserve.cli import main as cli
 from explainserve.client import ExplainClient
 from explainserve.data import FashionScenes, MovingFashion
@@ -31,6 +32,7 @@ BUILD_TIME = "2026-01-01T00:00:00Z"
 IMAGE_CLASSES = [folder_name(name) for name in FashionScenes("val", size=1).class_names]
 CLIP_CLASSES = [folder_name(name) for name in MovingFashion("val", size=1).class_names]
 CALIBRATION = ["--min-class-count", "2", "--target-fpr", "0.1", "--batch-size", "4", "--workers", "1"]
+EMPTY = 5  # the image class whose training folder is removed
 
 
 def keep_one(folder: Path) -> Path:
@@ -70,6 +72,7 @@ def served(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("your_data")
     images = write_image_folder(workdir / "photos", {"train": 3, "val": 2}, size=64)
     single_image = keep_one(images / "train" / IMAGE_CLASSES[0])
+    shutil.rmtree(images / "train" / IMAGE_CLASSES[EMPTY])  # val images only: no training distribution
     videos = write_clip_folders(workdir / "videos", {"train": 2, "val": 1}, size=32, videos=True)
     single_video = keep_one(videos / "train" / CLIP_CLASSES[0])
     (workdir / "image_classes.txt").write_text("\n".join(IMAGE_CLASSES))
@@ -94,9 +97,9 @@ def served(tmp_path_factory):
 
 def test_image_folder_to_verdicts(served):
     store = load_store(served["image_store"])
-    assert store.counts.tolist() == [1, 3, 3, 3, 3, 3, 3, 3] and store.calibration["held_out_images"] == 16
+    assert store.counts.tolist() == [1, 3, 3, 3, 3, 0, 3, 3] and store.calibration["held_out_images"] == 16
     record = json.loads((served["image_store"] / "build_record.json").read_text())
-    assert record["train"] == {"files": 22, "bad": 0, "listed": []} and record["val"]["files"] == 16
+    assert record["train"] == {"files": 19, "bad": 0, "listed": []} and record["val"]["files"] == 16
     with ExplainClient(served["target"]) as client:
         for path in sorted((served["images"] / "val").glob("*/*.jpg"))[:4]:
             result = client.explain(path, model="scenes", timeout=300)
@@ -106,6 +109,41 @@ def test_image_folder_to_verdicts(served):
         # The single training image of class 0, scored against class 0: its alpha is the class mean.
         label = client.explain(served["single_image"], model="scenes", label=0, timeout=300).anomaly.label
     assert label.class_index == 0 and abs(label.beta) < 1e-5
+
+
+def test_a_class_without_training_images_gets_verdicts_from_the_pooled_distribution(served):
+    store = load_store(served["image_store"])
+    record = json.loads((served["image_store"] / "build_record.json").read_text())
+    assert record["classes_without_training_samples"] == [IMAGE_CLASSES[EMPTY]]
+    assert store.manifest["pooled"]["classes"] == [EMPTY] and store.calibration["classes"]["source"][EMPTY] == "pooled"
+    # By hand: the pooled mean is the count-weighted mean of the other classes' means.
+    counts = store.counts.astype(np.float64)
+    pooled_mean = (counts[:, None] * np.asarray(store.arrays["mean"], np.float64)).sum(0) / counts.sum()
+    np.testing.assert_allclose(store.arrays["mean"][EMPTY], pooled_mean, rtol=1e-5, atol=1e-7)
+    path = sorted((served["images"] / "val" / IMAGE_CLASSES[EMPTY]).glob("*.jpg"))[0]
+    alpha = handler_alpha(served["torchserve"], explain_pb2.ExplainRequest(
+        model="scenes", image=path.read_bytes(), target_class=EMPTY))
+    p_high, p_low = store.arrays["p_high"][EMPTY], store.arrays["p_low"][EMPTY]
+    expected_missing = int(((alpha < p_low) & (pooled_mean > pooled_mean.mean())).sum())
+    expected_beta = alpha.astype(np.float64).mean() - pooled_mean.mean()
+    with ExplainClient(served["target"]) as client:
+        report = client.score(alpha, model="scenes", predicted_class=EMPTY, timeout=60)
+        explained = client.explain(path, model="scenes", label=EMPTY, timeout=300).anomaly
+    assert report.status == explain_pb2.AnomalyReport.OK, report.reason
+    verdict = report.predicted
+    assert verdict.pooled_distribution and verdict.class_index == EMPTY
+    assert verdict.verdict in (explain_pb2.ClassVerdict.NORMAL, explain_pb2.ClassVerdict.ANOMALOUS)
+    assert verdict.beta == pytest.approx(expected_beta, rel=1e-4, abs=1e-6)
+    assert verdict.surprise_count == int((alpha > p_high).sum()) and verdict.expectation_count == expected_missing
+    assert all(reason.source == "pooled" for reason in verdict.reasons)
+    assert all(len(flag.exemplars) == 0 for flag in verdict.surprising_filters)
+    assert verdict.p_value == pytest.approx(Scorer(store).score(alpha, EMPTY).p_value[0], rel=1e-9)
+    # The same image explained with the empty class as its label: scored against the pool too.
+    assert explained.status == explain_pb2.AnomalyReport.OK, explained.reason
+    assert explained.label.pooled_distribution and explained.label.class_index == EMPTY
+    assert explained.label.beta == pytest.approx(verdict.beta, rel=1e-4, abs=1e-6)
+    assert explained.label.p_value == pytest.approx(verdict.p_value, rel=1e-6)
+    assert not explained.predicted.pooled_distribution or explained.predicted.class_index == EMPTY
 
 
 def test_the_stored_alpha_of_an_image_is_the_served_alpha(served):

@@ -5,7 +5,9 @@ import pytest
 
 from explainserve.anomaly import (ANOMALOUS, NORMAL, Scorer, StoreError, StoreMeta, build_store, calibrate,
                                   load_store, save_calibration)
-from explainserve.anomaly.reference import percentile_in_grid
+from explainserve.anomaly.pooled import mixture_quantiles
+from explainserve.anomaly.reference import ClassReference, percentile_in_grid
+from explainserve.anomaly.summary import PERCENTILE_LEVELS
 from explainserve.anomaly.store import MANIFEST, write_manifest
 
 # Class c's training image i has alpha = i * SCALES[c], i = 0..1000, so with 1001 images the
@@ -180,7 +182,6 @@ def test_bad_input_is_named(scorer):
         ((PROBE, -1), "unknown class -1"),
         ((PROBE, 0.5), "integer class ids"),
         ((np.stack([PROBE, PROBE]), [0]), r"classes must be 2 integer class ids"),
-        ((PROBE, 2), "class 2 has no training images in the distribution store"),
     ]
     for arguments, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -243,3 +244,79 @@ def test_an_input_far_above_a_mostly_silent_class_is_surprising(tmp_path):
     result = Scorer(load_store(store_dir)).score(np.array([5.0, 5.0, 5.0, 0.5], np.float32), 0).sample(0)
     assert [flag.filter for flag in result.surprising] == [0, 1, 2]
     assert result.surprise > 0 and result.verdict == ANOMALOUS
+
+
+def pooled_quantile(level, scale_zero, scale_one):
+    """By hand: the level-quantile of the equal mixture of uniform [0, 1000 s0] and [0, 1000 s1]
+    (each class's grid CDF is exactly uniform: its percentiles are linear in the level)."""
+    low, high = sorted((1000 * scale_zero, 1000 * scale_one))
+    if level <= 0.5 + 0.5 * low / high:  # below the shorter range both classes contribute
+        return level / (0.5 / low + 0.5 / high)
+    return high * (2 * level - 1)
+
+
+def test_a_class_without_training_images_holds_the_pooled_distribution(store_dir):
+    store = load_store(store_dir)
+    assert store.counts.tolist() == [1001, 1001, 0] and store.manifest["pooled"]["classes"] == [2]
+    np.testing.assert_allclose(store.arrays["mean"][2], 250 * (SCALES[0] + SCALES[1]), rtol=1e-6)
+    for name, level in (("p_high", 0.999), ("p_low", 0.001)):
+        expected = [pooled_quantile(level, *SCALES[:, n]) for n in range(4)]
+        np.testing.assert_allclose(store.arrays[name][2], expected, rtol=2e-3)  # f0: 998 and 0.1818
+    # Both classes' β run over 0.9 x (i - 500): so does the pooled β (the class means of means agree).
+    np.testing.assert_allclose(store.arrays["beta_grid"][2], 0.9 * (10 * np.arange(101) - 500), atol=0.05)
+    assert (store.arrays["exemplars"][2] == -1).all() and np.isfinite(store.arrays["grid"][2]).all()
+
+
+def test_a_class_without_training_images_scores_against_the_pool_by_hand(store_dir):
+    scorer = calibrated(store_dir, min_class_count=500, target_fpr=0.05)
+    section = scorer.store.calibration["classes"]
+    assert section["source"] == ["class", "fallback", "pooled"] and section["count"][2] == 750
+    # Scales of the pooled rows: the IQR of every part-A image (even positions within each class).
+    alpha, classes = held_out()
+    part_a = np.concatenate([np.flatnonzero(classes == c)[::2] for c in (0, 1)])
+    upper, lower = np.percentile(alpha[part_a].astype(np.float64), [75, 25], axis=0)
+    np.testing.assert_allclose(scorer.store.arrays["scale"][2], upper - lower, rtol=1e-6)
+
+    result = scorer.score(PROBE, 2).sample(0)
+    # Pooled P99.9 of f0 is 998 < 999.5; f2's 0.4 is below its pooled P0.1 (0.8) and its pooled mu
+    # (625) is above the mean of the pooled mus (450); f1's 1.5 is above its P0.1 (0.8).
+    assert [f.filter for f in result.surprising] == [0] and [f.filter for f in result.expected_missing] == [2]
+    assert result.surprising[0].threshold == pytest.approx(998, rel=1e-3) and result.surprising[0].exemplars == ()
+    expected_beta = PROBE.astype(np.float64).mean() - 450
+    assert result.beta == pytest.approx(expected_beta, rel=1e-5)
+    assert result.beta_z == pytest.approx(expected_beta / 450, rel=1e-3)  # median 0, IQR 0.9 x 500
+
+    # The verdict's p-value: rank among the 750 part-B images, whatever their class, scored against the pool.
+    part_b = np.concatenate([np.flatnonzero(classes == c)[1::2] for c in (0, 1)])
+    ranked = np.sort(scorer.score(alpha[np.sort(part_b)], np.full(len(part_b), 2)).statistics[:, 3])
+    np.testing.assert_array_equal(scorer.store.arrays["class_ranks"][2, 3, :750], ranked)
+    value, ranked = float(np.float32(result.score)), ranked.astype(np.float64)
+    below = int((ranked < value).sum())
+    rank = below - 1 + (value - ranked[below - 1]) / (ranked[below] - ranked[below - 1]) if 0 < below < 750 else None
+    expected_p = 1.0 if below == 0 else 1 / 751 if below == 750 else (750 - rank) / 751
+    assert result.p_value == pytest.approx(expected_p, rel=1e-9)
+    far = scorer.score(np.array([5000, 0, 0, 5000], np.float32), 2).sample(0)
+    assert far.verdict == ANOMALOUS and far.p_value == pytest.approx(1 / 751)
+    assert {reason.source for reason in far.reasons} == {"pooled"}
+
+
+def test_mixture_quantiles_invert_the_mixture_cdf():
+    rng = np.random.default_rng(3)
+    grids = np.cumsum(rng.exponential(size=(5, 11, 7)), axis=1) - rng.normal(scale=3, size=(5, 1, 7))
+    levels = np.asarray(PERCENTILE_LEVELS) / 100
+    weights = rng.dirichlet(np.ones(5))
+    targets = np.array([0.001, 0.01, 0.25, 0.5, 0.9, 0.999])
+    quantiles = mixture_quantiles(grids, levels, weights, targets)
+    for m in range(7):  # strictly increasing grids: np.interp is each component's CDF
+        cdf = [sum(w * np.interp(q, grids[c, :, m], levels) for c, w in enumerate(weights)) for q in quantiles[:, m]]
+        np.testing.assert_allclose(cdf, targets, atol=1e-9)
+    np.testing.assert_array_equal(mixture_quantiles(grids, levels, weights, np.array([0.0, 1.0])),
+                                  [grids[:, 0].min(axis=0), grids[:, -1].max(axis=0)])
+
+
+def test_a_store_without_a_pooled_row_refuses_the_empty_class(store_dir):
+    store = load_store(store_dir)
+    store.arrays["mean"] = np.where(np.arange(3)[:, None] == 2, np.nan, store.arrays["mean"])  # as an older build
+    with pytest.raises(ValueError, match="class 2 has no training images in the distribution store and the store "
+                                         "holds no pooled distribution"):
+        ClassReference(store).check(PROBE, 2)

@@ -205,12 +205,21 @@ def test_a_store_of_the_older_format_is_refused_with_how_to_rebuild_it(store_dir
         load_store(old)
 
 
-def test_class_without_training_images_is_kept_empty(synthetic, tmp_path):
-    batches = ((a[c != 4], c[c != 4], i[c != 4]) for a, c, i in synthetic.batches(10))
-    store = load_store(build_store(batches, tmp_path / "gap", synthetic.meta, build_time=BUILD_TIME))
-    assert store.counts[4] == 0 and store.counts[3] == 10
-    assert np.isnan(store.arrays["p_high"][4]).all()
+def test_class_without_training_images_holds_the_pool_and_is_empty_in_a_shard(synthetic, tmp_path):
+    def batches():
+        return ((a[c != 4], c[c != 4], i[c != 4]) for a, c, i in synthetic.batches(10))
+
+    store = load_store(build_store(batches(), tmp_path / "gap", synthetic.meta, build_time=BUILD_TIME))
+    assert store.counts[4] == 0 and store.counts[3] == 10 and store.manifest["pooled"]["classes"] == [4]
+    others = np.flatnonzero(store.counts > 0)
+    expected_mean = (store.counts[others, None] * store.arrays["mean"][others].astype(np.float64)).sum(0) / store.counts.sum()
+    np.testing.assert_allclose(store.arrays["mean"][4], expected_mean, rtol=1e-6)
+    # The pooled tails lie within the classes' extremes, and the shard holding class 4 keeps it NaN.
+    assert (store.arrays["p_high"][4] <= store.arrays["grid"][others, -1].max(axis=0)).all()
     assert (store.arrays["exemplars"][4] == -1).all()
+    shard = load_store(build_store(batches(), tmp_path / "shard", synthetic.meta, build_time=BUILD_TIME,
+                                   shard_index=1, num_shards=2))
+    assert np.isnan(shard.arrays["p_high"][4 - shard.class_offset]).all() and "pooled" not in shard.manifest
 
 
 def test_build_rejects_bad_rows(synthetic, tmp_path):

@@ -66,7 +66,8 @@ def test_folder_build_records_bad_files_and_shards_merge_byte_identical(model_fo
     assert record["train"]["files"] == 23 and record["train"]["bad"] == 2
     assert {Path(item["path"]).name for item in record["train"]["listed"]} == {"broken.jpg", "readme.txt"}
     assert record["classes_without_training_samples"] == ["Sandal"] and record["val"]["bad"] == 0
-    assert "Sandal" in out and "broken.jpg" in out
+    assert "Sandal" in out and "broken.jpg" in out and "scored against the pooled distribution" in out
+    assert store.manifest["pooled"]["classes"] == [5] and store.calibration["classes"]["source"][5] == "pooled"
     # Exemplar ids are positions in the sorted training list: class folders in class order.
     exemplars = store.arrays["exemplars"]
     assert set(exemplars[0].ravel()) == {0, 1, 2, -1} and set(exemplars[1].ravel()) == {3, 4, 5, -1}
@@ -99,3 +100,4 @@ def test_class_names_must_match_the_model(model_folder, tmp_path):
     with pytest.raises(ValueError, match=r"\['sneakers'\].*lacks: \['Sneaker'\]"):
         run("build-distributions", "--model", str(model_folder), "--data", f"imagefolder:{tmp_path / 'data'}",
             "--val-fraction", "0.5", "--out", str(tmp_path / "store"))
+
