@@ -73,7 +73,9 @@ def add_model_arguments(parser, *, required: bool) -> None:
     parser.add_argument("--version", help="served model version (default: the model's metadata)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per network pass")
-    parser.add_argument("--val-limit", type=positive_int, help="use only the first N validation images")
+    parser.add_argument("--val-limit", type=positive_int,
+                        help="use only N validation samples: for files a per-class stratified choice (recorded in "
+                             "the store's manifest); for a demo dataset the first N generated")
     parser.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR,
                         help=f"false-positive rate the verdict is calibrated to (default {DEFAULT_TARGET_FPR})")
     parser.add_argument("--min-class-count", type=positive_int,
@@ -88,7 +90,9 @@ def register(subparsers) -> None:
                        help="where to publish the store: a symlink, swapped atomically, to a new version folder beside it")
     build.add_argument("--shard", type=int, default=0, help="index of the shard of classes to build")
     build.add_argument("--num-shards", type=positive_int, default=1, help="number of shards (1: the whole store)")
-    build.add_argument("--limit", type=positive_int, help="use only the first N training images")
+    build.add_argument("--limit", type=positive_int,
+                       help="use only N training samples: for files a per-class stratified choice (recorded in the "
+                            "store's manifest); for a demo dataset the first N generated")
     build.add_argument("--top-k", type=positive_int, default=DEFAULT_TOP_K, help="exemplar image ids kept per (class, filter)")
     build.add_argument("--build-time", help="ISO 8601 UTC build time; give every shard the same one "
                                             "(default: $SOURCE_DATE_EPOCH, else now)")
@@ -208,8 +212,8 @@ def calibrate_store(args, explainer, store_path: Path, record: dict | None = Non
 
     store = load_store(store_path)
     if is_file_source(args.data):
-        data = open_source(args.data, explainer.class_names, val_fraction=args.val_fraction)
-        alpha, predicted, bad = validation_from_files(args, explainer, data.val[:args.val_limit], alpha_of)
+        data = open_source(args.data, explainer.class_names, val_fraction=args.val_fraction, val_limit=args.val_limit)
+        alpha, predicted, bad = validation_from_files(args, explainer, data.val, alpha_of)
         if record is not None:
             record["val"] = bad.to_json()
             write_record(store_path, record)
@@ -245,9 +249,8 @@ def build_main(args) -> int:
 
     explainer, meta = open_subject(args)
     if is_file_source(args.data):
-        if args.limit is not None:
-            raise ValueError("--limit applies to the demo datasets; a file source is used whole")
-        data = open_source(args.data, list(meta.class_names), val_fraction=args.val_fraction)
+        data = open_source(args.data, list(meta.class_names), val_fraction=args.val_fraction, limit=args.limit,
+                           val_limit=args.val_limit)
         with publishing(args.out) as folder:  # readers of --out see the old store until the new one is complete
             record = build_from_files(args, explainer, meta, data, alpha_of, folder)
             if args.num_shards == 1:

@@ -45,9 +45,14 @@ def hold_out(samples: list[SampleFile], fraction: float, root: Path) -> tuple[li
         by_class[sample.label].append(sample)
     held: set[Path] = set()
     for members in by_class.values():
-        ranked = sorted(members, key=lambda s: hashlib.sha256(relative(s.path, root).encode()).hexdigest())
+        ranked = sorted(members, key=lambda s: path_key(s.path, root))
         held.update(s.path for s in ranked[:math.floor(fraction * len(members) + 0.5)])
     return [s for s in samples if s.path not in held], [s for s in samples if s.path in held]
+
+
+def path_key(path: Path, root: Path) -> str:
+    """The sha256 of ``path`` relative to ``root``: a sample's place in a deterministic choice."""
+    return hashlib.sha256(relative(path, root).encode()).hexdigest()
 
 
 def relative(path: Path, root: Path) -> str:

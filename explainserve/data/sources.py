@@ -8,7 +8,9 @@ Spellings::
     manifest:FILE     CSV or JSON Lines rows with path, label (class name or index), split
 
 Without a val split, ``val_fraction`` holds out a deterministic part of each class
-(:func:`explainserve.data.holdout.hold_out`); the rule is recorded in the store's manifest.
+(:func:`explainserve.data.holdout.hold_out`); ``limit`` and ``val_limit`` keep a deterministic,
+per-class stratified subset (:mod:`explainserve.data.stratified`). The rules are recorded in the
+store's manifest.
 Sample ids (the store's exemplar ids) are positions in the training list, which is sorted by
 class index, then by path (folders) or row (manifests), identically in every shard.
 """
@@ -22,6 +24,7 @@ from explainserve.data.classes import class_index, label_index
 from explainserve.data.files import SampleFile, visible
 from explainserve.data.holdout import HOLDOUT_RULE, hold_out
 from explainserve.data.manifest import read_manifest
+from explainserve.data.stratified import STRATIFIED_RULE, stratified_subset
 
 SOURCE_KINDS = ("imagefolder", "clipfolder", "manifest")
 
@@ -48,7 +51,7 @@ def is_file_source(spec: str) -> bool:
 
 
 def open_source(spec: str, class_names: list[str], *, val_fraction: float | None = None,
-                root: Path | None = None) -> DataSplits:
+                limit: int | None = None, val_limit: int | None = None, root: Path | None = None) -> DataSplits:
     """List the samples of ``spec`` and map their classes onto the model's.
 
     Parameters
@@ -59,6 +62,9 @@ def open_source(spec: str, class_names: list[str], *, val_fraction: float | None
         The model's classes.
     val_fraction : float, optional
         Holdout per class when the source has no val samples; in (0, 1).
+    limit, val_limit : int, optional
+        Keep at most this many training (validation) samples, a per-class stratified choice
+        (:func:`explainserve.data.stratified.stratified_subset`, after the holdout); recorded.
     root : Path, optional
         Relative DIR or FILE are taken from here (the current folder by default).
 
@@ -86,6 +92,12 @@ def open_source(spec: str, class_names: list[str], *, val_fraction: float | None
             raise ValueError(f"--data {spec}: no val samples to calibrate on; add a val split or pass --val-fraction F")
         train, val = hold_out(train, val_fraction, data_root)
         record["val_holdout"] = {"fraction": val_fraction, "rule": HOLDOUT_RULE}
+    if limit is not None:
+        train = stratified_subset(train, limit, data_root)
+        record["limit"] = {"train": limit, "rule": STRATIFIED_RULE}
+    if val_limit is not None:
+        val = stratified_subset(val, val_limit, data_root)
+        record["val_limit"] = {"val": val_limit, "rule": STRATIFIED_RULE}
     train.sort(key=lambda sample: sample.label)  # stable: paths (folders) or rows (manifests) within a class
     return DataSplits(train, val, record)
 

@@ -9,7 +9,9 @@ from PIL import Image
 
 from explainserve.data.files import decode_sample
 from explainserve.data.loader import class_batches
+from explainserve.data.holdout import path_key
 from explainserve.data.sources import open_source
+from explainserve.data.stratified import STRATIFIED_RULE, allocate
 from explainserve.video_files import decode_video, encode_video, sample_indices
 from support.data_folders import jpeg
 
@@ -178,3 +180,38 @@ def test_a_clip_message_decodes_its_one_form_to_the_model_length():
         decode_clip(explain_pb2.Clip(), 4)
     with pytest.raises(ValueError, match="clip video is not a decodable"):
         decode_clip(explain_pb2.Clip(video=b"\x00" * 64), 4)
+
+
+def test_allocate_shares_the_limit_in_proportion_with_one_per_class():
+    # 5 left after one each: 5 x [9, 4, 0, 0] / 13 = [3.46, 1.54, 0, 0]; the larger remainder (class 1) rounds up.
+    assert allocate(np.array([10, 5, 0, 1]), 8).tolist() == [4, 3, 0, 1]
+    assert allocate(np.array([5, 5, 5]), 2).tolist() == [1, 1, 0]  # fewer than the classes: ties to the lower index
+    assert allocate(np.array([2, 3]), 9).tolist() == [2, 3]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        counts = rng.integers(0, 30, rng.integers(1, 12))
+        limit = int(rng.integers(1, 200))
+        kept = allocate(counts, limit)
+        assert kept.sum() == min(limit, counts.sum()) and (kept <= counts).all() and (kept >= 0).all()
+        if limit >= (counts > 0).sum():
+            assert (kept[counts > 0] >= 1).all()
+
+
+def test_limits_keep_a_stratified_deterministic_choice_of_every_class(tmp_path):
+    folder(tmp_path, {"train": {"cat": 6, "dog": 3, "owl": 3}, "val": {"cat": 2, "dog": 2, "owl": 2}})
+    data = open_source(f"imagefolder:{tmp_path}", CLASSES, limit=6, val_limit=3)
+    # One each, then 3 x [5, 2, 2] / 9 = [1.67, 0.67, 0.67]: floors [1, 0, 0], equal remainders to cat and dog.
+    assert [s.label for s in data.train] == [0, 0, 0, 1, 1, 2]
+    # One val sample of each class, not the first three of the listing (two cats and a dog).
+    assert sorted(s.label for s in data.val) == [0, 1, 2]
+    assert data.record["limit"] == {"train": 6, "rule": STRATIFIED_RULE}
+    assert data.record["val_limit"] == {"val": 3, "rule": STRATIFIED_RULE}
+    again = open_source(f"imagefolder:{tmp_path}", CLASSES, limit=6, val_limit=3)
+    assert again.train == data.train and again.val == data.val
+    # The choice within a class is by the sha256 of the path: a larger limit keeps a superset.
+    wider = open_source(f"imagefolder:{tmp_path}", CLASSES, limit=9)  # [5, 2, 2]
+    assert np.bincount([s.label for s in wider.train]).tolist() == [5, 2, 2]
+    assert {s.path for s in data.train} <= {s.path for s in wider.train}
+    cats = sorted((s.path for s in open_source(f"imagefolder:{tmp_path}", CLASSES).train if s.label == 0),
+                  key=lambda path: path_key(path, tmp_path))
+    assert {s.path for s in data.train if s.label == 0} == set(cats[:3])

@@ -101,3 +101,16 @@ def test_class_names_must_match_the_model(model_folder, tmp_path):
         run("build-distributions", "--model", str(model_folder), "--data", f"imagefolder:{tmp_path / 'data'}",
             "--val-fraction", "0.5", "--out", str(tmp_path / "store"))
 
+
+def test_limits_take_a_stratified_choice_of_the_files(model_folder, tmp_path):
+    root = write_image_folder(tmp_path / "data", {"train": 3, "val": 2}, size=32)
+    out = tmp_path / "store"
+    assert run("build-distributions", "--model", str(model_folder), "--data", f"imagefolder:{root}", "--limit", "8",
+               "--val-limit", "8", "--batch-size", "2", "--min-class-count", "2", "--target-fpr", "0.1",
+               "--workers", "1", "--out", str(out)) == 0
+    store = load_store(out)
+    assert store.counts.tolist() == [1] * 8  # one of each class, not the first 8 files (3 classes)
+    assert store.manifest["data"]["limit"]["train"] == 8 and store.manifest["data"]["val_limit"]["val"] == 8
+    assert store.calibration["held_out_images"] == 8
+    record = json.loads((out / "build_record.json").read_text())
+    assert record["train"]["files"] == 8 and record["val"]["files"] == 8
