@@ -9,18 +9,29 @@ In-process: builds the store with the real builder, calibrates it, and prints
 - the same with every per-input result object built (what a server returns);
 - ``single_request_ms`` p50/p99: one alpha vector scored and its result built.
 
+Where the time of a per-message ``ScoreBatch`` of 256 goes, in-process (``score_batch_stage_ms_*``):
+the client building its ScoreRequests, serialising and parsing the request, reading the
+vectors out of the parsed messages, the scoring, and building the 256 ClassVerdicts.
+
 Over gRPC: starts a gateway (``explainserve sidecar --store-dir DIR`` on free loopback ports,
-``DIR/synthetic/`` being the same store; no TorchServe, which Score and ScoreBatch do not need for
-a model with a store), waits until its ``anomaly`` health is SERVING, and prints
+``DIR/synthetic/`` being the same store; no TorchServe, which scoring does not need for a model
+with a store), waits until its ``anomaly`` health is SERVING, and prints
 
 - ``gateway_rss_mb_after_store_load``: the gateway process's resident memory once the store is
   loaded and verified (and again after the timing);
-- ``grpc_health_check_ms`` p50/p99: sequential health checks, a unary call that does no work:
-  the floor the Python gRPC stack and the machine set for any call;
-- ``grpc_score_ms`` p50/p99: sequential unary ``Score`` calls after a warm-up (target p99 <= 2 ms);
-- ``grpc_score_batch64_ms`` p50/p99 per ``ScoreBatch`` call of 64, and the scores per second
-  those calls give (client and gateway share the machine's cores).
+- ``grpc_health_check_ms`` and ``grpc_score_ms`` p50/p99: a no-op health check (the floor the
+  Python gRPC stack and the machine set for any unary call) and a unary ``Score``, called in
+  turn after a warm-up, so that both see the same load; ``score_vs_health_p99_ratio`` is the
+  ratio of their p99s (target <= 1.25);
+- ``grpc_score_batch_messages_ms`` p50/p99 per per-message ``ScoreBatch`` call of 256, and the
+  scores per second it gives;
+- ``grpc_score_columns_ms`` p50/p99 per columnar ``ScoreColumns`` call of 256 and
+  ``grpc_score_batch_scores_per_second``, the scores per second of those sequential calls
+  (the bulk form: target >= 50,000);
+- ``grpc_score_stream_scores_per_second``: one ``ScoreStream`` of messages of 256 (a client
+  of an offline job; sending, scoring and receiving overlap).
 
+Client and gateway share the machine's cores.
 The gateway is stopped (SIGTERM, SIGKILL after 10 s) whatever happens. ``--grpc-target`` times a
 running gateway instead, one with a store for ``--grpc-model`` of the same size.
 
@@ -52,6 +63,7 @@ from explainserve.sidecar.local import start_gateway, stop_gateway, wait_serving
 from explainserve.sidecar.torchserve import free_port  # noqa: E402
 
 MB = 1e6
+BULK = 256  # vectors per bulk message over gRPC
 
 
 def resident_bytes(pid: int | str = "self") -> int:
@@ -135,38 +147,88 @@ def in_process(directory: Path, synthetic: SyntheticClasses, batches: int, reque
     }
 
 
+def score_batch_stages(directory: Path, synthetic: SyntheticClasses, repeats: int = 5) -> dict:
+    """Milliseconds of each stage of a per-message ScoreBatch of ``BULK`` vectors, in-process
+    (the median of ``repeats``)."""
+    from explainserve._generated import explain_pb2
+    from explainserve.sidecar.scoring import class_verdict
+
+    scorer = Scorer(load_store(directory))
+    classes = np.random.default_rng(3).integers(0, synthetic.loc.shape[0], size=BULK)
+    alpha = synthetic.sample(classes, seed=7)
+    stages = {
+        "client_build": lambda: explain_pb2.ScoreBatchRequest(requests=[
+            explain_pb2.ScoreRequest(model="synthetic", alpha=row.tolist(), predicted_class=int(c))
+            for row, c in zip(alpha, classes)]),
+    }
+    request = stages["client_build"]()
+    data = request.SerializeToString()
+    parsed = explain_pb2.ScoreBatchRequest.FromString(data)
+    scores = scorer.score(alpha, classes)
+    stages.update({
+        "serialise": request.SerializeToString,
+        "parse": lambda: explain_pb2.ScoreBatchRequest.FromString(data),
+        "read_vectors": lambda: np.asarray([r.alpha for r in parsed.requests], dtype=np.float32),
+        "score": lambda: scorer.score(alpha, classes),
+        "verdict_messages": lambda: [class_verdict(scores, row) for row in range(BULK)],
+    })
+    return {f"score_batch_stage_ms_{name}": float(np.median(call_seconds(lambda _: stage(), repeats)) * 1e3)
+            for name, stage in stages.items()}
+
+
 def grpc_score_latency(target: str, model: str, synthetic: SyntheticClasses, requests: int, batches: int,
                        warm_up: int = 200) -> dict:
-    """Latency of the gateway's ``Score`` (sequential unary calls after ``warm_up`` of them) and
-    ``ScoreBatch`` of 64 at ``target`` (host:port), whose store for ``model`` is ``synthetic``'s."""
+    """Latency of the gateway's ``Score`` against its health check (called in turn after
+    ``warm_up`` calls), and the throughput of per-message ``ScoreBatch``, columnar
+    ``ScoreColumns`` and ``ScoreStream`` with ``BULK`` vectors per message, at ``target``
+    (host:port), whose store for ``model`` is ``synthetic``'s."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from explainserve._generated import explain_pb2, explain_pb2_grpc
+    from explainserve.client import columns_request
+    from explainserve.wire import MAX_MESSAGE_BYTES
 
     rng = np.random.default_rng(2)
-    classes = rng.integers(0, synthetic.loc.shape[0], size=(20, 64))  # 20 distinct batches, cycled
+    classes = rng.integers(0, synthetic.loc.shape[0], size=(10, BULK))  # 10 distinct batches, cycled
     alphas = [synthetic.sample(row, seed=100 + i) for i, row in enumerate(classes)]
     singles = [explain_pb2.ScoreRequest(model=model, alpha=alpha.tolist(), predicted_class=int(class_id))
-               for alpha_rows, row in zip(alphas[:4], classes[:4]) for alpha, class_id in zip(alpha_rows, row)]
+               for alpha, class_id in zip(alphas[0][:256], classes[0][:256])]
     batch_requests = [explain_pb2.ScoreBatchRequest(requests=[
         explain_pb2.ScoreRequest(model=model, alpha=alpha.tolist(), predicted_class=int(class_id))
         for alpha, class_id in zip(alpha_rows, row)]) for alpha_rows, row in zip(alphas, classes)]
-    with grpc.insecure_channel(target) as channel:
+    column_requests = [columns_request(alpha_rows, row, model=model) for alpha_rows, row in zip(alphas, classes)]
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    with grpc.insecure_channel(target, options=options) as channel:
         stub = explain_pb2_grpc.ExplainerStub(channel)
         for index in range(warm_up):  # connect, and warm both sides up
             stub.Score(singles[index % len(singles)], timeout=10)
         # The floor of a unary call on this machine: the gateway's health check does no work.
         health_stub, health_request = health_pb2_grpc.HealthStub(channel), health_pb2.HealthCheckRequest(service="anomaly")
-        floor = call_seconds(lambda _: health_stub.Check(health_request, timeout=10), requests)
-        single = call_seconds(lambda index: stub.Score(singles[index % len(singles)], timeout=10), requests)
-        for request in batch_requests[:10]:
-            stub.ScoreBatch(request, timeout=30)
-        batched = call_seconds(lambda index: stub.ScoreBatch(batch_requests[index % len(batch_requests)], timeout=30),
-                               batches)
-    return {**percentiles_ms(floor, "grpc_health_check"), **percentiles_ms(single, "grpc_score"),
-            **percentiles_ms(batched, "grpc_score_batch64"),
-            "grpc_score_batch64_scores_per_second": 64 * len(batched) / sum(batched)}
+        floor, single = [], []
+        for index in range(requests):
+            floor += call_seconds(lambda _: health_stub.Check(health_request, timeout=10), 1)
+            single += call_seconds(lambda _: stub.Score(singles[index % len(singles)], timeout=10), 1)
+        bulk = {}
+        for name, method, messages in (("batch_messages", stub.ScoreBatch, batch_requests),
+                                       ("columns", stub.ScoreColumns, column_requests)):
+            for request in messages[:3]:
+                method(request, timeout=60)
+            bulk[name] = call_seconds(lambda index: method(messages[index % len(messages)], timeout=60), batches)
+        started = time.perf_counter()
+        answers = sum(1 for _ in stub.ScoreStream((column_requests[i % len(column_requests)] for i in range(batches)),
+                                                  timeout=600))
+        stream_seconds = time.perf_counter() - started
+    if answers != batches:
+        raise RuntimeError(f"ScoreStream answered {answers} of {batches} messages")
+    figures = {**percentiles_ms(floor, "grpc_health_check"), **percentiles_ms(single, "grpc_score")}
+    figures["score_vs_health_p99_ratio"] = figures["grpc_score_ms_p99"] / figures["grpc_health_check_ms_p99"]
+    figures.update(percentiles_ms(bulk["batch_messages"], "grpc_score_batch_messages"))
+    figures["grpc_score_batch_messages_scores_per_second"] = BULK * batches / sum(bulk["batch_messages"])
+    figures.update(percentiles_ms(bulk["columns"], "grpc_score_columns"))
+    figures["grpc_score_batch_scores_per_second"] = BULK * batches / sum(bulk["columns"])
+    figures["grpc_score_stream_scores_per_second"] = BULK * batches / stream_seconds
+    return figures
 
 
 def grpc_with_gateway(store: Path, scratch: Path, synthetic: SyntheticClasses, requests: int, batches: int) -> dict:
@@ -201,7 +263,7 @@ def main() -> None:
     parser.add_argument("--filters", type=int, default=2048)
     parser.add_argument("--images-per-class", type=int, default=100, help="synthetic training images per class")
     parser.add_argument("--held-out-per-class", type=int, default=10, help="synthetic calibration images per class")
-    parser.add_argument("--batches", type=int, default=200, help="batches of 64 timed")
+    parser.add_argument("--batches", type=int, default=200, help="batches timed (of 64 in-process, of 256 over gRPC)")
     parser.add_argument("--requests", type=int, default=2000, help="single requests timed")
     parser.add_argument("--store", type=Path, help="reuse (or create) the synthetic store here")
     parser.add_argument("--grpc-target", help="time this running gateway (host:port) instead of starting one")
@@ -219,6 +281,7 @@ def main() -> None:
                                                        args.images_per_class, args.held_out_per_class)
             print(f"store_build_seconds {seconds:.1f}  ({args.classes * args.images_per_class} training vectors)")
         figures = in_process(directory, synthetic, args.batches, args.requests)
+        figures.update(score_batch_stages(directory, synthetic))
         if args.grpc_target:
             figures.update(grpc_score_latency(args.grpc_target, args.grpc_model, synthetic, args.requests, args.batches))
         else:

@@ -5,6 +5,8 @@
         result.maps["swag_i_g"].heatmap   # float32 (H, W)
         result.anomaly.predicted.verdict  # ClassVerdict.NORMAL / ANOMALOUS when anomaly.status is OK
         report = client.score(alpha, model="demo_image", predicted_class=3)  # Score RPC
+        scores = client.score_all(alphas, classes, model="demo_image")  # (N, K) in bulk: ScoreStream
+        scores.anomalous, scores.p_value                                 # (N,) arrays
 
 Errors are raised as :class:`ExplainError`, carrying the gRPC status code. A gateway with TLS
 and API keys: ``ExplainClient(target, tls_ca="ca.pem", token=key)`` (or $EXPLAINSERVE_TOKEN).
@@ -16,7 +18,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -147,6 +149,91 @@ def score_request(alpha, *, model: str, predicted_class: int, label: int | None 
     return request
 
 
+def columns_request(alpha, classes, *, model: str, model_version: str = "",
+                    top_flags: int | None = None) -> explain_pb2.ScoreColumnsRequest:
+    """A ScoreColumnsRequest: row i of ``alpha`` (N, K) was computed for ``classes[i]`` (N,);
+    ``top_flags`` flags per row and kind come back (None: the server's default, 1)."""
+    alpha = np.ascontiguousarray(alpha, dtype="<f4")
+    classes = np.asarray(classes)
+    if alpha.ndim != 2:
+        raise ValueError(f"alpha: expected an (N, K) array, got shape {alpha.shape}")
+    if classes.shape != (len(alpha),):
+        raise ValueError(f"classes: expected {len(alpha)} class ids (one per alpha row), got shape {classes.shape}")
+    request = explain_pb2.ScoreColumnsRequest(
+        model=model, model_version=model_version, classes=classes.tolist(),
+        alpha=explain_pb2.Tensor(shape=list(alpha.shape), dtype=explain_pb2.Tensor.FLOAT32, data=alpha.tobytes()))
+    if top_flags is not None:
+        request.top_flags = top_flags
+    return request
+
+
+@dataclass(frozen=True)
+class ColumnScores:
+    """Verdicts of N alpha vectors as arrays (ScoreColumns, ScoreStream); row i carries the
+    same values as the ClassVerdict that Score returns for vector i. k = ``top_flags``.
+
+    anomalous, class_calibration, pooled_distribution: (N,) bool; p_value, score, beta, beta_percentile, beta_z,
+    surprise, missing: (N,) float64; surprise_count, expectation_count: (N,) int32;
+    test_p_values: (N, 3) float64 and reasons: (N, 3) bool, tests in the order surprise,
+    missing, low_beta; surprising_filters, missing_filters: (N, k) int32, most extreme first,
+    -1 padding; surprising_exceedance, missing_exceedance: (N, k) float32, 0 padding.
+    """
+
+    store_sha256: str
+    target_fpr: float
+    top_flags: int
+    anomalous: np.ndarray
+    p_value: np.ndarray
+    score: np.ndarray
+    beta: np.ndarray
+    beta_percentile: np.ndarray
+    beta_z: np.ndarray
+    surprise: np.ndarray
+    missing: np.ndarray
+    surprise_count: np.ndarray
+    expectation_count: np.ndarray
+    test_p_values: np.ndarray
+    reasons: np.ndarray
+    class_calibration: np.ndarray
+    pooled_distribution: np.ndarray
+    surprising_filters: np.ndarray
+    surprising_exceedance: np.ndarray
+    missing_filters: np.ndarray
+    missing_exceedance: np.ndarray
+
+    @classmethod
+    def from_response(cls, response: explain_pb2.ScoreColumnsResponse) -> "ColumnScores":
+        rows, flags = len(response.p_value), response.top_flags
+
+        def column(name: str, dtype, width: int | None = None) -> np.ndarray:
+            values = np.asarray(getattr(response, name), dtype=dtype)
+            return values if width is None else values.reshape(rows, width)
+
+        return cls(
+            store_sha256=response.store_sha256, target_fpr=response.target_fpr, top_flags=flags,
+            anomalous=column("anomalous", bool), class_calibration=column("class_calibration", bool),
+            pooled_distribution=column("pooled_distribution", bool),
+            **{name: column(name, np.float64) for name in ("p_value", "score", "beta", "beta_percentile", "beta_z",
+                                                           "surprise", "missing")},
+            surprise_count=column("surprise_count", np.int32), expectation_count=column("expectation_count", np.int32),
+            test_p_values=column("test_p_values", np.float64, 3), reasons=column("reasons", bool, 3),
+            surprising_filters=column("surprising_filters", np.int32, flags),
+            surprising_exceedance=column("surprising_exceedance", np.float32, flags),
+            missing_filters=column("missing_filters", np.int32, flags),
+            missing_exceedance=column("missing_exceedance", np.float32, flags),
+        )
+
+    @classmethod
+    def concatenate(cls, parts: Sequence["ColumnScores"]) -> "ColumnScores":
+        """The rows of ``parts`` (of one store, with the same ``top_flags``), in order."""
+        first = parts[0]
+        if any((p.store_sha256, p.top_flags) != (first.store_sha256, first.top_flags) for p in parts):
+            raise ValueError("parts: scored with different stores or top_flags (a store reloaded mid-stream?)")
+        arrays = {name: np.concatenate([getattr(p, name) for p in parts])
+                  for name in cls.__dataclass_fields__ if name not in ("store_sha256", "target_fpr", "top_flags")}
+        return cls(store_sha256=first.store_sha256, target_fpr=first.target_fpr, top_flags=first.top_flags, **arrays)
+
+
 def read_optional(path: str | Path | None) -> bytes | None:
     return Path(path).read_bytes() if path is not None else None
 
@@ -202,6 +289,39 @@ class ExplainClient:
                     timeout: float | None = None) -> list[explain_pb2.AnomalyReport]:
         """Verdicts for up to 4096 :func:`score_request` s in one ``ScoreBatch`` call."""
         return list(self._call(self.stub.ScoreBatch, explain_pb2.ScoreBatchRequest(requests=requests), timeout).reports)
+
+    def score_columns(self, alpha, classes, *, model: str, model_version: str = "", top_flags: int | None = None,
+                      timeout: float | None = None) -> ColumnScores:
+        """Verdicts of the rows of ``alpha`` (N, K), row i against ``classes[i]``, in one
+        ``ScoreColumns`` call (at most 8,388,608 values: 4096 rows of 2048)."""
+        request = columns_request(alpha, classes, model=model, model_version=model_version, top_flags=top_flags)
+        return ColumnScores.from_response(self._call(self.stub.ScoreColumns, request, timeout))
+
+    def score_stream(self, chunks: Iterable[tuple], *, model: str, model_version: str = "",
+                     top_flags: int | None = None, timeout: float | None = None) -> Iterator[ColumnScores]:
+        """One ``ScoreStream``: yields the verdicts of each ``(alpha (n, K), classes (n,))`` of
+        ``chunks`` in order, while later chunks are still being sent (``timeout``: the whole stream)."""
+        requests = (columns_request(alpha, classes, model=model, model_version=model_version, top_flags=top_flags)
+                    for alpha, classes in chunks)
+        try:
+            for response in self.stub.ScoreStream(requests, timeout=timeout, metadata=self.metadata):
+                yield ColumnScores.from_response(response)
+        except grpc.RpcError as error:
+            raise ExplainError(error.code(), error.details()) from None
+
+    def score_all(self, alpha, classes, *, model: str, model_version: str = "", top_flags: int | None = None,
+                  rows_per_message: int = 1024, timeout: float | None = None) -> ColumnScores:
+        """Verdicts of any number of rows of ``alpha`` (N, K), sent ``rows_per_message`` at a
+        time over one :meth:`score_stream`."""
+        if rows_per_message < 1:
+            raise ValueError(f"rows_per_message must be >= 1, got {rows_per_message}")
+        if not len(alpha):
+            raise ValueError("alpha: no rows to score")
+        classes = np.asarray(classes)
+        starts = range(0, len(alpha), rows_per_message)
+        chunks = ((alpha[start:start + rows_per_message], classes[start:start + rows_per_message]) for start in starts)
+        return ColumnScores.concatenate(list(self.score_stream(chunks, model=model, model_version=model_version,
+                                                               top_flags=top_flags, timeout=timeout)))
 
     def _call(self, method, request, timeout: float | None):
         try:

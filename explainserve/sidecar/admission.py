@@ -9,7 +9,7 @@ while it waits is dropped by gRPC. Every refusal is counted in
 ``explainserve_refused_requests_total{rpc, reason}``.
 
 Health checks and reflection are never queued or refused: a probe must see the server even when
-it is saturated.
+it is saturated. A stream (ScoreStream) takes one turn for its whole life.
 """
 
 from __future__ import annotations
@@ -44,19 +44,49 @@ def is_open(method: str) -> bool:
 
 async def guarded(continuation, details, guard):
     """The handler of ``details.method`` with its work run inside ``async with guard(rpc, request,
-    context)``, for the unary calls of the API services; others are left as they are. A guard
-    refuses a call by aborting its context before it yields."""
+    context) as check``, for the calls of the API services; others are left as they are. A guard
+    refuses a call by aborting its context before it yields, and ``await check(message)`` refuses
+    one message of a stream the same way.
+
+    A stream (ScoreStream) is guarded as a whole with ``request`` None, and each message it
+    carries is checked before the servicer sees it. API methods of another kind (none yet) are
+    answered UNIMPLEMENTED rather than served unguarded.
+    """
     handler = await continuation(details)
-    if handler is None or handler.unary_unary is None or is_open(details.method):
+    if handler is None or is_open(details.method):
         return handler
-    work, rpc = handler.unary_unary, rpc_name(details.method)
+    rpc = rpc_name(details.method)
+    if handler.unary_unary is not None:
+        work = handler.unary_unary
 
-    async def run(request, context):
-        async with guard(rpc, request, context):
-            return await work(request, context)
+        async def run(request, context):
+            async with guard(rpc, request, context):
+                return await work(request, context)
 
-    return grpc.unary_unary_rpc_method_handler(run, request_deserializer=handler.request_deserializer,
-                                               response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(run, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+    if handler.stream_stream is not None:
+        work = handler.stream_stream
+
+        async def run_stream(requests, context):
+            async with guard(rpc, None, context) as check:
+                async for response in work(checked(requests, check), context):
+                    yield response
+
+        return grpc.stream_stream_rpc_method_handler(run_stream, request_deserializer=handler.request_deserializer,
+                                                     response_serializer=handler.response_serializer)
+    return None
+
+
+async def checked(requests, check):
+    """``requests`` (an async iterator), each passed to ``await check(request)`` first."""
+    async for request in requests:
+        await check(request)
+        yield request
+
+
+async def admit_any(_request) -> None:
+    """The check of a guard that looks at no message."""
 
 
 class Refused(Exception):
@@ -115,8 +145,9 @@ class Admission:
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):
-    """Runs every unary call of the API services inside the async context manager
-    ``self.guard(rpc, request, context)``, which refuses a call with :meth:`refuse`.
+    """Runs every call of the API services inside the async context manager
+    ``self.guard(rpc, request, context)`` (see :func:`guarded`), which refuses a call with
+    :meth:`refuse` and yields the check of a stream's messages.
 
     Parameters
     ----------
@@ -140,7 +171,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
 
 class AdmissionInterceptor(GuardInterceptor):
-    """Puts every unary call of the API services through an :class:`Admission`."""
+    """Puts every call of the API services through an :class:`Admission`."""
 
     def __init__(self, admission: Admission, refused):
         super().__init__(refused)
@@ -153,6 +184,6 @@ class AdmissionInterceptor(GuardInterceptor):
         except Refused as refusal:
             await self.refuse(context, rpc, refusal.reason, refusal.code, refusal.message)
         try:
-            yield
+            yield admit_any
         finally:
             self.admission.leave()

@@ -11,7 +11,8 @@ A client sends ``authorization: Bearer <key>`` with every call. The file holds o
 sha256 (keys are 256-bit random tokens from ``explainserve api-key``, so a plain hash suffices:
 there is nothing to guess), which makes the file, a Kubernetes Secret, safe to read by anyone
 who may read the pod's configuration, and comparisons run in constant time. A key with
-``models`` may only call those models (Explain, Score, ScoreBatch: every request's model).
+``models`` may only call those models (Explain, Score, ScoreColumns, ScoreBatch: every request's
+model; ScoreStream: every message's).
 
 - no ``authorization`` metadata, or not ``Bearer``: UNAUTHENTICATED;
 - a key not in the file, or a model the key may not call: PERMISSION_DENIED.
@@ -140,7 +141,7 @@ class KeyRing:
 
 
 def requested_models(request) -> set[str]:
-    """The models a request names: ``model`` (Explain, Score), ``model_name`` (Open Inference
+    """The models a request names: ``model`` (Explain, Score, ScoreColumns), ``model_name`` (Open Inference
     Protocol's ModelInfer) or ``name`` (its ModelReady, ModelMetadata), or every ``requests[i].model``
     (ScoreBatch); empty for calls about no model."""
     fields = request.DESCRIPTOR.fields_by_name
@@ -180,9 +181,14 @@ class AuthInterceptor(GuardInterceptor):
         if entry is None:
             await self.refuse(context, rpc, PERMISSION_DENIED, grpc.StatusCode.PERMISSION_DENIED,
                               "the API key is not valid")
-        denied = sorted(requested_models(request) - entry.models) if entry.models is not None else []
-        if denied:
-            log.warning("API key %r may not call model(s) %s", entry.name, denied)
-            await self.refuse(context, rpc, PERMISSION_DENIED, grpc.StatusCode.PERMISSION_DENIED,
-                              f"the API key {entry.name!r} may not call model(s) {denied}")
-        yield
+
+        async def check(message) -> None:
+            denied = sorted(requested_models(message) - entry.models) if entry.models is not None else []
+            if denied:
+                log.warning("API key %r may not call model(s) %s", entry.name, denied)
+                await self.refuse(context, rpc, PERMISSION_DENIED, grpc.StatusCode.PERMISSION_DENIED,
+                                  f"the API key {entry.name!r} may not call model(s) {denied}")
+
+        if request is not None:
+            await check(request)
+        yield check

@@ -24,6 +24,7 @@ from explainserve.methods import SUPPRESSION_STEPS
 from explainserve.wire import DEADLINE_KEY, HANDLER_REQUEST_KEY, REGION_REQUEST_KEY, deadline_entry
 
 from .catalog import UnknownModel, is_unknown_model
+from .columns import column_values, score_columns
 from .scoring import MAX_BATCH, AnomalyScoring, ScoringUnavailable
 from .validation import check_request
 
@@ -42,7 +43,7 @@ TORCHSERVE_CODES = {
 }
 # TorchServe fails the batch of a worker that died with RESOURCE_EXHAUSTED and this message.
 WORKER_DIED = "Worker died"
-# Score / ScoreBatch with at most this many filter scores run on the event loop, larger ones in a thread.
+# Score / ScoreBatch / ScoreColumns with at most this many filter scores run on the event loop, larger ones in a thread.
 INLINE_SCORES = 1 << 16
 # Seconds of the client's deadline kept for answering after a surprise-region call (the answer
 # with its maps still has to be serialised and sent on a possibly busy machine).
@@ -254,6 +255,26 @@ class ExplainPipeline:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, error.message) from None
         except ValueError as error:
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+    async def score_columns(self, request: explain_pb2.ScoreColumnsRequest,
+                            where: str = "") -> explain_pb2.ScoreColumnsResponse:
+        """The ScoreColumnsResponse of one request (``where`` prefixes the field names in a
+        refusal): INVALID_ARGUMENT for a bad request or an unknown model, RESOURCE_EXHAUSTED for
+        one over the size limit, UNAVAILABLE for a model without a usable store."""
+        try:
+            if not self.anomaly.has_store(request.model):
+                await self.metadata(request.model, request.model_version)  # known to TorchServe?
+            scorer = self.anomaly.scorer_for(request.model, request.model_version)
+            if column_values(request) <= INLINE_SCORES:
+                return score_columns(scorer, request)
+            return await asyncio.to_thread(score_columns, scorer, request)
+        except RpcFailure as failure:
+            raise RpcFailure(failure.code, where + failure.message) from None
+        except ScoringUnavailable as error:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"{where}model: {error.message}") from None
+        except ValueError as error:
+            failure = failure_of(error)
+            raise RpcFailure(failure.code, where + failure.message) from None
 
     # -- the model -------------------------------------------------------------------
     async def metadata(self, model: str, version: str) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import asynccontextmanager
 
 import grpc
 
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class ExplainerService(explain_pb2_grpc.ExplainerServicer):
-    """Serves Explain (forwarded to TorchServe) and Score / ScoreBatch (in-process).
+    """Serves Explain (forwarded to TorchServe) and Score, ScoreBatch, ScoreColumns and
+    ScoreStream (in-process).
 
     Parameters
     ----------
@@ -68,17 +70,37 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
             return explain_pb2.ScoreBatchResponse(reports=await self.pipeline.score_requests(request.requests, batch=True))
         return await self._measured("ScoreBatch", "score", score_all(), context)
 
+    async def ScoreColumns(self, request, context):
+        return await self._measured("ScoreColumns", "score", self.pipeline.score_columns(request), context)
+
+    async def ScoreStream(self, request_iterator, context):
+        # One answer per message, in order; a refused message ends the stream with its status.
+        async with self._accounted("ScoreStream", "score", context):
+            index = 0
+            async for request in request_iterator:
+                yield await self.pipeline.score_columns(request, where=f"messages[{index}].")
+                index += 1
+
     # -- plumbing --------------------------------------------------------------------
     async def _measured(self, rpc: str, label: str, work, context):
-        """Run one RPC's work, count and time it, and turn RpcFailure into its status."""
+        """Run one unary RPC's work under :meth:`_accounted`."""
+        async with self._accounted(rpc, label, context):
+            return await work
+
+    @asynccontextmanager
+    async def _accounted(self, rpc: str, label: str, context):
+        """Count and time the RPC run inside, and turn RpcFailure into its status."""
         started = time.perf_counter()
         self.metrics.inflight.labels(rpc).inc()
         code, failed = grpc.StatusCode.OK, None
         try:
-            return await work
+            yield
         except RpcFailure as failure:
             code, failed = failure.code, failure
-        except asyncio.CancelledError:  # the client went away or its deadline passed
+        except grpc.aio.AbortError:  # refused mid-stream by an interceptor, which counted it
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away or its deadline passed
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as error:  # noqa: BLE001 - answered as INTERNAL, logged with its traceback
@@ -89,4 +111,5 @@ class ExplainerService(explain_pb2_grpc.ExplainerServicer):
             self.metrics.inflight.labels(rpc).dec()
             self.metrics.duration.labels(rpc, label).observe(time.perf_counter() - started)
             self.metrics.requests.labels(rpc, label, code.name).inc()
-        await context.abort(failed.code, failed.message)
+        if failed is not None:
+            await context.abort(failed.code, failed.message)

@@ -1,0 +1,99 @@
+"""ScoreColumns and ScoreStream: packed alpha vectors in, verdict arrays out.
+
+A ScoreBatch answer builds one ClassVerdict per input, with up to 64 FilterFlag messages and
+their exemplars, and its request carries every vector as a repeated field: at 256 vectors of
+2048 filters that building took about 30 times as long as the scoring (bench/sidecar_timing.py).
+The columnar form sends the vectors as one float32 tensor, read without a copy, and answers
+with one array per field, so a call costs little more than the scoring.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from explainserve._generated import explain_pb2
+from explainserve.anomaly import BatchScores, Scorer
+from explainserve.anomaly.top_flags import top_flags
+from explainserve.inputs import InputTooLarge
+
+from .scoring import MAX_BATCH, MAX_FLAGS
+
+# Values per message: as many as a full ScoreBatch of ResNet-50 vectors (4096 x 2048, 32 MiB),
+# which bounds the scorer's (N, F) temporaries to a few hundred MB.
+MAX_COLUMN_VALUES = MAX_BATCH * 2048
+DEFAULT_TOP_FLAGS = 1
+
+
+def column_values(request: explain_pb2.ScoreColumnsRequest) -> int:
+    """How many float32 values ``request.alpha`` carries (from its byte length; unchecked)."""
+    return len(request.alpha.data) // 4
+
+
+def parse_columns(request: explain_pb2.ScoreColumnsRequest, num_filters: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The (N, F) float32 alpha (a read-only view of the request's bytes), the (N,) int64
+    classes and the flags per row of a request to a store of ``num_filters`` filters.
+
+    Raises
+    ------
+    InputTooLarge
+        More than MAX_COLUMN_VALUES values.
+    ValueError
+        A field that does not fit, named first (``alpha.shape: ...``).
+    """
+    tensor = request.alpha
+    if tensor.dtype != explain_pb2.Tensor.FLOAT32:
+        raise ValueError(f"alpha.dtype: must be FLOAT32, got {explain_pb2.Tensor.DType.Name(tensor.dtype)}")
+    shape = tuple(tensor.shape)
+    if len(shape) != 2 or shape[0] < 1 or shape[1] != num_filters:
+        raise ValueError(f"alpha.shape: must be (N, {num_filters}) with N >= 1 (one row of {num_filters} filter "
+                         f"scores per input), got {list(shape)}")
+    if shape[0] * shape[1] > MAX_COLUMN_VALUES:
+        raise InputTooLarge(f"alpha: at most {MAX_COLUMN_VALUES} values ({MAX_COLUMN_VALUES // num_filters} rows) per "
+                            f"message, got {shape[0]} x {shape[1]}; send more messages (ScoreStream)")
+    if len(tensor.data) != shape[0] * shape[1] * 4:
+        raise ValueError(f"alpha.data: {shape[0]} x {shape[1]} float32 values are {shape[0] * shape[1] * 4} bytes, "
+                         f"got {len(tensor.data)}")
+    if len(request.classes) != shape[0]:
+        raise ValueError(f"classes: one class id per alpha row expected ({shape[0]}), got {len(request.classes)}")
+    flags = request.top_flags if request.HasField("top_flags") else DEFAULT_TOP_FLAGS
+    if not 0 <= flags <= MAX_FLAGS:
+        raise ValueError(f"top_flags: must be in [0, {MAX_FLAGS}], got {flags}")
+    alpha = np.frombuffer(tensor.data, dtype="<f4").reshape(shape)
+    return alpha, np.asarray(request.classes, dtype=np.int64), flags
+
+
+def score_columns(scorer: Scorer, request: explain_pb2.ScoreColumnsRequest) -> explain_pb2.ScoreColumnsResponse:
+    """Score every row of ``request`` against its class with ``scorer``.
+
+    Raises
+    ------
+    InputTooLarge, ValueError
+        Named after the request field (``classes: unknown class 9: ...``).
+    """
+    alpha, classes, flags = parse_columns(request, scorer.store.meta.num_filters)
+    try:
+        scores = scorer.score(alpha, classes)
+    except ValueError as error:
+        reference = scorer.reference
+        known = ((classes >= 0) & (classes < reference.num_classes)).all() and reference.scorable[classes].all()
+        raise ValueError(f"{'alpha' if known else 'classes'}: {error}") from None
+    return columns_response(scores, flags)
+
+
+def columns_response(scores: BatchScores, flags: int) -> explain_pb2.ScoreColumnsResponse:
+    """The ScoreColumnsResponse of ``scores`` with ``flags`` flags per row and kind."""
+    top = top_flags(scores, flags)
+    statistics = scores.statistics.astype(np.float64)
+    return explain_pb2.ScoreColumnsResponse(
+        store_sha256=scores.scorer.store.sha256, target_fpr=scores.scorer.target_fpr,
+        anomalous=scores.anomalous.tolist(), p_value=scores.p_value.tolist(), score=scores.score.tolist(),
+        beta=scores.beta.tolist(), beta_percentile=scores.beta_percentile.tolist(), beta_z=scores.beta_z.tolist(),
+        surprise=statistics[:, 0].tolist(), missing=statistics[:, 1].tolist(),
+        surprise_count=scores.surprise_count.tolist(), expectation_count=scores.expectation_count.tolist(),
+        test_p_values=scores.p_values[:, :-1].ravel().tolist(), reasons=scores.tests.ravel().tolist(),
+        class_calibration=scores.from_class.tolist(),
+        pooled_distribution=scores.scorer.reference.pooled[scores.classes].tolist(), top_flags=flags,
+        surprising_filters=top.surprising_filters.ravel().tolist(),
+        surprising_exceedance=top.surprising_exceedance.ravel().tolist(),
+        missing_filters=top.missing_filters.ravel().tolist(), missing_exceedance=top.missing_exceedance.ravel().tolist(),
+    )
