@@ -312,6 +312,11 @@ def test_mixture_quantiles_invert_the_mixture_cdf():
         np.testing.assert_allclose(cdf, targets, atol=1e-9)
     np.testing.assert_array_equal(mixture_quantiles(grids, levels, weights, np.array([0.0, 1.0])),
                                   [grids[:, 0].min(axis=0), grids[:, -1].max(axis=0)])
+    # A point mass at 1 (a class of one image) mixed half and half with uniform [0, 4]:
+    # F(v) = v / 8 below 1, jumps from 0.125 to 0.625 at 1, then 0.5 + v / 8.
+    point_and_uniform = np.stack([np.ones(11), 4 * levels])[:, :, None]
+    quantiles = mixture_quantiles(point_and_uniform, levels, np.array([0.5, 0.5]), np.array([0.1, 0.125, 0.3, 0.625, 0.7]))
+    np.testing.assert_allclose(quantiles[:, 0], [0.8, 1.0, 1.0, 1.0, 1.6], rtol=1e-12)
 
 
 def test_a_store_without_a_pooled_row_refuses_the_empty_class(store_dir):
