@@ -21,6 +21,10 @@ import grpc
 from explainserve.wire import MAX_MESSAGE_BYTES
 
 
+# Warnings and errors only (see the file): TorchServe's own per-request logging costs CPU.
+LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
+
+
 def free_port() -> int:
     with socket.socket() as probe_socket:
         probe_socket.bind(("127.0.0.1", 0))
@@ -44,6 +48,8 @@ class TorchServeConfig:
     worker_port: int = 0
     disable_token_auth: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    # TorchServe's log4j2 configuration; None: its built-in one (about two dozen lines per request).
+    log_config: Path | None = LOG_CONFIG
 
     def __post_init__(self):
         for name in ("grpc_inference_port", "grpc_management_port", "inference_port", "management_port", "metrics_port",
@@ -107,6 +113,8 @@ class TorchServe:
                    "--ts-config", str(properties), "--model-store", str(config.model_store)]
         if config.disable_token_auth:
             command.append("--disable-token-auth")
+        if config.log_config is not None:
+            command += ["--log-config", str(config.log_config)]
         with open(self.log_path, "ab") as log:
             self._log_start = log.tell()  # output of earlier runs in the same folder is not ours
             self.process = subprocess.Popen(command, cwd=config.workdir, env=env, stdout=log,

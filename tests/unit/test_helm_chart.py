@@ -195,9 +195,9 @@ def test_one_pod_runs_torchserve_and_the_sidecar_with_the_documented_commands(ch
     torchserve, sidecar = pod["containers"]
     assert torchserve["image"] == sidecar["image"] == "ghcr.io/explainserve/explainserve:0.1.0"
     # tini as PID 1 forwards SIGTERM to TorchServe's process group, so the pod stops in seconds
-    assert torchserve["command"] + torchserve["args"][:7] == [
+    assert torchserve["command"] + torchserve["args"][:9] == [
         "tini", "-g", "--", "torchserve", "--foreground", "--ts-config", "/config/config.properties",
-        "--model-store", "/models", "--models", "all"]
+        "--log-config", "/config/log4j2.xml", "--model-store", "/models", "--models", "all"]
     assert sidecar["command"] == ["explainserve", "sidecar"]
     assert sidecar["args"][:7] == ["--listen=0.0.0.0:50051", "--metrics-port=9095", "--metrics-address=0.0.0.0",
                                    "--torchserve=127.0.0.1:7070", "--torchserve-management=127.0.0.1:7071",
@@ -259,6 +259,13 @@ def properties(text):
     """Java-properties semantics for simple key=value lines: the last entry wins."""
     pairs = [line.split("=", 1) for line in text.splitlines() if "=" in line and not line.lstrip().startswith("#")]
     return {key.strip(): value.strip() for key, value in pairs}
+
+
+def test_torchserve_logs_with_the_package_log_config(chart):
+    objects, _ = render(chart, {})
+    shipped = one(objects, "ConfigMap", f"{FULLNAME}-torchserve")["data"]["log4j2.xml"]
+    assert shipped.strip() == (ROOT / "explainserve" / "sidecar" / "log4j2.xml").read_text().strip()
+    assert '<Root level="warn">' in shipped and '<Logger name="ACCESS_LOG" level="off"/>' in shipped
 
 
 def test_torchserve_config_is_the_deploy_file_with_secure_settings(chart):
