@@ -6,6 +6,8 @@ In-process: builds the store with the real builder, calibrates it, and prints
 - ``store_total_mb``: all arrays, including the float16 percentile grid kept for offline use;
 - ``scorer_rss_mb``: resident memory added by loading the store and building the scorer;
 - ``scores_per_second_per_core``: vectorised scoring in batches of 64, one thread (target >= 50,000);
+- the same with the 32 most extreme flags of each kind as (B, 32) arrays (``top_flags``, what a
+  columnar answer carries at most);
 - the same with every per-input result object built (what a server returns);
 - ``single_request_ms`` p50/p99: one alpha vector scored and its result built.
 
@@ -57,8 +59,9 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from explainserve.anomaly import Scorer, build_store, calibrate, load_store, save_calibration  # noqa: E402
+from explainserve.anomaly import MAX_FLAGS, Scorer, build_store, calibrate, load_store, save_calibration  # noqa: E402
 from explainserve.anomaly.synthetic import SyntheticClasses  # noqa: E402
+from explainserve.anomaly.top_flags import top_flags  # noqa: E402
 from explainserve.sidecar.local import start_gateway, stop_gateway, wait_serving  # noqa: E402
 from explainserve.sidecar.torchserve import free_port  # noqa: E402
 
@@ -128,6 +131,10 @@ def in_process(directory: Path, synthetic: SyntheticClasses, batches: int, reque
     vectorised = batches * 64 / (time.perf_counter() - started)
     started = time.perf_counter()
     for alpha, row in zip(alphas, classes):
+        top_flags(scorer.score(alpha, row), MAX_FLAGS)
+    with_top_flags = batches * 64 / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for alpha, row in zip(alphas, classes):
         scorer.score(alpha, row).samples()
     with_objects = batches * 64 / (time.perf_counter() - started)
 
@@ -140,6 +147,7 @@ def in_process(directory: Path, synthetic: SyntheticClasses, batches: int, reque
         "scorer_rss_mb": scorer_rss / MB,
         "store_load_seconds_with_sha256": load_seconds,
         "scores_per_second_per_core": vectorised,
+        "scores_per_second_per_core_with_top_flags": with_top_flags,
         "scores_per_second_per_core_with_result_objects": with_objects,
         **percentiles_ms(latencies, "single_request"),
         "surprising_filters_per_input": float(first.surprise_count.mean()),

@@ -143,7 +143,8 @@ class PooledGroup:
     ranked: np.ndarray
 
 
-def pooled_group(reference: ClassReference, alpha: np.ndarray, part_b: np.ndarray, scale: np.ndarray) -> PooledGroup:
+def pooled_group(reference: ClassReference, alpha: np.ndarray, row_sums: np.ndarray, part_b: np.ndarray,
+                 scale: np.ndarray) -> PooledGroup:
     """Score every held-out image against the pooled rows (the rows of the classes without
     training images, all equal), fit the tail model on part A and keep part B's statistics.
 
@@ -151,7 +152,7 @@ def pooled_group(reference: ClassReference, alpha: np.ndarray, part_b: np.ndarra
     is an in-distribution image of any class scored against that pool: these images.
     """
     against_pool = np.full(len(alpha), np.flatnonzero(reference.pooled)[0], dtype=np.int64)
-    tests = graded_statistics(reference.statistics(alpha, against_pool, inverse_scale(scale)))
+    tests = graded_statistics(reference.statistics(alpha, against_pool, row_sums, inverse_scale(scale)))
     grid = fit_tail_grid(tests[~part_b])
     ranked = np.flatnonzero(part_b)[:MAX_CLASS_RANKS]
     return PooledGroup(grid, with_combined(tests[ranked], np.repeat(grid[None], len(ranked), axis=0)))
@@ -196,13 +197,13 @@ def calibrate(store: DistributionStore, alpha: np.ndarray, classes: np.ndarray, 
     if min_class_count < 1:
         raise ValueError(f"min_class_count must be >= 1, got {min_class_count}")
     reference = ClassReference(store)
-    alpha, classes = reference.check(alpha, classes)
+    alpha, classes, row_sums = reference.check(alpha, classes)
     part_b = split_parts(classes)
     if part_b.sum() < 1 or (~part_b).sum() < 1:
         raise ValueError(f"calibration needs at least two held-out images of one class, got {len(alpha)}")
     ranked = part_b & (within_class_position(classes, part_b) < MAX_CLASS_RANKS)
     scale, scale_origin = held_out_scales(reference, alpha[~part_b], classes[~part_b])
-    tests = graded_statistics(reference.statistics(alpha, classes, inverse_scale(scale)))
+    tests = graded_statistics(reference.statistics(alpha, classes, row_sums, inverse_scale(scale)))
 
     num_classes = reference.num_classes
     counts_b = np.bincount(classes[ranked], minlength=num_classes)
@@ -213,7 +214,7 @@ def calibrate(store: DistributionStore, alpha: np.ndarray, classes: np.ndarray, 
         grids[class_id] = fit_tail_grid(tests[~part_b & (classes == class_id)])
     statistics = with_combined(tests, grids[classes])
 
-    pool = pooled_group(reference, alpha, part_b, scale) if reference.pooled.any() else None
+    pool = pooled_group(reference, alpha, row_sums, part_b, scale) if reference.pooled.any() else None
     if pool is not None:
         grids[reference.pooled] = pool.grid
         counts_b[reference.pooled] = len(pool.ranked)

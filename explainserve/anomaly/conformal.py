@@ -40,6 +40,7 @@ STATISTICS = TESTS + ("combined",)
 #: Upper-tail probabilities of the part-A grid (the last must leave a few images beyond it).
 TAIL_LEVELS = np.array([0.5, 0.25, 0.1, 0.05, 0.025, 0.01])
 EVIDENCE_LEVELS = -np.log(TAIL_LEVELS)
+EVIDENCE_STEPS = np.diff(EVIDENCE_LEVELS)
 #: Smallest slope of the exponential tail, in statistic units per unit of evidence. The three
 #: statistics are in robust units (IQRs), so a tenth of one: where part A has nothing past an
 #: atom, each further tenth of an IQR counts as one more e-fold of rarity, not a million.
@@ -93,18 +94,15 @@ def tail_evidence(values: np.ndarray, grids: np.ndarray) -> np.ndarray:
     """
     values = np.asarray(values, dtype=np.float64)
     quantiles = grids[..., :-2]
-    flat_grids = quantiles.reshape(-1, quantiles.shape[-1])
-    flat = values.ravel()
-    rows = np.arange(len(flat))
-    # The levels strictly below v: at an atom (equal quantiles) v takes the lowest level whose
-    # quantile reaches it, its true tail probability P(T >= v).
-    below = (flat_grids < flat[:, None]).sum(axis=1)
-    upper = np.minimum(below, flat_grids.shape[1] - 1)
-    lower = np.maximum(upper - 1, 0)
-    width = flat_grids[rows, upper] - flat_grids[rows, lower]
-    fraction = np.divide(flat - flat_grids[rows, lower], width, out=np.zeros_like(flat), where=width > 0)
-    inside = EVIDENCE_LEVELS[lower] + np.clip(fraction, 0, 1) * (EVIDENCE_LEVELS[upper] - EVIDENCE_LEVELS[lower])
-    inside = np.where(below == 0, EVIDENCE_LEVELS[0], inside).reshape(values.shape)
+    # Piecewise-linear interpolation as a sum of ramps, one per grid interval: 0 below it, 1
+    # above, linear inside. An interval of zero width (an atom) is a step taken only above the
+    # atom, so v at an atom keeps the lowest level whose quantile reaches it, its true tail
+    # probability P(T >= v).
+    lower = quantiles[..., :-1]
+    excess = values[..., None] - lower
+    width = quantiles[..., 1:] - lower
+    ramps = np.divide(excess, width, out=(excess > 0).astype(np.float64), where=width > 0)
+    inside = EVIDENCE_LEVELS[0] + np.minimum(np.maximum(ramps, 0.0, out=ramps), 1.0, out=ramps) @ EVIDENCE_STEPS
     last, start, slope = quantiles[..., -1], grids[..., -2], grids[..., -1]
     return np.where(values > last, start + (values - last) / slope, inside)
 
@@ -135,32 +133,46 @@ def order_keys(values: np.ndarray) -> np.ndarray:
 
 
 class RankTable:
-    """Rows of sorted values, searchable all at once.
+    """Rows of sorted values, of different lengths, searchable all at once.
 
     Parameters
     ----------
     ranks : np.ndarray
-        (R, L) float32 rows sorted ascending, +inf past each row's count.
+        (R, L) float32 rows sorted ascending; only the first ``counts[r]`` of row r are held
+        (the rest, +inf padding, is dropped).
     counts : np.ndarray
         (R,) int values held per row.
 
     Notes
     -----
-    Each value becomes the key (row << 32) | :func:`order_keys`, so the flattened table is one
+    The held values are kept back to back, row after row (``values``, row r from
+    ``starts[r]``). Each becomes the key (row << 32) | :func:`order_keys`, so the table is one
     sorted uint64 array and a single ``np.searchsorted`` answers queries on any rows.
     """
 
     def __init__(self, ranks: np.ndarray, counts: np.ndarray):
-        self.ranks = np.ascontiguousarray(ranks, dtype=np.float32)
-        self.counts = np.asarray(counts, dtype=np.int64)
-        rows, width = self.ranks.shape
-        self.width = width
-        self.keys = ((np.arange(rows, dtype=np.uint64)[:, None] << np.uint64(32)) | order_keys(self.ranks)).ravel()
+        ranks = np.asarray(ranks, dtype=np.float32)
+        counts = np.asarray(counts, dtype=np.int64)
+        self._hold(ranks[np.arange(ranks.shape[1]) < counts[:, None]], counts)
+
+    def _hold(self, values: np.ndarray, counts: np.ndarray) -> None:
+        self.values = np.ascontiguousarray(values, dtype=np.float32)
+        self.counts = counts
+        self.starts = np.cumsum(counts) - counts
+        rows = np.repeat(np.arange(len(counts), dtype=np.uint64), counts)
+        self.keys = (rows << np.uint64(32)) | order_keys(self.values)
+
+    @classmethod
+    def stacked(cls, *tables: "RankTable") -> "RankTable":
+        """One table holding the rows of ``tables``, each table's rows after the previous one's."""
+        table = cls.__new__(cls)
+        table._hold(np.concatenate([t.values for t in tables]), np.concatenate([t.counts for t in tables]))
+        return table
 
     def count_below(self, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
         """(M,) int64, how many values of row ``rows[i]`` are < ``values[i]`` (float32)."""
         queries = (rows.astype(np.uint64) << np.uint64(32)) | order_keys(values)
-        return np.searchsorted(self.keys, queries, side="left").astype(np.int64) - rows * self.width
+        return np.searchsorted(self.keys, queries, side="left").astype(np.int64) - self.starts[rows]
 
 
 def interpolated_p_values(table: RankTable, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -180,14 +192,15 @@ def interpolated_p_values(table: RankTable, rows: np.ndarray, values: np.ndarray
         (M,) float64 in [1 / (n + 1), 1].
     """
     values = np.asarray(values, dtype=np.float32)
-    n = table.counts[rows].astype(np.float64)
-    below = np.minimum(table.count_below(rows, values), table.counts[rows])
-    last = table.width - 1
-    upper = table.ranks[rows, np.minimum(below, last)].astype(np.float64)
-    lower = table.ranks[rows, np.clip(below - 1, 0, last)].astype(np.float64)
+    counts, start = table.counts[rows], table.starts[rows]
+    below = table.count_below(rows, values)
+    upper = table.values[start + np.minimum(below, counts - 1)].astype(np.float64)
+    lower = table.values[start + np.maximum(below - 1, 0)].astype(np.float64)
     width = upper - lower
+    # Where 0 < below < n, lower < value <= upper, so the fraction lies in (0, 1].
     fraction = np.divide(values - lower, width, out=np.ones_like(width), where=width > 0)
-    rank = np.where(below >= n, n - 1, below - 1 + np.clip(fraction, 0.0, 1.0))
+    n = counts.astype(np.float64)
+    rank = np.where(below >= counts, n - 1, below - 1 + fraction)
     return np.where(below == 0, 1.0, (n - rank) / (n + 1))
 
 

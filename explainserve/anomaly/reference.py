@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from explainserve.anomaly.conformal import order_keys
 from explainserve.anomaly.store import DistributionStore
-from explainserve.anomaly.summary import BETA_LEVELS, PERCENTILE_LEVELS, beta_scores, class_mean_of_means
+from explainserve.anomaly.summary import BETA_LEVELS, PERCENTILE_LEVELS, beta_scores, class_mean_of_means, row_sums_of
 
 #: A (class, filter) scale is at least this fraction of the class's median positive scale: a
 #: filter that is constant on the held-out images (a silent one, IQR 0) would otherwise weigh
@@ -37,22 +38,123 @@ def inverse_scale(scale: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Flags:
+    """The flagged (row, filter) entries of a batch of B rows of K filters, sparse.
+
+    Attributes
+    ----------
+    entries : np.ndarray
+        (M,) int64 flat indices row * K + filter, ascending: row by row, filters in order.
+    starts : np.ndarray
+        (B + 1,) int64: row i's entries are ``entries[starts[i]:starts[i + 1]]``.
+    exceedance : np.ndarray
+        (M,) float32 |alpha_n - threshold_cn| / s_cn of each entry, in robust units of its
+        (class, filter); 0 without scales.
+    num_filters : int
+        K.
+    """
+
+    entries: np.ndarray
+    starts: np.ndarray
+    exceedance: np.ndarray
+    num_filters: int
+
+    @property
+    def count(self) -> np.ndarray:
+        """(B,) int64 flagged filters per row."""
+        return np.diff(self.starts)
+
+    def filters(self, row: int) -> np.ndarray:
+        """(m,) int64 flagged filters of ``row``, ascending."""
+        return self.entries[self.starts[row]:self.starts[row + 1]] - row * self.num_filters
+
+    def row_exceedance(self, row: int) -> np.ndarray:
+        """(m,) float32 exceedances of ``row``'s flagged filters, in :meth:`filters` order."""
+        return self.exceedance[self.starts[row]:self.starts[row + 1]]
+
+    def mask(self) -> np.ndarray:
+        """(B, K) bool, True where flagged."""
+        mask = np.zeros((len(self.starts) - 1) * self.num_filters, dtype=bool)
+        mask[self.entries] = True
+        return mask.reshape(-1, self.num_filters)
+
+    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most extreme flags of every row, largest exceedance first (ties: lower filter).
+
+        Returns
+        -------
+        (np.ndarray, np.ndarray)
+            (B, k) int32 filters, padded with -1, and (B, k) float32 exceedances, padded with 0.
+        """
+        rows = len(self.starts) - 1
+        filters = np.full((rows, k), -1, dtype=np.int32)
+        exceedance = np.zeros((rows, k), dtype=np.float32)
+        if k == 0 or not len(self.entries):
+            return filters, exceedance
+        row_of = np.repeat(np.arange(rows), self.count)
+        # By row, then exceedance, largest first; a stable sort keeps ties in filter order.
+        keys = (row_of.astype(np.uint64) << np.uint64(32)) | order_keys(-self.exceedance)
+        order = np.argsort(keys, kind="stable")
+        rank = np.arange(len(order)) - self.starts[row_of]  # position within its row (rows stay grouped)
+        kept = rank < k
+        chosen = order[kept]
+        filters[row_of[kept], rank[kept]] = self.entries[chosen] - row_of[kept] * self.num_filters
+        exceedance[row_of[kept], rank[kept]] = self.exceedance[chosen]
+        return filters, exceedance
+
+
+def flagged(upper: np.ndarray, lower: np.ndarray, classes: np.ndarray, inverse: np.ndarray | None) -> tuple[Flags, np.ndarray]:
+    """The flags where ``upper > lower`` and the per-row sums of their exceedances.
+
+    Parameters
+    ----------
+    upper, lower : np.ndarray
+        (B, K) float32: alpha and the gathered P99.9 (surprise), or the gathered P0.1 and alpha
+        (missing); a filter is flagged where upper > lower, ``upper - lower`` past its threshold.
+    classes : np.ndarray
+        (B,) int64 class of each row (picks the row of ``inverse``).
+    inverse : np.ndarray or None
+        (C, K) float32 inverse robust scales; None: every exceedance 0.
+
+    Returns
+    -------
+    (Flags, np.ndarray)
+        The flags and (B,) float32 sums of their exceedances. Each row's sum runs over its own
+        entries in filter order (float64), so it is the same whatever else is in the batch.
+    """
+    rows, num_filters = upper.shape
+    entries = np.flatnonzero(upper > lower)  # several times faster than a 2-D np.nonzero
+    starts = np.searchsorted(entries, np.arange(rows + 1) * num_filters)
+    count = np.diff(starts)
+    if inverse is None:
+        return Flags(entries, starts, np.zeros(len(entries), np.float32), num_filters), np.zeros(rows, np.float32)
+    # Flat index of (class, filter) in `inverse`: the entry moved from its row to its class's.
+    shift = np.repeat((classes - np.arange(rows)) * num_filters, count)
+    exceedance = (upper.ravel()[entries] - lower.ravel()[entries]) * inverse.ravel()[entries + shift]
+    sums = np.zeros(rows, dtype=np.float32)
+    if len(entries):
+        present = count > 0
+        sums[present] = np.add.reduceat(exceedance, starts[:-1][present], dtype=np.float64)
+    return Flags(entries, starts, exceedance, num_filters), sums
+
+
+@dataclass(frozen=True)
 class FilterStatistics:
     """Statistics of B alpha vectors, each against its own class.
 
     Attributes
     ----------
-    surprising : np.ndarray
-        (B, K) bool, alpha_n > P99.9_cn.
-    expected_missing : np.ndarray
-        (B, K) bool, alpha_n < P0.1_cn and mu_cn > mean_n(mu_cn).
+    surprising : Flags
+        alpha_n > P99.9_cn, exceedance (alpha_n - P99.9_cn) / s_cn.
+    expected_missing : Flags
+        alpha_n < P0.1_cn and mu_cn > mean_n(mu_cn), exceedance (P0.1_cn - alpha_n) / s_cn.
     surprise_count, expectation_count : np.ndarray
-        (B,) int64 row sums of the two masks.
+        (B,) int64 flagged filters per row.
     surprise : np.ndarray
-        (B,) float32, sum over surprising filters of (alpha_n - P99.9_cn) / s_cn, with s_cn the
-        robust scale of (class, filter) fitted on held-out images (0 without a scale).
+        (B,) float32, sum of the surprising filters' exceedances, with s_cn the robust scale of
+        (class, filter) fitted on held-out images (0 without a scale).
     missing : np.ndarray
-        (B,) float32, sum over expected-but-missing filters of (P0.1_cn - alpha_n) / s_cn.
+        (B,) float32, sum of the expected-but-missing filters' exceedances.
     beta : np.ndarray
         (B,) float64, mean_n(alpha_n - mu_cn).
     beta_percentile : np.ndarray
@@ -61,8 +163,8 @@ class FilterStatistics:
         (B,) float64, (β - median) / IQR of the class's training β; comparable across classes.
     """
 
-    surprising: np.ndarray
-    expected_missing: np.ndarray
+    surprising: Flags
+    expected_missing: Flags
     surprise_count: np.ndarray
     expectation_count: np.ndarray
     surprise: np.ndarray
@@ -91,12 +193,13 @@ def percentile_in_grid(values: np.ndarray, grids: np.ndarray, levels: np.ndarray
     """
     grids = np.asarray(grids, dtype=np.float64)
     above = np.clip((grids <= values[:, None]).sum(axis=1), 1, grids.shape[1] - 1)
-    low = np.take_along_axis(grids, (above - 1)[:, None], axis=1)[:, 0]
-    high = np.take_along_axis(grids, above[:, None], axis=1)[:, 0]
+    flat = grids.ravel()
+    high_at = np.arange(len(grids)) * grids.shape[1] + above
+    low, high = flat[high_at - 1], flat[high_at]
     width = high - low
     fraction = np.divide(values - low, width, out=(values >= high).astype(np.float64), where=width > 0)
     percent = levels[above - 1] + fraction * (levels[above] - levels[above - 1])
-    return np.clip(percent, levels[0], levels[-1])
+    return np.minimum(np.maximum(percent, levels[0]), levels[-1])
 
 
 class ClassReference:
@@ -146,7 +249,7 @@ class ClassReference:
         grid = np.asarray(self.store.arrays["grid"], dtype=np.float32)
         return grid[:, PERCENTILE_LEVELS.index(75.0)] - grid[:, PERCENTILE_LEVELS.index(25.0)]
 
-    def check(self, alpha, classes) -> tuple[np.ndarray, np.ndarray]:
+    def check(self, alpha, classes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Validate scoring input.
 
         Parameters
@@ -158,8 +261,9 @@ class ClassReference:
 
         Returns
         -------
-        (np.ndarray, np.ndarray)
-            alpha (B, K) float32 and classes (B,) int64.
+        (np.ndarray, np.ndarray, np.ndarray)
+            alpha (B, K) float32, classes (B,) int64 and the (B,) float32 row sums of alpha,
+            which :meth:`statistics` reuses for β.
 
         Raises
         ------
@@ -174,12 +278,13 @@ class ClassReference:
         classes = np.atleast_1d(np.asarray(classes))
         if alpha.ndim != 2 or alpha.shape[1] != self.num_filters:
             raise ValueError(f"alpha must have {self.num_filters} filter scores per input, got shape {alpha.shape}")
-        if classes.shape != (len(alpha),) or not np.issubdtype(classes.dtype, np.integer):
+        if classes.shape != (len(alpha),) or classes.dtype.kind not in "iu":
             raise ValueError(f"classes must be {len(alpha)} integer class ids, got {classes.dtype} shape {classes.shape}")
         # One float32 sum per row is finite exactly when the row is (short of an overflow); a
         # batch's total may overflow though every row is fine, so each row is judged alone.
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is what is looked for
-            bad = np.flatnonzero(~np.isfinite(alpha.sum(axis=1, dtype=np.float32)))
+            row_sums = row_sums_of(alpha)
+        bad = np.flatnonzero(~np.isfinite(row_sums))
         if len(bad):
             row = int(bad[0])
             raise ValueError(f"alpha[{row}] contains NaN or infinite values" if not np.isfinite(alpha[row]).all()
@@ -192,37 +297,21 @@ class ClassReference:
         if empty.any():
             raise ValueError(f"class {int(classes[empty][0])} has no training images in the distribution store "
                              "and the store holds no pooled distribution for it; rebuild the store")
-        return alpha, classes
+        return alpha, classes, row_sums
 
-    @staticmethod
-    def _exceedances(upper: np.ndarray, lower: np.ndarray, flagged: np.ndarray, classes: np.ndarray,
-                     inverse: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Per row: how many entries are flagged (B,) int64, and the sum of (upper - lower) / s_cn
-        over them (B,) float32, in entry order (the same sum whatever the batch; zero without
-        scales). Only the flagged entries are touched: a few per in-distribution input."""
-        entries = np.flatnonzero(flagged)  # several times faster than a 2-D np.nonzero
-        rows, columns = np.divmod(entries, flagged.shape[1])
-        count = np.bincount(rows, minlength=len(flagged)).astype(np.int64)
-        if inverse is None:
-            return count, np.zeros(len(flagged), dtype=np.float32)
-        terms = (upper.ravel()[entries] - lower.ravel()[entries]) * inverse[classes[rows], columns]
-        return count, np.bincount(rows, weights=terms, minlength=len(flagged)).astype(np.float32)
-
-    def statistics(self, alpha: np.ndarray, classes: np.ndarray, inverse: np.ndarray | None = None) -> FilterStatistics:
-        """Statistics of checked input (see :meth:`check`); ``inverse`` (C, K) overrides the
-        store's :func:`inverse_scale`."""
+    def statistics(self, alpha: np.ndarray, classes: np.ndarray, row_sums: np.ndarray,
+                   inverse: np.ndarray | None = None) -> FilterStatistics:
+        """Statistics of checked input (the three arrays :meth:`check` returns); ``inverse``
+        (C, K) overrides the store's :func:`inverse_scale`."""
         inverse = self.inverse_scale if inverse is None else inverse
-        high = np.take(self.p_high, classes, axis=0)
-        low = np.take(self.p_low_expected, classes, axis=0)
-        surprising, expected_missing = alpha > high, alpha < low
-        surprise_count, surprise = self._exceedances(alpha, high, surprising, classes, inverse)
-        expectation_count, missing = self._exceedances(low, alpha, expected_missing, classes, inverse)
-        beta = beta_scores(alpha, self.mean_of_means[classes])
+        surprising, surprise = flagged(alpha, np.take(self.p_high, classes, axis=0), classes, inverse)
+        expected_missing, missing = flagged(np.take(self.p_low_expected, classes, axis=0), alpha, classes, inverse)
+        beta = beta_scores(alpha, self.mean_of_means[classes], row_sums)
         return FilterStatistics(
             surprising=surprising,
             expected_missing=expected_missing,
-            surprise_count=surprise_count,
-            expectation_count=expectation_count,
+            surprise_count=surprising.count,
+            expectation_count=expected_missing.count,
             surprise=surprise,
             missing=missing,
             beta=beta,

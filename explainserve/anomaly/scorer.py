@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from explainserve.anomaly.calibration import FALLBACK, graded_statistics, with_combined
 from explainserve.anomaly.conformal import (STATISTICS, TESTS, RankTable, interpolated_p_values,
                                             tail_evidence)
-from explainserve.anomaly.reference import ClassReference
+from explainserve.anomaly.reference import ClassReference, Flags
 from explainserve.anomaly.store import REBUILD_HINT, DistributionStore, StoreError
 from explainserve.anomaly.summary import NO_EXEMPLAR
 
 NORMAL = "NORMAL"
 ANOMALOUS = "ANOMALOUS"
+#: Flagged filters a served verdict lists per kind, most extreme first: an input far from the
+#: training data can flag most of the filters, and building all of them would cost milliseconds.
+MAX_FLAGS = 32
 #: One reason code per test, in ``TESTS`` order.
 REASON_CODES = TESTS
 
@@ -143,8 +146,9 @@ class BatchScores:
         (B,) bool, p_value < target rate.
     score : np.ndarray
         (B,) float64, the combined statistic.
-    surprising, expected_missing : np.ndarray
-        (B, K) bool masks.
+    surprising, expected_missing : Flags
+        The flagged filters of every row and their exceedances, sparse
+        (:class:`~explainserve.anomaly.reference.Flags`; ``.mask()`` gives the (B, K) bool mask).
     """
 
     scorer: "Scorer"
@@ -162,8 +166,8 @@ class BatchScores:
     from_class: np.ndarray
     anomalous: np.ndarray
     score: np.ndarray
-    surprising: np.ndarray
-    expected_missing: np.ndarray
+    surprising: Flags
+    expected_missing: Flags
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -180,14 +184,12 @@ class BatchScores:
         class_id = int(self.classes[index])
         reference = self.scorer.reference
         row = self.alpha[index]
-        inverse = reference.inverse_scale[class_id]
         padded = reference.counts[class_id] < reference.exemplars.shape[-1]
 
-        def flags(mask: np.ndarray, thresholds: np.ndarray, sign: float) -> tuple:
-            filters = np.flatnonzero(mask)
-            exceedance = sign * (row[filters] - thresholds[filters]) * inverse[filters]
+        def flags(found: Flags, thresholds: np.ndarray) -> tuple:
+            exceedance = found.row_exceedance(index)
             order = np.argsort(-exceedance, kind="stable")[:max_flags]
-            filters = filters[order]
+            filters = found.filters(index)[order]
             columns = zip(filters.tolist(), row[filters].tolist(), thresholds[filters].tolist(),
                           reference.exemplars[class_id][filters].tolist(), exceedance[order].tolist())
             if padded:
@@ -206,8 +208,8 @@ class BatchScores:
         return SampleScore(
             class_id=class_id,
             class_name=reference.store.meta.class_names[class_id],
-            surprising=flags(self.surprising[index], reference.p_high[class_id], 1.0),
-            expected_missing=flags(self.expected_missing[index], reference.p_low[class_id], -1.0),
+            surprising=flags(self.surprising, reference.p_high[class_id]),
+            expected_missing=flags(self.expected_missing, reference.p_low[class_id]),
             surprise=float(statistics[0]),
             missing=float(statistics[1]),
             beta=float(self.beta[index]),
@@ -221,6 +223,24 @@ class BatchScores:
 
     def samples(self) -> list:
         return [self.sample(index) for index in range(len(self))]
+
+
+def region_flag(surprising: Sequence):
+    """The flag whose surprise region is shown: the first of ``surprising`` with a non-zero alpha.
+
+    Parameters
+    ----------
+    surprising : sequence of FilterFlag (or the API's FilterFlag messages)
+        A verdict's surprising filters as served: most surprising (largest exceedance) first,
+        at most ``MAX_FLAGS``.
+
+    Returns
+    -------
+    The flag, or None. A filter whose score is exactly 0 has zero activation (or zero
+    gradient) everywhere, so no pixel acts through it and its region map would be blank; it
+    can still be surprising when its training scores are all negative.
+    """
+    return next((flag for flag in surprising if flag.alpha != 0), None)
 
 
 class Scorer:
@@ -261,10 +281,15 @@ class Scorer:
         num_statistics = len(STATISTICS)
         self.tail_grid = np.asarray(store.arrays["tail_grid"])
         class_ranks = np.asarray(store.arrays["class_ranks"])
-        self.class_ranks = RankTable(class_ranks.reshape(-1, class_ranks.shape[-1]),  # row = class * 4 + statistic
-                                     np.repeat(np.where(self.from_class, self.class_counts, 0), num_statistics))
         fallback_ranks = np.asarray(store.arrays["fallback_ranks"])
-        self.fallback_ranks = RankTable(fallback_ranks, np.full(num_statistics, fallback_ranks.shape[1]))
+        # One table: row class * 4 + statistic for the classes ranked on their own, then the
+        # fallback's four rows.
+        self.ranks = RankTable.stacked(
+            RankTable(class_ranks.reshape(-1, class_ranks.shape[-1]),
+                      np.repeat(np.where(self.from_class, self.class_counts, 0), num_statistics)),
+            RankTable(fallback_ranks, np.full(num_statistics, fallback_ranks.shape[1])))
+        self.first_rank_row = np.where(self.from_class, np.arange(store.num_classes) * num_statistics,
+                                       store.num_classes * num_statistics)
 
     @staticmethod
     def _finite(values: list) -> list:
@@ -276,18 +301,8 @@ class Scorer:
 
     def p_values(self, statistics: np.ndarray, classes: np.ndarray) -> np.ndarray:
         """(B, 4) float64 conformal p-values of (B, 4) ``statistics`` scored against ``classes``."""
-        columns = np.arange(statistics.shape[1])
-        p_values = np.empty(statistics.shape, dtype=np.float64)
-        own = self.from_class[classes]
-        if own.any():
-            rows = (classes[own, None] * statistics.shape[1] + columns).ravel()
-            p_values[own] = interpolated_p_values(self.class_ranks, rows,
-                                                  statistics[own].ravel()).reshape(-1, statistics.shape[1])
-        if not own.all():
-            rows = np.tile(columns, int((~own).sum()))
-            p_values[~own] = interpolated_p_values(self.fallback_ranks, rows,
-                                                   statistics[~own].ravel()).reshape(-1, statistics.shape[1])
-        return p_values
+        rows = (self.first_rank_row[classes][:, None] + np.arange(statistics.shape[1])).ravel()
+        return interpolated_p_values(self.ranks, rows, statistics.ravel()).reshape(statistics.shape)
 
     def score(self, alpha, classes) -> BatchScores:
         """Score each row of ``alpha`` against the class in ``classes``.
@@ -309,8 +324,8 @@ class Scorer:
             Wrong alpha length, NaN or infinite alpha, unknown class, or a class without
             training images.
         """
-        alpha, classes = self.reference.check(alpha, classes)
-        stats = self.reference.statistics(alpha, classes)
+        alpha, classes, row_sums = self.reference.check(alpha, classes)
+        stats = self.reference.statistics(alpha, classes, row_sums)
         statistics = with_combined(graded_statistics(stats), self.tail_grid[classes])
         p_values = self.p_values(statistics, classes)
         anomalous = p_values[:, -1] < self.target_fpr

@@ -67,7 +67,14 @@ def class_mean_of_means(mean: np.ndarray) -> np.ndarray:
     return np.asarray(mean, dtype=np.float64).mean(axis=-1)
 
 
-def beta_scores(alpha: np.ndarray, mean_of_means: np.ndarray) -> np.ndarray:
+def row_sums_of(alpha: np.ndarray) -> np.ndarray:
+    """(B,) float32 row sums of (B, K) float32 ``alpha``: float32 pairwise sums (numpy's
+    contiguous reduction), fast, and deterministic whatever the batch, which keeps sharded
+    builds byte-identical."""
+    return alpha.sum(axis=1, dtype=np.float32)
+
+
+def beta_scores(alpha: np.ndarray, mean_of_means: np.ndarray, row_sums: np.ndarray | None = None) -> np.ndarray:
     """β = mean over n of (alpha_n - mu_cn), thesis eq. 6.8.
 
     Parameters
@@ -76,16 +83,17 @@ def beta_scores(alpha: np.ndarray, mean_of_means: np.ndarray) -> np.ndarray:
         (B, K) float32 filter scores, C-contiguous.
     mean_of_means : np.ndarray
         (B,) or scalar float64, :func:`class_mean_of_means` of each row's class.
+    row_sums : np.ndarray, optional
+        (B,) float32 :func:`row_sums_of` ``alpha``, when already computed.
 
     Returns
     -------
     np.ndarray
         (B,) float64 β. Build and scoring share this function so the training β
-        distribution and a served β are computed the same way. The row sums are float32
-        pairwise sums (numpy's contiguous reduction): fast, and deterministic whatever the
-        batch, which keeps sharded builds byte-identical.
+        distribution and a served β are computed the same way.
     """
-    return alpha.sum(axis=1, dtype=np.float32).astype(np.float64) / alpha.shape[1] - mean_of_means
+    row_sums = row_sums_of(alpha) if row_sums is None else row_sums
+    return row_sums.astype(np.float64) / alpha.shape[1] - mean_of_means
 
 
 def top_exemplars(values: np.ndarray, image_ids: np.ndarray, top_k: int) -> np.ndarray:

@@ -2,8 +2,8 @@
 
 :meth:`BatchScores.sample` builds one object per flagged filter (with its exemplars), which
 costs far more than the scoring itself when every row of a large batch is built; bulk scoring
-needs only each row's first few flags, and this computes them for the whole batch at once,
-touching only the flagged entries (a few per in-distribution input).
+needs only each row's first few flags, and this computes them for the whole batch at once from
+the sparse flags the scorer keeps (:meth:`~explainserve.anomaly.reference.Flags.top`).
 """
 
 from __future__ import annotations
@@ -51,32 +51,4 @@ def top_flags(scores: BatchScores, k: int) -> TopFlags:
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    reference = scores.scorer.reference
-    surprising = _top(scores.surprising, scores, reference.p_high, 1.0, k)
-    missing = _top(scores.expected_missing, scores, reference.p_low, -1.0, k)
-    return TopFlags(*surprising, *missing)
-
-
-def _top(mask: np.ndarray, scores: BatchScores, thresholds: np.ndarray, sign: float,
-         k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(B, k) filters and exceedances of the flagged entries of ``mask`` (B, K), largest first."""
-    filters = np.full((len(mask), k), -1, dtype=np.int32)
-    exceedance = np.zeros((len(mask), k), dtype=np.float32)
-    entries = np.flatnonzero(mask) if k else np.empty(0, dtype=np.intp)
-    if not len(entries):
-        return filters, exceedance
-    rows, columns = np.divmod(entries, mask.shape[1])
-    classes = scores.classes[rows]
-    inverse = scores.scorer.reference.inverse_scale
-    # The same float32 arithmetic as BatchScores.sample, so the values are equal, not just close.
-    values = sign * (scores.alpha[rows, columns] - thresholds[classes, columns]) * inverse[classes, columns]
-    # By row, then largest first, then filter index (the entries come in filter order): two
-    # stable sorts take half the time of np.lexsort here.
-    order = np.argsort(-values.astype(np.float64), kind="stable")
-    order = order[np.argsort(rows[order], kind="stable")]
-    rows, columns, values = rows[order], columns[order], values[order]
-    rank = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
-    kept = rank < k
-    filters[rows[kept], rank[kept]] = columns[kept]
-    exceedance[rows[kept], rank[kept]] = values[kept]
-    return filters, exceedance
+    return TopFlags(*scores.surprising.top(k), *scores.expected_missing.top(k))

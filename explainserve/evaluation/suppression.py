@@ -45,21 +45,6 @@ class SuppressionStudy:
                          for s, label in zip(self.by_ranking[ranking], self.labels)], dtype=bool)
 
 
-def most_surprising_live_filter(alpha: np.ndarray, surprising: np.ndarray, thresholds: np.ndarray) -> int | None:
-    """The surprising filter furthest past its threshold among those with alpha != 0, or None.
-
-    Parameters
-    ----------
-    alpha, thresholds : ndarray of float, shape (K,)
-        Grad-AMap scores and the class's P99.9 per filter.
-    surprising : ndarray of bool, shape (K,)
-    """
-    live = np.flatnonzero(surprising & (alpha != 0))
-    if not len(live):
-        return None
-    return int(live[np.argmax(alpha[live] - thresholds[live])])
-
-
 def study_suppression(explainer: Explainer, samples: Sequence[np.ndarray], labels: Sequence[int],
                       filters: Sequence[int], *, steps: int = SUPPRESSION_STEPS) -> SuppressionStudy:
     """Suppress, for each sample, the region of ``filters[i]`` for class ``labels[i]``, and the

@@ -19,6 +19,7 @@ import grpc
 
 from explainserve import wire
 from explainserve._generated import explain_pb2, handler_pb2, inference_pb2
+from explainserve.anomaly.scorer import region_flag
 from explainserve.inputs import InputTooLarge
 from explainserve.methods import SUPPRESSION_STEPS
 from explainserve.wire import DEADLINE_KEY, HANDLER_REQUEST_KEY, REGION_REQUEST_KEY, deadline_entry
@@ -73,11 +74,8 @@ class MetadataSource(Protocol):
 
 
 def region_filter(verdict: explain_pb2.ClassVerdict) -> explain_pb2.FilterFlag | None:
-    """The filter whose surprise region is shown: the most surprising one with a non-zero
-    Grad-AMap score. A filter whose score is exactly 0 has zero activation (or zero gradient)
-    everywhere, so no pixel acts through it and its region map would be blank; it can still
-    be surprising when its training scores are all negative."""
-    return next((flag for flag in verdict.surprising_filters if flag.alpha != 0), None)
+    """The filter whose surprise region is shown (:func:`~explainserve.anomaly.scorer.region_flag`)."""
+    return region_flag(verdict.surprising_filters)
 
 
 class ExplainPipeline:

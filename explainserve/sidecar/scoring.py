@@ -39,6 +39,7 @@ import numpy as np
 from explainserve._generated import explain_pb2
 from explainserve.anomaly import ANOMALOUS, BatchScores, Scorer, StoreError, load_store
 from explainserve.anomaly.conformal import TESTS
+from explainserve.anomaly.scorer import MAX_FLAGS
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,6 @@ NO_ALPHA = "no filter scores"            # the handler returned no alpha
 SCORING_FAILED = "scoring failed"        # the scorer refused the handler's alpha, or an internal error
 
 MAX_BATCH = 4096  # ScoreBatch requests per call
-# Flagged filters listed per verdict and kind, most extreme first: an input far from the training
-# data can flag most of the filters, and building all of them would cost milliseconds.
-MAX_FLAGS = 32
 
 
 class ScoringUnavailable(Exception):

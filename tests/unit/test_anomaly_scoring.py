@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from explainserve.anomaly import (ANOMALOUS, NORMAL, Scorer, StoreError, StoreMeta, build_store, calibrate,
-                                  load_store, save_calibration)
+                                  load_store, region_flag, save_calibration)
 from explainserve.anomaly.pooled import mixture_quantiles
-from explainserve.anomaly.reference import ClassReference, percentile_in_grid
+from explainserve.anomaly.reference import ClassReference, Flags, percentile_in_grid
 from explainserve.anomaly.summary import PERCENTILE_LEVELS
 from explainserve.anomaly.store import MANIFEST, write_manifest
 
@@ -91,6 +91,7 @@ def test_flags_are_ordered_most_extreme_first(scorer):
     # in robust units f3 is the more surprising.
     alpha = np.array([1500, 1.5, 0.4, 200.0], dtype=np.float32)
     assert [flag.filter for flag in scorer.score(alpha, 0).sample(0).surprising] == [3, 0]
+    assert region_flag(scorer.score(alpha, 0).sample(0).surprising).filter == 3  # the region a server shows
     alpha = np.array([3000, 1.5, 0.1, 999.0], dtype=np.float32)  # against class 1: f2 misses 2 by 1.9, f3 sits above 1
     flags = scorer.score(alpha, 1).sample(0)
     assert [flag.filter for flag in flags.expected_missing] == [2]
@@ -160,6 +161,33 @@ def test_a_batch_scores_like_its_rows(scorer):
     assert len(batch) == 9 and batch.anomalous.dtype == bool
     for index in range(9):
         assert batch.sample(index) == scorer.score(alpha[index], classes[index]).sample(0)
+
+
+def test_flags_and_their_sums_match_a_plain_loop(scorer):
+    rng = np.random.default_rng(3)
+    alpha = (rng.random((200, 4)) * [2600, 5200, 1300, 260] - [300, 600, 150, 30]).astype(np.float32)
+    classes = rng.integers(0, 2, 200)
+    batch = scorer.score(alpha, classes)
+    reference = scorer.reference
+    for flags, upper, lower, statistic in (
+            (batch.surprising, alpha, reference.p_high[classes], 0),
+            (batch.expected_missing, reference.p_low_expected[classes], alpha, 1)):
+        mask = upper > lower
+        np.testing.assert_array_equal(flags.mask(), mask)
+        np.testing.assert_array_equal(flags.count, mask.sum(axis=1))
+        exceedance = np.where(mask, (upper - lower) * reference.inverse_scale[classes], 0.0)
+        np.testing.assert_allclose(batch.statistics[:, statistic], exceedance.sum(axis=1), rtol=1e-6)
+    assert batch.surprise_count.sum() > 200 and batch.expectation_count.sum() > 30  # many rows flag several
+
+
+def test_top_flags_break_ties_by_filter_and_keep_rows_apart():
+    # Row 0 flags filters 1, 2, 5 (exceedances 2, 3, 3); row 1 none; row 2 flags filter 0.
+    flags = Flags(entries=np.array([1, 2, 5, 12]), starts=np.array([0, 3, 3, 4]),
+                  exceedance=np.array([2, 3, 3, 0.5], dtype=np.float32), num_filters=6)
+    filters, exceedance = flags.top(2)
+    assert filters.tolist() == [[2, 5], [-1, -1], [0, -1]]
+    assert exceedance.tolist() == [[3, 3], [0, 0], [0.5, 0]]
+    assert flags.count.tolist() == [3, 0, 1] and flags.filters(2).tolist() == [0]
 
 
 def test_percentile_in_grid_matches_np_interp():

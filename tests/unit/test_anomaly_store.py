@@ -73,7 +73,7 @@ def test_alpha_is_checked_row_by_row(store_dir):
     big = np.full((3, reference.num_filters), 3e38 / reference.num_filters / 2, np.float32)
     with np.errstate(over="ignore"):  # the overflow is the point
         assert np.isinf(big.sum(dtype=np.float32)) and np.isfinite(big.sum(axis=1, dtype=np.float32)).all()
-    alpha, classes = reference.check(big, np.array([0, 1, 2]))
+    alpha, classes, _ = reference.check(big, np.array([0, 1, 2]))
     assert alpha.shape == big.shape and classes.tolist() == [0, 1, 2]
     bad = big.copy()
     bad[2, 5] = np.nan

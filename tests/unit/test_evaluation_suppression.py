@@ -6,19 +6,19 @@ import numpy as np
 import torch
 import torchvision
 
-from explainserve.evaluation.suppression import most_surprising_live_filter, study_suppression
+from explainserve.anomaly import FilterFlag, region_flag
+from explainserve.evaluation.suppression import study_suppression
 from explainserve.explainer import Explainer
 from explainserve.probe import probe
 from explainserve.swag import segment_means
 
 
-def test_the_filter_is_the_furthest_past_its_threshold_among_live_ones():
-    alpha = np.array([0.0, 0.5, 0.9, 0.3])
-    thresholds = np.array([-1.0, 0.1, 0.8, 0.0])  # excess: 1.0 (silent), 0.4, 0.1, 0.3
-    surprising = np.array([True, True, True, True])
-    assert most_surprising_live_filter(alpha, surprising, thresholds) == 1
-    assert most_surprising_live_filter(alpha, np.array([True, False, True, False]), thresholds) == 2
-    assert most_surprising_live_filter(alpha, np.array([True, False, False, False]), thresholds) is None
+def test_the_region_filter_is_the_first_live_one_in_served_order():
+    # The served order is by robust exceedance, not by alpha minus threshold: filter 3 first.
+    flags = [FilterFlag(3, 0.2, 0.1, (), 2.0), FilterFlag(0, 0.0, -1.0, (), 1.5), FilterFlag(1, 0.5, 0.1, (), 0.8)]
+    assert region_flag(flags).filter == 3
+    assert region_flag(flags[1:]).filter == 1  # filter 0 is silent (alpha exactly 0)
+    assert region_flag(flags[1:2]) is None and region_flag([]) is None
 
 
 def test_the_study_suppresses_the_filter_region_and_the_vanilla_control_on_the_same_superpixels():
