@@ -35,6 +35,7 @@ VALUE_SETS = {
                                                      "reflection": True}},
     "your-data": {"distributions": {"build": {"enabled": True, "dataClaim": "photos", "data": "imagefolder:catalogue/v2",
                                               "valFraction": 0.1, "maxBadFraction": 0.02, "numShards": 2,
+                                              "limit": 50000, "valLimit": 5000,
                                               "model": "/models/resnet50.mar", "name": "resnet50"}}},
 }
 CRD_GROUPS = ("monitoring.coreos.com/", "cert-manager.io/")
@@ -394,6 +395,8 @@ def test_distribution_jobs_read_a_file_source_on_the_data_claim(chart):
                 "--model=/models/resnet50.mar", "--name=resnet50"} <= set(container["args"])
         mounts = {m["name"]: m for m in container["volumeMounts"]}
         assert mounts["data"] == {"name": "data", "mountPath": "/data", "readOnly": True}
+        assert "--val-limit=5000" in container["args"]  # the merge calibrates on the same val samples
+        assert ("--limit=50000" in container["args"]) == (step == "build")  # merge-distributions has no --limit
     build = one(objects, "Job", f"{FULLNAME}-distributions-build")
     assert "--out=/stores/.shards/resnet50/$(JOB_COMPLETION_INDEX)" in build["spec"]["template"]["spec"]["containers"][0]["args"]
 
@@ -489,8 +492,8 @@ def chart_commands(chart):
     ("sidecar", {"--store-dir", "--token-file", "--metrics-per-class", "--tls-cert", "--tls-key", "--tls-client-ca",
                  "--auth-keys", "--allow-unauthenticated", "--reflection", "--health-listen", "--drain-seconds",
                  "--max-concurrent-requests", "--max-queued-requests", "--max-connection-age"}),
-    ("build-distributions", {"--shard", "--num-shards", "--val-fraction", "--max-bad-fraction"}),
-    ("merge-distributions", {"--val-fraction", "--max-bad-fraction"}),
+    ("build-distributions", {"--shard", "--num-shards", "--val-fraction", "--max-bad-fraction", "--limit", "--val-limit"}),
+    ("merge-distributions", {"--val-fraction", "--max-bad-fraction", "--val-limit"}),
 ])
 def test_the_cli_accepts_every_flag_the_chart_passes(chart_commands, command, flags):
     """Each rendered command line parses with the real `explainserve` parser, and every --flag
