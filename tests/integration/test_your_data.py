@@ -1,7 +1,8 @@
 """A user's own data to verdicts, with the commands a user runs: `archive` a random-init
 torchvision model, `build-distributions` as two shards over real files, `merge-distributions`,
 `serve`, then Explain. Images: FashionScenes written as JPEG class folders, a ResNet-18 at
-64 px. Clips: MovingFashion as MP4 files (served) and as clip folders, an R3D-18 at 4 x 32 x 32.
+64 px. Clips: MovingFashion as MP4 files and as clip folders (each built as two shards and a
+merge, then served), an R3D-18 at 4 x 32 x 32.
 
 "Exactly as served": a class with a single training sample stores that sample's alpha as its
 mean, so the handler's alpha for the same file must equal it. One image class has val images
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import grpc
@@ -167,14 +169,22 @@ def test_video_files_to_verdicts_and_the_stored_alpha_is_served(served):
 
 
 def test_clip_folders_build_the_alpha_served_for_their_frames(served, tmp_path):
+    """Last in the module: publishes the clip-folder store over the served MP4 one."""
     clips = write_clip_folders(tmp_path / "clips", {"train": 1, "val": 1}, size=32)
-    mar = str(served["workdir"] / "model_store" / "motions.mar")
-    assert cli(["build-distributions", "--model", mar, "--data", f"clipfolder:{clips}", "--out", str(tmp_path / "store"),
-                *CALIBRATION]) == 0
-    store = load_store(tmp_path / "store")
+    store = load_store(sharded_build(served["workdir"], "motions", f"clipfolder:{clips}"))
     assert store.counts.tolist() == [1] * 8
     clip = sorted((clips / "train" / CLIP_CLASSES[3]).iterdir())[0]
     frames = sorted(clip.iterdir())
     chosen = [frames[i].read_bytes() for i in (2, 6, 10, 14)]  # the middle frame of each quarter of 16
     request = explain_pb2.ExplainRequest(model="motions", clip=explain_pb2.Clip(frames=chosen), target_class=3)
     np.testing.assert_allclose(handler_alpha(served["torchserve"], request), store.arrays["mean"][3], rtol=0, atol=1e-5)
+    # The gateway picks the published store up (it polls its folders every 5 s) and scores with it.
+    with ExplainClient(served["target"]) as client:
+        deadline = time.monotonic() + 120
+        while True:
+            anomaly = client.send(request, timeout=300).anomaly
+            if anomaly.store_sha256 == store.sha256 or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+    assert anomaly.status == explain_pb2.AnomalyReport.OK, anomaly.reason
+    assert anomaly.store_sha256 == store.sha256 and anomaly.predicted.verdict != explain_pb2.ClassVerdict.VERDICT_UNSPECIFIED
