@@ -52,6 +52,9 @@ FORMAT_VERSION = 2
 REBUILD_HINT = ("rebuild it with `explainserve build-distributions --model ... --data ... --out DIR` "
                 "(see README, Distribution stores)")
 MANIFEST = "manifest.json"
+#: Manifest entries the store's sha256 leaves out: itself, the per-array entries (it covers the
+#: arrays through their hashes) and the build time, on which no verdict depends.
+UNHASHED_KEYS = ("sha256", "arrays", "build_time")
 BUILD_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 #: name -> (dtype, shape after the class axis as a function of (K, L, k)).
@@ -149,10 +152,19 @@ def file_sha256(path: Path) -> str:
         return _digest(handle)[1]
 
 
-def store_sha256(array_hashes: dict) -> str:
-    """One digest for the whole store: sha256 over the sorted ``name:sha256`` lines."""
-    lines = "".join(f"{name}:{array_hashes[name]}\n" for name in sorted(array_hashes))
-    return hashlib.sha256(lines.encode()).hexdigest()
+def store_sha256(manifest: dict) -> str:
+    """One digest for the whole store: the arrays it scores with and every setting of its manifest.
+
+    sha256 over the sorted ``name:sha256`` lines of the arrays the manifest records, followed by
+    the manifest's other entries as JSON with sorted keys, ``UNHASHED_KEYS`` left out: the
+    calibration section (target rate, each class's group, rank count and critical values), the
+    training counts, the pooled classes, the model and layer. A change to anything a verdict
+    depends on changes the digest, so an answer's ``store_sha256`` names what scored it.
+    """
+    arrays = manifest["arrays"]
+    lines = "".join(f"{name}:{arrays[name]['sha256']}\n" for name in sorted(arrays))
+    settings = {key: value for key, value in manifest.items() if key not in UNHASHED_KEYS}
+    return hashlib.sha256((lines + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
@@ -206,7 +218,6 @@ def finalise_store(directory: Path, meta: StoreMeta, *, counts: list, top_k: int
         "counts": [int(count) for count in counts],
         "build_time": build_time,
         "arrays": arrays,
-        "sha256": store_sha256({name: arrays[name]["sha256"] for name in arrays}),
         "calibration": None,
     }
     if shard is not None:
@@ -215,6 +226,7 @@ def finalise_store(directory: Path, meta: StoreMeta, *, counts: list, top_k: int
         manifest["data"] = data
     if pooled:
         manifest["pooled"] = {"classes": pooled, "rule": POOLED_RULE}
+    manifest["sha256"] = store_sha256(manifest)
     write_manifest(directory, manifest)
     return manifest
 
@@ -322,8 +334,8 @@ def save_calibration_arrays(store: "DistributionStore", section: dict, arrays: d
             np.save(handle, np.ascontiguousarray(arrays[name], dtype=dtype))
         os.replace(temporary, file)
         entries[name] = _array_entry(directory, name)
-    manifest = dict(store.manifest, calibration=section, arrays=entries,
-                    sha256=store_sha256({name: entry["sha256"] for name, entry in entries.items()}))
+    manifest = dict(store.manifest, calibration=section, arrays=entries)
+    manifest["sha256"] = store_sha256(manifest)
     write_manifest(directory, manifest)
     store.manifest = manifest
     store.arrays = {**{name: store.arrays[name] for name in ARRAY_SPECS},
@@ -437,6 +449,11 @@ def _load(directory: Path, folder: int, model_name, model_version, verify: bool,
         if array.dtype != dtype or not fits:
             raise _refuse(directory, f"{file_name} is {array.dtype}{array.shape}, expected {np.dtype(dtype)}{expected}")
         arrays[name] = array
-    if verify and store_sha256({name: manifest["arrays"][name]["sha256"] for name in specs}) != manifest["sha256"]:
-        raise _refuse(directory, "store sha256 does not match its arrays")
+    try:
+        digest = store_sha256(manifest) if verify else None
+    except (KeyError, TypeError) as error:
+        raise _refuse(directory, f"{MANIFEST} has a malformed arrays entry ({error!r})") from None
+    if verify and digest != manifest["sha256"]:
+        raise _refuse(directory, f"store sha256 does not match its arrays and settings (a modified {MANIFEST}, "
+                                 f"or one hashed before the settings were covered: {REBUILD_HINT})")
     return DistributionStore(directory, manifest, meta, arrays)

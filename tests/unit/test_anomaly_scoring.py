@@ -1,5 +1,7 @@
 """Scoring semantics on hand-made distributions: surprise, expectation with the mu condition, β, verdicts."""
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -8,7 +10,7 @@ from explainserve.anomaly import (ANOMALOUS, NORMAL, Scorer, StoreError, StoreMe
 from explainserve.anomaly.pooled import mixture_quantiles
 from explainserve.anomaly.reference import ClassReference, Flags, percentile_in_grid
 from explainserve.anomaly.summary import PERCENTILE_LEVELS
-from explainserve.anomaly.store import MANIFEST, write_manifest
+from explainserve.anomaly.store import MANIFEST, store_sha256, write_manifest
 
 # Class c's training image i has alpha = i * SCALES[c], i = 0..1000, so with 1001 images the
 # exact P0.1 is 1 * scale, P99.9 is 999 * scale and mu is 500 * scale. Class 2 has no images.
@@ -230,10 +232,39 @@ def test_uncalibrated_or_shard_stores_are_not_scored(tmp_path):
     for broken, message in ((dict(manifest["calibration"], classes={}), "malformed calibration"),
                             (dict(manifest["calibration"], classes=dict(manifest["calibration"]["classes"], source=["class"])),
                              "calibration does not cover its 3 classes")):
-        write_manifest(whole, dict(manifest, calibration=broken))
+        rewritten = dict(manifest, calibration=broken)
+        write_manifest(whole, dict(rewritten, sha256=store_sha256(rewritten)))  # hashed again: the scorer refuses it
         with pytest.raises(StoreError, match=message):
             Scorer(load_store(whole))
     (whole / MANIFEST).unlink()
+
+
+def test_the_store_sha256_covers_every_setting_a_verdict_depends_on(store_dir, tmp_path):
+    directory = tmp_path / "store"
+    shutil.copytree(store_dir, directory)
+    calibrated(directory, min_class_count=500, target_fpr=0.05)
+    manifest = load_store(directory).manifest
+    section = manifest["calibration"]
+    classes = section["classes"]
+    edits = {
+        "target rate": dict(manifest, calibration=dict(section, target_fpr=0.06)),
+        "a class's group": dict(manifest, calibration=dict(section, classes=dict(classes, source=["fallback"] * 3))),
+        "a class's rank count": dict(manifest, calibration=dict(section, classes=dict(classes, count=[499] + classes["count"][1:]))),
+        "a critical value": dict(manifest, calibration=dict(section, fallback=dict(section["fallback"], critical=[1, 2, 3, 4]))),
+        "training counts": dict(manifest, counts=[1001, 1000] + manifest["counts"][2:]),
+    }
+    assert all(edited != manifest for edited in edits.values())
+    digests = {store_sha256(edited) for edited in edits.values()}
+    assert len(digests) == len(edits) and manifest["sha256"] not in digests
+    for name, edited in edits.items():
+        write_manifest(directory, edited)
+        with pytest.raises(StoreError, match="store sha256 does not match its arrays and settings"):
+            load_store(directory)
+    # The build time is not a setting: the same store, the same digest.
+    later = dict(manifest, build_time="2030-01-01T00:00:00Z")
+    assert store_sha256(later) == manifest["sha256"]
+    write_manifest(directory, later)
+    assert load_store(directory).sha256 == manifest["sha256"]
 
 
 def test_exemplars_of_a_small_class_are_not_padded(tmp_path):
