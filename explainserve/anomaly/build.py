@@ -98,7 +98,7 @@ def write_class_arrays(directory: Path, summaries: Iterable[ClassSummary | None]
 
 def build_store(batches: Iterable, out: str | os.PathLike, meta: StoreMeta, *,
                 shard_index: int = 0, num_shards: int = 1, top_k: int = DEFAULT_TOP_K,
-                build_time: str | None = None, progress: bool = False) -> Path:
+                build_time: str | None = None, progress: bool = False, data: dict | None = None) -> Path:
     """Build the store of training distributions, or one shard of it.
 
     Rows are spilled per class to a scratch directory, then each class is summarised alone
@@ -122,6 +122,8 @@ def build_store(batches: Iterable, out: str | os.PathLike, meta: StoreMeta, *,
         Defaults to :func:`default_build_time`.
     progress : bool
         Show a tqdm bar over classes.
+    data : dict, optional
+        Where the training samples came from (JSON), kept in the manifest's ``data``.
 
     Returns
     -------
@@ -161,5 +163,5 @@ def build_store(batches: Iterable, out: str | os.PathLike, meta: StoreMeta, *,
 
     shard = None if num_shards == 1 else {"index": shard_index, "count": num_shards, "classes": [held.start, held.stop]}
     finalise_store(directory, meta, counts=counts, top_k=top_k, levels=PERCENTILE_LEVELS,
-                   build_time=build_time or default_build_time(), shard=shard)
+                   build_time=build_time or default_build_time(), shard=shard, data=data)
     return directory

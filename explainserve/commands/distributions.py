@@ -29,6 +29,8 @@ from explainserve.data.files import default_workers
 from explainserve.data.sources import is_file_source, open_source
 
 DEMO_MODELS = ("image", "video")
+#: A demo dataset is generated: its limit is how many samples are generated, a seeded random draw.
+DEMO_LIMIT_RULE = "the first N samples of the seeded generated dataset (a random draw of the classes)"
 DATASETS = {"fashion-scenes": ("FashionScenes", "image"), "moving-fashion": ("MovingFashion", "clip")}
 
 
@@ -152,6 +154,15 @@ def open_split(args, split: str, limit: int | None, image_size: int):
     return getattr(data, class_name)(split, seed=args.seed, size=limit, image_size=image_size), key
 
 
+def demo_record(args) -> dict:
+    """The manifest's ``data`` for a demo dataset: which one, its seed, and the limits applied."""
+    record = {"source": args.data, "seed": args.seed}
+    for key, value in (("limit", args.limit), ("val_limit", args.val_limit)):
+        if value is not None:
+            record[key] = {"train" if key == "limit" else "val": value, "rule": DEMO_LIMIT_RULE}
+    return record
+
+
 def alpha_of(explainer, samples: list, ids: list, targets: list | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One network pass: (alpha (B, K) float32, class scored (B,) int64, image ids (B,) int64).
 
@@ -263,8 +274,9 @@ def build_main(args) -> int:
     if list(train.class_names) != list(meta.class_names):
         raise ValueError(f"--data {args.data}: classes {train.class_names} differ from the model's {list(meta.class_names)}")
     with publishing(args.out) as folder:  # readers of --out see the old store until the new one is complete
-        build_store(training_batches(explainer, train, key, held, args.batch_size), folder, meta, shard_index=args.shard, num_shards=args.num_shards, top_k=args.top_k,
-                    build_time=args.build_time, progress=True)
+        build_store(training_batches(explainer, train, key, held, args.batch_size), folder, meta,
+                    shard_index=args.shard, num_shards=args.num_shards, top_k=args.top_k,
+                    build_time=args.build_time, progress=True, data=demo_record(args))
         if args.num_shards == 1:
             calibrate_store(args, explainer, folder)
     print_store(args.out)

@@ -56,6 +56,8 @@ def test_build_then_merge_match_and_score(archive_folder, tmp_path, capsys):
     assert store.counts.tolist() == np.bincount(labels, minlength=8).tolist()
     assert store.meta.layer == "features" and store.meta.num_filters == 576
     assert store.manifest["input_transform"]["input_size"] == [64, 64]
+    assert store.manifest["data"] == {"source": "fashion-scenes", "seed": 0, "limit": {"train": 24, "rule": distributions.DEMO_LIMIT_RULE},
+                                      "val_limit": {"val": 16, "rule": distributions.DEMO_LIMIT_RULE}}
     calibration = store.calibration
     assert calibration["held_out_images"] == 16 and calibration["scored_against"] == "predicted"
     # Exemplars are training image ids of the right class.
