@@ -1,5 +1,6 @@
 """build-distributions over a folder of real JPEG files: bad files skipped and recorded, a
-class without images reported, and two shards merged into exactly the unsharded store."""
+class without images reported, two shards merged into exactly the unsharded store, and a
+manifest of the same files built as two shards into the same arrays."""
 
 import argparse
 import json
@@ -54,7 +55,7 @@ def common(model_folder, images) -> list[str]:
             "--min-class-count", "2", "--target-fpr", "0.1", "--max-bad-fraction", "0.1", "--workers", "1"]
 
 
-def test_folder_build_records_bad_files_and_shards_merge_byte_identical(model_folder, images, tmp_path, capsys):
+def test_folder_build_records_bad_files_shards_merge_byte_identical_and_a_manifest_gives_the_same(model_folder, images, tmp_path, capsys):
     full = tmp_path / "full"
     assert run("build-distributions", *common(model_folder, images), "--out", str(full), "--build-time", BUILD_TIME) == 0
     out = capsys.readouterr().out
@@ -84,6 +85,22 @@ def test_folder_build_records_bad_files_and_shards_merge_byte_identical(model_fo
     for file in sorted(full.iterdir()):
         assert (merged / file.name).read_bytes() == file.read_bytes(), file.name
     assert not (tmp_path / ".0.checkpoint").exists()  # the checkpoint goes once the store is published
+
+    # The same files listed in a CSV manifest (paths relative to it), built as two shards and
+    # merged: the same training list, so the same arrays, bad files and pooled rows included.
+    rows = ["path,label,split"] + [f"{path.relative_to(images).as_posix()},{path.parent.name},{path.parts[-3]}"
+                                   for path in sorted(images.glob("*/*/*"))]
+    (images / "rows.csv").write_text("\n".join(rows) + "\n")
+    listed = [*common(model_folder, images)]
+    listed[listed.index(f"imagefolder:{images}")] = f"manifest:{images / 'rows.csv'}"
+    for shard in ("0", "1"):
+        assert run("build-distributions", *listed, "--out", str(tmp_path / f"m{shard}"), "--build-time", BUILD_TIME,
+                   "--shard", shard, "--num-shards", "2") == 0
+    assert run("merge-distributions", str(tmp_path / "m0"), str(tmp_path / "m1"), "--out", str(tmp_path / "listed"),
+               *listed) == 0
+    for file in sorted(full.glob("*.npy")):
+        assert (tmp_path / "listed" / file.name).read_bytes() == file.read_bytes(), file.name
+    assert json.loads((tmp_path / "listed" / "build_record.json").read_text())["train"]["bad"] == 2
 
 
 def test_too_many_bad_files_fail_the_build_and_keep_finished_classes(model_folder, images, tmp_path):
