@@ -29,8 +29,9 @@ from its part A, its ranks from its part B. Every other class uses the class-ind
 classes. A class without training images (its store rows hold the pooled distribution of all
 classes, :mod:`explainserve.anomaly.pooled`) is the ``pooled`` group: every held-out image,
 whatever its class, scored against the pooled rows; scales from all of part A, tail grid from
-all of part A, ranks from the first ``MAX_CLASS_RANKS`` of part B. The default minimum, ceil(2 / target_fpr) and at least 50, leaves about two part-B
-images past the critical value (a p-value is never below 1 / (n + 1)).
+all of part A, ranks from the first ``MAX_CLASS_RANKS`` of part B. The default minimum,
+ceil(2 / target_fpr) and at least 50, leaves about two part-B images past the critical value (a
+p-value is never below 1 / (n + 1)).
 
 Use the class the server will score against (the predicted class) for the held-out images, so
 the calibrated rate is the served one.
@@ -232,8 +233,8 @@ def calibrate(store: DistributionStore, alpha: np.ndarray, classes: np.ndarray, 
             continue
         critical.append(_critical(class_ranks[class_id], int(counts_b[class_id]), target_fpr))
     # The fallback ranks use the fallback grid for every image, own class or not.
-    pooled = np.flatnonzero(part_b)[:MAX_FALLBACK_RANKS]
-    fallback_statistics = with_combined(tests[pooled], np.repeat(fallback_grid[None], len(pooled), axis=0))
+    fallback_rows = np.flatnonzero(part_b)[:MAX_FALLBACK_RANKS]
+    fallback_statistics = with_combined(tests[fallback_rows], np.repeat(fallback_grid[None], len(fallback_rows), axis=0))
     fallback_ranks = sorted_ranks(fallback_statistics, len(fallback_statistics))
     section = {
         "target_fpr": target_fpr,
@@ -243,7 +244,7 @@ def calibrate(store: DistributionStore, alpha: np.ndarray, classes: np.ndarray, 
         "split": {"rule": "within each class, even positions part A (scales, tail grids), odd part B (ranks)",
                   "part_a": int((~part_b).sum()), "part_b": int(part_b.sum())},
         "statistics": list(STATISTICS),
-        "fallback": {"count": len(pooled), "critical": _critical(fallback_ranks, fallback_ranks.shape[1], target_fpr)},
+        "fallback": {"count": len(fallback_rows), "critical": _critical(fallback_ranks, fallback_ranks.shape[1], target_fpr)},
         "classes": {"count": counts_b.tolist(),
                     "source": ["class" if mine else POOLED if empty else FALLBACK
                                for mine, empty in zip(own, reference.pooled)],
