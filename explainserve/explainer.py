@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cam import grad_cam
+from .devices import model_device
 from .grad_amap import grad_amap
 from .jitter_cam import jitter_cam
 from .methods import DEFAULT_METHODS, IMAGE_METHODS, METHODS, SUPPRESSION_STEPS, VIDEO_METHODS  # noqa: F401 (part of this API)
@@ -101,9 +102,10 @@ class Prepared:
     Attributes
     ----------
     rgb : Tensor, shape (B, 3, H, W) or (B, 3, T, H, W), float32 in [0, 1]
-        The samples resized to the model's input size.
+        The samples resized to the model's input size, on the CPU (SLIC runs there).
     inputs : Tensor, same shape
-        ``rgb`` normalised with the model's mean and std: what the network is given.
+        ``rgb`` normalised with the model's mean and std, on the model's device: what the
+        network is given.
     """
 
     rgb: torch.Tensor
@@ -120,7 +122,7 @@ class Prepared:
     def take(self, rows: Sequence[int]) -> "Prepared":
         """The samples at ``rows`` (repeats allowed), without preparing them again."""
         index = torch.as_tensor(list(rows), dtype=torch.long)
-        return Prepared(self.rgb[index], self.inputs[index])
+        return Prepared(self.rgb[index], self.inputs[index.to(self.inputs.device)])
 
 
 @dataclass
@@ -149,10 +151,11 @@ class FilterScores:
     def of(cls, result: ProbeResult) -> "FilterScores":
         """The one place alpha is computed from a probe pass (the store, the server and the
         benchmarks all come here)."""
-        label_alpha = (grad_amap(result.activations, result.extra_activation_gradients).numpy()
+        label_alpha = (grad_amap(result.activations, result.extra_activation_gradients).cpu().numpy()
                        if result.extra_activation_gradients is not None else None)
-        return cls(logits=result.logits.detach().numpy(), predicted=result.predicted.numpy(),
-                   target=result.target.numpy(), alpha=grad_amap(result.activations, result.activation_gradients).numpy(),
+        return cls(logits=result.logits.detach().cpu().numpy(), predicted=result.predicted.cpu().numpy(),
+                   target=result.target.cpu().numpy(),
+                   alpha=grad_amap(result.activations, result.activation_gradients).cpu().numpy(),
                    label_alpha=label_alpha)
 
 
@@ -172,23 +175,28 @@ class Explainer:
         One name per logit.
     layer : str, optional
         Target layer; the architecture's default otherwise.
+    device : str or torch.device, optional
+        Where the network passes run ("cpu", "cuda:0"); the model is moved there. Default: the
+        device of the model's parameters. SLIC always runs on the CPU.
     """
 
     def __init__(self, model: nn.Module, *, kind: str, input_size: Sequence[int], mean: Sequence[float],
-                 std: Sequence[float], class_names: Sequence[str], layer: str | None = None):
+                 std: Sequence[float], class_names: Sequence[str], layer: str | None = None,
+                 device: str | torch.device | None = None):
         if kind not in DEFAULT_METHODS:
             raise ValueError(f"kind: expected 'image' or 'video', got {kind!r}")
         spatial = 2 if kind == "image" else 3
         if len(input_size) != spatial or min(input_size) < 1:
             raise ValueError(f"input_size: expected {spatial} positive ints for kind {kind!r}, got {tuple(input_size)}")
-        self.model = model  # every pass runs it in eval mode and leaves its flags as found
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.model = model.to(self.device)  # every pass runs it in eval mode and leaves its flags as found
         self.kind = kind
         self.input_size = tuple(int(v) for v in input_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32).reshape(3, *(1,) * spatial)
-        self.std = torch.tensor(std, dtype=torch.float32).reshape(3, *(1,) * spatial)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).reshape(3, *(1,) * spatial)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).reshape(3, *(1,) * spatial)
         self.class_names = list(class_names)
         # One dry pass finds the layer, the activation-map size and the number of classes.
-        dry = probe(model, torch.zeros(1, 3, *self.input_size), layer=layer, input_gradient=False)
+        dry = probe(model, torch.zeros(1, 3, *self.input_size, device=self.device), layer=layer, input_gradient=False)
         self.layer = dry.layer
         self.cam_size = tuple(dry.activations.shape[2:])
         self.num_filters = dry.activations.shape[1]
@@ -262,7 +270,7 @@ class Explainer:
         if isinstance(samples, Prepared):
             return samples
         rgb = self.preprocess(samples)
-        return Prepared(rgb, (rgb - self.mean) / self.std)
+        return Prepared(rgb, (rgb.to(self.device) - self.mean) / self.std)
 
     def filter_scores(self, samples: Sequence[np.ndarray] | Prepared, targets: Sequence[int | None] | None = None,
                       labels: Sequence[int | None] | None = None) -> FilterScores:
@@ -327,8 +335,8 @@ class Explainer:
         timings["total"] = time.perf_counter() - started
         return [
             SampleExplanation(
-                classes=top_classes[b].numpy(),
-                scores=top_scores[b].numpy(),
+                classes=top_classes[b].cpu().numpy(),
+                scores=top_scores[b].cpu().numpy(),
                 predicted=int(scores.predicted[b]),
                 target=int(scores.target[b]),
                 maps=maps[b],
@@ -360,10 +368,12 @@ class Explainer:
                      extra_targets=extra)
 
     def _start_colour_superpixels(self, prepared: Prepared, swag_methods: list[str], slic_options: dict) -> dict[int, Future]:
-        """Colour-only superpixels need no gradient: start them before the network pass, but only
-        when torch leaves a core idle; on a machine whose cores torch already uses, SLIC in
-        parallel slows the network pass by more than it saves."""
-        if not any(SWAG_VARIANT[m] == "i" for m in swag_methods) or not spare_core():
+        """Colour-only superpixels need no gradient: start them before the network pass, always
+        beside a GPU pass, and on the CPU only when torch leaves a core idle; on a machine whose
+        cores torch already uses, SLIC in parallel slows the network pass by more than it saves."""
+        if not any(SWAG_VARIANT[m] == "i" for m in swag_methods):
+            return {}
+        if self.device.type == "cpu" and not spare_core():
             return {}
         return {b: self._superpixel_pool.submit(gradient_slic, prepared.images[b], None, variant="i", **slic_options)
                 for b in range(len(prepared))}
@@ -372,13 +382,13 @@ class Explainer:
                   maps: list[dict], timings: dict) -> None:
         """Grad-CAM from the probe pass, and Jitter-CAM from its own batched pass over the patches."""
         if "grad_cam" in methods:
-            heatmaps = grad_cam(result.activations, result.activation_gradients, self.input_size).numpy()
+            heatmaps = grad_cam(result.activations, result.activation_gradients, self.input_size).cpu().numpy()
             for b, heatmap in enumerate(heatmaps):
                 maps[b]["grad_cam"] = ExplanationMap(heatmap)
         if "jitter_cam" in methods:
             jitter_started = time.perf_counter()
             heatmaps = jitter_cam(self.model, prepared.inputs, result.target, cam_size=self.cam_size, layer=self.layer,
-                                  d=options.jitter_d).numpy()
+                                  d=options.jitter_d).cpu().numpy()
             for b, heatmap in enumerate(heatmaps):
                 maps[b]["jitter_cam"] = ExplanationMap(heatmap)
             timings["jitter_cam"] = time.perf_counter() - jitter_started

@@ -116,8 +116,8 @@ def jitter_cam(
         cams.append(class_activation_map(result.activations, result.activation_gradients, weights))
     cams = torch.cat(cams).reshape(batch, len(offsets), m_h, m_w)
 
-    total = torch.zeros(batch, m_h + d_h, m_w + d_w)
-    count = torch.zeros(m_h + d_h, m_w + d_w)
+    total = torch.zeros(batch, m_h + d_h, m_w + d_w, device=cams.device)
+    count = torch.zeros(m_h + d_h, m_w + d_w, device=cams.device)
     for index, (i, j) in enumerate(offsets):
         total[:, i : i + m_h, j : j + m_w] += cams[:, index]
         count[i : i + m_h, j : j + m_w] += 1

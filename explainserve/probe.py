@@ -258,12 +258,15 @@ def probe(
 
     batch, n_classes = logits.shape
     predicted = logits.detach().argmax(dim=1)
-    target_ids = predicted if target is None else _as_class_tensor(target, batch, n_classes, "target", predicted)
-    rows = torch.arange(batch)
+    # Ids built from Python values start on the CPU; index on the device the model ran on.
+    target_ids = predicted if target is None else _as_class_tensor(target, batch, n_classes, "target",
+                                                                      predicted).to(logits.device)
+    rows = torch.arange(batch, device=logits.device)
     score = logits[rows, target_ids].sum()
     activations = captured["A"]
 
-    filter_ids = None if filters is None else _as_filter_tensor(filters, batch, activations.shape[1], layer_name)
+    filter_ids = (None if filters is None else
+                  _as_filter_tensor(filters, batch, activations.shape[1], layer_name).to(activations.device))
     # Later backward passes reuse the graph; the last one may free it.
     later = [vanilla_gradient, extra_targets is not None, filter_ids is not None]
     guided_gradient = None
@@ -282,7 +285,7 @@ def probe(
         (vanilla,) = torch.autograd.grad(score, [x], retain_graph=any(later[1:]))
     extra = None
     if extra_targets is not None:
-        extra_ids = _as_class_tensor(extra_targets, batch, n_classes, "extra_targets", target_ids)
+        extra_ids = _as_class_tensor(extra_targets, batch, n_classes, "extra_targets", target_ids).to(logits.device)
         (extra,) = torch.autograd.grad(logits[rows, extra_ids].sum(), [activations], retain_graph=any(later[2:]))
     filter_gradient = None
     if filter_ids is not None:

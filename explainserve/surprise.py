@@ -107,7 +107,7 @@ def _rgb_for_slic(inputs: torch.Tensor, images: np.ndarray | None) -> np.ndarray
     if images is None:
         if inputs.shape[1] != 3:
             raise ValueError(f"images: inputs have {inputs.shape[1]} channels; pass RGB images for the superpixels")
-        rgb = inputs.detach().movedim(1, -1).double().numpy()
+        rgb = inputs.detach().movedim(1, -1).double().cpu().numpy()
         flat = rgb.reshape(rgb.shape[0], -1)
         low = flat.min(axis=1).reshape(-1, *(1,) * (rgb.ndim - 1))
         span = np.maximum(flat.max(axis=1) - flat.min(axis=1), 1e-12).reshape(low.shape)
@@ -195,8 +195,8 @@ def filter_regions(
 
     result = probe(model, inputs, layer=layer, target=target, input_gradient=False, filters=filters)
     # Max over channels of |gradient|: SWAG's rule for its gradient pixel scores.
-    scores = result.filter_gradient.abs().amax(dim=1).float().numpy()
-    rows = torch.arange(inputs.shape[0])
+    scores = result.filter_gradient.abs().amax(dim=1).float().cpu().numpy()
+    rows = torch.arange(inputs.shape[0], device=result.filters.device)
     alphas = grad_amap(result.activations, result.activation_gradients)[rows, result.filters]
 
     regions = []
@@ -295,18 +295,18 @@ def suppress_surprise(
     spatial = tuple(inputs.shape[2:])
     variants, orders = [], []
     for sample, region in zip(inputs, regions):
-        segments = torch.as_tensor(np.asarray(region.segments, dtype=np.int64))
+        segments = torch.as_tensor(np.asarray(region.segments, dtype=np.int64), device=sample.device)
         if tuple(segments.shape) != spatial:
             raise ValueError(f"regions: segments of shape {tuple(segments.shape)} for inputs of {spatial}")
         order = np.argsort(-np.asarray(region.segment_scores), kind="stable")[:steps]
         orders.append(order.astype(np.int32))
-        deleted = torch.zeros(spatial, dtype=torch.bool)
+        deleted = torch.zeros(spatial, dtype=torch.bool, device=sample.device)
         variants.append(sample)  # step 0: the intact input
         for segment in order:
             deleted |= segments == int(segment)
             variants.append(sample.masked_fill(deleted, 0.0))  # (C, ...) masked over every channel
     with torch.no_grad(), eval_mode(model):
-        probabilities = torch.softmax(model(torch.stack(variants)).float(), dim=1)
+        probabilities = torch.softmax(model(torch.stack(variants)).float(), dim=1).cpu()
     suppressions, start = [], 0
     for order in orders:
         block = probabilities[start:start + len(order) + 1]

@@ -133,4 +133,4 @@ def pixel_scores(result: ProbeResult, inputs: torch.Tensor, source: str = "guide
         raise ValueError(f"source: {source!r} needs probe(..., vanilla_gradient=True)")
     if source.startswith("guided") and result.input_gradient is None:
         raise ValueError(f"source: {source!r} needs probe(..., input_gradient=True)")
-    return PIXEL_SOURCES[source](result, inputs).float().numpy()
+    return PIXEL_SOURCES[source](result, inputs).float().cpu().numpy()

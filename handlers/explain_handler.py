@@ -27,6 +27,7 @@ import numpy as np
 
 from explainserve import wire
 from explainserve._generated import explain_pb2, handler_pb2
+from explainserve.devices import serving_device
 from explainserve.explainer import DEFAULT_METHODS, ExplainOptions, Explainer
 from explainserve.inputs import InputTooLarge
 from explainserve.model_archive import load_model
@@ -83,13 +84,17 @@ class ExplainHandler:
     kind = ""
 
     def initialize(self, context) -> None:
-        model_dir = context.system_properties["model_dir"]
+        properties = context.system_properties
+        model_dir = properties["model_dir"]
         model, self.metadata = load_model(model_dir)
+        # The GPU TorchServe assigned this worker (none on CPU hosts); SLIC stays on the CPU.
+        self.device = serving_device(properties.get("gpu_id"))
         if self.metadata["kind"] != self.kind:
             raise ValueError(f"metadata kind {self.metadata['kind']!r} does not match the {self.kind} handler")
         self.explainer = Explainer(
             model, kind=self.kind, input_size=self.metadata["input_size"], mean=self.metadata["mean"],
             std=self.metadata["std"], class_names=self.metadata["class_names"], layer=self.metadata.get("layer"),
+            device=self.device,
         )
         self.test_delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
         self.initialized = True
