@@ -7,7 +7,7 @@ calibrated on exactly the numbers they are later applied to.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -52,17 +52,18 @@ class Flags:
         (class, filter); 0 without scales.
     num_filters : int
         K.
+    count : np.ndarray
+        (B,) int64 flagged filters per row (derived from ``starts``).
     """
 
     entries: np.ndarray
     starts: np.ndarray
     exceedance: np.ndarray
     num_filters: int
+    count: np.ndarray = field(init=False)
 
-    @property
-    def count(self) -> np.ndarray:
-        """(B,) int64 flagged filters per row."""
-        return np.diff(self.starts)
+    def __post_init__(self):
+        object.__setattr__(self, "count", np.diff(self.starts))
 
     def filters(self, row: int) -> np.ndarray:
         """(m,) int64 flagged filters of ``row``, ascending."""
@@ -125,17 +126,18 @@ def flagged(upper: np.ndarray, lower: np.ndarray, classes: np.ndarray, inverse: 
     rows, num_filters = upper.shape
     entries = np.flatnonzero(upper > lower)  # several times faster than a 2-D np.nonzero
     starts = np.searchsorted(entries, np.arange(rows + 1) * num_filters)
-    count = np.diff(starts)
     if inverse is None:
         return Flags(entries, starts, np.zeros(len(entries), np.float32), num_filters), np.zeros(rows, np.float32)
     # Flat index of (class, filter) in `inverse`: the entry moved from its row to its class's.
+    count = np.diff(starts)
     shift = np.repeat((classes - np.arange(rows)) * num_filters, count)
     exceedance = (upper.ravel()[entries] - lower.ravel()[entries]) * inverse.ravel()[entries + shift]
+    flags = Flags(entries, starts, exceedance, num_filters)
     sums = np.zeros(rows, dtype=np.float32)
     if len(entries):
         present = count > 0
         sums[present] = np.add.reduceat(exceedance, starts[:-1][present], dtype=np.float64)
-    return Flags(entries, starts, exceedance, num_filters), sums
+    return flags, sums
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ def percentile_in_grid(values: np.ndarray, grids: np.ndarray, levels: np.ndarray
         (B,) float64 percentiles, clipped to [levels[0], levels[-1]].
     """
     grids = np.asarray(grids, dtype=np.float64)
-    above = np.clip((grids <= values[:, None]).sum(axis=1), 1, grids.shape[1] - 1)
+    above = np.minimum(np.maximum((grids <= values[:, None]).sum(axis=1), 1), grids.shape[1] - 1)
     flat = grids.ravel()
     high_at = np.arange(len(grids)) * grids.shape[1] + above
     low, high = flat[high_at - 1], flat[high_at]
