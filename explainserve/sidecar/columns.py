@@ -3,11 +3,13 @@
 A ScoreBatch answer builds one ClassVerdict per input, with up to 64 FilterFlag messages and
 their exemplars, and its request carries every vector as a repeated field: at 256 vectors of
 2048 filters that building took about 30 times as long as the scoring (bench/sidecar_timing.py).
-The columnar form sends the vectors as one float32 tensor, read without a copy, and answers
+The columnar form sends the vectors as one float32 tensor, viewed in place by numpy, and answers
 with one array per field, so a call costs little more than the scoring.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -25,12 +27,13 @@ DEFAULT_TOP_FLAGS = 1
 
 
 def column_values(request: explain_pb2.ScoreColumnsRequest) -> int:
-    """How many float32 values ``request.alpha`` carries (from its byte length; unchecked)."""
-    return len(request.alpha.data) // 4
+    """How many values ``request.alpha``'s shape claims (unchecked: for choosing a thread).
+    Each read of ``alpha.data`` copies the bytes, so the length is not taken from there."""
+    return math.prod(request.alpha.shape) if len(request.alpha.shape) else 0
 
 
 def parse_columns(request: explain_pb2.ScoreColumnsRequest, num_filters: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """The (N, F) float32 alpha (a read-only view of the request's bytes), the (N,) int64
+    """The (N, F) float32 alpha (a read-only view of one copy of the request's bytes), the (N,) int64
     classes and the flags per row of a request to a store of ``num_filters`` filters.
 
     Raises
@@ -50,15 +53,16 @@ def parse_columns(request: explain_pb2.ScoreColumnsRequest, num_filters: int) ->
     if shape[0] * shape[1] > MAX_COLUMN_VALUES:
         raise InputTooLarge(f"alpha: at most {MAX_COLUMN_VALUES} values ({MAX_COLUMN_VALUES // num_filters} rows) per "
                             f"message, got {shape[0]} x {shape[1]}; send more messages (ScoreStream)")
-    if len(tensor.data) != shape[0] * shape[1] * 4:
+    data = tensor.data  # a copy per read: read it once
+    if len(data) != shape[0] * shape[1] * 4:
         raise ValueError(f"alpha.data: {shape[0]} x {shape[1]} float32 values are {shape[0] * shape[1] * 4} bytes, "
-                         f"got {len(tensor.data)}")
+                         f"got {len(data)}")
     if len(request.classes) != shape[0]:
         raise ValueError(f"classes: one class id per alpha row expected ({shape[0]}), got {len(request.classes)}")
     flags = request.top_flags if request.HasField("top_flags") else DEFAULT_TOP_FLAGS
     if not 0 <= flags <= MAX_FLAGS:
         raise ValueError(f"top_flags: must be in [0, {MAX_FLAGS}], got {flags}")
-    alpha = np.frombuffer(tensor.data, dtype="<f4").reshape(shape)
+    alpha = np.frombuffer(data, dtype="<f4").reshape(shape)
     return alpha, np.asarray(request.classes, dtype=np.int64), flags
 
 
