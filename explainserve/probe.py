@@ -173,7 +173,6 @@ def frozen_parameters(model: nn.Module):
             parameter.requires_grad_(requires_grad)
 
 
-@torch.enable_grad()  # whatever the caller's mode: the passes below are autograd
 def probe(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -222,88 +221,93 @@ def probe(
     ValueError
         On a wrong rank, channel count, NaN/Inf input, out-of-range class or filter, or unknown layer.
     """
-    check_inputs(inputs, model)
-    layer_name, module = resolve_layer(model, layer, inputs)
-    state = GuidedState(intercept=input_gradient, guided=True)
-    captured: dict[str, torch.Tensor] = {}
+    # Whatever the caller's mode, the passes below are autograd. (A `with` rather than the
+    # decorator: a decorated function is one mutmut leaves unmutated.)
+    with torch.enable_grad():
+        check_inputs(inputs, model)
+        layer_name, module = resolve_layer(model, layer, inputs)
+        state = GuidedState(intercept=input_gradient, guided=True)
+        captured: dict[str, torch.Tensor] = {}
 
-    def capture(_module, _args, output):
-        if not isinstance(output, torch.Tensor):
-            raise ValueError(f"layer: {layer_name!r} returns {type(output).__name__}; a tensor output is required")
-        if not keep_trunk:
-            # Nothing before A needs a gradient: the graph starts at A.
-            output = output.detach().requires_grad_(True)
-        captured["A"] = output
-        state.after_target = True
-        # Later layers get a copy, so their in-place ops leave A (and dy/dA) alone; the copy is
-        # recorded even where the model runs the layer under its own no_grad.
-        with torch.enable_grad():
-            return output.clone()
+        def capture(_module, _args, output):
+            if not isinstance(output, torch.Tensor):
+                raise ValueError(f"layer: {layer_name!r} returns {type(output).__name__}; a tensor output is required")
+            if not keep_trunk:
+                # Nothing before A needs a gradient: the graph starts at A.
+                output = output.detach().requires_grad_(True)
+            captured["A"] = output
+            state.after_target = True
+            # Later layers get a copy, so their in-place ops leave A (and dy/dA) alone; the copy is
+            # recorded even where the model runs the layer under its own no_grad.
+            with torch.enable_grad():
+                return output.clone()
 
-    keep_trunk = input_gradient or vanilla_gradient or filters is not None
-    x = inputs.detach().clone().requires_grad_(keep_trunk)
-    handle = module.register_forward_hook(capture)
-    try:
-        guided_relus = GuidedReLUMode(state) if input_gradient else contextlib.nullcontext()
-        # No parameter tracked: the graph holds only what depends on x (when the trunk is kept)
-        # or on A, and grad mode is never switched inside the model's forward.
-        with eval_mode(model), frozen_parameters(model), guided_relus:
-            logits = model(x)
-    finally:
-        handle.remove()
-    if "A" not in captured:
-        raise ValueError(f"layer: {layer_name!r} was not executed by the forward pass")
-    if logits.ndim != 2:
-        raise ValueError(f"model: expected logits of shape (B, N), got {tuple(logits.shape)}")
+        keep_trunk = input_gradient or vanilla_gradient or filters is not None
+        x = inputs.detach().clone().requires_grad_(keep_trunk)
+        handle = module.register_forward_hook(capture)
+        try:
+            guided_relus = GuidedReLUMode(state) if input_gradient else contextlib.nullcontext()
+            # No parameter tracked: the graph holds only what depends on x (when the trunk is kept)
+            # or on A, and grad mode is never switched inside the model's forward.
+            with eval_mode(model), frozen_parameters(model), guided_relus:
+                logits = model(x)
+        finally:
+            handle.remove()
+        if "A" not in captured:
+            raise ValueError(f"layer: {layer_name!r} was not executed by the forward pass")
+        if logits.ndim != 2:
+            raise ValueError(f"model: expected logits of shape (B, N), got {tuple(logits.shape)}")
 
-    batch, n_classes = logits.shape
-    predicted = logits.detach().argmax(dim=1)
-    # Ids built from Python values start on the CPU; index on the device the model ran on.
-    target_ids = predicted if target is None else _as_class_tensor(target, batch, n_classes, "target",
-                                                                      predicted).to(logits.device)
-    rows = torch.arange(batch, device=logits.device)
-    score = logits[rows, target_ids].sum()
-    activations = captured["A"]
+        batch, n_classes = logits.shape
+        predicted = logits.detach().argmax(dim=1)
+        # Ids built from Python values start on the CPU; index on the device the model ran on.
+        target_ids = predicted if target is None else _as_class_tensor(target, batch, n_classes, "target",
+                                                                          predicted).to(logits.device)
+        rows = torch.arange(batch, device=logits.device)
+        score = logits[rows, target_ids].sum()
+        activations = captured["A"]
 
-    filter_ids = (None if filters is None else
-                  _as_filter_tensor(filters, batch, activations.shape[1], layer_name).to(activations.device))
-    # Later backward passes reuse the graph; the last one may free it.
-    later = [vanilla_gradient, extra_targets is not None, filter_ids is not None]
-    guided_gradient = None
-    if input_gradient and not state.rectifiers_after_target:
-        guided_gradient, activation_gradients = torch.autograd.grad(score, [x, activations], retain_graph=any(later))
-    else:
+        filter_ids = (None if filters is None else
+                      _as_filter_tensor(filters, batch, activations.shape[1], layer_name).to(activations.device))
+        # Later backward passes reuse the graph; the last one may free it.
+        later = [vanilla_gradient, extra_targets is not None, filter_ids is not None]
+        guided_gradient = None
+        if input_gradient and not state.rectifiers_after_target:
+            guided_gradient, activation_gradients = torch.autograd.grad(score, [x, activations],
+                                                                        retain_graph=any(later))
+        else:
+            state.guided = False
+            (activation_gradients,) = torch.autograd.grad(score, [activations],
+                                                          retain_graph=input_gradient or any(later))
+            if input_gradient:
+                state.guided = True
+                (guided_gradient,) = torch.autograd.grad(score, [x], retain_graph=any(later))
+        # Every later gradient is a vanilla one.
         state.guided = False
-        (activation_gradients,) = torch.autograd.grad(score, [activations], retain_graph=input_gradient or any(later))
-        if input_gradient:
-            state.guided = True
-            (guided_gradient,) = torch.autograd.grad(score, [x], retain_graph=any(later))
-    # Every later gradient is a vanilla one.
-    state.guided = False
-    vanilla = None
-    if vanilla_gradient:
-        (vanilla,) = torch.autograd.grad(score, [x], retain_graph=any(later[1:]))
-    extra = None
-    if extra_targets is not None:
-        extra_ids = _as_class_tensor(extra_targets, batch, n_classes, "extra_targets", target_ids).to(logits.device)
-        (extra,) = torch.autograd.grad(logits[rows, extra_ids].sum(), [activations], retain_graph=any(later[2:]))
-    filter_gradient = None
-    if filter_ids is not None:
-        only_filter = torch.zeros_like(activation_gradients)
-        only_filter[rows, filter_ids] = activation_gradients[rows, filter_ids]
-        (filter_gradient,) = torch.autograd.grad(activations, [x], grad_outputs=only_filter)
+        vanilla = None
+        if vanilla_gradient:
+            (vanilla,) = torch.autograd.grad(score, [x], retain_graph=any(later[1:]))
+        extra = None
+        if extra_targets is not None:
+            extra_ids = _as_class_tensor(extra_targets, batch, n_classes, "extra_targets", target_ids).to(logits.device)
+            (extra,) = torch.autograd.grad(logits[rows, extra_ids].sum(), [activations], retain_graph=any(later[2:]))
+        filter_gradient = None
+        if filter_ids is not None:
+            only_filter = torch.zeros_like(activation_gradients)
+            only_filter[rows, filter_ids] = activation_gradients[rows, filter_ids]
+            (filter_gradient,) = torch.autograd.grad(activations, [x], grad_outputs=only_filter)
 
-    return ProbeResult(
-        logits=logits.detach(),
-        probabilities=logits.detach().softmax(dim=1),
-        predicted=predicted,
-        target=target_ids,
-        input_gradient=guided_gradient,
-        vanilla_gradient=vanilla,
-        activations=activations.detach(),
-        activation_gradients=activation_gradients,
-        extra_activation_gradients=extra,
-        layer=layer_name,
-        filter_gradient=filter_gradient,
-        filters=filter_ids,
-    )
+        return ProbeResult(
+            logits=logits.detach(),
+            probabilities=logits.detach().softmax(dim=1),
+            predicted=predicted,
+            target=target_ids,
+            input_gradient=guided_gradient,
+            vanilla_gradient=vanilla,
+            activations=activations.detach(),
+            activation_gradients=activation_gradients,
+            extra_activation_gradients=extra,
+            layer=layer_name,
+            filter_gradient=filter_gradient,
+            filters=filter_ids,
+        )

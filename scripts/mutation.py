@@ -9,11 +9,13 @@ files, runs ``mutmut run`` there and counts the outcome of every mutant.
     python scripts/mutation.py swag superpixels   # some of them
     python scripts/mutation.py --list-survivors jitter_cam
     python scripts/mutation.py --report-only jitter_cam   # the last run's results, even unfinished
+    python scripts/mutation.py --survivors probe          # after adding tests: rerun the survivors only
 
-Prints ``mutation_score[<name>]=X`` per module and ``mutation_score=X`` over the modules run:
-killed / (killed + survived), where a timeout counts as killed, a mutant that no selected test
-executes counts as survived, and the mutants listed in ``tests/mutation/equivalent.txt``
-(equivalent to the original: no test can tell them apart) are left out.
+Prints ``mutation_score[<name>]=X`` per module (with its counts and seconds taken),
+``mutation_score=X`` over the modules run and ``mutation_seconds=N`` for the whole run. The
+score is killed / (killed + survived), where a timeout counts as killed, a mutant that no
+selected test executes counts as survived, and the mutants listed in
+``tests/mutation/equivalent.txt`` (equivalent to the original: no test can tell them apart) are left out.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -31,18 +34,36 @@ ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT = ROOT / "tests" / "mutation" / "equivalent.txt"
 UNIT = "tests/unit/"
 
-# Module -> (file to mutate, its own fast unit test files).
+# Module -> (file to mutate, its own unit test files, tests of those files left out: "file::test[params]"). A test is
+# left out only when a faster one in the selection checks the same code the same way (another
+# architecture of the same family, a longer clip of the same video network), so that every
+# module's run stays within minutes; make test still runs them all.
+# The probe's tests left out of its mutation runs, each checked the same way by a faster test of
+# the selection: ResNet-18 against captum stands for ResNet-50 (and for ResNet-18's shape check);
+# RectifiedHeadNet for DenseNet's in-place F.relu and VGG11-BN's ReLUs after the target layer;
+# VGG11's exact dy/dA for its shape check; R3D-18 for the other two video ResNets.
+PROBE_LEFT_OUT = [
+    "test_probe.py::test_guided_gradient_equals_captum[resnet50]",
+    "test_probe.py::test_guided_gradient_applies_the_rule_after_the_target_layer_too[vgg11_bn]",
+    "test_probe.py::test_guided_gradient_applies_the_rule_after_the_target_layer_too[densenet121]",
+    "test_probe.py::test_in_place_op_after_the_target_layer_leaves_a_and_its_gradient_exact",
+    "test_probe.py::test_probe_runs_on_image_architectures[resnet18-layer4]",
+    "test_probe.py::test_probe_runs_on_image_architectures[vgg11-features.19]",
+    "test_probe.py::test_probe_runs_on_image_architectures[densenet121-features]",
+    "test_probe.py::test_probe_runs_on_video_architectures[mc3_18-layer4]",
+    "test_probe.py::test_probe_runs_on_video_architectures[r2plus1d_18-layer4]",
+]
 MODULES = {
-    "probe": ("explainserve/probe.py", ["test_probe.py"]),
-    "guided": ("explainserve/guided.py", ["test_probe.py"]),
-    "cam": ("explainserve/cam.py", ["test_cam.py"]),
-    "swag": ("explainserve/swag.py", ["test_swag.py", "test_superpixels.py"]),
-    "superpixels": ("explainserve/superpixels.py", ["test_superpixels.py"]),
-    "jitter_cam": ("explainserve/jitter_cam.py", ["test_jitter_cam.py"]),
-    "grad_amap": ("explainserve/grad_amap.py", ["test_cam.py"]),
-    "explainer": ("explainserve/explainer.py", ["test_explainer.py"]),
-    "scorer": ("explainserve/anomaly/scorer.py", ["test_anomaly_scoring.py"]),
-    "calibration": ("explainserve/anomaly/calibration.py", ["test_anomaly_calibration.py"]),
+    "probe": ("explainserve/probe.py", ["test_probe.py"], PROBE_LEFT_OUT),
+    "guided": ("explainserve/guided.py", ["test_probe.py"], PROBE_LEFT_OUT),
+    "cam": ("explainserve/cam.py", ["test_cam.py"], []),
+    "swag": ("explainserve/swag.py", ["test_swag.py", "test_superpixels.py"], []),
+    "superpixels": ("explainserve/superpixels.py", ["test_superpixels.py"], []),
+    "jitter_cam": ("explainserve/jitter_cam.py", ["test_jitter_cam.py"], []),
+    "grad_amap": ("explainserve/grad_amap.py", ["test_cam.py"], []),
+    "explainer": ("explainserve/explainer.py", ["test_explainer.py"], []),
+    "scorer": ("explainserve/anomaly/scorer.py", ["test_anomaly_scoring.py"], []),
+    "calibration": ("explainserve/anomaly/calibration.py", ["test_anomaly_calibration.py"], []),
 }
 
 KILLED = {"killed", "timeout", "segfault"}
@@ -61,38 +82,42 @@ def read_equivalent(path: Path = EQUIVALENT) -> dict[str, str]:
     return equivalent
 
 
-def tests_fingerprint(tests: list[str]) -> str:
-    """sha256 of the test files a module is checked with, their conftest and the harnesses."""
-    digest = hashlib.sha256()
+def tests_fingerprint(tests: list[str], selection: list[str]) -> str:
+    """sha256 of the test files a module is checked with, the selection, their conftest and the harnesses."""
+    digest = hashlib.sha256(json.dumps(selection).encode())
     for path in [ROOT / UNIT / test for test in tests] + [ROOT / "tests" / "conftest.py",
                                                           *sorted((ROOT / "tests" / "support").glob("*.py"))]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
-def prepare(name: str, workdir: Path) -> Path:
+def prepare(name: str, workdir: Path, keep_results: bool = False) -> Path:
     """Copy the package and tests into ``workdir/name`` and write its mutmut configuration.
 
     mutmut keeps each mutant's result until its function changes; when the tests change, the
-    results are dropped so that every mutant meets the new tests.
+    results are dropped so that every mutant meets the new tests, unless ``keep_results``
+    (tests were only added: a killed mutant stays killed, only the survivors need a rerun).
     """
-    source, tests = MODULES[name]
+    source, tests, left_out = MODULES[name]
     root = workdir / name
     root.mkdir(parents=True, exist_ok=True)
-    fingerprint, recorded = tests_fingerprint(tests), root / "tests.sha256"
+    selection = [UNIT + test for test in tests]
+    for test in left_out:
+        selection += ["--deselect", UNIT + test]
+    fingerprint, recorded = tests_fingerprint(tests, selection), root / "tests.sha256"
     if not recorded.exists() or recorded.read_text() != fingerprint:
-        shutil.rmtree(root / "mutants", ignore_errors=True)
+        if not keep_results:
+            shutil.rmtree(root / "mutants", ignore_errors=True)
         recorded.write_text(fingerprint)
     for folder in ("explainserve", "tests"):
         shutil.copytree(ROOT / folder, root / folder, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    selection = json.dumps([UNIT + test for test in tests])
     (root / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + f"""
 [tool.mutmut]
 source_paths = ["explainserve"]
 only_mutate = ["{source}"]
-pytest_add_cli_args_test_selection = {selection}
-pytest_add_cli_args = ["-p", "no:cacheprovider"]
+pytest_add_cli_args_test_selection = {json.dumps(selection)}
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "tests.mutation.fastest_first"]
 # torch and grpc are not fork-safe once used: fork every mutant from a clean server.
 process_isolation = "forkserver"
 """)
@@ -105,6 +130,24 @@ def statuses(root: Path, source: str) -> dict[str, str]:
 
     meta = json.loads((root / "mutants" / f"{source}.meta").read_text())
     return {key: status_by_exit_code[code] for key, code in meta["exit_code_by_key"].items()}
+
+
+def run_mutmut(name: str, args: argparse.Namespace, equivalent: dict[str, str]) -> int:
+    """Run mutmut for one module: every mutant not yet tested, or with ``args.survivors`` only
+    the survivors of the last run (not those judged equivalent). Returns mutmut's exit code."""
+    source, root = MODULES[name][0], args.workdir / name
+    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
+    if args.survivors:
+        survivors = [key for key, status in statuses(root, source).items()
+                     if status in SURVIVED and key not in equivalent]
+        if not survivors:
+            return 0
+        command += survivors
+    run = subprocess.run(command, cwd=prepare(name, args.workdir, keep_results=args.survivors),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if run.returncode != 0:
+        print(f"mutmut run failed for {name} (rc {run.returncode}):\n{run.stderr[-2000:]}", file=sys.stderr)
+    return run.returncode
 
 
 def score(counts: Counter) -> float:
@@ -120,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "mutation")
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
     parser.add_argument("--list-survivors", action="store_true", help="print each surviving mutant's name")
+    parser.add_argument("--survivors", action="store_true",
+                        help="rerun only the last run's survivors, keeping every other result (after tests were added)")
     parser.add_argument("--report-only", action="store_true",
                         help="count the last run's results without running; mutants not tested yet show as not_checked")
     args = parser.parse_args(argv)
@@ -128,16 +173,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"modules: unknown {unknown}; expected some of {list(MODULES)}")
     equivalent = read_equivalent()
     total = Counter()
+    run_started = time.monotonic()
     for name in args.modules or list(MODULES):
         source = MODULES[name][0]
         root = args.workdir / name
+        started = time.monotonic()
         if not args.report_only:
-            run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
-                                 cwd=prepare(name, args.workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 text=True)
-            if run.returncode != 0:
-                print(f"mutmut run failed for {name} (rc {run.returncode}):\n{run.stderr[-2000:]}", file=sys.stderr)
-                return run.returncode
+            if args.survivors and not (root / "mutants" / f"{source}.meta").exists():
+                parser.error(f"--survivors: {name} has no earlier run to take the survivors of")
+            code = run_mutmut(name, args, equivalent)
+            if code:
+                return code
         if not (root / "mutants" / f"{source}.meta").exists():
             print(f"mutation_score[{name}]=nan not_run")
             continue
@@ -151,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {status}: {key}")
         total += counts
         detail = " ".join(f"{status.replace(' ', '_')}={n}" for status, n in sorted(counts.items()))
-        print(f"mutation_score[{name}]={score(counts):.3f} {detail}", flush=True)
+        elapsed = "" if args.report_only else f" seconds={time.monotonic() - started:.0f}"
+        print(f"mutation_score[{name}]={score(counts):.3f} {detail}{elapsed}", flush=True)
     print(f"mutation_score={score(total):.3f}")
+    if not args.report_only:
+        print(f"mutation_seconds={time.monotonic() - run_started:.0f}")
     return 0
 
 

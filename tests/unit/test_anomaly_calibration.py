@@ -6,6 +6,7 @@ import pytest
 
 from explainserve.anomaly import Scorer, build_store, calibrate, load_store, save_calibration
 from explainserve.anomaly.calibration import default_min_class_count, split_parts
+from explainserve.anomaly.reference import ClassReference
 from explainserve.anomaly.conformal import (EVIDENCE_LEVELS, TAIL_LEVELS, RankTable, critical_value, fit_tail_grid,
                                             interpolated_p_values, order_keys, sorted_ranks, tail_evidence)
 from explainserve.anomaly.synthetic import SyntheticClasses
@@ -205,3 +206,46 @@ def test_calibrate_rejects_bad_parameters(synthetic, store_dir):
         calibrate(store, alpha[:1], classes[:1])
     with pytest.raises(ValueError, match="alpha must have 64 filter scores"):
         calibrate(store, alpha[:, :10], classes)
+
+
+def test_scales_groups_and_ranks_by_hand(synthetic, store_dir):
+    # Part A is each class's even positions, part B its odd ones. Class 0 has exactly
+    # MIN_SCALE_IMAGES (30) part-A images and min_class_count (30) part-B images, so both its
+    # scales and its ranks are its own; class 1 has one fewer of each, so neither is.
+    classes = np.random.default_rng(8).permutation(np.repeat([0, 1, 2], [60, 58, 200]))
+    alpha = synthetic.sample(classes, seed=9)
+    store = load_store(store_dir)
+    fitted = calibrate(store, alpha, classes, target_fpr=0.1, min_class_count=30, scored_against="label")
+    part_a = {c: np.flatnonzero(classes == c)[0::2] for c in range(3)}
+    part_b = {c: np.flatnonzero(classes == c)[1::2] for c in range(3)}
+    training_iqr = ClassReference(store).training_iqr()
+    for c, origin in enumerate(["held-out", "training", "held-out"]):
+        rows = alpha[part_a[c]].astype(np.float64)
+        expected = np.percentile(rows, 75, axis=0) - np.percentile(rows, 25, axis=0) if origin == "held-out" \
+            else training_iqr[c]
+        np.testing.assert_allclose(fitted.arrays["scale"][c], expected, rtol=1e-6, err_msg=origin)
+    section = fitted.section
+    assert section["classes"]["scale"] == ["held-out", "training", "held-out"]
+    assert section["classes"]["count"] == [30, 29, 100]
+    assert section["classes"]["source"] == ["class", "fallback", "class"]
+    assert section["split"]["part_a"] == 30 + 29 + 100 and section["split"]["part_b"] == 30 + 29 + 100
+    assert (section["target_fpr"], section["min_class_count"], section["scored_against"], section["held_out_images"]) \
+        == (0.1, 30, "label", 318)
+    assert section["fallback"]["count"] == 159 and fitted.arrays["fallback_ranks"].shape == (4, 159)
+    # A class on the fallback has its grid and no ranks; an own class's ranks are its part-B
+    # images' statistics, sorted, padded with +inf to the widest class.
+    grids, ranks = fitted.arrays["tail_grid"], fitted.arrays["class_ranks"]
+    assert ranks.shape == (3, 4, 100) and np.isinf(ranks[1]).all() and np.isinf(ranks[0, :, 30:]).all()
+    assert not np.array_equal(grids[0], grids[1]) and not np.array_equal(grids[2], grids[1])
+    save_calibration(store, fitted)
+    scorer = Scorer(load_store(store_dir))
+    for c in (0, 2):
+        statistics = scorer.score(alpha[part_b[c]], np.full(len(part_b[c]), c)).statistics
+        np.testing.assert_allclose(ranks[c, :, :len(part_b[c])], np.sort(statistics, axis=0).T, rtol=1e-6)
+        assert section["classes"]["critical"][c] == [
+            pytest.approx(critical_value(np.sort(statistics[:, s]), 0.1)) for s in range(4)]
+    assert section["classes"]["critical"][1] is None
+    # The fallback ranks hold every part-B image, class 1's among them, under the fallback grid.
+    statistics = scorer.score(alpha[part_b[1]], np.ones(29, int)).statistics
+    for s in range(4):
+        assert np.isin(statistics[:, s], fitted.arrays["fallback_ranks"][s]).all()

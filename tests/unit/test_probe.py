@@ -1,5 +1,6 @@
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,50 @@ def test_in_place_op_after_the_target_layer_leaves_a_and_its_gradient_exact():
         assert torch.allclose(result.activation_gradients, gradient, rtol=1e-4, atol=1e-8)
 
 
+class RectifiedHeadNet(nn.Module):
+    """A small network with rectifiers after its target layer ``conv2``: an in-place ``F.relu`` on
+    the layer's output (as DenseNet does) and an ``nn.ReLU`` in the classifier (as VGG's)."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.fc1, self.fc2 = nn.Linear(6 * 4 * 4, 16), nn.Linear(16, 4)
+        self.in_place = in_place
+
+    def forward(self, x):
+        a = self.conv2(self.relu1(self.conv1(x)))
+        h = F.relu(a, inplace=True) if self.in_place else self.relu2(a)
+        return self.fc2(self.relu3(self.fc1(h.flatten(1))))
+
+
+def test_rectifiers_after_a_small_target_layer_are_guided_and_leave_a_exact():
+    # The small twin of the DenseNet and VGG-BN checks above: captum on the nn.ReLU version is
+    # the guided reference; A is the pre-ReLU map, untouched by the in-place ReLU after it.
+    reference = RectifiedHeadNet(in_place=False).eval()
+    model = RectifiedHeadNet(in_place=True).eval()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 3, 4, 4)
+    guided = probe(model, x, layer="conv2")
+    expected = _guided_reference(reference, x, guided.target)
+    assert torch.allclose(guided.input_gradient, expected, rtol=1e-4, atol=1e-7)
+    for result in (guided, probe(model, x, layer="conv2", input_gradient=False)):
+        activations, gradient = layer_gradient(reference, x, "conv2", result.target)
+        assert (activations < 0).any() and torch.equal(result.activations, activations)
+        assert torch.allclose(result.activation_gradients, gradient, rtol=1e-4, atol=1e-8)
+    # Both rules matter here, so the checks above can fail: the vanilla input gradient differs,
+    # and so does dy/dA through a head backpropagated with the guided rule.
+    plain = x.clone().requires_grad_()
+    (vanilla,) = torch.autograd.grad(model(plain)[torch.arange(3), guided.target].sum(), plain)
+    assert not torch.allclose(vanilla, expected, rtol=1e-2, atol=1e-5)
+    handle = reference.relu3.register_full_backward_hook(lambda _m, grad_in, _out: (grad_in[0].clamp(min=0),))
+    try:
+        _, guided_head = layer_gradient(reference, x, "conv2", guided.target)
+    finally:
+        handle.remove()
+    assert not torch.allclose(guided_head, gradient, rtol=1e-2, atol=1e-6)
+
+
 def test_no_hook_flag_or_gradient_is_left_behind_even_after_an_error():
     model = torchvision.models.resnet18(weights=None, num_classes=3)
     model.train()
@@ -278,6 +323,46 @@ def test_relu6_is_guided_before_and_after_the_target_layer_by_hand():
     assert not torch.allclose(guided_x, w1.T @ ((w2.T @ vanilla_da) * passes(h1)), atol=1e-6)
 
 
+class PositionalCallsNet(nn.Module):
+    """Rectifiers called as no module hook sees them: ``F.relu(h, True)`` with its result dropped
+    (h itself is rectified) and ``F.hardtanh(h, 0.0)``, a clip to [0, 1] by max_val's default."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = nn.Conv2d(2, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 3, 1)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        F.relu(h, True)
+        h = F.hardtanh(self.conv2(h), 0.0)
+        return self.fc(self.conv3(h).mean(dim=(2, 3)))
+
+
+def test_positional_in_place_relu_and_default_clip_are_guided_by_hand():
+    torch.manual_seed(6)
+    model = PositionalCallsNet().eval()
+    with torch.no_grad():
+        model.conv1.weight.mul_(4)
+        model.conv2.weight.mul_(3)  # some units of the clip below 0, some above 1
+    x = torch.randn(1, 2, 3, 4) * 2
+    result = probe(model, x, layer="conv3", target=0)
+    w1, b1 = model.conv1.weight[:, :, 0, 0].double().detach(), model.conv1.bias.double().detach()
+    w2, b2 = model.conv2.weight[:, :, 0, 0].double().detach(), model.conv2.bias.double().detach()
+    w3 = model.conv3.weight[:, :, 0, 0].double().detach()
+    pixels = x[0].double().flatten(1)
+    z1 = w1 @ pixels + b1[:, None]
+    z2 = w2 @ z1.clamp(min=0) + b2[:, None]
+    assert (z1 < 0).any() and (z2 < 0).any() and (z2 > 1).any() and (z2 > 0).any()
+    seed = (model.fc.weight[0].double().detach() / pixels.shape[1])[:, None].expand(3, pixels.shape[1])
+    g2 = (w3.T @ seed) * ((z2 > 0) & (z2 < 1))
+    g1 = (w2.T @ g2.clamp(min=0)) * (z1 > 0)
+    expected = w1.T @ g1.clamp(min=0)
+    assert torch.allclose(result.input_gradient[0].double().flatten(1), expected, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(result.logits, model(x), atol=1e-6)
+
+
 @pytest.mark.parametrize("activation", [nn.SiLU, nn.GELU, nn.Hardswish])
 def test_smooth_activations_backpropagate_normally(activation):
     # No rectifier: the guided rule changes nothing, so the input gradient is the vanilla one.
@@ -290,3 +375,99 @@ def test_smooth_activations_backpropagate_normally(activation):
     assert torch.allclose(result.vanilla_gradient, expected, atol=1e-7)
     # Negative gradients reach the layer, so a guided clamp would have changed the result.
     assert (result.activation_gradients < 0).any() and (result.activation_gradients > 0).any()
+
+
+def test_filter_gradient_backpropagates_one_filter_by_hand():
+    # 1x1 convolutions: the input gradient through filter k of conv2 alone, with vanilla ReLUs,
+    # is w1^T [(w2[k] * dy/dA_k) * relu'(h1)] per pixel.
+    torch.manual_seed(4)
+    model = PointwiseNet(nn.ReLU).eval()
+    x = torch.randn(2, 2, 3, 4)
+    filters = torch.tensor([2, 0])
+    differs = []
+    for input_gradient in (True, False):
+        result = probe(model, x, layer="conv2", target=[1, 0], filters=filters, input_gradient=input_gradient)
+        assert torch.equal(result.filters, filters) and result.filters.dtype == torch.long
+        w1, b1 = model.conv1.weight[:, :, 0, 0], model.conv1.bias
+        w2 = model.conv2.weight[:, :, 0, 0]
+        for b, k in enumerate(filters.tolist()):
+            pixels = x[b].flatten(1)
+            h1 = w1 @ pixels + b1[:, None]
+            g = result.activation_gradients[b, k].flatten()
+            expected = w1.T @ ((w2[k][:, None] * g) * (h1 > 0))
+            assert torch.allclose(result.filter_gradient[b].flatten(1), expected, atol=1e-6), (input_gradient, b)
+            every_filter = w1.T @ ((w2.T @ result.activation_gradients[b].flatten(1)) * (h1 > 0))
+            differs.append(not torch.allclose(every_filter, expected, atol=1e-3))
+    assert any(differs)  # so the test can fail: the other filters' gradient is not zero
+    # The guided input gradient is left as it was without filters.
+    plain = probe(model, x, layer="conv2", target=[1, 0])
+    assert torch.equal(result.activation_gradients, plain.activation_gradients)
+    assert probe(model, x, layer="conv2").filter_gradient is None
+
+
+@pytest.mark.parametrize("filters,expected", [(1, [1, 1]), ([2], [2, 2]), (np.int64(0), [0, 0]),
+                                              (torch.tensor([1, 2]), [1, 2]), ((2, np.int32(1)), [2, 1]),
+                                              ([np.int32(2), np.int32(1)], [2, 1]), (np.uint8(1), [1, 1])])
+def test_filters_take_one_id_per_sample_or_one_for_all(filters, expected):
+    result = probe(PointwiseNet(nn.ReLU).eval(), torch.randn(2, 2, 3, 3), layer="conv2", filters=filters)
+    assert result.filters.tolist() == expected and result.filters.dtype == torch.long
+
+
+@pytest.mark.parametrize("filters,message", [
+    (True, r"filters: expected integer filter ids, got True"),
+    (torch.tensor([1.0, 2.0]), r"filters: expected integer filter ids"),
+    ([1, 2.0], r"filters: expected integer filter ids, got \[1, 2.0\]"),
+    ([1, False], r"filters: expected integer filter ids"),
+    ([0, 1, 2], r"filters: expected one filter per sample \(2\), got 3"),
+    ([3, 0], r"filters: filter ids must be in \[0, 2\] \(layer 'conv2' has 3 filters\), got \[3, 0\]"),
+    (-1, r"filters: filter ids must be in \[0, 2\] \(layer 'conv2' has 3 filters\), got \[-1, -1\]"),
+])
+def test_bad_filters_raise_a_precise_value_error(filters, message):
+    with pytest.raises(ValueError, match=message):
+        probe(PointwiseNet(nn.ReLU).eval(), torch.randn(2, 2, 3, 3), layer="conv2", filters=filters)
+
+
+@pytest.mark.parametrize("target,expected", [(1, [1, 1]), ([0], [0, 0]),
+                                             (torch.tensor([1, 0], dtype=torch.int32), [1, 0]),
+                                             (np.array([0, 1], dtype=np.int16), [0, 1])])
+def test_targets_take_one_id_per_sample_or_one_for_all(target, expected):
+    result = probe(PointwiseNet(nn.ReLU).eval(), torch.randn(2, 2, 3, 3), layer="conv2", target=target)
+    assert result.target.tolist() == expected and result.target.dtype == torch.long
+
+
+@pytest.mark.parametrize("target,message", [
+    ([0, 1, 0], r"target: expected one class per sample \(2\), got 3"),
+    ([1, 2], r"target: class ids must be in \[0, 1\], got \[1, 2\]"),
+    (-1, r"target: class ids must be in \[0, 1\], got \[-1, -1\]"),
+])
+def test_bad_targets_raise_a_precise_value_error(target, message):
+    with pytest.raises(ValueError, match=message):
+        probe(PointwiseNet(nn.ReLU).eval(), torch.randn(2, 2, 3, 3), layer="conv2", target=target)
+
+
+def test_none_targets_take_the_predicted_class():
+    model = PointwiseNet(nn.ReLU).eval()
+    x = torch.randn(2, 2, 3, 3)
+    predicted = probe(model, x, layer="conv2").predicted
+    assert torch.equal(probe(model, x, layer="conv2", target=[None, None]).target, predicted)
+    assert probe(model, x, layer="conv2", target=[None, 1 - int(predicted[1])]).target.tolist() == [
+        int(predicted[0]), 1 - int(predicted[1])]
+    with pytest.raises(ValueError, match=r"target: expected one class per sample \(2\), got 1"):
+        probe(model, x, layer="conv2", target=[None])
+
+
+def test_top_k_is_the_most_probable_classes_in_order():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 6)).eval()
+    result = probe(model, torch.randn(3, 3, 2, 2), layer="0", input_gradient=False)
+    probabilities = result.logits.softmax(dim=1)
+    assert torch.allclose(result.probabilities, probabilities)
+    scores, classes = result.top_k(2)
+    order = probabilities.argsort(dim=1, descending=True)
+    assert torch.equal(classes, order[:, :2])
+    assert torch.equal(scores, probabilities.gather(1, order[:, :2]))
+    # k beyond the number of classes gives every class; k < 1 is refused.
+    assert result.top_k(99)[1].shape == (3, 6) and torch.equal(result.top_k(6)[1], order)
+    assert result.top_k(1)[1].shape == (3, 1)
+    with pytest.raises(ValueError, match="top_k: must be >= 1, got 0"):
+        result.top_k(0)
