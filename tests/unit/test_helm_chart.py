@@ -1,6 +1,7 @@
 """The Helm chart, rendered offline with helm-python-sdk (Helm v4's Go SDK) for the
 default values and the value sets platform teams use, linted, validated against the
 Kubernetes schemas, and checked for the properties that matter in production."""
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -464,11 +465,47 @@ def test_dockerfile_runs_as_an_unprivileged_user_and_installs_like_the_readme():
     user = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert user and user[-1].split(":")[0] not in {"0", "root"}
     assert instructions[-1].startswith(("CMD", "ENTRYPOINT")) or "USER" in instructions[-3]
-    assert "RUN make install" in dockerfile, "the image installs the way the README does"
+    assert "&& make install" in dockerfile, "the image installs the way the README does"
+    assert "EXPLAINSERVE_PROFILE=serve" in dockerfile, "without the test tools"
+    # make image-test builds it on a local Debian base; by default it is the public Python image
+    assert instructions[0] == "ARG BASE=python:3.11-slim-bookworm" and instructions[1] == "FROM ${BASE}"
     # the chart's probe script lives where the image puts the repository
     assert "WORKDIR /opt/explainserve" in dockerfile and "COPY . ." in dockerfile
     assert (ROOT / "deploy" / "torchserve_ping.py").exists()
     assert "/opt/explainserve/.venv/bin" in dockerfile
+
+
+def load_image_smoke():
+    spec = importlib.util.spec_from_file_location("image_smoke", ROOT / "tests" / "image" / "smoke.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def flag_names(argv):
+    return sorted(arg.split("=")[0] for arg in argv if arg.startswith("--"))
+
+
+def test_the_image_smoke_test_starts_the_pod_as_the_chart_does(chart):
+    """tests/image/smoke.py (run inside the image by make image-test) mirrors the default
+    Deployment: TorchServe's command, arguments, environment and working directory, the
+    sidecar's flags, and which mounts are writable."""
+    smoke = load_image_smoke()
+    pod = one(render(chart, {})[0], "Deployment")["spec"]["template"]["spec"]
+    torchserve, sidecar = container(pod, "torchserve"), container(pod, "sidecar")
+    config = "/config/config.properties"
+    assert torchserve["command"] + torchserve["args"] == smoke.TORCHSERVE_COMMAND + smoke.torchserve_args(config)
+    assert {e["name"]: e["value"] for e in torchserve["env"]} == smoke.TORCHSERVE_ENV
+    assert torchserve["workingDir"] == str(smoke.KEY_DIR)
+    ports = dict.fromkeys(("grpc", "metrics", "health", "7070", "7071"), 1)
+    assert flag_names(sidecar["command"] + sidecar["args"]) == flag_names(smoke.sidecar_args(ports))
+    assert f"--drain-seconds={smoke.DRAIN_SECONDS}" in sidecar["args"]
+    assert f"--auth-keys={smoke.AUTH_DIR}/api-keys.json" in sidecar["args"]
+    assert f"--tls-cert={smoke.TLS_DIR}/tls.crt" in sidecar["args"]
+    writable = {m["mountPath"] for c in (torchserve, sidecar) for m in c["volumeMounts"] if not m.get("readOnly")}
+    assert writable == set(smoke.WRITABLE_MOUNTS)
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace >= smoke.DRAIN_SECONDS + smoke.TORCHSERVE_STOP_SECONDS
 
 
 # Every value set, and per-class metrics on, so that each optional sidecar flag is rendered.
