@@ -6,8 +6,9 @@ below match the rendered Deployment):
 
 1. the CLI archives the demo image model into /models and the demo store is published
    atomically into /stores, as a distribution Job's merge would;
-2. TorchServe under tini, with the chart's config.properties (token authorisation on, every
-   API on 127.0.0.1), its keys written to /run/torchserve; the chart's probe script must pass;
+2. TorchServe under tini, with the chart's config.properties and log4j2.xml (token
+   authorisation on, every API on 127.0.0.1), its keys written to /run/torchserve; the chart's
+   probe script must pass;
 3. the gateway with TLS, API keys and TorchServe's inference key; ``explainserve explain``
    over TLS with the key answers, scored against the published store, and a call without a
    key is UNAUTHENTICATED;
@@ -32,7 +33,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-CHART_CONFIG = Path("/opt/explainserve/helm/explainserve/files/config.properties")
+CHART_FILES = Path("/opt/explainserve/helm/explainserve/files")  # what the chart's ConfigMap holds
 PROBE_SCRIPT = "/opt/explainserve/deploy/torchserve_ping.py"
 TLS_DIR, AUTH_DIR = Path("/etc/explainserve/tls"), Path("/etc/explainserve/auth")
 KEY_DIR = Path("/run/torchserve")
@@ -50,8 +51,10 @@ TORCHSERVE_STOP_SECONDS = 15
 DRAIN_SECONDS = 30
 
 
-def torchserve_args(config: Path) -> list[str]:
-    return ["--foreground", "--ts-config", str(config), "--model-store", "/models", "--models", "all", "--ncs"]
+def torchserve_args(config: Path | str) -> list[str]:
+    """TorchServe's arguments, ``config`` the folder of config.properties and log4j2.xml."""
+    return ["--foreground", "--ts-config", f"{config}/config.properties", "--log-config", f"{config}/log4j2.xml",
+            "--model-store", "/models", "--models", "all", "--ncs"]
 
 
 def sidecar_args(ports: dict[str, int]) -> list[str]:
@@ -77,14 +80,17 @@ def run(*argv: str, env: dict | None = None) -> str:
 
 
 def chart_config(work: Path, ports: dict[str, int]) -> Path:
-    """The chart's config.properties with its fixed ports replaced by free loopback ones."""
-    text = CHART_CONFIG.read_text().replace("0.0.0.0", "127.0.0.1")
+    """A folder standing in for the chart's ConfigMap: its log4j2.xml, and its config.properties
+    with the fixed ports replaced by free loopback ones."""
+    folder = work / "config"
+    folder.mkdir()
+    shutil.copy(CHART_FILES / "log4j2.xml", folder)
+    text = (CHART_FILES / "config.properties").read_text().replace("0.0.0.0", "127.0.0.1")
     for fixed in ("8080", "8081", "8082", "7070", "7071"):
         text, count = re.subn(rf"(?m)(:|_port=){fixed}$", rf"\g<1>{ports[fixed]}", text)
-        assert count == 1, f"port {fixed} not found exactly once in {CHART_CONFIG}"
-    path = work / "config.properties"
-    path.write_text(text + f"initial_worker_port={ports['workers']}\n")
-    return path
+        assert count == 1, f"port {fixed} not found exactly once in the chart's config.properties"
+    (folder / "config.properties").write_text(text + f"initial_worker_port={ports['workers']}\n")
+    return folder
 
 
 def publish_demo_store() -> str:

@@ -493,8 +493,7 @@ def test_the_image_smoke_test_starts_the_pod_as_the_chart_does(chart):
     smoke = load_image_smoke()
     pod = one(render(chart, {})[0], "Deployment")["spec"]["template"]["spec"]
     torchserve, sidecar = container(pod, "torchserve"), container(pod, "sidecar")
-    config = "/config/config.properties"
-    assert torchserve["command"] + torchserve["args"] == smoke.TORCHSERVE_COMMAND + smoke.torchserve_args(config)
+    assert torchserve["command"] + torchserve["args"] == smoke.TORCHSERVE_COMMAND + smoke.torchserve_args("/config")
     assert {e["name"]: e["value"] for e in torchserve["env"]} == smoke.TORCHSERVE_ENV
     assert torchserve["workingDir"] == str(smoke.KEY_DIR)
     ports = dict.fromkeys(("grpc", "metrics", "health", "7070", "7071"), 1)
