@@ -127,3 +127,28 @@ def test_feature_baselines_see_the_models_own_head():
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
     distances = np.sort(np.linalg.norm(unit[:, None] - unit[None], axis=2), axis=1)
     np.testing.assert_allclose(scores["KNN"], distances[:, 49], rtol=1e-4, atol=1e-6)
+
+
+def test_the_verdict_with_an_energy_test_holds_its_rate_and_sees_an_energy_shift():
+    """bench/ood_extended.py: four tests calibrated like the verdict's three (own groups for the
+    store's own classes, the class-independent group for the rest) keep the target rate on
+    exchangeable inputs in every group, and flag inputs whose fourth test alone moved."""
+    from bench.ood_extended import ExtendedVerdict
+
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        tests = rng.standard_normal((n, 4)).astype(np.float32)
+        tests[:, 0] = np.maximum(tests[:, 0], 0)  # an atom at 0, as the surprise statistic has
+        return tests, rng.integers(0, 3, n)
+
+    own = np.array([True, True, False])
+    verdict = ExtendedVerdict(*draw(6000), own, 0.05)
+    tests, classes = draw(40000)
+    combined, flags = verdict.score(tests, classes)
+    for group in range(3):
+        assert abs(flags[classes == group].mean() - 0.05) < 0.015, group
+    shifted = tests.copy()
+    shifted[:, 3] += 3
+    shifted_combined, shifted_flags = verdict.score(shifted, classes)
+    assert shifted_flags.mean() > 0.5 and (shifted_combined >= combined).all()
