@@ -99,7 +99,8 @@ def section(r: dict) -> list[str]:
             f"Demo image model, committed store; the first {r['images']} test images (seed 0), of which "
             f"{r['misclassified']} are misclassified; {r['any_surprise']} of those have a filter surprising for "
             f"their true class, {r['studied']} one that is not silent (alpha ≠ 0). Each studied image has the region "
-            f"of its most surprising such filter deleted, 50 colour superpixels, at most {r['steps']}, one more at a "
+            f"of the filter a server shows deleted (the first non-silent one of the served list, ordered by "
+            f"exceedance in robust units), 50 colour superpixels, at most {r['steps']}, one more at a "
             f"time until the prediction changes. `python bench/eval_suppression.py` ({r['seconds'] / 60:.1f} min).", "",
             "| superpixels ranked by | fixed (true class after deletion) | prediction changed | median deleted when changed |",
             "|---|---|---|---|"]
