@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .train_demo import DEMO_KINDS
+
 if TYPE_CHECKING:  # torch is imported where a model is built, so that `explainserve --help` starts fast
     import torch
 
@@ -24,7 +26,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def register(subparsers) -> None:
     parser = subparsers.add_parser("archive", help="build TorchServe model archives (.mar) into the model store")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--demo", choices=("image", "video"), help="one of the demo models")
+    source.add_argument("--demo", choices=DEMO_KINDS,
+                        help="one of the demo models (image: 64 px; image_large: 112 px, 512 filters; video)")
     source.add_argument("--torchvision", metavar="ARCH", help="a torchvision classifier, image or video, e.g. resnet50")
     source.add_argument("--timm", metavar="NAME", help="a timm model, e.g. efficientnet_b0 (needs explainserve[timm])")
     source.add_argument("--model-file", type=Path, metavar="FILE.py",
@@ -122,10 +125,12 @@ def demo_model(kind: str, name: str | None = None, version: str = "1.0",
                weights_dir: Path | None = None) -> tuple[torch.nn.Module, dict]:
     """A trained demo model (see explainserve.models) and its archive metadata."""
     from explainserve.models import DEMO_ARCHITECTURES, load_demo_model
+    from explainserve.models.training import check_kind
 
     model, demo = load_demo_model(kind) if weights_dir is None else load_demo_model(kind, weights_dir)
     metadata = {
-        "name": name or f"demo_{kind}", "version": version, "kind": kind, "input_size": demo["input_size"],
+        "name": name or f"demo_{kind}", "version": version, "kind": check_kind(kind).kind,
+        "input_size": demo["input_size"],
         "mean": demo["mean"], "std": demo["std"], "class_names": demo["class_names"], "layer": demo["target_layer"],
         "architecture": {"factory": f"explainserve.models.{DEMO_ARCHITECTURES[demo['architecture']].__name__}",
                          "kwargs": {"num_classes": len(demo["class_names"])}},

@@ -26,9 +26,10 @@ from explainserve.anomaly.build import DEFAULT_TOP_K
 from explainserve.anomaly.calibration import DEFAULT_TARGET_FPR, POOLED
 from explainserve.anomaly.publish import publishing
 from explainserve.data.files import default_workers
+from explainserve.commands.train_demo import DEMO_KINDS
 from explainserve.data.sources import is_file_source, open_source
 
-DEMO_MODELS = ("image", "video")
+DEMO_MODELS = DEMO_KINDS
 #: A demo dataset is generated: its limit is how many samples are generated, a seeded random draw.
 DEMO_LIMIT_RULE = "the first N samples of the seeded generated dataset (a random draw of the classes)"
 DATASETS = {"fashion-scenes": ("FashionScenes", "image"), "moving-fashion": ("MovingFashion", "clip")}
@@ -60,7 +61,7 @@ def positive_int(text: str) -> int:
 
 def add_model_arguments(parser, *, required: bool) -> None:
     parser.add_argument("--model", required=required,
-                        help="'image' or 'video' (a demo model), a .mar archive, or an unpacked archive folder")
+                        help="'image', 'image_large' or 'video' (a demo model), a .mar archive, or an unpacked archive folder")
     parser.add_argument("--data", required=required, type=data_spec, metavar="SPEC",
                         help="training and validation data: imagefolder:DIR (DIR/train/<class>/*, DIR/val/<class>/*), "
                              "clipfolder:DIR (DIR/<split>/<class>/<clip>/<frames>), manifest:FILE (CSV or JSONL with "
@@ -124,7 +125,7 @@ def load_model(spec: str):
                 archive.extract(model_archive.METADATA_FILE, folder)
                 archive.extract(model_archive.WEIGHTS_FILE, folder)
             return model_archive.load_model(folder)
-    raise ValueError(f"--model: expected 'image', 'video', a .mar file or an archive folder, got {spec!r}")
+    raise ValueError(f"--model: expected {', '.join(map(repr, DEMO_MODELS))}, a .mar file or an archive folder, got {spec!r}")
 
 
 def open_subject(args):

@@ -6,14 +6,15 @@ import argparse
 import json
 
 # explainserve.models.training imports torch; registering this command must not (see explainserve.cli).
-DEMO_KINDS = ("image", "video")
+DEMO_KINDS = ("image", "image_large", "video")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train-demo",
         help="train the demo image or video model (seeded, reproducible)",
-        description="Train the demo image (FashionScenes) or video (MovingFashion) classifier on the CPU "
+        description="Train a demo classifier on the CPU: image (FashionScenes, 64 px), image_large "
+                    "(FashionScenes, 112 px, 512 filters) or video (MovingFashion) "
                     "and write <out>/<kind>.pt and <out>/<kind>.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -1,5 +1,5 @@
-"""The two demo architectures: a VGG-style 2-D CNN for FashionScenes and a C3D-style 3-D CNN
-for MovingFashion.
+"""The demo architectures: two VGG-style 2-D CNNs for FashionScenes (64 px / 128 filters and
+112 px / 512 filters at the target layer) and a C3D-style 3-D CNN for MovingFashion.
 
 Both are plain stacks of conv–BatchNorm–ReLU blocks followed by global average pooling and a
 linear head, so CAM methods apply directly. The ``target_layer`` attribute names the last conv
@@ -11,13 +11,14 @@ from __future__ import annotations
 from torch import nn
 
 IMAGE_ARCHITECTURE = "fashion_vgg"
+LARGE_IMAGE_ARCHITECTURE = "fashion_vgg512"
 VIDEO_ARCHITECTURE = "motion_c3d"
 
 
-def _block(conv: type, channels_in: int, channels_out: int, stride) -> nn.Sequential:
+def _block(conv: type, channels_in: int, channels_out: int, stride, kernel_size: int = 3) -> nn.Sequential:
     norm = nn.BatchNorm2d if conv is nn.Conv2d else nn.BatchNorm3d
     return nn.Sequential(
-        conv(channels_in, channels_out, kernel_size=3, stride=stride, padding=1, bias=False),
+        conv(channels_in, channels_out, kernel_size=kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
         norm(channels_out),
         nn.ReLU(inplace=True),
     )
@@ -53,6 +54,23 @@ class FashionVGG(_ConvClassifier):
         super().__init__(nn.Sequential(*(_block(nn.Conv2d, i, o, s) for i, o, s in plan)), 128, num_classes)
 
 
+class FashionVGG512(_ConvClassifier):
+    """VGG-style CNN for 112x112 RGB scenes with 512 filters at its target layer.
+
+    Four stride-2 convolutions take 112 px to a 7x7 map, the thesis's VGG16 / ResNet-50 map
+    size at 224 px. The last block is a 1x1 expansion from 256 to 512 channels (as ResNet-50's
+    bottlenecks end in a 1x1 expansion to 2048): the filter count the anomaly statistics need,
+    at about 110 M multiply-adds and 0.7 M weights, so it trains on a 2-core CPU within an hour.
+
+    Input (B, 3, 112, 112) normalised RGB; output (B, num_classes) logits.
+    """
+
+    def __init__(self, num_classes: int = 8):
+        plan = ((3, 32, 2, 3), (32, 64, 2, 3), (64, 64, 1, 3), (64, 128, 2, 3), (128, 128, 1, 3),
+                (128, 256, 2, 3), (256, 512, 1, 1))
+        super().__init__(nn.Sequential(*(_block(nn.Conv2d, i, o, s, k) for i, o, s, k in plan)), 512, num_classes)
+
+
 class MotionC3D(_ConvClassifier):
     """C3D-style 3-D CNN for 16x64x64 clips: 4 conv blocks, widths 16-32-64-64.
 
@@ -68,4 +86,5 @@ class MotionC3D(_ConvClassifier):
         super().__init__(nn.Sequential(*(_block(nn.Conv3d, i, o, s) for i, o, s in plan)), 64, num_classes)
 
 
-DEMO_ARCHITECTURES = {IMAGE_ARCHITECTURE: FashionVGG, VIDEO_ARCHITECTURE: MotionC3D}
+DEMO_ARCHITECTURES = {IMAGE_ARCHITECTURE: FashionVGG, LARGE_IMAGE_ARCHITECTURE: FashionVGG512,
+                      VIDEO_ARCHITECTURE: MotionC3D}

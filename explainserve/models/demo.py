@@ -21,8 +21,9 @@ def load_demo_model(kind: str, weights_dir: str | Path = WEIGHTS_DIR) -> tuple[n
     Parameters
     ----------
     kind
-        "image" (FashionVGG, 8 FashionScenes classes, input (3, 64, 64)) or "video"
-        (MotionC3D, 8 MovingFashion motions, input (3, 16, 64, 64)).
+        "image" (FashionVGG, 8 FashionScenes classes, input (3, 64, 64)), "image_large"
+        (FashionVGG512, the same classes, input (3, 112, 112), 512 filters at the target layer) or
+        "video" (MotionC3D, 8 MovingFashion motions, input (3, 16, 64, 64)).
     weights_dir
         Folder holding ``<kind>.pt`` and ``<kind>.json``.
 

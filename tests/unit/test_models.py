@@ -8,7 +8,7 @@ import torchvision
 from explainserve.cli import build_parser
 from explainserve.data import FashionScenes, MovingFashion
 from explainserve.layers import default_target_layer, resolve_layer
-from explainserve.models import FashionVGG, MotionC3D, load_demo_model, load_torchvision_weights
+from explainserve.models import FashionVGG, FashionVGG512, MotionC3D, load_demo_model, load_torchvision_weights
 from explainserve.models.demo import METADATA_KEYS
 from explainserve.models.training import WEIGHTS_DIR, save_demo_model, to_tensor, train_demo, train_steps
 
@@ -29,6 +29,15 @@ def test_image_model_target_map_is_8x8_and_uses_relu():
     assert name == default_target_layer(model) == "features.6"
     assert activation.shape == (2, 128, 8, 8) and (activation >= 0).all()
     assert any(isinstance(m, torch.nn.ReLU) for m in model.modules())
+
+
+def test_large_image_model_has_512_filters_on_a_7x7_map_at_112_px():
+    # The thesis's VGG16 / ResNet-50 map size at 224 px, and the filter count its anomaly counts need.
+    model = FashionVGG512(num_classes=8)
+    name, activation = _target_activation(model, torch.randn(2, 3, 112, 112))
+    assert name == default_target_layer(model) == model.target_layer == "features.6"
+    assert activation.shape == (2, 512, 7, 7) and (activation >= 0).all()
+    assert sum(p.numel() for p in model.parameters()) < 10**6  # committed weights stay small (< 4 MB)
 
 
 def test_video_model_target_is_3d():
@@ -79,6 +88,7 @@ def test_demo_weights_for_wrong_architecture_name_the_file(tmp_path):
 
 @pytest.mark.parametrize("kind, dataset, input_size, samples", [
     ("image", FashionScenes, [64, 64], 64),
+    ("image_large", FashionScenes, [112, 112], 64),
     ("video", MovingFashion, [16, 64, 64], 24),
 ])
 def test_committed_demo_model_classifies_test_data(kind, dataset, input_size, samples):
@@ -86,7 +96,7 @@ def test_committed_demo_model_classifies_test_data(kind, dataset, input_size, sa
         pytest.skip(f"demo {kind} weights not trained yet")
     model, metadata = load_demo_model(kind)
     assert set(METADATA_KEYS) <= set(metadata) and metadata["input_size"] == input_size
-    batch = dataset("test", size=samples).batch()
+    batch = dataset("test", size=samples, image_size=input_size[-1]).batch()
     with torch.no_grad():
         predicted = model(to_tensor(batch[0], metadata["mean"], metadata["std"])).argmax(1).numpy()
     # A small sample: a model with the recorded accuracy stays well above this bound.
