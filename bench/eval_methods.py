@@ -27,6 +27,8 @@ RANKING_SEGMENTS = 50
 # LIME's Quickshift kernel is 4 px at 224 px; 1 px at 64 px gives it about 50 segments too.
 QUICKSHIFT_KERNEL = 1
 CHUNK = 32
+# Methods of 1000 forward passes or more per image: Tables 1-2 run them on the first --costly-n images.
+COSTLY = ("ScoreCAM", "AblationCAM", "LIME-1000", "LIME_G-1000")
 
 
 @dataclass

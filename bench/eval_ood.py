@@ -25,6 +25,7 @@ Run alone (``python bench/eval_ood.py``) it rewrites only its section of bench/R
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -72,6 +73,11 @@ def blur(samples: np.ndarray) -> np.ndarray:
 SHIFTS = {f"noise σ={NOISE_SIGMA:g}": gaussian_noise, "inversion": inversion, f"blur σ={BLUR_SIGMA:g} px": blur}
 
 
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=("image", "image_large"), default="image",
+                        help="demo image model evaluated (image: 64 px, 128 filters; image_large: 112 px, 512 filters)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ood-test-n", type=int, default=8000, help="in-distribution test images (realised FPR, AUROC negatives)")
     parser.add_argument("--ood-n", type=int, default=8000, help="images of each OOD split (held-out classes: at most 2000)")
@@ -81,18 +87,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ood-resamples", type=int, default=200, help="bootstrap resamples of each AUROC")
 
 
-def open_model():
-    """The Explainer of the demo image model named as `archive --demo image` serves it, and its store."""
+def open_model(demo: str = "image"):
+    """The Explainer of demo image model ``demo`` ("image" or "image_large") named as
+    `archive --demo` serves it, and its committed store."""
     from explainserve.commands.archive import demo_store
     from explainserve.commands.distributions import load_model
     from explainserve.explainer import Explainer
 
-    model, metadata = load_model("image")
+    model, metadata = load_model(demo)
     explainer = Explainer(model, kind="image", input_size=metadata["input_size"], mean=metadata["mean"],
                           std=metadata["std"], class_names=metadata["class_names"], layer=metadata["layer"])
-    folder, record, weights = demo_store("image")
+    folder, record, weights = demo_store(demo)
     if record is None or record["weights_sha256"] != weights:
-        raise StoreError(f"{folder} was not built from the package's image weights {weights[:12]}: "
+        raise StoreError(f"{folder} was not built from the package's {demo} weights {weights[:12]}: "
                          "rebuild it with explainserve build-distributions (see README)")
     store = load_store(folder, model_name=metadata["name"], model_version=metadata["version"])
     return explainer, store
@@ -167,16 +174,17 @@ def run(args) -> dict:
 
     torch.set_num_threads(2)
     started = time.perf_counter()
-    explainer, store = open_model()
+    explainer, store = open_model(args.model)
     model = explainer.model
+    scenes = functools.partial(data.FashionScenes, seed=0, image_size=explainer.input_size[-1])
     scorer = Scorer(store)
     target = store.calibration["target_fpr"]
-    val = data.FashionScenes("val", seed=0)
-    test = data.FashionScenes("test", seed=0, size=args.ood_test_n)
-    fit = data.FashionScenes("train", seed=0, size=args.ood_fit_n)
+    val = scenes("val")
+    test = scenes("test", size=args.ood_test_n)
+    fit = scenes("train", size=args.ood_fit_n)
     test_images, test_labels, _, _ = test.batch()
-    sets = {"held-out classes": data.FashionScenes("ood_classes", seed=0, size=min(args.ood_n, 2000)),
-            "held-out backgrounds": data.FashionScenes("ood_backgrounds", seed=0, size=args.ood_n)}
+    sets = {"held-out classes": scenes("ood_classes", size=min(args.ood_n, 2000)),
+            "held-out backgrounds": scenes("ood_backgrounds", size=args.ood_n)}
     batches = {name: dataset.batch() for name, dataset in sets.items()}
     samples = {name: batch.images for name, batch in batches.items()}
     labels = {"held-out backgrounds": batches["held-out backgrounds"].labels}
@@ -233,8 +241,8 @@ def run(args) -> dict:
     tests = {name: scored[name][1].tests.mean(axis=0).tolist() for name in ("test", *samples)}
     other_targets = {t: recalibrated_rates(store, passes, t, list(samples)) for t in OTHER_TARGETS}
     return {
-        "table": table, "sets": list(samples), "accuracy": accuracy, "tests": tests, "best_of": best_of,
-        "tpr_vs_energy": tpr_vs_energy, "extended_best_of": extended_best_of,
+        "model": args.model, "table": table, "sets": list(samples), "accuracy": accuracy, "tests": tests,
+        "best_of": best_of, "tpr_vs_energy": tpr_vs_energy, "extended_best_of": extended_best_of,
         "extended_above_verdict": extended_above_verdict, "other_targets": other_targets, "baselines": list(baseline_names),
         "sizes": {"fit": len(fit_images), "val": len(val_images), "test": len(test_images),
                   **{k: len(v) for k, v in samples.items()}},
@@ -258,7 +266,7 @@ def section(r: dict) -> list[str]:
     sets, table, s = r["sets"], r["table"], r["sizes"]
     percent = 100 * r["target_fpr"]
     rows = [HEADING, "",
-            f"Demo image model scored against its predicted class with the committed store "
+            f"Demo model {r['model']} scored against its predicted class with the committed store "
             f"(sha256 {r['store_sha256'][:12]}, {r['num_classes']} classes × {r['num_filters']} filters; "
             f"{r['own_classes']} classes ranked on their own calibration images, the rest class-independent). "
             f"The verdict flags p < {percent:g} %; every other row is read at the threshold flagging at most "
@@ -326,6 +334,7 @@ def splice(report: str, lines: list[str], heading: str = HEADING) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_argument(parser)
     add_arguments(parser)
     parser.add_argument("--out", type=Path, default=REPORT, help="report whose Table 7 section is rewritten")
     args = parser.parse_args(argv)

@@ -18,7 +18,8 @@ from explainserve.evaluation import (
     THRESHOLDS,
     curve_auc,
     filter_removal_auc,
-    filter_removal_curve,
+    filter_removal_correct,
+    normalised_accuracy,
     perturbation_curves,
     pointing_game,
     superpixel_removal,
@@ -108,15 +109,18 @@ def costs(subject: Subject, indices, methods: list[Method]) -> dict[str, float]:
 
 
 def filter_removal(subject: Subject, indices) -> dict:
-    """Normalised accuracy curves and AUCs as filters are removed, per ranking, scored for the true class."""
+    """Normalised accuracy curves and AUCs as filters are removed, per ranking, scored for the true
+    class; with each ranking's per-image outcome (``correct`` (B, n) bool) for the paired bootstrap."""
     inputs = subject.inputs(indices)
     labels = torch.as_tensor(subject.labels[indices])
     signals = layer_signals(subject.model, subject.layer, inputs, labels)
     results = {}
     for ranking in tqdm(RANKINGS, desc="filter removal"):
-        fractions, accuracy = filter_removal_curve(subject.model, subject.layer, inputs, labels,
-                                                   filter_scores(signals, ranking))
-        results[ranking] = {"auc": filter_removal_auc(fractions, accuracy), "curve": accuracy.numpy()}
+        fractions, correct = filter_removal_correct(subject.model, subject.layer, inputs, labels,
+                                                    filter_scores(signals, ranking))
+        accuracy = normalised_accuracy(correct)
+        results[ranking] = {"auc": filter_removal_auc(fractions, accuracy), "curve": accuracy.numpy(), "correct": correct}
+    results["fractions"] = fractions
     with torch.no_grad():
         results["accuracy"] = float((subject.model(inputs).argmax(1) == labels).double().mean())
     return results

@@ -49,12 +49,12 @@ class Subject:
         return self.model.get_submodule(self.explainer.layer)
 
 
-def _dataset(kind: str, split: str, size: int):
+def _dataset(kind: str, split: str, size: int, image_size: int):
     from explainserve import data
 
     if kind == "image":
-        return data.FashionScenes(split, seed=0, size=size)
-    return data.MovingFashion(split, seed=0, size=size)
+        return data.FashionScenes(split, seed=0, size=size, image_size=image_size)
+    return data.MovingFashion(split, seed=0, size=size, image_size=image_size)
 
 
 def _random_init_model(kind: str, num_classes: int) -> tuple[torch.nn.Module, dict]:
@@ -65,17 +65,22 @@ def _random_init_model(kind: str, num_classes: int) -> tuple[torch.nn.Module, di
                    "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "target_layer": model.target_layer}
 
 
-def load_subject(kind: str, split: str, size: int, *, random_init: bool = False) -> Subject:
-    """The demo model of ``kind`` ("image" or "video") and the first ``size`` samples of ``split``."""
-    dataset = _dataset(kind, split, size)
-    samples, labels, masks, boxes = dataset.batch()
+def load_subject(demo: str, split: str, size: int, *, random_init: bool = False) -> Subject:
+    """The demo model ``demo`` ("image", "image_large" or "video") and the first ``size``
+    samples of ``split``, composed at the model's input size."""
+    from explainserve.models.training import check_kind
+
+    kind = check_kind(demo).kind
     if random_init:
+        dataset = _dataset(kind, split, size, RANDOM_INIT_INPUT[kind][-1])
         model, metadata = _random_init_model(kind, len(dataset.class_names))
     else:
         from explainserve.models import load_demo_model
 
-        model, metadata = load_demo_model(kind)
+        model, metadata = load_demo_model(demo)
+        dataset = _dataset(kind, split, size, int(metadata["input_size"][-1]))
     model.eval()
+    samples, labels, masks, boxes = dataset.batch()
     explainer = Explainer(model, kind=kind, input_size=metadata["input_size"], mean=metadata["mean"],
                           std=metadata["std"], class_names=dataset.class_names, layer=metadata["target_layer"])
     name = metadata["architecture"]

@@ -30,7 +30,7 @@ def channel_gate(layer: torch.nn.Module, keep: torch.Tensor):
 
 
 @torch.no_grad()
-def filter_removal_curve(
+def filter_removal_correct(
     model: torch.nn.Module,
     layer: torch.nn.Module,
     inputs: torch.Tensor,
@@ -40,7 +40,7 @@ def filter_removal_curve(
     step: int = 16,
     batch_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised accuracy as the highest-scored filters are removed, ``step`` at a time.
+    """Which samples stay correct as their highest-scored filters are removed, ``step`` at a time.
 
     Parameters
     ----------
@@ -55,7 +55,8 @@ def filter_removal_curve(
     Returns
     -------
     fractions : (n,) float64 fraction of filters removed, 0 to 1, n = ceil(K / step) + 1.
-    accuracy : (n,) float64 accuracy divided by the accuracy with no filter removed.
+    correct : (B, n) bool, sample b classified as its label after step i (per sample, so that
+        the curve can be resampled over samples).
     """
     check_batch("inputs", inputs, (4, 5))
     scores = torch.as_tensor(scores)
@@ -68,7 +69,7 @@ def filter_removal_curve(
     filters = scores.shape[1]
     counts = list(range(0, filters, step)) + [filters]
     ranks = torch.argsort(torch.argsort(scores, dim=1, descending=True, stable=True), dim=1).to(inputs.device)
-    correct = torch.zeros(len(counts), dtype=torch.float64)
+    correct = torch.zeros(inputs.shape[0], len(counts), dtype=torch.bool)
     for i, count in enumerate(counts):
         for start in range(0, inputs.shape[0], batch_size):
             part = slice(start, start + batch_size)
@@ -76,11 +77,32 @@ def filter_removal_curve(
                 logits = model(inputs[part])
             if logits.shape[1] <= int(labels.max()):
                 raise ValueError(f"labels must lie in [0, {logits.shape[1] - 1}]")
-            correct[i] += (logits.argmax(dim=1) == labels[part]).sum().item()
-    if correct[0] == 0:
+            correct[part, i] = (logits.argmax(dim=1) == labels[part]).cpu()
+    return torch.tensor(counts, dtype=torch.float64) / filters, correct
+
+
+def normalised_accuracy(correct) -> torch.Tensor:
+    """(n,) float64 accuracy after each step divided by the accuracy with no filter removed,
+    from :func:`filter_removal_correct`'s (B, n) ``correct`` (or any subset or resample of its rows)."""
+    counts = torch.as_tensor(correct).sum(dim=0).to(torch.float64)
+    if counts[0] == 0:
         raise ValueError("the model classifies none of the inputs correctly; the normalised accuracy is undefined")
-    fractions = torch.tensor(counts, dtype=torch.float64) / filters
-    return fractions, correct / correct[0]
+    return counts / counts[0]
+
+
+def filter_removal_curve(model: torch.nn.Module, layer: torch.nn.Module, inputs: torch.Tensor, labels, scores,
+                         **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised accuracy as the highest-scored filters are removed, ``step`` at a time.
+
+    Parameters are those of :func:`filter_removal_correct` (``options``: ``step``, ``batch_size``).
+
+    Returns
+    -------
+    fractions : (n,) float64 fraction of filters removed, 0 to 1, n = ceil(K / step) + 1.
+    accuracy : (n,) float64 accuracy divided by the accuracy with no filter removed.
+    """
+    fractions, correct = filter_removal_correct(model, layer, inputs, labels, scores, **options)
+    return fractions, normalised_accuracy(correct)
 
 
 def filter_removal_auc(fractions, accuracy) -> float:

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from explainserve.evaluation import filter_removal_auc, filter_removal_curve
+from explainserve.evaluation import filter_removal_auc, filter_removal_correct, filter_removal_curve, normalised_accuracy
 from bench.filter_rankings import RANKINGS, filter_scores, layer_signals
 from support.evaluation_models import ChannelVoteModel
 
@@ -77,3 +77,23 @@ def test_bad_input_is_refused():
         filter_removal_curve(model, model.features, inputs[:0], labels[:0], torch.ones(0, K))
     with pytest.raises(ValueError, match="ranking must be one of"):
         filter_scores(layer_signals(model, model.features, inputs, labels), "saliency")
+
+
+def test_per_sample_outcomes_give_the_curve_and_can_be_resampled():
+    # Sample 0 loses its 16 strong voters first (wrong after step 1), sample 1 its weak ones first
+    # (still 16 - 8 > 0 after step 1, wrong once all are gone); sample 2 is labelled 1, right only
+    # once the strong voters are gone.
+    model = vote_model()
+    inputs = torch.ones(3, K, 1, 1)
+    labels = torch.tensor([0, 0, 1])
+    scores = torch.stack([model.weights, -model.weights, model.weights])
+    fractions, correct = filter_removal_correct(model, model.features, inputs, labels, scores)
+    assert fractions.tolist() == [0.0, 0.5, 1.0]
+    assert correct.dtype == torch.bool
+    assert correct.tolist() == [[True, False, False], [True, True, False], [False, True, True]]
+    assert normalised_accuracy(correct).tolist() == [1.0, 1.0, 0.5]
+    assert torch.equal(normalised_accuracy(correct), filter_removal_curve(model, model.features, inputs, labels, scores)[1])
+    # a resample of the rows (sample 0 twice) is the curve of that resample
+    assert normalised_accuracy(correct[[0, 0, 2]]).tolist() == [1.0, 0.5, 0.5]
+    with pytest.raises(ValueError, match="classifies none"):
+        normalised_accuracy(correct[[2]])
