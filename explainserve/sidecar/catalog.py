@@ -4,6 +4,11 @@ Model metadata (kind, input size, classes, accepted ranges) comes from the handl
 customised describe (TorchServe's DescribeModel with ``customized=true``) and is cached for
 ``metadata_ttl`` seconds, so a re-registered model or a new default version is seen.
 A background task pings TorchServe and polls describe-model for worker status.
+
+``up`` (the gateway's readiness) is TorchServe answering its ping Healthy once every model it
+serves has had a READY worker: TorchServe pings Healthy while its first workers still load
+(seconds, minutes from a cold disk), and a pod reported ready then would take calls that wait
+in TorchServe's queue. A worker restarted later does not make the gateway unready again.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class ModelCatalog:
         self.call_timeout = call_timeout
         self.metadata_ttl = metadata_ttl
         self.up = False
+        self.healthy = False  # TorchServe's last ping answered Healthy
+        self.models_loaded = False  # every model has had a READY worker (stays True once set)
         self._refusal_logged = False
         # (model, version) -> (time.monotonic() when described, describe())
         self._metadata: dict[tuple[str, str], tuple[float, dict]] = {}
@@ -58,7 +65,7 @@ class ModelCatalog:
         self._on_model.append(callback)
 
     def on_health_change(self, callback) -> None:
-        """Call ``callback(up: bool)`` whenever TorchServe's ping result changes."""
+        """Call ``callback(up: bool)`` whenever ``up`` changes."""
         self._on_health_change.append(callback)
 
     async def metadata(self, model: str, version: str = "") -> dict:
@@ -103,29 +110,35 @@ class ModelCatalog:
         return metadata
 
     async def ping(self) -> bool:
+        """Ask TorchServe's ping and update ``up``; returns whether TorchServe answered Healthy."""
         try:
             answer = await self.inference.Ping(empty_pb2.Empty(), timeout=self.call_timeout)
-            up = json.loads(answer.health).get("status") == "Healthy"
+            healthy = json.loads(answer.health).get("status") == "Healthy"
         except grpc.aio.AioRpcError as error:
-            up = False
+            healthy = False
             if is_refused(error) and not self._refusal_logged:
                 log.warning("TorchServe refused the ping (%s: %s): it runs with token authorisation; "
                             "give the sidecar its key file with --token-file", error.code().name, error.details())
             self._refusal_logged = is_refused(error)
         except ValueError:
-            up = False
+            healthy = False
+        self.healthy = healthy
+        self._set_up(healthy and self.models_loaded)
+        self.metrics.torchserve_up.set(int(healthy))
+        return healthy
+
+    def _set_up(self, up: bool) -> None:
         if up != self.up:
             log.info("TorchServe is %s", "up" if up else "down")
             for callback in self._on_health_change:
                 callback(up)
         self.up = up
-        self.metrics.torchserve_up.set(int(up))
-        return up
 
     async def poll_workers(self) -> None:
         """Export worker counts per model and status from describe-model."""
         listing = await self.management.ListModels(management_pb2.ListModelsRequest(limit=100), timeout=self.call_timeout)
         counts: dict[tuple[str, str], int] = {}
+        loading = []
         for entry in json.loads(listing.msg).get("models", []):
             name = entry["modelName"]
             answer = await self.management.DescribeModel(
@@ -136,9 +149,14 @@ class ModelCatalog:
                 counts[key] = counts.get(key, 0) + 1
             if any(w.get("status") == "READY" for w in workers):
                 await self.metadata(name)  # cached (or refreshed) before a request needs it
+            else:
+                loading.append(name)
         self.metrics.workers.clear()
         for (name, status), count in counts.items():
             self.metrics.workers.labels(name, status).set(count)
+        if not loading and not self.models_loaded:
+            self.models_loaded = True
+            self._set_up(self.healthy)
 
     async def poll_forever(self) -> None:
         while True:

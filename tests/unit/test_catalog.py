@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -69,3 +70,61 @@ def test_a_failed_refresh_keeps_the_last_metadata_and_an_unknown_model_raises():
 
     first, kept, unknown = asyncio.run(scenario())
     assert kept == first and unknown == "UnknownModel"
+
+
+class LoadingTorchServe:
+    """Ping (always Healthy), ListModels and DescribeModel of models whose workers' statuses
+    the test sets."""
+
+    def __init__(self, statuses: dict[str, list[str]]):
+        self.statuses = statuses
+
+    async def Ping(self, request, timeout=None):
+        return SimpleNamespace(health=json.dumps({"status": "Healthy"}))
+
+    async def ListModels(self, request, timeout=None):
+        return management_pb2.ManagementResponse(msg=json.dumps({"models": [{"modelName": m} for m in self.statuses]}))
+
+    async def DescribeModel(self, request, timeout=None):
+        name = request.model_name
+        described = json.dumps({"name": name, "version": "1.0", "class_names": ["a"]})
+        return management_pb2.ManagementResponse(msg=json.dumps([{
+            "modelName": name, "modelVersion": "1.0", "customizedMetadata": described,
+            "workers": [{"status": status} for status in self.statuses[name]]}]))
+
+
+def test_ready_only_once_every_model_has_had_a_ready_worker():
+    """TorchServe pings Healthy while its workers load; the gateway is up only when each model
+    has a READY worker, and a worker restarted later does not take it down."""
+    async def scenario():
+        torchserve = LoadingTorchServe({"image": ["READY"], "video": []})
+        catalog = catalog_with(Management(), ttl=30.0)
+        catalog.inference = catalog.management = torchserve
+        changes, seen = [], []
+        catalog.on_health_change(changes.append)
+
+        async def poll():
+            await catalog.ping() and await catalog.poll_workers()
+            seen.append(catalog.up)
+
+        await poll()                                  # video's worker not started yet
+        torchserve.statuses["video"] = ["UNLOADING"]  # nor ready
+        await poll()
+        torchserve.statuses["video"] = ["READY"]
+        await poll()
+        torchserve.statuses["image"] = ["UNLOADING"]  # a worker restarts later
+        await poll()
+        return seen, changes, catalog.healthy
+
+    seen, changes, healthy = asyncio.run(scenario())
+    assert seen == [False, False, True, True] and changes == [True] and healthy
+
+
+def test_torchserve_serving_no_model_is_ready_when_it_pings_healthy():
+    async def scenario():
+        catalog = catalog_with(Management(), ttl=30.0)
+        catalog.inference = catalog.management = LoadingTorchServe({})
+        await catalog.ping() and await catalog.poll_workers()
+        return catalog.up
+
+    assert asyncio.run(scenario())
