@@ -296,10 +296,14 @@ def truncate(store: Path) -> None:
 
 
 def other_version(store: Path) -> None:
-    """A store that names version 2.0 while TorchServe serves 1.0 (the manifest's sha256
-    covers the arrays only, so this store loads; the version check refuses it)."""
-    path = store / "manifest.json"
-    path.write_text(path.read_text().replace('"version": "1.0"', '"version": "2.0"'))
+    """A valid store built for version 2.0 while TorchServe serves 1.0: its digest is
+    recomputed, so it loads, and the version check refuses it."""
+    from explainserve.anomaly.store import MANIFEST, store_sha256, write_manifest
+
+    path = store / MANIFEST
+    manifest = json.loads(path.read_text().replace('"version": "1.0"', '"version": "2.0"'))
+    manifest["sha256"] = store_sha256(manifest)
+    write_manifest(store, manifest)
 
 
 BROKEN = {  # case -> (damage, metric reason, text in the report's reason)
@@ -410,7 +414,7 @@ def altered_store(source: Path, out: Path) -> Path:
     np.save(out / "p_high.npy", np.load(out / "p_high.npy") * np.float32(1.5))
     manifest = json.loads((out / MANIFEST).read_text())
     manifest["arrays"]["p_high"]["sha256"] = file_sha256(out / "p_high.npy")
-    manifest["sha256"] = store_sha256({name: entry["sha256"] for name, entry in manifest["arrays"].items()})
+    manifest["sha256"] = store_sha256(manifest)
     write_manifest(out, manifest)
     return out
 
