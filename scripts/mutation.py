@@ -9,7 +9,7 @@ files, runs ``mutmut run`` there and counts the outcome of every mutant.
     python scripts/mutation.py swag superpixels   # some of them
     python scripts/mutation.py --list-survivors jitter_cam
     python scripts/mutation.py --report-only jitter_cam   # the last run's results, even unfinished
-    python scripts/mutation.py --survivors probe          # after adding tests: rerun the survivors only
+    python scripts/mutation.py --tests-added probe        # keep the killed, rerun the rest
 
 Prints ``mutation_score[<name>]=X`` per module (with its counts and seconds taken),
 ``mutation_score=X`` over the modules run and ``mutation_seconds=N`` for the whole run. The
@@ -96,7 +96,7 @@ def prepare(name: str, workdir: Path, keep_results: bool = False) -> Path:
 
     mutmut keeps each mutant's result until its function changes; when the tests change, the
     results are dropped so that every mutant meets the new tests, unless ``keep_results``
-    (tests were only added: a killed mutant stays killed, only the survivors need a rerun).
+    (tests were only added: a killed mutant stays killed, only the others need a run).
     """
     source, tests, left_out = MODULES[name]
     root = workdir / name
@@ -133,17 +133,18 @@ def statuses(root: Path, source: str) -> dict[str, str]:
 
 
 def run_mutmut(name: str, args: argparse.Namespace, equivalent: dict[str, str]) -> int:
-    """Run mutmut for one module: every mutant not yet tested, or with ``args.survivors`` only
-    the survivors of the last run (not those judged equivalent). Returns mutmut's exit code."""
+    """Run mutmut for one module: every mutant not yet tested, or with ``args.tests_added`` the
+    last run's survivors (not those judged equivalent) and the mutants it had not reached.
+    Returns mutmut's exit code."""
     source, root = MODULES[name][0], args.workdir / name
     command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
-    if args.survivors:
-        survivors = [key for key, status in statuses(root, source).items()
-                     if status in SURVIVED and key not in equivalent]
-        if not survivors:
+    if args.tests_added:
+        rerun = [key for key, status in statuses(root, source).items()
+                 if status not in KILLED and key not in equivalent]
+        if not rerun:
             return 0
-        command += survivors
-    run = subprocess.run(command, cwd=prepare(name, args.workdir, keep_results=args.survivors),
+        command += rerun
+    run = subprocess.run(command, cwd=prepare(name, args.workdir, keep_results=args.tests_added),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if run.returncode != 0:
         print(f"mutmut run failed for {name} (rc {run.returncode}):\n{run.stderr[-2000:]}", file=sys.stderr)
@@ -163,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "mutation")
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
     parser.add_argument("--list-survivors", action="store_true", help="print each surviving mutant's name")
-    parser.add_argument("--survivors", action="store_true",
-                        help="rerun only the last run's survivors, keeping every other result (after tests were added)")
+    parser.add_argument("--tests-added", action="store_true",
+                        help="tests were only added since the last run: keep its killed mutants, rerun its survivors "
+                             "and test the mutants it had not reached")
     parser.add_argument("--report-only", action="store_true",
                         help="count the last run's results without running; mutants not tested yet show as not_checked")
     args = parser.parse_args(argv)
@@ -179,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         root = args.workdir / name
         started = time.monotonic()
         if not args.report_only:
-            if args.survivors and not (root / "mutants" / f"{source}.meta").exists():
-                parser.error(f"--survivors: {name} has no earlier run to take the survivors of")
+            if args.tests_added and not (root / "mutants" / f"{source}.meta").exists():
+                parser.error(f"--tests-added: {name} has no earlier run to keep")
             code = run_mutmut(name, args, equivalent)
             if code:
                 return code

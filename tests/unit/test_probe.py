@@ -278,6 +278,11 @@ def test_probe_runs_on_video_architectures(architecture, layer):
         (torch.randn(1, 3, 32, 32), {"layer": "layer9"}, "layer: unknown layer name 'layer9'"),
         (torch.randn(1, 3, 32, 32), {"target": 10}, r"target: class ids must be in \[0, 9\]"),
         (torch.randint(0, 255, (1, 3, 32, 32)), {}, "floating-point"),
+        (np.zeros((1, 3, 32, 32), dtype=np.float32), {}, "inputs: expected a torch.Tensor, got ndarray"),
+        (torch.zeros(0, 3, 32, 32), {}, "inputs: the batch is empty; expected at least 1 sample"),
+        (torch.full((1, 3, 32, 32), float("inf")), {}, "inputs: contains NaN or Inf values"),
+        (torch.randn(1, 3, 2, 32, 32, 1), {},
+         r"inputs: expected rank 4 \(B, C, H, W\) or rank 5 \(B, C, T, H, W\), got rank 6"),
     ],
 )
 def test_bad_input_raises_a_precise_value_error(inputs, kwargs, message):
@@ -323,25 +328,36 @@ def test_relu6_is_guided_before_and_after_the_target_layer_by_hand():
     assert not torch.allclose(guided_x, w1.T @ ((w2.T @ vanilla_da) * passes(h1)), atol=1e-6)
 
 
+# Ways of calling a clip to [0, 1] that the guided rule must see as a rectifier: positional
+# arguments, keywords, in place, and max_val left to its default of 1.
+CLIPS_TO_ONE = {
+    "positional_default_max": lambda h: F.hardtanh(h, 0.0),
+    "keywords_in_place": lambda h: F.hardtanh(h, min_val=0.0, inplace=True),
+    "keywords_reordered": lambda h: F.hardtanh(h, max_val=1.0, min_val=0.0),
+}
+
+
 class PositionalCallsNet(nn.Module):
     """Rectifiers called as no module hook sees them: ``F.relu(h, True)`` with its result dropped
-    (h itself is rectified) and ``F.hardtanh(h, 0.0)``, a clip to [0, 1] by max_val's default."""
+    (h itself is rectified) and one of ``CLIPS_TO_ONE``."""
 
-    def __init__(self):
+    def __init__(self, clip):
         super().__init__()
         self.conv1, self.conv2, self.conv3 = nn.Conv2d(2, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 3, 1)
         self.fc = nn.Linear(3, 2)
+        self.clip = clip
 
     def forward(self, x):
         h = self.conv1(x)
         F.relu(h, True)
-        h = F.hardtanh(self.conv2(h), 0.0)
+        h = self.clip(self.conv2(h))
         return self.fc(self.conv3(h).mean(dim=(2, 3)))
 
 
-def test_positional_in_place_relu_and_default_clip_are_guided_by_hand():
+@pytest.mark.parametrize("clip", sorted(CLIPS_TO_ONE))
+def test_positional_in_place_relu_and_every_form_of_clip_are_guided_by_hand(clip):
     torch.manual_seed(6)
-    model = PositionalCallsNet().eval()
+    model = PositionalCallsNet(CLIPS_TO_ONE[clip]).eval()
     with torch.no_grad():
         model.conv1.weight.mul_(4)
         model.conv2.weight.mul_(3)  # some units of the clip below 0, some above 1
