@@ -7,6 +7,7 @@ import pytest
 
 from explainserve.anomaly import (ANOMALOUS, NORMAL, Scorer, StoreError, StoreMeta, build_store, calibrate,
                                   load_store, region_flag, save_calibration)
+from explainserve.anomaly.conformal import fit_tail_grid
 from explainserve.anomaly.pooled import mixture_quantiles
 from explainserve.anomaly.reference import ClassReference, Flags, percentile_in_grid
 from explainserve.anomaly.summary import PERCENTILE_LEVELS
@@ -357,6 +358,10 @@ def test_a_class_without_training_images_scores_against_the_pool_by_hand(store_d
     far = scorer.score(np.array([5000, 0, 0, 5000], np.float32), 2).sample(0)
     assert far.verdict == ANOMALOUS and far.p_value == pytest.approx(1 / 751)
     assert {reason.source for reason in far.reasons} == {"pooled"}
+    # Its tail model is fitted on the part-A images scored against the pool, with the held-out scales.
+    part_a_tests = scorer.score(alpha[np.sort(part_a)], np.full(len(part_a), 2)).statistics[:, :3]
+    assert (part_a_tests[:, :2] > 0).any()  # some images cross a threshold, so the scales matter
+    np.testing.assert_allclose(scorer.store.arrays["tail_grid"][2], fit_tail_grid(part_a_tests), rtol=1e-6)
 
 
 def test_mixture_quantiles_invert_the_mixture_cdf():
