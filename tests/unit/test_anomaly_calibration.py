@@ -198,8 +198,9 @@ def test_default_minimum_class_size_follows_the_target():
 def test_calibrate_rejects_bad_parameters(synthetic, store_dir):
     store = load_store(store_dir)
     alpha, classes = synthetic.sample(np.zeros(5, int), seed=1), np.zeros(5, int)
-    with pytest.raises(ValueError, match=r"target_fpr must be in \(0, 1\), got 0"):
-        calibrate(store, alpha, classes, target_fpr=0)
+    for bad in (0, 1, 1.5):
+        with pytest.raises(ValueError, match=rf"target_fpr must be in \(0, 1\), got {bad}"):
+            calibrate(store, alpha, classes, target_fpr=bad)
     with pytest.raises(ValueError, match="min_class_count must be >= 1"):
         calibrate(store, alpha, classes, min_class_count=0)
     with pytest.raises(ValueError, match="at least two held-out images"):
@@ -249,3 +250,13 @@ def test_scales_groups_and_ranks_by_hand(synthetic, store_dir):
     statistics = scorer.score(alpha[part_b[1]], np.ones(29, int)).statistics
     for s in range(4):
         assert np.isin(statistics[:, s], fitted.arrays["fallback_ranks"][s]).all()
+
+
+def test_the_smallest_calibration_and_its_recorded_defaults(synthetic, store_dir):
+    # Two images of one class, the least accepted: one part-A and one part-B image.
+    classes = np.zeros(2, int)
+    section = calibrate(load_store(store_dir), synthetic.sample(classes, seed=4), classes, min_class_count=1).section
+    assert section["split"]["part_a"] == 1 and section["split"]["part_b"] == 1
+    assert section["scored_against"] == "predicted" and section["target_fpr"] == 0.01
+    # One ranked image cannot give a p-value below 1 / 2: no critical value, None in the JSON.
+    assert section["classes"]["critical"][0] == [None] * 4 and section["fallback"]["critical"] == [None] * 4
