@@ -246,6 +246,13 @@ def test_scales_groups_and_ranks_by_hand(synthetic, store_dir):
         assert section["classes"]["critical"][c] == [
             pytest.approx(critical_value(np.sort(statistics[:, s]), 0.1)) for s in range(4)]
     assert section["classes"]["critical"][1] is None
+    # Tail grids: an own class's from its part-A images, the fallback's from every part-A image.
+    for c in (0, 2):
+        tests = scorer.score(alpha[part_a[c]], np.full(len(part_a[c]), c)).statistics[:, :3]
+        np.testing.assert_allclose(grids[c], fit_tail_grid(tests), rtol=1e-6)
+    every_a = np.sort(np.concatenate(list(part_a.values())))
+    every_a_tests = scorer.score(alpha[every_a], classes[every_a]).statistics[:, :3]
+    np.testing.assert_allclose(grids[1], fit_tail_grid(every_a_tests), rtol=1e-6)
     # The fallback ranks hold every part-B image, class 1's among them, under the fallback grid.
     statistics = scorer.score(alpha[part_b[1]], np.ones(29, int)).statistics
     for s in range(4):
