@@ -36,6 +36,7 @@ secret=()
 step=$SECONDS
 podman build "${isolation[@]}" "${secret[@]}" --build-arg BASE="$BASE_IMAGE" -f deploy/Dockerfile -t "$IMAGE" .
 echo "image_build_seconds=$((SECONDS - step))"
+podman image prune -f >/dev/null  # the images this build replaced; the layers it shares with them stay
 echo "image_size_mb=$(( $(podman image inspect --format '{{.Size}}' "$IMAGE") / 1000000 ))"
 
 step=$SECONDS
