@@ -93,7 +93,7 @@ def test_build_then_merge_match_and_score(archive_folder, tmp_path, capsys):
 
 
 def test_bad_arguments_are_named(archive_folder, tmp_path, capsys):
-    with pytest.raises(ValueError, match="--model: expected 'image', 'video', a .mar file or an archive folder"):
+    with pytest.raises(ValueError, match="--model: expected 'image', 'image_large', 'video', a .mar file or an archive folder"):
         run("build-distributions", "--model", str(tmp_path / "nothing.pt"), "--data", "fashion-scenes", "--out", str(tmp_path))
     with pytest.raises(ValueError, match=r"shard index must be in \[0, 1\], got 2"):
         run("build-distributions", *common(archive_folder), "--out", str(tmp_path / "s"), "--shard", "2", "--num-shards", "2")
