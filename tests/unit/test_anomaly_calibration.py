@@ -237,6 +237,7 @@ def test_scales_groups_and_ranks_by_hand(synthetic, store_dir):
     # images' statistics, sorted, padded with +inf to the widest class.
     grids, ranks = fitted.arrays["tail_grid"], fitted.arrays["class_ranks"]
     assert ranks.shape == (3, 4, 100) and np.isinf(ranks[1]).all() and np.isinf(ranks[0, :, 30:]).all()
+    assert ranks.dtype == np.float32 and fitted.arrays["scale"].dtype == np.float32
     assert not np.array_equal(grids[0], grids[1]) and not np.array_equal(grids[2], grids[1])
     save_calibration(store, fitted)
     scorer = Scorer(load_store(store_dir))
@@ -262,8 +263,10 @@ def test_scales_groups_and_ranks_by_hand(synthetic, store_dir):
 def test_the_smallest_calibration_and_its_recorded_defaults(synthetic, store_dir):
     # Two images of one class, the least accepted: one part-A and one part-B image.
     classes = np.zeros(2, int)
-    section = calibrate(load_store(store_dir), synthetic.sample(classes, seed=4), classes, min_class_count=1).section
+    fitted = calibrate(load_store(store_dir), synthetic.sample(classes, seed=4), classes, min_class_count=1)
+    section = fitted.section
     assert section["split"]["part_a"] == 1 and section["split"]["part_b"] == 1
+    assert fitted.arrays["class_ranks"].shape == (3, 4, 1)  # as wide as the one ranked image
     assert section["scored_against"] == "predicted" and section["target_fpr"] == 0.01
     # One ranked image cannot give a p-value below 1 / 2: no critical value, None in the JSON.
     assert section["classes"]["critical"][0] == [None] * 4 and section["fallback"]["critical"] == [None] * 4
