@@ -29,8 +29,9 @@ test-unit: install
 image-test:
 	./scripts/image_test.sh
 
-# Mutation testing of the core (scripts/mutation.py): each module against its own unit tests,
-# at the lowest priority; prints mutation_score=X. MODULES="swag cam" runs only those.
+# Mutation testing of the core (scripts/mutation.py): each module against a fast selection of its
+# own unit tests, at the lowest priority; prints mutation_score[module]=X with its counts and
+# seconds, then mutation_score=X and mutation_seconds=N. MODULES="swag cam" runs only those.
 mutation: install
 	nice -n 19 $(PY) scripts/mutation.py $(MODULES)
 

@@ -10,7 +10,8 @@ from captum.attr import GuidedBackprop
 from torch import nn
 
 from explainserve.probe import probe
-from explainserve.swag import PIXEL_SOURCES, pixel_scores
+from explainserve.superpixels import gradient_slic
+from explainserve.swag import PIXEL_SOURCES, pixel_scores, segment_means, swag
 
 # captum warns that it sets requires_grad and hooks ReLUs: both are what this test asks of it.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -102,3 +103,23 @@ def test_every_pixel_source_has_the_value_of_its_formula(architecture):
     for i in range(len(values)):
         for j in range(i):
             assert not np.allclose(values[i], values[j], rtol=1e-3), (list(expected)[i], list(expected)[j])
+
+
+def test_segment_means_and_swag_weighting_by_hand():
+    scores = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=np.float32)
+    segments = np.array([[0, 0, 1], [0, 3, 3]])  # one single-pixel segment, no label 2
+    expected = np.array([7 / 3, 3.0, 0.0, 5.5], dtype=np.float32)
+    np.testing.assert_allclose(segment_means(scores, segments), expected, rtol=1e-6)
+    result = swag(np.zeros((2, 3, 3)), scores, segments=segments)
+    np.testing.assert_allclose(result.segment_scores, expected, rtol=1e-6)
+    np.testing.assert_allclose(result.heatmap, expected[segments], rtol=1e-6)
+    assert result.segments is segments
+
+
+def test_swag_defaults_to_colour_and_scores_and_checks_the_score_shape():
+    rng = np.random.default_rng(0)
+    image, scores = rng.random((24, 24, 3)), rng.random((24, 24)).astype(np.float32)
+    by_default = swag(image, scores, n_segments=12)
+    np.testing.assert_array_equal(by_default.segments, gradient_slic(image, scores, variant="i_g", n_segments=12))
+    with pytest.raises(ValueError, match=r"scores: shape \(24, 23\) differs from the image's \(24, 24\)"):
+        swag(image, scores[:, :23])
