@@ -121,5 +121,8 @@ def test_swag_defaults_to_colour_and_scores_and_checks_the_score_shape():
     image, scores = rng.random((24, 24, 3)), rng.random((24, 24)).astype(np.float32)
     by_default = swag(image, scores, n_segments=12)
     np.testing.assert_array_equal(by_default.segments, gradient_slic(image, scores, variant="i_g", n_segments=12))
+    from_scores = swag(image, scores, variant="g", n_segments=12, wg=5.0).segments
+    np.testing.assert_array_equal(from_scores, gradient_slic(image, scores, variant="g", n_segments=12, wg=5.0))
+    assert not np.array_equal(from_scores, by_default.segments)
     with pytest.raises(ValueError, match=r"scores: shape \(24, 23\) differs from the image's \(24, 24\)"):
         swag(image, scores[:, :23])
