@@ -126,3 +126,21 @@ def test_swag_defaults_to_colour_and_scores_and_checks_the_score_shape():
     assert not np.array_equal(from_scores, by_default.segments)
     with pytest.raises(ValueError, match=r"scores: shape \(24, 23\) differs from the image's \(24, 24\)"):
         swag(image, scores[:, :23])
+
+
+def test_pixel_scores_default_to_guided_and_name_what_a_source_needs():
+    model, x = SmallNet().eval(), torch.randn(1, 3, 16, 16)
+    guided_only = probe(model, x, layer="features.7")
+    without_input_gradient = probe(model, x, layer="features.7", input_gradient=False)
+    np.testing.assert_array_equal(pixel_scores(guided_only, x), pixel_scores(guided_only, x, "guided"))
+    with pytest.raises(ValueError, match=r"source: expected one of \['act_grad_cam', .*'vanilla'\], got 'sobel'"):
+        pixel_scores(guided_only, x, "sobel")
+    for source in ("vanilla", "input_x_gradient"):
+        with pytest.raises(ValueError, match=rf"source: '{source}' needs probe\(\.\.\., vanilla_gradient=True\)"):
+            pixel_scores(guided_only, x, source)
+    for source in ("guided", "guided_grad_cam", "guided_act_grad_cam"):
+        with pytest.raises(ValueError, match=rf"source: '{source}' needs probe\(\.\.\., input_gradient=True\)"):
+            pixel_scores(without_input_gradient, x, source)
+    # A source that needs neither gradient takes a pass without them.
+    for source in ("grad_cam", "grad_cam_pp", "relu_activation", "act_grad_cam"):
+        assert pixel_scores(without_input_gradient, x, source).shape == (1, 16, 16)
