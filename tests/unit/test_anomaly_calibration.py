@@ -213,7 +213,7 @@ def test_scales_groups_and_ranks_by_hand(synthetic, store_dir):
     # Part A is each class's even positions, part B its odd ones. Class 0 has exactly
     # MIN_SCALE_IMAGES (30) part-A images and min_class_count (30) part-B images, so both its
     # scales and its ranks are its own; class 1 has one fewer of each, so neither is.
-    classes = np.random.default_rng(8).permutation(np.repeat([0, 1, 2], [60, 58, 200]))
+    classes = np.random.default_rng(8).permutation(np.repeat([0, 1, 2], [60, 58, 201]))
     alpha = synthetic.sample(classes, seed=9)
     store = load_store(store_dir)
     fitted = calibrate(store, alpha, classes, target_fpr=0.1, min_class_count=30, scored_against="label")
@@ -229,9 +229,9 @@ def test_scales_groups_and_ranks_by_hand(synthetic, store_dir):
     assert section["classes"]["scale"] == ["held-out", "training", "held-out"]
     assert section["classes"]["count"] == [30, 29, 100]
     assert section["classes"]["source"] == ["class", "fallback", "class"]
-    assert section["split"]["part_a"] == 30 + 29 + 100 and section["split"]["part_b"] == 30 + 29 + 100
+    assert section["split"]["part_a"] == 30 + 29 + 101 and section["split"]["part_b"] == 30 + 29 + 100
     assert (section["target_fpr"], section["min_class_count"], section["scored_against"], section["held_out_images"]) \
-        == (0.1, 30, "label", 318)
+        == (0.1, 30, "label", 319)
     assert section["fallback"]["count"] == 159 and fitted.arrays["fallback_ranks"].shape == (4, 159)
     # A class on the fallback has its grid and no ranks; an own class's ranks are its part-B
     # images' statistics, sorted, padded with +inf to the widest class.
