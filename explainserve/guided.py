@@ -78,7 +78,7 @@ _IN_PLACE = {F.relu_, torch.relu_, torch.Tensor.relu_}
 class GuidedReLUMode(TorchFunctionMode):
     """Replace every ReLU call with :class:`_RectifierFunction` while ``state.intercept``.
 
-    ``F.hardtanh(x, 0, upper)`` (what ``nn.ReLU6`` calls) is treated as a clipped ReLU.
+    ``F.hardtanh(x, 0, upper)`` (what ``nn.ReLU6`` calls) and ``F.relu6`` are treated as clipped ReLUs.
     Other activations (SiLU, GELU, Hardswish) are not rectifiers and backpropagate normally.
     """
 
@@ -97,6 +97,9 @@ class GuidedReLUMode(TorchFunctionMode):
                 min_val, max_val, inplace = _hardtanh_arguments(args, kwargs)
                 if min_val == 0.0:
                     return self._rectify(x, max_val, inplace)
+            if func is F.relu6:
+                # F.relu6 reaches the mode itself, not as the F.hardtanh it calls inside.
+                return self._rectify(x, 6.0, bool(kwargs.get("inplace", args[1] if len(args) > 1 else False)))
         return func(*args, **kwargs)
 
     def _rectify(self, x: torch.Tensor, upper: float | None, inplace: bool) -> torch.Tensor:

@@ -304,9 +304,17 @@ class PointwiseNet(nn.Module):
         return self.fc(self.act2(self.conv2(self.act1(self.conv1(x)))).mean(dim=(2, 3)))
 
 
-def test_relu6_is_guided_before_and_after_the_target_layer_by_hand():
+class FunctionalReLU6(nn.Module):
+    """ReLU6 called as ``F.relu6``, which reaches a torch function mode as itself."""
+
+    def forward(self, x):
+        return F.relu6(x)
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU6, FunctionalReLU6])
+def test_relu6_is_guided_before_and_after_the_target_layer_by_hand(activation):
     torch.manual_seed(3)
-    model = PointwiseNet(nn.ReLU6).eval()
+    model = PointwiseNet(activation).eval()
     with torch.no_grad():
         model.conv1.weight.mul_(8)  # some units above 6, some below 0
     x = torch.randn(1, 2, 3, 4) * 2
@@ -331,6 +339,7 @@ def test_relu6_is_guided_before_and_after_the_target_layer_by_hand():
 # Ways of calling a clip to [0, 1] that the guided rule must see as a rectifier: positional
 # arguments, keywords, in place, and max_val left to its default of 1.
 CLIPS_TO_ONE = {
+    "in_place_result_dropped": lambda h: (F.hardtanh(h, 0.0, 1.0, True), h)[1],
     "positional_default_max": lambda h: F.hardtanh(h, 0.0),
     "keywords_in_place": lambda h: F.hardtanh(h, min_val=0.0, inplace=True),
     "keywords_reordered": lambda h: F.hardtanh(h, max_val=1.0, min_val=0.0),
