@@ -388,6 +388,27 @@ def test_positional_in_place_relu_and_every_form_of_clip_are_guided_by_hand(clip
         assert torch.allclose(result.logits, model(x), atol=1e-6)
 
 
+class ReusedInputNet(nn.Module):
+    """Uses a ReLU's input again after the ReLU, as a residual block does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(2, 3, 1), nn.Conv2d(3, 3, 1), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        h = torch.relu(h) + h
+        return self.fc(self.conv2(h).mean(dim=(2, 3)))
+
+
+def test_an_out_of_place_relu_leaves_its_input_alone():
+    model, x = ReusedInputNet().eval(), torch.randn(2, 2, 3, 3)
+    with torch.no_grad():
+        expected = model(x)
+        assert (model.conv1(x) < 0).any()  # the ReLU changes something, so an in-place one would show
+    assert torch.allclose(probe(model, x, layer="conv2").logits, expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("activation", [nn.SiLU, nn.GELU, nn.Hardswish])
 def test_smooth_activations_backpropagate_normally(activation):
     # No rectifier: the guided rule changes nothing, so the input gradient is the vanilla one.
