@@ -389,7 +389,8 @@ def test_positional_in_place_relu_and_every_form_of_clip_are_guided_by_hand(clip
 
 
 class ReusedInputNet(nn.Module):
-    """Uses a ReLU's input again after the ReLU, as a residual block does."""
+    """Uses a ReLU's input again after the ReLU, as a residual block does, and calls a torch
+    function with keyword arguments only."""
 
     def __init__(self):
         super().__init__()
@@ -397,7 +398,7 @@ class ReusedInputNet(nn.Module):
 
     def forward(self, x):
         h = self.conv1(x)
-        h = torch.relu(h) + h
+        h = torch.cat(tensors=[torch.relu(h) + h], dim=1)
         return self.fc(self.conv2(h).mean(dim=(2, 3)))
 
 
