@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,10 @@ def prepare(name: str, workdir: Path, keep_results: bool = False) -> Path:
     for folder in ("explainserve", "tests"):
         shutil.copytree(ROOT / folder, root / folder, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # mutmut regenerates a file's mutants only when the file is newer than them, and copytree
+    # keeps the worktree's times: mark the mutated file new, so an edit is never missed (the
+    # results of functions whose code is unchanged are kept all the same).
+    os.utime(root / source)
     (root / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + f"""
 [tool.mutmut]
 source_paths = ["explainserve"]

@@ -311,7 +311,15 @@ class FunctionalReLU6(nn.Module):
         return F.relu6(x)
 
 
-@pytest.mark.parametrize("activation", [nn.ReLU6, FunctionalReLU6])
+class InPlaceFunctionalReLU6(nn.Module):
+    """``F.relu6(x, inplace=True)`` with its result dropped: x itself is clipped."""
+
+    def forward(self, x):
+        F.relu6(x, inplace=True)
+        return x
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU6, FunctionalReLU6, InPlaceFunctionalReLU6])
 def test_relu6_is_guided_before_and_after_the_target_layer_by_hand(activation):
     torch.manual_seed(3)
     model = PointwiseNet(activation).eval()
@@ -333,6 +341,8 @@ def test_relu6_is_guided_before_and_after_the_target_layer_by_hand(activation):
     guided_x = w1.T @ guided_h1.clamp(min=0)
     assert torch.allclose(result.activation_gradients[0].double().flatten(1), vanilla_da, atol=1e-7)
     assert torch.allclose(result.input_gradient[0].double().flatten(1), guided_x, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(result.logits, model(x), atol=1e-6)
     assert not torch.allclose(guided_x, w1.T @ ((w2.T @ vanilla_da) * passes(h1)), atol=1e-6)
 
 
