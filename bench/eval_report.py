@@ -69,8 +69,8 @@ def _header(r: dict) -> list[str]:
         f"{a['video_n']} MovingFashion test clips (Table 3).",
         f"- Superpixels: SWAG's served default n_segments, scaled to the input (the thesis's superpixel size): "
         f"{r['image_segments']} for this image model" + (f", {r['video_segments']} for the clips" if "video" in r else "")
-        + ". This default was changed and fixed before any result of this run or of the "
-        "previous report's investigation was acted on (the previous report ran K = 300 on 64 px images).",
+        + ". The default was fixed first, before any run with it (the report of 2026-11-29 ran K = 300 on "
+        "64 px images, about 14 px per superpixel against the thesis's 167).",
         "- Every explanation is for the class predicted on the unperturbed input; ± is the standard error of the mean.",
         "- Section times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in d.items() if k != "total") + ".",
         f"- Full mode estimated from this run's per-sample section times: {r['full_estimate_min']:.0f} min on this "

@@ -55,6 +55,9 @@ FULL_ESTIMATE = {"image methods": "image_n", "costly image methods": "costly_n",
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="development sizes (see SIZES); verdicts mostly undecided")
+    parser.add_argument("--no-store-tables", action="store_true",
+                        help="leave out Tables 7 and 8 (they need the distribution store; bench-ood and "
+                             "bench-suppression run them alone)")
     parser.add_argument("--random-init", action="store_true",
                         help="random-init demo architectures instead of the trained weights (harness smoke run)")
     eval_ood.add_model_argument(parser)
@@ -206,8 +209,9 @@ def main(argv=None) -> int:
 
     for key, table, name, module in (("ood", "Table 7", "OOD detection", eval_ood),
                                      ("suppression", "Table 8", "surprise suppression", eval_suppression)):
-        if args.random_init:
-            results[key] = {"missing": "random-init models have no distribution store."}
+        if args.random_init or args.no_store_tables:
+            results[key] = {"missing": "random-init models have no distribution store." if args.random_init
+                            else "left out of this run (--no-store-tables)."}
             continue
         try:
             results[key] = timed(name, module.run, args)
