@@ -112,6 +112,7 @@ def load_clips(args, results: dict):
 def run_video(args, clips, results: dict, timed) -> None:
     """Table 3 and its deletion curves on the video model."""
     results["video_model"] = clips.name
+    results["video_segments"] = clips.explainer.limits.default_n_segments
     table3 = timed("video methods", eval_sections.compare_methods, clips, np.arange(args.video_n), video_methods(clips))
     results["video"] = table3
     results["video_accuracy"] = float((eval_sections.predicted(clips, np.arange(args.video_n)).numpy()
