@@ -528,3 +528,38 @@ def test_top_k_is_the_most_probable_classes_in_order():
     assert result.top_k(1)[1].shape == (3, 1)
     with pytest.raises(ValueError, match="top_k: must be >= 1, got 0"):
         result.top_k(0)
+
+
+class OddNet(nn.Module):
+    """A layer the forward pass never runs, and logits of a chosen shape."""
+
+    def __init__(self, logits_shape=(2, 3)):
+        super().__init__()
+        self.conv, self.unused, self.fc = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Linear(4, 3)
+        self.logits_shape = logits_shape
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(dim=(2, 3))).reshape(self.logits_shape)
+
+
+class TupleBlock(nn.Module):
+    """A block that returns a tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x), x
+
+
+def test_bad_layers_and_logits_raise_a_precise_value_error():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="^layer: 'unused' was not executed by the forward pass$"):
+        probe(OddNet(), x, layer="unused")
+    with pytest.raises(ValueError, match=r"^model: expected logits of shape \(B, N\), got \(2, 3, 1\)$"):
+        probe(OddNet((2, 3, 1)), x, layer="conv")
+    model = nn.Sequential(TupleBlock())
+    model.forward = lambda inputs: model[0](inputs)[0].mean(dim=(2, 3))
+    with pytest.raises(ValueError, match="^layer: '0' returns tuple; a tensor output is required$"):
+        probe(model, x, layer="0")
