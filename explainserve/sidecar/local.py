@@ -78,10 +78,11 @@ def wait_serving(target: str, timeout: float, process: subprocess.Popen | None =
 
 @contextlib.contextmanager
 def local_service(model_store: Path, models: Sequence[str], workdir: Path, *, ready_timeout: float = 300.0,
-                  env: dict[str, str] | None = None) -> Iterator[tuple[TorchServe, subprocess.Popen, str]]:
+                  env: dict[str, str] | None = None,
+                  gateway_args: tuple[str, ...] = ()) -> Iterator[tuple[TorchServe, subprocess.Popen, str]]:
     """TorchServe serving ``<name>.mar`` of ``model_store`` for each name in ``models`` (token
     authorisation off, free loopback ports, working files in ``workdir``) and a gateway in
-    front of it; yields (torchserve, gateway process, gateway target) once both serve, and
+    front of it, started with ``gateway_args`` as well; yields (torchserve, gateway process, gateway target) once both serve, and
     always stops both."""
     torchserve = TorchServe(TorchServeConfig(
         model_store=model_store, models={name: f"{name}.mar" for name in models}, workdir=workdir / "ts",
@@ -89,7 +90,8 @@ def local_service(model_store: Path, models: Sequence[str], workdir: Path, *, re
     gateway = None
     try:
         torchserve.wait_ready(timeout=ready_timeout)
-        gateway, target, _ = start_gateway(workdir, torchserve.grpc_target, torchserve.management_target)
+        gateway, target, _ = start_gateway(workdir, torchserve.grpc_target, torchserve.management_target,
+                                          extra_args=gateway_args)
         wait_serving(target, timeout=60, process=gateway)
         yield torchserve, gateway, target
     finally:
