@@ -246,9 +246,8 @@ class ExplainPipeline:
                 except RpcFailure as failure:
                     raise RpcFailure(failure.code, where + failure.message) from None
         try:
-            if sum(len(r.alpha) + len(r.label_alpha) for r in requests) <= INLINE_SCORES:  # microseconds: inline
-                return self.anomaly.score_requests(requests, batch=batch)
-            return await asyncio.to_thread(self.anomaly.score_requests, requests, batch=batch)
+            return await off_loop_if_large(sum(len(r.alpha) + len(r.label_alpha) for r in requests),
+                                           self.anomaly.score_requests, requests, batch=batch)
         except ScoringUnavailable as error:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, error.message) from None
         except ValueError as error:
@@ -263,9 +262,7 @@ class ExplainPipeline:
             if not self.anomaly.has_store(request.model):
                 await self.metadata(request.model, request.model_version)  # known to TorchServe?
             scorer = self.anomaly.scorer_for(request.model, request.model_version)
-            if column_values(request) <= INLINE_SCORES:
-                return score_columns(scorer, request)
-            return await asyncio.to_thread(score_columns, scorer, request)
+            return await off_loop_if_large(column_values(request), score_columns, scorer, request)
         except RpcFailure as failure:
             raise RpcFailure(failure.code, where + failure.message) from None
         except ScoringUnavailable as error:
@@ -286,6 +283,14 @@ class ExplainPipeline:
                              f"model: unknown model {model!r}" + (f" version {version!r}" if version else "")) from None
         except grpc.aio.AioRpcError as error:
             raise torchserve_failure(error, model) from None
+
+
+async def off_loop_if_large(values: int, score: Callable, *args, **kwargs):
+    """``score(*args, **kwargs)``: on the event loop for at most ``INLINE_SCORES`` filter scores
+    (microseconds of work), in a thread for more, so a large batch does not stall other calls."""
+    if values <= INLINE_SCORES:
+        return score(*args, **kwargs)
+    return await asyncio.to_thread(score, *args, **kwargs)
 
 
 def failure_of(error: ValueError) -> RpcFailure:
