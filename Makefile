@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.explainserve-installed
 
-.PHONY: install demo test test-unit image-test mutation bench bench-quick bench-large bench-core bench-ood bench-suppression load clean
+.PHONY: install demo test test-unit image-test mutation bench bench-quick bench-large bench-core bench-ood bench-ood-video bench-suppression load clean
 
 $(STAMP): pyproject.toml scripts/setup.sh scripts/gen_protos.py $(wildcard protos/explainserve/v1/*.proto protos/inference/*.proto)
 	./scripts/setup.sh
@@ -42,7 +42,8 @@ bench-core: install
 # (Tables 1-2 on 500 images, Table 3 on 200 clips, paired bootstrap intervals for the pre-registered
 # orderings; the run prints its own estimate, bench_full_estimate_min); bench-quick: development
 # sizes; bench-large: the same on the 112 px, 512-filter image model, into bench/large/.
-# bench-ood reruns only Table 7, OOD detection (needs the dev extra's pytorch-ood), bench-suppression only Table 8.
+# bench-ood reruns only Table 7, OOD detection on images and on clips (needs the dev extra's pytorch-ood; the clip
+# part alone is bench-ood-video, ~10 min), bench-suppression only Table 8.
 bench: install
 	$(PY) bench/evaluate.py
 
@@ -54,6 +55,10 @@ bench-large: install
 
 bench-ood: install
 	$(PY) bench/eval_ood.py
+	$(PY) bench/eval_ood_video.py
+
+bench-ood-video: install
+	$(PY) bench/eval_ood_video.py
 
 bench-suppression: install
 	$(PY) bench/eval_suppression.py

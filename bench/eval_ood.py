@@ -67,7 +67,10 @@ def inversion(samples: np.ndarray) -> np.ndarray:
 
 
 def blur(samples: np.ndarray) -> np.ndarray:
-    return np.stack([np.asarray(Image.fromarray(s).filter(ImageFilter.GaussianBlur(BLUR_SIGMA))) for s in samples])
+    """Each (H, W, 3) picture of ``samples`` (..., H, W, 3) blurred: images one by one, clips frame by frame."""
+    pictures = samples.reshape(-1, *samples.shape[-3:])
+    blurred = [np.asarray(Image.fromarray(p).filter(ImageFilter.GaussianBlur(BLUR_SIGMA))) for p in pictures]
+    return np.stack(blurred).reshape(samples.shape)
 
 
 SHIFTS = {f"noise σ={NOISE_SIGMA:g}": gaussian_noise, "inversion": inversion, f"blur σ={BLUR_SIGMA:g} px": blur}
@@ -88,14 +91,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def open_model(demo: str = "image"):
-    """The Explainer of demo image model ``demo`` ("image" or "image_large") named as
+    """The Explainer of demo model ``demo`` ("image", "image_large" or "video") named as
     `archive --demo` serves it, and its committed store."""
     from explainserve.commands.archive import demo_store
     from explainserve.commands.distributions import load_model
     from explainserve.explainer import Explainer
 
     model, metadata = load_model(demo)
-    explainer = Explainer(model, kind="image", input_size=metadata["input_size"], mean=metadata["mean"],
+    explainer = Explainer(model, kind=metadata["kind"], input_size=metadata["input_size"], mean=metadata["mean"],
                           std=metadata["std"], class_names=metadata["class_names"], layer=metadata["layer"])
     folder, record, weights = demo_store(demo)
     if record is None or record["weights_sha256"] != weights:
@@ -167,9 +170,53 @@ def recalibrated_rates(store, passes: dict, target: float, sets: list) -> dict:
     return rates
 
 
+def compare(store, passes: dict, oods: list, resamples: int) -> dict:
+    """Every detector on the network passes ``passes`` (split name -> :func:`network_pass` with
+    baselines; "val" sets the thresholds, "test" holds the negatives, ``oods`` name the positive
+    sets), scored against ``store``. Returns a dict: "table" (detector -> FPRs and, per OOD set,
+    AUROC with its bootstrap interval and TPR), "scored" (split -> (scores, BatchScores)) and the
+    counts "best_of", "tpr_vs_energy", "extended_best_of", "extended_above_verdict"."""
+    from bench.ood_baselines import FEATURE_DETECTORS
+
+    baseline_names = (*LOGIT_BASELINES, *FEATURE_DETECTORS)
+    scorer, target = Scorer(store), store.calibration["target_fpr"]
+    scored = {name: detector_scores(scorer, passed) for name, passed in passes.items()}
+    extended = ExtendedVerdict(extended_tests(scored["val"][1], passes["val"]["logits"]), passes["val"]["predicted"],
+                               own_classes(store), target)
+    extended_flags = {}
+    for split, passed in passes.items():
+        scored[split][0][EXTENDED], extended_flags[split] = extended.score(
+            extended_tests(scored[split][1], passed["logits"]), passed["predicted"])
+    detectors = (VERDICT, *TESTS, EXTENDED, *baseline_names)
+
+    table = {}
+    for name in detectors:
+        if name == VERDICT:
+            flags = {split: scored[split][1].anomalous for split in scored}
+        elif name == EXTENDED:
+            flags = extended_flags
+        else:
+            threshold = threshold_at_fpr(scored["val"][0][name], target)
+            flags = {split: scored[split][0][name] > threshold for split in scored}
+        row = {"val_fpr": float(flags["val"].mean()), "test_fpr": float(flags["test"].mean())}
+        for ood in oods:
+            low, high = auroc_bootstrap_interval(scored["test"][0][name], scored[ood][0][name],
+                                                 resamples=resamples, seed=0)
+            row[ood] = {"auroc": auroc(scored["test"][0][name], scored[ood][0][name]), "low": low, "high": high,
+                        "tpr": float(flags[ood].mean())}
+        table[name] = row
+    best_of = sum(table[VERDICT][ood]["auroc"] >= max(table[b][ood]["auroc"] for b in baseline_names) for ood in oods)
+    tpr_vs_energy = sum(table[VERDICT][ood]["tpr"] >= table["Energy"][ood]["tpr"] for ood in oods)
+    extended_best_of = sum(table[EXTENDED][ood]["auroc"] >= max(table[b][ood]["auroc"] for b in baseline_names)
+                           for ood in oods)
+    extended_above_verdict = sum(table[EXTENDED][ood]["auroc"] > table[VERDICT][ood]["auroc"] for ood in oods)
+    return {"table": table, "scored": scored, "baselines": baseline_names, "best_of": best_of, "tpr_vs_energy": tpr_vs_energy,
+            "extended_best_of": extended_best_of, "extended_above_verdict": extended_above_verdict}
+
+
 def run(args) -> dict:
     """Every number of the section (a plain dict); raises FileNotFoundError/StoreError without a store."""
-    from bench.ood_baselines import FEATURE_DETECTORS, FeatureBaselines
+    from bench.ood_baselines import FeatureBaselines
     from explainserve import data
 
     torch.set_num_threads(2)
@@ -177,7 +224,6 @@ def run(args) -> dict:
     explainer, store = open_model(args.model)
     model = explainer.model
     scenes = functools.partial(data.FashionScenes, seed=0, image_size=explainer.input_size[-1])
-    scorer = Scorer(store)
     target = store.calibration["target_fpr"]
     val = scenes("val")
     test = scenes("test", size=args.ood_test_n)
@@ -204,37 +250,8 @@ def run(args) -> dict:
               "test": network_pass(explainer, test_images, args.ood_batch_size, "test", baselines)}
     for name, images in samples.items():
         passes[name] = network_pass(explainer, images, args.ood_batch_size, name, baselines)
-    scored = {name: detector_scores(scorer, passed) for name, passed in passes.items()}
-    extended = ExtendedVerdict(extended_tests(scored["val"][1], passes["val"]["logits"]), passes["val"]["predicted"],
-                               own_classes(store), target)
-    extended_flags = {}
-    for split, passed in passes.items():
-        scored[split][0][EXTENDED], extended_flags[split] = extended.score(
-            extended_tests(scored[split][1], passed["logits"]), passed["predicted"])
-    detectors = (VERDICT, *TESTS, EXTENDED, *LOGIT_BASELINES, *FEATURE_DETECTORS)
-
-    table = {}
-    for name in detectors:
-        if name == VERDICT:
-            flags = {split: scored[split][1].anomalous for split in scored}
-        elif name == EXTENDED:
-            flags = extended_flags
-        else:
-            threshold = threshold_at_fpr(scored["val"][0][name], target)
-            flags = {split: scored[split][0][name] > threshold for split in scored}
-        row = {"val_fpr": float(flags["val"].mean()), "test_fpr": float(flags["test"].mean())}
-        for ood in samples:
-            low, high = auroc_bootstrap_interval(scored["test"][0][name], scored[ood][0][name],
-                                                 resamples=args.ood_resamples, seed=0)
-            row[ood] = {"auroc": auroc(scored["test"][0][name], scored[ood][0][name]), "low": low, "high": high,
-                        "tpr": float(flags[ood].mean())}
-        table[name] = row
-    baseline_names = (*LOGIT_BASELINES, *FEATURE_DETECTORS)
-    best_of = sum(table[VERDICT][ood]["auroc"] >= max(table[b][ood]["auroc"] for b in baseline_names) for ood in samples)
-    tpr_vs_energy = sum(table[VERDICT][ood]["tpr"] >= table["Energy"][ood]["tpr"] for ood in samples)
-    extended_best_of = sum(table[EXTENDED][ood]["auroc"] >= max(table[b][ood]["auroc"] for b in baseline_names)
-                           for ood in samples)
-    extended_above_verdict = sum(table[EXTENDED][ood]["auroc"] > table[VERDICT][ood]["auroc"] for ood in samples)
+    compared = compare(store, passes, list(samples), args.ood_resamples)
+    table, scored = compared["table"], compared["scored"]
     accuracy = {"val": float((passes["val"]["predicted"] == val_labels).mean()),
                 "test": float((passes["test"]["predicted"] == test_labels).mean())}
     accuracy.update({name: float((passes[name]["predicted"] == y).mean()) for name, y in labels.items()})
@@ -242,8 +259,8 @@ def run(args) -> dict:
     other_targets = {t: recalibrated_rates(store, passes, t, list(samples)) for t in OTHER_TARGETS}
     return {
         "model": args.model, "table": table, "sets": list(samples), "accuracy": accuracy, "tests": tests,
-        "best_of": best_of, "tpr_vs_energy": tpr_vs_energy, "extended_best_of": extended_best_of,
-        "extended_above_verdict": extended_above_verdict, "other_targets": other_targets, "baselines": list(baseline_names),
+        **{key: compared[key] for key in ("best_of", "tpr_vs_energy", "extended_best_of", "extended_above_verdict")},
+        "other_targets": other_targets, "baselines": list(compared["baselines"]),
         "sizes": {"fit": len(fit_images), "val": len(val_images), "test": len(test_images),
                   **{k: len(v) for k, v in samples.items()}},
         "target_fpr": target, "store_sha256": store.sha256,
@@ -257,6 +274,25 @@ def run(args) -> dict:
 def _cell(row: dict, ood: str) -> str:
     cell = row[ood]
     return f"{cell['auroc']:.3f} [{cell['low']:.3f}, {cell['high']:.3f}] / {100 * cell['tpr']:.1f}"
+
+
+def comparison_rows(r: dict) -> list[str]:
+    """The detector table of a section and the sentences comparing the verdict with the
+    baselines (``r`` as :func:`run` returns it), as Markdown lines."""
+    sets, table, percent = r["sets"], r["table"], 100 * r["target_fpr"]
+    rows = ["| detector | FPR val % | FPR test % | " + " | ".join(sets) + " |",
+            "|---|---|---|" + "---|" * len(sets)]
+    for name, row in table.items():
+        rows.append(f"| {name} | {100 * row['val_fpr']:.2f} | {100 * row['test_fpr']:.2f} | "
+                    + " | ".join(_cell(row, ood) for ood in sets) + " |")
+    best = {ood: max(r["baselines"], key=lambda name: table[name][ood]["auroc"]) for ood in sets}
+    return rows + ["", "Best baseline AUROC per set: " + "; ".join(
+        f"{ood}: {name} {table[name][ood]['auroc']:.3f} (verdict {table[VERDICT][ood]['auroc']:.3f})"
+        for ood, name in best.items()) + ".", "",
+        f"The verdict's AUROC is at least every baseline's on {r['best_of']} of {len(sets)} sets; its TPR at "
+        f"{percent:g} % is at least Energy's on {r['tpr_vs_energy']} of {len(sets)}. With the energy test "
+        f"({EXTENDED}) the AUROC is above the verdict's on {r['extended_above_verdict']} of {len(sets)} sets and at "
+        f"least every baseline's on {r['extended_best_of']}.", ""]
 
 
 def section(r: dict) -> list[str]:
@@ -283,20 +319,7 @@ def section(r: dict) -> list[str]:
             "its own are its three tests alone (−β_z, the graded surprise and missing statistics), then the verdict "
             f"with a fourth test from the same pass, the logits' energy ({EXTENDED}: bench/ood_extended.py, the same "
             "split, groups and min-p combination; not served).",
-            "",
-            "| detector | FPR val % | FPR test % | " + " | ".join(sets) + " |",
-            "|---|---|---|" + "---|" * len(sets)]
-    for name, row in table.items():
-        rows.append(f"| {name} | {100 * row['val_fpr']:.2f} | {100 * row['test_fpr']:.2f} | "
-                    + " | ".join(_cell(row, ood) for ood in sets) + " |")
-    best = {ood: max(r["baselines"], key=lambda name: table[name][ood]["auroc"]) for ood in sets}
-    rows += ["", "Best baseline AUROC per set: " + "; ".join(
-        f"{ood}: {name} {table[name][ood]['auroc']:.3f} (verdict {table[VERDICT][ood]['auroc']:.3f})"
-        for ood, name in best.items()) + ".", "",
-        f"The verdict's AUROC is at least every baseline's on {r['best_of']} of {len(sets)} sets; its TPR at "
-        f"{percent:g} % is at least Energy's on {r['tpr_vs_energy']} of {len(sets)}. With the energy test "
-        f"({EXTENDED}) the AUROC is above the verdict's on {r['extended_above_verdict']} of {len(sets)} sets and at "
-        f"least every baseline's on {r['extended_best_of']}.", "",
+            ""] + comparison_rows(r) + [
         "The verdict calibrated at other targets (on the same val alpha), realised FPR on test and TPR %:", "",
         "| target | classes ranked on their own | FPR test % | " + " | ".join(sets) + " |",
         "|---|---|---|" + "---|" * len(sets)]

@@ -24,6 +24,8 @@ THESIS_FILTERS = {"random": 0.733, "grad_cam_pp": 0.230, "grad_cam": 0.225, "xgr
 NOTES = Path(__file__).resolve().parent / "report_notes.md"
 # Written by bench/throughput.py, which needs TorchServe and runs on its own; the report quotes it.
 THROUGHPUT = Path(__file__).resolve().parent / "THROUGHPUT.md"
+# Table 7 on clips, written by bench/eval_ood_video.py (run on its own: `make bench-ood-video`).
+OOD_VIDEO = Path(__file__).resolve().parent / "OOD_VIDEO.md"
 
 
 def _cpu() -> str:
@@ -183,6 +185,8 @@ def render(results: dict) -> str:
              _table5(results), _table6(results), _orderings(results)]
     if "ood" in results:
         parts.append(eval_ood.section(results["ood"]))
+    if OOD_VIDEO.exists():
+        parts.append([OOD_VIDEO.read_text().strip(), ""])
     if "suppression" in results:
         parts.append(eval_suppression.section(results["suppression"]))
     if THROUGHPUT.exists():

@@ -51,9 +51,14 @@ class FeatureBaselines:
 
     @torch.no_grad()
     def scores(self, maps: torch.Tensor) -> dict:
-        """Anomaly scores (higher = more anomalous), (B,) float64 each, of feature maps (B, K, ...)."""
+        """Anomaly scores (higher = more anomalous), (B,) float64 each, of feature maps (B, K, ...):
+        (B, K, h, w) of an image model, (B, K, t, h, w) of a clip model."""
         z = maps.flatten(2).mean(dim=2)
+        # pytorch-ood's ASH takes (B, K, h, w) only. ASH-S ranks all of a sample's activations
+        # together and the head pools every position, so a clip's (t, h, w) positions laid out
+        # on one axis, (B, K, t*h*w, 1), give the same scores; images are unchanged by it.
+        positions = maps.flatten(2).unsqueeze(-1)
         found = {"KNN": self.knn.predict_features(z), "ViM": self.vim.predict_features(z),
                  "Mahalanobis": self.mahalanobis.predict_features(z),
-                 "ReAct+Energy": self.react.predict_feature_maps(maps), "ASH-S": self.ash.predict_feature_maps(maps.clone())}
+                 "ReAct+Energy": self.react.predict_feature_maps(maps), "ASH-S": self.ash.predict_feature_maps(positions.clone())}
         return {name: value.double().cpu().numpy() for name, value in found.items()}

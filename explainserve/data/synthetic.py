@@ -25,7 +25,7 @@ class SyntheticDataset:
             raise ValueError(f"seed: must be a non-negative integer, got {seed!r}")
         self.split = split
         self.seed = int(seed)
-        self.source: SplitSource = check_split(split, split_sources(self.in_classes, self.ood_classes))
+        self.source: SplitSource = check_split(split, self.split_sources())
         self._items = self.source.item_indices()
         if size is None:
             size = len(self._items)
@@ -46,6 +46,11 @@ class SyntheticDataset:
             raise IndexError(f"index: {index} outside [0, {self.size}) for split {self.split!r}")
         index %= self.size
         return self._generate(self.rng(index), self.item_index(index))
+
+    @classmethod
+    def split_sources(cls) -> dict[str, SplitSource]:
+        """The splits this data set accepts, by name (a subclass may add or drop some)."""
+        return split_sources(cls.in_classes, cls.ood_classes)
 
     def rng(self, index: int) -> np.random.Generator:
         """The random stream of sample ``index``."""
