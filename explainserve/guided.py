@@ -26,8 +26,6 @@ class GuidedState:
 
     Attributes
     ----------
-    intercept : bool
-        While True, ReLUs executed in the forward pass get the switchable backward rule.
     guided : bool
         Read at backward time: True applies ``grad * (x > 0) * (grad > 0)``,
         False the ordinary ReLU gradient ``grad * (x > 0)``.
@@ -39,7 +37,6 @@ class GuidedState:
         two backward passes through the head.
     """
 
-    intercept: bool = True
     guided: bool = True
     after_target: bool = False
     rectifiers_after_target: int = 0
@@ -76,10 +73,13 @@ _IN_PLACE = {F.relu_, torch.relu_, torch.Tensor.relu_}
 
 
 class GuidedReLUMode(TorchFunctionMode):
-    """Replace every ReLU call with :class:`_RectifierFunction` while ``state.intercept``.
+    """Replace every ReLU call with :class:`_RectifierFunction` while the mode is active.
 
     ``F.hardtanh(x, 0, upper)`` (what ``nn.ReLU6`` calls) and ``F.relu6`` are treated as clipped ReLUs.
     Other activations (SiLU, GELU, Hardswish) are not rectifiers and backpropagate normally.
+    The functional forms (``F.relu``, ``F.relu6``, ``F.hardtanh``) hand the mode their tensor
+    alone in ``args`` and every other argument as a keyword, whichever way they were called;
+    ``torch.relu`` and ``Tensor.relu`` take no other argument.
     """
 
     def __init__(self, state: GuidedState):
@@ -88,29 +88,17 @@ class GuidedReLUMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.state.intercept and args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+        if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
             x = args[0]
             if func in _OUT_OF_PLACE or func in _IN_PLACE:
-                inplace = func in _IN_PLACE or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
-                return self._rectify(x, None, inplace)
-            if func is F.hardtanh:
-                min_val, max_val, inplace = _hardtanh_arguments(args, kwargs)
-                if min_val == 0.0:
-                    return self._rectify(x, max_val, inplace)
+                return self._rectify(x, None, func in _IN_PLACE or kwargs.get("inplace", False))
+            if func is F.hardtanh and kwargs["min_val"] == 0.0:
+                return self._rectify(x, float(kwargs["max_val"]), kwargs["inplace"])
             if func is F.relu6:
                 # F.relu6 reaches the mode itself, not as the F.hardtanh it calls inside.
-                return self._rectify(x, 6.0, bool(kwargs.get("inplace", args[1] if len(args) > 1 else False)))
+                return self._rectify(x, 6.0, kwargs["inplace"])
         return func(*args, **kwargs)
 
     def _rectify(self, x: torch.Tensor, upper: float | None, inplace: bool) -> torch.Tensor:
         self.state.rectifiers_after_target += self.state.after_target
         return _RectifierFunction.apply(x, upper, inplace, self.state)
-
-
-def _hardtanh_arguments(args, kwargs):
-    names = ("min_val", "max_val", "inplace")
-    defaults = {"min_val": -1.0, "max_val": 1.0, "inplace": False}
-    values = dict(defaults)
-    values.update(zip(names, args[1:]))
-    values.update({k: v for k, v in kwargs.items() if k in defaults})
-    return float(values["min_val"]), float(values["max_val"]), bool(values["inplace"])

@@ -226,7 +226,7 @@ def probe(
     with torch.enable_grad():
         check_inputs(inputs, model)
         layer_name, module = resolve_layer(model, layer, inputs)
-        state = GuidedState(intercept=input_gradient, guided=True)
+        state = GuidedState()
         captured: dict[str, torch.Tensor] = {}
 
         def capture(_module, _args, output):
