@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT = ROOT / "tests" / "mutation" / "equivalent.txt"
 UNIT = "tests/unit/"
 
-# Module -> (file to mutate, its own unit test files, tests of those files left out: "file::test[params]"). A test is
+# Module -> (file to mutate, its own unit test files or single tests "file::test", tests of those files left out:
+# "file::test[params]"). A test is
 # left out only when a faster one in the selection checks the same code the same way (another
 # architecture of the same family, a longer clip of the same video network), so that every
 # module's run stays within minutes; make test still runs them all.
@@ -62,7 +63,10 @@ MODULES = {
     "superpixels": ("explainserve/superpixels.py", ["test_superpixels.py"], []),
     "jitter_cam": ("explainserve/jitter_cam.py", ["test_jitter_cam.py"], []),
     "grad_amap": ("explainserve/grad_amap.py", ["test_cam.py"], []),
-    "explainer": ("explainserve/explainer.py", ["test_explainer.py"], []),
+    # Explainer.filter_regions and suppress_surprise are checked against the library in the region tests.
+    "explainer": ("explainserve/explainer.py", ["test_explainer.py",
+                                                "test_surprise_region.py::test_explainer_regions_from_raw_samples",
+                                                "test_surprise_region.py::test_explainer_suppression_equals_deleting_by_hand"], []),
     "scorer": ("explainserve/anomaly/scorer.py", ["test_anomaly_scoring.py"], []),
     # The pooled group (classes without training images) is checked by hand in the scoring tests.
     "calibration": ("explainserve/anomaly/calibration.py",
@@ -88,7 +92,7 @@ def read_equivalent(path: Path = EQUIVALENT) -> dict[str, str]:
 def tests_fingerprint(tests: list[str], selection: list[str]) -> str:
     """sha256 of the test files a module is checked with, the selection, their conftest and the harnesses."""
     digest = hashlib.sha256(json.dumps(selection).encode())
-    for path in [ROOT / UNIT / test for test in tests] + [ROOT / "tests" / "conftest.py",
+    for path in [ROOT / UNIT / test.partition("::")[0] for test in tests] + [ROOT / "tests" / "conftest.py",
                                                           *sorted((ROOT / "tests" / "support").glob("*.py"))]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -125,6 +129,11 @@ source_paths = ["explainserve"]
 only_mutate = ["{source}"]
 pytest_add_cli_args_test_selection = {json.dumps(selection)}
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "tests.mutation.fastest_first"]
+# A mutant times out after 15 x (its tests' recorded seconds + timeout_constant) of wall time. With
+# mutmut's 1 s, a mutant of a function only a 0.1 s test reaches was cut off at 16.5 s while the
+# test's module fixture (a ResNet and its dry pass) was still being built on the loaded machine,
+# and counted as killed; 10 s leaves room for fixtures, and a mutant that really hangs still ends.
+timeout_constant = 10.0
 # torch and grpc are not fork-safe once used: fork every mutant from a clean server.
 process_isolation = "forkserver"
 """)
