@@ -123,6 +123,21 @@ class Admission:
         if self._turns.locked() and self.queued >= self.max_queued:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED,
                           f"overloaded: {self.max_concurrent} calls at work and {self.queued} waiting; retry later")
+        if self._turns.locked():
+            await self._wait_for_turn(context)
+        else:
+            # A free turn is taken at once (acquire does not yield here), without the task and
+            # timer that wait_for sets up: most calls find one, and that setup cost about 80 us
+            # per call, a quarter of a unary Score's own work.
+            await self._turns.acquire()
+        self.active += 1
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            self.leave()
+            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE, "the deadline passed before the call started")
+
+    async def _wait_for_turn(self, context) -> None:
+        """Queue until a turn is free; :class:`Refused` when the deadline passes first."""
         self.queued += 1
         try:
             remaining = context.time_remaining()
@@ -133,11 +148,6 @@ class Admission:
                           "the deadline passed while the call waited for a turn") from None
         finally:
             self.queued -= 1
-        self.active += 1
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            self.leave()
-            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE, "the deadline passed before the call started")
 
     def leave(self) -> None:
         self.active -= 1
