@@ -23,6 +23,11 @@ from explainserve.wire import MAX_MESSAGE_BYTES
 
 # Warnings and errors only (see the file): TorchServe's own per-request logging costs CPU.
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
+# The frontend's JVM: the serial collector (no concurrent GC threads competing with the workers
+# for a few cores) and the quick C1 compiler only (the frontend forwards bytes; C2's compilations
+# cost more CPU than its faster code saved). TorchServe's CPU per direct Predictions call of the
+# demo model, the two JVMs side by side (bench notes in docs/TUNING.md): 4.4 -> 2.7 ms.
+JVM_ARGS = "-XX:+UseSerialGC -XX:TieredStopAtLevel=1"
 
 
 def free_port() -> int:
@@ -68,6 +73,7 @@ class TorchServeConfig:
             "grpc_management_port": self.grpc_management_port,
             "initial_worker_port": self.worker_port,
             "metrics_mode": "prometheus",
+            "vmargs": JVM_ARGS,
             "enable_model_api": "false",
             "disable_token_authorization": str(self.disable_token_auth).lower(),
             "install_py_dep_per_model": "false",

@@ -11,6 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from explainserve.sidecar.torchserve import JVM_ARGS, TorchServeConfig
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "explainserve"
 KUBERNETES_VERSION = "1.37.0"
@@ -284,6 +286,10 @@ def test_torchserve_config_is_the_deploy_file_with_secure_settings(chart):
     assert int(settings["max_request_size"]) > 6553500 and int(settings["max_response_size"]) > 6553500
     assert settings["management_address"].startswith("http://127.0.0.1:")
     assert settings["enable_model_api"] == "false"
+    # the frontend's JVM runs as it does locally (sidecar.torchserve), where its CPU was measured
+    assert settings["vmargs"] == JVM_ARGS
+    local = properties(TorchServeConfig(model_store=Path("store"), models={}, workdir=Path("work")).properties())
+    assert local["vmargs"] == JVM_ARGS
 
 
 def test_service_exposes_the_explain_api_and_metrics_and_torchserve_grpc_only_on_request(chart):
