@@ -4,6 +4,7 @@ no TorchServe: validation before any forward, deadlines, status mapping, scoring
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import grpc
@@ -13,7 +14,8 @@ import pytest
 from explainserve._generated import explain_pb2, handler_pb2
 from explainserve.client import build_request, score_request
 from explainserve.sidecar.metrics import GatewayMetrics
-from explainserve.sidecar.pipeline import ExplainPipeline, RpcFailure
+from explainserve.sidecar.pipeline import (INLINE_COLUMN_SCORES, INLINE_SCORES, ExplainPipeline, RpcFailure,
+                                           off_loop_if_large)
 from explainserve.sidecar.scoring import MAX_BATCH, AnomalyScoring
 from explainserve.wire import DEADLINE_KEY, HANDLER_REQUEST_KEY, REGION_REQUEST_KEY, to_numpy
 from support.fake_torchserve import FakeCatalog, FakeTorchServe, image_handler, rpc_error
@@ -169,3 +171,18 @@ def test_score_requests_are_checked_before_scoring(pipeline):
     assert (unknown.code, unknown.message) == (grpc.StatusCode.INVALID_ARGUMENT, "requests[0].model: unknown model 'nope'")
     no_store = failure(pipeline.score_requests([score_request(alpha, model="tiny_image", predicted_class=0)], batch=False))
     assert no_store.code == grpc.StatusCode.UNAVAILABLE and "no distribution store" in no_store.message
+
+
+@pytest.mark.parametrize("limit", [INLINE_SCORES, INLINE_COLUMN_SCORES])
+def test_scoring_leaves_the_event_loop_only_above_its_limit(limit):
+    async def thread_of(values):
+        return await off_loop_if_large(values, limit, lambda name: (name, threading.get_ident()), "work")
+
+    async def main():
+        loop_thread = threading.get_ident()
+        assert await thread_of(limit) == ("work", loop_thread)
+        name, worker = await thread_of(limit + 1)
+        assert name == "work" and worker != loop_thread
+    asyncio.run(main())
+    # a 256 x 2048 ScoreColumns call stays on the loop; as many per-row verdicts do not
+    assert INLINE_SCORES < 256 * 2048 <= INLINE_COLUMN_SCORES
