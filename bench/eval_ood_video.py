@@ -46,6 +46,7 @@ from bench.eval_ood import (EXTENDED, HEADING as IMAGE_HEADING, REPORT, SHIFTS, 
 
 HEADING = "## Table 7, clips: out-of-distribution detection (MovingFashion; Grad-AMap verdict vs logit and feature baselines)"
 COPY = Path(__file__).resolve().parent / "OOD_VIDEO.md"
+NOTES = Path(__file__).resolve().parent / "ood_video_notes.md"
 SIZES = {"fit": 1000, "react_maps": 500, "val": 1500, "test": 1500, "ood_backgrounds": 1000, "ood_motions": 1000,
          "shift": 500}
 BATCH_SIZE = 32
@@ -146,7 +147,7 @@ def section(r: dict) -> list[str]:
         + " (the held-out motions have no label among the model's classes).", "",
         "Which tests the ANOMALOUS verdicts name (% of clips; surprise / missing / low β): "
         + "; ".join(f"{name} {' / '.join(f'{100 * v:.1f}' for v in values)}" for name, values in r["tests"].items())
-        + ".", ""]
+        + ".", ""] + (["### Reading", "", NOTES.read_text().strip(), ""] if NOTES.exists() else [])
 
 
 def place(report: str, lines: list[str]) -> str:
