@@ -225,7 +225,7 @@ def run(args) -> dict:
     model = explainer.model
     scenes = functools.partial(data.FashionScenes, seed=0, image_size=explainer.input_size[-1])
     target = store.calibration["target_fpr"]
-    val = scenes("val")
+    val = scenes("val", size=store.calibration["held_out_images"])  # the composites the store was calibrated on
     test = scenes("test", size=args.ood_test_n)
     fit = scenes("train", size=args.ood_fit_n)
     test_images, test_labels, _, _ = test.batch()

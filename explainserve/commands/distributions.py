@@ -78,7 +78,8 @@ def add_model_arguments(parser, *, required: bool) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per network pass")
     parser.add_argument("--val-limit", type=positive_int,
                         help="use only N validation samples: for files a per-class stratified choice (recorded in "
-                             "the store's manifest); for a demo dataset the first N generated")
+                             "the store's manifest); for a demo dataset the first N generated (past its item pool, "
+                             "fresh composites of the same items)")
     parser.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR,
                         help=f"false-positive rate the verdict is calibrated to (default {DEFAULT_TARGET_FPR})")
     parser.add_argument("--min-class-count", type=positive_int,

@@ -100,11 +100,13 @@ def test_demo_command_archives_carry_their_stores(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_image_store_is_the_calibration_of_the_demo_models_held_out_images():
-    # The committed store was calibrated on all of FashionScenes' val split, scored against the
-    # predicted class (stores/image.json). Recompute the served alpha of every val image: the
-    # calibration fitted on it is the committed one, every class ranks on its own images with
-    # thresholds of its own, and each class's ranked images stay within the target.
-    from explainserve.anomaly import calibrate
+    # The committed store was calibrated on the first 16072 FashionScenes val composites, scored
+    # against the predicted class (stores/image.json). Recomputing the served alpha of all of
+    # them would take four times this test; the first 4018 (one per val item) are recomputed
+    # instead. Part A / part B is decided by each image's position among the images of its
+    # predicted class in dataset order, so these images' parts are those of the full split:
+    # every part-B image's four statistics must be in its class's committed ranks, every class
+    # ranks on its own images with thresholds of its own, on at least 900 of them.
     from explainserve.anomaly.calibration import split_parts
     from explainserve.data import FashionScenes
     from explainserve.explainer import Explainer
@@ -114,26 +116,25 @@ def test_the_image_store_is_the_calibration_of_the_demo_models_held_out_images()
     store = load_store(folder)
     explainer = Explainer(model, kind="image", input_size=metadata["input_size"], mean=metadata["mean"],
                           std=metadata["std"], class_names=metadata["class_names"], layer=metadata["layer"])
-    val = FashionScenes("val", seed=0, image_size=metadata["input_size"][0])
-    assert len(val) == record["val_images"] == store.calibration["held_out_images"]
+    val = FashionScenes("val", seed=0, size=record["val_images"], image_size=metadata["input_size"][0])
+    assert record["val_images"] == store.calibration["held_out_images"] == 16072
+    first = len(val.item_indices())
     alphas, predicted = [], []
-    for start in range(0, len(val), 512):
-        results = explainer.explain([val[i]["image"] for i in range(start, min(start + 512, len(val)))], methods=[])
+    for start in range(0, first, 512):
+        results = explainer.explain([val[i]["image"] for i in range(start, min(start + 512, first))], methods=[])
         alphas += [result.alpha for result in results]
         predicted += [result.predicted for result in results]
     alphas, predicted = np.stack(alphas), np.asarray(predicted)
 
-    target = store.calibration["target_fpr"]
-    refitted = calibrate(store, alphas, predicted, target_fpr=target)
-    assert refitted.section["classes"]["count"] == store.calibration["classes"]["count"]
-    for name, array in refitted.arrays.items():  # two processes may differ in the last bits
-        np.testing.assert_allclose(array, store.arrays[name], rtol=1e-4, atol=1e-6, err_msg=name)
-
-    scores = Scorer(store).score(alphas, predicted)
+    scorer = Scorer(store)
+    scores = scorer.score(alphas, predicted)
     assert scores.from_class.all(), "a class is on the class-independent group"
-    ranked = split_parts(predicted)
-    for class_id in range(store.num_classes):
-        members = ranked & (predicted == class_id)
-        assert scores.anomalous[members].sum() <= np.floor(target * (members.sum() + 1)), class_id
+    assert min(store.calibration["classes"]["count"]) >= 900
+    ranks = np.asarray(store.arrays["class_ranks"])
+    part_b = split_parts(predicted)
+    for row in np.flatnonzero(part_b):
+        held = ranks[predicted[row]]
+        for statistic, value in enumerate(scores.statistics[row]):  # two processes may differ in the last bits
+            assert np.isclose(held[statistic], value, rtol=1e-4, atol=1e-6).any(), (row, statistic)
     critical = {tuple(row) for row in store.calibration["classes"]["critical"]}
     assert len(critical) == store.num_classes, "classes share their thresholds"
