@@ -10,6 +10,7 @@ files, runs ``mutmut run`` there and counts the outcome of every mutant.
     python scripts/mutation.py --list-survivors jitter_cam
     python scripts/mutation.py --report-only jitter_cam   # the last run's results, even unfinished
     python scripts/mutation.py --tests-added probe        # keep the killed, rerun the rest
+    python scripts/mutation.py --sample 100 explainer     # 100 of the untested mutants, drawn at random
 
 Prints ``mutation_score[<name>]=X`` per module (with its counts and seconds taken),
 ``mutation_score=X`` over the modules run and ``mutation_seconds=N`` for the whole run. The
@@ -23,7 +24,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -160,6 +163,12 @@ def run_mutmut(name: str, args: argparse.Namespace, equivalent: dict[str, str]) 
         if not rerun:
             return 0
         command += rerun
+    elif args.sample:
+        untested = sorted(key for key, status in statuses(root, source).items()
+                          if status == "not checked" and key not in equivalent)
+        if not untested:
+            return 0
+        command += random.Random(name).sample(untested, min(args.sample, len(untested)))
     run = subprocess.run(command, cwd=prepare(name, args.workdir, keep_results=args.tests_added),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if run.returncode != 0:
@@ -173,6 +182,16 @@ def score(counts: Counter) -> float:
     return killed / (killed + survived) if killed + survived else float("nan")
 
 
+def wilson_interval(counts: Counter, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson interval of the score when the tested mutants are a random sample of the module's."""
+    killed, n = sum(counts[s] for s in KILLED), sum(counts[s] for s in KILLED | SURVIVED)
+    if not n:
+        return float("nan"), float("nan")
+    p, spread = killed / n, z * math.sqrt(killed * (n - killed) / n + z * z / 4) / n
+    centre, scale = p + z * z / (2 * n), 1 + z * z / n
+    return (centre / scale - spread / scale, centre / scale + spread / scale)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", metavar="MODULE",
@@ -183,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests-added", action="store_true",
                         help="tests were only added since the last run: keep its killed mutants, rerun its survivors "
                              "and test the mutants it had not reached")
+    parser.add_argument("--sample", type=int, default=0, metavar="N",
+                        help="test N of the mutants not tested yet, drawn at random (seeded by the module's name; a rerun "
+                             "draws among those still untested; needs an earlier run, even an interrupted one, "
+                             "to have named them): a partial run whose score estimates the module's, with its "
+                             "95 %% interval, when a whole run does not fit")
     parser.add_argument("--report-only", action="store_true",
                         help="count the last run's results without running; mutants not tested yet show as not_checked")
     args = parser.parse_args(argv)
@@ -197,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         root = args.workdir / name
         started = time.monotonic()
         if not args.report_only:
-            if args.tests_added and not (root / "mutants" / f"{source}.meta").exists():
-                parser.error(f"--tests-added: {name} has no earlier run to keep")
+            if (args.tests_added or args.sample) and not (root / "mutants" / f"{source}.meta").exists():
+                parser.error(f"--tests-added, --sample: {name} has no earlier run to keep")
             code = run_mutmut(name, args, equivalent)
             if code:
                 return code
@@ -216,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         total += counts
         detail = " ".join(f"{status.replace(' ', '_')}={n}" for status, n in sorted(counts.items()))
         elapsed = "" if args.report_only else f" seconds={time.monotonic() - started:.0f}"
-        print(f"mutation_score[{name}]={score(counts):.3f} {detail}{elapsed}", flush=True)
+        interval = ""
+        if counts["not checked"]:
+            low, high = wilson_interval(counts)
+            interval = f" partial_95pct=[{low:.3f},{high:.3f}]"
+        print(f"mutation_score[{name}]={score(counts):.3f} {detail}{interval}{elapsed}", flush=True)
     print(f"mutation_score={score(total):.3f}")
     if not args.report_only:
         print(f"mutation_seconds={time.monotonic() - run_started:.0f}")

@@ -243,3 +243,18 @@ def test_each_map_is_the_library_function_applied_to_that_sample_alone_for_a_req
             means = np.array([guided[segments == label].mean() for label in range(segments.max() + 1)])
             np.testing.assert_allclose(result.maps[method].segment_scores, means, rtol=1e-4, err_msg=method)
             np.testing.assert_allclose(result.maps[method].heatmap, means[segments], rtol=1e-4, err_msg=method)
+
+
+def test_kind_and_input_size_are_checked_before_the_model_runs():
+    model = torchvision.models.resnet18(weights=None, num_classes=3)
+    common = {"mean": MEAN, "std": STD, "class_names": list("abc")}
+    with pytest.raises(ValueError, match=r"kind: expected 'image' or 'video', got 'audio'"):
+        Explainer(model, kind="audio", input_size=(32, 32), **common)
+    for kind, size in (("image", (8, 32, 32)), ("image", (0, 32)), ("image", (32, -1)), ("video", (32, 32)),
+                       ("video", (8, 0, 32))):
+        spatial = 2 if kind == "image" else 3
+        expected = rf"input_size: expected {spatial} positive ints for kind '{kind}', got \({', '.join(map(str, size))}\)"
+        with pytest.raises(ValueError, match=expected):
+            Explainer(model, kind=kind, input_size=size, **common)
+    # One pixel is a positive size: ResNet-18 maps a 1 x 32 input to a 1 x 1 target layer.
+    assert Explainer(model, kind="image", input_size=(1, 32), **common).cam_size == (1, 1)
