@@ -71,8 +71,8 @@ CLAIMS = (
 )
 
 METRICS = (
-    "deletion and insertion AUC (29 steps, blurred-image insertion, softmax of the class predicted on the intact "
-    "input; per sample)",
+    "deletion and insertion AUC (29 steps; deleted pixels set to 0, the dataset mean, inserted into an all-0 input; "
+    "softmax of the class predicted on the intact input; per sample)",
     "weak localisation error, value / mean / energy thresholds, each method at its best threshold over the set, "
     "IoU > 0.5 with the box (mean per-frame IoU for clips); per sample: missed or not at that threshold",
     "pointing game (15 px at 224 px, scaled)",

@@ -35,6 +35,10 @@ from explainserve.swag import PIXEL_SOURCES, pixel_scores, segment_means
 GRID = tuple(range(4, 21, 2))
 # The thesis's 15 px pointing tolerance is for about 224 px inputs; keep the same fraction.
 POINTING_TOLERANCE_224 = 15.0
+# Inputs per forward pass of the deletion / insertion, superpixel-removal and filter-removal
+# metrics: 4x the library's default. At a fixed memory layout the model's per-sample outputs do
+# not depend on the batch size (the same numbers bit for bit), and 2 cores run more images/s.
+PERTURBATION_BATCH = 256
 
 
 def predicted(subject: Subject, indices) -> torch.Tensor:
@@ -54,7 +58,8 @@ def perturbation(subject: Subject, indices, targets, maps) -> dict:
     inputs = subject.inputs(indices)
     result = {}
     for mode in ("deletion", "insertion"):
-        curves = perturbation_curves(subject.model, inputs, torch.from_numpy(maps), mode, target=targets)
+        curves = perturbation_curves(subject.scoring_model, inputs, torch.from_numpy(maps), mode, target=targets,
+                                     batch_size=PERTURBATION_BATCH)
         result[mode] = curve_auc(curves).numpy()
         result[f"{mode}_curve"] = curves.mean(0).numpy()
     return result
@@ -77,8 +82,8 @@ def grid_search(subject: Subject, indices) -> dict:
         for i, wc in enumerate(GRID):
             for j, wg in enumerate(GRID):
                 maps = ours("", "swag_i_g", ExplainOptions(wc=wc, wg=wg)).run(subject, indices, targets)
-                curves = perturbation_curves(subject.model, subject.inputs(indices), torch.from_numpy(maps),
-                                             "deletion", target=targets)
+                curves = perturbation_curves(subject.scoring_model, subject.inputs(indices), torch.from_numpy(maps),
+                                             "deletion", target=targets, batch_size=PERTURBATION_BATCH)
                 auc[i, j] = curve_auc(curves).mean().item()
                 progress.update()
     i, j = np.unravel_index(np.argmin(auc), auc.shape)
@@ -116,8 +121,8 @@ def filter_removal(subject: Subject, indices) -> dict:
     signals = layer_signals(subject.model, subject.layer, inputs, labels)
     results = {}
     for ranking in tqdm(RANKINGS, desc="filter removal"):
-        fractions, correct = filter_removal_correct(subject.model, subject.layer, inputs, labels,
-                                                    filter_scores(signals, ranking))
+        fractions, correct = filter_removal_correct(subject.scoring_model, subject.layer, inputs, labels,
+                                                    filter_scores(signals, ranking), batch_size=PERTURBATION_BATCH)
         accuracy = normalised_accuracy(correct)
         results[ranking] = {"auc": filter_removal_auc(fractions, accuracy), "curve": accuracy.numpy(), "correct": correct}
     results["fractions"] = fractions
@@ -144,8 +149,10 @@ def superpixel_ranking(subject: Subject, indices, lime_samples=(50, 100, 500, 10
     table = {}
     for label, values in tqdm(scores.items(), desc="superpixel removal"):
         table[label] = {
-            "best": 100 * superpixel_removal(subject.model, inputs, segments, values, "best", target=targets).mean(),
-            "worst": 100 * superpixel_removal(subject.model, inputs, segments, values, "worst", target=targets).mean(),
+            "best": 100 * superpixel_removal(subject.scoring_model, inputs, segments, values, "best", target=targets,
+                                               batch_size=PERTURBATION_BATCH).mean(),
+            "worst": 100 * superpixel_removal(subject.scoring_model, inputs, segments, values, "worst", target=targets,
+                                               batch_size=PERTURBATION_BATCH).mean(),
             "top1": 100 * top_k_agreement(values, reference, 1).mean(),
             "top5": 100 * top_k_agreement(values, reference, 5).mean(),
         }

@@ -48,6 +48,26 @@ class Subject:
     def layer(self) -> torch.nn.Module:
         return self.model.get_submodule(self.explainer.layer)
 
+    @property
+    def scoring_model(self) -> torch.nn.Module:
+        """``model`` for forward passes without gradients (the perturbation metrics, LIME)."""
+        return ChannelsLast(self.model)
+
+
+class ChannelsLast(torch.nn.Module):
+    """``model`` run on channels-last images: the same function, with oneDNN's faster
+    convolutions on this CPU (1.5x the images/s of the 64 px model at batch 256, measured at load
+    average 15). Probabilities differ from the contiguous layout's by about 4e-7, as batch 1 and
+    batch 64 already differ; clips (rank 5) pass unchanged.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs.contiguous(memory_format=torch.channels_last) if inputs.ndim == 4 else inputs)
+
 
 def _dataset(kind: str, split: str, size: int, image_size: int):
     from explainserve import data

@@ -48,8 +48,9 @@ SIZES = {
               "timing_n": 5, "ood_test_n": 1000, "ood_n": 500, "ood_shift_n": 500, "ood_fit_n": 1000,
               "suppression_n": 1000},
 }
-FULL_ESTIMATE = {"image methods": "image_n", "costly image methods": "costly_n", "video methods": "video_n",
-                 "filter removal": "filter_n", "OOD detection": "ood_test_n", "surprise suppression": "suppression_n"}
+FULL_ESTIMATE = {"grid search": "grid_n", "image methods": "image_n", "costly image methods": "costly_n",
+                 "timing": "timing_n", "filter removal": "filter_n", "superpixel ranking": "ranking_n",
+                 "video methods": "video_n", "OOD detection": "ood_test_n", "surprise suppression": "suppression_n"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

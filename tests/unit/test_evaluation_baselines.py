@@ -83,3 +83,35 @@ def test_random_and_centre_baselines():
     assert centre.shape == (2, 5, 9, 11)
     assert np.unravel_index(np.argmax(centre[0, 0]), (9, 11)) == (4, 5)
     assert np.array_equal(random_map(None, inputs, None, seed=3), random_map(None, inputs, None, seed=3))
+
+
+def test_the_evaluations_batches_and_channels_last_leave_its_numbers_as_they_were():
+    # bench/evaluate.py runs its perturbation metrics 256 inputs a pass on channels-last images and
+    # LIME 256 samples a pass: the curves must be those of the library's defaults (64 a pass,
+    # contiguous), bit for bit for the batch size, to float32 rounding for the layout.
+    from bench.eval_sections import PERTURBATION_BATCH
+    from bench.eval_subjects import ChannelsLast
+    from explainserve.evaluation import filter_removal_correct, perturbation_curves
+    from explainserve.models.architectures import FashionVGG
+
+    torch.manual_seed(0)
+    model = FashionVGG(num_classes=8).eval()
+    inputs, maps = torch.randn(3, 3, 32, 32), torch.rand(3, 32, 32)  # 87 curve points: two passes of 64
+    target = torch.arange(3)
+    for mode in ("deletion", "insertion"):
+        default = perturbation_curves(model, inputs, maps, mode, target=target)
+        batched = perturbation_curves(model, inputs, maps, mode, target=target, batch_size=PERTURBATION_BATCH)
+        assert torch.equal(batched, default)
+        fast = perturbation_curves(ChannelsLast(model), inputs, maps, mode, target=target, batch_size=PERTURBATION_BATCH)
+        torch.testing.assert_close(fast, default, rtol=0, atol=1e-5)
+    scores = torch.randn(3, 128)  # FashionVGG: 128 filters at its target layer
+    layer = model.get_submodule(model.target_layer)
+    default = filter_removal_correct(model, layer, inputs, target, scores)
+    fast = filter_removal_correct(ChannelsLast(model), layer, inputs, target, scores, batch_size=PERTURBATION_BATCH)
+    assert torch.equal(fast[1], default[1])
+
+    segments = np.stack([np.arange(32 * 32).reshape(32, 32) // 128] * 2)  # 8 horizontal bands
+    lime_default = LimeBaseline(60, None, batch_size=16).segment_scores(model, inputs[:2], target[:2], segments)
+    lime_fast = LimeBaseline(60, None).segment_scores(model, inputs[:2], target[:2], segments)
+    for fast_scores, default_scores in zip(lime_fast, lime_default):
+        np.testing.assert_allclose(fast_scores, default_scores, rtol=1e-4, atol=1e-6)
