@@ -29,7 +29,7 @@ from .methods import DEFAULT_METHODS, IMAGE_METHODS, METHODS, SUPPRESSION_STEPS,
 from .probe import ProbeResult, probe
 from .surprise import REGION_SEGMENTS, FilterRegion, Suppression, filter_regions, suppress_surprise
 from .limits import Limits
-from .superpixels import gradient_slic
+from .superpixels import gradient_slic, slic_iterations
 from .swag import pixel_scores, swag
 
 
@@ -210,9 +210,11 @@ class Explainer:
     # -- validation -------------------------------------------------------------------
     def slic_options(self, options: ExplainOptions) -> dict:
         """SLIC's n_segments, wc and wg: the request's, or the defaults (n_segments scaled to
-        the input, ``limits.default_n_segments``; the kind's weights)."""
+        the input, ``limits.default_n_segments``; the kind's weights); and its iteration count
+        for that many superpixels (:func:`explainserve.superpixels.slic_iterations`)."""
         defaults = dict(SLIC_DEFAULTS[self.kind], n_segments=self.limits.default_n_segments)
-        return {name: defaults[name] if getattr(options, name) is None else getattr(options, name) for name in defaults}
+        chosen = {name: defaults[name] if getattr(options, name) is None else getattr(options, name) for name in defaults}
+        return dict(chosen, max_num_iter=slic_iterations(self.kind, chosen["n_segments"]))
 
     def check_request(self, methods: Sequence[str], options: ExplainOptions = ExplainOptions(),
                       target: int | None = None, label: int | None = None) -> None:

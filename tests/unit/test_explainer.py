@@ -196,6 +196,11 @@ def test_default_superpixel_count_scales_with_the_input_area():
         with Explainer(model, kind="image", input_size=(side, side), mean=MEAN, std=STD, class_names=list("abc")) as explainer:
             assert explainer.limits.default_n_segments == expected
             assert explainer.slic_options(ExplainOptions())["n_segments"] == expected
+            # SLIC's full 10 iterations for these few superpixels; fewer for a request of many
+            assert explainer.slic_options(ExplainOptions())["max_num_iter"] == 10
+            assert explainer.slic_options(ExplainOptions(n_segments=256))["max_num_iter"] == 10
+            if side >= 112:
+                assert explainer.slic_options(ExplainOptions(n_segments=300))["max_num_iter"] == 6
             (result,) = explainer.explain([photo], ["swag_i"])
             found = len(result.maps["swag_i"].segment_scores)
             assert expected // 2 <= found <= 2 * expected, (side, found)
