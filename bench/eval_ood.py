@@ -45,6 +45,10 @@ from explainserve.probe import probe  # noqa: E402
 
 from bench.ood_extended import NAME as EXTENDED  # noqa: E402
 from bench.ood_extended import ExtendedVerdict, extended_tests, own_classes  # noqa: E402
+from bench.ood_alpha_mahalanobis import ALONE as ALPHA_ALONE  # noqa: E402
+from bench.ood_alpha_mahalanobis import NAME as ALPHA_EXTENDED  # noqa: E402
+from bench.ood_alpha_mahalanobis import AlphaMahalanobis  # noqa: E402
+from explainserve.anomaly.calibration import split_parts  # noqa: E402
 
 HEADING = "## Table 7: out-of-distribution detection (FashionScenes; Grad-AMap verdict vs logit and feature baselines)"
 REPORT = Path(__file__).resolve().parent / "REPORT.md"
@@ -52,6 +56,8 @@ NOTES = Path(__file__).resolve().parent / "ood_notes.md"
 VERDICT = "verdict"
 TESTS = ("−β_z", "surprise", "missing")
 LOGIT_BASELINES = tuple(BASELINES)
+#: The counts :func:`compare` returns beside its table, carried into a section's results.
+COUNTS = ("best_of", "tpr_vs_energy", "extended_best_of", "extended_above_verdict", "alpha_best_of", "alpha_beyond_interval")
 OTHER_TARGETS = (0.001, 0.05)
 NOISE_SIGMA, BLUR_SIGMA = 0.1, 1.5
 
@@ -170,12 +176,33 @@ def recalibrated_rates(store, passes: dict, target: float, sets: list) -> dict:
     return rates
 
 
+def alpha_mahalanobis_rows(store, passes: dict, scored: dict, target: float) -> dict:
+    """Add the alpha-Mahalanobis test alone and the four-test verdict with it to ``scored``
+    (bench/ood_alpha_mahalanobis.py: fitted on val's part A); returns the verdict's flags per split."""
+    val = passes["val"]
+    part_a = ~split_parts(val["predicted"])
+    test = AlphaMahalanobis(store.arrays["mean"], store.arrays["scale"], val["alpha"][part_a], val["predicted"][part_a])
+
+    def tests(split: str) -> np.ndarray:
+        distance = test.distance(passes[split]["alpha"], passes[split]["predicted"])
+        scored[split][0][ALPHA_ALONE] = distance
+        return np.column_stack([scored[split][1].statistics[:, :3], distance]).astype(np.float32)
+
+    verdict = ExtendedVerdict(tests("val"), val["predicted"], own_classes(store), target)
+    flags = {}
+    for split, passed in passes.items():
+        scored[split][0][ALPHA_EXTENDED], flags[split] = verdict.score(tests(split), passed["predicted"])
+    return flags
+
+
 def compare(store, passes: dict, oods: list, resamples: int) -> dict:
     """Every detector on the network passes ``passes`` (split name -> :func:`network_pass` with
     baselines; "val" sets the thresholds, "test" holds the negatives, ``oods`` name the positive
     sets), scored against ``store``. Returns a dict: "table" (detector -> FPRs and, per OOD set,
     AUROC with its bootstrap interval and TPR), "scored" (split -> (scores, BatchScores)) and the
-    counts "best_of", "tpr_vs_energy", "extended_best_of", "extended_above_verdict"."""
+    counts "best_of", "tpr_vs_energy", "extended_best_of", "extended_above_verdict", "alpha_best_of",
+    "alpha_beyond_interval" (sets where the verdict with the alpha-Mahalanobis test is above the
+    upper end of the verdict's interval)."""
     from bench.ood_baselines import FEATURE_DETECTORS
 
     baseline_names = (*LOGIT_BASELINES, *FEATURE_DETECTORS)
@@ -187,7 +214,8 @@ def compare(store, passes: dict, oods: list, resamples: int) -> dict:
     for split, passed in passes.items():
         scored[split][0][EXTENDED], extended_flags[split] = extended.score(
             extended_tests(scored[split][1], passed["logits"]), passed["predicted"])
-    detectors = (VERDICT, *TESTS, EXTENDED, *baseline_names)
+    alpha_flags = alpha_mahalanobis_rows(store, passes, scored, target)
+    detectors = (VERDICT, *TESTS, EXTENDED, ALPHA_ALONE, ALPHA_EXTENDED, *baseline_names)
 
     table = {}
     for name in detectors:
@@ -195,6 +223,8 @@ def compare(store, passes: dict, oods: list, resamples: int) -> dict:
             flags = {split: scored[split][1].anomalous for split in scored}
         elif name == EXTENDED:
             flags = extended_flags
+        elif name == ALPHA_EXTENDED:
+            flags = alpha_flags
         else:
             threshold = threshold_at_fpr(scored["val"][0][name], target)
             flags = {split: scored[split][0][name] > threshold for split in scored}
@@ -210,8 +240,12 @@ def compare(store, passes: dict, oods: list, resamples: int) -> dict:
     extended_best_of = sum(table[EXTENDED][ood]["auroc"] >= max(table[b][ood]["auroc"] for b in baseline_names)
                            for ood in oods)
     extended_above_verdict = sum(table[EXTENDED][ood]["auroc"] > table[VERDICT][ood]["auroc"] for ood in oods)
+    alpha_best_of = sum(table[ALPHA_EXTENDED][ood]["auroc"] >= max(table[b][ood]["auroc"] for b in baseline_names)
+                        for ood in oods)
+    alpha_beyond_interval = sum(table[ALPHA_EXTENDED][ood]["auroc"] > table[VERDICT][ood]["high"] for ood in oods)
     return {"table": table, "scored": scored, "baselines": baseline_names, "best_of": best_of, "tpr_vs_energy": tpr_vs_energy,
-            "extended_best_of": extended_best_of, "extended_above_verdict": extended_above_verdict}
+            "extended_best_of": extended_best_of, "extended_above_verdict": extended_above_verdict,
+            "alpha_best_of": alpha_best_of, "alpha_beyond_interval": alpha_beyond_interval}
 
 
 def run(args) -> dict:
@@ -259,7 +293,7 @@ def run(args) -> dict:
     other_targets = {t: recalibrated_rates(store, passes, t, list(samples)) for t in OTHER_TARGETS}
     return {
         "model": args.model, "table": table, "sets": list(samples), "accuracy": accuracy, "tests": tests,
-        **{key: compared[key] for key in ("best_of", "tpr_vs_energy", "extended_best_of", "extended_above_verdict")},
+        **{key: compared[key] for key in COUNTS},
         "other_targets": other_targets, "baselines": list(compared["baselines"]),
         "sizes": {"fit": len(fit_images), "val": len(val_images), "test": len(test_images),
                   **{k: len(v) for k, v in samples.items()}},
@@ -292,7 +326,10 @@ def comparison_rows(r: dict) -> list[str]:
         f"The verdict's AUROC is at least every baseline's on {r['best_of']} of {len(sets)} sets; its TPR at "
         f"{percent:g} % is at least Energy's on {r['tpr_vs_energy']} of {len(sets)}. With the energy test "
         f"({EXTENDED}) the AUROC is above the verdict's on {r['extended_above_verdict']} of {len(sets)} sets and at "
-        f"least every baseline's on {r['extended_best_of']}.", ""]
+        f"least every baseline's on {r['extended_best_of']}. With the alpha-Mahalanobis test ({ALPHA_EXTENDED}: "
+        "bench/ood_alpha_mahalanobis.py, fitted on val's part A) the AUROC is above the upper end of the verdict's "
+        f"interval on {r['alpha_beyond_interval']} of {len(sets)} sets and at least every baseline's on "
+        f"{r['alpha_best_of']}.", ""]
 
 
 def section(r: dict) -> list[str]:
@@ -318,7 +355,8 @@ def section(r: dict) -> list[str]:
             "were set; for the verdict, half of val ranked it) and realised on test. The verdict's rows below "
             "its own are its three tests alone (−β_z, the graded surprise and missing statistics), then the verdict "
             f"with a fourth test from the same pass, the logits' energy ({EXTENDED}: bench/ood_extended.py, the same "
-            "split, groups and min-p combination; not served).",
+            f"split, groups and min-p combination; not served), the alpha-space Mahalanobis distance alone ({ALPHA_ALONE}) "
+            f"and the verdict with it as the fourth test ({ALPHA_EXTENDED}; not served).",
             ""] + comparison_rows(r) + [
         "The verdict calibrated at other targets (on the same val alpha), realised FPR on test and TPR %:", "",
         "| target | classes ranked on their own | FPR test % | " + " | ".join(sets) + " |",
@@ -372,6 +410,9 @@ def main(argv=None) -> int:
     print(f"verdict_energy_auroc_best_of={results['extended_best_of']}/{len(results['sets'])}")
     print(f"verdict_energy_auroc_above_verdict={results['extended_above_verdict']}/{len(results['sets'])}")
     print(f"verdict_energy_realised_fpr_test_percent={100 * results['table'][EXTENDED]['test_fpr']:.2f}")
+    print(f"verdict_alpha_mahalanobis_auroc_beyond_interval={results['alpha_beyond_interval']}/{len(results['sets'])}")
+    print(f"verdict_alpha_mahalanobis_auroc_best_of={results['alpha_best_of']}/{len(results['sets'])}")
+    print(f"verdict_alpha_mahalanobis_realised_fpr_test_percent={100 * results['table'][ALPHA_EXTENDED]['test_fpr']:.2f}")
     return 0
 
 

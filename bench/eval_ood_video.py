@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.eval_ood import (EXTENDED, HEADING as IMAGE_HEADING, REPORT, SHIFTS, VERDICT, comparison_rows,  # noqa: E402
+from bench.eval_ood import (COUNTS, EXTENDED, HEADING as IMAGE_HEADING, REPORT, SHIFTS, VERDICT, comparison_rows,  # noqa: E402
                             compare, network_pass, open_model, splice)
 
 HEADING = "## Table 7, clips: out-of-distribution detection (MovingFashion; Grad-AMap verdict vs logit and feature baselines)"
@@ -114,7 +114,7 @@ def run(batch_size: int = BATCH_SIZE) -> dict:
     compared = compare(store, passes, sets, RESAMPLES)
     return {
         "table": compared["table"], "sets": sets, "baselines": list(compared["baselines"]),
-        **{key: compared[key] for key in ("best_of", "tpr_vs_energy", "extended_best_of", "extended_above_verdict")},
+        **{key: compared[key] for key in COUNTS},
         "accuracy": {name: float((passes[name]["predicted"] == y).mean()) for name, y in labels.items()},
         "tests": {name: compared["scored"][name][1].tests.mean(axis=0).tolist() for name in ("test", *sets)},
         "sizes": {**SIZES, **{name: len(passes[name]["predicted"]) for name in passes}},
