@@ -147,7 +147,10 @@ class ExplainPipeline:
         RESOURCE_EXHAUSTED naming the field otherwise."""
         metadata = await self.metadata(request.model, request.model_version)
         try:
-            await asyncio.to_thread(check_request, request, metadata)
+            if request.WhichOneof("input") == "clip":  # a video file's container is read: off the loop
+                await asyncio.to_thread(check_request, request, metadata)
+            else:  # an image's header: 25-32 us of CPU, against 96-110 us through a thread
+                check_request(request, metadata)
         except ValueError as error:
             raise failure_of(error) from None
         return metadata
