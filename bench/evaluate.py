@@ -137,7 +137,7 @@ def preregister(args, images, clips) -> None:
                + (f"; {clips.name} (video, input {'x'.join(map(str, clips.explainer.input_size))})" if clips else ""),
         image_methods=[m.label for m in image_methods(images, 0.0, 0.0)],
         video_methods=[m.label for m in video_methods(clips)] if clips is not None else ["not run here"],
-        costly=COSTLY, sizes=vars(args), mode=args.mode,
+        costly=COSTLY, sizes=dict(vars(args), video_n=args.video_n if clips is not None else 0), mode=args.mode,
         segments=f"image {images.explainer.limits.default_n_segments} at "
                  f"{'x'.join(map(str, images.explainer.input_size))}"
                  + (f", video {clips.explainer.limits.default_n_segments} at "

@@ -23,7 +23,7 @@ def committed(kind: str):
     return folder, record, weights
 
 
-@pytest.mark.parametrize("kind", ["image", "video"])
+@pytest.mark.parametrize("kind", ["image", "image_large", "video"])
 def test_committed_store_is_for_the_served_demo_model_and_its_weights(kind):
     folder, record, weights = committed(kind)
     _, metadata = demo_model(kind)
