@@ -263,3 +263,15 @@ def test_kind_and_input_size_are_checked_before_the_model_runs():
             Explainer(model, kind=kind, input_size=size, **common)
     # One pixel is a positive size: ResNet-18 maps a 1 x 32 input to a 1 x 1 target layer.
     assert Explainer(model, kind="image", input_size=(1, 32), **common).cam_size == (1, 1)
+
+
+def test_each_channel_is_normalised_with_its_own_mean_and_std_in_float32(photos):
+    # Given as float64 arrays (as read from a model's configuration), still float32 inputs.
+    mean, std = np.array([0.1, 0.5, 0.9]), np.array([0.2, 0.25, 0.5])
+    model = torchvision.models.resnet18(weights=None, num_classes=3)
+    explainer = Explainer(model, kind="image", input_size=(32, 32), mean=mean, std=std, class_names=list("abc"))
+    prepared = explainer.prepare(photos[:1])
+    assert prepared.inputs.dtype == torch.float32
+    for channel in range(3):
+        by_hand = (prepared.rgb[:, channel].numpy() - mean[channel]) / std[channel]
+        np.testing.assert_allclose(prepared.inputs[:, channel].numpy(), by_hand, rtol=1e-5, atol=1e-6)
