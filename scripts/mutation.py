@@ -11,6 +11,7 @@ files, runs ``mutmut run`` there and counts the outcome of every mutant.
     python scripts/mutation.py --report-only jitter_cam   # the last run's results, even unfinished
     python scripts/mutation.py --tests-added probe        # keep the killed, rerun the rest
     python scripts/mutation.py --sample 100 explainer     # 100 of the untested mutants, drawn at random
+    python scripts/mutation.py --tests-added --sample 0 explainer   # the survivors only
 
 Prints ``mutation_score[<name>]=X`` per module (with its counts and seconds taken),
 ``mutation_score=X`` over the modules run and ``mutation_seconds=N`` for the whole run. The
@@ -154,22 +155,22 @@ def statuses(root: Path, source: str) -> dict[str, str]:
 
 def run_mutmut(name: str, args: argparse.Namespace, equivalent: dict[str, str]) -> int:
     """Run mutmut for one module: every mutant not yet tested, or with ``args.tests_added`` the
-    last run's survivors (not those judged equivalent) and the mutants it had not reached.
+    last run's survivors (not those judged equivalent) and the mutants it had not reached; with
+    ``args.sample`` only that many of the untested mutants, drawn at random.
     Returns mutmut's exit code."""
     source, root = MODULES[name][0], args.workdir / name
     command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
-    if args.tests_added:
-        rerun = [key for key, status in statuses(root, source).items()
-                 if status not in KILLED and key not in equivalent]
+    if args.tests_added or args.sample is not None:
+        current = {key: status for key, status in statuses(root, source).items() if key not in equivalent}
+        untested = sorted(key for key, status in current.items() if status == "not checked")
+        if args.sample is not None:
+            untested = random.Random(name).sample(untested, min(args.sample, len(untested)))
+        # After tests were added: the survivors (and mutants a run left unfinished) too.
+        rerun = [key for key, status in current.items()
+                 if args.tests_added and status not in KILLED and status != "not checked"] + untested
         if not rerun:
             return 0
         command += rerun
-    elif args.sample:
-        untested = sorted(key for key, status in statuses(root, source).items()
-                          if status == "not checked" and key not in equivalent)
-        if not untested:
-            return 0
-        command += random.Random(name).sample(untested, min(args.sample, len(untested)))
     run = subprocess.run(command, cwd=prepare(name, args.workdir, keep_results=args.tests_added),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if run.returncode != 0:
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests-added", action="store_true",
                         help="tests were only added since the last run: keep its killed mutants, rerun its survivors "
                              "and test the mutants it had not reached")
-    parser.add_argument("--sample", type=int, default=0, metavar="N",
+    parser.add_argument("--sample", type=int, metavar="N",
                         help="test N of the mutants not tested yet, drawn at random (seeded by the module's name; a rerun "
                              "draws among those still untested; needs an earlier run, even an interrupted one, "
                              "to have named them): a partial run whose score estimates the module's, with its "
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         root = args.workdir / name
         started = time.monotonic()
         if not args.report_only:
-            if (args.tests_added or args.sample) and not (root / "mutants" / f"{source}.meta").exists():
+            if (args.tests_added or args.sample is not None) and not (root / "mutants" / f"{source}.meta").exists():
                 parser.error(f"--tests-added, --sample: {name} has no earlier run to keep")
             code = run_mutmut(name, args, equivalent)
             if code:
