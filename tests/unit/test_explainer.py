@@ -275,3 +275,18 @@ def test_each_channel_is_normalised_with_its_own_mean_and_std_in_float32(photos)
     for channel in range(3):
         by_hand = (prepared.rgb[:, channel].numpy() - mean[channel]) / std[channel]
         np.testing.assert_allclose(prepared.inputs[:, channel].numpy(), by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_a_chosen_target_layer_is_the_one_explained(photos):
+    model = torchvision.models.resnet18(weights=None, num_classes=3)
+    explainer = Explainer(model, kind="image", input_size=(32, 32), mean=MEAN, std=STD, class_names=list("abc"),
+                          layer="layer3")
+    assert explainer.layer == "layer3" and explainer.cam_size == (2, 2) and explainer.num_filters == 256
+    (result,) = explainer.explain(photos[:1], ["grad_cam"])
+    reference = probe(model, explainer.prepare(photos[:1]).inputs, layer="layer3")
+    np.testing.assert_allclose(result.alpha, grad_amap(reference.activations, reference.activation_gradients)[0].numpy(),
+                               rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(result.maps["grad_cam"].heatmap,
+                               grad_cam(reference.activations, reference.activation_gradients, (32, 32))[0].numpy(),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(explainer.filter_scores(photos[:1]).alpha[0], result.alpha, rtol=1e-5, atol=1e-8)
