@@ -237,3 +237,15 @@ def test_noise_flat_colour_and_identical_frames_never_give_one_segment(case, var
     assert result.heatmap.std() > 0 or case.startswith("flat")
     single = gradient_slic(image, scores, variant=variant, **{**options, "n_segments": 1})
     assert len(np.unique(single)) == 1
+
+
+def test_a_segmentation_is_collapsed_below_an_eighth_of_the_request_and_never_when_one_is_asked():
+    from explainserve.superpixels import _collapsed
+
+    def found(count):  # a segmentation with labels 0 .. count - 1
+        return np.arange(count, dtype=np.int32).reshape(1, count)
+
+    assert not _collapsed(found(1), 1)
+    # More than one asked: at least 2, and at least an eighth of the request, rounded up (24 -> 3).
+    assert _collapsed(found(1), 2) and not _collapsed(found(2), 2)
+    assert _collapsed(found(2), 24) and not _collapsed(found(3), 24)
