@@ -67,8 +67,8 @@ def _header(r: dict) -> list[str]:
         f"- Fixed subsets (seed 0, the first N of each split): {a['image_n']} FashionScenes test images (Tables 1-2; "
         f"{', '.join(COSTLY)} on the first {a['costly_n']}), "
         f"{a['grid_n']} FashionScenes val images (wc/wg grid), {a['filter_n']} test images (Table 4), "
-        f"{a['timing_n']} test images timed one at a time (Table 5), {a['ranking_n']} test images (Table 6), "
-        f"{a['video_n']} MovingFashion test clips (Table 3).",
+        f"{a['timing_n']} test images timed one at a time (Table 5), {a['ranking_n']} test images (Table 6)"
+        + (f", {a['video_n']} MovingFashion test clips (Table 3)." if "video" in r else "; no clips (Table 3 not run)."),
         f"- Superpixels: SWAG's served default n_segments, scaled to the input (the thesis's superpixel size): "
         f"{r['image_segments']} for this image model" + (f", {r['video_segments']} for the clips" if "video" in r else "")
         + ". The default was fixed first, before any run with it (the report of 2026-11-29 ran K = 300 on "
