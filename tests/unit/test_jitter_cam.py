@@ -164,3 +164,16 @@ def test_one_patch_per_pass_gives_the_same_map():
     together = jitter_cam(model, x, torch.tensor([0, 1]), cam_size=(4, 4), layer="pool", d=2)
     alone = jitter_cam(model, x, torch.tensor([0, 1]), cam_size=(4, 4), layer="pool", d=2, batch_size=1)
     assert torch.allclose(together, alone, atol=1e-7)
+
+
+def test_the_requested_class_is_explained_not_the_predicted_one():
+    # PooledChannelNet: class 1's logit is -mean(A), so its CAM is relu(-A) / Z, zero where A > 0,
+    # and class 0's is relu(A) / Z. Sample 0 is positive (predicted 0), sample 1 negative (predicted 1).
+    model = PooledChannelNet(8).eval()
+    positive = torch.rand(1, 3, 32, 32) + 0.1
+    x = torch.cat([positive, -positive])
+    assert probe(model, x, input_gradient=False).predicted.tolist() == [0, 1]
+    other = jitter_cam(model, x, torch.tensor([1, 0]), cam_size=(4, 4), layer="pool", d=2)
+    assert torch.equal(other, torch.zeros_like(other))
+    own = jitter_cam(model, x, torch.tensor([0, 1]), cam_size=(4, 4), layer="pool", d=2)
+    assert (own > 0).all()
