@@ -393,6 +393,15 @@ def splice(report: str, lines: list[str], heading: str = HEADING) -> str:
     return report[:start] + text + ("\n" + report[end + 1:] if end >= 0 else "\n")
 
 
+
+def summary_lines(results: dict, prefix: str = "") -> list[str]:
+    """The verdict's ``name=value`` lines of a :func:`compare` result: best-of and TPR-vs-Energy
+    counts over the sets, and the realised test FPR in percent; ``prefix`` names the table."""
+    sets = len(results["sets"])
+    return [f"{prefix}verdict_auroc_best_of={results['best_of']}/{sets}",
+            f"{prefix}verdict_tpr_at_target_ge_energy={results['tpr_vs_energy']}/{sets}",
+            f"{prefix}realised_fpr_test_percent={100 * results['table'][VERDICT]['test_fpr']:.2f}"]
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_argument(parser)
@@ -404,9 +413,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     args.out.write_text(splice(args.out.read_text() if args.out.exists() else "", lines))
     print(f"wrote the section into {args.out}")
-    print(f"verdict_auroc_best_of={results['best_of']}/{len(results['sets'])}")
-    print(f"verdict_tpr_at_target_ge_energy={results['tpr_vs_energy']}/{len(results['sets'])}")
-    print(f"realised_fpr_test_percent={100 * results['table'][VERDICT]['test_fpr']:.2f}")
+    print("\n".join(summary_lines(results)))
     print(f"verdict_energy_auroc_best_of={results['extended_best_of']}/{len(results['sets'])}")
     print(f"verdict_energy_auroc_above_verdict={results['extended_above_verdict']}/{len(results['sets'])}")
     print(f"verdict_energy_realised_fpr_test_percent={100 * results['table'][EXTENDED]['test_fpr']:.2f}")

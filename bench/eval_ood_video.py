@@ -41,8 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.eval_ood import (COUNTS, EXTENDED, HEADING as IMAGE_HEADING, REPORT, SHIFTS, VERDICT, comparison_rows,  # noqa: E402
-                            compare, network_pass, open_model, splice)
+from bench.eval_ood import (COUNTS, EXTENDED, HEADING as IMAGE_HEADING, REPORT, SHIFTS, comparison_rows,  # noqa: E402
+                            compare, network_pass, open_model, splice, summary_lines)
 
 HEADING = "## Table 7, clips: out-of-distribution detection (MovingFashion; Grad-AMap verdict vs logit and feature baselines)"
 COPY = Path(__file__).resolve().parent / "OOD_VIDEO.md"
@@ -171,9 +171,7 @@ def main(argv=None) -> int:
     args.out.write_text(place(args.out.read_text() if args.out.exists() else "", lines))
     COPY.write_text("\n".join(lines) + "\n")
     print(f"wrote the section into {args.out} and {COPY}")
-    print(f"video_verdict_auroc_best_of={results['best_of']}/{len(results['sets'])}")
-    print(f"video_verdict_tpr_at_target_ge_energy={results['tpr_vs_energy']}/{len(results['sets'])}")
-    print(f"video_realised_fpr_test_percent={100 * results['table'][VERDICT]['test_fpr']:.2f}")
+    print("\n".join(summary_lines(results, prefix="video_")))
     print(f"video_eval_minutes={results['seconds'] / 60:.1f}")
     return 0
 

@@ -84,6 +84,16 @@ def test_report_section_is_replaced_in_place_or_appended():
     assert splice(last, new) == f"# report\n\n{HEADING}\n\nnew numbers\n"
 
 
+
+def test_summary_lines_count_over_the_sets_and_name_the_table():
+    from bench.eval_ood import VERDICT, summary_lines
+
+    results = {"sets": ["noise", "blur", "inversion"], "best_of": 1, "tpr_vs_energy": 2,
+               "table": {VERDICT: {"test_fpr": 0.00755}}}
+    assert summary_lines(results) == ["verdict_auroc_best_of=1/3", "verdict_tpr_at_target_ge_energy=2/3",
+                                      "realised_fpr_test_percent=0.76"]
+    assert summary_lines(results, prefix="video_")[2] == "video_realised_fpr_test_percent=0.76"
+
 def test_bootstrap_interval_covers_the_auroc_and_narrows_with_more_images():
     rng = np.random.default_rng(0)
     intervals = []
