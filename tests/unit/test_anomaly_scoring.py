@@ -364,6 +364,24 @@ def test_a_class_without_training_images_scores_against_the_pool_by_hand(store_d
     np.testing.assert_allclose(scorer.store.arrays["tail_grid"][2], fit_tail_grid(part_a_tests), rtol=1e-6)
 
 
+def test_recalibration_does_not_read_the_previous_calibration(store_dir, tmp_path):
+    # The same held-out images calibrate a store the same way whatever calibration it held
+    # before: here one fitted on images spread 3x as wide, whose scales are 3x the new ones.
+    # The pooled group scores its images with the new scales too.
+    alpha, classes = held_out()
+    fresh = calibrate(load_store(store_dir), alpha, classes, min_class_count=500, target_fpr=0.05)
+    directory = tmp_path / "store"
+    shutil.copytree(store_dir, directory)
+    store = load_store(directory)
+    save_calibration(store, calibrate(store, 3 * alpha, classes, min_class_count=500, target_fpr=0.05))
+    store = load_store(directory)
+    np.testing.assert_allclose(store.arrays["scale"][2], 3 * fresh.arrays["scale"][2], rtol=1e-5)
+    again = calibrate(store, alpha, classes, min_class_count=500, target_fpr=0.05)
+    assert again.section == fresh.section
+    for name, array in fresh.arrays.items():
+        np.testing.assert_array_equal(again.arrays[name], array, err_msg=name)
+
+
 def test_mixture_quantiles_invert_the_mixture_cdf():
     rng = np.random.default_rng(3)
     grids = np.cumsum(rng.exponential(size=(5, 11, 7)), axis=1) - rng.normal(scale=3, size=(5, 1, 7))
