@@ -9,7 +9,9 @@ from explainserve.anomaly import (ANOMALOUS, NORMAL, Scorer, StoreError, StoreMe
                                   load_store, region_flag, save_calibration)
 from explainserve.anomaly.conformal import fit_tail_grid
 from explainserve.anomaly.pooled import mixture_quantiles
+from explainserve.anomaly.calibration import Calibration
 from explainserve.anomaly.reference import ClassReference, Flags, percentile_in_grid
+from explainserve.anomaly.scorer import FilterFlag, Reason
 from explainserve.anomaly.summary import PERCENTILE_LEVELS
 from explainserve.anomaly.store import MANIFEST, store_sha256, write_manifest
 
@@ -77,7 +79,7 @@ def test_surprise_is_strictly_above_p999_and_expectation_needs_an_important_filt
     against_zero = scorer.score(PROBE, 0).sample(0)
     # f0 999.5 > 999; f3 equals P99.9 exactly, so it is not surprising.
     assert [flag.filter for flag in against_zero.surprising] == [0]
-    assert against_zero.surprising[0].threshold == 999.0
+    assert against_zero.surprising[0].threshold == 999.0 and against_zero.surprising[0].alpha == np.float32(999.5)
     assert against_zero.surprising[0].exemplars == (2000, 1998, 1996)
     # f1 1.5 < P0.1 = 2 with mu 1000 > mean mu 450; f2 0.4 < 0.5 but mu 250 < 450 keeps it out.
     assert [flag.filter for flag in against_zero.expected_missing] == [1]
@@ -137,9 +139,14 @@ def test_verdict_is_anomalous_exactly_below_the_target_and_says_why(scorer):
     np.testing.assert_array_equal(batch.anomalous, batch.p_value < 0.05)
     assert 0 < batch.anomalous.sum() < 300
     np.testing.assert_array_equal(batch.from_class, classes == 0)
+    section = scorer.store.calibration
+    own, fallback = section["classes"]["critical"][0], section["fallback"]["critical"]
+    assert None not in own + fallback and own != fallback
+    np.testing.assert_array_equal(batch.critical, np.where((classes == 0)[:, None], own, fallback))
     for index in range(300):
         sample = batch.sample(index)
         assert sample.p_value == batch.p_value[index] and sample.score == batch.statistics[index, 3]
+        assert sample.class_id == classes[index]
         if sample.verdict == NORMAL:
             assert sample.reasons == ()
             continue
@@ -154,6 +161,73 @@ def test_verdict_is_anomalous_exactly_below_the_target_and_says_why(scorer):
     assert scorer.score(training_alpha(0)[500], 0).sample(0).verdict == NORMAL
     far = scorer.score(training_alpha(0)[1000] * 3, 0).sample(0)
     assert far.verdict == ANOMALOUS and far.reasons[0].code == "surprise" and str(far.reasons[0]).startswith("surprise ")
+
+
+def test_a_reason_reads_as_the_test_against_its_bound():
+    assert str(Reason("surprise", 4.5, 2.0, "class", 0.0123)) == "surprise 4.5 > 2, p = 0.0123 (class calibration)"
+    assert str(Reason("low_beta", -3.5, -2.25, "pooled", 0.001)) == "beta_z -3.5 < -2.25, p = 0.001 (pooled calibration)"
+
+
+def test_region_flag_skips_filters_that_score_zero():
+    silent, active = FilterFlag(3, 0.0, -1.0, (), 2.0), FilterFlag(1, 1.0, 0.5, (), 1.0)
+    assert region_flag([silent, active]) is active
+    assert region_flag([silent]) is None and region_flag([]) is None
+
+
+def test_low_beta_reason_reports_beta_z_and_its_bound(scorer):
+    # Filters 2 and 3 (not expected: their mu is below the mean mu) far below their range pull β
+    # down without flagging anything: low β alone makes the verdict.
+    sample = scorer.score(np.array([2, 4, -5000, -5000], np.float32), 0).sample(0)
+    assert sample.surprising == () and sample.expected_missing == () and sample.beta_z < -5
+    assert sample.verdict == ANOMALOUS and [reason.code for reason in sample.reasons] == ["low_beta"]
+    reason = sample.reasons[0]
+    assert reason.value == pytest.approx(sample.beta_z)
+    assert reason.threshold == pytest.approx(-scorer.store.calibration["classes"]["critical"][0][2])
+    assert reason.value < reason.threshold
+
+
+def test_a_p_value_equal_to_the_target_is_normal(store_dir, tmp_path):
+    # 19 part-B images of class 0 (and 19 in the fallback): no p-value is below 1 / 20, the
+    # target here, so no critical value is reachable and an input past every image is NORMAL.
+    directory = tmp_path / "store"
+    shutil.copytree(store_dir, directory)
+    store = load_store(directory)
+    save_calibration(store, calibrate(store, training_alpha(0)[5::26][:38], np.zeros(38, int),
+                                      min_class_count=1, target_fpr=0.05))
+    scorer = Scorer(load_store(directory))
+    assert scorer.store.calibration["classes"]["count"][:2] == [19, 0]
+    far = training_alpha(0)[1000] * 3
+    batch = scorer.score(np.stack([far, far]), [0, 1])
+    np.testing.assert_array_equal(batch.p_values[:, 0], 1 / 20)
+    np.testing.assert_array_equal(batch.p_value, 1 / 20)
+    assert np.isinf(batch.critical).all() and not batch.anomalous.any() and not batch.tests.any()
+    samples = batch.samples()
+    assert samples == [batch.sample(0), batch.sample(1)] and [s.class_id for s in samples] == [0, 1]
+    assert all(s.verdict == NORMAL and s.reasons == () for s in samples)
+
+
+def test_a_verdict_no_single_test_reaches_names_the_strongest_test(store_dir, tmp_path):
+    # Class 0's ranks edited by hand: every part-B image above any input on the three tests
+    # (their p-values are 1) and below any input on the combined statistic (p = 1 / 501). The
+    # verdict is ANOMALOUS with no test below the target: the reason is the test with the most
+    # tail evidence. Class 1 (the fallback's ranks, untouched) names its test as usual.
+    directory = tmp_path / "store"
+    shutil.copytree(store_dir, directory)
+    store = load_store(directory)
+    fitted = calibrate(store, *held_out(), min_class_count=500, target_fpr=0.05)
+    ranks = fitted.arrays["class_ranks"]
+    assert fitted.section["classes"]["count"][0] == 500
+    ranks[0, :3, :500], ranks[0, 3, :500] = 3e38, -3e38
+    save_calibration(store, Calibration(fitted.section, fitted.arrays))
+    scorer = Scorer(load_store(directory))
+    low_beta, far = np.array([2, 4, -5000, -5000], np.float32), training_alpha(0)[1000]
+    batch = scorer.score(np.stack([low_beta, 2 * far, 3 * far, 3 * far]), [0, 0, 0, 1])
+    assert batch.anomalous.all()
+    np.testing.assert_array_equal(batch.p_values[:3, :3], 1.0)
+    np.testing.assert_array_equal(batch.p_value[:3], 1 / 501)
+    reasons = [[(reason.code, reason.source) for reason in batch.sample(i).reasons] for i in range(4)]
+    assert reasons[:3] == [[("low_beta", "class")], [("surprise", "class")], [("surprise", "class")]]
+    assert reasons[3][0] == ("surprise", "fallback") and batch.p_values[3, 0] < 0.05
 
 
 def test_a_batch_scores_like_its_rows(scorer):
@@ -268,15 +342,36 @@ def test_the_store_sha256_covers_every_setting_a_verdict_depends_on(store_dir, t
     assert load_store(directory).sha256 == manifest["sha256"]
 
 
-def test_exemplars_of_a_small_class_are_not_padded(tmp_path):
+@pytest.mark.parametrize("num_filters", [4, 1])  # 1: fewer filters than the class has images
+def test_exemplars_of_a_small_class_are_not_padded(tmp_path, num_filters):
     # Two training images per class and top_k 3: the third exemplar slot is empty (-1) in the store.
-    alpha = np.array([[1, 0, 0, 0], [3, 0, 0, 0], [0, 1, 1, 1], [0, 2, 2, 2]], dtype=np.float32)
-    store_dir = build_store([(alpha, np.array([0, 0, 1, 1]), np.array([7, 8, 9, 10]))], tmp_path / "small", META, top_k=3)
+    alpha = np.array([[1, 0, 0, 0], [3, 0, 0, 0], [0, 1, 1, 1], [0, 2, 2, 2]], dtype=np.float32)[:, :num_filters]
+    meta = StoreMeta("hand", "1", "layer4", {"size": [8, 8]}, ("zero", "one", "empty"), num_filters)
+    store_dir = build_store([(alpha, np.array([0, 0, 1, 1]), np.array([7, 8, 9, 10]))], tmp_path / "small", meta, top_k=3)
     store = load_store(store_dir)
     np.testing.assert_array_equal(store.arrays["exemplars"][0, 0], [8, 7, -1])
     save_calibration(store, calibrate(store, alpha, np.array([0, 0, 1, 1]), min_class_count=1))
-    result = Scorer(load_store(store_dir)).score(np.array([5, 0, 0, 0], np.float32), 0).sample(0)
-    assert result.surprising[0].filter == 0 and result.surprising[0].exemplars == (8, 7)
+    scorer = Scorer(load_store(store_dir))
+    flag = scorer.score(np.array([5, 0, 0, 0], np.float32)[:num_filters], 0).sample(0).surprising[0]
+    assert flag.filter == 0 and flag.exemplars == (8, 7) and flag.alpha == 5.0
+    reference = scorer.reference
+    assert flag.exceedance == pytest.approx((5 - reference.p_high[0, 0]) * reference.inverse_scale[0, 0], rel=1e-6)
+
+
+def test_flags_with_equal_exceedances_keep_filter_order(tmp_path):
+    # 40 filters with the same training and held-out scores; the input exceeds their P99.9 by one
+    # of two amounts. Ties are listed in filter order (more than 16 of them: numpy's default
+    # sort orders ties arbitrarily past its insertion sort).
+    steps = np.repeat(STEPS[:, None].astype(np.float32), 40, axis=1)
+    store_dir = build_store([(steps, np.zeros(1001, int), STEPS)], tmp_path / "ties",
+                            StoreMeta("ties", "1", "layer4", {}, ("only",), 40))
+    store = load_store(store_dir)
+    save_calibration(store, calibrate(store, steps[::2], np.zeros(501, int), min_class_count=1))
+    alpha = np.tile(np.array([2000, 3000, 3000, 3000, 2000], np.float32), 8)
+    batch = Scorer(load_store(store_dir)).score(alpha, 0)
+    expected = np.flatnonzero(alpha == 3000).tolist() + np.flatnonzero(alpha == 2000).tolist()
+    assert [flag.filter for flag in batch.sample(0).surprising] == expected
+    assert [flag.filter for flag in batch.sample(0, max_flags=20).surprising] == expected[:20]
 
 
 def test_silent_filters_still_weigh_when_they_fire():
