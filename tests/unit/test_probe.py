@@ -273,14 +273,14 @@ def test_probe_runs_on_video_architectures(architecture, layer):
     "inputs,kwargs,message",
     [
         (torch.randn(3, 32, 32), {}, "inputs: expected rank 4"),
-        (torch.randn(1, 1, 32, 32), {}, "inputs: expected 3 channels"),
+        (torch.randn(1, 1, 32, 32), {}, r"^inputs: expected 3 channels \(dimension 1\), got 1$"),
         (torch.full((1, 3, 32, 32), float("nan")), {}, "NaN or Inf"),
         (torch.randn(1, 3, 32, 32), {"layer": "layer9"}, "layer: unknown layer name 'layer9'"),
         (torch.randn(1, 3, 32, 32), {"target": 10}, r"target: class ids must be in \[0, 9\]"),
         (torch.randint(0, 255, (1, 3, 32, 32)), {}, "floating-point"),
         (np.zeros((1, 3, 32, 32), dtype=np.float32), {}, "inputs: expected a torch.Tensor, got ndarray"),
-        (torch.zeros(0, 3, 32, 32), {}, "inputs: the batch is empty; expected at least 1 sample"),
-        (torch.full((1, 3, 32, 32), float("inf")), {}, "inputs: contains NaN or Inf values"),
+        (torch.zeros(0, 3, 32, 32), {}, "^inputs: the batch is empty; expected at least 1 sample$"),
+        (torch.full((1, 3, 32, 32), float("inf")), {}, "^inputs: contains NaN or Inf values; expected finite values$"),
         (torch.randn(1, 3, 2, 32, 32, 1), {},
          r"inputs: expected rank 4 \(B, C, H, W\) or rank 5 \(B, C, T, H, W\), got rank 6"),
     ],
@@ -481,7 +481,8 @@ def test_filters_take_one_id_per_sample_or_one_for_all(filters, expected):
 ])
 def test_bad_filters_raise_a_precise_value_error(filters, message):
     with pytest.raises(ValueError, match=message):
-        probe(PointwiseNet(nn.ReLU).eval(), torch.randn(2, 2, 3, 3), layer="conv2", filters=filters)
+        # 5x5 maps: the filter count (3) is not the map's height.
+        probe(PointwiseNet(nn.ReLU).eval(), torch.randn(2, 2, 5, 5), layer="conv2", filters=filters)
 
 
 @pytest.mark.parametrize("target,expected", [(1, [1, 1]), ([0], [0, 0]),
@@ -517,6 +518,7 @@ def test_top_k_is_the_most_probable_classes_in_order():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 6)).eval()
     result = probe(model, torch.randn(3, 3, 2, 2), layer="0", input_gradient=False)
+    assert result.input_gradient is None  # not asked for
     probabilities = result.logits.softmax(dim=1)
     assert torch.allclose(result.probabilities, probabilities)
     scores, classes = result.top_k(2)
