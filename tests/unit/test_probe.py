@@ -277,6 +277,7 @@ def test_probe_runs_on_video_architectures(architecture, layer):
         (torch.full((1, 3, 32, 32), float("nan")), {}, "NaN or Inf"),
         (torch.randn(1, 3, 32, 32), {"layer": "layer9"}, "layer: unknown layer name 'layer9'"),
         (torch.randn(1, 3, 32, 32), {"target": 10}, r"target: class ids must be in \[0, 9\]"),
+        (torch.randn(1, 3, 32, 32), {"extra_targets": 10}, r"^extra_targets: class ids must be in \[0, 9\]"),
         (torch.randint(0, 255, (1, 3, 32, 32)), {}, "floating-point"),
         (np.zeros((1, 3, 32, 32), dtype=np.float32), {}, "inputs: expected a torch.Tensor, got ndarray"),
         (torch.zeros(0, 3, 32, 32), {}, "^inputs: the batch is empty; expected at least 1 sample$"),
@@ -518,7 +519,9 @@ def test_top_k_is_the_most_probable_classes_in_order():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 6)).eval()
     result = probe(model, torch.randn(3, 3, 2, 2), layer="0", input_gradient=False)
-    assert result.input_gradient is None  # not asked for
+    # Not asked for: None, not an empty value.
+    assert result.input_gradient is None and result.vanilla_gradient is None
+    assert result.extra_activation_gradients is None and result.filter_gradient is None
     probabilities = result.logits.softmax(dim=1)
     assert torch.allclose(result.probabilities, probabilities)
     scores, classes = result.top_k(2)
