@@ -109,7 +109,8 @@ def test_regenerated_keys_are_read_again(stack):
         ping(stack, bearer(old["inference"]["key"]))
     with ExplainClient(stack.target) as client:
         client.explain(random_image(2), model="tiny_image", timeout=120)
-    assert health(stack.target) == SERVING
+    # The health poll (every 0.5 s) may still hold the old key's refusal: it must recover by itself.
+    assert wait_for(lambda: health(stack.target) == SERVING, timeout=10)
 
 
 def test_a_missing_then_wrong_then_right_key_file(stack, own_gateway, tmp_path):
