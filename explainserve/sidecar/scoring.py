@@ -105,28 +105,34 @@ def _stat_key(stat: os.stat_result) -> tuple:
     return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
 
-def class_verdict(scores: BatchScores, row: int) -> explain_pb2.ClassVerdict:
-    """The API message of row ``row`` of ``scores``."""
+def class_verdict(scores: BatchScores, row: int, into: explain_pb2.ClassVerdict | None = None) -> explain_pb2.ClassVerdict:
+    """The API message of row ``row`` of ``scores``, written into ``into`` (a field of the
+    answer, which saves copying the flags there) or a new message."""
     sample = scores.sample(row, max_flags=MAX_FLAGS)
-    verdict = explain_pb2.ClassVerdict
-
-    def flags(found) -> list:
-        return [explain_pb2.FilterFlag(filter=f.filter, alpha=f.alpha, threshold=f.threshold, exemplars=f.exemplars,
-                                       exceedance=f.exceedance)
-                for f in found]
-
-    return verdict(
-        class_index=sample.class_id, class_name=sample.class_name,
-        verdict=verdict.ANOMALOUS if sample.verdict == ANOMALOUS else verdict.NORMAL,
-        beta=sample.beta, beta_percentile=sample.beta_percentile, beta_z=sample.beta_z, score=sample.score,
-        p_value=sample.p_value, target_fpr=scores.scorer.target_fpr, surprise=sample.surprise, missing=sample.missing,
-        reasons=[explain_pb2.VerdictReason(code=r.code, value=r.value, threshold=r.threshold, source=r.source,
-                                           p_value=r.p_value)
-                 for r in sample.reasons],
-        surprise_count=int(scores.surprise_count[row]), expectation_count=int(scores.expectation_count[row]),
-        surprising_filters=flags(sample.surprising), missing_filters=flags(sample.expected_missing),
-        pooled_distribution=bool(scores.scorer.reference.pooled[sample.class_id]),
-    )
+    verdict = explain_pb2.ClassVerdict() if into is None else into
+    # Fields set one by one and flags added in place: building each FilterFlag as a message of
+    # its own and copying it into the list cost twice as long (about 40 us for 30 flags).
+    verdict.class_index = sample.class_id
+    verdict.class_name = sample.class_name
+    verdict.verdict = explain_pb2.ClassVerdict.ANOMALOUS if sample.verdict == ANOMALOUS else explain_pb2.ClassVerdict.NORMAL
+    verdict.beta, verdict.beta_percentile, verdict.beta_z = sample.beta, sample.beta_percentile, sample.beta_z
+    verdict.score, verdict.p_value, verdict.target_fpr = sample.score, sample.p_value, scores.scorer.target_fpr
+    verdict.surprise, verdict.missing = sample.surprise, sample.missing
+    for reason in sample.reasons:
+        verdict.reasons.add(code=reason.code, value=reason.value, threshold=reason.threshold, source=reason.source,
+                            p_value=reason.p_value)
+    verdict.surprise_count = int(scores.surprise_count[row])
+    verdict.expectation_count = int(scores.expectation_count[row])
+    for served, found in ((verdict.surprising_filters, sample.surprising),
+                          (verdict.missing_filters, sample.expected_missing)):
+        add = served.add
+        for flag in found:
+            message = add()
+            message.filter, message.alpha, message.threshold, message.exceedance = (
+                flag.filter, flag.alpha, flag.threshold, flag.exceedance)
+            message.exemplars.extend(flag.exemplars)
+    verdict.pooled_distribution = bool(scores.scorer.reference.pooled[sample.class_id])
+    return verdict
 
 
 class AnomalyScoring:
@@ -336,10 +342,10 @@ class AnomalyScoring:
                 rows.append(label_alpha)
                 classes.append(label)
             batch = scorer.score(np.asarray(rows, dtype=np.float32), np.asarray(classes, dtype=np.int64))
-            report = explain_pb2.AnomalyReport(status=explain_pb2.AnomalyReport.OK, store_sha256=scorer.store.sha256,
-                                               predicted=class_verdict(batch, 0))
+            report = explain_pb2.AnomalyReport(status=explain_pb2.AnomalyReport.OK, store_sha256=scorer.store.sha256)
+            class_verdict(batch, 0, into=report.predicted)
             if len(batch) > 1:
-                report.label.CopyFrom(class_verdict(batch, 1))
+                class_verdict(batch, 1, into=report.label)
         except Exception as error:  # noqa: BLE001 - scoring never fails an Explain
             if isinstance(error, ScoringUnavailable):
                 reason, message = error.reason, error.message
@@ -415,6 +421,5 @@ class AnomalyScoring:
         reports = [explain_pb2.AnomalyReport(status=explain_pb2.AnomalyReport.OK, store_sha256=scorer.store.sha256)
                    for _ in requests]
         for row, (position, alpha_field, _) in enumerate(fields):
-            verdict = class_verdict(scored, row)
-            (reports[position].predicted if alpha_field == "alpha" else reports[position].label).CopyFrom(verdict)
+            class_verdict(scored, row, into=reports[position].predicted if alpha_field == "alpha" else reports[position].label)
         return reports

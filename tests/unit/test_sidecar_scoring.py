@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from explainserve._generated import explain_pb2
-from explainserve.anomaly import build_store, calibrate, load_store, save_calibration
+from explainserve.anomaly import ANOMALOUS, Scorer, build_store, calibrate, load_store, save_calibration
+from explainserve.anomaly.scorer import MAX_FLAGS
 from explainserve.anomaly.synthetic import SyntheticClasses
 from explainserve.sidecar.metrics import GatewayMetrics
-from explainserve.sidecar.scoring import AnomalyScoring
+from explainserve.sidecar.scoring import AnomalyScoring, class_verdict
 
 MODEL, FILTERS = "demo_image", 16
 
@@ -60,3 +61,65 @@ def test_store_folder_rules(store, tmp_path):
     healthy.model_served(MODEL, "1.1")  # TorchServe serves another version: refused
     assert not healthy.healthy and changes == [False]
     assert not AnomalyScoring(GatewayMetrics(), None).healthy  # nothing to score with
+
+
+def verdict_built_message_by_message(scores, row: int) -> explain_pb2.ClassVerdict:
+    """Row ``row`` of ``scores`` as a ClassVerdict built from ``sample()`` with one message per
+    flag, reason and verdict: the straightforward construction the served one must equal."""
+    sample = scores.sample(row, max_flags=MAX_FLAGS)
+    verdict = explain_pb2.ClassVerdict
+
+    def flags(found) -> list:
+        return [explain_pb2.FilterFlag(filter=f.filter, alpha=f.alpha, threshold=f.threshold, exemplars=f.exemplars,
+                                       exceedance=f.exceedance) for f in found]
+
+    return verdict(
+        class_index=sample.class_id, class_name=sample.class_name,
+        verdict=verdict.ANOMALOUS if sample.verdict == ANOMALOUS else verdict.NORMAL,
+        beta=sample.beta, beta_percentile=sample.beta_percentile, beta_z=sample.beta_z, score=sample.score,
+        p_value=sample.p_value, target_fpr=scores.scorer.target_fpr, surprise=sample.surprise, missing=sample.missing,
+        reasons=[explain_pb2.VerdictReason(code=r.code, value=r.value, threshold=r.threshold, source=r.source,
+                                           p_value=r.p_value) for r in sample.reasons],
+        surprise_count=int(scores.surprise_count[row]), expectation_count=int(scores.expectation_count[row]),
+        surprising_filters=flags(sample.surprising), missing_filters=flags(sample.expected_missing),
+        pooled_distribution=bool(scores.scorer.reference.pooled[sample.class_id]),
+    )
+
+
+def test_served_verdicts_equal_the_samples_field_for_field(tmp_path):
+    # 40 filters: a row with every filter flagged is cut to MAX_FLAGS; class 1 has 2 training
+    # images for 4 exemplars (padded ids left out), class 2 none (the pooled distribution).
+    classes_count, filters = 4, 40
+    synthetic = SyntheticClasses.random(classes_count, filters, seed=6)
+    meta = dataclasses.replace(synthetic.meta, model_name=MODEL)
+
+    def training():
+        seen_in_class_1 = 0
+        for alpha, classes, ids in synthetic.batches(60, batch_size=40):
+            keep = classes != 2
+            for index in np.flatnonzero(classes == 1):
+                seen_in_class_1 += 1
+                keep[index] = seen_in_class_1 <= 2
+            yield alpha[keep], classes[keep], ids[keep]
+
+    folder = build_store(training(), tmp_path / MODEL, meta, top_k=4, build_time="2026-01-01T00:00:00Z")
+    held_out = np.repeat(np.arange(classes_count), 30)
+    save_calibration(load_store(folder), calibrate(load_store(folder), synthetic.sample(held_out, seed=5), held_out,
+                                                   target_fpr=0.05, min_class_count=1))
+    scorer = Scorer(load_store(folder))
+    rng = np.random.default_rng(0)
+    classes = np.tile(np.arange(classes_count), 12)
+    alpha = synthetic.sample(classes, seed=1) * rng.choice([1.0, 1.5, 4.0, -2.0], size=(len(classes), 1))
+    alpha[0] = scorer.reference.p_high[0] + 1.0  # every filter surprising
+    scores = scorer.score(alpha.astype(np.float32), classes)
+    assert scores.surprise_count.max() == filters > MAX_FLAGS and scores.anomalous.any() and not scores.anomalous.all()
+    assert scorer.reference.pooled[2] and scorer.reference.counts[1] == 2
+    for row in range(len(classes)):
+        expected = verdict_built_message_by_message(scores, row)
+        assert class_verdict(scores, row) == expected, row
+        report = explain_pb2.AnomalyReport()
+        assert class_verdict(scores, row, into=report.label) is report.label and report.label == expected
+        assert class_verdict(scores, row).SerializeToString() == expected.SerializeToString()
+    padded = [flag for row in np.flatnonzero(classes == 1) for flag in class_verdict(scores, row).surprising_filters]
+    assert padded and all(len(flag.exemplars) == 2 for flag in padded)
+    assert any(class_verdict(scores, row).reasons for row in range(len(classes)))
