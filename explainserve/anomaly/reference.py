@@ -93,6 +93,11 @@ class Flags:
         if k == 0 or not len(self.entries):
             return filters, exceedance
         row_of = np.repeat(np.arange(rows), self.count)
+        if k == 1:  # the columnar default: each row's first largest, without sorting every entry
+            chosen = self._first_largest(row_of)
+            filters[row_of[chosen], 0] = self.entries[chosen] - row_of[chosen] * self.num_filters
+            exceedance[row_of[chosen], 0] = self.exceedance[chosen]
+            return filters, exceedance
         # By row, then exceedance, largest first; a stable sort keeps ties in filter order.
         keys = (row_of.astype(np.uint64) << np.uint64(32)) | order_keys(-self.exceedance)
         order = np.argsort(keys, kind="stable")
@@ -102,6 +107,19 @@ class Flags:
         filters[row_of[kept], rank[kept]] = self.entries[chosen] - row_of[kept] * self.num_filters
         exceedance[row_of[kept], rank[kept]] = self.exceedance[chosen]
         return filters, exceedance
+
+    def _first_largest(self, row_of: np.ndarray) -> np.ndarray:
+        """(r,) positions in ``entries`` of each flagged row's largest exceedance, the lowest
+        filter among equals: the entry :meth:`top` sorts first (compared as its order keys)."""
+        keys = order_keys(-self.exceedance)
+        flagged_rows = self.count > 0
+        least = np.minimum.reduceat(keys, self.starts[:-1][flagged_rows])
+        smallest_of_row = np.zeros(len(self.count), dtype=np.uint64)
+        smallest_of_row[flagged_rows] = least
+        candidates = np.flatnonzero(keys == smallest_of_row[row_of])  # ascending: rows, then filters
+        first = np.ones(len(candidates), dtype=bool)
+        first[1:] = row_of[candidates[1:]] != row_of[candidates[:-1]]
+        return candidates[first]
 
 
 def flagged(upper: np.ndarray, lower: np.ndarray, classes: np.ndarray, inverse: np.ndarray | None) -> tuple[Flags, np.ndarray]:
