@@ -177,24 +177,46 @@ class BatchScores:
         """(B,) float64, the verdict's p-values."""
         return self.p_values[:, -1]
 
+    def flag_columns(self, index: int, kind: str, max_flags: int | None = None) -> tuple[list, list, list, list, list]:
+        """Row ``index``'s flags of one kind, most extreme first (the ``max_flags`` first), as the
+        columns of :class:`FilterFlag`: five lists of filters, alphas, thresholds, exemplar-id
+        lists (a class's padding ids left out) and exceedances.
+
+        Parameters
+        ----------
+        index : int
+        kind : str
+            ``"surprising"`` or ``"expected_missing"``.
+        max_flags : int, optional
+        """
+        reference = self.scorer.reference
+        if kind == "surprising":
+            found, thresholds = self.surprising, reference.p_high
+        elif kind == "expected_missing":
+            found, thresholds = self.expected_missing, reference.p_low
+        else:
+            raise ValueError(f"kind must be 'surprising' or 'expected_missing', got {kind!r}")
+        class_id = int(self.classes[index])
+        exceedance = found.row_exceedance(index)
+        order = np.argsort(-exceedance, kind="stable")[:max_flags]
+        filters = found.filters(index)[order]
+        exemplars = reference.exemplars[class_id][filters].tolist()
+        if reference.counts[class_id] < reference.exemplars.shape[-1]:  # padded with NO_EXEMPLAR
+            exemplars = [[i for i in ids if i != NO_EXEMPLAR] for ids in exemplars]
+        return (filters.tolist(), self.alpha[index][filters].tolist(),
+                thresholds[class_id][filters].tolist(), exemplars, exceedance[order].tolist())
+
     def sample(self, index: int, max_flags: int | None = None) -> SampleScore:
         """The full result for row ``index``; with ``max_flags``, only the ``max_flags`` most
         extreme filters of each flag list (the counts stay in ``surprise_count`` /
-        ``expectation_count``)."""
+        ``expectation_count``; 0 builds none)."""
         class_id = int(self.classes[index])
         reference = self.scorer.reference
-        row = self.alpha[index]
-        padded = reference.counts[class_id] < reference.exemplars.shape[-1]
 
-        def flags(found: Flags, thresholds: np.ndarray) -> tuple:
-            exceedance = found.row_exceedance(index)
-            order = np.argsort(-exceedance, kind="stable")[:max_flags]
-            filters = found.filters(index)[order]
-            columns = zip(filters.tolist(), row[filters].tolist(), thresholds[filters].tolist(),
-                          reference.exemplars[class_id][filters].tolist(), exceedance[order].tolist())
-            if padded:
-                return tuple(FilterFlag(f, a, t, tuple(i for i in ids if i != NO_EXEMPLAR), e) for f, a, t, ids, e in columns)
-            return tuple(FilterFlag(f, a, t, tuple(ids), e) for f, a, t, ids, e in columns)
+        def flags(kind: str) -> tuple:
+            if max_flags == 0:
+                return ()
+            return tuple(FilterFlag(f, a, t, tuple(ids), e) for f, a, t, ids, e in zip(*self.flag_columns(index, kind, max_flags)))
 
         source = str(self.scorer.sources[class_id])
         statistics, critical, p_values = self.statistics[index], self.critical[index], self.p_values[index]
@@ -208,8 +230,8 @@ class BatchScores:
         return SampleScore(
             class_id=class_id,
             class_name=reference.store.meta.class_names[class_id],
-            surprising=flags(self.surprising, reference.p_high[class_id]),
-            expected_missing=flags(self.expected_missing, reference.p_low[class_id]),
+            surprising=flags("surprising"),
+            expected_missing=flags("expected_missing"),
             surprise=float(statistics[0]),
             missing=float(statistics[1]),
             beta=float(self.beta[index]),

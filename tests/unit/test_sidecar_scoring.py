@@ -123,3 +123,7 @@ def test_served_verdicts_equal_the_samples_field_for_field(tmp_path):
     padded = [flag for row in np.flatnonzero(classes == 1) for flag in class_verdict(scores, row).surprising_filters]
     assert padded and all(len(flag.exemplars) == 2 for flag in padded)
     assert any(class_verdict(scores, row).reasons for row in range(len(classes)))
+    unflagged = scores.sample(0, max_flags=0)  # what class_verdict reads besides the flag columns
+    assert unflagged.surprising == unflagged.expected_missing == () and unflagged.p_value == scores.sample(0).p_value
+    with pytest.raises(ValueError, match="kind must be 'surprising' or 'expected_missing', got 'surprise'"):
+        scores.flag_columns(0, "surprise")
