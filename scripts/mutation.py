@@ -14,10 +14,13 @@ files, runs ``mutmut run`` there and counts the outcome of every mutant.
     python scripts/mutation.py --tests-added --sample 0 explainer   # the survivors only
 
 Prints ``mutation_score[<name>]=X`` per module (with its counts and seconds taken),
-``mutation_score=X`` over the modules run and ``mutation_seconds=N`` for the whole run. The
+``mutation_score=X`` over the modules run, ``mutation_seconds=N`` (wall) for the whole run and
+``mutation_cpu_seconds=N``, the CPU time mutmut and its test processes used, which does not depend on
+what else runs on the machine (a whole run on 2 idle cores takes about half of it). The
 score is killed / (killed + survived), where a timeout counts as killed, a mutant that no
 selected test executes counts as survived, and the mutants listed in
-``tests/mutation/equivalent.txt`` (equivalent to the original: no test can tell them apart) are left out.
+``tests/mutation/equivalent.txt`` (equivalent to the original: no test can tell them apart) are left out
+of the score and of the run.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -95,10 +99,12 @@ def read_equivalent(path: Path = EQUIVALENT) -> dict[str, str]:
 
 
 def tests_fingerprint(tests: list[str], selection: list[str]) -> str:
-    """sha256 of the test files a module is checked with, the selection, their conftest and the harnesses."""
+    """sha256 of the test files a module is checked with, the selection, their conftest, the harnesses
+    and the mutation runs' pytest plugin."""
     digest = hashlib.sha256(json.dumps(selection).encode())
-    for path in [ROOT / UNIT / test.partition("::")[0] for test in tests] + [ROOT / "tests" / "conftest.py",
-                                                          *sorted((ROOT / "tests" / "support").glob("*.py"))]:
+    for path in [ROOT / UNIT / test.partition("::")[0] for test in tests] + [
+            ROOT / "tests" / "conftest.py", ROOT / "tests" / "mutation" / "fastest_first.py",
+            *sorted((ROOT / "tests" / "support").glob("*.py"))]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -153,29 +159,51 @@ def statuses(root: Path, source: str) -> dict[str, str]:
     return {key: status_by_exit_code[code] for key, code in meta["exit_code_by_key"].items()}
 
 
+# mutmut's own first step of ``mutmut run`` (mutmut 3.8.1): write the mutants and their meta
+# files, keeping the results of functions that did not change. Run alone, it names the mutants
+# before any test runs, so that those judged equivalent are left out of the run.
+GENERATE = """
+import os
+from mutmut.__main__ import (copy_also_copy_files, copy_src_dir, create_mutants, set_mutant_under_test,
+                             setup_source_paths, store_lines_covered_by_tests)
+set_mutant_under_test("mutant_generation")
+os.makedirs("mutants", exist_ok=True)
+copy_src_dir(); copy_also_copy_files(); setup_source_paths(); store_lines_covered_by_tests(); create_mutants(1)
+"""
+
+
 def run_mutmut(name: str, args: argparse.Namespace, equivalent: dict[str, str]) -> int:
     """Run mutmut for one module: every mutant not yet tested, or with ``args.tests_added`` the
-    last run's survivors (not those judged equivalent) and the mutants it had not reached; with
-    ``args.sample`` only that many of the untested mutants, drawn at random.
+    last run's survivors and the mutants it had not reached; with ``args.sample`` only that many
+    of the untested mutants, drawn at random. The mutants judged equivalent are never run (the
+    score leaves them out, and each would run every test that reaches it, as a survivor does).
     Returns mutmut's exit code."""
-    source, root = MODULES[name][0], args.workdir / name
-    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
-    if args.tests_added or args.sample is not None:
-        current = {key: status for key, status in statuses(root, source).items() if key not in equivalent}
-        untested = sorted(key for key, status in current.items() if status == "not checked")
-        if args.sample is not None:
-            untested = random.Random(name).sample(untested, min(args.sample, len(untested)))
-        # After tests were added: the survivors (and mutants a run left unfinished) too.
-        rerun = [key for key, status in current.items()
-                 if args.tests_added and status not in KILLED and status != "not checked"] + untested
-        if not rerun:
-            return 0
-        command += rerun
-    run = subprocess.run(command, cwd=prepare(name, args.workdir, keep_results=args.tests_added),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    source, root = MODULES[name][0], prepare(name, args.workdir, keep_results=args.tests_added)
+    generated = subprocess.run([sys.executable, "-c", GENERATE], cwd=root, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    if generated.returncode != 0:
+        print(f"mutmut could not write the mutants of {name}:\n{generated.stderr[-2000:]}", file=sys.stderr)
+        return generated.returncode
+    current = {key: status for key, status in statuses(root, source).items() if key not in equivalent}
+    untested = sorted(key for key, status in current.items() if status == "not checked")
+    if args.sample is not None:
+        untested = random.Random(name).sample(untested, min(args.sample, len(untested)))
+    # After tests were added: the survivors (and mutants a run left unfinished) too.
+    rerun = [key for key, status in current.items()
+             if args.tests_added and status not in KILLED and status != "not checked"] + untested
+    if not rerun:
+        return 0
+    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *rerun]
+    run = subprocess.run(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if run.returncode != 0:
         print(f"mutmut run failed for {name} (rc {run.returncode}):\n{run.stderr[-2000:]}", file=sys.stderr)
     return run.returncode
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of the finished child processes (mutmut and, through it, every test process)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def score(counts: Counter) -> float:
@@ -206,9 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                              "and test the mutants it had not reached")
     parser.add_argument("--sample", type=int, metavar="N",
                         help="test N of the mutants not tested yet, drawn at random (seeded by the module's name; a rerun "
-                             "draws among those still untested; needs an earlier run, even an interrupted one, "
-                             "to have named them): a partial run whose score estimates the module's, with its "
-                             "95 %% interval, when a whole run does not fit")
+                             "draws among those still untested): a partial run whose score estimates the module's, "
+                             "with its 95 %% interval, when a whole run does not fit")
     parser.add_argument("--report-only", action="store_true",
                         help="count the last run's results without running; mutants not tested yet show as not_checked")
     args = parser.parse_args(argv)
@@ -217,14 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"modules: unknown {unknown}; expected some of {list(MODULES)}")
     equivalent = read_equivalent()
     total = Counter()
-    run_started = time.monotonic()
+    run_started, run_cpu = time.monotonic(), children_cpu_seconds()
     for name in args.modules or list(MODULES):
         source = MODULES[name][0]
         root = args.workdir / name
-        started = time.monotonic()
+        started, cpu = time.monotonic(), children_cpu_seconds()
         if not args.report_only:
-            if (args.tests_added or args.sample is not None) and not (root / "mutants" / f"{source}.meta").exists():
-                parser.error(f"--tests-added, --sample: {name} has no earlier run to keep")
+            if args.tests_added and not (root / "mutants" / f"{source}.meta").exists():
+                parser.error(f"--tests-added: {name} has no earlier run to keep")
             code = run_mutmut(name, args, equivalent)
             if code:
                 return code
@@ -241,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {status}: {key}")
         total += counts
         detail = " ".join(f"{status.replace(' ', '_')}={n}" for status, n in sorted(counts.items()))
-        elapsed = "" if args.report_only else f" seconds={time.monotonic() - started:.0f}"
+        elapsed = "" if args.report_only else (f" seconds={time.monotonic() - started:.0f}"
+                                               f" cpu_seconds={children_cpu_seconds() - cpu:.0f}")
         interval = ""
         if counts["not checked"]:
             low, high = wilson_interval(counts)
@@ -250,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mutation_score={score(total):.3f}")
     if not args.report_only:
         print(f"mutation_seconds={time.monotonic() - run_started:.0f}")
+        print(f"mutation_cpu_seconds={children_cpu_seconds() - run_cpu:.0f}")
     return 0
 
 
