@@ -63,7 +63,7 @@ class Flags:
     count: np.ndarray = field(init=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "count", np.diff(self.starts))
+        object.__setattr__(self, "count", self.starts[1:] - self.starts[:-1])  # np.diff's work, without its overhead
 
     def filters(self, row: int) -> np.ndarray:
         """(m,) int64 flagged filters of ``row``, ascending."""
@@ -142,12 +142,12 @@ def flagged(upper: np.ndarray, lower: np.ndarray, classes: np.ndarray, inverse: 
         entries in filter order (float64), so it is the same whatever else is in the batch.
     """
     rows, num_filters = upper.shape
-    entries = np.flatnonzero(upper > lower)  # several times faster than a 2-D np.nonzero
+    entries = (upper > lower).ravel().nonzero()[0]  # np.flatnonzero's work; several times faster than a 2-D nonzero
     starts = np.searchsorted(entries, np.arange(rows + 1) * num_filters)
     if inverse is None:
         return Flags(entries, starts, np.zeros(len(entries), np.float32), num_filters), np.zeros(rows, np.float32)
     # Flat index of (class, filter) in `inverse`: the entry moved from its row to its class's.
-    count = np.diff(starts)
+    count = starts[1:] - starts[:-1]
     shift = np.repeat((classes - np.arange(rows)) * num_filters, count)
     exceedance = (upper.ravel()[entries] - lower.ravel()[entries]) * inverse.ravel()[entries + shift]
     flags = Flags(entries, starts, exceedance, num_filters)

@@ -353,7 +353,7 @@ class Scorer:
         anomalous = p_values[:, -1] < self.target_fpr
         tests = p_values[:, :-1] < self.target_fpr
         # An ANOMALOUS verdict that no single test reaches names the test with the most evidence.
-        lone = np.flatnonzero(anomalous & ~tests.any(axis=1))
+        lone = (anomalous & ~tests.any(axis=1)).nonzero()[0]
         if len(lone):
             strongest = tail_evidence(statistics[lone, :-1], self.tail_grid[classes[lone]]).argmax(axis=1)
             tests[lone, strongest] = True
