@@ -172,7 +172,7 @@ class RankTable:
     def count_below(self, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
         """(M,) int64, how many values of row ``rows[i]`` are < ``values[i]`` (float32)."""
         queries = (rows.astype(np.uint64) << np.uint64(32)) | order_keys(values)
-        return np.searchsorted(self.keys, queries, side="left").astype(np.int64) - self.starts[rows]
+        return self.keys.searchsorted(queries, side="left").astype(np.int64) - self.starts[rows]
 
 
 def interpolated_p_values(table: RankTable, rows: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -92,7 +92,7 @@ class Flags:
         exceedance = np.zeros((rows, k), dtype=np.float32)
         if k == 0 or not len(self.entries):
             return filters, exceedance
-        row_of = np.repeat(np.arange(rows), self.count)
+        row_of = np.arange(rows).repeat(self.count)
         if k == 1:  # the columnar default: each row's first largest, without sorting every entry
             chosen = self._first_largest(row_of)
             filters[row_of[chosen], 0] = self.entries[chosen] - row_of[chosen] * self.num_filters
@@ -100,7 +100,7 @@ class Flags:
             return filters, exceedance
         # By row, then exceedance, largest first; a stable sort keeps ties in filter order.
         keys = (row_of.astype(np.uint64) << np.uint64(32)) | order_keys(-self.exceedance)
-        order = np.argsort(keys, kind="stable")
+        order = keys.argsort(kind="stable")
         rank = np.arange(len(order)) - self.starts[row_of]  # position within its row (rows stay grouped)
         kept = rank < k
         chosen = order[kept]
@@ -143,12 +143,12 @@ def flagged(upper: np.ndarray, lower: np.ndarray, classes: np.ndarray, inverse: 
     """
     rows, num_filters = upper.shape
     entries = (upper > lower).ravel().nonzero()[0]  # np.flatnonzero's work; several times faster than a 2-D nonzero
-    starts = np.searchsorted(entries, np.arange(rows + 1) * num_filters)
+    starts = entries.searchsorted(np.arange(rows + 1) * num_filters)
     if inverse is None:
         return Flags(entries, starts, np.zeros(len(entries), np.float32), num_filters), np.zeros(rows, np.float32)
     # Flat index of (class, filter) in `inverse`: the entry moved from its row to its class's.
     count = starts[1:] - starts[:-1]
-    shift = np.repeat((classes - np.arange(rows)) * num_filters, count)
+    shift = ((classes - np.arange(rows)) * num_filters).repeat(count)
     exceedance = (upper.ravel()[entries] - lower.ravel()[entries]) * inverse.ravel()[entries + shift]
     flags = Flags(entries, starts, exceedance, num_filters)
     sums = np.zeros(rows, dtype=np.float32)
@@ -324,8 +324,9 @@ class ClassReference:
         """Statistics of checked input (the three arrays :meth:`check` returns); ``inverse``
         (C, K) overrides the store's :func:`inverse_scale`."""
         inverse = self.inverse_scale if inverse is None else inverse
-        surprising, surprise = flagged(alpha, np.take(self.p_high, classes, axis=0), classes, inverse)
-        expected_missing, missing = flagged(np.take(self.p_low_expected, classes, axis=0), alpha, classes, inverse)
+        # ndarray methods rather than np.take & co.: the same work without a Python wrapper per call
+        surprising, surprise = flagged(alpha, self.p_high.take(classes, axis=0), classes, inverse)
+        expected_missing, missing = flagged(self.p_low_expected.take(classes, axis=0), alpha, classes, inverse)
         beta = beta_scores(alpha, self.mean_of_means[classes], row_sums)
         return FilterStatistics(
             surprising=surprising,

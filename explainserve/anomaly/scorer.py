@@ -198,7 +198,7 @@ class BatchScores:
             raise ValueError(f"kind must be 'surprising' or 'expected_missing', got {kind!r}")
         class_id = int(self.classes[index])
         exceedance = found.row_exceedance(index)
-        order = np.argsort(-exceedance, kind="stable")[:max_flags]
+        order = (-exceedance).argsort(kind="stable")[:max_flags]
         filters = found.filters(index)[order]
         exemplars = reference.exemplars[class_id][filters].tolist()
         if reference.counts[class_id] < reference.exemplars.shape[-1]:  # padded with NO_EXEMPLAR
