@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
 
 from explainserve._generated import explain_pb2
 from explainserve.anomaly import BatchScores, Scorer
@@ -87,17 +88,41 @@ def score_columns(scorer: Scorer, request: explain_pb2.ScoreColumnsRequest) -> e
 def columns_response(scores: BatchScores, flags: int) -> explain_pb2.ScoreColumnsResponse:
     """The ScoreColumnsResponse of ``scores`` with ``flags`` flags per row and kind."""
     top = top_flags(scores, flags)
-    statistics = scores.statistics.astype(np.float64)
-    return explain_pb2.ScoreColumnsResponse(
-        store_sha256=scores.scorer.store.sha256, target_fpr=scores.scorer.target_fpr,
-        anomalous=scores.anomalous.tolist(), p_value=scores.p_value.tolist(), score=scores.score.tolist(),
-        beta=scores.beta.tolist(), beta_percentile=scores.beta_percentile.tolist(), beta_z=scores.beta_z.tolist(),
-        surprise=statistics[:, 0].tolist(), missing=statistics[:, 1].tolist(),
+    response = explain_pb2.ScoreColumnsResponse(
+        store_sha256=scores.scorer.store.sha256, target_fpr=scores.scorer.target_fpr, top_flags=flags,
         surprise_count=scores.surprise_count.tolist(), expectation_count=scores.expectation_count.tolist(),
-        test_p_values=scores.p_values[:, :-1].ravel().tolist(), reasons=scores.tests.ravel().tolist(),
-        class_calibration=scores.from_class.tolist(),
-        pooled_distribution=scores.scorer.reference.pooled[scores.classes].tolist(), top_flags=flags,
-        surprising_filters=top.surprising_filters.ravel().tolist(),
-        surprising_exceedance=top.surprising_exceedance.ravel().tolist(),
-        missing_filters=top.missing_filters.ravel().tolist(), missing_exceedance=top.missing_exceedance.ravel().tolist(),
+        surprising_filters=top.surprising_filters.ravel().tolist(), missing_filters=top.missing_filters.ravel().tolist(),
     )
+    statistics = scores.statistics
+    merge_packed(response, anomalous=scores.anomalous, p_value=scores.p_value, score=scores.score, beta=scores.beta,
+                 beta_percentile=scores.beta_percentile, beta_z=scores.beta_z, surprise=statistics[:, 0],
+                 missing=statistics[:, 1], test_p_values=scores.p_values[:, :-1], reasons=scores.tests,
+                 class_calibration=scores.from_class, pooled_distribution=scores.scorer.reference.pooled[scores.classes],
+                 surprising_exceedance=top.surprising_exceedance, missing_exceedance=top.missing_exceedance)
+    return response
+
+
+# The little-endian numpy type of each fixed-width packed field type: its wire bytes are the array's bytes.
+PACKED_DTYPES = {FieldDescriptor.TYPE_DOUBLE: "<f8", FieldDescriptor.TYPE_FLOAT: "<f4", FieldDescriptor.TYPE_BOOL: "u1"}
+
+
+def merge_packed(message, **arrays: np.ndarray) -> None:
+    """Append each array (row-major) to ``message``'s packed repeated double, float or bool field
+    of the same name, as wire bytes parsed in one ``MergeFromString``: a list is converted to
+    the field value by value (about 70 ns a value), an array's bytes are copied at once."""
+    wire = bytearray()
+    for name, values in arrays.items():
+        field = message.DESCRIPTOR.fields_by_name[name]
+        data = np.ascontiguousarray(values, dtype=PACKED_DTYPES[field.type]).tobytes()
+        wire += varint(field.number << 3 | 2) + varint(len(data)) + data  # wire type 2: length-delimited
+    message.MergeFromString(bytes(wire))
+
+
+def varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative ``value``."""
+    encoded = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        encoded.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(encoded)

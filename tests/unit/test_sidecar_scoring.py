@@ -14,6 +14,8 @@ from explainserve.anomaly import ANOMALOUS, Scorer, build_store, calibrate, load
 from explainserve.anomaly.scorer import MAX_FLAGS
 from explainserve.anomaly.synthetic import SyntheticClasses
 from explainserve.sidecar.metrics import GatewayMetrics
+from explainserve.anomaly.top_flags import top_flags
+from explainserve.sidecar.columns import columns_response, varint
 from explainserve.sidecar.scoring import AnomalyScoring, class_verdict
 
 MODEL, FILTERS = "demo_image", 16
@@ -86,9 +88,11 @@ def verdict_built_message_by_message(scores, row: int) -> explain_pb2.ClassVerdi
     )
 
 
-def test_served_verdicts_equal_the_samples_field_for_field(tmp_path):
-    # 40 filters: a row with every filter flagged is cut to MAX_FLAGS; class 1 has 2 training
-    # images for 4 exemplars (padded ids left out), class 2 none (the pooled distribution).
+@pytest.fixture(scope="module")
+def varied_scores(tmp_path_factory):
+    """BatchScores of 48 rows of a calibrated 4-class, 40-filter store: a row with every filter
+    flagged (more than MAX_FLAGS), NORMAL and ANOMALOUS rows; class 1 has 2 training images for
+    4 exemplars (padded ids left out), class 2 none (the pooled distribution)."""
     classes_count, filters = 4, 40
     synthetic = SyntheticClasses.random(classes_count, filters, seed=6)
     meta = dataclasses.replace(synthetic.meta, model_name=MODEL)
@@ -102,7 +106,8 @@ def test_served_verdicts_equal_the_samples_field_for_field(tmp_path):
                 keep[index] = seen_in_class_1 <= 2
             yield alpha[keep], classes[keep], ids[keep]
 
-    folder = build_store(training(), tmp_path / MODEL, meta, top_k=4, build_time="2026-01-01T00:00:00Z")
+    folder = build_store(training(), tmp_path_factory.mktemp("varied") / MODEL, meta, top_k=4,
+                         build_time="2026-01-01T00:00:00Z")
     held_out = np.repeat(np.arange(classes_count), 30)
     save_calibration(load_store(folder), calibrate(load_store(folder), synthetic.sample(held_out, seed=5), held_out,
                                                    target_fpr=0.05, min_class_count=1))
@@ -114,6 +119,11 @@ def test_served_verdicts_equal_the_samples_field_for_field(tmp_path):
     scores = scorer.score(alpha.astype(np.float32), classes)
     assert scores.surprise_count.max() == filters > MAX_FLAGS and scores.anomalous.any() and not scores.anomalous.all()
     assert scorer.reference.pooled[2] and scorer.reference.counts[1] == 2
+    return scores
+
+
+def test_served_verdicts_equal_the_samples_field_for_field(varied_scores):
+    scores, classes = varied_scores, varied_scores.classes
     for row in range(len(classes)):
         expected = verdict_built_message_by_message(scores, row)
         assert class_verdict(scores, row) == expected, row
@@ -127,3 +137,37 @@ def test_served_verdicts_equal_the_samples_field_for_field(tmp_path):
     assert unflagged.surprising == unflagged.expected_missing == () and unflagged.p_value == scores.sample(0).p_value
     with pytest.raises(ValueError, match="kind must be 'surprising' or 'expected_missing', got 'surprise'"):
         scores.flag_columns(0, "surprise")
+
+
+def columns_built_from_lists(scores, flags: int) -> explain_pb2.ScoreColumnsResponse:
+    """The ScoreColumnsResponse of ``scores`` with every repeated field given as a Python list."""
+    top = top_flags(scores, flags)
+    statistics = scores.statistics.astype(np.float64)
+    return explain_pb2.ScoreColumnsResponse(
+        store_sha256=scores.scorer.store.sha256, target_fpr=scores.scorer.target_fpr,
+        anomalous=scores.anomalous.tolist(), p_value=scores.p_value.tolist(), score=scores.score.tolist(),
+        beta=scores.beta.tolist(), beta_percentile=scores.beta_percentile.tolist(), beta_z=scores.beta_z.tolist(),
+        surprise=statistics[:, 0].tolist(), missing=statistics[:, 1].tolist(),
+        surprise_count=scores.surprise_count.tolist(), expectation_count=scores.expectation_count.tolist(),
+        test_p_values=scores.p_values[:, :-1].ravel().tolist(), reasons=scores.tests.ravel().tolist(),
+        class_calibration=scores.from_class.tolist(),
+        pooled_distribution=scores.scorer.reference.pooled[scores.classes].tolist(), top_flags=flags,
+        surprising_filters=top.surprising_filters.ravel().tolist(),
+        surprising_exceedance=top.surprising_exceedance.ravel().tolist(),
+        missing_filters=top.missing_filters.ravel().tolist(), missing_exceedance=top.missing_exceedance.ravel().tolist(),
+    )
+
+
+@pytest.mark.parametrize("flags", [0, 1, 4, MAX_FLAGS])
+def test_columns_with_packed_arrays_equal_the_lists(varied_scores, flags):
+    # the double, float and bool arrays go in as wire bytes; the message must be the same
+    for rows in (slice(None), slice(5, 6)):
+        scores = varied_scores.scorer.score(varied_scores.alpha[rows], varied_scores.classes[rows])
+        response, expected = columns_response(scores, flags), columns_built_from_lists(scores, flags)
+        assert response == expected and response.SerializeToString() == expected.SerializeToString()
+        assert len(response.reasons) == 3 * len(scores) and len(response.missing_exceedance) == flags * len(scores)
+
+
+def test_varint_encodes_protobuf_varints():
+    assert [varint(v) for v in (0, 1, 127, 128, 300, 2 ** 21)] == [b"\x00", b"\x01", b"\x7f", b"\x80\x01", b"\xac\x02",
+                                                                  b"\x80\x80\x80\x01"]
