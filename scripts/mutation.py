@@ -114,7 +114,8 @@ def prepare(name: str, workdir: Path, keep_results: bool = False) -> Path:
 
     mutmut keeps each mutant's result until its function changes; when the tests change, the
     results are dropped so that every mutant meets the new tests, unless ``keep_results``
-    (tests were only added: a killed mutant stays killed, only the others need a run).
+    (tests were only added: a killed mutant stays killed, only the others need a run; the
+    tests are traced again, so that a mutant meets every test now reaching its function).
     """
     source, tests, left_out = MODULES[name]
     root = workdir / name
@@ -124,7 +125,11 @@ def prepare(name: str, workdir: Path, keep_results: bool = False) -> Path:
         selection += ["--deselect", UNIT + test]
     fingerprint, recorded = tests_fingerprint(tests, selection), root / "tests.sha256"
     if not recorded.exists() or recorded.read_text() != fingerprint:
-        if not keep_results:
+        if keep_results:
+            # mutmut traces again only the tests it has not seen: an extended test would keep
+            # the functions it reached before, and a mutant would not meet it.
+            (root / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+        else:
             shutil.rmtree(root / "mutants", ignore_errors=True)
         recorded.write_text(fingerprint)
     for folder in ("explainserve", "tests"):

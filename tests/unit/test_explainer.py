@@ -1,4 +1,7 @@
 import copy
+import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -7,10 +10,11 @@ import torchvision
 from skimage import data
 
 from explainserve.cam import grad_cam
-from explainserve.explainer import SLIC_DEFAULTS, ExplainOptions, Explainer
+from explainserve.explainer import SLIC_DEFAULTS, ExplainOptions, Explainer, spare_core
 from explainserve.grad_amap import grad_amap
 from explainserve.jitter_cam import jitter_cam
 from explainserve.probe import probe
+from explainserve.surprise import filter_regions
 from explainserve.superpixels import gradient_slic
 from explainserve.swag import PIXEL_SOURCES, pixel_scores
 
@@ -32,7 +36,9 @@ def photos():
 def test_one_call_returns_every_image_method_consistent_with_the_library(image_explainer, photos):
     methods = ["swag_i", "swag_g", "swag_i_g", "grad_cam", "jitter_cam"]
     options = ExplainOptions(n_segments=50, top_k=3)
+    called = time.perf_counter()
     results = image_explainer.explain(photos, methods, options, labels=[4, None])
+    elapsed = time.perf_counter() - called
     prepared = image_explainer.prepare(photos)
     rgb, inputs = prepared.rgb, prepared.inputs
     reference = probe(image_explainer.model, inputs)
@@ -51,7 +57,11 @@ def test_one_call_returns_every_image_method_consistent_with_the_library(image_e
         colour = gradient_slic(image, None, variant="i", n_segments=50, wc=SLIC_DEFAULTS["image"]["wc"],
                                wg=SLIC_DEFAULTS["image"]["wg"])
         np.testing.assert_array_equal(result.maps["swag_i"].segments, colour)
-        assert set(result.timings) >= {"preprocess", "network", "superpixels", "jitter_cam", "total"}
+        assert set(result.timings) == {"preprocess", "network", "superpixels", "jitter_cam", "total"}
+        # seconds of this call: the steps run one after the other, within the total
+        assert all(0 <= seconds <= elapsed for seconds in result.timings.values()), result.timings
+        steps = sum(seconds for step, seconds in result.timings.items() if step != "total")
+        assert steps <= result.timings["total"], result.timings
     assert results[0].label_alpha is not None and results[1].label_alpha is None
     assert not np.allclose(results[0].label_alpha, results[0].alpha) or results[0].target == 4
 
@@ -87,6 +97,25 @@ def test_close_stops_the_superpixel_threads(photos):
         explainer.explain(photos[:1], ["swag_i_g"])
     with pytest.raises(RuntimeError, match="shutdown"):
         explainer.explain(photos[:1], ["swag_i_g"])
+
+
+def test_close_waits_for_running_superpixel_jobs_and_cancels_the_queued_ones():
+    model = torchvision.models.resnet18(weights=None, num_classes=3)
+    explainer = Explainer(model, kind="image", input_size=(32, 32), mean=MEAN, std=STD, class_names=list("abc"))
+    started, release = threading.Semaphore(0), threading.Event()
+
+    def job():
+        started.release()
+        return release.wait(timeout=30)
+
+    pool = explainer._superpixel_pool
+    running = [pool.submit(job) for _ in range(2)]  # one per thread of the pool
+    assert all(started.acquire(timeout=30) for _ in running)
+    queued = pool.submit(job)
+    threading.Timer(0.2, release.set).start()
+    explainer.close()
+    assert [future.result(timeout=0) for future in running] == [True, True]
+    assert queued.cancelled()
 
 
 def test_the_callers_model_keeps_its_training_flags(photos):
@@ -140,6 +169,8 @@ def test_video_explainer_returns_supervoxel_maps():
     assert 8 <= len(default.segment_scores) <= 32
     with pytest.raises(ValueError, match="expected a clip of 8 frames"):
         explainer.explain([clip[:5]], ["grad_cam"])
+    with pytest.raises(ValueError, match=r"samples\[0\]: expected an RGB video of shape \(T, H, W, 3\), got \(8, 64, 64\)"):
+        explainer.explain([clip[..., 0]], ["grad_cam"])
     with pytest.raises(ValueError, match="methods"):
         explainer.explain([clip], ["jitter_cam"])
 
@@ -154,8 +185,11 @@ def test_video_explainer_returns_supervoxel_maps():
         (lambda e, p: e.explain(p[:1], ["grad_cam"], targets=[10]), r"target: class id must be in \[0, 9\]"),
         (lambda e, p: e.explain(p[:1], ["grad_cam"], ExplainOptions(top_k=0)), "top_k"),
         (lambda e, p: e.explain([p[0].astype(np.float32)], ["grad_cam"]), "expected uint8"),
-        (lambda e, p: e.explain([p[0][..., 0]], ["grad_cam"]), "expected an RGB image"),
-        (lambda e, p: e.explain([], ["grad_cam"]), "the batch is empty"),
+        (lambda e, p: e.explain([p[0][..., 0]], ["grad_cam"]),
+         r"samples\[0\]: expected an RGB image of shape \(H, W, 3\), got \(512, 512\)"),
+        (lambda e, p: e.explain([], ["grad_cam"]), "^samples: the batch is empty; expected at least one sample$"),
+        (lambda e, p: e.explain(p, ["grad_cam"], targets=[1]), r"targets: expected one entry per sample \(2\), got 1"),
+        (lambda e, p: e.explain(p, ["grad_cam"], labels=[1, 2, 3]), r"labels: expected one entry per sample \(2\), got 3"),
     ],
 )
 def test_bad_requests_raise_value_errors(image_explainer, photos, call, message):
@@ -290,3 +324,46 @@ def test_a_chosen_target_layer_is_the_one_explained(photos):
                                grad_cam(reference.activations, reference.activation_gradients, (32, 32))[0].numpy(),
                                rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(explainer.filter_scores(photos[:1]).alpha[0], result.alpha, rtol=1e-5, atol=1e-8)
+    (jitter,) = explainer.explain(photos[:1], ["jitter_cam"])
+    inputs = explainer.prepare(photos[:1]).inputs
+    np.testing.assert_allclose(jitter.maps["jitter_cam"].heatmap,
+                               jitter_cam(model, inputs, reference.predicted, cam_size=(2, 2), layer="layer3")[0].numpy(),
+                               rtol=1e-4, atol=1e-6)
+    (region,) = explainer.filter_regions(photos[:1], [200], n_segments=20)
+    images = explainer.prepare(photos[:1]).rgb.movedim(1, -1).numpy()
+    (expected,) = filter_regions(model, inputs, [200], images=images, layer="layer3", n_segments=20)
+    assert region.heatmap.max() > 0
+    np.testing.assert_array_equal(region.segments, expected.segments)
+    np.testing.assert_allclose(region.heatmap, expected.heatmap, rtol=1e-4, atol=1e-8)
+
+
+def test_samples_are_resized_keeping_their_values_in_0_1(image_explainer):
+    # Black and white halves, 128 px to 64 px: away from the edge each half keeps its value (the
+    # antialiasing filter spans 2 input pixels either side); a flat grey stays that grey.
+    halves = np.zeros((128, 128, 3), np.uint8)
+    halves[:, 64:] = 255
+    grey = np.full((96, 80, 3), 51, np.uint8)
+    rgb = image_explainer.prepare([halves, grey]).rgb
+    assert rgb.shape == (2, 3, 64, 64)
+    np.testing.assert_allclose(rgb[0, :, :, :30], 0, atol=1e-6)
+    np.testing.assert_allclose(rgb[0, :, :, 34:], 1, atol=1e-6)
+    np.testing.assert_allclose(rgb[1], 51 / 255, atol=1e-6)
+    assert rgb.min() >= 0 and rgb.max() <= 1
+
+
+def test_spare_core_counts_the_cores_this_process_may_run_on():
+    # Colour superpixels start beside the network pass only when torch leaves one of this
+    # process's cores idle; cores outside its affinity are not its own.
+    threads, cores = torch.get_num_threads(), os.sched_getaffinity(0)
+    try:
+        torch.set_num_threads(len(cores))
+        assert not spare_core()
+        if len(cores) > 1:
+            torch.set_num_threads(len(cores) - 1)
+            assert spare_core()
+            os.sched_setaffinity(0, {min(cores)})
+            torch.set_num_threads(1)
+            assert not spare_core()
+    finally:
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads)
