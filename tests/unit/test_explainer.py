@@ -10,11 +10,11 @@ import torchvision
 from skimage import data
 
 from explainserve.cam import grad_cam
-from explainserve.explainer import SLIC_DEFAULTS, ExplainOptions, Explainer, spare_core
+from explainserve.explainer import SLIC_DEFAULTS, VIDEO_METHODS, ExplainOptions, Explainer, spare_core
 from explainserve.grad_amap import grad_amap
 from explainserve.jitter_cam import jitter_cam
 from explainserve.probe import probe
-from explainserve.surprise import filter_regions
+from explainserve.surprise import FilterRegion, filter_regions, suppress_surprise
 from explainserve.superpixels import gradient_slic
 from explainserve.swag import PIXEL_SOURCES, pixel_scores
 
@@ -51,6 +51,7 @@ def test_one_call_returns_every_image_method_consistent_with_the_library(image_e
             assert (explanation.segments is not None) == method.startswith("swag")
         assert result.predicted == int(reference.predicted[b]) == result.target
         assert list(result.classes) == reference.probabilities[b].topk(3).indices.tolist()
+        np.testing.assert_allclose(result.scores, reference.probabilities[b].topk(3).values.numpy(), rtol=1e-5)
         np.testing.assert_allclose(result.maps["grad_cam"].heatmap, expected_cam[b], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(result.alpha, expected_alpha[b], rtol=1e-4, atol=1e-8)
         image = rgb[b].permute(1, 2, 0).numpy().astype(np.float64)
@@ -89,6 +90,12 @@ def test_filter_scores_are_the_served_alpha(image_explainer, photos):
     np.testing.assert_allclose(scores.label_alpha[0], served[0].label_alpha, rtol=1e-5, atol=1e-8)
     with pytest.raises(ValueError, match=r"target: class id must be in \[0, 9\], got 10"):
         image_explainer.filter_scores(photos, targets=[10, None])
+    # label_alpha only when labels are given, for every sample when all are
+    assert image_explainer.filter_scores(photos).label_alpha is None
+    labelled = image_explainer.explain(photos, [], labels=[3, 5])
+    expected = image_explainer.filter_scores(photos, targets=[3, 5]).alpha
+    for b, result in enumerate(labelled):
+        np.testing.assert_allclose(result.label_alpha, expected[b], rtol=1e-5, atol=1e-8)
 
 
 def test_close_stops_the_superpixel_threads(photos):
@@ -156,6 +163,7 @@ def test_requested_target_is_explained(image_explainer, photos):
 def test_video_explainer_returns_supervoxel_maps():
     model = torchvision.models.video.r3d_18(weights=None, num_classes=4)
     explainer = Explainer(model, kind="video", input_size=(8, 32, 32), mean=MEAN, std=STD, class_names=list("abcd"))
+    assert explainer.methods == VIDEO_METHODS
     frame = data.astronaut()[::8, ::8]
     clip = np.stack([np.roll(frame, 3 * t, axis=1) for t in range(8)])
     result = explainer.explain([clip], ["swag_v_i", "swag_v_g", "swag_v_i_g", "grad_cam"],
@@ -187,7 +195,10 @@ def test_video_explainer_returns_supervoxel_maps():
         (lambda e, p: e.explain([p[0].astype(np.float32)], ["grad_cam"]), "expected uint8"),
         (lambda e, p: e.explain([p[0][..., 0]], ["grad_cam"]),
          r"samples\[0\]: expected an RGB image of shape \(H, W, 3\), got \(512, 512\)"),
+        (lambda e, p: e.explain([np.dstack([p[0], p[0][..., :1]])], ["grad_cam"]),
+         r"samples\[0\]: expected an RGB image of shape \(H, W, 3\), got \(512, 512, 4\)"),
         (lambda e, p: e.explain([], ["grad_cam"]), "^samples: the batch is empty; expected at least one sample$"),
+        (lambda e, p: e.explain(p, ["grad_cam"], labels=[None, 10]), r"^label: class id must be in \[0, 9\], got 10$"),
         (lambda e, p: e.explain(p, ["grad_cam"], targets=[1]), r"targets: expected one entry per sample \(2\), got 1"),
         (lambda e, p: e.explain(p, ["grad_cam"], labels=[1, 2, 3]), r"labels: expected one entry per sample \(2\), got 3"),
     ],
@@ -195,6 +206,24 @@ def test_video_explainer_returns_supervoxel_maps():
 def test_bad_requests_raise_value_errors(image_explainer, photos, call, message):
     with pytest.raises(ValueError, match=message):
         call(image_explainer, photos)
+
+
+def test_check_request_names_each_bad_parameter(image_explainer):
+    # The handler checks a request with it before the batch is formed.
+    check = image_explainer.check_request
+    check(["swag_i", "jitter_cam"], ExplainOptions(n_segments=40, wc=5.0, wg=5.0, jitter_d=1, top_k=3), 9, 0)
+    for call, message in (
+        (lambda: check(["grad_cam"], target=10), r"^target: class id must be in \[0, 9\], got 10$"),
+        (lambda: check(["grad_cam"], label=-1), r"^label: class id must be in \[0, 9\], got -1$"),
+        (lambda: check(["grad_cam"], ExplainOptions(top_k=0)), r"^top_k: must be in \[1, "),
+        (lambda: check(["swag_i"], ExplainOptions(wc=0.0)), r"^wc: expected a weight in \(0, "),
+        (lambda: check(["swag_i"], ExplainOptions(wg=-1.0)), r"^wg: expected a weight in \(0, "),
+        (lambda: check(["swag_i"], ExplainOptions(n_segments=0)), r"^n_segments: must be in \[1, "),
+        (lambda: check(["jitter_cam"], ExplainOptions(jitter_d=9)), r"^jitter_d: must be in \[0, 8\]"),
+        (lambda: check(["lime"]), r"methods: \['lime'\] not available"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
 
 
 def test_class_names_must_match_the_model():
@@ -303,7 +332,9 @@ def test_each_channel_is_normalised_with_its_own_mean_and_std_in_float32(photos)
     # Given as float64 arrays (as read from a model's configuration), still float32 inputs.
     mean, std = np.array([0.1, 0.5, 0.9]), np.array([0.2, 0.25, 0.5])
     model = torchvision.models.resnet18(weights=None, num_classes=3)
-    explainer = Explainer(model, kind="image", input_size=(32, 32), mean=mean, std=std, class_names=list("abc"))
+    explainer = Explainer(model, kind="image", input_size=(32, 32), mean=mean, std=std, class_names=list("abc"),
+                          device="cpu")
+    assert explainer.device == torch.device("cpu")
     prepared = explainer.prepare(photos[:1])
     assert prepared.inputs.dtype == torch.float32
     for channel in range(3):
@@ -329,9 +360,12 @@ def test_a_chosen_target_layer_is_the_one_explained(photos):
     np.testing.assert_allclose(jitter.maps["jitter_cam"].heatmap,
                                jitter_cam(model, inputs, reference.predicted, cam_size=(2, 2), layer="layer3")[0].numpy(),
                                rtol=1e-4, atol=1e-6)
-    (region,) = explainer.filter_regions(photos[:1], [200], n_segments=20)
+    other = (int(reference.predicted[0]) + 1) % 3
+    (region,) = explainer.filter_regions(photos[:1], [200], targets=[other], n_segments=20)
     images = explainer.prepare(photos[:1]).rgb.movedim(1, -1).numpy()
-    (expected,) = filter_regions(model, inputs, [200], images=images, layer="layer3", n_segments=20)
+    (expected,) = filter_regions(model, inputs, [200], target=[other], images=images, layer="layer3", n_segments=20)
+    (of_predicted,) = filter_regions(model, inputs, [200], images=images, layer="layer3", n_segments=20)
+    assert region.target == other and not np.allclose(expected.heatmap, of_predicted.heatmap)
     assert region.heatmap.max() > 0
     np.testing.assert_array_equal(region.segments, expected.segments)
     np.testing.assert_allclose(region.heatmap, expected.heatmap, rtol=1e-4, atol=1e-8)
@@ -367,3 +401,40 @@ def test_spare_core_counts_the_cores_this_process_may_run_on():
     finally:
         os.sched_setaffinity(0, cores)
         torch.set_num_threads(threads)
+
+
+def test_colour_superpixels_are_the_same_started_beside_the_network_pass_or_after_it(photos):
+    # With a core to spare SWAG_I's SLIC starts before the network pass, else after it: same maps.
+    model = torchvision.models.resnet18(weights=None, num_classes=3)
+    threads, cores = torch.get_num_threads(), len(os.sched_getaffinity(0))
+    maps = {}
+    try:
+        with Explainer(model, kind="image", input_size=(32, 32), mean=MEAN, std=STD, class_names=list("abc")) as explainer:
+            for spare in (False, True)[: 1 + (cores > 1)]:
+                torch.set_num_threads(cores - 1 if spare else cores)
+                assert spare_core() == spare
+                (maps[spare],) = explainer.explain(photos[:1], ["swag_i", "swag_i_g"], ExplainOptions(n_segments=16))
+    finally:
+        torch.set_num_threads(threads)
+    image = explainer.prepare(photos[:1]).images[0]
+    for result in maps.values():
+        np.testing.assert_array_equal(result.maps["swag_i"].segments,
+                                      gradient_slic(image, None, variant="i", **explainer.slic_options(ExplainOptions(n_segments=16))))
+        np.testing.assert_array_equal(result.maps["swag_i"].heatmap, maps[False].maps["swag_i"].heatmap)
+
+
+def test_suppression_stops_after_the_steps_asked_for(photos):
+    model = torchvision.models.resnet18(weights=None, num_classes=3)
+    explainer = Explainer(model, kind="image", input_size=(32, 32), mean=MEAN, std=STD, class_names=list("abc"))
+    # Segment 0 is one pixel, deleted first; segment 1 is the rest of the image.
+    segments = np.ones((32, 32), np.int32)
+    segments[0, 0] = 0
+    scores = np.array([1.0, 0.0], np.float32)
+    region = FilterRegion(filter=0, target=0, heatmap=scores[segments], pixel_scores=scores[segments], segments=segments,
+                          segment_scores=scores, top_segment=0, alpha=1.0)
+    inputs = explainer.prepare(photos[:1]).inputs
+    (one,) = explainer.suppress_surprise(photos[:1], [region], steps=1)
+    assert one.deleted_segments.tolist() == [0]
+    (by_library,) = suppress_surprise(model, inputs, [region], steps=2)
+    (two,) = explainer.suppress_surprise(photos[:1], [region], steps=2)
+    assert two.deleted_segments.tolist() == by_library.deleted_segments.tolist() == [0, 1]
