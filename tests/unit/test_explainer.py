@@ -90,6 +90,8 @@ def test_filter_scores_are_the_served_alpha(image_explainer, photos):
     np.testing.assert_allclose(scores.label_alpha[0], served[0].label_alpha, rtol=1e-5, atol=1e-8)
     with pytest.raises(ValueError, match=r"target: class id must be in \[0, 9\], got 10"):
         image_explainer.filter_scores(photos, targets=[10, None])
+    with pytest.raises(ValueError, match=r"^label: class id must be in \[0, 9\], got 10$"):
+        image_explainer.filter_scores(photos, labels=[None, 10])
     # label_alpha only when labels are given, for every sample when all are
     assert image_explainer.filter_scores(photos).label_alpha is None
     labelled = image_explainer.explain(photos, [], labels=[3, 5])
@@ -175,7 +177,7 @@ def test_video_explainer_returns_supervoxel_maps():
     assert explainer.limits.default_n_segments == 16
     default = explainer.explain([clip], ["swag_v_i"])[0].maps["swag_v_i"]
     assert 8 <= len(default.segment_scores) <= 32
-    with pytest.raises(ValueError, match="expected a clip of 8 frames"):
+    with pytest.raises(ValueError, match=r"samples\[0\]: expected a clip of 8 frames, got 5$"):
         explainer.explain([clip[:5]], ["grad_cam"])
     with pytest.raises(ValueError, match=r"samples\[0\]: expected an RGB video of shape \(T, H, W, 3\), got \(8, 64, 64\)"):
         explainer.explain([clip[..., 0]], ["grad_cam"])
@@ -383,6 +385,14 @@ def test_samples_are_resized_keeping_their_values_in_0_1(image_explainer):
     np.testing.assert_allclose(rgb[0, :, :, 34:], 1, atol=1e-6)
     np.testing.assert_allclose(rgb[1], 51 / 255, atol=1e-6)
     assert rgb.min() >= 0 and rgb.max() <= 1
+    # Stripes 2 px wide (0, 0, 1, 1, ...), 128 px to 64 px: the antialiased resize weighs input
+    # columns 2j-1 .. 2j+2 by 1/8, 3/8, 3/8, 1/8 (a triangle twice a pixel wide, pixel centres
+    # aligned), so away from the border the columns read 3/4, 1/4, ... (plain bilinear: 1, 0).
+    stripes = np.zeros((128, 128, 3), np.uint8)
+    stripes[:, 2::4] = stripes[:, 3::4] = 255
+    resized = image_explainer.prepare([stripes]).rgb[0]
+    np.testing.assert_allclose(resized[:, :, 1:63], np.tile([0.75, 0.25], 31)[None, None].repeat(64, 1).repeat(3, 0),
+                               atol=1e-6)
 
 
 def test_spare_core_counts_the_cores_this_process_may_run_on():
