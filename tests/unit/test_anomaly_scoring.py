@@ -291,6 +291,8 @@ def test_bad_input_is_named(scorer):
     for arguments, message in cases:
         with pytest.raises(ValueError, match=message):
             scorer.score(*arguments)
+    with pytest.raises(ValueError, match="^kind must be 'surprising' or 'expected_missing', got 'surprise'$"):
+        scorer.score(PROBE, 0).flag_columns(0, "surprise")
 
 
 def test_uncalibrated_or_shard_stores_are_not_scored(tmp_path):
