@@ -393,7 +393,6 @@ def splice(report: str, lines: list[str], heading: str = HEADING) -> str:
     return report[:start] + text + ("\n" + report[end + 1:] if end >= 0 else "\n")
 
 
-
 def summary_lines(results: dict, prefix: str = "") -> list[str]:
     """The verdict's ``name=value`` lines of a :func:`compare` result: best-of and TPR-vs-Energy
     counts over the sets, and the realised test FPR in percent; ``prefix`` names the table."""
@@ -401,6 +400,7 @@ def summary_lines(results: dict, prefix: str = "") -> list[str]:
     return [f"{prefix}verdict_auroc_best_of={results['best_of']}/{sets}",
             f"{prefix}verdict_tpr_at_target_ge_energy={results['tpr_vs_energy']}/{sets}",
             f"{prefix}realised_fpr_test_percent={100 * results['table'][VERDICT]['test_fpr']:.2f}"]
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
