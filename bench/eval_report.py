@@ -43,6 +43,16 @@ def _ms(values) -> str:
     return f"{mean:.3f} ± {sem:.3f}"
 
 
+def _schedule(schedule: dict) -> str:
+    """The line saying which sections ran side by side, and for how long."""
+    groups = "; ".join(f"{' + '.join(names)} ({wall / 60:.1f} min)" for names, wall in zip(schedule["groups"],
+                                                                                           schedule["walls"]))
+    how = ("in {} processes side by side".format(len(schedule["groups"])) if schedule["jobs"] > 1
+           else "one after another in one process (--jobs 1)")
+    return (f"- Schedule: the grid search first; then, {how}: {groups}; then Table 5's timing alone (it measures "
+            "latency).")
+
+
 def _header(r: dict) -> list[str]:
     a = r["args"]
     d = r["durations"]
@@ -56,7 +66,8 @@ def _header(r: dict) -> list[str]:
         f"by `{r['command']}`. {mode}",
         "",
         f"- Machine: {_cpu()}, {os.cpu_count()} logical CPUs (shared), {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}; torch threads: 2. Load average before / after: "
+        f"Python {platform.python_version()}; torch threads: 2 for the grid search and Table 5, 1 for the other "
+        f"sections. Load average before / after: "
         f"{' '.join(f'{v:.2f}' for v in before)} / {' '.join(f'{v:.2f}' for v in after)}.",
         "- Versions: " + ", ".join(f"{p} {version(p)}" for p in PACKAGES) + ".",
         f"- Image model: {r['image_model']} (accuracy on the Table 1 subset {100 * r['image_accuracy']:.1f} %); "
@@ -75,8 +86,10 @@ def _header(r: dict) -> list[str]:
         "64 px images, about 14 px per superpixel against the thesis's 167).",
         "- Every explanation is for the class predicted on the unperturbed input; ± is the standard error of the mean.",
         "- Section times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in d.items() if k != "total") + ".",
-        f"- Full mode estimated from this run's per-sample section times: {r['full_estimate_min']:.0f} min on this "
-        "machine at this load (`bench_full_estimate_min`).",
+        _schedule(r["schedule"]),
+        f"- Full mode estimated from this run's per-sample section times, for this schedule (the slowest process "
+        f"when side by side): {r['full_estimate_min']:.0f} min of wall time on this machine at this load "
+        "(`bench_full_estimate_min`).",
         "",
         "## Pre-registration",
         "",

@@ -12,10 +12,15 @@ Grad-CAM++, ScoreCAM and the other baselines, on fixed, seeded subsets. Two mode
 Before computing anything the run writes ``PREREGISTRATION.md`` (methods, metrics, the orderings
 of ``bench/eval_claims.py``, ``table1_images=N``, ``table3_clips=M``), which the report quotes.
 The wc/wg grid search runs on the validation split, so the weights are not chosen on the
-images they are scored on. Each run prints ``bench_full_estimate_min=X``: the full mode's time
-extrapolated from this run's per-sample section times.
+images they are scored on.
 
-Usage: python bench/evaluate.py [--quick] [--model image|image_large] [--image-n N] ... [--out DIR]
+After the grid search the other sections run in two processes side by side (``--jobs 2``, the
+default; ``bench/eval_schedule.py`` says which), each on one torch thread; ``--jobs 1`` runs
+them one after another in this process, with the same numbers. Table 5's timing runs alone
+after them, since it measures latency. Each run prints ``bench_full_estimate_min=X``: the full
+mode's wall time extrapolated from this run's per-sample section times, for this schedule.
+
+Usage: python bench/evaluate.py [--quick] [--jobs 1|2] [--model image|image_large] [--image-n N] ... [--out DIR]
 """
 
 from __future__ import annotations
@@ -32,10 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import eval_claims, eval_ood, eval_plots, eval_report, eval_sections, eval_suppression  # noqa: E402
+from bench import eval_claims, eval_ood, eval_plots, eval_report, eval_schedule, eval_sections, eval_suppression  # noqa: E402
 from bench.eval_methods import COSTLY, image_methods, video_methods  # noqa: E402
 from bench.eval_subjects import load_subject  # noqa: E402
-from explainserve.anomaly import StoreError  # noqa: E402
 
 GALLERY = ("Grad-CAM", "Jitter-CAM", "SWAG_I", "SWAG_G", "SWAG_I+G", "LIME-1000")
 # Sample sizes per mode; an explicit option overrides its entry. Sections whose cost grows with
@@ -70,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                             ("timing_n", "test images timed one by one for Table 5"),
                             ("video_n", "MovingFashion test clips for Table 3")):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"{help_text} (default: the mode's)")
+    parser.add_argument("--jobs", type=int, choices=(1, 2), default=2,
+                        help="processes for the sections after the grid search (1: in this process, for debugging)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="report folder")
     eval_ood.add_arguments(parser)
     eval_suppression.add_arguments(parser)
@@ -86,15 +92,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def full_estimate_minutes(durations: dict, args) -> float:
-    """The full mode's minutes, each size-dependent section scaled from this run by its size."""
-    total = 0.0
-    for name, seconds in durations.items():
-        if name == "total":
-            continue
+def full_estimate_minutes(durations: dict, args, schedule: dict) -> float:
+    """The full mode's wall minutes, each size-dependent section scaled from this run by its size.
+
+    Sections outside ``schedule["groups"]`` add up; each group adds its scaled sections plus what
+    it spent besides them (loading), and side by side (``jobs`` > 1) only the slowest group counts.
+    """
+    def scaled(name: str) -> float:
         size = FULL_ESTIMATE.get(name)
-        total += seconds * (SIZES["full"][size] / getattr(args, size) if size else 1.0)
-    return total / 60
+        return durations[name] * (SIZES["full"][size] / getattr(args, size) if size else 1.0)
+
+    grouped = {name for group in schedule["groups"] for name in group}
+    serial = sum(scaled(name) for name in durations if name != "total" and name not in grouped)
+    groups = [sum(scaled(name) for name in group) + wall - sum(durations[name] for name in group)
+              for group, wall in zip(schedule["groups"], schedule["walls"])]
+    return (serial + (max(groups) if schedule["jobs"] > 1 else sum(groups))) / 60
 
 
 def load_clips(args, results: dict):
@@ -110,11 +122,10 @@ def load_clips(args, results: dict):
         return None
 
 
-def run_video(args, clips, results: dict, timed) -> None:
+def record_video(args, clips, table3: dict, results: dict) -> None:
     """Table 3 and its deletion curves on the video model."""
     results["video_model"] = clips.name
     results["video_segments"] = clips.explainer.limits.default_n_segments
-    table3 = timed("video methods", eval_sections.compare_methods, clips, np.arange(args.video_n), video_methods(clips))
     results["video"] = table3
     results["video_accuracy"] = float((eval_sections.predicted(clips, np.arange(args.video_n)).numpy()
                                        == clips.labels).mean())
@@ -147,6 +158,14 @@ def preregister(args, images, clips) -> None:
     print(text, flush=True)
 
 
+def section_groups(args, clips) -> list[list[str]]:
+    """``eval_schedule.GROUPS`` without the sections this run leaves out."""
+    left_out = set() if clips is not None else {"video methods"}
+    if args.random_init or args.no_store_tables:
+        left_out |= {"OOD detection", "surprise suppression"}
+    return [[name for name in group if name not in left_out] for group in eval_schedule.GROUPS]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     load_before = os.getloadavg()
@@ -164,8 +183,7 @@ def main(argv=None) -> int:
         print(f"[{name}] {durations[name]:.0f} s", flush=True)
         return value
 
-    n_image = max(args.image_n, args.ranking_n, args.filter_n, args.timing_n)
-    images = load_subject(args.model, "test", n_image, random_init=args.random_init)
+    images = load_subject(args.model, "test", eval_schedule.n_images(args), random_init=args.random_init)
     results["image_model"] = images.name
     results["image_segments"] = images.explainer.limits.default_n_segments
     clips = load_clips(args, results)
@@ -176,11 +194,13 @@ def main(argv=None) -> int:
     results["grid"] = grid
     eval_plots.grid_png(args.out / "grid_wc_wg.png", eval_sections.GRID, eval_sections.GRID, grid["auc"], grid["winner"])
 
+    groups = section_groups(args, clips)
+    sections, seconds, walls = eval_schedule.run_groups(groups, args, grid["winner"], args.jobs)
+    durations.update(seconds)
+    results["schedule"] = {"jobs": args.jobs, "groups": groups, "walls": walls}
+
     methods = image_methods(images, *grid["winner"])
-    table1 = timed("image methods", eval_sections.compare_methods, images, np.arange(args.image_n),
-                   [m for m in methods if m.label not in COSTLY])
-    table1.update(timed("costly image methods", eval_sections.compare_methods, images, np.arange(args.costly_n),
-                        [m for m in methods if m.label in COSTLY]))
+    table1 = {**sections["image methods"], **sections["costly image methods"]}
     table1 = {m.label: table1[m.label] for m in methods}
     results["image"] = table1
     results["image_accuracy"] = float((eval_sections.predicted(images, np.arange(args.image_n)).numpy()
@@ -197,33 +217,25 @@ def main(argv=None) -> int:
                            {label: table1[label]["maps"][:shown] for label in gallery_labels},
                            [images.explainer.class_names[c] for c in images.labels[:shown]])
 
+    # Table 5 measures latency: it runs alone, after the side-by-side sections, on 2 threads.
+    torch.set_num_threads(2)
     results["cost"] = timed("timing", eval_sections.costs, images, np.arange(args.timing_n), methods)
-    results["filters"] = timed("filter removal", eval_sections.filter_removal, images, np.arange(args.filter_n))
+    results["filters"] = sections["filter removal"]
     eval_plots.curves_png(args.out / "filter_removal.png",
                           {r: v["curve"] for r, v in results["filters"].items() if isinstance(v, dict)},
                           f"Filter removal, {images.explainer.layer} ({args.filter_n} images)",
                           "fraction of filters removed", "normalised accuracy")
-    results["ranking"] = timed("superpixel ranking", eval_sections.superpixel_ranking, images,
-                               np.arange(args.ranking_n))
-
+    results["ranking"] = sections["superpixel ranking"]
     if clips is not None:
-        run_video(args, clips, results, timed)
-
-    for key, table, name, module in (("ood", "Table 7", "OOD detection", eval_ood),
-                                     ("suppression", "Table 8", "surprise suppression", eval_suppression)):
-        if args.random_init or args.no_store_tables:
-            results[key] = {"missing": "random-init models have no distribution store." if args.random_init
-                            else "left out of this run (--no-store-tables)."}
-            continue
-        try:
-            results[key] = timed(name, module.run, args)
-        except (FileNotFoundError, StoreError) as error:  # no committed store: say so instead of failing
-            print(f"{table} skipped: {error}", flush=True)
-            results[key] = {"missing": str(error)}
+        record_video(args, clips, sections["video methods"], results)
+    for key, name in (("ood", "OOD detection"), ("suppression", "surprise suppression")):
+        results[key] = sections.get(name) or {
+            "missing": "random-init models have no distribution store." if args.random_init
+            else "left out of this run (--no-store-tables)."}
 
     durations["total"] = time.perf_counter() - started
     results["durations"] = durations
-    results["full_estimate_min"] = full_estimate_minutes(durations, args)
+    results["full_estimate_min"] = full_estimate_minutes(durations, args, results["schedule"])
     results["load_average"] = (load_before, os.getloadavg())
     results["preregistration"] = (args.out / PREREGISTRATION).read_text()
     results["claims"] = eval_claims.judge(results)

@@ -9,7 +9,8 @@ def _results(with_video: bool) -> dict:
     results = {"args": args, "durations": {"image methods": 60.0, "total": 120.0},
                "load_average": ((1.0, 1.0, 1.0), (2.0, 2.0, 2.0)), "command": "python bench/evaluate.py --quick",
                "image_model": "fashion_vgg512", "image_accuracy": 0.9, "image_segments": 24, "full_estimate_min": 50.0,
-               "preregistration": "table1_images=12\n"}
+               "preregistration": "table1_images=12\n",
+               "schedule": {"jobs": 2, "groups": [["costly image methods"], ["image methods"]], "walls": [90.0, 60.0]}}
     if with_video:
         results.update(video={}, video_model="motion_c3d", video_accuracy=1.0, video_segments=39)
     else:
