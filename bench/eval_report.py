@@ -44,11 +44,18 @@ def _ms(values) -> str:
 
 
 def _schedule(schedule: dict) -> str:
-    """The line saying which sections ran side by side, and for how long."""
-    groups = "; ".join(f"{' + '.join(names)} ({wall / 60:.1f} min)" for names, wall in zip(schedule["groups"],
-                                                                                           schedule["walls"]))
-    how = ("in {} processes side by side".format(len(schedule["groups"])) if schedule["jobs"] > 1
-           else "one after another in one process (--jobs 1)")
+    """The line saying which tasks each process ran, and for how long."""
+    def process(names) -> str:
+        methods = {}  # section -> its method labels (empty for a whole section), in running order
+        for name in names:
+            section, _, method = name.partition(": ")
+            methods.setdefault(section, []).extend([method] if method else [])
+        return " + ".join(f"{section} ({', '.join(labels)})" if labels else section for section, labels in methods.items())
+
+    groups = "; ".join(f"{process(names)} ({wall / 60:.1f} min)" for names, wall in zip(schedule["groups"],
+                                                                                        schedule["walls"]))
+    how = ("in {} processes side by side, each task (a section, or one method of Tables 1-3) to whichever "
+           "came free".format(schedule["jobs"]) if schedule["jobs"] > 1 else "one after another in one process (--jobs 1)")
     return (f"- Schedule: the grid search first; then, {how}: {groups}; then Table 5's timing alone (it measures "
             "latency).")
 
@@ -87,8 +94,8 @@ def _header(r: dict) -> list[str]:
         "- Every explanation is for the class predicted on the unperturbed input; ± is the standard error of the mean.",
         "- Section times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in d.items() if k != "total") + ".",
         _schedule(r["schedule"]),
-        f"- Full mode estimated from this run's per-sample section times, for this schedule (the slowest process "
-        f"when side by side): {r['full_estimate_min']:.0f} min of wall time on this machine at this load "
+        f"- Full mode estimated from this run's per-sample section times, its tasks handed out to "
+        f"the processes as in this run: {r['full_estimate_min']:.0f} min of wall time on this machine at this load "
         "(`bench_full_estimate_min`).",
         "",
         "## Pre-registration",

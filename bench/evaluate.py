@@ -15,8 +15,9 @@ The wc/wg grid search runs on the validation split, so the weights are not chose
 images they are scored on.
 
 After the grid search the other sections run in two processes side by side (``--jobs 2``, the
-default; ``bench/eval_schedule.py`` says which), each on one torch thread; ``--jobs 1`` runs
-them one after another in this process, with the same numbers. Table 5's timing runs alone
+default), each on one torch thread, as tasks of a section or of one method handed out longest
+section first to whichever process is free (``bench/eval_schedule.py``); ``--jobs 1`` runs them
+one after another in this process, with the same numbers. Table 5's timing runs alone
 after them, since it measures latency. Each run prints ``bench_full_estimate_min=X``: the full
 mode's wall time extrapolated from this run's per-sample section times, for this schedule.
 
@@ -95,18 +96,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def full_estimate_minutes(durations: dict, args, schedule: dict) -> float:
     """The full mode's wall minutes, each size-dependent section scaled from this run by its size.
 
-    Sections outside ``schedule["groups"]`` add up; each group adds its scaled sections plus what
-    it spent besides them (loading), and side by side (``jobs`` > 1) only the slowest group counts.
+    Sections outside ``schedule["tasks"]`` add up; the tasks, each scaled by its section's size,
+    are handed out to ``schedule["jobs"]`` processes in order, as the run hands them out.
     """
-    def scaled(name: str) -> float:
-        size = FULL_ESTIMATE.get(name)
-        return durations[name] * (SIZES["full"][size] / getattr(args, size) if size else 1.0)
+    def factor(section: str) -> float:
+        size = FULL_ESTIMATE.get(section)
+        return SIZES["full"][size] / getattr(args, size) if size else 1.0
 
-    grouped = {name for group in schedule["groups"] for name in group}
-    serial = sum(scaled(name) for name in durations if name != "total" and name not in grouped)
-    groups = [sum(scaled(name) for name in group) + wall - sum(durations[name] for name in group)
-              for group, wall in zip(schedule["groups"], schedule["walls"])]
-    return (serial + (max(groups) if schedule["jobs"] > 1 else sum(groups))) / 60
+    sections = {name.split(": ")[0] for name, _ in schedule["tasks"]}
+    serial = sum(seconds * factor(name) for name, seconds in durations.items()
+                 if name != "total" and name not in sections)
+    scaled = [seconds * factor(name.split(": ")[0]) for name, seconds in schedule["tasks"]]
+    return (serial + eval_schedule.list_schedule_seconds(scaled, schedule["jobs"])) / 60
 
 
 def load_clips(args, results: dict):
@@ -158,12 +159,12 @@ def preregister(args, images, clips) -> None:
     print(text, flush=True)
 
 
-def section_groups(args, clips) -> list[list[str]]:
-    """``eval_schedule.GROUPS`` without the sections this run leaves out."""
+def side_by_side_sections(args, clips) -> set[str]:
+    """The sections after the grid search, but Table 5's timing, that this run makes."""
     left_out = set() if clips is not None else {"video methods"}
     if args.random_init or args.no_store_tables:
         left_out |= {"OOD detection", "surprise suppression"}
-    return [[name for name in group if name not in left_out] for group in eval_schedule.GROUPS]
+    return set(eval_schedule.SECTION_ORDER) - left_out
 
 
 def main(argv=None) -> int:
@@ -194,12 +195,12 @@ def main(argv=None) -> int:
     results["grid"] = grid
     eval_plots.grid_png(args.out / "grid_wc_wg.png", eval_sections.GRID, eval_sections.GRID, grid["auc"], grid["winner"])
 
-    groups = section_groups(args, clips)
-    sections, seconds, walls = eval_schedule.run_groups(groups, args, grid["winner"], args.jobs)
-    durations.update(seconds)
-    results["schedule"] = {"jobs": args.jobs, "groups": groups, "walls": walls}
-
     methods = image_methods(images, *grid["winner"])
+    todo = eval_schedule.tasks(side_by_side_sections(args, clips), [m.label for m in methods],
+                               [m.label for m in video_methods(clips)] if clips is not None else [])
+    sections, seconds, results["schedule"] = eval_schedule.run_tasks(todo, args, grid["winner"], args.jobs)
+    durations.update(seconds)
+
     table1 = {**sections["image methods"], **sections["costly image methods"]}
     table1 = {m.label: table1[m.label] for m in methods}
     results["image"] = table1
