@@ -20,7 +20,6 @@ from explainserve.anomaly import BatchScores, Scorer
 from explainserve.anomaly.top_flags import top_flags
 from explainserve.inputs import InputTooLarge
 
-from .columns_wire import ColumnsRequest, alpha_bytes, varint
 from .scoring import MAX_BATCH, MAX_FLAGS
 
 # Values per message: as many as a full ScoreBatch of ResNet-50 vectors (4096 x 2048, 32 MiB),
@@ -29,15 +28,14 @@ MAX_COLUMN_VALUES = MAX_BATCH * 2048
 DEFAULT_TOP_FLAGS = 1
 
 
-def column_values(request: explain_pb2.ScoreColumnsRequest | ColumnsRequest) -> int:
+def column_values(request: explain_pb2.ScoreColumnsRequest) -> int:
     """How many values ``request.alpha``'s shape claims (unchecked: for choosing a thread).
     Each read of ``alpha.data`` copies the bytes, so the length is not taken from there."""
     return math.prod(request.alpha.shape) if len(request.alpha.shape) else 0
 
 
-def parse_columns(request: explain_pb2.ScoreColumnsRequest | ColumnsRequest, num_filters: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """The (N, F) float32 alpha (a read-only view of the request's bytes: of the received message for a
-    :class:`~.columns_wire.ColumnsRequest`, else of one copy), the (N,) int64
+def parse_columns(request: explain_pb2.ScoreColumnsRequest, num_filters: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The (N, F) float32 alpha (a read-only view of one copy of the request's bytes), the (N,) int64
     classes and the flags per row of a request to a store of ``num_filters`` filters.
 
     Raises
@@ -57,7 +55,7 @@ def parse_columns(request: explain_pb2.ScoreColumnsRequest | ColumnsRequest, num
     if shape[0] * shape[1] > MAX_COLUMN_VALUES:
         raise InputTooLarge(f"alpha: at most {MAX_COLUMN_VALUES} values ({MAX_COLUMN_VALUES // num_filters} rows) per "
                             f"message, got {shape[0]} x {shape[1]}; send more messages (ScoreStream)")
-    data = alpha_bytes(request)  # a message's field is copied per read: read it once
+    data = tensor.data  # a copy per read: read it once
     if len(data) != shape[0] * shape[1] * 4:
         raise ValueError(f"alpha.data: {shape[0]} x {shape[1]} float32 values are {shape[0] * shape[1] * 4} bytes, "
                          f"got {len(data)}")
@@ -70,7 +68,7 @@ def parse_columns(request: explain_pb2.ScoreColumnsRequest | ColumnsRequest, num
     return alpha, np.asarray(request.classes, dtype=np.int64), flags
 
 
-def score_columns(scorer: Scorer, request: explain_pb2.ScoreColumnsRequest | ColumnsRequest) -> explain_pb2.ScoreColumnsResponse:
+def score_columns(scorer: Scorer, request: explain_pb2.ScoreColumnsRequest) -> explain_pb2.ScoreColumnsResponse:
     """Score every row of ``request`` against its class with ``scorer``.
 
     Raises
@@ -119,3 +117,13 @@ def merge_packed(message, **arrays: np.ndarray) -> None:
         data = np.ascontiguousarray(values, dtype=PACKED_DTYPES[field.type]).tobytes()
         wire += varint(field.number << 3 | 2) + varint(len(data)) + data  # wire type 2: length-delimited
     message.MergeFromString(bytes(wire))
+
+
+def varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative ``value``."""
+    encoded = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        encoded.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(encoded)

@@ -18,7 +18,6 @@ from .admission import Admission, AdmissionInterceptor
 from .auth import AuthInterceptor, KeyRing
 from .scoring import AnomalyScoring
 from .catalog import ModelCatalog
-from .columns_wire import ColumnsDeserializerInterceptor
 from .keys import KeyFile, KeyInterceptor
 from .metrics import GatewayMetrics
 from .oip import InferenceService
@@ -151,7 +150,6 @@ class Gateway:
         # First refuse callers without a key, then queue: a stranger never holds a turn.
         interceptors = [AuthInterceptor(KeyRing(config.auth_keys), self.metrics.refused)] if config.auth_keys else []
         interceptors.append(AdmissionInterceptor(admission, self.metrics.refused))
-        interceptors.append(ColumnsDeserializerInterceptor())  # innermost: the others keep its deserializer
         self.server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
         explain_pb2_grpc.add_ExplainerServicer_to_server(service, self.server)
         # The Open Inference Protocol on the same port, over the same Explain path.
