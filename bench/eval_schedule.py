@@ -64,17 +64,28 @@ def _clips(size: int, random_init: bool):
     return load_subject("video", "test", size, random_init=random_init)
 
 
+@functools.lru_cache(maxsize=3)
+def _predicted(model: str, size: int, n: int, random_init: bool) -> torch.Tensor:
+    """The classes predicted on the first ``n`` samples of ``model``'s subject (``video``: the
+    clips), computed once per process for all the method tasks that explain them."""
+    subject = _clips(size, random_init) if model == "video" else _images(model, size, random_init)
+    return eval_sections.predicted(subject, np.arange(n))
+
+
 def _method_table(args, winner, task: Task) -> dict:
     """``compare_methods`` of the one method ``task.method`` of ``task.section``."""
     if task.section == "video methods":
-        subject = _clips(args.video_n, args.random_init)
-        methods, n = video_methods(subject), args.video_n
+        model, size, n = "video", args.video_n, args.video_n
+        subject = _clips(size, args.random_init)
+        methods = video_methods(subject)
     else:
-        subject = _images(args.model, n_images(args), args.random_init)
+        model, size = args.model, n_images(args)
+        subject = _images(model, size, args.random_init)
         methods = image_methods(subject, *winner)
         n = args.costly_n if task.section == "costly image methods" else args.image_n
     (method,) = [m for m in methods if m.label == task.method]
-    return eval_sections.compare_methods(subject, np.arange(n), [method])
+    return eval_sections.compare_methods(subject, np.arange(n), [method],
+                                         targets=_predicted(model, size, n, args.random_init))
 
 
 def _store_table(module, args) -> dict:

@@ -90,9 +90,10 @@ def grid_search(subject: Subject, indices) -> dict:
     return {"auc": auc, "winner": (float(GRID[i]), float(GRID[j]))}
 
 
-def compare_methods(subject: Subject, indices, methods: list[Method], keep: int = 8) -> dict:
-    """Perturbation and localisation metrics of every method; the first ``keep`` maps are kept."""
-    targets = predicted(subject, indices)
+def compare_methods(subject: Subject, indices, methods: list[Method], keep: int = 8, targets=None) -> dict:
+    """Perturbation and localisation metrics of every method; the first ``keep`` maps are kept.
+    ``targets``: ``predicted(subject, indices)``, when the caller has it already."""
+    targets = predicted(subject, indices) if targets is None else targets
     results = {}
     for method in tqdm(methods, desc=f"{subject.explainer.kind} methods"):
         maps = method.run(subject, indices, targets)
