@@ -48,6 +48,7 @@ from bench.ood_extended import ExtendedVerdict, extended_tests, own_classes  # n
 from bench.ood_alpha_mahalanobis import ALONE as ALPHA_ALONE  # noqa: E402
 from bench.ood_alpha_mahalanobis import NAME as ALPHA_EXTENDED  # noqa: E402
 from bench.ood_alpha_mahalanobis import AlphaMahalanobis  # noqa: E402
+from bench import ood_feature_tests  # noqa: E402
 from explainserve.anomaly.calibration import split_parts  # noqa: E402
 
 HEADING = "## Table 7: out-of-distribution detection (FashionScenes; Grad-AMap verdict vs logit and feature baselines)"
@@ -57,7 +58,8 @@ VERDICT = "verdict"
 TESTS = ("−β_z", "surprise", "missing")
 LOGIT_BASELINES = tuple(BASELINES)
 #: The counts :func:`compare` returns beside its table, carried into a section's results.
-COUNTS = ("best_of", "tpr_vs_energy", "extended_best_of", "extended_above_verdict", "alpha_best_of", "alpha_beyond_interval")
+COUNTS = ("best_of", "tpr_vs_energy", "extended_best_of", "extended_above_verdict", "alpha_best_of", "alpha_beyond_interval",
+          "feature_best_of", "feature_beyond_interval", "feature_tpr_vs_energy")
 OTHER_TARGETS = (0.001, 0.05)
 NOISE_SIGMA, BLUR_SIGMA = 0.1, 1.5
 
@@ -195,6 +197,25 @@ def alpha_mahalanobis_rows(store, passes: dict, scored: dict, target: float) -> 
     return flags
 
 
+def feature_test_rows(store, passes: dict, scored: dict, target: float) -> dict:
+    """Add the two pooled-feature tests alone and the five-test verdict with them to ``scored``
+    (bench/ood_feature_tests.py: fitted on val's part A); returns the verdict's flags per split."""
+    val = passes["val"]
+    part_a = ~split_parts(val["predicted"])
+    fitted = ood_feature_tests.FeatureTests(val["features"][part_a], val["predicted"][part_a], store.num_classes)
+
+    def tests(split: str) -> np.ndarray:
+        statistics = fitted.statistics(passes[split]["features"], passes[split]["predicted"])
+        scored[split][0][ood_feature_tests.MAHALANOBIS], scored[split][0][ood_feature_tests.RESIDUAL] = statistics.T
+        return np.column_stack([scored[split][1].statistics[:, :3], statistics]).astype(np.float32)
+
+    verdict = ExtendedVerdict(tests("val"), val["predicted"], own_classes(store), target)
+    flags = {}
+    for split, passed in passes.items():
+        scored[split][0][ood_feature_tests.NAME], flags[split] = verdict.score(tests(split), passed["predicted"])
+    return flags
+
+
 def compare(store, passes: dict, oods: list, resamples: int) -> dict:
     """Every detector on the network passes ``passes`` (split name -> :func:`network_pass` with
     baselines; "val" sets the thresholds, "test" holds the negatives, ``oods`` name the positive
@@ -215,7 +236,9 @@ def compare(store, passes: dict, oods: list, resamples: int) -> dict:
         scored[split][0][EXTENDED], extended_flags[split] = extended.score(
             extended_tests(scored[split][1], passed["logits"]), passed["predicted"])
     alpha_flags = alpha_mahalanobis_rows(store, passes, scored, target)
-    detectors = (VERDICT, *TESTS, EXTENDED, ALPHA_ALONE, ALPHA_EXTENDED, *baseline_names)
+    feature_flags = feature_test_rows(store, passes, scored, target)
+    detectors = (VERDICT, *TESTS, EXTENDED, ALPHA_ALONE, ALPHA_EXTENDED, ood_feature_tests.MAHALANOBIS,
+                 ood_feature_tests.RESIDUAL, ood_feature_tests.NAME, *baseline_names)
 
     table = {}
     for name in detectors:
@@ -225,6 +248,8 @@ def compare(store, passes: dict, oods: list, resamples: int) -> dict:
             flags = extended_flags
         elif name == ALPHA_EXTENDED:
             flags = alpha_flags
+        elif name == ood_feature_tests.NAME:
+            flags = feature_flags
         else:
             threshold = threshold_at_fpr(scored["val"][0][name], target)
             flags = {split: scored[split][0][name] > threshold for split in scored}
@@ -243,9 +268,15 @@ def compare(store, passes: dict, oods: list, resamples: int) -> dict:
     alpha_best_of = sum(table[ALPHA_EXTENDED][ood]["auroc"] >= max(table[b][ood]["auroc"] for b in baseline_names)
                         for ood in oods)
     alpha_beyond_interval = sum(table[ALPHA_EXTENDED][ood]["auroc"] > table[VERDICT][ood]["high"] for ood in oods)
+    features = table[ood_feature_tests.NAME]
+    feature_best_of = sum(features[ood]["auroc"] >= max(table[b][ood]["auroc"] for b in baseline_names) for ood in oods)
+    feature_beyond_interval = sum(features[ood]["auroc"] > table[VERDICT][ood]["high"] for ood in oods)
+    feature_tpr_vs_energy = sum(features[ood]["tpr"] >= table["Energy"][ood]["tpr"] for ood in oods)
     return {"table": table, "scored": scored, "baselines": baseline_names, "best_of": best_of, "tpr_vs_energy": tpr_vs_energy,
             "extended_best_of": extended_best_of, "extended_above_verdict": extended_above_verdict,
-            "alpha_best_of": alpha_best_of, "alpha_beyond_interval": alpha_beyond_interval}
+            "alpha_best_of": alpha_best_of, "alpha_beyond_interval": alpha_beyond_interval,
+            "feature_best_of": feature_best_of, "feature_beyond_interval": feature_beyond_interval,
+            "feature_tpr_vs_energy": feature_tpr_vs_energy}
 
 
 def run(args) -> dict:
@@ -329,7 +360,10 @@ def comparison_rows(r: dict) -> list[str]:
         f"least every baseline's on {r['extended_best_of']}. With the alpha-Mahalanobis test ({ALPHA_EXTENDED}: "
         "bench/ood_alpha_mahalanobis.py, fitted on val's part A) the AUROC is above the upper end of the verdict's "
         f"interval on {r['alpha_beyond_interval']} of {len(sets)} sets and at least every baseline's on "
-        f"{r['alpha_best_of']}.", ""]
+        f"{r['alpha_best_of']}. With the two pooled-feature tests ({ood_feature_tests.NAME}: "
+        "bench/ood_feature_tests.py, fitted on val's part A) the AUROC is above the upper end of the verdict's "
+        f"interval on {r['feature_beyond_interval']} of {len(sets)} sets and at least every baseline's on "
+        f"{r['feature_best_of']}; its TPR at {percent:g} % is at least Energy's on {r['feature_tpr_vs_energy']}.", ""]
 
 
 def section(r: dict) -> list[str]:
@@ -356,7 +390,10 @@ def section(r: dict) -> list[str]:
             "its own are its three tests alone (−β_z, the graded surprise and missing statistics), then the verdict "
             f"with a fourth test from the same pass, the logits' energy ({EXTENDED}: bench/ood_extended.py, the same "
             f"split, groups and min-p combination; not served), the alpha-space Mahalanobis distance alone ({ALPHA_ALONE}) "
-            f"and the verdict with it as the fourth test ({ALPHA_EXTENDED}; not served).",
+            f"and the verdict with it as the fourth test ({ALPHA_EXTENDED}; not served), then the pooled features' "
+            f"Mahalanobis distance and principal-subspace residual alone ({ood_feature_tests.MAHALANOBIS}, "
+            f"{ood_feature_tests.RESIDUAL}) and the verdict with both as its fourth and fifth tests "
+            f"({ood_feature_tests.NAME}; not served).",
             ""] + comparison_rows(r) + [
         "The verdict calibrated at other targets (on the same val alpha), realised FPR on test and TPR %:", "",
         "| target | classes ranked on their own | FPR test % | " + " | ".join(sets) + " |",
@@ -420,6 +457,12 @@ def main(argv=None) -> int:
     print(f"verdict_alpha_mahalanobis_auroc_beyond_interval={results['alpha_beyond_interval']}/{len(results['sets'])}")
     print(f"verdict_alpha_mahalanobis_auroc_best_of={results['alpha_best_of']}/{len(results['sets'])}")
     print(f"verdict_alpha_mahalanobis_realised_fpr_test_percent={100 * results['table'][ALPHA_EXTENDED]['test_fpr']:.2f}")
+    sets = len(results["sets"])
+    print(f"verdict_feature_tests_auroc_beyond_interval={results['feature_beyond_interval']}/{sets}")
+    print(f"verdict_feature_tests_auroc_best_of={results['feature_best_of']}/{sets}")
+    print(f"verdict_feature_tests_tpr_at_target_ge_energy={results['feature_tpr_vs_energy']}/{sets}")
+    print(f"verdict_feature_tests_realised_fpr_test_percent="
+          f"{100 * results['table'][ood_feature_tests.NAME]['test_fpr']:.2f}")
     return 0
 
 
