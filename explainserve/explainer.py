@@ -83,7 +83,8 @@ class ExplanationMap:
 
 @dataclass
 class SampleExplanation:
-    """The answer for one sample: prediction, maps, Grad-AMap scores and timings (seconds)."""
+    """The answer for one sample: prediction, maps, Grad-AMap scores, pooled features (K,)
+    float32 (:attr:`FilterScores.features`) and timings (seconds)."""
 
     classes: np.ndarray
     scores: np.ndarray
@@ -92,6 +93,7 @@ class SampleExplanation:
     maps: dict[str, ExplanationMap]
     alpha: np.ndarray
     label_alpha: np.ndarray | None
+    features: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -139,6 +141,10 @@ class FilterScores:
         Grad-AMap score of each target-layer filter for ``target`` (mean over space of A * dy/dA).
     label_alpha : ndarray of float32, shape (B, K), or None
         The same for the labels, when labels were given.
+    features : ndarray of float32, shape (B, K)
+        The pooled features: each target-layer filter's activation averaged over every position
+        (h, w for images, t, h, w for clips). They need no class, so one row serves the target
+        and the label alike.
     """
 
     logits: np.ndarray
@@ -146,6 +152,7 @@ class FilterScores:
     target: np.ndarray
     alpha: np.ndarray
     label_alpha: np.ndarray | None
+    features: np.ndarray
 
     @classmethod
     def of(cls, result: ProbeResult) -> "FilterScores":
@@ -156,7 +163,21 @@ class FilterScores:
         return cls(logits=result.logits.detach().cpu().numpy(), predicted=result.predicted.cpu().numpy(),
                    target=result.target.cpu().numpy(),
                    alpha=grad_amap(result.activations, result.activation_gradients).cpu().numpy(),
-                   label_alpha=label_alpha)
+                   label_alpha=label_alpha, features=pooled_features(result.activations).cpu().numpy())
+
+
+def pooled_features(activations: torch.Tensor) -> torch.Tensor:
+    """The pooled features of a target-layer output: the mean over positions per filter.
+
+    Parameters
+    ----------
+    activations : Tensor, shape (B, K, h, w) or (B, K, t, h, w)
+
+    Returns
+    -------
+    Tensor, shape (B, K), in the activations' dtype (float32)
+    """
+    return activations.detach().flatten(2).mean(dim=2)
 
 
 class Explainer:
@@ -344,6 +365,7 @@ class Explainer:
                 maps=maps[b],
                 alpha=scores.alpha[b],
                 label_alpha=scores.label_alpha[b] if scores.label_alpha is not None and labels[b] is not None else None,
+                features=scores.features[b],
                 timings=dict(timings),
             )
             for b in range(len(prepared))

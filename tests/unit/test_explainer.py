@@ -448,3 +448,44 @@ def test_suppression_stops_after_the_steps_asked_for(photos):
     (by_library,) = suppress_surprise(model, inputs, [region], steps=2)
     (two,) = explainer.suppress_surprise(photos[:1], [region], steps=2)
     assert two.deleted_segments.tolist() == by_library.deleted_segments.tolist() == [0, 1]
+
+
+def hooked_mean_activations(explainer: Explainer, inputs: torch.Tensor, axes: tuple) -> np.ndarray:
+    """The target layer's output averaged over ``axes``, from a plain eval forward with a hook of
+    its own: what FilterScores.features must equal, computed without the probe pass."""
+    captured = []
+    handle = explainer.model.get_submodule(explainer.layer).register_forward_hook(
+        lambda _module, _args, output: captured.append(output.detach().clone()))
+    try:
+        with torch.no_grad():
+            explainer.model.eval()(inputs)
+    finally:
+        handle.remove()
+    return captured[0].mean(dim=axes).numpy()
+
+
+def test_features_are_the_target_layers_activations_averaged_over_positions(image_explainer, photos):
+    prepared = image_explainer.prepare(photos)
+    expected = hooked_mean_activations(image_explainer, prepared.inputs, (2, 3))
+    assert expected.shape == (2, image_explainer.num_filters) == (2, 512)
+    scores = image_explainer.filter_scores(prepared, targets=[None, 7], labels=[2, None])
+    assert scores.features.dtype == np.float32 and scores.features.shape == expected.shape
+    np.testing.assert_allclose(scores.features, expected, rtol=1e-5, atol=1e-6)
+    assert np.ptp(expected, axis=0).max() > 1e-3  # the two photos differ: a swapped row would fail
+    # Explain serves the same rows from the one probe pass that gives alpha, whatever it runs beside.
+    for b, result in enumerate(image_explainer.explain(prepared, ["swag_g", "grad_cam"])):
+        np.testing.assert_allclose(result.features, expected[b], rtol=1e-5, atol=1e-6)
+
+
+def test_video_features_average_over_time_and_space():
+    torch.manual_seed(1)
+    model = torchvision.models.video.r3d_18(weights=None, num_classes=4)
+    explainer = Explainer(model, kind="video", input_size=(8, 32, 32), mean=MEAN, std=STD, class_names=list("abcd"))
+    frame = data.astronaut()[::8, ::8]
+    clips = [np.stack([np.roll(frame, s * t, axis=1) for t in range(8)]) for s in (3, 11)]
+    prepared = explainer.prepare(clips)
+    expected = hooked_mean_activations(explainer, prepared.inputs, (2, 3, 4))
+    assert expected.shape == (2, 512) and len(explainer.cam_size) == 3  # (t, h, w) positions
+    np.testing.assert_allclose(explainer.filter_scores(prepared).features, expected, rtol=1e-5, atol=1e-6)
+    for b, result in enumerate(explainer.explain(prepared, ["grad_cam"])):
+        np.testing.assert_allclose(result.features, expected[b], rtol=1e-5, atol=1e-6)
