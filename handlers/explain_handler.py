@@ -274,7 +274,8 @@ class ExplainHandler:
             if explanation_map.segments is not None:
                 explanation.segments.CopyFrom(wire.exact_tensor(explanation_map.segments))
                 explanation.segment_scores.CopyFrom(wire.exact_tensor(explanation_map.segment_scores.astype(np.float32)))
-        answer = handler_pb2.HandlerResponse(response=response, alpha=result.alpha.tolist())
+        answer = handler_pb2.HandlerResponse(response=response, alpha=result.alpha.tolist(),
+                                             features=result.features.tolist())
         if result.label_alpha is not None:
             answer.label_alpha.extend(result.label_alpha.tolist())
         return answer.SerializeToString()

@@ -61,6 +61,13 @@ def test_mixed_batch_answers_each_item_in_order(model_and_handler):
     np.testing.assert_allclose(scored.alpha, expected_cam[0].alpha, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(scored.label_alpha, expected_cam[0].label_alpha, rtol=1e-4, atol=1e-7)
     assert len(scored.alpha) == 512 and not handler_pb2.HandlerResponse.FromString(answers[3]).label_alpha
+    # The pooled features beside alpha, for the feature tests: one row per item, from the same pass.
+    pooled = explainer.filter_scores([images[0], images[3]]).features
+    for row, answer in enumerate((answers[0], answers[3])):
+        served = handler_pb2.HandlerResponse.FromString(answer).features
+        np.testing.assert_allclose(served, expected_cam[row].features, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(served, pooled[row], rtol=1e-5, atol=1e-7)
+    assert np.abs(pooled[0] - pooled[1]).max() > 1e-4  # distinct rows: a mix-up would fail
     for response, expected in ((first, expected_cam[0]), (fourth, expected_cam[1])):
         assert response.target_class == expected.target and response.timings.batch_size == 4
         heatmap = to_numpy(response.explanations[0].heatmap)
@@ -175,7 +182,7 @@ def test_region_items_answer_the_filter_regions_beside_ordinary_items(model_and_
     expected = explainer.filter_regions([images[0], images[0]], [7, 300], targets=[None, 4])
     expected += explainer.filter_regions([images[2]], [511], targets=[2], n_segments=20)
     got = list(answers[0].regions) + list(answers[2].regions)
-    assert [r.filter for r in got] == [7, 300, 511] and not answers[0].alpha
+    assert [r.filter for r in got] == [7, 300, 511] and not answers[0].alpha and not answers[0].features
     for region, reference in zip(got, expected):
         assert region.class_index == reference.target and region.top_segment == reference.top_segment
         assert np.array_equal(to_numpy(region.segments), reference.segments)
