@@ -15,8 +15,9 @@ nearest class), the second as the residual of ViM (Wang et al. 2022) centred at 
 rather than at -W^+ b, which needs a linear head. Each names the features that carry it: d² =
 sum_n e_n (Σ^+ e)_n and r² = sum_n ((I - U U^T)(z - m))_n².
 
-Fitted on part A of the held-out images (``split_parts``, disjoint from the ranking part B),
-as the store's scales are, and combined with the verdict's three tests into the min-p statistic
+The tests themselves are the library's :class:`~explainserve.anomaly.feature_tests.FeatureTests`
+(the served verdict takes them). Fitted on part A of the held-out images (``split_parts``,
+disjoint from the ranking part B), as the store's scales are, and combined with the verdict's three tests into the min-p statistic
 exactly like the energy test (:class:`bench.ood_extended.ExtendedVerdict`, five tests).
 
 Keep/drop criterion, written before any result of these tests was seen (the same as the
@@ -29,49 +30,10 @@ reported whichever way they fall. Run once, at ``bench/eval_ood.py``'s default s
 
 from __future__ import annotations
 
-import numpy as np
+from explainserve.anomaly.feature_tests import FeatureTests
+
+__all__ = ["FeatureTests", "MAHALANOBIS", "NAME", "RESIDUAL"]
 
 NAME = "verdict + feature tests"
 MAHALANOBIS = "feature-Mahalanobis"
 RESIDUAL = "feature residual"
-
-
-class FeatureTests:
-    """The Mahalanobis and residual tests on pooled features, fitted on held-out images.
-
-    Parameters
-    ----------
-    features : np.ndarray
-        (n, K) pooled features of the fitting images.
-    classes : np.ndarray
-        (n,) int, the class each was predicted as.
-    num_classes : int
-        C; a class without fitting images takes the mean of all of them.
-    """
-
-    def __init__(self, features: np.ndarray, classes: np.ndarray, num_classes: int):
-        z = np.asarray(features, dtype=np.float64)
-        self.centre = z.mean(axis=0)
-        self.class_means = np.repeat(self.centre[None], num_classes, axis=0)
-        for class_id in np.unique(classes):
-            self.class_means[class_id] = z[classes == class_id].mean(axis=0)
-        deviation = z - self.class_means[classes]
-        self.precision = np.linalg.pinv(deviation.T @ deviation / len(z), hermitian=True)
-        centred = z - self.centre
-        _, eigenvectors = np.linalg.eigh(centred.T @ centred / len(z))  # ascending
-        self.basis = eigenvectors[:, ::-1][:, : z.shape[1] // 2]
-
-    def mahalanobis_terms(self, features: np.ndarray, classes: np.ndarray) -> np.ndarray:
-        """(n, K) each feature's share e_n (Σ^+ e)_n of d²."""
-        deviation = np.asarray(features, dtype=np.float64) - self.class_means[classes]
-        return deviation * (deviation @ self.precision)
-
-    def residual_terms(self, features: np.ndarray) -> np.ndarray:
-        """(n, K) each feature's share of r², the squared residual off the principal subspace."""
-        centred = np.asarray(features, dtype=np.float64) - self.centre
-        return (centred - (centred @ self.basis) @ self.basis.T) ** 2
-
-    def statistics(self, features: np.ndarray, classes: np.ndarray) -> np.ndarray:
-        """(n, 2) float64 d² and r, larger = further from the held-out images."""
-        return np.column_stack([self.mahalanobis_terms(features, classes).sum(axis=1),
-                                np.sqrt(self.residual_terms(features).sum(axis=1))])

@@ -1,0 +1,105 @@
+"""FeatureTests: the pooled-feature Mahalanobis and residual tests, against independent references."""
+
+import numpy as np
+import pytest
+import torch
+from pytorch_ood.detector import Mahalanobis
+
+from explainserve.anomaly.feature_tests import FEATURE_TESTS, FeatureTests
+
+
+def gaussian_classes(num_classes: int, dims: int, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, K) float32 features of well-separated classes sharing one full-rank covariance, and (n,) classes."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 3, size=(num_classes, dims))
+    mixing = rng.normal(0, 1, size=(dims, dims)) + 2 * np.eye(dims)
+    classes = np.repeat(np.arange(num_classes), per_class)
+    features = means[classes] + rng.standard_normal((len(classes), dims)) @ mixing.T
+    return features.astype(np.float32), classes
+
+
+def test_the_hand_computable_two_dimensional_case():
+    # Class 0 around (0, 0), class 1 around (10, 0), the same four deviations: tied covariance diag(0.5, 2).
+    deviations = np.array([[1, 0], [-1, 0], [0, 2], [0, -2]], dtype=np.float32)
+    features = np.concatenate([deviations, deviations + [10, 0]])
+    classes = np.repeat([0, 1], 4)
+    fitted = FeatureTests(features, classes, num_classes=3)
+    np.testing.assert_allclose(fitted.class_means, [[0, 0], [10, 0], [5, 0]])  # class 2: no image, the mean of all
+    np.testing.assert_allclose(fitted.precision, np.diag([2.0, 0.5]), atol=1e-12)
+    z = np.array([[1, 2], [1, 2]], dtype=np.float32)
+    np.testing.assert_allclose(fitted.mahalanobis_terms(z, np.array([0, 1])), [[2, 2], [162, 2]], atol=1e-9)
+    # About the mean (5, 0) the covariance is diag(25.5, 2): U (K // 2 = 1 direction) is the x axis,
+    # so (1, 2) - (5, 0) = (-4, 2) leaves the residual (0, 2).
+    np.testing.assert_allclose(np.abs(fitted.basis[:, 0]), [1, 0], atol=1e-12)
+    np.testing.assert_allclose(fitted.residual_terms(z[:1]), [[0, 4]], atol=1e-9)
+    np.testing.assert_allclose(fitted.statistics(z, np.array([0, 1])), [[4, 2], [164, 2]], atol=1e-9)
+
+
+@pytest.mark.parametrize("num_classes, dims", [(3, 6), (5, 16)])
+def test_mahalanobis_matches_pytorch_ood_per_class_and_at_the_nearest_class(num_classes, dims):
+    features, classes = gaussian_classes(num_classes, dims, per_class=400, seed=dims)
+    queries, _ = gaussian_classes(num_classes, dims, per_class=20, seed=dims + 1)
+    queries = queries * 1.5  # some far from every class
+    fitted = FeatureTests(features, classes, num_classes)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # pytorch-ood builds its means and covariance in the default dtype
+    try:
+        detector = Mahalanobis(None).fit_features(torch.from_numpy(features.astype(np.float64)), torch.from_numpy(classes))
+        z = torch.from_numpy(queries.astype(np.float64))
+        # pytorch-ood: -0.5 e^T S^-1 e per class with S the *sum* of outer products (+1e-6 I),
+        # so d² with Σ = S / n is 2 n times its per-class distance; the detector takes the nearest.
+        per_class = -2 * len(features) * detector._calc_gaussian_scores(z).numpy()
+        nearest = 2 * len(features) * detector.predict_features(z).numpy()
+    finally:
+        torch.set_default_dtype(previous)
+    ours = np.stack([fitted.statistics(queries, np.full(len(queries), c))[:, 0] for c in range(num_classes)], axis=1)
+    np.testing.assert_allclose(ours, per_class, rtol=1e-6)
+    scored_at_nearest = fitted.statistics(queries, ours.argmin(axis=1))[:, 0]
+    np.testing.assert_allclose(scored_at_nearest, nearest, rtol=1e-6)
+
+
+def test_mahalanobis_matches_a_plain_numpy_inverse():
+    features, classes = gaussian_classes(4, 10, per_class=300, seed=7)
+    fitted = FeatureTests(features, classes, 4)
+    z = features.astype(np.float64)
+    means = np.stack([z[classes == c].mean(axis=0) for c in range(4)])
+    covariance = sum(np.outer(row - means[c], row - means[c]) for row, c in zip(z, classes)) / len(z)
+    precision = np.linalg.inv(covariance)
+    queries, query_classes = features[::37] + 0.5, classes[::37]
+    expected = [(q - means[c]) @ precision @ (q - means[c]) for q, c in zip(queries.astype(np.float64), query_classes)]
+    np.testing.assert_allclose(fitted.statistics(queries, query_classes)[:, 0], expected, rtol=1e-8)
+
+
+def test_residual_matches_a_plain_svd():
+    features, classes = gaussian_classes(3, 12, per_class=200, seed=11)
+    fitted = FeatureTests(features, classes, 3)
+    z = features.astype(np.float64)
+    centre = z.mean(axis=0)
+    _, _, right = np.linalg.svd(z - centre, full_matrices=False)
+    basis = right[:6].T  # the top K // 2 right singular vectors span the top principal directions
+    queries = features[::17] * 1.3
+    centred = queries.astype(np.float64) - centre
+    expected = np.linalg.norm(centred - centred @ basis @ basis.T, axis=1)
+    np.testing.assert_allclose(fitted.statistics(queries, classes[::17])[:, 1], expected, rtol=1e-8)
+
+
+def test_terms_sum_to_the_statistics_and_the_arrays_round_trip():
+    features, classes = gaussian_classes(3, 8, per_class=100, seed=3)
+    fitted = FeatureTests(features, classes, 3, shared=np.array([False, False, True]))
+    np.testing.assert_allclose(fitted.class_means[2], features.astype(np.float64).mean(axis=0))  # shared: the pool's
+    queries, query_classes = features[::7] + 1.0, classes[::7]
+    mahalanobis, residual = fitted.mahalanobis_terms(queries, query_classes), fitted.residual_terms(queries)
+    statistics = fitted.statistics(queries, query_classes)
+    assert statistics.shape == (len(queries), len(FEATURE_TESTS)) and statistics.dtype == np.float64
+    np.testing.assert_allclose(mahalanobis.sum(axis=1), statistics[:, 0], rtol=1e-12)
+    np.testing.assert_allclose(residual.sum(axis=1), statistics[:, 1] ** 2, rtol=1e-12)
+    assert (residual >= 0).all()
+    restored = FeatureTests.from_arrays({name: np.array(a) for name, a in fitted.arrays().items()})
+    assert np.array_equal(restored.statistics(queries, query_classes), statistics)
+    assert restored.num_features == 8 and fitted.basis.shape == (8, 4)
+
+
+def test_the_bench_uses_the_library_tests():
+    from bench import ood_feature_tests
+
+    assert ood_feature_tests.FeatureTests is FeatureTests
