@@ -35,6 +35,16 @@ p-value is never below 1 / (n + 1)).
 
 Use the class the server will score against (the predicted class) for the held-out images, so
 the calibrated rate is the served one.
+
+Given the images' pooled features as well, the calibration also holds a *feature block*, for
+clients that send features with alpha: the two feature tests
+(:mod:`explainserve.anomaly.feature_tests`) fitted on part A, then the five tests (the three
+above, feature_mahalanobis, feature_residual) calibrated exactly as the three are, in the same
+groups: tail grids of the five on part A, their min-p combination ``combined5``, and the part-B
+ranks of feature_mahalanobis, feature_residual and combined5 (the three alpha tests' own ranks
+are the alpha calibration's). A class without training images takes the mean of all part-A
+features, as its alpha rows hold the pool of all classes. The alpha-only calibration is the
+same with or without features, so a client that sends alpha alone still gets an exact verdict.
 """
 
 from __future__ import annotations
@@ -44,8 +54,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from explainserve.anomaly.conformal import (STATISTICS, TESTS, critical_value, fit_tail_grid, sorted_ranks,
-                                            tail_evidence)
+from explainserve.anomaly.conformal import (FEATURE_STATISTICS, FIVE_TESTS, STATISTICS, TESTS, critical_value,
+                                            fit_tail_grid, sorted_ranks, tail_evidence)
+from explainserve.anomaly.feature_tests import FeatureTests
 from explainserve.anomaly.reference import ClassReference, inverse_scale
 from explainserve.anomaly.store import DistributionStore, save_calibration_arrays
 
@@ -125,52 +136,148 @@ def graded_statistics(stats) -> np.ndarray:
 
 
 def with_combined(tests: np.ndarray, grids: np.ndarray) -> np.ndarray:
-    """(B, 4) float32: the three tests and their combined statistic, the largest tail evidence."""
+    """The T tests and their combined statistic, the largest tail evidence.
+
+    Parameters
+    ----------
+    tests : np.ndarray
+        (B, T) statistics, larger = more anomalous.
+    grids : np.ndarray
+        (B, T, G + 2) the tail model of each row's group (:func:`~explainserve.anomaly.conformal.fit_tail_grid`).
+
+    Returns
+    -------
+    np.ndarray
+        (B, T + 1) float32.
+    """
     combined = tail_evidence(tests, grids).max(axis=1)
-    statistics = np.empty((len(tests), 4), dtype=np.float32)
-    statistics[:, :3], statistics[:, 3] = tests, combined
+    statistics = np.empty((len(tests), tests.shape[1] + 1), dtype=np.float32)
+    statistics[:, :-1], statistics[:, -1] = tests, combined
     return statistics
 
 
 @dataclass(frozen=True)
-class PooledGroup:
-    """The calibration of the pooled rows: every held-out image scored against them.
+class GroupCalibration:
+    """Tail grids and conformal ranks of one set of tests in every group.
 
     Attributes
     ----------
-    grid : np.ndarray
-        (3, G + 2) float64 tail model fitted on part A.
-    ranked : np.ndarray
-        (n, 4) float32 statistics of the first ``MAX_CLASS_RANKS`` part-B images.
+    grids : np.ndarray
+        (C, T, G + 2) float64 part-A tail model of each class's group.
+    class_ranks : np.ndarray
+        (C, S, L) float32 sorted part-B statistics of the classes ranked on their own (own
+        classes and pooled classes), +inf padded.
+    counts : np.ndarray
+        (C,) int64 part-B images ranked in each class's own row.
+    critical : list
+        Per class, the S critical values of its own row (None for a class on the fallback).
+    fallback_ranks : np.ndarray
+        (S, n) float32 sorted part-B statistics of the class-independent group.
+    fallback_critical : list
+        Its S critical values.
     """
 
-    grid: np.ndarray
-    ranked: np.ndarray
+    grids: np.ndarray
+    class_ranks: np.ndarray
+    counts: np.ndarray
+    critical: list
+    fallback_ranks: np.ndarray
+    fallback_critical: list
 
 
-def pooled_group(reference: ClassReference, alpha: np.ndarray, row_sums: np.ndarray, part_b: np.ndarray,
-                 scale: np.ndarray) -> PooledGroup:
-    """Score every held-out image against the pooled rows (the rows of the classes without
-    training images, all equal), fit the tail model on part A and keep part B's statistics.
+def calibrate_groups(tests: np.ndarray, classes: np.ndarray, part_b: np.ndarray, ranked: np.ndarray,
+                     own: np.ndarray, pooled: np.ndarray, pooled_tests: np.ndarray | None, columns: list,
+                     target_fpr: float) -> GroupCalibration:
+    """Fit the tail grids of T tests on part A and rank part B, in each group.
 
-    An input predicted as such a class is scored against the pool of all classes, so its null
-    is an in-distribution image of any class scored against that pool: these images.
+    Parameters
+    ----------
+    tests : np.ndarray
+        (n, T) float32 statistics of the held-out images, each against its class.
+    classes : np.ndarray
+        (n,) int class each is scored against.
+    part_b, ranked : np.ndarray
+        (n,) bool, the part-B images and the part-B images ranked in their class's row.
+    own, pooled : np.ndarray
+        (C,) bool classes ranked on their own images, and classes without training images.
+    pooled_tests : np.ndarray or None
+        (n, T) float32 statistics of every held-out image scored against the pooled rows
+        (None when no class is pooled): the pooled group's null, an in-distribution image of
+        any class scored against the pool of all classes.
+    columns : list of int
+        Which of the T + 1 statistics (the tests, then the combined one) are ranked: S of them.
+    target_fpr : float
+
+    Returns
+    -------
+    GroupCalibration
     """
-    against_pool = np.full(len(alpha), np.flatnonzero(reference.pooled)[0], dtype=np.int64)
-    tests = graded_statistics(reference.statistics(alpha, against_pool, row_sums, inverse_scale(scale)))
-    grid = fit_tail_grid(tests[~part_b])
-    ranked = np.flatnonzero(part_b)[:MAX_CLASS_RANKS]
-    return PooledGroup(grid, with_combined(tests[ranked], np.repeat(grid[None], len(ranked), axis=0)))
+    num_classes = len(own)
+    fallback_grid = fit_tail_grid(tests[~part_b])
+    grids = np.repeat(fallback_grid[None], num_classes, axis=0)
+    for class_id in np.flatnonzero(own):
+        grids[class_id] = fit_tail_grid(tests[~part_b & (classes == class_id)])
+    statistics = with_combined(tests, grids[classes])[:, columns]
+    counts = np.bincount(classes[ranked], minlength=num_classes)
+
+    if pooled_tests is not None:
+        pool_grid = fit_tail_grid(pooled_tests[~part_b])
+        pool_rows = np.flatnonzero(part_b)[:MAX_CLASS_RANKS]
+        pool_ranked = with_combined(pooled_tests[pool_rows], np.repeat(pool_grid[None], len(pool_rows), axis=0))[:, columns]
+        grids[pooled] = pool_grid
+        counts[pooled] = len(pool_rows)
+
+    width = max([1] + counts[own | pooled].tolist())
+    class_ranks = np.full((num_classes, len(columns), width), np.inf, dtype=np.float32)
+    critical = []
+    for class_id in range(num_classes):
+        if own[class_id]:
+            class_ranks[class_id] = sorted_ranks(statistics[ranked & (classes == class_id)], width)
+        elif pooled[class_id]:
+            class_ranks[class_id] = sorted_ranks(pool_ranked, width)
+        else:
+            critical.append(None)
+            continue
+        critical.append(_critical(class_ranks[class_id], int(counts[class_id]), target_fpr))
+    # The fallback ranks use the fallback grid for every image, own class or not.
+    fallback_rows = np.flatnonzero(part_b)[:MAX_FALLBACK_RANKS]
+    fallback_statistics = with_combined(tests[fallback_rows], np.repeat(fallback_grid[None], len(fallback_rows), axis=0))
+    fallback_ranks = sorted_ranks(fallback_statistics[:, columns], len(fallback_rows))
+    return GroupCalibration(grids, class_ranks, counts, critical, fallback_ranks,
+                            _critical(fallback_ranks, fallback_ranks.shape[1], target_fpr))
 
 
 def _critical(ranked: np.ndarray, count: int, target_fpr: float) -> list:
-    """Critical values of the four statistics of one group; None where none can be reached (JSON)."""
-    values = [critical_value(ranked[s, :count], target_fpr) for s in range(len(STATISTICS))]
+    """Critical values of the ranked statistics of one group; None where none can be reached (JSON)."""
+    values = [critical_value(ranked[s, :count], target_fpr) for s in range(len(ranked))]
     return [value if math.isfinite(value) else None for value in values]
 
 
+def check_features(features, count: int, num_features: int) -> np.ndarray:
+    """``features`` as (count, K) float32, or ValueError naming ``features``.
+
+    Parameters
+    ----------
+    features : array-like
+        (count, K) pooled features; (K,) when count is 1.
+    count : int
+        B, the rows of the alpha they go with.
+    num_features : int
+        K, the store's filter count.
+    """
+    features = np.asarray(features, dtype=np.float32)
+    if features.ndim == 1 and count == 1:
+        features = features[None]
+    if features.ndim != 2 or features.shape != (count, num_features):
+        raise ValueError(f"features must be ({count}, {num_features}) pooled features (one row per alpha row, "
+                         f"one value per filter), got shape {features.shape}")
+    if not np.isfinite(features).all():
+        raise ValueError("features must be finite (no NaN or infinity)")
+    return features
+
+
 def calibrate(store: DistributionStore, alpha: np.ndarray, classes: np.ndarray, *,
-              target_fpr: float = DEFAULT_TARGET_FPR, min_class_count: int | None = None,
+              features: np.ndarray | None = None, target_fpr: float = DEFAULT_TARGET_FPR, min_class_count: int | None = None,
               scored_against: str = "predicted") -> Calibration:
     """Fit the verdict's scales, tail grids and conformal ranks on held-out in-distribution images.
 
@@ -183,6 +290,11 @@ def calibrate(store: DistributionStore, alpha: np.ndarray, classes: np.ndarray, 
         in dataset order.
     classes : np.ndarray
         (n,) int class each image is scored against (the predicted class, as served).
+    features : np.ndarray, optional
+        (n, K) float32 pooled features of the same images (the target layer's activations
+        averaged over positions). With them the calibration also holds the feature block: the
+        :class:`~explainserve.anomaly.feature_tests.FeatureTests` fitted on part A and the
+        five-test verdict's tail grids and ranks (module docstring).
     target_fpr : float
         Target false-positive rate in (0, 1); default 1 %.
     min_class_count : int, optional
@@ -203,43 +315,24 @@ def calibrate(store: DistributionStore, alpha: np.ndarray, classes: np.ndarray, 
         raise ValueError(f"min_class_count must be >= 1, got {min_class_count}")
     reference = ClassReference(store)
     alpha, classes, row_sums = reference.check(alpha, classes)
+    if features is not None:
+        features = check_features(features, len(alpha), store.meta.num_filters)
     part_b = split_parts(classes)
     if part_b.sum() < 1 or (~part_b).sum() < 1:
         raise ValueError(f"calibration needs at least two held-out images of one class, got {len(alpha)}")
     ranked = part_b & (within_class_position(classes, part_b) < MAX_CLASS_RANKS)
     scale, scale_origin = held_out_scales(reference, alpha[~part_b], classes[~part_b])
-    tests = graded_statistics(reference.statistics(alpha, classes, row_sums, inverse_scale(scale)))
-
-    num_classes = reference.num_classes
+    inverse = inverse_scale(scale)
+    tests = graded_statistics(reference.statistics(alpha, classes, row_sums, inverse))
+    num_classes, pooled = reference.num_classes, reference.pooled
     counts_b = np.bincount(classes[ranked], minlength=num_classes)
-    own = (counts_b >= min_class_count) & ~reference.pooled
-    fallback_grid = fit_tail_grid(tests[~part_b])
-    grids = np.repeat(fallback_grid[None], num_classes, axis=0)
-    for class_id in np.flatnonzero(own):
-        grids[class_id] = fit_tail_grid(tests[~part_b & (classes == class_id)])
-    statistics = with_combined(tests, grids[classes])
-
-    pool = pooled_group(reference, alpha, row_sums, part_b, scale) if reference.pooled.any() else None
-    if pool is not None:
-        grids[reference.pooled] = pool.grid
-        counts_b[reference.pooled] = len(pool.ranked)
-
-    width = max([1] + counts_b[own | reference.pooled].tolist())
-    class_ranks = np.full((num_classes, len(STATISTICS), width), np.inf, dtype=np.float32)
-    critical = []
-    for class_id in range(num_classes):
-        if own[class_id]:
-            class_ranks[class_id] = sorted_ranks(statistics[ranked & (classes == class_id)], width)
-        elif reference.pooled[class_id]:
-            class_ranks[class_id] = sorted_ranks(pool.ranked, width)
-        else:
-            critical.append(None)
-            continue
-        critical.append(_critical(class_ranks[class_id], int(counts_b[class_id]), target_fpr))
-    # The fallback ranks use the fallback grid for every image, own class or not.
-    fallback_rows = np.flatnonzero(part_b)[:MAX_FALLBACK_RANKS]
-    fallback_statistics = with_combined(tests[fallback_rows], np.repeat(fallback_grid[None], len(fallback_rows), axis=0))
-    fallback_ranks = sorted_ranks(fallback_statistics, len(fallback_statistics))
+    own = (counts_b >= min_class_count) & ~pooled
+    # Every held-out image scored against the pooled rows (all equal): the pooled group's null.
+    against_pool = np.full(len(alpha), np.flatnonzero(pooled)[0], dtype=np.int64) if pooled.any() else None
+    pooled_tests = (graded_statistics(reference.statistics(alpha, against_pool, row_sums, inverse))
+                    if pooled.any() else None)
+    groups = calibrate_groups(tests, classes, part_b, ranked, own, pooled, pooled_tests,
+                              list(range(len(STATISTICS))), target_fpr)
     section = {
         "target_fpr": target_fpr,
         "min_class_count": min_class_count,
@@ -248,14 +341,57 @@ def calibrate(store: DistributionStore, alpha: np.ndarray, classes: np.ndarray, 
         "split": {"rule": "within each class, even positions part A (scales, tail grids), odd part B (ranks)",
                   "part_a": int((~part_b).sum()), "part_b": int(part_b.sum())},
         "statistics": list(STATISTICS),
-        "fallback": {"count": len(fallback_rows), "critical": _critical(fallback_ranks, fallback_ranks.shape[1], target_fpr)},
-        "classes": {"count": counts_b.tolist(),
-                    "source": ["class" if mine else POOLED if empty else FALLBACK
-                               for mine, empty in zip(own, reference.pooled)],
-                    "scale": scale_origin, "critical": critical},
+        "fallback": {"count": groups.fallback_ranks.shape[1], "critical": groups.fallback_critical},
+        "classes": {"count": groups.counts.tolist(),
+                    "source": ["class" if mine else POOLED if empty else FALLBACK for mine, empty in zip(own, pooled)],
+                    "scale": scale_origin, "critical": groups.critical},
     }
-    arrays = {"scale": scale, "tail_grid": grids, "class_ranks": class_ranks, "fallback_ranks": fallback_ranks}
+    arrays = {"scale": scale, "tail_grid": groups.grids, "class_ranks": groups.class_ranks,
+              "fallback_ranks": groups.fallback_ranks}
+    if features is not None:
+        block, section["features"] = feature_block(features, tests, pooled_tests, classes, part_b, ranked, own,
+                                                   pooled, against_pool, target_fpr)
+        arrays.update(block)
     return Calibration(section, arrays)
+
+
+def feature_block(features: np.ndarray, tests: np.ndarray, pooled_tests: np.ndarray | None, classes: np.ndarray,
+                  part_b: np.ndarray, ranked: np.ndarray, own: np.ndarray, pooled: np.ndarray,
+                  against_pool: np.ndarray | None, target_fpr: float) -> tuple[dict, dict]:
+    """The feature tests fitted on part A, and the five-test verdict's tail grids and ranks in
+    the alpha calibration's groups.
+
+    Parameters
+    ----------
+    features : np.ndarray
+        (n, K) float32 pooled features of the held-out images.
+    tests, pooled_tests : np.ndarray
+        (n, 3) float32 alpha tests against each image's class, and against the pooled rows (or None).
+    classes, part_b, ranked, own, pooled, target_fpr
+        As in :func:`calibrate_groups`.
+    against_pool : np.ndarray or None
+        (n,) int64 a pooled class for every image (None when no class is pooled).
+
+    Returns
+    -------
+    (dict, dict)
+        The ``FEATURE_ARRAYS`` (store names) and the calibration section's ``features`` entry.
+    """
+    fitted = FeatureTests(features[~part_b], classes[~part_b], len(own), shared=pooled)
+    five = np.concatenate([tests, fitted.statistics(features, classes).astype(np.float32)], axis=1)
+    pooled_five = (np.concatenate([pooled_tests, fitted.statistics(features, against_pool).astype(np.float32)], axis=1)
+                   if pooled_tests is not None else None)
+    ranked_columns = list(range(len(TESTS), len(FIVE_TESTS) + 1))  # the feature tests and the combined statistic
+    groups = calibrate_groups(five, classes, part_b, ranked, own, pooled, pooled_five, ranked_columns, target_fpr)
+    arrays = {f"feature_{name}": array for name, array in fitted.arrays().items()}
+    arrays.update(feature_tail_grid=groups.grids, feature_class_ranks=groups.class_ranks,
+                  feature_fallback_ranks=groups.fallback_ranks)
+    section = {"tests": list(FIVE_TESTS), "statistics": list(FEATURE_STATISTICS), "num_features": fitted.num_features,
+               "residual_dimensions": fitted.basis.shape[1],
+               "fit": "part A: class means, tied covariance, principal directions",
+               "fallback": {"count": groups.fallback_ranks.shape[1], "critical": groups.fallback_critical},
+               "classes": {"critical": groups.critical}}
+    return arrays, section
 
 
 def save_calibration(store: DistributionStore, calibration: Calibration) -> None:

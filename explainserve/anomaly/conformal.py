@@ -33,10 +33,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from explainserve.anomaly.feature_tests import FEATURE_TESTS
+
 #: The verdict's tests, in the order of every (…, 3) array.
 TESTS = ("surprise", "missing", "low_beta")
 #: The three tests and their min-p combination, in the order of every (…, 4) array.
 STATISTICS = TESTS + ("combined",)
+#: The verdict's tests with the two pooled-feature tests, in the order of every (…, 5) array.
+FIVE_TESTS = TESTS + FEATURE_TESTS
+#: The statistics the feature block ranks: the feature tests and the five tests' min-p combination.
+FEATURE_STATISTICS = FEATURE_TESTS + ("combined5",)
 #: Upper-tail probabilities of the part-A grid (the last must leave a few images beyond it).
 TAIL_LEVELS = np.array([0.5, 0.25, 0.1, 0.05, 0.025, 0.01])
 EVIDENCE_LEVELS = -np.log(TAIL_LEVELS)

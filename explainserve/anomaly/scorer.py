@@ -7,9 +7,10 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from explainserve.anomaly.calibration import FALLBACK, graded_statistics, with_combined
-from explainserve.anomaly.conformal import (STATISTICS, TESTS, RankTable, interpolated_p_values,
-                                            tail_evidence)
+from explainserve.anomaly.calibration import FALLBACK, check_features, graded_statistics, with_combined
+from explainserve.anomaly.conformal import (FEATURE_STATISTICS, FIVE_TESTS, STATISTICS, TESTS, RankTable,
+                                            interpolated_p_values, tail_evidence)
+from explainserve.anomaly.feature_tests import FEATURE_TESTS, FeatureTests
 from explainserve.anomaly.reference import ClassReference, Flags
 from explainserve.anomaly.store import REBUILD_HINT, DistributionStore, StoreError
 from explainserve.anomaly.summary import NO_EXEMPLAR
@@ -19,8 +20,8 @@ ANOMALOUS = "ANOMALOUS"
 #: Flagged filters a served verdict lists per kind, most extreme first: an input far from the
 #: training data can flag most of the filters, and building all of them would cost milliseconds.
 MAX_FLAGS = 32
-#: One reason code per test, in ``TESTS`` order.
-REASON_CODES = TESTS
+#: One reason code per test, in ``FIVE_TESTS`` order (the alpha tests, then the feature tests).
+REASON_CODES = FIVE_TESTS
 
 
 class FilterFlag(NamedTuple):
@@ -48,6 +49,23 @@ class FilterFlag(NamedTuple):
     exceedance: float
 
 
+class FeatureShare(NamedTuple):
+    """One pooled feature's term of a feature test's statistic.
+
+    Attributes
+    ----------
+    feature : int
+        Channel index at the target layer (the pooled feature's index).
+    share : float
+        Its term: e_n (P e)_n of feature_mahalanobis's d² (may be negative), or the squared
+        residual of feature_residual's r²; a row's terms sum to d² or r²
+        (:mod:`explainserve.anomaly.feature_tests`).
+    """
+
+    feature: int
+    share: float
+
+
 class Reason(NamedTuple):
     """One test that made a verdict ANOMALOUS.
 
@@ -56,7 +74,9 @@ class Reason(NamedTuple):
     threshold; value < threshold for low_beta); ``source`` ``"class"`` (the class's own
     calibration images), ``"fallback"`` (the class-independent group) or ``"pooled"`` (a class
     without training images: every calibration image scored against the pooled distribution);
-    ``p_value`` the test's own conformal p-value.
+    ``p_value`` the test's own conformal p-value; ``features`` for a feature test, the
+    features with the largest terms (:class:`FeatureShare`), largest first, at most
+    ``MAX_FLAGS`` (empty for an alpha test).
     """
 
     code: str
@@ -64,6 +84,7 @@ class Reason(NamedTuple):
     threshold: float
     source: str
     p_value: float
+    features: tuple = ()
 
     def __str__(self) -> str:
         relation = "<" if self.code == "low_beta" else ">"
@@ -97,8 +118,10 @@ class SampleScore:
         Empty when NORMAL; otherwise the tests whose own p-value is below the target rate,
         smallest first, or the test with the most tail evidence when none is.
     score : float
-        The combined statistic: -ln of the smallest part-A tail probability of the three tests.
+        The combined statistic: -ln of the smallest part-A tail probability of the tests.
         A continuous ranking (ROC curves), which keeps growing past the calibration images.
+    feature_mahalanobis, feature_residual : float or None
+        The feature tests' statistics (d² and r) when the input was scored with its features.
     """
 
     class_id: int
@@ -114,6 +137,8 @@ class SampleScore:
     p_value: float
     reasons: tuple
     score: float
+    feature_mahalanobis: float | None = None
+    feature_residual: float | None = None
 
 
 @dataclass(frozen=True)
@@ -131,14 +156,15 @@ class BatchScores:
     beta, beta_percentile, beta_z : np.ndarray
         (B,) float64.
     statistics : np.ndarray
-        (B, 4) float32, the tests' statistics and the combined one, in ``STATISTICS`` order
-        (larger = more anomalous; low_beta's is -β_z).
+        (B, T + 1) float32, the T tests' statistics (``test_names``) and the combined one
+        (larger = more anomalous; low_beta's is -β_z): T = 3 for alpha alone (``STATISTICS``
+        order), 5 with features (``FIVE_TESTS``, then combined5).
     p_values : np.ndarray
-        (B, 4) float64 conformal p-values of ``statistics``; column 3 is the verdict's.
+        (B, T + 1) float64 conformal p-values of ``statistics``; the last column is the verdict's.
     critical : np.ndarray
-        (B, 4) float64, the statistic where each p-value reaches the target rate (+inf: never).
+        (B, T + 1) float64, the statistic where each p-value reaches the target rate (+inf: never).
     tests : np.ndarray
-        (B, 3) bool, the tests given as reasons (see :class:`SampleScore`).
+        (B, T) bool, the tests given as reasons (see :class:`SampleScore`).
     from_class : np.ndarray
         (B,) bool, True when the class's own row of ranks was used (its own images, or the
         pooled group for a class without training images), False for the fallback.
@@ -149,6 +175,11 @@ class BatchScores:
     surprising, expected_missing : Flags
         The flagged filters of every row and their exceedances, sparse
         (:class:`~explainserve.anomaly.reference.Flags`; ``.mask()`` gives the (B, K) bool mask).
+    test_names : tuple of str
+        The T tests present, in column order: ``TESTS``, or ``FIVE_TESTS`` with features.
+    feature_terms : np.ndarray or None
+        (B, 2, K) float64 each feature's term of feature_mahalanobis's d² and of
+        feature_residual's r² (``FEATURE_TESTS`` order), when scored with features.
     """
 
     scorer: "Scorer"
@@ -168,6 +199,8 @@ class BatchScores:
     score: np.ndarray
     surprising: Flags
     expected_missing: Flags
+    test_names: tuple = TESTS
+    feature_terms: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -206,6 +239,25 @@ class BatchScores:
         return (filters.tolist(), self.alpha[index][filters].tolist(),
                 thresholds[class_id][filters].tolist(), exemplars, exceedance[order].tolist())
 
+    def feature_columns(self, index: int, test: str, max_features: int | None = MAX_FLAGS) -> tuple[list, list]:
+        """Row ``index``'s features with the largest terms of feature test ``test``, largest
+        first: two lists, feature indices and their terms (at most ``max_features``; None: all).
+
+        Parameters
+        ----------
+        index : int
+        test : str
+            One of ``FEATURE_TESTS``; the row must have been scored with features.
+        max_features : int, optional
+        """
+        if self.feature_terms is None:
+            raise ValueError("feature_columns needs a batch scored with features")
+        if test not in FEATURE_TESTS:
+            raise ValueError(f"test must be one of {FEATURE_TESTS}, got {test!r}")
+        terms = self.feature_terms[index, FEATURE_TESTS.index(test)]
+        order = (-terms).argsort(kind="stable")[:max_features]
+        return order.tolist(), terms[order].tolist()
+
     def sample(self, index: int, max_flags: int | None = None) -> SampleScore:
         """The full result for row ``index``; with ``max_flags``, only the ``max_flags`` most
         extreme filters of each flag list (the counts stay in ``surprise_count`` /
@@ -223,10 +275,14 @@ class BatchScores:
         reasons = []
         for test in np.flatnonzero(self.tests[index]):
             value, threshold = float(statistics[test]), float(critical[test])
-            if REASON_CODES[test] == "low_beta":  # the statistic is -β_z: report β_z and its bound
+            code = self.test_names[test]
+            if code == "low_beta":  # the statistic is -β_z: report β_z and its bound
                 value, threshold = -value, -threshold
-            reasons.append(Reason(REASON_CODES[test], value, threshold, source, float(p_values[test])))
+            features = (tuple(FeatureShare(*pair) for pair in zip(*self.feature_columns(index, code)))
+                        if code in FEATURE_TESTS else ())
+            reasons.append(Reason(code, value, threshold, source, float(p_values[test]), features))
         reasons.sort(key=lambda reason: reason.p_value)
+        with_features = self.feature_terms is not None
         return SampleScore(
             class_id=class_id,
             class_name=reference.store.meta.class_names[class_id],
@@ -241,6 +297,8 @@ class BatchScores:
             p_value=float(p_values[-1]),
             reasons=tuple(reasons),
             score=float(self.score[index]),
+            feature_mahalanobis=float(statistics[len(TESTS)]) if with_features else None,
+            feature_residual=float(statistics[len(TESTS) + 1]) if with_features else None,
         )
 
     def samples(self) -> list:
@@ -271,7 +329,9 @@ class Scorer:
     Parameters
     ----------
     store : DistributionStore
-        A complete, calibrated store (:func:`~explainserve.anomaly.store.load_store`).
+        A complete, calibrated store (:func:`~explainserve.anomaly.store.load_store`). When its
+        calibration holds the feature block (calibrated with pooled features),
+        ``has_feature_tests`` is True and :meth:`score` takes features too.
 
     Raises
     ------
@@ -292,26 +352,56 @@ class Scorer:
             per_class = calibration["classes"]
             self.sources = np.asarray(per_class["source"])  # "class", "pooled" or "fallback"
             self.from_class = self.sources != FALLBACK  # ranked in the class's own row of class_ranks
-            fallback = np.asarray(self._finite(calibration["fallback"]["critical"]), dtype=np.float64)
-            self.critical = np.stack([np.asarray(self._finite(c), dtype=np.float64) if c is not None else fallback
-                                      for c in per_class["critical"]])
+            self.critical = self._critical_values(per_class["critical"], calibration["fallback"]["critical"])
             self.class_counts = np.asarray(per_class["count"], dtype=np.int64)
         except (KeyError, TypeError, ValueError) as error:
             raise StoreError(f"distribution store {store.path}: malformed calibration ({error!r}); {REBUILD_HINT}") from None
         if self.from_class.shape != (store.num_classes,) or self.critical.shape != (store.num_classes, len(STATISTICS)):
             raise StoreError(f"distribution store {store.path}: calibration does not cover its {store.num_classes} classes")
-        num_statistics = len(STATISTICS)
         self.tail_grid = np.asarray(store.arrays["tail_grid"])
-        class_ranks = np.asarray(store.arrays["class_ranks"])
-        fallback_ranks = np.asarray(store.arrays["fallback_ranks"])
-        # One table: row class * 4 + statistic for the classes ranked on their own, then the
-        # fallback's four rows.
-        self.ranks = RankTable.stacked(
+        self.ranks, self.first_rank_row = self._rank_table(store.arrays["class_ranks"], store.arrays["fallback_ranks"])
+        self.feature_tests = None
+        if calibration.get("features"):
+            self._hold_feature_block(store, calibration["features"])
+
+    def _critical_values(self, per_class: list, fallback: list) -> np.ndarray:
+        """(C, S) float64 critical values of a calibration section's groups: a class's own, or
+        the fallback's (None in JSON: +inf)."""
+        fallback = np.asarray(self._finite(fallback), dtype=np.float64)
+        return np.stack([np.asarray(self._finite(c), dtype=np.float64) if c is not None else fallback for c in per_class])
+
+    def _rank_table(self, class_ranks: np.ndarray, fallback_ranks: np.ndarray) -> tuple[RankTable, np.ndarray]:
+        """One table of (C, S, L) ``class_ranks`` and (S, n) ``fallback_ranks``: row class * S +
+        statistic for the classes ranked on their own, then the fallback's S rows; and (C,) the
+        first row of each class."""
+        class_ranks, fallback_ranks = np.asarray(class_ranks), np.asarray(fallback_ranks)
+        count, num_classes = class_ranks.shape[1], len(self.from_class)
+        table = RankTable.stacked(
             RankTable(class_ranks.reshape(-1, class_ranks.shape[-1]),
-                      np.repeat(np.where(self.from_class, self.class_counts, 0), num_statistics)),
-            RankTable(fallback_ranks, np.full(num_statistics, fallback_ranks.shape[1])))
-        self.first_rank_row = np.where(self.from_class, np.arange(store.num_classes) * num_statistics,
-                                       store.num_classes * num_statistics)
+                      np.repeat(np.where(self.from_class, self.class_counts, 0), count)),
+            RankTable(fallback_ranks, np.full(count, fallback_ranks.shape[1])))
+        return table, np.where(self.from_class, np.arange(num_classes) * count, num_classes * count)
+
+    def _hold_feature_block(self, store: DistributionStore, section: dict) -> None:
+        """The feature tests, the five tests' tail grids, critical values and ranks."""
+        arrays = store.arrays
+        try:
+            critical = self._critical_values(section["classes"]["critical"], section["fallback"]["critical"])
+            self.feature_critical = np.concatenate([self.critical[:, :len(TESTS)], critical], axis=1)
+            self.feature_tests = FeatureTests.from_arrays({name: arrays[f"feature_{name}"]
+                                                           for name in ("centre", "class_means", "precision", "basis")})
+        except (KeyError, TypeError, ValueError) as error:
+            raise StoreError(f"distribution store {store.path}: malformed feature block ({error!r}); {REBUILD_HINT}") from None
+        if self.feature_critical.shape != (store.num_classes, len(FIVE_TESTS) + 1):
+            raise StoreError(f"distribution store {store.path}: feature block does not cover its {store.num_classes} classes")
+        self.feature_tail_grid = np.asarray(arrays["feature_tail_grid"])
+        self.feature_ranks, self.first_feature_row = self._rank_table(arrays["feature_class_ranks"],
+                                                                      arrays["feature_fallback_ranks"])
+
+    @property
+    def has_feature_tests(self) -> bool:
+        """True when the store holds the feature block: :meth:`score` then uses features given."""
+        return self.feature_tests is not None
 
     @staticmethod
     def _finite(values: list) -> list:
@@ -326,7 +416,7 @@ class Scorer:
         rows = (self.first_rank_row[classes][:, None] + np.arange(statistics.shape[1])).ravel()
         return interpolated_p_values(self.ranks, rows, statistics.ravel()).reshape(statistics.shape)
 
-    def score(self, alpha, classes) -> BatchScores:
+    def score(self, alpha, classes, features=None) -> BatchScores:
         """Score each row of ``alpha`` against the class in ``classes``.
 
         Parameters
@@ -335,6 +425,11 @@ class Scorer:
             (B, K) or (K,) float32 Grad-AMap filter scores, computed for the class scored against.
         classes : array-like
             (B,) or scalar int class ids: the predicted class, or the client's label.
+        features : array-like, optional
+            (B, K) or (K,) float32 pooled features of the same inputs (the target layer's
+            activations averaged over positions). With a store that holds the feature block,
+            the verdict takes the five tests and its p-value is combined5's; a store without
+            it ignores them (``has_feature_tests`` says which).
 
         Returns
         -------
@@ -343,25 +438,46 @@ class Scorer:
         Raises
         ------
         ValueError
-            Wrong alpha length, NaN or infinite alpha, unknown class, or a class without
-            training images.
+            Wrong alpha length, NaN or infinite alpha, unknown class, a class without
+            training images; features of the wrong shape, NaN or infinite (named ``features``).
         """
         alpha, classes, row_sums = self.reference.check(alpha, classes)
         stats = self.reference.statistics(alpha, classes, row_sums)
-        statistics = with_combined(graded_statistics(stats), self.tail_grid[classes])
-        p_values = self.p_values(statistics, classes)
+        alpha_tests = graded_statistics(stats)
+        if features is None or self.feature_tests is None:
+            test_names, feature_terms, grids = TESTS, None, self.tail_grid[classes]
+            statistics = with_combined(alpha_tests, grids)
+            p_values, critical = self.p_values(statistics, classes), self.critical[classes]
+        else:
+            features = check_features(features, len(alpha), self.store.meta.num_filters)
+            test_names, grids = FIVE_TESTS, self.feature_tail_grid[classes]
+            feature_terms = np.stack([self.feature_tests.mahalanobis_terms(features, classes),
+                                      self.feature_tests.residual_terms(features)], axis=1)
+            feature_statistics = FeatureTests.from_terms(feature_terms[:, 0], feature_terms[:, 1]).astype(np.float32)
+            statistics = with_combined(np.concatenate([alpha_tests, feature_statistics], axis=1), grids)
+            p_values, critical = self.five_test_p_values(statistics, classes), self.feature_critical[classes]
         anomalous = p_values[:, -1] < self.target_fpr
         tests = p_values[:, :-1] < self.target_fpr
         # An ANOMALOUS verdict that no single test reaches names the test with the most evidence.
         lone = (anomalous & ~tests.any(axis=1)).nonzero()[0]
         if len(lone):
-            strongest = tail_evidence(statistics[lone, :-1], self.tail_grid[classes[lone]]).argmax(axis=1)
+            strongest = tail_evidence(statistics[lone, :-1], grids[lone]).argmax(axis=1)
             tests[lone, strongest] = True
         return BatchScores(
             scorer=self, alpha=alpha, classes=classes,
             surprise_count=stats.surprise_count, expectation_count=stats.expectation_count,
             beta=stats.beta, beta_percentile=stats.beta_percentile, beta_z=stats.beta_z,
-            statistics=statistics, p_values=p_values, critical=self.critical[classes], tests=tests,
+            statistics=statistics, p_values=p_values, critical=critical, tests=tests,
             from_class=self.from_class[classes], anomalous=anomalous, score=statistics[:, -1].astype(np.float64),
             surprising=stats.surprising, expected_missing=stats.expected_missing,
+            test_names=test_names, feature_terms=feature_terms,
         )
+
+    def five_test_p_values(self, statistics: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """(B, 6) float64 conformal p-values of (B, 6) five-test ``statistics`` (``FIVE_TESTS``
+        and combined5): the alpha tests ranked as without features, the rest in the feature block."""
+        alpha_tests = len(TESTS)
+        rows = (self.first_feature_row[classes][:, None] + np.arange(len(FEATURE_STATISTICS))).ravel()
+        feature_p = interpolated_p_values(self.feature_ranks, rows, statistics[:, alpha_tests:].ravel())
+        return np.concatenate([self.p_values(statistics[:, :alpha_tests], classes),
+                               feature_p.reshape(len(statistics), -1)], axis=1)

@@ -19,6 +19,18 @@ the largest own-ranked class, n part-B images in all::
     class_ranks.npy     (C, 4, L)  float32  part-B statistics per class, sorted, +inf padded
     fallback_ranks.npy  (4, n)     float32  part-B statistics of the class-independent group
 
+Calibrated with pooled features as well, it holds the feature block (the calibration
+section's ``features`` entry; tests of :mod:`explainserve.anomaly.feature_tests`)::
+
+    feature_centre.npy          (K,)         float64  mean pooled feature of part A
+    feature_class_means.npy     (C, K)       float64  per-class means m_c
+    feature_precision.npy       (K, K)       float64  pseudo-inverse of the tied covariance
+    feature_basis.npy           (K, K//2)    float64  top principal directions
+    feature_tail_grid.npy       (C, 5, G+2)  float64  part-A tail model of the five tests
+    feature_class_ranks.npy     (C, 3, L)    float32  part-B feature_mahalanobis,
+                                                      feature_residual, combined5 per class
+    feature_fallback_ranks.npy  (3, n)       float32  the same, class-independent group
+
 A class without training images has count 0; in a complete store its rows hold the pooled
 distribution of all classes (:mod:`explainserve.anomaly.pooled`, listed in the manifest's
 ``pooled`` section), in a shard NaN statistics until the merge. Every array's size and
@@ -79,8 +91,29 @@ CALIBRATION_SPECS = {
     "fallback_ranks": (np.float32, lambda C, K, section: (len(section["statistics"]), section["fallback"]["count"])),
 }
 
+#: The feature block, present when the calibration section has ``features`` (calibrated with
+#: pooled features): name -> (dtype, expected shape from (C, K, calibration section)).
+FEATURE_SPECS = {
+    "feature_centre": (np.float64, lambda C, K, section: (K,)),
+    "feature_class_means": (np.float64, lambda C, K, section: (C, K)),
+    "feature_precision": (np.float64, lambda C, K, section: (K, K)),
+    "feature_basis": (np.float64, lambda C, K, section: (K, K // 2)),
+    "feature_tail_grid": (np.float64, lambda C, K, section: (C, len(section["features"]["tests"]), None)),
+    "feature_class_ranks": (np.float32, lambda C, K, section: (C, len(section["features"]["statistics"]), None)),
+    "feature_fallback_ranks": (np.float32, lambda C, K, section: (len(section["features"]["statistics"]),
+                                                                  section["features"]["fallback"]["count"])),
+}
+
 #: Arrays the scorer reads; ``grid`` stays on disk.
-SERVING_ARRAYS = ("mean", "p_low", "p_high", "exemplars", "beta_grid", *CALIBRATION_SPECS)
+SERVING_ARRAYS = ("mean", "p_low", "p_high", "exemplars", "beta_grid", *CALIBRATION_SPECS, *FEATURE_SPECS)
+
+
+def calibration_specs(section: dict | None) -> dict:
+    """The calibration arrays a store with calibration ``section`` holds: ``CALIBRATION_SPECS``,
+    and ``FEATURE_SPECS`` when it has a feature block; none when it is not calibrated."""
+    if section is None:
+        return {}
+    return {**CALIBRATION_SPECS, **(FEATURE_SPECS if section.get("features") else {})}
 
 
 class StoreError(ValueError):
@@ -322,12 +355,14 @@ def _array_entry(directory: Path, name: str) -> dict:
 
 
 def save_calibration_arrays(store: "DistributionStore", section: dict, arrays: dict) -> None:
-    """Write calibration ``arrays`` (``CALIBRATION_SPECS``) into ``store``'s folder and record
-    ``section``, their sizes and hashes in its manifest, written last (atomically). The store
-    object then holds them too."""
+    """Write calibration ``arrays`` (:func:`calibration_specs` of ``section``) into ``store``'s
+    folder and record ``section``, their sizes and hashes in its manifest, written last
+    (atomically). The store object then holds them too. A feature block of an earlier
+    calibration that this one lacks is deleted once the manifest no longer records it."""
     directory = Path(store.path)
     entries = {name: entry for name, entry in store.manifest["arrays"].items() if name in ARRAY_SPECS}
-    for name, (dtype, _) in CALIBRATION_SPECS.items():
+    specs = calibration_specs(section)
+    for name, (dtype, _) in specs.items():
         file = directory / f"{name}.npy"
         temporary = file.with_suffix(".npy.tmp")
         with open(temporary, "wb") as handle:
@@ -337,9 +372,11 @@ def save_calibration_arrays(store: "DistributionStore", section: dict, arrays: d
     manifest = dict(store.manifest, calibration=section, arrays=entries)
     manifest["sha256"] = store_sha256(manifest)
     write_manifest(directory, manifest)
+    for name in FEATURE_SPECS.keys() - specs.keys():
+        (directory / f"{name}.npy").unlink(missing_ok=True)
     store.manifest = manifest
     store.arrays = {**{name: store.arrays[name] for name in ARRAY_SPECS},
-                    **{name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in CALIBRATION_SPECS}}
+                    **{name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in specs}}
 
 
 def load_store(path: str | os.PathLike, *, model_name: str | None = None,
@@ -416,7 +453,7 @@ def _load(directory: Path, folder: int, model_name, model_version, verify: bool,
     if section is not None:
         try:
             specs.update({name: (dtype, shape(held, meta.num_filters, section))
-                          for name, (dtype, shape) in CALIBRATION_SPECS.items()})
+                          for name, (dtype, shape) in calibration_specs(section).items()})
         except (KeyError, TypeError) as error:
             raise _refuse(directory, f"malformed calibration section ({error!r}); {REBUILD_HINT}") from None
     arrays = {}

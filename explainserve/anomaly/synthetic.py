@@ -44,6 +44,21 @@ class SyntheticClasses:
         noise = np.random.default_rng(seed).standard_normal((len(classes), self.loc.shape[1]), dtype=np.float32)
         return self.loc[classes] + self.scale[classes] * noise
 
+    def features(self, classes: np.ndarray, seed: int) -> np.ndarray:
+        """(B, K) float32 pooled features drawn for ``classes`` (B,), Gaussian with a low-rank
+        covariance plus a little isotropic noise, so both feature tests have something to fit.
+
+        z = 10 loc_c + M g + 0.01 eps, with g ~ N(0, I_r), eps ~ N(0, I_K), r = max(1, K // 4)
+        and M (K, r) fixed by K (entries N(0, 0.05² / r)).
+        """
+        num_filters = self.loc.shape[1]
+        rank = max(1, num_filters // 4)
+        mixing = np.random.default_rng(num_filters).standard_normal((num_filters, rank)) * (0.05 / np.sqrt(rank))
+        rng = np.random.default_rng(seed)
+        latent = rng.standard_normal((len(classes), rank))
+        noise = rng.standard_normal((len(classes), num_filters))
+        return (10 * self.loc[classes] + latent @ mixing.T + 0.01 * noise).astype(np.float32)
+
     def batches(self, images_per_class: int, batch_size: int = 256, seed: int = 1) -> Iterator[tuple]:
         """A training stream in dataset order: classes interleaved, ids 0, 1, 2, ...
 
