@@ -8,12 +8,17 @@ import numpy as np
 import pytest
 
 from explainserve.anomaly import Scorer, StoreError, load_store
-from explainserve.anomaly.store import ARRAY_SPECS, CALIBRATION_SPECS, MANIFEST
+from explainserve.anomaly.store import ARRAY_SPECS, MANIFEST, calibration_specs
 from explainserve.cli import main as cli
 from explainserve.commands.archive import demo_model, demo_store
 from explainserve.model_archive import STORE_FOLDER, write_archive
 
-STORE_FILES = sorted([MANIFEST, *(f"{name}.npy" for name in (*ARRAY_SPECS, *CALIBRATION_SPECS))])
+
+def store_files(folder: Path) -> list[str]:
+    """A calibrated store's files: its manifest, the class arrays and the calibration's (with the
+    feature block when it was calibrated with features)."""
+    section = json.loads((folder / MANIFEST).read_text())["calibration"]
+    return sorted([MANIFEST, *(f"{name}.npy" for name in (*ARRAY_SPECS, *calibration_specs(section)))])
 
 
 def committed(kind: str):
@@ -48,9 +53,9 @@ def test_demo_archive_ships_a_loadable_store_under_distribution_store(tmp_path, 
     assert "with the distribution store" in capsys.readouterr().out
     mar = tmp_path / "demo_image.mar"
     names = archive_names(mar)
-    assert sorted(n for n in names if n.startswith(f"{STORE_FOLDER}/")) == [f"{STORE_FOLDER}/{f}" for f in STORE_FILES]
+    assert sorted(n for n in names if n.startswith(f"{STORE_FOLDER}/")) == [f"{STORE_FOLDER}/{f}" for f in store_files(folder)]
     # Nothing of the store lands at the top level (torch-model-archiver flattens folders).
-    assert not any(name in names for name in STORE_FILES)
+    assert not any(name in names for name in store_files(folder))
     with zipfile.ZipFile(mar) as archive:
         archive.extractall(tmp_path / "unpacked")
         metadata = json.loads(archive.read("metadata.json"))
@@ -77,7 +82,7 @@ def test_archive_refuses_a_store_of_another_model_or_a_corrupt_one(tmp_path):
         write_archive(model, metadata, tmp_path, store_path=folder)
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
-    for name in STORE_FILES:
+    for name in store_files(folder):
         (corrupt / name).write_bytes((folder / name).read_bytes())
     data = bytearray((corrupt / "mean.npy").read_bytes())
     data[-1] ^= 0xFF
