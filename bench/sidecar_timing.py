@@ -13,6 +13,12 @@ In-process: builds the store with the real builder, calibrates it, and prints
 - the same with every per-input result object built (what a server returns);
 - ``single_request_ms`` p50/p99: one alpha vector scored and its result built.
 
+With ``--features`` the store is calibrated with synthetic pooled features too (the feature
+block, :mod:`explainserve.anomaly.feature_tests`), and it also prints ``feature_block_serving_bytes``
+(the block's arrays the scorer reads) and ``scores_per_second_per_core_with_features`` /
+``scores_per_cpu_second_with_features``: the same batches scored with their features (the
+five-test verdict). ``--no-grpc`` stops after the in-process figures.
+
 Where the time of a per-message ``ScoreBatch`` of 256 goes, in-process (``score_batch_stage_ms_*``):
 the client building its ScoreRequests, serialising and parsing the request, reading the
 vectors out of the parsed messages, the scoring, and building the 256 ClassVerdicts.
@@ -62,6 +68,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from explainserve.anomaly import MAX_FLAGS, Scorer, build_store, calibrate, load_store, save_calibration  # noqa: E402
+from explainserve.anomaly.store import FEATURE_SPECS  # noqa: E402
 from explainserve.anomaly.synthetic import SyntheticClasses  # noqa: E402
 from explainserve.anomaly.top_flags import top_flags  # noqa: E402
 from explainserve.sidecar.local import start_gateway, stop_gateway, wait_serving  # noqa: E402
@@ -84,8 +91,9 @@ def load_average() -> str:
 
 
 def build_synthetic_store(directory: Path, classes: int, filters: int, images_per_class: int,
-                          held_out_per_class: int) -> tuple[SyntheticClasses, float]:
-    """Build and calibrate a synthetic store; returns its generator and the build seconds."""
+                          held_out_per_class: int, features: bool = False) -> tuple[SyntheticClasses, float]:
+    """Build and calibrate a synthetic store (with the feature block when ``features``);
+    returns its generator and the build seconds."""
     synthetic = SyntheticClasses.random(classes, filters, seed=0)
     started = time.perf_counter()
     build_store(tqdm(synthetic.batches(images_per_class, batch_size=500), desc="training alpha",
@@ -94,7 +102,8 @@ def build_synthetic_store(directory: Path, classes: int, filters: int, images_pe
     seconds = time.perf_counter() - started
     store = load_store(directory)
     held_out = np.repeat(np.arange(classes), held_out_per_class)
-    save_calibration(store, calibrate(store, synthetic.sample(held_out, seed=9), held_out))
+    pooled = synthetic.features(held_out, seed=10) if features else None
+    save_calibration(store, calibrate(store, synthetic.sample(held_out, seed=9), held_out, features=pooled))
     return synthetic, seconds
 
 
@@ -141,6 +150,18 @@ def in_process(directory: Path, synthetic: SyntheticClasses, batches: int, reque
         scorer.score(alpha, row).samples()
     with_objects = batches * 64 / (time.perf_counter() - started)
 
+    with_features = {}
+    if scorer.has_feature_tests:
+        features = [synthetic.features(row, seed=1000 + int(i)) for i, row in enumerate(classes)]
+        started, cpu_started = time.perf_counter(), time.process_time()
+        for alpha, row, pooled in zip(alphas, classes, features):
+            scorer.score(alpha, row, pooled)
+        with_features = {
+            "feature_block_serving_bytes": sum(store.arrays[name].nbytes for name in FEATURE_SPECS),
+            "scores_per_second_per_core_with_features": batches * 64 / (time.perf_counter() - started),
+            "scores_per_cpu_second_with_features": batches * 64 / (time.process_time() - cpu_started),
+        }
+
     latencies = call_seconds(
         lambda index: scorer.score(alphas[index % batches][index % 64], classes[index % batches, index % 64]).sample(0),
         requests)
@@ -156,6 +177,7 @@ def in_process(directory: Path, synthetic: SyntheticClasses, batches: int, reque
         **percentiles_ms(latencies, "single_request"),
         "surprising_filters_per_input": float(first.surprise_count.mean()),
         "expected_missing_filters_per_input": float(first.expectation_count.mean()),
+        **with_features,
     }
 
 
@@ -280,6 +302,9 @@ def main() -> None:
     parser.add_argument("--store", type=Path, help="reuse (or create) the synthetic store here")
     parser.add_argument("--grpc-target", help="time this running gateway (host:port) instead of starting one")
     parser.add_argument("--grpc-model", default="synthetic", help="with --grpc-target: the model whose store it holds")
+    parser.add_argument("--features", action="store_true",
+                        help="calibrate a new store with synthetic pooled features and time scoring with them")
+    parser.add_argument("--no-grpc", action="store_true", help="in-process figures only")
     args = parser.parse_args()
 
     print(f"load_average_at_start {load_average()}")
@@ -290,11 +315,13 @@ def main() -> None:
             synthetic = SyntheticClasses.random(args.classes, args.filters, seed=0)
         else:
             synthetic, seconds = build_synthetic_store(directory, args.classes, args.filters,
-                                                       args.images_per_class, args.held_out_per_class)
+                                                       args.images_per_class, args.held_out_per_class, args.features)
             print(f"store_build_seconds {seconds:.1f}  ({args.classes * args.images_per_class} training vectors)")
         figures = in_process(directory, synthetic, args.batches, args.requests)
         figures.update(score_batch_stages(directory, synthetic))
-        if args.grpc_target:
+        if args.no_grpc:
+            pass
+        elif args.grpc_target:
             figures.update(grpc_score_latency(args.grpc_target, args.grpc_model, synthetic, args.requests, args.batches))
         else:
             figures.update(grpc_with_gateway(directory, scratch, synthetic, args.requests, args.batches))

@@ -123,12 +123,19 @@ class FeatureTests:
         centred = np.asarray(features, dtype=np.float64) - self.centre
         return (centred - (centred @ self.basis) @ self.basis.T) ** 2
 
+    def squared_residuals(self, features: np.ndarray) -> np.ndarray:
+        """(B,) float64 r² = |z - m|² - |U^T (z - m)|², >= 0: the sum of :meth:`residual_terms`
+        at half the cost (U's columns are orthonormal), which is what scoring a batch needs."""
+        centred = np.asarray(features, dtype=np.float64) - self.centre
+        projected = centred @ self.basis
+        return np.maximum(np.einsum("ij,ij->i", centred, centred) - np.einsum("ij,ij->i", projected, projected), 0.0)
+
+    def statistics_and_terms(self, features: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 2) float64 d² and r in ``FEATURE_TESTS`` order, larger = further from the fitting
+        images, and the (B, K) :meth:`mahalanobis_terms` they were summed from."""
+        terms = self.mahalanobis_terms(features, classes)
+        return np.column_stack([terms.sum(axis=1), np.sqrt(self.squared_residuals(features))]), terms
+
     def statistics(self, features: np.ndarray, classes: np.ndarray) -> np.ndarray:
         """(B, 2) float64 d² and r in ``FEATURE_TESTS`` order, larger = further from the fitting images."""
-        return self.from_terms(self.mahalanobis_terms(features, classes), self.residual_terms(features))
-
-    @staticmethod
-    def from_terms(mahalanobis_terms: np.ndarray, residual_terms: np.ndarray) -> np.ndarray:
-        """(B, 2) float64 statistics from the (B, K) terms of :meth:`mahalanobis_terms` and
-        :meth:`residual_terms`."""
-        return np.column_stack([mahalanobis_terms.sum(axis=1), np.sqrt(residual_terms.sum(axis=1))])
+        return self.statistics_and_terms(features, classes)[0]

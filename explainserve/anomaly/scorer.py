@@ -177,9 +177,11 @@ class BatchScores:
         (:class:`~explainserve.anomaly.reference.Flags`; ``.mask()`` gives the (B, K) bool mask).
     test_names : tuple of str
         The T tests present, in column order: ``TESTS``, or ``FIVE_TESTS`` with features.
-    feature_terms : np.ndarray or None
-        (B, 2, K) float64 each feature's term of feature_mahalanobis's d² and of
-        feature_residual's r² (``FEATURE_TESTS`` order), when scored with features.
+    features : np.ndarray or None
+        (B, K) float32 pooled features, when scored with them.
+    mahalanobis_terms : np.ndarray or None
+        (B, K) float64 each feature's term of feature_mahalanobis's d², when scored with
+        features (feature_residual's terms are computed per row, :meth:`feature_columns`).
     """
 
     scorer: "Scorer"
@@ -200,7 +202,8 @@ class BatchScores:
     surprising: Flags
     expected_missing: Flags
     test_names: tuple = TESTS
-    feature_terms: np.ndarray | None = None
+    features: np.ndarray | None = None
+    mahalanobis_terms: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -250,11 +253,14 @@ class BatchScores:
             One of ``FEATURE_TESTS``; the row must have been scored with features.
         max_features : int, optional
         """
-        if self.feature_terms is None:
+        if self.features is None:
             raise ValueError("feature_columns needs a batch scored with features")
         if test not in FEATURE_TESTS:
             raise ValueError(f"test must be one of {FEATURE_TESTS}, got {test!r}")
-        terms = self.feature_terms[index, FEATURE_TESTS.index(test)]
+        if test == "feature_mahalanobis":
+            terms = self.mahalanobis_terms[index]
+        else:
+            terms = self.scorer.feature_tests.residual_terms(self.features[index:index + 1])[0]
         order = (-terms).argsort(kind="stable")[:max_features]
         return order.tolist(), terms[order].tolist()
 
@@ -282,7 +288,7 @@ class BatchScores:
                         if code in FEATURE_TESTS else ())
             reasons.append(Reason(code, value, threshold, source, float(p_values[test]), features))
         reasons.sort(key=lambda reason: reason.p_value)
-        with_features = self.feature_terms is not None
+        with_features = self.features is not None
         return SampleScore(
             class_id=class_id,
             class_name=reference.store.meta.class_names[class_id],
@@ -445,16 +451,14 @@ class Scorer:
         stats = self.reference.statistics(alpha, classes, row_sums)
         alpha_tests = graded_statistics(stats)
         if features is None or self.feature_tests is None:
-            test_names, feature_terms, grids = TESTS, None, self.tail_grid[classes]
+            features, terms, test_names, grids = None, None, TESTS, self.tail_grid[classes]
             statistics = with_combined(alpha_tests, grids)
             p_values, critical = self.p_values(statistics, classes), self.critical[classes]
         else:
             features = check_features(features, len(alpha), self.store.meta.num_filters)
             test_names, grids = FIVE_TESTS, self.feature_tail_grid[classes]
-            feature_terms = np.stack([self.feature_tests.mahalanobis_terms(features, classes),
-                                      self.feature_tests.residual_terms(features)], axis=1)
-            feature_statistics = FeatureTests.from_terms(feature_terms[:, 0], feature_terms[:, 1]).astype(np.float32)
-            statistics = with_combined(np.concatenate([alpha_tests, feature_statistics], axis=1), grids)
+            feature_statistics, terms = self.feature_tests.statistics_and_terms(features, classes)
+            statistics = with_combined(np.concatenate([alpha_tests, feature_statistics.astype(np.float32)], axis=1), grids)
             p_values, critical = self.five_test_p_values(statistics, classes), self.feature_critical[classes]
         anomalous = p_values[:, -1] < self.target_fpr
         tests = p_values[:, :-1] < self.target_fpr
@@ -470,7 +474,7 @@ class Scorer:
             statistics=statistics, p_values=p_values, critical=critical, tests=tests,
             from_class=self.from_class[classes], anomalous=anomalous, score=statistics[:, -1].astype(np.float64),
             surprising=stats.surprising, expected_missing=stats.expected_missing,
-            test_names=test_names, feature_terms=feature_terms,
+            test_names=test_names, features=features, mahalanobis_terms=terms,
         )
 
     def five_test_p_values(self, statistics: np.ndarray, classes: np.ndarray) -> np.ndarray:

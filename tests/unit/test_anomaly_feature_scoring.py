@@ -117,8 +117,11 @@ def test_shifted_features_raise_the_feature_tests_evidence_and_name_the_features
     assert {share.feature for share in residual.features[:2]} == {3, 17}
     shares = [share.share for share in residual.features]
     assert shares == sorted(shares, reverse=True)
-    terms = moved.feature_terms[0, 1]
+    terms = five.feature_tests.residual_terms(shifted[:1])[0]
     assert shares[0] == terms.max() and sum(terms) == pytest.approx(moved.statistics[0, 4] ** 2, rel=1e-5)
+    mahalanobis = moved.feature_columns(0, "feature_mahalanobis", None)
+    assert sorted(mahalanobis[0]) == list(range(NUM_FILTERS)) and mahalanobis[1] == sorted(mahalanobis[1], reverse=True)
+    assert sum(mahalanobis[1]) == pytest.approx(moved.statistics[0, 3], rel=1e-5)
     assert sample.feature_residual == pytest.approx(moved.statistics[0, 4])
     assert all(not reason.features for reason in sample.reasons if reason.code in TESTS)
 
@@ -132,7 +135,7 @@ def test_the_alpha_only_path_is_unchanged_by_the_feature_block(synthetic, scorer
     alpha, classes, features = held_out(synthetic, [100] * NUM_CLASSES, seed=500)
     alone = three.score(alpha, classes)
     for batch in (five.score(alpha, classes), three.score(alpha, classes, features)):  # features ignored without a block
-        assert batch.test_names == TESTS and batch.feature_terms is None
+        assert batch.test_names == TESTS and batch.features is None and batch.mahalanobis_terms is None
         for field in ("statistics", "p_values", "critical", "tests", "anomalous", "score"):
             np.testing.assert_array_equal(getattr(batch, field), getattr(alone, field))
     assert five.score(alpha[:1], classes[:1]).sample(0).feature_mahalanobis is None

@@ -92,7 +92,8 @@ def test_terms_sum_to_the_statistics_and_the_arrays_round_trip():
     statistics = fitted.statistics(queries, query_classes)
     assert statistics.shape == (len(queries), len(FEATURE_TESTS)) and statistics.dtype == np.float64
     np.testing.assert_allclose(mahalanobis.sum(axis=1), statistics[:, 0], rtol=1e-12)
-    np.testing.assert_allclose(residual.sum(axis=1), statistics[:, 1] ** 2, rtol=1e-12)
+    np.testing.assert_allclose(residual.sum(axis=1), statistics[:, 1] ** 2, rtol=1e-9)
+    np.testing.assert_allclose(fitted.squared_residuals(queries), statistics[:, 1] ** 2, rtol=1e-12)
     assert (residual >= 0).all()
     restored = FeatureTests.from_arrays({name: np.array(a) for name, a in fitted.arrays().items()})
     assert np.array_equal(restored.statistics(queries, query_classes), statistics)
