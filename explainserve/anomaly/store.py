@@ -59,8 +59,11 @@ import numpy as np
 from explainserve.anomaly.pooled import RULE as POOLED_RULE
 from explainserve.anomaly.pooled import fill_pooled_rows
 
-#: 2: graded tests and conformal p-values (calibration arrays); 1: integer-count thresholds.
-FORMAT_VERSION = 2
+#: 3: the feature block (pooled-feature tests, calibrated when built with features); 2: graded
+#: tests and conformal p-values (calibration arrays); 1: integer-count thresholds.
+FORMAT_VERSION = 3
+#: What each older format lacks, for the message that refuses it.
+OLDER_FORMATS = {1: "before conformal p-values", 2: "before the pooled-feature tests"}
 REBUILD_HINT = ("rebuild it with `explainserve build-distributions --model ... --data ... --out DIR` "
                 "(see README, Distribution stores)")
 MANIFEST = "manifest.json"
@@ -430,9 +433,9 @@ def _load(directory: Path, folder: int, model_name, model_version, verify: bool,
         raise _refuse(directory, f"unreadable {MANIFEST} ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         found = manifest.get("format_version") if isinstance(manifest, dict) else None
-        older = isinstance(found, int) and found < FORMAT_VERSION
+        older = OLDER_FORMATS.get(found) if isinstance(found, int) else None
         raise _refuse(directory, f"format_version {found!r} is not {FORMAT_VERSION}"
-                      + (f" (built by an older explainserve, before conformal p-values); {REBUILD_HINT}" if older else ""))
+                      + (f" (built by an older explainserve, {older}); {REBUILD_HINT}" if older else ""))
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if missing:
         raise _refuse(directory, f"{MANIFEST} lacks {missing}")

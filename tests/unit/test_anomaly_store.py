@@ -183,7 +183,7 @@ def test_missing_parts_and_wrong_model_are_refused(store_dir, tmp_path):
     (broken / "mean.npy").unlink()
     with pytest.raises(StoreError, match="mean.npy is missing"):
         load_store(broken)
-    (broken / "manifest.json").write_text('{"format_version": 2, "model": {"name": "x", "version": "1"}}')
+    (broken / "manifest.json").write_text('{"format_version": 3, "model": {"name": "x", "version": "1"}}')
     with pytest.raises(StoreError, match=r"manifest.json lacks \['layer'"):
         load_store(broken)
     (broken / "manifest.json").write_text("{not json")
@@ -193,15 +193,16 @@ def test_missing_parts_and_wrong_model_are_refused(store_dir, tmp_path):
         load_store(store_dir, model_name="synthetic", model_version="2")
 
 
-def test_a_store_of_the_older_format_is_refused_with_how_to_rebuild_it(store_dir, tmp_path):
+@pytest.mark.parametrize("version, lacks", [(1, "conformal p-values"), (2, "the pooled-feature tests")])
+def test_a_store_of_an_older_format_is_refused_with_how_to_rebuild_it(store_dir, tmp_path, version, lacks):
     old = copy_store(store_dir, tmp_path / "old")
     manifest = json.loads((old / "manifest.json").read_text())
-    (old / "manifest.json").write_text(json.dumps(dict(manifest, format_version=1)))
-    with pytest.raises(StoreError, match=r"format_version 1 is not 2 \(built by an older explainserve, before "
-                                         r"conformal p-values\); rebuild it with `explainserve build-distributions"):
+    (old / "manifest.json").write_text(json.dumps(dict(manifest, format_version=version)))
+    with pytest.raises(StoreError, match=rf"format_version {version} is not 3 \(built by an older explainserve, before "
+                                         rf"{lacks}\); rebuild it with `explainserve build-distributions"):
         load_store(old)
-    (old / "manifest.json").write_text(json.dumps(dict(manifest, format_version=3)))
-    with pytest.raises(StoreError, match=r"format_version 3 is not 2$"):
+    (old / "manifest.json").write_text(json.dumps(dict(manifest, format_version=4)))
+    with pytest.raises(StoreError, match=r"format_version 4 is not 3$"):
         load_store(old)
 
 
