@@ -104,3 +104,51 @@ def test_the_bench_uses_the_library_tests():
     from bench import ood_feature_tests
 
     assert ood_feature_tests.FeatureTests is FeatureTests
+
+
+def pooled_features_of_a_demo_model(kind: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(count, K) pooled features of validation inputs through a trained demo model, exactly as
+    served (``FilterScores.features``), and the predicted classes."""
+    from explainserve import data
+    from explainserve.commands.archive import demo_model
+    from explainserve.explainer import Explainer
+
+    model, metadata = demo_model(kind)
+    explainer = Explainer(model, kind=metadata["kind"], input_size=metadata["input_size"], mean=metadata["mean"],
+                          std=metadata["std"], class_names=metadata["class_names"], layer=metadata["layer"])
+    if kind == "image":
+        inputs = data.FashionScenes("val", seed=0, size=count, image_size=metadata["input_size"][-1])
+    else:
+        inputs = data.MovingFashion("val", seed=0, size=count)
+    key = "image" if kind == "image" else "clip"
+    scores = explainer.filter_scores([inputs[i][key] for i in range(count)])
+    return scores.features, scores.predicted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["image", "video"])  # a 2-D CNN (128 filters) and a 3-D one (64 filters)
+def test_both_tests_match_their_references_on_a_trained_networks_pooled_features(kind):
+    features, predicted = pooled_features_of_a_demo_model(kind, 300)
+    # Scaled up: d² does not change, and pytorch-ood's ridge (1e-6 I on the summed covariance)
+    # then weighs nothing against even the smallest direction of these features.
+    features = features * np.float32(100)
+    fit, queries = slice(0, 220), slice(220, None)
+    num_classes = int(predicted.max()) + 1
+    assert len(np.unique(predicted[fit])) == num_classes
+    fitted = FeatureTests(features[fit], predicted[fit], num_classes)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        detector = Mahalanobis(None).fit_features(torch.from_numpy(features[fit].astype(np.float64)),
+                                                  torch.from_numpy(predicted[fit]))
+        per_class = -2 * 220 * detector._calc_gaussian_scores(torch.from_numpy(features[queries].astype(np.float64))).numpy()
+    finally:
+        torch.set_default_dtype(previous)
+    ours = np.stack([fitted.statistics(features[queries], np.full(80, c))[:, 0] for c in range(num_classes)], axis=1)
+    np.testing.assert_allclose(ours, per_class, rtol=1e-5)
+    z = features[fit].astype(np.float64)
+    _, _, right = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
+    basis = right[: z.shape[1] // 2].T
+    centred = features[queries].astype(np.float64) - z.mean(axis=0)
+    np.testing.assert_allclose(fitted.statistics(features[queries], predicted[queries])[:, 1],
+                               np.linalg.norm(centred - centred @ basis @ basis.T, axis=1), rtol=1e-6)
