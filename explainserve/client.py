@@ -26,6 +26,7 @@ from PIL import Image
 
 from explainserve import wire
 from explainserve._generated import explain_pb2, explain_pb2_grpc
+from explainserve.anomaly.conformal import TESTS as GRAD_AMAP_TESTS
 from explainserve.video_files import VIDEO_SUFFIXES
 from explainserve.wire import MAX_MESSAGE_BYTES  # re-exported for clients
 
@@ -138,30 +139,43 @@ def build_request(data, *, model: str, methods: Sequence[str] = (), n_segments: 
 
 
 def score_request(alpha, *, model: str, predicted_class: int, label: int | None = None, label_alpha=None,
-                  model_version: str = "") -> explain_pb2.ScoreRequest:
-    """A ScoreRequest: ``alpha`` (K,) computed for ``predicted_class``, ``label_alpha`` for ``label``."""
+                  features=None, model_version: str = "") -> explain_pb2.ScoreRequest:
+    """A ScoreRequest: ``alpha`` (K,) computed for ``predicted_class``, ``label_alpha`` for
+    ``label``; ``features`` (K,), optional, the pooled features of the same input (the feature
+    tests: :attr:`explainserve.explainer.FilterScores.features`)."""
     request = explain_pb2.ScoreRequest(model=model, model_version=model_version, predicted_class=predicted_class,
                                        alpha=np.asarray(alpha, dtype=np.float32).tolist())
     if label is not None:
         request.label = label
     if label_alpha is not None:
         request.label_alpha.extend(np.asarray(label_alpha, dtype=np.float32).tolist())
+    if features is not None:
+        request.features.extend(np.asarray(features, dtype=np.float32).ravel().tolist())
     return request
 
 
-def columns_request(alpha, classes, *, model: str, model_version: str = "",
-                    top_flags: int | None = None) -> explain_pb2.ScoreColumnsRequest:
+def float32_rows(values, name: str, rows: int | None = None) -> explain_pb2.Tensor:
+    """The FLOAT32 Tensor of an (N, K) array named ``name``; ``rows``, when given, must be N."""
+    values = np.ascontiguousarray(values, dtype="<f4")
+    if values.ndim != 2 or (rows is not None and len(values) != rows):
+        wanted = "an (N, K) array" if rows is None else f"a ({rows}, K) array, one row per alpha row"
+        raise ValueError(f"{name}: expected {wanted}, got shape {values.shape}")
+    return explain_pb2.Tensor(shape=list(values.shape), dtype=explain_pb2.Tensor.FLOAT32, data=values.tobytes())
+
+
+def columns_request(alpha, classes, *, model: str, model_version: str = "", top_flags: int | None = None,
+                    features=None) -> explain_pb2.ScoreColumnsRequest:
     """A ScoreColumnsRequest: row i of ``alpha`` (N, K) was computed for ``classes[i]`` (N,);
-    ``top_flags`` flags per row and kind come back (None: the server's default, 1)."""
-    alpha = np.ascontiguousarray(alpha, dtype="<f4")
+    ``top_flags`` flags per row and kind come back (None: the server's default, 1); ``features``
+    (N, K), optional, row i the pooled features of input i (the feature tests)."""
+    alpha = float32_rows(alpha, "alpha")
     classes = np.asarray(classes)
-    if alpha.ndim != 2:
-        raise ValueError(f"alpha: expected an (N, K) array, got shape {alpha.shape}")
-    if classes.shape != (len(alpha),):
-        raise ValueError(f"classes: expected {len(alpha)} class ids (one per alpha row), got shape {classes.shape}")
-    request = explain_pb2.ScoreColumnsRequest(
-        model=model, model_version=model_version, classes=classes.tolist(),
-        alpha=explain_pb2.Tensor(shape=list(alpha.shape), dtype=explain_pb2.Tensor.FLOAT32, data=alpha.tobytes()))
+    if classes.shape != (alpha.shape[0],):
+        raise ValueError(f"classes: expected {alpha.shape[0]} class ids (one per alpha row), got shape {classes.shape}")
+    request = explain_pb2.ScoreColumnsRequest(model=model, model_version=model_version, classes=classes.tolist(),
+                                              alpha=alpha)
+    if features is not None:
+        request.features.CopyFrom(float32_rows(features, "features", alpha.shape[0]))
     if top_flags is not None:
         request.top_flags = top_flags
     return request
@@ -174,14 +188,16 @@ class ColumnScores:
 
     anomalous, class_calibration, pooled_distribution: (N,) bool; p_value, score, beta, beta_percentile, beta_z,
     surprise, missing: (N,) float64; surprise_count, expectation_count: (N,) int32;
-    test_p_values: (N, 3) float64 and reasons: (N, 3) bool, tests in the order surprise,
-    missing, low_beta; surprising_filters, missing_filters: (N, k) int32, most extreme first,
+    tests: the T tests scored, the columns of test_p_values: (N, T) float64 and reasons: (N, T)
+    bool (surprise, missing, low_beta, then feature_mahalanobis, feature_residual when the
+    features were sent and the store has the feature tests); surprising_filters, missing_filters: (N, k) int32, most extreme first,
     -1 padding; surprising_exceedance, missing_exceedance: (N, k) float32, 0 padding.
     """
 
     store_sha256: str
     target_fpr: float
     top_flags: int
+    tests: tuple
     anomalous: np.ndarray
     p_value: np.ndarray
     score: np.ndarray
@@ -204,19 +220,20 @@ class ColumnScores:
     @classmethod
     def from_response(cls, response: explain_pb2.ScoreColumnsResponse) -> "ColumnScores":
         rows, flags = len(response.p_value), response.top_flags
+        tests = tuple(response.tests) or GRAD_AMAP_TESTS  # a gateway without `tests` scores these three
 
         def column(name: str, dtype, width: int | None = None) -> np.ndarray:
             values = np.asarray(getattr(response, name), dtype=dtype)
             return values if width is None else values.reshape(rows, width)
 
         return cls(
-            store_sha256=response.store_sha256, target_fpr=response.target_fpr, top_flags=flags,
+            store_sha256=response.store_sha256, target_fpr=response.target_fpr, top_flags=flags, tests=tests,
             anomalous=column("anomalous", bool), class_calibration=column("class_calibration", bool),
             pooled_distribution=column("pooled_distribution", bool),
             **{name: column(name, np.float64) for name in ("p_value", "score", "beta", "beta_percentile", "beta_z",
                                                            "surprise", "missing")},
             surprise_count=column("surprise_count", np.int32), expectation_count=column("expectation_count", np.int32),
-            test_p_values=column("test_p_values", np.float64, 3), reasons=column("reasons", bool, 3),
+            test_p_values=column("test_p_values", np.float64, len(tests)), reasons=column("reasons", bool, len(tests)),
             surprising_filters=column("surprising_filters", np.int32, flags),
             surprising_exceedance=column("surprising_exceedance", np.float32, flags),
             missing_filters=column("missing_filters", np.int32, flags),
@@ -225,13 +242,17 @@ class ColumnScores:
 
     @classmethod
     def concatenate(cls, parts: Sequence["ColumnScores"]) -> "ColumnScores":
-        """The rows of ``parts`` (of one store, with the same ``top_flags``), in order."""
+        """The rows of ``parts`` (of one store, with the same ``top_flags`` and tests), in order."""
         first = parts[0]
+        shared = ("store_sha256", "target_fpr", "top_flags", "tests")
         if any((p.store_sha256, p.top_flags) != (first.store_sha256, first.top_flags) for p in parts):
             raise ValueError("parts: scored with different stores or top_flags (a store reloaded mid-stream?)")
+        if any(p.tests != first.tests for p in parts):
+            raise ValueError(f"parts: scored with different tests ({sorted({p.tests for p in parts})}): send the "
+                             "features with every message or with none")
         arrays = {name: np.concatenate([getattr(p, name) for p in parts])
-                  for name in cls.__dataclass_fields__ if name not in ("store_sha256", "target_fpr", "top_flags")}
-        return cls(store_sha256=first.store_sha256, target_fpr=first.target_fpr, top_flags=first.top_flags, **arrays)
+                  for name in cls.__dataclass_fields__ if name not in shared}
+        return cls(**{name: getattr(first, name) for name in shared}, **arrays)
 
 
 def read_optional(path: str | Path | None) -> bytes | None:
@@ -280,10 +301,12 @@ class ExplainClient:
         return ExplainResult.from_response(self._call(self.stub.Explain, request, timeout))
 
     def score(self, alpha, *, model: str, predicted_class: int, label: int | None = None, label_alpha=None,
-              model_version: str = "", timeout: float | None = None) -> explain_pb2.AnomalyReport:
-        """Anomaly verdict for Grad-AMap filter scores computed elsewhere (the ``Score`` RPC)."""
+              features=None, model_version: str = "", timeout: float | None = None) -> explain_pb2.AnomalyReport:
+        """Anomaly verdict for Grad-AMap filter scores computed elsewhere (the ``Score`` RPC);
+        ``features`` (K,), optional, the same input's pooled features (the feature tests)."""
         return self._call(self.stub.Score, score_request(alpha, model=model, predicted_class=predicted_class, label=label,
-                                                         label_alpha=label_alpha, model_version=model_version), timeout)
+                                                         label_alpha=label_alpha, features=features,
+                                                         model_version=model_version), timeout)
 
     def score_batch(self, requests: Sequence[explain_pb2.ScoreRequest], *,
                     timeout: float | None = None) -> list[explain_pb2.AnomalyReport]:
@@ -291,18 +314,21 @@ class ExplainClient:
         return list(self._call(self.stub.ScoreBatch, explain_pb2.ScoreBatchRequest(requests=requests), timeout).reports)
 
     def score_columns(self, alpha, classes, *, model: str, model_version: str = "", top_flags: int | None = None,
-                      timeout: float | None = None) -> ColumnScores:
+                      features=None, timeout: float | None = None) -> ColumnScores:
         """Verdicts of the rows of ``alpha`` (N, K), row i against ``classes[i]``, in one
-        ``ScoreColumns`` call (at most 8,388,608 values: 4096 rows of 2048)."""
-        request = columns_request(alpha, classes, model=model, model_version=model_version, top_flags=top_flags)
+        ``ScoreColumns`` call (at most 8,388,608 values: 4096 rows of 2048); ``features`` (N, K),
+        optional, the inputs' pooled features (the feature tests)."""
+        request = columns_request(alpha, classes, model=model, model_version=model_version, top_flags=top_flags,
+                                  features=features)
         return ColumnScores.from_response(self._call(self.stub.ScoreColumns, request, timeout))
 
     def score_stream(self, chunks: Iterable[tuple], *, model: str, model_version: str = "",
                      top_flags: int | None = None, timeout: float | None = None) -> Iterator[ColumnScores]:
-        """One ``ScoreStream``: yields the verdicts of each ``(alpha (n, K), classes (n,))`` of
-        ``chunks`` in order, while later chunks are still being sent (``timeout``: the whole stream)."""
-        requests = (columns_request(alpha, classes, model=model, model_version=model_version, top_flags=top_flags)
-                    for alpha, classes in chunks)
+        """One ``ScoreStream``: yields the verdicts of each ``(alpha (n, K), classes (n,))`` or
+        ``(alpha, classes, features (n, K))`` of ``chunks`` in order, while later chunks are still
+        being sent (``timeout``: the whole stream)."""
+        requests = (columns_request(*chunk[:2], model=model, model_version=model_version, top_flags=top_flags,
+                                    features=chunk[2] if len(chunk) > 2 else None) for chunk in chunks)
         try:
             for response in self.stub.ScoreStream(requests, timeout=timeout, metadata=self.metadata):
                 yield ColumnScores.from_response(response)
@@ -310,16 +336,18 @@ class ExplainClient:
             raise ExplainError(error.code(), error.details()) from None
 
     def score_all(self, alpha, classes, *, model: str, model_version: str = "", top_flags: int | None = None,
-                  rows_per_message: int = 1024, timeout: float | None = None) -> ColumnScores:
-        """Verdicts of any number of rows of ``alpha`` (N, K), sent ``rows_per_message`` at a
-        time over one :meth:`score_stream`."""
+                  features=None, rows_per_message: int = 1024, timeout: float | None = None) -> ColumnScores:
+        """Verdicts of any number of rows of ``alpha`` (N, K) (and of ``features`` (N, K), optional),
+        sent ``rows_per_message`` at a time over one :meth:`score_stream`."""
         if rows_per_message < 1:
             raise ValueError(f"rows_per_message must be >= 1, got {rows_per_message}")
         if not len(alpha):
             raise ValueError("alpha: no rows to score")
-        classes = np.asarray(classes)
-        starts = range(0, len(alpha), rows_per_message)
-        chunks = ((alpha[start:start + rows_per_message], classes[start:start + rows_per_message]) for start in starts)
+        if features is not None and len(features) != len(alpha):
+            raise ValueError(f"features: expected one row per alpha row ({len(alpha)}), got {len(features)}")
+        columns = (alpha, np.asarray(classes)) + ((features,) if features is not None else ())
+        chunks = (tuple(values[start:start + rows_per_message] for values in columns)
+                  for start in range(0, len(alpha), rows_per_message))
         return ColumnScores.concatenate(list(self.score_stream(chunks, model=model, model_version=model_version,
                                                                top_flags=top_flags, timeout=timeout)))
 

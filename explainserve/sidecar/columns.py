@@ -1,4 +1,4 @@
-"""ScoreColumns and ScoreStream: packed alpha vectors in, verdict arrays out.
+"""ScoreColumns and ScoreStream: packed alpha vectors (and pooled features) in, verdict arrays out.
 
 A ScoreBatch answer builds one ClassVerdict per input, with up to 64 FilterFlag messages and
 their exemplars, and its request carries every vector as a repeated field: at 256 vectors of
@@ -29,70 +29,99 @@ DEFAULT_TOP_FLAGS = 1
 
 
 def column_values(request: explain_pb2.ScoreColumnsRequest) -> int:
-    """How many values ``request.alpha``'s shape claims (unchecked: for choosing a thread).
-    Each read of ``alpha.data`` copies the bytes, so the length is not taken from there."""
-    return math.prod(request.alpha.shape) if len(request.alpha.shape) else 0
+    """How many values the shapes of ``request.alpha`` and ``request.features`` claim (unchecked:
+    for choosing a thread). Each read of ``data`` copies the bytes, so the length is not taken from there."""
+    return sum(math.prod(tensor.shape) if len(tensor.shape) else 0 for tensor in (request.alpha, request.features))
 
 
-def parse_columns(request: explain_pb2.ScoreColumnsRequest, num_filters: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """The (N, F) float32 alpha (a read-only view of one copy of the request's bytes), the (N,) int64
-    classes and the flags per row of a request to a store of ``num_filters`` filters.
+def float32_rows(tensor: explain_pb2.Tensor, name: str, columns: int, rows: int | None = None) -> np.ndarray:
+    """The (N, ``columns``) float32 array of the Tensor field ``name``: a read-only view of one copy
+    of its bytes. ``rows``, when given, is the N it must have (one row per alpha row).
 
     Raises
     ------
     InputTooLarge
         More than MAX_COLUMN_VALUES values.
     ValueError
-        A field that does not fit, named first (``alpha.shape: ...``).
+        A dtype, shape or byte count that does not fit, named first (``features.shape: ...``).
     """
-    tensor = request.alpha
     if tensor.dtype != explain_pb2.Tensor.FLOAT32:
-        raise ValueError(f"alpha.dtype: must be FLOAT32, got {explain_pb2.Tensor.DType.Name(tensor.dtype)}")
+        raise ValueError(f"{name}.dtype: must be FLOAT32, got {explain_pb2.Tensor.DType.Name(tensor.dtype)}")
     shape = tuple(tensor.shape)
-    if len(shape) != 2 or shape[0] < 1 or shape[1] != num_filters:
-        raise ValueError(f"alpha.shape: must be (N, {num_filters}) with N >= 1 (one row of {num_filters} filter "
-                         f"scores per input), got {list(shape)}")
+    if len(shape) != 2 or shape[0] < 1 or shape[1] != columns or rows not in (None, shape[0]):
+        wanted = "N >= 1" if rows is None else f"N = {rows}, one row per alpha row"
+        raise ValueError(f"{name}.shape: must be (N, {columns}) with {wanted} (one row of {columns} values per "
+                         f"input), got {list(shape)}")
     if shape[0] * shape[1] > MAX_COLUMN_VALUES:
-        raise InputTooLarge(f"alpha: at most {MAX_COLUMN_VALUES} values ({MAX_COLUMN_VALUES // num_filters} rows) per "
+        raise InputTooLarge(f"{name}: at most {MAX_COLUMN_VALUES} values ({MAX_COLUMN_VALUES // columns} rows) per "
                             f"message, got {shape[0]} x {shape[1]}; send more messages (ScoreStream)")
     data = tensor.data  # a copy per read: read it once
     if len(data) != shape[0] * shape[1] * 4:
-        raise ValueError(f"alpha.data: {shape[0]} x {shape[1]} float32 values are {shape[0] * shape[1] * 4} bytes, "
+        raise ValueError(f"{name}.data: {shape[0]} x {shape[1]} float32 values are {shape[0] * shape[1] * 4} bytes, "
                          f"got {len(data)}")
-    if len(request.classes) != shape[0]:
-        raise ValueError(f"classes: one class id per alpha row expected ({shape[0]}), got {len(request.classes)}")
+    return np.frombuffer(data, dtype="<f4").reshape(shape)
+
+
+def parse_columns(request: explain_pb2.ScoreColumnsRequest,
+                  num_filters: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """The (N, F) float32 alpha, the (N,) int64 classes, the flags per row and the (N, F) float32
+    features (None when the request has none) of a request to a store of ``num_filters`` filters;
+    alpha and features are read-only views of one copy of the request's bytes.
+
+    Raises
+    ------
+    InputTooLarge
+        More than MAX_COLUMN_VALUES values in alpha or features.
+    ValueError
+        A field that does not fit, named first (``alpha.shape: ...``).
+    """
+    alpha = float32_rows(request.alpha, "alpha", num_filters)
+    if len(request.classes) != len(alpha):
+        raise ValueError(f"classes: one class id per alpha row expected ({len(alpha)}), got {len(request.classes)}")
     flags = request.top_flags if request.HasField("top_flags") else DEFAULT_TOP_FLAGS
     if not 0 <= flags <= MAX_FLAGS:
         raise ValueError(f"top_flags: must be in [0, {MAX_FLAGS}], got {flags}")
-    alpha = np.frombuffer(data, dtype="<f4").reshape(shape)
-    return alpha, np.asarray(request.classes, dtype=np.int64), flags
+    features = (float32_rows(request.features, "features", num_filters, len(alpha))
+                if request.HasField("features") else None)
+    return alpha, np.asarray(request.classes, dtype=np.int64), flags, features
 
 
 def score_columns(scorer: Scorer, request: explain_pb2.ScoreColumnsRequest) -> explain_pb2.ScoreColumnsResponse:
-    """Score every row of ``request`` against its class with ``scorer``.
+    """Score every row of ``request`` against its class with ``scorer`` (with the feature tests
+    when the request carries features and the store has them).
 
     Raises
     ------
     InputTooLarge, ValueError
         Named after the request field (``classes: unknown class 9: ...``).
     """
-    alpha, classes, flags = parse_columns(request, scorer.store.meta.num_filters)
+    alpha, classes, flags, features = parse_columns(request, scorer.store.meta.num_filters)
     try:
-        scores = scorer.score(alpha, classes)
+        scores = scorer.score(alpha, classes, features=features)
     except ValueError as error:
-        reference = scorer.reference
-        known = ((classes >= 0) & (classes < reference.num_classes)).all() and reference.scorable[classes].all()
-        raise ValueError(f"{'alpha' if known else 'classes'}: {error}") from None
+        raise ValueError(f"{refused_field(scorer, classes, error)}: {error}") from None
     return columns_response(scores, flags)
 
 
+def refused_field(scorer: Scorer, classes: np.ndarray, error: ValueError) -> str:
+    """The request field the scorer's ``error`` is about: ``features`` when it names them, else
+    ``classes`` when a class cannot be scored, else ``alpha``."""
+    if str(error).startswith("features"):
+        return "features"
+    reference = scorer.reference
+    known = ((classes >= 0) & (classes < reference.num_classes)).all() and reference.scorable[classes].all()
+    return "alpha" if known else "classes"
+
+
 def columns_response(scores: BatchScores, flags: int) -> explain_pb2.ScoreColumnsResponse:
-    """The ScoreColumnsResponse of ``scores`` with ``flags`` flags per row and kind."""
+    """The ScoreColumnsResponse of ``scores`` with ``flags`` flags per row and kind; the (N, T)
+    test arrays cover ``scores.test_names``, which the response names."""
     top = top_flags(scores, flags)
     response = explain_pb2.ScoreColumnsResponse(
         store_sha256=scores.scorer.store.sha256, target_fpr=scores.scorer.target_fpr, top_flags=flags,
         surprise_count=scores.surprise_count.tolist(), expectation_count=scores.expectation_count.tolist(),
         surprising_filters=top.surprising_filters.ravel().tolist(), missing_filters=top.missing_filters.ravel().tolist(),
+        tests=scores.test_names,
     )
     statistics = scores.statistics
     merge_packed(response, anomalous=scores.anomalous, p_value=scores.p_value, score=scores.score, beta=scores.beta,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from explainserve.anomaly.conformal import TESTS
 from explainserve.methods import METHODS
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)  # seconds; SLO p95 <= 2.5
@@ -83,9 +82,10 @@ class GatewayMetrics:
                                  "When the distribution store in use was built (seconds since the epoch).", ["model"],
                                  registry=r)
 
-    def start_scoring(self, model: str, num_classes: int) -> None:
-        """Create the zero-valued verdict, flag and beta series of a model whose store is in use,
-        so that rates and ratios over them (the alert rules) exist before the first ANOMALOUS."""
+    def start_scoring(self, model: str, num_classes: int, tests: tuple) -> None:
+        """Create the zero-valued verdict, flag, beta and per-test series of a model whose store is
+        in use (``tests``: the tests its verdicts can name), so that rates and ratios over them
+        (the alert rules) exist before the first ANOMALOUS."""
         for class_id in range(num_classes if self.per_class else 1):
             labels = self.class_labels(class_id)
             for verdict in ("normal", "anomalous"):
@@ -94,7 +94,7 @@ class GatewayMetrics:
             self.expectation_flags.labels(model, *labels)
         self.beta.labels(model)
         self.p_value.labels(model)
-        for test in TESTS:
+        for test in tests:
             self.test_fired.labels(model, test)
 
     def class_labels(self, class_id: int) -> tuple:

@@ -176,11 +176,12 @@ class ExplainPipeline:
         return result, seconds
 
     def score(self, request: explain_pb2.ExplainRequest, result: handler_pb2.HandlerResponse) -> explain_pb2.AnomalyReport:
-        """The anomaly report of the handler's alpha (and label alpha) against the model's store."""
+        """The anomaly report of the handler's alpha (and label alpha) against the model's store,
+        with the input's pooled features (the feature tests) when the handler sent them."""
         return self.anomaly.score(
             request.model, result.alpha, result.response.target_class,
             request.label if request.HasField("label") else None, result.label_alpha or None,
-            version=result.response.model_version)
+            features=result.features or None, version=result.response.model_version)
 
     async def region(self, request: explain_pb2.ExplainRequest, report: explain_pb2.AnomalyReport, timeout: float) -> None:
         """Thesis 6.3.2 for each ANOMALOUS verdict of ``report``: the region that triggered its most
@@ -256,7 +257,8 @@ class ExplainPipeline:
                 except RpcFailure as failure:
                     raise RpcFailure(failure.code, where + failure.message) from None
         try:
-            return await off_loop_if_large(sum(len(r.alpha) + len(r.label_alpha) for r in requests), INLINE_SCORES,
+            return await off_loop_if_large(sum(len(r.alpha) + len(r.label_alpha) + len(r.features) for r in requests),
+                                           INLINE_SCORES,
                                            self.anomaly.score_requests, requests, batch=batch)
         except ScoringUnavailable as error:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, error.message) from None

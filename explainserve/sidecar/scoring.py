@@ -39,6 +39,7 @@ import numpy as np
 from explainserve._generated import explain_pb2
 from explainserve.anomaly import ANOMALOUS, BatchScores, Scorer, StoreError, load_store
 from explainserve.anomaly.conformal import TESTS
+from explainserve.anomaly.feature_tests import FEATURE_TESTS
 from explainserve.anomaly.scorer import MAX_FLAGS
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,10 @@ def class_verdict(scores: BatchScores, row: int, into: explain_pb2.ClassVerdict 
     verdict.score, verdict.p_value, verdict.target_fpr = sample.score, sample.p_value, scores.scorer.target_fpr
     verdict.surprise, verdict.missing = sample.surprise, sample.missing
     for reason in sample.reasons:
-        verdict.reasons.add(code=reason.code, value=reason.value, threshold=reason.threshold, source=reason.source,
-                            p_value=reason.p_value)
+        added = verdict.reasons.add(code=reason.code, value=reason.value, threshold=reason.threshold,
+                                    source=reason.source, p_value=reason.p_value)
+        for feature, share in reason.features:  # a feature test's top features; none for the alpha tests
+            added.features.add(feature=feature, share=share)
     verdict.surprise_count = int(scores.surprise_count[row])
     verdict.expectation_count = int(scores.expectation_count[row])
     for served, kind in ((verdict.surprising_filters, "surprising"), (verdict.missing_filters, "expected_missing")):
@@ -242,7 +245,8 @@ class AnomalyScoring:
         store = new.scorer.store
         self.metrics.store_info.labels(new.name, store.meta.model_version, store.sha256).set(1)
         self.metrics.store_build.labels(new.name).set(store.build_timestamp)
-        self.metrics.start_scoring(new.name, store.num_classes)
+        tests = TESTS + (FEATURE_TESTS if new.scorer.has_feature_tests else ())
+        self.metrics.start_scoring(new.name, store.num_classes, tests)
         log.info("distribution store for model %r version %r %s from %s: %d classes x %d filters, sha256 %s",
                  new.name, store.meta.model_version, "loaded" if old is None else "reloaded", new.path,
                  store.num_classes, store.meta.num_filters, store.sha256)
@@ -324,10 +328,11 @@ class AnomalyScoring:
 
     # -- Explain -----------------------------------------------------------------------
     def score(self, model: str, alpha, predicted_class: int, label: int | None = None, label_alpha=None, *,
-              version: str = "") -> explain_pb2.AnomalyReport:
+              features=None, version: str = "") -> explain_pb2.AnomalyReport:
         """The AnomalyReport of one Explain answer, counted in the metrics; never raises.
 
-        ``alpha`` was computed for ``predicted_class``, ``label_alpha`` (optional) for ``label``.
+        ``alpha`` was computed for ``predicted_class``, ``label_alpha`` (optional) for ``label``;
+        ``features`` (optional, (K,)) are the input's pooled features, scored with both.
         """
         started = time.perf_counter()
         class_labels = self.metrics.class_labels(predicted_class)
@@ -339,7 +344,9 @@ class AnomalyScoring:
             if label is not None and label_alpha is not None and len(label_alpha):
                 rows.append(label_alpha)
                 classes.append(label)
-            batch = scorer.score(np.asarray(rows, dtype=np.float32), np.asarray(classes, dtype=np.int64))
+            # The pooled features are the input's, whichever class a row is scored against.
+            pooled = None if features is None else np.tile(np.asarray(features, dtype=np.float32), (len(rows), 1))
+            batch = scorer.score(np.asarray(rows, dtype=np.float32), np.asarray(classes, dtype=np.int64), features=pooled)
             report = explain_pb2.AnomalyReport(status=explain_pb2.AnomalyReport.OK, store_sha256=scorer.store.sha256)
             class_verdict(batch, 0, into=report.predicted)
             if len(batch) > 1:
@@ -362,7 +369,7 @@ class AnomalyScoring:
         self.metrics.expectation_flags.labels(model, *class_labels).inc(int(batch.expectation_count[0]))
         self.metrics.beta.labels(model).observe(float(batch.beta[0]))
         self.metrics.p_value.labels(model).observe(float(batch.p_value[0]))
-        for test, p_value in zip(TESTS, batch.p_values[0]):
+        for test, p_value in zip(batch.test_names, batch.p_values[0, :-1]):
             if p_value < scorer.target_fpr:
                 self.metrics.test_fired.labels(model, test).inc()
         return report
@@ -385,8 +392,9 @@ class AnomalyScoring:
         return reports
 
     def _score_group(self, model: str, requests: list, where: list[str]) -> list[explain_pb2.AnomalyReport]:
-        """Score the requests of one model in one call; ``where`` prefixes each request's field names."""
-        rows, classes, fields = [], [], []  # fields: (request position, alpha field, class field) per row
+        """Score the requests of one model, in one call for those with features and one for those
+        without; ``where`` prefixes each request's field names."""
+        rows = []  # (request position, alpha field, class field, alpha, class, features or None) per scored row
         scorer = None
         slot = self.slots.get(model)  # one store for the whole group, even if it is reloaded meanwhile
         for position, request in enumerate(requests):
@@ -399,25 +407,45 @@ class AnomalyScoring:
                 scorer = self._usable(slot, model, request.model_version)
             except ScoringUnavailable as error:
                 raise ScoringUnavailable(error.reason, f"{where[position]}model: {error.message}") from None
-            rows.append(request.alpha)
-            classes.append(request.predicted_class)
-            fields.append((position, "alpha", "predicted_class"))
+            features = request.features or None  # the input's pooled features serve the label row too
+            rows.append((position, "alpha", "predicted_class", request.alpha, request.predicted_class, features))
             if request.HasField("label"):
-                rows.append(request.label_alpha)
-                classes.append(request.label)
-                fields.append((position, "label_alpha", "label"))
+                rows.append((position, "label_alpha", "label", request.label_alpha, request.label, features))
+        # Rows with features and rows without are scored in one call each (the feature tests need them on every row).
+        parts = [part for part in ([row for row in rows if row[5] is None], [row for row in rows if row[5] is not None])
+                 if part]
         try:
-            scored = scorer.score(np.asarray(rows, dtype=np.float32), np.asarray(classes, dtype=np.int64))
-        except ValueError:  # name the first offending row
-            for row, class_id, (position, alpha_field, class_field) in zip(rows, classes, fields):
-                try:
-                    scorer.score(np.asarray(row, dtype=np.float32), class_id)
-                except ValueError as error:
-                    known = 0 <= class_id < scorer.store.num_classes
-                    raise ValueError(f"{where[position]}{alpha_field if known else class_field}: {error}") from None
-            raise
+            scored = [score_rows(scorer, part) for part in parts]
+        except ValueError as error:
+            raise first_refusal(scorer, rows, where) or error from None
         reports = [explain_pb2.AnomalyReport(status=explain_pb2.AnomalyReport.OK, store_sha256=scorer.store.sha256)
                    for _ in requests]
-        for row, (position, alpha_field, _) in enumerate(fields):
-            class_verdict(scored, row, into=reports[position].predicted if alpha_field == "alpha" else reports[position].label)
+        for part, scores in zip(parts, scored):
+            for index, (position, alpha_field, *_) in enumerate(part):
+                class_verdict(scores, index, into=reports[position].predicted if alpha_field == "alpha"
+                              else reports[position].label)
         return reports
+
+
+def score_rows(scorer: Scorer, rows: list) -> BatchScores:
+    """Score ``rows`` ((request position, alpha field, class field, alpha, class, features or None)
+    each; all with features or none) in one call."""
+    features = None if rows[0][5] is None else np.asarray([row[5] for row in rows], dtype=np.float32)
+    return scorer.score(np.asarray([row[3] for row in rows], dtype=np.float32),
+                        np.asarray([row[4] for row in rows], dtype=np.int64), features=features)
+
+
+def first_refusal(scorer: Scorer, rows: list, where: list[str]) -> ValueError | None:
+    """The refusal of the first of ``rows`` (see :func:`score_rows`) that the scorer refuses on its
+    own, naming its request field (``requests[2].features: ...``); None if each passes alone."""
+    for row in rows:
+        position, alpha_field, class_field, _, class_id, _ = row
+        try:
+            score_rows(scorer, [row])
+        except ValueError as error:
+            if str(error).startswith("features"):
+                field = "features"
+            else:
+                field = alpha_field if 0 <= class_id < scorer.store.num_classes else class_field
+            return ValueError(f"{where[position]}{field}: {error}")
+    return None
