@@ -8,6 +8,7 @@ is authenticated per message and holds one admission turn.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -19,28 +20,35 @@ import pytest
 from explainserve._generated import explain_pb2, explain_pb2_grpc
 from explainserve.anomaly import Scorer, build_store, calibrate, load_store, save_calibration
 from explainserve.anomaly.conformal import TESTS
+from explainserve.anomaly.feature_tests import FEATURE_TESTS
 from explainserve.anomaly.synthetic import SyntheticClasses
 from explainserve.client import ColumnScores, ExplainClient, ExplainError, columns_request, score_request
 from explainserve.sidecar.auth import key_sha256, new_key
 from explainserve.sidecar.columns import MAX_COLUMN_VALUES
 from explainserve.sidecar.local import start_gateway, stop_gateway, wait_serving
 from explainserve.sidecar.torchserve import free_port
+from support.pooled_features import pooled_features
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 MODEL = "synthetic"  # SyntheticClasses' model name
+FEATURE_MODEL = "synthetic_features"  # the same classes, calibrated with pooled features too
 CLASSES, FILTERS = 12, 96
 SYNTHETIC = SyntheticClasses.random(CLASSES, FILTERS, seed=3)
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> Path:
-    """``--store-dir`` with one calibrated synthetic store (40 training, 30 held-out vectors per class)."""
+    """``--store-dir`` with two calibrated synthetic stores of 40 training vectors per class: MODEL's
+    from 30 held-out vectors per class, FEATURE_MODEL's from 50 with their pooled features."""
     stores = tmp_path_factory.mktemp("column_stores")
-    build_store(SYNTHETIC.batches(40, batch_size=240), stores / MODEL, SYNTHETIC.meta,
-                build_time="2026-01-01T00:00:00Z")
-    store = load_store(stores / MODEL)
-    held_out = np.repeat(np.arange(CLASSES), 30)
-    save_calibration(store, calibrate(store, SYNTHETIC.sample(held_out, seed=11), held_out, target_fpr=0.05))
+    for model, per_class in ((MODEL, 30), (FEATURE_MODEL, 50)):
+        build_store(SYNTHETIC.batches(40, batch_size=240), stores / model,
+                    dataclasses.replace(SYNTHETIC.meta, model_name=model), build_time="2026-01-01T00:00:00Z")
+        store = load_store(stores / model)
+        held_out = np.repeat(np.arange(CLASSES), per_class)
+        features = pooled_features(held_out, 12, FILTERS) if model == FEATURE_MODEL else None
+        save_calibration(store, calibrate(store, SYNTHETIC.sample(held_out, seed=11), held_out, features=features,
+                                          target_fpr=0.05))
     return stores
 
 
@@ -91,9 +99,9 @@ def assert_rows_equal_the_verdicts(scores: ColumnScores, reports: list, flags: i
         for name in ("p_value", "score", "beta", "beta_percentile", "beta_z", "surprise", "missing",
                      "surprise_count", "expectation_count"):
             assert getattr(scores, name)[i] == getattr(verdict, name), (i, name)
-        assert {TESTS[t] for t in np.flatnonzero(scores.reasons[i])} == {r.code for r in verdict.reasons}
+        assert {scores.tests[t] for t in np.flatnonzero(scores.reasons[i])} == {r.code for r in verdict.reasons}
         for reason in verdict.reasons:
-            assert scores.test_p_values[i, TESTS.index(reason.code)] == reason.p_value
+            assert scores.test_p_values[i, scores.tests.index(reason.code)] == reason.p_value
             assert scores.class_calibration[i] == (reason.source != "fallback")
         for filters, exceedance, served in (
                 (scores.surprising_filters, scores.surprising_exceedance, verdict.surprising_filters),
@@ -129,12 +137,44 @@ def test_columns_and_streams_equal_score_batch(client, stores):
     assert none.surprising_filters.shape == (5, 0) and np.array_equal(none.p_value, columns.p_value[:5])
 
 
+def test_features_reach_columns_streams_and_score_batch(client, stores):
+    """With the inputs' pooled features, a store calibrated with them answers the five-test
+    verdict on every path, as the library does; without them, the alpha tests' one."""
+    alpha, classes = mixed_vectors(40, seed=6)
+    features = pooled_features(classes, 6, FILTERS, far_every=3)
+    library = Scorer(load_store(stores / FEATURE_MODEL)).score(alpha, classes, features=features)
+    assert library.test_names == TESTS + FEATURE_TESTS and library.tests[:, len(TESTS):].any(axis=0).all()
+    flags = 2
+    columns = client.score_columns(alpha, classes, model=FEATURE_MODEL, features=features, top_flags=flags, timeout=30)
+    assert columns.tests == library.test_names and columns.test_p_values.shape == columns.reasons.shape == (40, 5)
+    assert np.array_equal(columns.test_p_values, library.p_values[:, :-1]) and np.array_equal(columns.reasons, library.tests)
+    assert np.array_equal(columns.p_value, library.p_value) and np.array_equal(columns.anomalous, library.anomalous)
+    reports = client.score_batch([score_request(row, model=FEATURE_MODEL, predicted_class=int(c), features=f)
+                                  for row, c, f in zip(alpha, classes, features)], timeout=30)
+    assert_rows_equal_the_verdicts(columns, reports, flags)
+    for i, report in enumerate(reports):  # a feature test's reason names its features, as the library ranks them
+        for reason in report.predicted.reasons:
+            if reason.code in FEATURE_TESTS:
+                top, shares = library.feature_columns(i, reason.code)
+                assert [(f.feature, f.share) for f in reason.features] == list(zip(top, shares))
+    streamed = client.score_all(alpha, classes, model=FEATURE_MODEL, features=features, top_flags=flags,
+                                rows_per_message=7, timeout=30)
+    assert streamed.tests == columns.tests and np.array_equal(streamed.anomalous, columns.anomalous)
+    # rows scored in other batches: the float64 products of the feature tests may differ in the last bits
+    np.testing.assert_allclose(streamed.test_p_values, columns.test_p_values, rtol=1e-6)
+    plain = client.score_columns(alpha, classes, model=FEATURE_MODEL, timeout=30)  # no features: three tests
+    assert plain.tests == TESTS and np.array_equal(plain.p_value, Scorer(load_store(stores / FEATURE_MODEL)).score(
+        alpha, classes).p_value)
+
+
 def raw_request(**changes) -> explain_pb2.ScoreColumnsRequest:
-    """A valid request of four rows with ``changes`` applied (``alpha_*`` fields to its tensor)."""
+    """A valid request of four rows with ``changes`` applied (``alpha_*`` and ``features_*`` fields
+    to those tensors)."""
     alpha, classes = mixed_vectors(4, seed=2)
     request = columns_request(alpha, classes, model=MODEL)
     for name, value in changes.items():
-        target, field = (request.alpha, name[len("alpha_"):]) if name.startswith("alpha_") else (request, name)
+        tensor, _, field = name.partition("_")
+        target, field = (getattr(request, tensor), field) if tensor in ("alpha", "features") else (request, name)
         target.ClearField(field)
         if isinstance(value, (list, tuple)):
             getattr(target, field).extend(value)
@@ -155,6 +195,16 @@ BAD_COLUMNS = {  # case -> (changes, status, start of the message, text in it)
     "NaN": ({"alpha_data": np.full((4, FILTERS), np.nan, "<f4").tobytes()}, "INVALID_ARGUMENT", "alpha:", "NaN"),
     "top flags": ({"top_flags": 33}, "INVALID_ARGUMENT", "top_flags:", "[0, 32]"),
     "no model": ({"model": ""}, "INVALID_ARGUMENT", "model:", "names no model"),
+    "float16 features": ({"features_dtype": explain_pb2.Tensor.FLOAT16, "features_shape": [4, FILTERS],
+                          "features_data": bytes(4 * FILTERS * 2)}, "INVALID_ARGUMENT", "features.dtype:", "FLOAT32"),
+    "fewer feature rows": ({"features_dtype": explain_pb2.Tensor.FLOAT32, "features_shape": [3, FILTERS],
+                            "features_data": bytes(3 * FILTERS * 4)}, "INVALID_ARGUMENT", "features.shape:",
+                           f"(N, {FILTERS}) with N = 4"),
+    "short features": ({"features_dtype": explain_pb2.Tensor.FLOAT32, "features_shape": [4, FILTERS],
+                        "features_data": bytes(4 * FILTERS * 4 - 4)}, "INVALID_ARGUMENT", "features.data:", "bytes"),
+    "NaN features": ({"model": FEATURE_MODEL, "features_dtype": explain_pb2.Tensor.FLOAT32,
+                      "features_shape": [4, FILTERS], "features_data": np.full((4, FILTERS), np.nan, "<f4").tobytes()},
+                     "INVALID_ARGUMENT", "features:", "finite"),
     "too many values": ({"alpha_shape": [MAX_COLUMN_VALUES // FILTERS + 1, FILTERS],
                          "alpha_data": bytes((MAX_COLUMN_VALUES // FILTERS + 1) * FILTERS * 4),
                          "classes": [0] * (MAX_COLUMN_VALUES // FILTERS + 1)},

@@ -24,6 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from explainserve._generated import explain_pb2, explain_pb2_grpc, handler_pb2, inference_pb2, inference_pb2_grpc
 from explainserve.anomaly import ANOMALOUS, Scorer, load_store
+from explainserve.anomaly.conformal import TESTS
+from explainserve.anomaly.feature_tests import FEATURE_TESTS
 from explainserve.client import ExplainClient, ExplainError, build_request, score_request
 from explainserve.commands.archive import demo_model
 from explainserve.commands.serve import unpack_stores, wait_serving
@@ -95,7 +97,8 @@ def assert_verdict_is(verdict: explain_pb2.ClassVerdict, scores, row: int = 0) -
     assert (verdict.surprise, verdict.missing, verdict.target_fpr) == (sample.surprise, sample.missing,
                                                                        scores.scorer.target_fpr)
     assert (verdict.verdict == explain_pb2.ClassVerdict.ANOMALOUS) == (verdict.p_value < verdict.target_fpr)
-    assert [(r.code, r.value, r.threshold, r.source, r.p_value) for r in verdict.reasons] == [tuple(r) for r in sample.reasons]
+    assert [(r.code, r.value, r.threshold, r.source, r.p_value, [(f.feature, f.share) for f in r.features])
+            for r in verdict.reasons] == [(*r[:5], [tuple(f) for f in r.features]) for r in sample.reasons]
     for served, flags in ((verdict.surprising_filters, sample.surprising), (verdict.missing_filters, sample.expected_missing)):
         assert [(f.filter, f.alpha, f.threshold, tuple(f.exemplars), f.exceedance) for f in served] == [
             (f.filter, np.float32(f.alpha), np.float32(f.threshold), f.exemplars, np.float32(f.exceedance))
@@ -125,26 +128,46 @@ def metric_value(text: str, name: str, **labels) -> float:
 
 # -- Explain -------------------------------------------------------------------------------
 def test_explain_verdicts_equal_the_library_on_the_handlers_alpha(stack, client, scorer):
-    """In-distribution scenes with their labels, and uniform noise (ANOMALOUS by every test)."""
+    """In-distribution scenes with their labels, and uniform noise (ANOMALOUS by every test).
+
+    The handler returns the pooled features beside alpha and the gateway scores both: with a
+    store calibrated with features (``scorer.has_feature_tests``) the verdict is the five-test one,
+    with an alpha-only store the three-test one; either way it is the library's on the same rows."""
     samples = scenes("test", 3)
     noise = np.random.default_rng(0).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
     cases = [(sample["image"], sample["label"]) for sample in samples] + [(noise, None)]
-    verdicts = []
+    tests = TESTS + FEATURE_TESTS if scorer.has_feature_tests else TESTS
+    verdicts, alpha_only_p = [], []
     for image, label in cases:
         request = build_request(png(image), model=MODEL, label=label)
         result = client.send(request, timeout=60)
-        handler = handler_answer(stack, request)  # the same alpha, computed again by the same handler
+        handler = handler_answer(stack, request)  # the same alpha and features, computed again by the same handler
         anomaly = result.anomaly
         assert anomaly.status == explain_pb2.AnomalyReport.OK, anomaly.reason
         assert anomaly.store_sha256 == scorer.store.sha256
         assert len(result.classes) == 5 and result.predicted_class == result.target_class == anomaly.predicted.class_index
-        assert_verdict_is(anomaly.predicted, scorer.score(np.asarray(handler.alpha), result.predicted_class))
+        assert len(handler.features) == len(handler.alpha) == scorer.store.meta.num_filters
+        # the gateway's rows: alpha for the predicted class, then label_alpha for the label, the input's features on each
+        rows, classes = [handler.alpha], [result.predicted_class]
+        if label is not None:
+            assert len(handler.label_alpha) == len(handler.alpha)
+            rows.append(handler.label_alpha)
+            classes.append(label)
+        expected = scorer.score(np.asarray(rows, dtype=np.float32), classes,
+                                features=np.tile(np.asarray(handler.features, dtype=np.float32), (len(rows), 1)))
+        assert expected.test_names == tests
+        assert_verdict_is(anomaly.predicted, expected, 0)
         if label is None:
             assert not anomaly.HasField("label")
         else:
-            assert len(handler.label_alpha) == len(handler.alpha)
-            assert_verdict_is(anomaly.label, scorer.score(np.asarray(handler.label_alpha), label))
+            assert_verdict_is(anomaly.label, expected, 1)
+        alpha_only = scorer.score(np.asarray(rows, dtype=np.float32), classes)
+        if not scorer.has_feature_tests:  # the features are ignored: the alpha tests' verdict
+            assert_verdict_is(anomaly.predicted, alpha_only, 0)
+        alpha_only_p.append(alpha_only.p_value[0])
         verdicts.append(anomaly.predicted)
+    if scorer.has_feature_tests:  # the five-test verdict is another one than the alpha tests'
+        assert [verdict.p_value for verdict in verdicts] != alpha_only_p
     noisy = verdicts[-1]
     assert noisy.verdict == explain_pb2.ClassVerdict.ANOMALOUS and noisy.score > 0 and noisy.reasons
     assert noisy.surprising_filters and all(len(f.exemplars) > 0 for f in noisy.surprising_filters)
