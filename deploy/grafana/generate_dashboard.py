@@ -88,7 +88,8 @@ def panels():
             (f"sum by (model, test) (rate(explainserve_anomaly_test_fired_total{{{NS},{MODEL}}}{rate}))",
              "{{model}} {{test}}"),
         ], unit="ops", description="Answers where one test's own p-value was below the target rate: "
-                                   "surprise, missing or low_beta."),
+                                   "surprise, missing or low_beta, and feature_mahalanobis or "
+                                   "feature_residual for a store with the feature tests."),
         panel("Verdicts per second", "timeseries", [
             (f"sum by (model, verdict) (rate(explainserve_anomaly_verdicts_total{{{NS},{MODEL}}}{rate}))",
              "{{model}} {{verdict}}"),
