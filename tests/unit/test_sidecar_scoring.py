@@ -164,11 +164,13 @@ def test_served_verdicts_equal_the_samples_field_for_field(varied_scores):
     reasons = [(row, reason) for row in range(len(classes)) for reason in class_verdict(scores, row).reasons]
     assert all(not reason.features for _, reason in reasons if reason.code in TESTS)
     featured = [(row, reason) for row, reason in reasons if reason.code in FEATURE_TESTS]
-    assert {reason.code for _, reason in featured} == (set(FEATURE_TESTS) if scores.feature_terms is not None else set())
+    assert {reason.code for _, reason in featured} == (set(FEATURE_TESTS) if scores.features is not None else set())
+    tests = scores.scorer.feature_tests
     for row, reason in featured:
-        terms = scores.feature_terms[row, FEATURE_TESTS.index(reason.code)]
+        terms = (tests.mahalanobis_terms(scores.features[row:row + 1], scores.classes[row:row + 1])
+                 if reason.code == "feature_mahalanobis" else tests.residual_terms(scores.features[row:row + 1]))[0]
         assert len(reason.features) == MAX_FLAGS and reason.features[0].feature == int(terms.argmax())
-        assert [f.share for f in reason.features] == sorted(terms, reverse=True)[:MAX_FLAGS]
+        assert [f.share for f in reason.features] == pytest.approx(sorted(terms, reverse=True)[:MAX_FLAGS], rel=1e-9)
     unflagged = scores.sample(0, max_flags=0)  # what class_verdict reads besides the flag columns
     assert unflagged.surprising == unflagged.expected_missing == () and unflagged.p_value == scores.sample(0).p_value
     with pytest.raises(ValueError, match="kind must be 'surprising' or 'expected_missing', got 'surprise'"):
