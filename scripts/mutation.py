@@ -76,10 +76,15 @@ MODULES = {
     "explainer": ("explainserve/explainer.py", ["test_explainer.py",
                                                 "test_surprise_region.py::test_explainer_regions_from_raw_samples",
                                                 "test_surprise_region.py::test_explainer_suppression_equals_deleting_by_hand"], []),
-    "scorer": ("explainserve/anomaly/scorer.py", ["test_anomaly_scoring.py"], []),
+    "scorer": ("explainserve/anomaly/scorer.py", ["test_anomaly_scoring.py", "test_anomaly_feature_scoring.py"], []),
     # The pooled group (classes without training images) is checked by hand in the scoring tests.
     "calibration": ("explainserve/anomaly/calibration.py",
-                    ["test_anomaly_calibration.py", "test_anomaly_scoring.py"], []),
+                    ["test_anomaly_calibration.py", "test_anomaly_scoring.py", "test_anomaly_feature_scoring.py"], []),
+    # The trained networks' features (slow) add nothing the synthetic references do not check.
+    "feature_tests": ("explainserve/anomaly/feature_tests.py",
+                      ["test_anomaly_feature_tests.py", "test_anomaly_feature_scoring.py"],
+                      [f"test_anomaly_feature_tests.py::test_both_tests_match_their_references_on_a_trained_networks_"
+                       f"pooled_features[{kind}]" for kind in ("image", "video")]),
 }
 
 KILLED = {"killed", "timeout", "segfault"}
