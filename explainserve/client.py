@@ -190,8 +190,10 @@ class ColumnScores:
     surprise, missing: (N,) float64; surprise_count, expectation_count: (N,) int32;
     tests: the T tests scored, the columns of test_p_values: (N, T) float64 and reasons: (N, T)
     bool (surprise, missing, low_beta, then feature_mahalanobis, feature_residual when the
-    features were sent and the store has the feature tests); surprising_filters, missing_filters: (N, k) int32, most extreme first,
-    -1 padding; surprising_exceedance, missing_exceedance: (N, k) float32, 0 padding.
+    features were sent and the store has the feature tests); feature_mahalanobis,
+    feature_residual: (N,) float64 those tests' statistics (NaN without them);
+    surprising_filters, missing_filters: (N, k) int32, most extreme first, -1 padding;
+    surprising_exceedance, missing_exceedance: (N, k) float32, 0 padding.
     """
 
     store_sha256: str
@@ -212,6 +214,8 @@ class ColumnScores:
     reasons: np.ndarray
     class_calibration: np.ndarray
     pooled_distribution: np.ndarray
+    feature_mahalanobis: np.ndarray
+    feature_residual: np.ndarray
     surprising_filters: np.ndarray
     surprising_exceedance: np.ndarray
     missing_filters: np.ndarray
@@ -234,6 +238,8 @@ class ColumnScores:
                                                            "surprise", "missing")},
             surprise_count=column("surprise_count", np.int32), expectation_count=column("expectation_count", np.int32),
             test_p_values=column("test_p_values", np.float64, len(tests)), reasons=column("reasons", bool, len(tests)),
+            **{name: column(name, np.float64) if len(getattr(response, name)) else np.full(rows, np.nan)
+               for name in ("feature_mahalanobis", "feature_residual")},
             surprising_filters=column("surprising_filters", np.int32, flags),
             surprising_exceedance=column("surprising_exceedance", np.float32, flags),
             missing_filters=column("missing_filters", np.int32, flags),

@@ -17,6 +17,8 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from explainserve._generated import explain_pb2
 from explainserve.anomaly import BatchScores, Scorer
+from explainserve.anomaly.conformal import TESTS
+from explainserve.anomaly.feature_tests import FEATURE_TESTS
 from explainserve.anomaly.top_flags import top_flags
 from explainserve.inputs import InputTooLarge
 
@@ -129,6 +131,8 @@ def columns_response(scores: BatchScores, flags: int) -> explain_pb2.ScoreColumn
                  missing=statistics[:, 1], test_p_values=scores.p_values[:, :-1], reasons=scores.tests,
                  class_calibration=scores.from_class, pooled_distribution=scores.scorer.reference.pooled[scores.classes],
                  surprising_exceedance=top.surprising_exceedance, missing_exceedance=top.missing_exceedance)
+    if scores.test_names != TESTS:  # scored with the feature tests: their statistics too
+        merge_packed(response, **{test: statistics[:, scores.test_names.index(test)] for test in FEATURE_TESTS})
     return response
 
 

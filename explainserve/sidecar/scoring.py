@@ -38,8 +38,7 @@ import numpy as np
 
 from explainserve._generated import explain_pb2
 from explainserve.anomaly import ANOMALOUS, BatchScores, Scorer, StoreError, load_store
-from explainserve.anomaly.conformal import TESTS
-from explainserve.anomaly.feature_tests import FEATURE_TESTS
+from explainserve.anomaly.conformal import FIVE_TESTS, TESTS
 from explainserve.anomaly.scorer import MAX_FLAGS
 
 log = logging.getLogger(__name__)
@@ -133,6 +132,8 @@ def class_verdict(scores: BatchScores, row: int, into: explain_pb2.ClassVerdict 
             message.filter, message.alpha, message.threshold, message.exceedance = filter_index, alpha, threshold, exceedance
             message.exemplars.extend(exemplars)
     verdict.pooled_distribution = bool(scores.scorer.reference.pooled[sample.class_id])
+    if sample.feature_mahalanobis is not None:  # scored with the feature tests
+        verdict.feature_mahalanobis, verdict.feature_residual = sample.feature_mahalanobis, sample.feature_residual
     return verdict
 
 
@@ -245,8 +246,7 @@ class AnomalyScoring:
         store = new.scorer.store
         self.metrics.store_info.labels(new.name, store.meta.model_version, store.sha256).set(1)
         self.metrics.store_build.labels(new.name).set(store.build_timestamp)
-        tests = TESTS + (FEATURE_TESTS if new.scorer.has_feature_tests else ())
-        self.metrics.start_scoring(new.name, store.num_classes, tests)
+        self.metrics.start_scoring(new.name, store.num_classes, FIVE_TESTS if new.scorer.has_feature_tests else TESTS)
         log.info("distribution store for model %r version %r %s from %s: %d classes x %d filters, sha256 %s",
                  new.name, store.meta.model_version, "loaded" if old is None else "reloaded", new.path,
                  store.num_classes, store.meta.num_filters, store.sha256)

@@ -99,6 +99,9 @@ def assert_rows_equal_the_verdicts(scores: ColumnScores, reports: list, flags: i
         for name in ("p_value", "score", "beta", "beta_percentile", "beta_z", "surprise", "missing",
                      "surprise_count", "expectation_count"):
             assert getattr(scores, name)[i] == getattr(verdict, name), (i, name)
+        for name in ("feature_mahalanobis", "feature_residual"):  # NaN: scored without the feature tests
+            served = getattr(verdict, name) if verdict.HasField(name) else np.nan
+            np.testing.assert_array_equal(getattr(scores, name)[i], served)
         assert {scores.tests[t] for t in np.flatnonzero(scores.reasons[i])} == {r.code for r in verdict.reasons}
         for reason in verdict.reasons:
             assert scores.test_p_values[i, scores.tests.index(reason.code)] == reason.p_value
@@ -128,7 +131,7 @@ def test_columns_and_streams_equal_score_batch(client, stores):
 
     streamed = client.score_all(alpha, classes, model=MODEL, top_flags=flags, rows_per_message=7, timeout=30)
     for name in ColumnScores.__dataclass_fields__:
-        assert np.array_equal(getattr(streamed, name), getattr(columns, name)), name
+        np.testing.assert_array_equal(getattr(streamed, name), getattr(columns, name), err_msg=name)
 
     default = client.score_columns(alpha[:5], classes[:5], model=MODEL, timeout=30)
     assert default.top_flags == 1 and default.surprising_filters.shape == (5, 1)
@@ -149,6 +152,8 @@ def test_features_reach_columns_streams_and_score_batch(client, stores):
     assert columns.tests == library.test_names and columns.test_p_values.shape == columns.reasons.shape == (40, 5)
     assert np.array_equal(columns.test_p_values, library.p_values[:, :-1]) and np.array_equal(columns.reasons, library.tests)
     assert np.array_equal(columns.p_value, library.p_value) and np.array_equal(columns.anomalous, library.anomalous)
+    assert np.array_equal(np.column_stack([columns.feature_mahalanobis, columns.feature_residual]),
+                          library.statistics[:, len(TESTS):-1])
     reports = client.score_batch([score_request(row, model=FEATURE_MODEL, predicted_class=int(c), features=f)
                                   for row, c, f in zip(alpha, classes, features)], timeout=30)
     assert_rows_equal_the_verdicts(columns, reports, flags)
@@ -163,7 +168,7 @@ def test_features_reach_columns_streams_and_score_batch(client, stores):
     # rows scored in other batches: the float64 products of the feature tests may differ in the last bits
     np.testing.assert_allclose(streamed.test_p_values, columns.test_p_values, rtol=1e-6)
     plain = client.score_columns(alpha, classes, model=FEATURE_MODEL, timeout=30)  # no features: three tests
-    assert plain.tests == TESTS and np.array_equal(plain.p_value, Scorer(load_store(stores / FEATURE_MODEL)).score(
+    assert plain.tests == TESTS and np.isnan(plain.feature_residual).all() and np.array_equal(plain.p_value, Scorer(load_store(stores / FEATURE_MODEL)).score(
         alpha, classes).p_value)
 
 

@@ -97,6 +97,8 @@ def assert_verdict_is(verdict: explain_pb2.ClassVerdict, scores, row: int = 0) -
     assert (verdict.surprise, verdict.missing, verdict.target_fpr) == (sample.surprise, sample.missing,
                                                                        scores.scorer.target_fpr)
     assert (verdict.verdict == explain_pb2.ClassVerdict.ANOMALOUS) == (verdict.p_value < verdict.target_fpr)
+    for name in ("feature_mahalanobis", "feature_residual"):  # set exactly when scored with the feature tests
+        assert (getattr(verdict, name) if verdict.HasField(name) else None) == getattr(sample, name)
     assert [(r.code, r.value, r.threshold, r.source, r.p_value, [(f.feature, f.share) for f in r.features])
             for r in verdict.reasons] == [(*r[:5], [tuple(f) for f in r.features]) for r in sample.reasons]
     for served, flags in ((verdict.surprising_filters, sample.surprising), (verdict.missing_filters, sample.expected_missing)):

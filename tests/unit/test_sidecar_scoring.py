@@ -81,7 +81,10 @@ def verdict_built_message_by_message(scores, row: int) -> explain_pb2.ClassVerdi
         return [explain_pb2.FilterFlag(filter=f.filter, alpha=f.alpha, threshold=f.threshold, exemplars=f.exemplars,
                                        exceedance=f.exceedance) for f in found]
 
+    with_features = {} if sample.feature_mahalanobis is None else {
+        "feature_mahalanobis": sample.feature_mahalanobis, "feature_residual": sample.feature_residual}
     return verdict(
+        **with_features,
         class_index=sample.class_id, class_name=sample.class_name,
         verdict=verdict.ANOMALOUS if sample.verdict == ANOMALOUS else verdict.NORMAL,
         beta=sample.beta, beta_percentile=sample.beta_percentile, beta_z=sample.beta_z, score=sample.score,
@@ -181,7 +184,10 @@ def columns_built_from_lists(scores, flags: int) -> explain_pb2.ScoreColumnsResp
     """The ScoreColumnsResponse of ``scores`` with every repeated field given as a Python list."""
     top = top_flags(scores, flags)
     statistics = scores.statistics.astype(np.float64)
+    with_features = {} if scores.features is None else {
+        "feature_mahalanobis": statistics[:, 3].tolist(), "feature_residual": statistics[:, 4].tolist()}
     return explain_pb2.ScoreColumnsResponse(
+        **with_features,
         store_sha256=scores.scorer.store.sha256, target_fpr=scores.scorer.target_fpr,
         anomalous=scores.anomalous.tolist(), p_value=scores.p_value.tolist(), score=scores.score.tolist(),
         beta=scores.beta.tolist(), beta_percentile=scores.beta_percentile.tolist(), beta_z=scores.beta_z.tolist(),
@@ -213,6 +219,10 @@ def test_columns_with_packed_arrays_equal_the_lists(varied, flags):
         assert read.tests == scores.test_names and read.reasons.shape == (len(scores), tests)
         np.testing.assert_array_equal(read.test_p_values, scores.p_values[:, :-1])
         np.testing.assert_array_equal(read.reasons, scores.tests)
+        samples = [scores.sample(row, max_flags=0) for row in range(len(scores))]
+        for name in ("feature_mahalanobis", "feature_residual"):  # NaN for rows scored without features
+            expected = [np.nan if getattr(s, name) is None else getattr(s, name) for s in samples]
+            np.testing.assert_array_equal(getattr(read, name), expected)
 
 
 def test_varint_encodes_protobuf_varints():
