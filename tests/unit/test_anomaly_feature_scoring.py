@@ -7,8 +7,8 @@ import pytest
 
 from bench.ood_extended import ExtendedVerdict, own_classes
 from explainserve.anomaly import Scorer, StoreError, build_store, calibrate, load_store, save_calibration
-from explainserve.anomaly.calibration import split_parts
-from explainserve.anomaly.conformal import FIVE_TESTS, TESTS
+from explainserve.anomaly.calibration import MAX_CLASS_RANKS, split_parts, with_combined
+from explainserve.anomaly.conformal import FIVE_TESTS, TESTS, fit_tail_grid
 from explainserve.anomaly.feature_tests import FEATURE_TESTS, FeatureTests
 from explainserve.anomaly.scorer import MAX_FLAGS, REASON_CODES, FeatureShare
 from explainserve.anomaly.store import CALIBRATION_SPECS, FEATURE_SPECS
@@ -150,7 +150,10 @@ def test_the_feature_block_is_stored_hashed_and_removed_with_a_recalibration(bui
     assert set(FEATURE_SPECS) <= set(store.manifest["arrays"])
     assert store.arrays["feature_precision"].shape == (NUM_FILTERS, NUM_FILTERS)
     assert store.arrays["feature_basis"].shape == (NUM_FILTERS, NUM_FILTERS // 2)
-    assert store.calibration["features"]["tests"] == list(FIVE_TESTS)
+    section = store.calibration["features"]
+    assert section["tests"] == list(FIVE_TESTS) and section["statistics"] == [*FEATURE_TESTS, "combined5"]
+    assert section["num_features"] == NUM_FILTERS and section["residual_dimensions"] == NUM_FILTERS // 2
+    assert section["fit"].startswith("part A") and section["fallback"]["count"] == store.calibration["fallback"]["count"]
     corrupt = folder / "feature_basis.npy"
     data = bytearray(corrupt.read_bytes())
     data[-1] ^= 1
@@ -174,6 +177,15 @@ def test_a_class_without_training_images_takes_the_pooled_features(synthetic, tm
     tests = scorer.feature_tests
     np.testing.assert_array_equal(tests.class_means[5], tests.centre)
     assert scorer.sources[5] == "pooled" and scorer.has_feature_tests
+    # By hand: every calibration image scored against the pool, five tests; tail grids on part A,
+    # ranks of the feature tests and combined5 on the first part-B images.
+    five = scorer.score(alpha, np.full(len(alpha), 5), features).statistics[:, :5]
+    part_b = split_parts(classes)
+    grid = fit_tail_grid(five[~part_b])
+    np.testing.assert_array_equal(scorer.feature_tail_grid[5], grid)
+    ranked = with_combined(five[part_b][:MAX_CLASS_RANKS], np.repeat(grid[None], min(part_b.sum(), MAX_CLASS_RANKS), axis=0))
+    held = np.asarray(scorer.store.arrays["feature_class_ranks"][5])
+    np.testing.assert_array_equal(held[:, :len(ranked)], np.sort(ranked[:, 3:], axis=0).T)
     new_alpha, new_classes, new_features = held_out(synthetic, [300] * NUM_CLASSES, seed=700)
     pooled = np.full(len(new_alpha), 5)
     batch = scorer.score(new_alpha, pooled, new_features)
@@ -191,9 +203,12 @@ def test_bad_features_are_named(scorers, val):
     for bad in (np.nan, np.inf):
         broken = features[:3].copy()
         broken[1, 4] = bad
-        with pytest.raises(ValueError, match="features must be finite"):
+        with pytest.raises(ValueError, match=r"^features must be finite \(no NaN or infinity\)$"):
             five.score(alpha[:3], classes[:3], broken)
     with pytest.raises(ValueError, match="features must be"):
         calibrate(five.store, alpha, classes, features=features[:, :5])
     single = five.score(alpha[0], classes[0], features[0])  # one input: (K,) vectors
     assert single.statistics.shape == (1, 6) and REASON_CODES == TESTS + FEATURE_TESTS
+    np.testing.assert_array_equal(five.score(alpha[:1], classes[:1], features[:1]).statistics, single.statistics)
+    as_float64 = five.score(alpha[:2], classes[:2], features[:2].astype(np.float64))
+    assert as_float64.features.dtype == np.float32
