@@ -11,7 +11,7 @@ prediction for ranking on n part-B images per group: sqrt(α(1 - α) / n) per gr
 over the groups by the pseudo-test's shares, plus the pseudo-test draw's own
 sqrt(α(1 - α) / m).
 
-Val alpha is computed by build-distributions' own path (``validation_alpha``, predicted class);
+Val alpha is computed by build-distributions' own path (``validation_scores``, predicted class; the alpha-only calibration);
 ``--val-size`` composites are drawn (items cycle with fresh composites past the pool of 4018),
 ``--cache`` keeps the pass in an ``.npz``. The test split is never read. Prints ``name=value`` lines.
 """
@@ -41,13 +41,13 @@ def validation_pass(size: int, cache: Path | None) -> dict:
         loaded = dict(np.load(cache))
         if len(loaded["predicted"]) >= size:
             return {key: value[:size] for key, value in loaded.items() if key in ("alpha", "predicted", "item")}
-    from explainserve.commands.distributions import open_split, open_subject, validation_alpha
+    from explainserve.commands.distributions import open_split, open_subject, validation_scores
 
     torch.set_num_threads(2)
     args = argparse.Namespace(model="image", data="fashion-scenes", name=None, version=None, seed=0)
     explainer, _ = open_subject(args)
     val, key = open_split(args, "val", size, explainer.input_size[-1])
-    alpha, predicted = validation_alpha(explainer, val, key, 32)
+    alpha, predicted, _ = validation_scores(explainer, val, key, 32)
     passed = {"alpha": alpha, "predicted": predicted, "item": np.array([val.item_index(i) for i in range(size)])}
     if cache is not None:
         np.savez(cache, **passed)

@@ -25,9 +25,11 @@ from explainserve.anomaly import (StoreMeta, build_store, calibrate, load_store,
 from explainserve.anomaly.build import DEFAULT_TOP_K
 from explainserve.anomaly.calibration import DEFAULT_TARGET_FPR, POOLED
 from explainserve.anomaly.publish import publishing
+from explainserve.anomaly.reissue import reissue_store
 from explainserve.data.files import default_workers
 from explainserve.commands.train_demo import DEMO_KINDS
 from explainserve.data.sources import is_file_source, open_source
+from explainserve.data.stratified import STRATIFIED_RULE
 
 DEMO_MODELS = DEMO_KINDS
 #: A demo dataset is generated: its limit is how many samples are generated, a seeded random draw.
@@ -107,6 +109,17 @@ def register(subparsers) -> None:
     merge.add_argument("--out", type=Path, required=True, help="where to publish the merged store (as build-distributions --out)")
     add_model_arguments(merge, required=False)
     merge.set_defaults(func=merge_main)
+
+    recalibrate = subparsers.add_parser(
+        "recalibrate-distributions",
+        help="calibrate a store again on the validation split, keeping its training arrays (also upgrades a store "
+             "of an older format)")
+    recalibrate.add_argument("store", type=Path, help="the store whose training arrays are kept (left unchanged)")
+    recalibrate.add_argument("--out", type=Path, required=True,
+                             help="where to publish the recalibrated store (as build-distributions --out; may be the "
+                                  "store's own published path)")
+    add_model_arguments(recalibrate, required=True)
+    recalibrate.set_defaults(func=recalibrate_main)
 
 
 def load_model(spec: str):
@@ -203,15 +216,18 @@ def run_class(explainer, queue: list, class_id: int) -> tuple:
     return alpha_of(explainer, list(samples), list(ids), [class_id] * len(ids))
 
 
-def validation_alpha(explainer, dataset, key: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Alpha of every validation image for its predicted class, and that class."""
-    alphas, classes = [], []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="calibrating on val", unit="batch"):
-        indices = list(range(start, min(start + batch_size, len(dataset))))
-        alpha, predicted, _ = alpha_of(explainer, [dataset[i][key] for i in indices], indices, None)
-        alphas.append(alpha)
-        classes.append(predicted)
-    return np.concatenate(alphas), np.concatenate(classes)
+def held_out_scores(explainer, samples: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One network pass over held-out samples, as served: alpha (B, K) float32 for the
+    predicted class, that class (B,) int64, and the target layer's pooled features (B, K) float32."""
+    scores = explainer.filter_scores(samples)
+    return scores.alpha, scores.target.astype(np.int64), scores.features
+
+
+def validation_scores(explainer, dataset, key: str, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`held_out_scores` of every validation image, concatenated."""
+    batches = [held_out_scores(explainer, [dataset[i][key] for i in range(start, min(start + batch_size, len(dataset)))])
+               for start in tqdm(range(0, len(dataset), batch_size), desc="calibrating on val", unit="batch")]
+    return tuple(np.concatenate(parts) for parts in zip(*batches))
 
 
 def calibrate_store(args, explainer, store_path: Path, record: dict | None = None) -> None:
@@ -226,15 +242,15 @@ def calibrate_store(args, explainer, store_path: Path, record: dict | None = Non
     store = load_store(store_path)
     if is_file_source(args.data):
         data = open_source(args.data, explainer.class_names, val_fraction=args.val_fraction, val_limit=args.val_limit)
-        alpha, predicted, bad = validation_from_files(args, explainer, data.val, alpha_of)
+        alpha, predicted, features, bad = validation_from_files(args, explainer, data.val, held_out_scores)
         if record is not None:
             record["val"] = bad.to_json()
             write_record(store_path, record)
         print(f"validation files: {bad.files}, bad and skipped: {bad.bad}")
     else:
         val, key = open_split(args, "val", args.val_limit, explainer.input_size[-1])
-        alpha, predicted = validation_alpha(explainer, val, key, args.batch_size)
-    calibration = calibrate(store, alpha, predicted, target_fpr=args.target_fpr,
+        alpha, predicted, features = validation_scores(explainer, val, key, args.batch_size)
+    calibration = calibrate(store, alpha, predicted, features=features, target_fpr=args.target_fpr,
                             min_class_count=args.min_class_count)
     save_calibration(store, calibration)
     section = calibration.section
@@ -281,6 +297,22 @@ def build_main(args) -> int:
                     build_time=args.build_time, progress=True, data=demo_record(args))
         if args.num_shards == 1:
             calibrate_store(args, explainer, folder)
+    print_store(args.out)
+    return 0
+
+
+def recalibrate_main(args) -> int:
+    explainer, meta = open_subject(args)
+    source = args.store.resolve()  # before --out, possibly the same path, is swapped to the new folder
+    with publishing(args.out) as folder:
+        rule = STRATIFIED_RULE if is_file_source(args.data) else DEMO_LIMIT_RULE
+        reissue_store(source, folder, val_limit=None if args.val_limit is None else {"val": args.val_limit, "rule": rule})
+        store = load_store(folder)
+        if (store.meta.model_name, store.meta.model_version, store.meta.layer) != (meta.model_name, meta.model_version, meta.layer):
+            raise ValueError(f"--model {args.model} is {meta.model_name!r} version {meta.model_version!r} at layer "
+                             f"{meta.layer!r}, the store was built for {store.meta.model_name!r} version "
+                             f"{store.meta.model_version!r} at layer {store.meta.layer!r}")
+        calibrate_store(args, explainer, folder)
     print_store(args.out)
     return 0
 

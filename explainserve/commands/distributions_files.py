@@ -215,10 +215,11 @@ def merged_record(shards: list[Path], max_bad_fraction: float) -> dict:
     return {"train": bad.to_json(), "classes_without_training_samples": empty}
 
 
-def validation_from_files(args, explainer, samples: list[SampleFile], alpha_of: Callable) -> tuple:
-    """Alpha of every val sample for its predicted class, that class, and the bad files."""
+def validation_from_files(args, explainer, samples: list[SampleFile], held_out_scores: Callable) -> tuple:
+    """Alpha of every val sample for its predicted class, that class, its pooled features
+    (``held_out_scores(explainer, samples)``), and the bad files."""
     frames = explainer.input_size[0] if explainer.kind == "video" else None
-    alphas, classes, bad = [], [], BadFiles(files=len(samples))
+    scored, bad = [], BadFiles(files=len(samples))
     with tqdm(total=len(samples), unit="images", desc="calibrating on val", dynamic_ncols=True) as bar:
         for batch in decoded_batches(samples, plain_batches(list(range(len(samples))), args.batch_size),
                                      explainer.kind, frames, workers(args), prepare_one(explainer)):
@@ -227,11 +228,10 @@ def validation_from_files(args, explainer, samples: list[SampleFile], alpha_of: 
                 if reason is not None:
                     bad.add(samples[index].path, reason)
             if good:
-                alpha, predicted, _ = alpha_of(explainer, joined([s for _, s in good]), [i for i, _ in good], None)
-                alphas.append(alpha)
-                classes.append(predicted)
+                scored.append(held_out_scores(explainer, joined([s for _, s in good])))
             bar.update(len(batch))
     bad.check(args.max_bad_fraction, len(samples), "validation")
-    if not alphas:
+    if not scored:
         raise ValueError("no val sample could be decoded")
-    return np.concatenate(alphas), np.concatenate(classes), bad
+    alpha, predicted, features = (np.concatenate(parts) for parts in zip(*scored))
+    return alpha, predicted, features, bad
