@@ -48,18 +48,19 @@ from bench.ood_extended import ExtendedVerdict, extended_tests, own_classes  # n
 from bench.ood_alpha_mahalanobis import ALONE as ALPHA_ALONE  # noqa: E402
 from bench.ood_alpha_mahalanobis import NAME as ALPHA_EXTENDED  # noqa: E402
 from bench.ood_alpha_mahalanobis import AlphaMahalanobis  # noqa: E402
-from bench import ood_feature_tests  # noqa: E402
 from explainserve.anomaly.calibration import split_parts  # noqa: E402
 
 HEADING = "## Table 7: out-of-distribution detection (FashionScenes; Grad-AMap verdict vs logit and feature baselines)"
 REPORT = Path(__file__).resolve().parent / "REPORT.md"
 NOTES = Path(__file__).resolve().parent / "ood_notes.md"
 VERDICT = "verdict"
-TESTS = ("−β_z", "surprise", "missing")
+ALPHA_ONLY = "verdict, alpha only"
+#: Rows of the served verdict's five tests alone, in its statistics' column order.
+TESTS = ("surprise", "missing", "−β_z", "feature-Mahalanobis", "feature residual")
 LOGIT_BASELINES = tuple(BASELINES)
 #: The counts :func:`compare` returns beside its table, carried into a section's results.
 COUNTS = ("best_of", "tpr_vs_energy", "extended_best_of", "extended_above_verdict", "alpha_best_of", "alpha_beyond_interval",
-          "feature_best_of", "feature_beyond_interval", "feature_tpr_vs_energy")
+          "alpha_only_best_of", "beyond_alpha_only_interval")
 OTHER_TARGETS = (0.001, 0.05)
 NOISE_SIGMA, BLUR_SIGMA = 0.1, 1.5
 
@@ -143,14 +144,17 @@ def network_pass(explainer, samples: np.ndarray, batch_size: int, desc: str, bas
     return passed
 
 
-def detector_scores(scorer: Scorer, passed: dict) -> tuple[dict, object]:
-    """Anomaly scores (higher = more anomalous) of every detector, and the verdict's BatchScores."""
-    batch = scorer.score(passed["alpha"], passed["predicted"])
-    scores = {VERDICT: batch.score, "−β_z": -batch.beta_z, "surprise": batch.statistics[:, 0].astype(np.float64),
-              "missing": batch.statistics[:, 1].astype(np.float64)}
+def detector_scores(scorer: Scorer, passed: dict) -> tuple[dict, object, object]:
+    """Anomaly scores (higher = more anomalous) of every detector, the served verdict's
+    BatchScores (alpha and pooled features) and the alpha-only verdict's (what a client that
+    sends alpha alone gets)."""
+    batch = scorer.score(passed["alpha"], passed["predicted"], features=passed["features"])
+    alpha_only = scorer.score(passed["alpha"], passed["predicted"])
+    scores = {VERDICT: batch.score, ALPHA_ONLY: alpha_only.score}
+    scores.update({name: batch.statistics[:, column].astype(np.float64) for column, name in enumerate(TESTS)})
     scores.update({name: function(passed["logits"]) for name, function in BASELINES.items()})
     scores.update(passed["scores"])
-    return scores, batch
+    return scores, batch, alpha_only
 
 
 def beta_logit_fit(passed: dict, beta: np.ndarray) -> float:
@@ -170,16 +174,18 @@ def recalibrated_rates(store, passes: dict, target: float, sets: list) -> dict:
     with tempfile.TemporaryDirectory(prefix="eval-ood-") as scratch:
         copy = Path(shutil.copytree(store.path, Path(scratch) / "store"))
         copied = load_store(copy)
-        save_calibration(copied, calibrate(copied, passes["val"]["alpha"], passes["val"]["predicted"], target_fpr=target))
+        save_calibration(copied, calibrate(copied, passes["val"]["alpha"], passes["val"]["predicted"],
+                                           features=passes["val"]["features"], target_fpr=target))
         scorer = Scorer(load_store(copy))
-        rates = {name: float(scorer.score(passes[name]["alpha"], passes[name]["predicted"]).anomalous.mean())
+        rates = {name: float(scorer.score(passes[name]["alpha"], passes[name]["predicted"],
+                                          features=passes[name]["features"]).anomalous.mean())
                  for name in ("test", *sets)}
         rates["own_classes"] = scorer.store.calibration["classes"]["source"].count("class")
     return rates
 
 
 def alpha_mahalanobis_rows(store, passes: dict, scored: dict, target: float) -> dict:
-    """Add the alpha-Mahalanobis test alone and the four-test verdict with it to ``scored``
+    """Add the alpha-Mahalanobis test alone and the alpha-only verdict with it as a fourth test to ``scored``
     (bench/ood_alpha_mahalanobis.py: fitted on val's part A); returns the verdict's flags per split."""
     val = passes["val"]
     part_a = ~split_parts(val["predicted"])
@@ -197,59 +203,43 @@ def alpha_mahalanobis_rows(store, passes: dict, scored: dict, target: float) -> 
     return flags
 
 
-def feature_test_rows(store, passes: dict, scored: dict, target: float) -> dict:
-    """Add the two pooled-feature tests alone and the five-test verdict with them to ``scored``
-    (bench/ood_feature_tests.py: fitted on val's part A); returns the verdict's flags per split."""
-    val = passes["val"]
-    part_a = ~split_parts(val["predicted"])
-    fitted = ood_feature_tests.FeatureTests(val["features"][part_a], val["predicted"][part_a], store.num_classes)
-
-    def tests(split: str) -> np.ndarray:
-        statistics = fitted.statistics(passes[split]["features"], passes[split]["predicted"])
-        scored[split][0][ood_feature_tests.MAHALANOBIS], scored[split][0][ood_feature_tests.RESIDUAL] = statistics.T
-        return np.column_stack([scored[split][1].statistics[:, :3], statistics]).astype(np.float32)
-
-    verdict = ExtendedVerdict(tests("val"), val["predicted"], own_classes(store), target)
-    flags = {}
-    for split, passed in passes.items():
-        scored[split][0][ood_feature_tests.NAME], flags[split] = verdict.score(tests(split), passed["predicted"])
-    return flags
-
-
 def compare(store, passes: dict, oods: list, resamples: int) -> dict:
     """Every detector on the network passes ``passes`` (split name -> :func:`network_pass` with
     baselines; "val" sets the thresholds, "test" holds the negatives, ``oods`` name the positive
     sets), scored against ``store``. Returns a dict: "table" (detector -> FPRs and, per OOD set,
     AUROC with its bootstrap interval and TPR), "scored" (split -> (scores, BatchScores)) and the
-    counts "best_of", "tpr_vs_energy", "extended_best_of", "extended_above_verdict", "alpha_best_of",
-    "alpha_beyond_interval" (sets where the verdict with the alpha-Mahalanobis test is above the
-    upper end of the verdict's interval)."""
+    counts "best_of", "tpr_vs_energy" (the served verdict), "alpha_only_best_of",
+    "beyond_alpha_only_interval" (sets where the served verdict is above the upper end of the
+    alpha-only verdict's interval), "extended_best_of", "extended_above_verdict" (the alpha-only
+    verdict with the energy test, against the alpha-only verdict), "alpha_best_of",
+    "alpha_beyond_interval" (with the alpha-Mahalanobis test, above the alpha-only verdict's interval)."""
     from bench.ood_baselines import FEATURE_DETECTORS
 
     baseline_names = (*LOGIT_BASELINES, *FEATURE_DETECTORS)
     scorer, target = Scorer(store), store.calibration["target_fpr"]
-    scored = {name: detector_scores(scorer, passed) for name, passed in passes.items()}
-    extended = ExtendedVerdict(extended_tests(scored["val"][1], passes["val"]["logits"]), passes["val"]["predicted"],
+    scored, alpha_only = {}, {}
+    for name, passed in passes.items():
+        scores, batch, alpha_only[name] = detector_scores(scorer, passed)
+        scored[name] = (scores, batch)
+    extended = ExtendedVerdict(extended_tests(alpha_only["val"], passes["val"]["logits"]), passes["val"]["predicted"],
                                own_classes(store), target)
     extended_flags = {}
     for split, passed in passes.items():
         scored[split][0][EXTENDED], extended_flags[split] = extended.score(
-            extended_tests(scored[split][1], passed["logits"]), passed["predicted"])
+            extended_tests(alpha_only[split], passed["logits"]), passed["predicted"])
     alpha_flags = alpha_mahalanobis_rows(store, passes, scored, target)
-    feature_flags = feature_test_rows(store, passes, scored, target)
-    detectors = (VERDICT, *TESTS, EXTENDED, ALPHA_ALONE, ALPHA_EXTENDED, ood_feature_tests.MAHALANOBIS,
-                 ood_feature_tests.RESIDUAL, ood_feature_tests.NAME, *baseline_names)
+    detectors = (VERDICT, ALPHA_ONLY, *TESTS, EXTENDED, ALPHA_ALONE, ALPHA_EXTENDED, *baseline_names)
 
     table = {}
     for name in detectors:
         if name == VERDICT:
             flags = {split: scored[split][1].anomalous for split in scored}
+        elif name == ALPHA_ONLY:
+            flags = {split: alpha_only[split].anomalous for split in scored}
         elif name == EXTENDED:
             flags = extended_flags
         elif name == ALPHA_EXTENDED:
             flags = alpha_flags
-        elif name == ood_feature_tests.NAME:
-            flags = feature_flags
         else:
             threshold = threshold_at_fpr(scored["val"][0][name], target)
             flags = {split: scored[split][0][name] > threshold for split in scored}
@@ -260,23 +250,19 @@ def compare(store, passes: dict, oods: list, resamples: int) -> dict:
             row[ood] = {"auroc": auroc(scored["test"][0][name], scored[ood][0][name]), "low": low, "high": high,
                         "tpr": float(flags[ood].mean())}
         table[name] = row
-    best_of = sum(table[VERDICT][ood]["auroc"] >= max(table[b][ood]["auroc"] for b in baseline_names) for ood in oods)
-    tpr_vs_energy = sum(table[VERDICT][ood]["tpr"] >= table["Energy"][ood]["tpr"] for ood in oods)
-    extended_best_of = sum(table[EXTENDED][ood]["auroc"] >= max(table[b][ood]["auroc"] for b in baseline_names)
-                           for ood in oods)
-    extended_above_verdict = sum(table[EXTENDED][ood]["auroc"] > table[VERDICT][ood]["auroc"] for ood in oods)
-    alpha_best_of = sum(table[ALPHA_EXTENDED][ood]["auroc"] >= max(table[b][ood]["auroc"] for b in baseline_names)
-                        for ood in oods)
-    alpha_beyond_interval = sum(table[ALPHA_EXTENDED][ood]["auroc"] > table[VERDICT][ood]["high"] for ood in oods)
-    features = table[ood_feature_tests.NAME]
-    feature_best_of = sum(features[ood]["auroc"] >= max(table[b][ood]["auroc"] for b in baseline_names) for ood in oods)
-    feature_beyond_interval = sum(features[ood]["auroc"] > table[VERDICT][ood]["high"] for ood in oods)
-    feature_tpr_vs_energy = sum(features[ood]["tpr"] >= table["Energy"][ood]["tpr"] for ood in oods)
-    return {"table": table, "scored": scored, "baselines": baseline_names, "best_of": best_of, "tpr_vs_energy": tpr_vs_energy,
-            "extended_best_of": extended_best_of, "extended_above_verdict": extended_above_verdict,
-            "alpha_best_of": alpha_best_of, "alpha_beyond_interval": alpha_beyond_interval,
-            "feature_best_of": feature_best_of, "feature_beyond_interval": feature_beyond_interval,
-            "feature_tpr_vs_energy": feature_tpr_vs_energy}
+
+    def best_of(name: str) -> int:
+        return sum(table[name][ood]["auroc"] >= max(table[b][ood]["auroc"] for b in baseline_names) for ood in oods)
+
+    def beyond_alpha_only(name: str) -> int:
+        return sum(table[name][ood]["auroc"] > table[ALPHA_ONLY][ood]["high"] for ood in oods)
+
+    return {"table": table, "scored": scored, "baselines": baseline_names, "best_of": best_of(VERDICT),
+            "tpr_vs_energy": sum(table[VERDICT][ood]["tpr"] >= table["Energy"][ood]["tpr"] for ood in oods),
+            "alpha_only_best_of": best_of(ALPHA_ONLY), "beyond_alpha_only_interval": beyond_alpha_only(VERDICT),
+            "extended_best_of": best_of(EXTENDED),
+            "extended_above_verdict": sum(table[EXTENDED][ood]["auroc"] > table[ALPHA_ONLY][ood]["auroc"] for ood in oods),
+            "alpha_best_of": best_of(ALPHA_EXTENDED), "alpha_beyond_interval": beyond_alpha_only(ALPHA_EXTENDED)}
 
 
 def run(args) -> dict:
@@ -321,9 +307,11 @@ def run(args) -> dict:
                 "test": float((passes["test"]["predicted"] == test_labels).mean())}
     accuracy.update({name: float((passes[name]["predicted"] == y).mean()) for name, y in labels.items()})
     tests = {name: scored[name][1].tests.mean(axis=0).tolist() for name in ("test", *samples)}
+    test_names = list(scored["test"][1].test_names)
     other_targets = {t: recalibrated_rates(store, passes, t, list(samples)) for t in OTHER_TARGETS}
     return {
         "model": args.model, "table": table, "sets": list(samples), "accuracy": accuracy, "tests": tests,
+        "test_names": test_names,
         **{key: compared[key] for key in COUNTS},
         "other_targets": other_targets, "baselines": list(compared["baselines"]),
         "sizes": {"fit": len(fit_images), "val": len(val_images), "test": len(test_images),
@@ -354,16 +342,14 @@ def comparison_rows(r: dict) -> list[str]:
     return rows + ["", "Best baseline AUROC per set: " + "; ".join(
         f"{ood}: {name} {table[name][ood]['auroc']:.3f} (verdict {table[VERDICT][ood]['auroc']:.3f})"
         for ood, name in best.items()) + ".", "",
-        f"The verdict's AUROC is at least every baseline's on {r['best_of']} of {len(sets)} sets; its TPR at "
-        f"{percent:g} % is at least Energy's on {r['tpr_vs_energy']} of {len(sets)}. With the energy test "
-        f"({EXTENDED}) the AUROC is above the verdict's on {r['extended_above_verdict']} of {len(sets)} sets and at "
-        f"least every baseline's on {r['extended_best_of']}. With the alpha-Mahalanobis test ({ALPHA_EXTENDED}: "
-        "bench/ood_alpha_mahalanobis.py, fitted on val's part A) the AUROC is above the upper end of the verdict's "
-        f"interval on {r['alpha_beyond_interval']} of {len(sets)} sets and at least every baseline's on "
-        f"{r['alpha_best_of']}. With the two pooled-feature tests ({ood_feature_tests.NAME}: "
-        "bench/ood_feature_tests.py, fitted on val's part A) the AUROC is above the upper end of the verdict's "
-        f"interval on {r['feature_beyond_interval']} of {len(sets)} sets and at least every baseline's on "
-        f"{r['feature_best_of']}; its TPR at {percent:g} % is at least Energy's on {r['feature_tpr_vs_energy']}.", ""]
+        f"The verdict's AUROC is at least every baseline's on {r['best_of']} of {len(sets)} sets (alpha only: "
+        f"{r['alpha_only_best_of']}) and above the upper end of the alpha-only verdict's interval on "
+        f"{r['beyond_alpha_only_interval']}; its TPR at {percent:g} % is at least Energy's on {r['tpr_vs_energy']} of "
+        f"{len(sets)}. With the energy test ({EXTENDED}) the AUROC is above the alpha-only verdict's on "
+        f"{r['extended_above_verdict']} of {len(sets)} sets and at least every baseline's on {r['extended_best_of']}. "
+        f"With the alpha-Mahalanobis test ({ALPHA_EXTENDED}: bench/ood_alpha_mahalanobis.py, fitted on val's part A) "
+        f"the AUROC is above the upper end of the alpha-only verdict's interval on {r['alpha_beyond_interval']} of "
+        f"{len(sets)} sets and at least every baseline's on {r['alpha_best_of']}.", ""]
 
 
 def section(r: dict) -> list[str]:
@@ -386,14 +372,14 @@ def section(r: dict) -> list[str]:
             "",
             f"Cells: AUROC [95 % bootstrap interval, {r['resamples']} resamples] / TPR % at the calibrated "
             "threshold (higher is better). FPR %: flagged in-distribution images, on val (where the thresholds "
-            "were set; for the verdict, half of val ranked it) and realised on test. The verdict's rows below "
-            "its own are its three tests alone (−β_z, the graded surprise and missing statistics), then the verdict "
-            f"with a fourth test from the same pass, the logits' energy ({EXTENDED}: bench/ood_extended.py, the same "
-            f"split, groups and min-p combination; not served), the alpha-space Mahalanobis distance alone ({ALPHA_ALONE}) "
-            f"and the verdict with it as the fourth test ({ALPHA_EXTENDED}; not served), then the pooled features' "
-            f"Mahalanobis distance and principal-subspace residual alone ({ood_feature_tests.MAHALANOBIS}, "
-            f"{ood_feature_tests.RESIDUAL}) and the verdict with both as its fourth and fifth tests "
-            f"({ood_feature_tests.NAME}; not served).",
+            "were set; for the verdict, half of val ranked it) and realised on test. The verdict is the served "
+            "one: five tests on the alpha and the pooled features of one pass. Below it: the verdict a client gets "
+            f"when it sends alpha alone ({ALPHA_ONLY}: the three alpha tests), the five tests alone (the graded "
+            "surprise and missing statistics, −β_z, the pooled features' Mahalanobis distance from the predicted "
+            "class and their residual off the principal subspace), then the alpha-only verdict with a fourth test "
+            f"from the same pass, the logits' energy ({EXTENDED}: bench/ood_extended.py, the same split, groups and "
+            f"min-p combination; not served), the alpha-space Mahalanobis distance alone ({ALPHA_ALONE}) and the "
+            f"alpha-only verdict with it as the fourth test ({ALPHA_EXTENDED}; not served).",
             ""] + comparison_rows(r) + [
         "The verdict calibrated at other targets (on the same val alpha), realised FPR on test and TPR %:", "",
         "| target | classes ranked on their own | FPR test % | " + " | ".join(sets) + " |",
@@ -408,7 +394,7 @@ def section(r: dict) -> list[str]:
                         + " | ".join(f"{100 * rates[ood]:.1f}" for ood in sets) + " |")
     rows += ["", "Model accuracy: " + ", ".join(f"{name} {100 * value:.1f} %" for name, value in r["accuracy"].items())
              + " (the held-out classes have no label in the model's classes).", "",
-             "Which tests the ANOMALOUS verdicts name (% of images; surprise / missing / low β): "
+             "Which tests the ANOMALOUS verdicts name (% of images; " + " / ".join(r["test_names"]) + "): "
              + "; ".join(f"{name} {' / '.join(f'{100 * v:.1f}' for v in values)}" for name, values in r["tests"].items())
              + ".", "",
              f"β against the predicted class's logit on test, per class: smallest Pearson r = "
@@ -450,7 +436,6 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     args.out.write_text(splice(args.out.read_text() if args.out.exists() else "", lines))
     print(f"wrote the section into {args.out}")
-    print("\n".join(summary_lines(results)))
     print(f"verdict_energy_auroc_best_of={results['extended_best_of']}/{len(results['sets'])}")
     print(f"verdict_energy_auroc_above_verdict={results['extended_above_verdict']}/{len(results['sets'])}")
     print(f"verdict_energy_realised_fpr_test_percent={100 * results['table'][EXTENDED]['test_fpr']:.2f}")
@@ -458,11 +443,10 @@ def main(argv=None) -> int:
     print(f"verdict_alpha_mahalanobis_auroc_best_of={results['alpha_best_of']}/{len(results['sets'])}")
     print(f"verdict_alpha_mahalanobis_realised_fpr_test_percent={100 * results['table'][ALPHA_EXTENDED]['test_fpr']:.2f}")
     sets = len(results["sets"])
-    print(f"verdict_feature_tests_auroc_beyond_interval={results['feature_beyond_interval']}/{sets}")
-    print(f"verdict_feature_tests_auroc_best_of={results['feature_best_of']}/{sets}")
-    print(f"verdict_feature_tests_tpr_at_target_ge_energy={results['feature_tpr_vs_energy']}/{sets}")
-    print(f"verdict_feature_tests_realised_fpr_test_percent="
-          f"{100 * results['table'][ood_feature_tests.NAME]['test_fpr']:.2f}")
+    print(f"verdict_auroc_beyond_alpha_only_interval={results['beyond_alpha_only_interval']}/{sets}")
+    print(f"verdict_alpha_only_auroc_best_of={results['alpha_only_best_of']}/{sets}")
+    print(f"verdict_alpha_only_realised_fpr_test_percent={100 * results['table'][ALPHA_ONLY]['test_fpr']:.2f}")
+    print("\n".join(summary_lines(results)))
     return 0
 
 

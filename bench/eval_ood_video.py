@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.eval_ood import (COUNTS, EXTENDED, HEADING as IMAGE_HEADING, REPORT, SHIFTS, comparison_rows,  # noqa: E402
+from bench.eval_ood import (ALPHA_EXTENDED, ALPHA_ONLY, COUNTS, EXTENDED, HEADING as IMAGE_HEADING, REPORT, SHIFTS, comparison_rows,  # noqa: E402
                             compare, network_pass, open_model, splice, summary_lines)
 
 HEADING = "## Table 7, clips: out-of-distribution detection (MovingFashion; Grad-AMap verdict vs logit and feature baselines)"
@@ -117,6 +117,7 @@ def run(batch_size: int = BATCH_SIZE) -> dict:
         **{key: compared[key] for key in COUNTS},
         "accuracy": {name: float((passes[name]["predicted"] == y).mean()) for name, y in labels.items()},
         "tests": {name: compared["scored"][name][1].tests.mean(axis=0).tolist() for name in ("test", *sets)},
+        "test_names": list(compared["scored"]["test"][1].test_names),
         "sizes": {**SIZES, **{name: len(passes[name]["predicted"]) for name in passes}},
         "target_fpr": store.calibration["target_fpr"], "store_sha256": store.sha256, "num_classes": store.num_classes,
         "num_filters": store.meta.num_filters, "calibration_images": store.calibration["held_out_images"],
@@ -140,12 +141,14 @@ def section(r: dict) -> list[str]:
             f"{r['load'][0]:.1f} at the start and {r['load'][1]:.1f} at the end.",
             "",
             "Cells as in the image table: AUROC [95 % bootstrap interval] / TPR % at the calibrated threshold. "
-            f"Rows below the verdict: its three tests alone, then the verdict with the logits' energy as a fourth "
-            f"test ({EXTENDED}, bench/ood_extended.py, calibrated here on the {s['val']} val clips; not served).",
+            f"Rows below the served verdict (five tests on the alpha and pooled features of one pass): the "
+            f"verdict from alpha alone ({ALPHA_ONLY}), the five tests alone, then the alpha-only verdict with the "
+            f"logits' energy as a fourth test ({EXTENDED}, bench/ood_extended.py, calibrated here on the {s['val']} "
+            f"val clips; not served), and with the alpha-Mahalanobis distance ({ALPHA_EXTENDED}; not served).",
             ""] + comparison_rows(r) + [
         "Model accuracy: " + ", ".join(f"{name} {100 * value:.1f} %" for name, value in r["accuracy"].items())
         + " (the held-out motions have no label among the model's classes).", "",
-        "Which tests the ANOMALOUS verdicts name (% of clips; surprise / missing / low β): "
+        "Which tests the ANOMALOUS verdicts name (% of clips; " + " / ".join(r["test_names"]) + "): "
         + "; ".join(f"{name} {' / '.join(f'{100 * v:.1f}' for v in values)}" for name, values in r["tests"].items())
         + ".", ""] + (["### Reading", "", NOTES.read_text().strip(), ""] if NOTES.exists() else [])
 
