@@ -387,7 +387,7 @@ def feature_block(features: np.ndarray, tests: np.ndarray, pooled_tests: np.ndar
     arrays.update(feature_tail_grid=groups.grids, feature_class_ranks=groups.class_ranks,
                   feature_fallback_ranks=groups.fallback_ranks)
     section = {"tests": list(FIVE_TESTS), "statistics": list(FEATURE_STATISTICS), "num_features": fitted.num_features,
-               "residual_dimensions": fitted.basis.shape[1],
+               "mahalanobis_rank": fitted.mahalanobis_basis.shape[1], "residual_dimensions": fitted.basis.shape[1],
                "fit": "part A: class means, tied covariance, principal directions",
                "fallback": {"count": groups.fallback_ranks.shape[1], "critical": groups.fallback_critical},
                "classes": {"critical": groups.critical}}

@@ -7,14 +7,27 @@ activations (one value per filter, K in all):
     feature_mahalanobis:  d² = (z - m_c)^T P (z - m_c)     m_c: mean z of the class scored
                                                            against; P = Σ^+ of the tied
                                                            covariance Σ
-    feature_residual:     r  = |(I - U U^T)(z - m)|        m: the mean of z; U: K × K//2, the
-                                                           top principal directions of z - m
+    feature_residual:     r  = |(I - U U^T)(z - m)|        m: the mean of z; U: K × min(K//2, R),
+                                                           the top principal directions of z - m
 
 the first as Lee et al. 2018 with the scored class (pytorch-ood's ``Mahalanobis`` takes the
 nearest class and drops the 1/n of Σ), the second as the residual of ViM (Wang et al. 2022)
 centred at the mean of z rather than at -W^+ b, which needs a linear head. Each is a sum of
 per-feature terms, which name the features that carry it: d² = sum_n e_n (P e)_n with
 e = z - m_c, and r² = sum_n ((I - U U^T)(z - m))_n².
+
+Both are kept at rank at most R = ``FEATURE_RANK``, which bounds what a wide layer costs to
+store and to score (a K × K precision at K = 2048 is 33.6 MB and 4.2 M multiply-adds a row).
+Σ = V diag(λ) V^T: P keeps Σ's top min(K, R) directions with weights 1/λ_j and, when K > R,
+treats the rest as one isotropic part at their mean eigenvalue σ² (as ViM's residual and
+PCA-plus-residual distances do):
+
+    P = V_R diag(1/λ_j - 1/σ²) V_R^T + I / σ²          (K > R)
+    P = Σ^+ = V diag(1/λ_j) V^T, λ_j above pinv's cutoff  (K <= R: exact)
+
+so d² = sum_j w_j (v_j · e)² + |e|² / σ² costs two K × R products a row, and U has at most R
+columns. With K <= R (the demo models: 64-512 filters, R = 128 covers the first two) both
+tests are exactly the pseudo-inverse and K // 2 directions.
 
 Both are fitted on part A of the held-out images (:func:`~explainserve.anomaly.calibration.split_parts`),
 never on part B, which ranks them (:mod:`explainserve.anomaly.calibration`).
@@ -26,6 +39,8 @@ import numpy as np
 
 #: The two tests, in the order of every (…, 2) array.
 FEATURE_TESTS = ("feature_mahalanobis", "feature_residual")
+#: R, the most directions either test keeps (see the module docstring).
+FEATURE_RANK = 128
 
 
 class FeatureTests:
@@ -49,43 +64,66 @@ class FeatureTests:
         (K,) float64 m, the mean of the fitting features.
     class_means : np.ndarray
         (C, K) float64 m_c.
-    precision : np.ndarray
-        (K, K) float64 P, the pseudo-inverse of the tied covariance (1/n) sum (z - m_c)(z - m_c)^T.
+    mahalanobis_basis : np.ndarray
+        (K, min(K, R)) float64 V_R, eigenvectors of the tied covariance (1/n) sum (z - m_c)(z - m_c)^T,
+        largest eigenvalue first.
+    mahalanobis_weights : np.ndarray
+        (min(K, R),) float64 w_j: 1/λ_j - 1/σ² (K > R), or 1/λ_j (0 below pinv's cutoff; K <= R).
+    isotropic : np.ndarray
+        (1,) float64 1/σ² of the directions past R (0 when K <= R or they hold no variance).
     basis : np.ndarray
-        (K, K // 2) float64 U, eigenvectors of (1/n) sum (z - m)(z - m)^T, largest eigenvalue first.
+        (K, min(K // 2, R)) float64 U, eigenvectors of (1/n) sum (z - m)(z - m)^T, largest eigenvalue first.
     """
 
     def __init__(self, features: np.ndarray, classes: np.ndarray, num_classes: int,
                  shared: np.ndarray | None = None):
         z = np.asarray(features, dtype=np.float64)
+        num_features = z.shape[1]
         self.centre = z.mean(axis=0)
         self.class_means = np.repeat(self.centre[None], num_classes, axis=0)
         for class_id in np.unique(classes):
             self.class_means[class_id] = z[classes == class_id].mean(axis=0)
         deviation = z - self.class_means[classes]
-        self.precision = np.linalg.pinv(deviation.T @ deviation / len(z), hermitian=True)
+        eigenvalues, eigenvectors = np.linalg.eigh(deviation.T @ deviation / len(z))
+        eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]  # largest first
+        rank = min(num_features, FEATURE_RANK)
+        # numpy's pinv cutoff (rtol = K eps of the largest), so that K <= R is exactly Σ^+.
+        cutoff = num_features * np.finfo(np.float64).eps * np.abs(eigenvalues).max(initial=0.0)
+        kept = eigenvalues[:rank]
+        inverse = np.where(np.abs(kept) > cutoff, 1 / np.where(np.abs(kept) > cutoff, kept, 1.0), 0.0)
+        rest = eigenvalues[rank:].mean() if rank < num_features else 0.0
+        isotropic = 1 / rest if rest > cutoff else 0.0
+        self.mahalanobis_basis = eigenvectors[:, :rank]
+        self.mahalanobis_weights = np.where(inverse != 0, inverse - isotropic, 0.0)
+        self.isotropic = np.array([isotropic])
         if shared is not None:  # after the covariance, which keeps each class's own spread
             self.class_means[np.asarray(shared, dtype=bool)] = self.centre
         centred = z - self.centre
         _, eigenvectors = np.linalg.eigh(centred.T @ centred / len(z))  # ascending
-        self.basis = eigenvectors[:, ::-1][:, : z.shape[1] // 2]
+        self.basis = eigenvectors[:, ::-1][:, : min(num_features // 2, FEATURE_RANK)]
 
     @property
     def num_features(self) -> int:
         """K, the length of every feature vector."""
         return len(self.centre)
 
+    @property
+    def precision(self) -> np.ndarray:
+        """(K, K) float64 P, built from the kept directions (for inspection: scoring never forms it)."""
+        basis = self.mahalanobis_basis
+        return (basis * self.mahalanobis_weights) @ basis.T + self.isotropic[0] * np.eye(self.num_features)
+
     def arrays(self) -> dict:
         """The fitted state as float64 arrays: ``centre`` (K,), ``class_means`` (C, K),
-        ``precision`` (K, K), ``basis`` (K, K // 2)."""
-        return {"centre": self.centre, "class_means": self.class_means, "precision": self.precision,
-                "basis": self.basis}
+        ``mahalanobis_basis`` (K, min(K, R)), ``mahalanobis_weights`` (min(K, R),), ``isotropic``
+        (1,), ``basis`` (K, min(K // 2, R))."""
+        return {name: getattr(self, name) for name in ARRAY_NAMES}
 
     @classmethod
     def from_arrays(cls, arrays: dict) -> "FeatureTests":
         """The tests as fitted, from :meth:`arrays` (a store's, read-only arrays are fine)."""
         tests = cls.__new__(cls)
-        for name in ("centre", "class_means", "precision", "basis"):
+        for name in ARRAY_NAMES:
             setattr(tests, name, np.asarray(arrays[name], dtype=np.float64))
         return tests
 
@@ -105,7 +143,18 @@ class FeatureTests:
             (B, K) float64 e_n (P e)_n, e = z - m_c; a row sums to d² (terms may be negative).
         """
         deviation = np.asarray(features, dtype=np.float64) - self.class_means[classes]
-        return deviation * (deviation @ self.precision)
+        weighted = (deviation @ self.mahalanobis_basis) * self.mahalanobis_weights
+        return deviation * (weighted @ self.mahalanobis_basis.T + self.isotropic[0] * deviation)
+
+    def squared_distances(self, features: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """(B,) float64 d², the sum of :meth:`mahalanobis_terms` at a fraction of the cost
+        (one K × min(K, R) product a row), which is what scoring a batch needs."""
+        deviation = np.asarray(features, dtype=np.float64) - self.class_means[classes]
+        projected = deviation @ self.mahalanobis_basis
+        distance = np.einsum("ij,ij,j->i", projected, projected, self.mahalanobis_weights)
+        if self.isotropic[0]:
+            distance += self.isotropic[0] * np.einsum("ij,ij->i", deviation, deviation)
+        return distance
 
     def residual_terms(self, features: np.ndarray) -> np.ndarray:
         """Each feature's term of r².
@@ -130,12 +179,10 @@ class FeatureTests:
         projected = centred @ self.basis
         return np.maximum(np.einsum("ij,ij->i", centred, centred) - np.einsum("ij,ij->i", projected, projected), 0.0)
 
-    def statistics_and_terms(self, features: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, 2) float64 d² and r in ``FEATURE_TESTS`` order, larger = further from the fitting
-        images, and the (B, K) :meth:`mahalanobis_terms` they were summed from."""
-        terms = self.mahalanobis_terms(features, classes)
-        return np.column_stack([terms.sum(axis=1), np.sqrt(self.squared_residuals(features))]), terms
-
     def statistics(self, features: np.ndarray, classes: np.ndarray) -> np.ndarray:
         """(B, 2) float64 d² and r in ``FEATURE_TESTS`` order, larger = further from the fitting images."""
-        return self.statistics_and_terms(features, classes)[0]
+        return np.column_stack([self.squared_distances(features, classes), np.sqrt(self.squared_residuals(features))])
+
+
+#: What :meth:`FeatureTests.arrays` holds, in order.
+ARRAY_NAMES = ("centre", "class_means", "mahalanobis_basis", "mahalanobis_weights", "isotropic", "basis")

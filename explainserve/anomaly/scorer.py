@@ -10,6 +10,7 @@ import numpy as np
 from explainserve.anomaly.calibration import FALLBACK, check_features, graded_statistics, with_combined
 from explainserve.anomaly.conformal import (FEATURE_STATISTICS, FIVE_TESTS, STATISTICS, TESTS, RankTable,
                                             interpolated_p_values, tail_evidence)
+from explainserve.anomaly.feature_tests import ARRAY_NAMES as FEATURE_ARRAY_NAMES
 from explainserve.anomaly.feature_tests import FEATURE_TESTS, FeatureTests
 from explainserve.anomaly.reference import ClassReference, Flags
 from explainserve.anomaly.store import REBUILD_HINT, DistributionStore, StoreError
@@ -178,10 +179,8 @@ class BatchScores:
     test_names : tuple of str
         The T tests present, in column order: ``TESTS``, or ``FIVE_TESTS`` with features.
     features : np.ndarray or None
-        (B, K) float32 pooled features, when scored with them.
-    mahalanobis_terms : np.ndarray or None
-        (B, K) float64 each feature's term of feature_mahalanobis's d², when scored with
-        features (feature_residual's terms are computed per row, :meth:`feature_columns`).
+        (B, K) float32 pooled features, when scored with them (the feature tests' terms are
+        computed per row, for the rows whose reasons name them: :meth:`feature_columns`).
     """
 
     scorer: "Scorer"
@@ -203,7 +202,6 @@ class BatchScores:
     expected_missing: Flags
     test_names: tuple = TESTS
     features: np.ndarray | None = None
-    mahalanobis_terms: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -257,10 +255,11 @@ class BatchScores:
             raise ValueError("feature_columns needs a batch scored with features")
         if test not in FEATURE_TESTS:
             raise ValueError(f"test must be one of {FEATURE_TESTS}, got {test!r}")
+        row, tests = self.features[index:index + 1], self.scorer.feature_tests
         if test == "feature_mahalanobis":
-            terms = self.mahalanobis_terms[index]
+            terms = tests.mahalanobis_terms(row, self.classes[index:index + 1])[0]
         else:
-            terms = self.scorer.feature_tests.residual_terms(self.features[index:index + 1])[0]
+            terms = tests.residual_terms(row)[0]
         order = (-terms).argsort(kind="stable")[:max_features]
         return order.tolist(), terms[order].tolist()
 
@@ -394,8 +393,7 @@ class Scorer:
         try:
             critical = self._critical_values(section["classes"]["critical"], section["fallback"]["critical"])
             self.feature_critical = np.concatenate([self.critical[:, :len(TESTS)], critical], axis=1)
-            self.feature_tests = FeatureTests.from_arrays({name: arrays[f"feature_{name}"]
-                                                           for name in ("centre", "class_means", "precision", "basis")})
+            self.feature_tests = FeatureTests.from_arrays({name: arrays[f"feature_{name}"] for name in FEATURE_ARRAY_NAMES})
         except (KeyError, TypeError, ValueError) as error:
             raise StoreError(f"distribution store {store.path}: malformed feature block ({error!r}); {REBUILD_HINT}") from None
         if self.feature_critical.shape != (store.num_classes, len(FIVE_TESTS) + 1):
@@ -451,13 +449,13 @@ class Scorer:
         stats = self.reference.statistics(alpha, classes, row_sums)
         alpha_tests = graded_statistics(stats)
         if features is None or self.feature_tests is None:
-            features, terms, test_names, grids = None, None, TESTS, self.tail_grid[classes]
+            features, test_names, grids = None, TESTS, self.tail_grid[classes]
             statistics = with_combined(alpha_tests, grids)
             p_values, critical = self.p_values(statistics, classes), self.critical[classes]
         else:
             features = check_features(features, len(alpha), self.store.meta.num_filters)
             test_names, grids = FIVE_TESTS, self.feature_tail_grid[classes]
-            feature_statistics, terms = self.feature_tests.statistics_and_terms(features, classes)
+            feature_statistics = self.feature_tests.statistics(features, classes)
             statistics = with_combined(np.concatenate([alpha_tests, feature_statistics.astype(np.float32)], axis=1), grids)
             p_values, critical = self.five_test_p_values(statistics, classes), self.feature_critical[classes]
         anomalous = p_values[:, -1] < self.target_fpr
@@ -474,7 +472,7 @@ class Scorer:
             statistics=statistics, p_values=p_values, critical=critical, tests=tests,
             from_class=self.from_class[classes], anomalous=anomalous, score=statistics[:, -1].astype(np.float64),
             surprising=stats.surprising, expected_missing=stats.expected_missing,
-            test_names=test_names, features=features, mahalanobis_terms=terms,
+            test_names=test_names, features=features,
         )
 
     def five_test_p_values(self, statistics: np.ndarray, classes: np.ndarray) -> np.ndarray:

@@ -22,14 +22,16 @@ the largest own-ranked class, n part-B images in all::
 Calibrated with pooled features as well, it holds the feature block (the calibration
 section's ``features`` entry; tests of :mod:`explainserve.anomaly.feature_tests`)::
 
-    feature_centre.npy          (K,)         float64  mean pooled feature of part A
-    feature_class_means.npy     (C, K)       float64  per-class means m_c
-    feature_precision.npy       (K, K)       float64  pseudo-inverse of the tied covariance
-    feature_basis.npy           (K, K//2)    float64  top principal directions
-    feature_tail_grid.npy       (C, 5, G+2)  float64  part-A tail model of the five tests
-    feature_class_ranks.npy     (C, 3, L)    float32  part-B feature_mahalanobis,
-                                                      feature_residual, combined5 per class
-    feature_fallback_ranks.npy  (3, n)       float32  the same, class-independent group
+    feature_centre.npy              (K,)         float64  mean pooled feature of part A
+    feature_class_means.npy         (C, K)       float64  per-class means m_c
+    feature_mahalanobis_basis.npy   (K, r)       float64  the tied covariance's top r = min(K, 128) directions
+    feature_mahalanobis_weights.npy (r,)         float64  their weights in the precision
+    feature_isotropic.npy           (1,)         float64  1/σ² of the directions past r (0 when r = K)
+    feature_basis.npy               (K, d)       float64  top d = min(K//2, 128) principal directions
+    feature_tail_grid.npy           (C, 5, G+2)  float64  part-A tail model of the five tests
+    feature_class_ranks.npy         (C, 3, L)    float32  part-B feature_mahalanobis,
+                                                          feature_residual, combined5 per class
+    feature_fallback_ranks.npy      (3, n)       float32  the same, class-independent group
 
 A class without training images has count 0; in a complete store its rows hold the pooled
 distribution of all classes (:mod:`explainserve.anomaly.pooled`, listed in the manifest's
@@ -99,8 +101,10 @@ CALIBRATION_SPECS = {
 FEATURE_SPECS = {
     "feature_centre": (np.float64, lambda C, K, section: (K,)),
     "feature_class_means": (np.float64, lambda C, K, section: (C, K)),
-    "feature_precision": (np.float64, lambda C, K, section: (K, K)),
-    "feature_basis": (np.float64, lambda C, K, section: (K, K // 2)),
+    "feature_mahalanobis_basis": (np.float64, lambda C, K, section: (K, section["features"]["mahalanobis_rank"])),
+    "feature_mahalanobis_weights": (np.float64, lambda C, K, section: (section["features"]["mahalanobis_rank"],)),
+    "feature_isotropic": (np.float64, lambda C, K, section: (1,)),
+    "feature_basis": (np.float64, lambda C, K, section: (K, section["features"]["residual_dimensions"])),
     "feature_tail_grid": (np.float64, lambda C, K, section: (C, len(section["features"]["tests"]), None)),
     "feature_class_ranks": (np.float32, lambda C, K, section: (C, len(section["features"]["statistics"]), None)),
     "feature_fallback_ranks": (np.float32, lambda C, K, section: (len(section["features"]["statistics"]),

@@ -135,7 +135,7 @@ def test_the_alpha_only_path_is_unchanged_by_the_feature_block(synthetic, scorer
     alpha, classes, features = held_out(synthetic, [100] * NUM_CLASSES, seed=500)
     alone = three.score(alpha, classes)
     for batch in (five.score(alpha, classes), three.score(alpha, classes, features)):  # features ignored without a block
-        assert batch.test_names == TESTS and batch.features is None and batch.mahalanobis_terms is None
+        assert batch.test_names == TESTS and batch.features is None
         for field in ("statistics", "p_values", "critical", "tests", "anomalous", "score"):
             np.testing.assert_array_equal(getattr(batch, field), getattr(alone, field))
     assert five.score(alpha[:1], classes[:1]).sample(0).feature_mahalanobis is None
@@ -148,7 +148,8 @@ def test_the_feature_block_is_stored_hashed_and_removed_with_a_recalibration(bui
     shutil.copytree(five.store.path, folder)
     store = load_store(folder)
     assert set(FEATURE_SPECS) <= set(store.manifest["arrays"])
-    assert store.arrays["feature_precision"].shape == (NUM_FILTERS, NUM_FILTERS)
+    assert store.arrays["feature_mahalanobis_basis"].shape == (NUM_FILTERS, NUM_FILTERS)  # K <= 128: full rank
+    assert store.arrays["feature_isotropic"].tolist() == [0.0]
     assert store.arrays["feature_basis"].shape == (NUM_FILTERS, NUM_FILTERS // 2)
     section = store.calibration["features"]
     assert section["tests"] == list(FIVE_TESTS) and section["statistics"] == [*FEATURE_TESTS, "combined5"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from pytorch_ood.detector import Mahalanobis
 
-from explainserve.anomaly.feature_tests import FEATURE_TESTS, FeatureTests
+from explainserve.anomaly.feature_tests import FEATURE_RANK, FEATURE_TESTS, FeatureTests
 
 
 def gaussian_classes(num_classes: int, dims: int, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,3 +152,45 @@ def test_both_tests_match_their_references_on_a_trained_networks_pooled_features
     centred = features[queries].astype(np.float64) - z.mean(axis=0)
     np.testing.assert_allclose(fitted.statistics(features[queries], predicted[queries])[:, 1],
                                np.linalg.norm(centred - centred @ basis @ basis.T, axis=1), rtol=1e-6)
+
+
+def test_a_layer_wider_than_the_rank_keeps_the_top_directions_and_an_isotropic_rest():
+    # K = 160 > R = 128: the reference takes the SVD of the deviations (not the covariance's
+    # eigendecomposition): the top R directions weighted 1/λ, the other K - R at their mean.
+    dims = FEATURE_RANK + 32
+    features, classes = gaussian_classes(4, dims, per_class=150, seed=7)
+    fitted = FeatureTests(features, classes, 4)
+    z = features.astype(np.float64)
+    means = np.stack([z[classes == c].mean(axis=0) for c in range(4)])
+    _, singular, directions = np.linalg.svd(z - means[classes], full_matrices=True)
+    variances = singular ** 2 / len(z)
+    top = directions[:FEATURE_RANK].T
+    rest = variances[FEATURE_RANK:].mean()
+    precision = top @ np.diag(1 / variances[:FEATURE_RANK]) @ top.T + (np.eye(dims) - top @ top.T) / rest
+    queries, query_classes = features[::9] * 1.2 + 0.5, classes[::9]
+    deviation = queries.astype(np.float64) - means[query_classes]
+    expected = np.einsum("ij,jk,ik->i", deviation, precision, deviation)
+    statistics = fitted.statistics(queries, query_classes)
+    np.testing.assert_allclose(statistics[:, 0], expected, rtol=1e-7)
+    np.testing.assert_allclose(fitted.precision, precision, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(fitted.mahalanobis_terms(queries, query_classes).sum(axis=1), statistics[:, 0], rtol=1e-9)
+    assert fitted.mahalanobis_basis.shape == (dims, FEATURE_RANK) and fitted.basis.shape == (dims, dims // 2)
+    assert fitted.isotropic[0] == pytest.approx(1 / rest, rel=1e-9)
+    # The residual keeps min(K // 2, R) directions: at K = 2 R + 2 that is R.
+    wide = np.random.default_rng(2).normal(size=(600, 2 * FEATURE_RANK + 2)).astype(np.float32)
+    assert FeatureTests(wide, np.zeros(600, dtype=np.int64), 1).basis.shape == (2 * FEATURE_RANK + 2, FEATURE_RANK)
+
+
+def test_a_dead_feature_gets_no_weight_below_the_rank_as_pinv_gives_it():
+    features, classes = gaussian_classes(3, 6, per_class=200, seed=4)
+    features[:, 2] = 0.0  # a ReLU filter that never fires: no variance
+    fitted = FeatureTests(features, classes, 3)
+    z = features.astype(np.float64)
+    means = np.stack([z[classes == c].mean(axis=0) for c in range(3)])
+    deviation = z - means[classes]
+    np.testing.assert_allclose(fitted.precision, np.linalg.pinv(deviation.T @ deviation / len(z), hermitian=True),
+                               rtol=1e-6, atol=1e-9)
+    shifted = features[:5].copy()
+    shifted[:, 2] = 50.0  # the pseudo-inverse cannot see it, as pytorch-ood's pinv cannot
+    np.testing.assert_allclose(fitted.statistics(shifted, classes[:5])[:, 0], fitted.statistics(features[:5], classes[:5])[:, 0],
+                               rtol=1e-6)
