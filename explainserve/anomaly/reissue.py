@@ -16,11 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from explainserve.anomaly.store import (ARRAY_SPECS, MANIFEST, StoreError, StoreMeta, array_shape, file_sha256,
-                                        finalise_store)
-
-#: Formats whose training arrays (``ARRAY_SPECS``) are laid out as today's.
-CARRIED_FORMATS = (2, 3)
+from explainserve.anomaly.store import (ARRAY_SPECS, CARRIED_FORMATS, MANIFEST, StoreError, StoreMeta, array_shape,
+                                        file_sha256, finalise_store)
 
 
 def reissue_store(source: str | os.PathLike, out: str | os.PathLike, *, val_limit: dict | None = None) -> dict:

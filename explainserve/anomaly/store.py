@@ -68,6 +68,11 @@ FORMAT_VERSION = 3
 OLDER_FORMATS = {1: "before conformal p-values", 2: "before the pooled-feature tests"}
 REBUILD_HINT = ("rebuild it with `explainserve build-distributions --model ... --data ... --out DIR` "
                 "(see README, Distribution stores)")
+#: Formats whose training arrays (``ARRAY_SPECS``) are laid out as today's: such a store can be
+#: recalibrated instead of rebuilt (:mod:`explainserve.anomaly.reissue`).
+CARRIED_FORMATS = (2, 3)
+RECALIBRATE_HINT = ("or keep its training arrays and calibrate it again (one pass over val): "
+                    "`explainserve recalibrate-distributions DIR --out DIR --model ... --data ...`")
 MANIFEST = "manifest.json"
 #: Manifest entries the store's sha256 leaves out: itself, the per-array entries (it covers the
 #: arrays through their hashes) and the build time, on which no verdict depends.
@@ -439,7 +444,8 @@ def _load(directory: Path, folder: int, model_name, model_version, verify: bool,
         found = manifest.get("format_version") if isinstance(manifest, dict) else None
         older = OLDER_FORMATS.get(found) if isinstance(found, int) else None
         raise _refuse(directory, f"format_version {found!r} is not {FORMAT_VERSION}"
-                      + (f" (built by an older explainserve, {older}); {REBUILD_HINT}" if older else ""))
+                      + (f" (built by an older explainserve, {older}); {REBUILD_HINT}" if older else "")
+                      + (f", {RECALIBRATE_HINT}" if older and found in CARRIED_FORMATS else ""))
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if missing:
         raise _refuse(directory, f"{MANIFEST} lacks {missing}")

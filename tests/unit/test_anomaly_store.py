@@ -199,8 +199,10 @@ def test_a_store_of_an_older_format_is_refused_with_how_to_rebuild_it(store_dir,
     manifest = json.loads((old / "manifest.json").read_text())
     (old / "manifest.json").write_text(json.dumps(dict(manifest, format_version=version)))
     with pytest.raises(StoreError, match=rf"format_version {version} is not 3 \(built by an older explainserve, before "
-                                         rf"{lacks}\); rebuild it with `explainserve build-distributions"):
+                                         rf"{lacks}\); rebuild it with `explainserve build-distributions") as refused:
         load_store(old)
+    # A format-2 store's training arrays are today's: it can be recalibrated instead; a format-1 store's cannot.
+    assert ("recalibrate-distributions DIR --out DIR" in str(refused.value)) == (version == 2)
     (old / "manifest.json").write_text(json.dumps(dict(manifest, format_version=4)))
     with pytest.raises(StoreError, match=r"format_version 4 is not 3$"):
         load_store(old)
