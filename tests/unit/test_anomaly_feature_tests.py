@@ -100,12 +100,6 @@ def test_terms_sum_to_the_statistics_and_the_arrays_round_trip():
     assert restored.num_features == 8 and fitted.basis.shape == (8, 4)
 
 
-def test_the_bench_uses_the_library_tests():
-    from bench import ood_feature_tests
-
-    assert ood_feature_tests.FeatureTests is FeatureTests
-
-
 def pooled_features_of_a_demo_model(kind: str, count: int) -> tuple[np.ndarray, np.ndarray]:
     """(count, K) pooled features of validation inputs through a trained demo model, exactly as
     served (``FilterScores.features``), and the predicted classes."""
