@@ -188,3 +188,15 @@ def test_a_dead_feature_gets_no_weight_below_the_rank_as_pinv_gives_it():
     shifted[:, 2] = 50.0  # the pseudo-inverse cannot see it, as pytorch-ood's pinv cannot
     np.testing.assert_allclose(fitted.statistics(shifted, classes[:5])[:, 0], fitted.statistics(features[:5], classes[:5])[:, 0],
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e6])
+def test_the_distance_does_not_depend_on_the_features_units(scale):
+    # Activations in tiny or huge units (e.g. a layer after a small or large normalisation):
+    # Mahalanobis distances are unit-free and the residual scales with the features.
+    features, classes = gaussian_classes(3, 6, per_class=150, seed=8)
+    queries, query_classes = features[::11] * 1.4, classes[::11]
+    plain = FeatureTests(features, classes, 3).statistics(queries, query_classes)
+    scaled = FeatureTests(features * scale, classes, 3).statistics(queries * scale, query_classes)
+    np.testing.assert_allclose(scaled[:, 0], plain[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(scaled[:, 1], plain[:, 1] * scale, rtol=1e-6)
