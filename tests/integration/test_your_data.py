@@ -58,14 +58,19 @@ def sharded_build(workdir: Path, name: str, data: str) -> Path:
     return out
 
 
-def handler_alpha(target: str, request: explain_pb2.ExplainRequest) -> np.ndarray:
-    """The served handler's alpha for ``request``, straight from TorchServe."""
+def handler_response(target: str, request: explain_pb2.ExplainRequest) -> handler_pb2.HandlerResponse:
+    """The served handler's answer to ``request``, straight from TorchServe."""
     with grpc.insecure_channel(target) as channel:
         answer = inference_pb2_grpc.InferenceAPIsServiceStub(channel).Predictions(inference_pb2.PredictionsRequest(
             model_name=request.model, input={HANDLER_REQUEST_KEY: request.SerializeToString()}), timeout=300)
     response = handler_pb2.HandlerResponse.FromString(answer.prediction)
     assert not response.HasField("error"), response.error.message
-    return np.asarray(response.alpha, dtype=np.float32)
+    return response
+
+
+def handler_alpha(target: str, request: explain_pb2.ExplainRequest) -> np.ndarray:
+    """The served handler's alpha for ``request``."""
+    return np.asarray(handler_response(target, request).alpha, dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +128,15 @@ def test_a_class_without_training_images_gets_verdicts_from_the_pooled_distribut
     pooled_mean = (counts[:, None] * np.asarray(store.arrays["mean"], np.float64)).sum(0) / counts.sum()
     np.testing.assert_allclose(store.arrays["mean"][EMPTY], pooled_mean, rtol=1e-5, atol=1e-7)
     path = sorted((served["images"] / "val" / IMAGE_CLASSES[EMPTY]).glob("*.jpg"))[0]
-    alpha = handler_alpha(served["torchserve"], explain_pb2.ExplainRequest(
+    answer = handler_response(served["torchserve"], explain_pb2.ExplainRequest(
         model="scenes", image=path.read_bytes(), target_class=EMPTY))
+    alpha, features = np.asarray(answer.alpha, dtype=np.float32), np.asarray(answer.features, dtype=np.float32)
     p_high, p_low = store.arrays["p_high"][EMPTY], store.arrays["p_low"][EMPTY]
     expected_missing = int(((alpha < p_low) & (pooled_mean > pooled_mean.mean())).sum())
     expected_beta = alpha.astype(np.float64).mean() - pooled_mean.mean()
     with ExplainClient(served["target"]) as client:
-        report = client.score(alpha, model="scenes", predicted_class=EMPTY, timeout=60)
+        report = client.score(alpha, model="scenes", predicted_class=EMPTY, features=features, timeout=60)
+        alpha_only = client.score(alpha, model="scenes", predicted_class=EMPTY, timeout=60)
         explained = client.explain(path, model="scenes", label=EMPTY, timeout=300).anomaly
     assert report.status == explain_pb2.AnomalyReport.OK, report.reason
     verdict = report.predicted
@@ -139,8 +146,14 @@ def test_a_class_without_training_images_gets_verdicts_from_the_pooled_distribut
     assert verdict.surprise_count == int((alpha > p_high).sum()) and verdict.expectation_count == expected_missing
     assert all(reason.source == "pooled" for reason in verdict.reasons)
     assert all(len(flag.exemplars) == 0 for flag in verdict.surprising_filters)
-    assert verdict.p_value == pytest.approx(Scorer(store).score(alpha, EMPTY).p_value[0], rel=1e-9)
-    # The same image explained with the empty class as its label: scored against the pool too.
+    scorer = Scorer(store)
+    assert scorer.has_feature_tests  # the build calibrated the feature tests, the pooled class's too
+    assert verdict.p_value == pytest.approx(scorer.score(alpha, EMPTY, features=features).p_value[0], rel=1e-9)
+    assert alpha_only.predicted.p_value == pytest.approx(scorer.score(alpha, EMPTY).p_value[0], rel=1e-9)
+    assert alpha_only.predicted.pooled_distribution and not alpha_only.predicted.HasField("feature_mahalanobis")
+    assert verdict.HasField("feature_mahalanobis")
+    # The same image explained with the empty class as its label: scored against the pool too, with
+    # the pooled features the handler returned (Explain always sends them to the scorer).
     assert explained.status == explain_pb2.AnomalyReport.OK, explained.reason
     assert explained.label.pooled_distribution and explained.label.class_index == EMPTY
     assert explained.label.beta == pytest.approx(verdict.beta, rel=1e-4, abs=1e-6)
