@@ -6,7 +6,8 @@ RESOURCE_EXHAUSTED, so a client retries elsewhere (another pod) instead of pilin
 here. A call whose deadline passes while it waits, or has passed when its turn comes, is
 answered DEADLINE_EXCEEDED before any work starts (decode, forward); one whose client cancels
 while it waits is dropped by gRPC. Every refusal is counted in
-``explainserve_refused_requests_total{rpc, reason}``.
+``explainserve_refused_requests_total{rpc, reason}``. Once the gateway drains (SIGTERM), every
+new call is refused with UNAVAILABLE (reason ``draining``) while the calls already in are served.
 
 Health checks and reflection are never queued or refused: a probe must see the server even when
 it is saturated. A stream (ScoreStream) takes one turn for its whole life.
@@ -26,6 +27,7 @@ OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerRefl
                  "/inference.GRPCInferenceService/ServerReady")
 
 OVERLOADED = "overloaded"       # the queue was full
+DRAINING = "draining"           # the gateway is shutting down (SIGTERM)
 DEADLINE = "deadline"           # the call's deadline passed before its work started
 # A queued call gives up this many seconds before its deadline: gRPC cancels the call at the
 # deadline itself, and when that cancellation wins the race the refusal is neither answered by
@@ -116,10 +118,40 @@ class Admission:
         self.max_concurrent, self.max_queued = max_concurrent, max_queued
         self.active = 0
         self.queued = 0
+        self.draining = False
         self._turns = asyncio.Semaphore(max_concurrent)
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def drain(self) -> None:
+        """Refuse every call from now on (UNAVAILABLE); calls at work or waiting are kept."""
+        self.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no call is at work or waiting; True if none is."""
+        if self._idle.is_set():  # wait_for with no time left times out before even looking
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def _count(self, active: int = 0, queued: int = 0) -> None:
+        self.active += active
+        self.queued += queued
+        if self.active or self.queued:
+            self._idle.clear()
+        else:
+            self._idle.set()
 
     async def enter(self, context) -> None:
-        """Wait for a turn; raises :class:`Refused` when the queue is full or the deadline passes."""
+        """Wait for a turn; raises :class:`Refused` when draining, when the queue is full or when the
+        deadline passes."""
+        if self.draining:
+            # Refused here rather than left to the server's shutdown, which cancels (CANCELLED) a
+            # call that arrives while it begins: UNAVAILABLE tells a client to retry elsewhere.
+            raise Refused(grpc.StatusCode.UNAVAILABLE, DRAINING, "the gateway is shutting down; retry on another replica")
         if self._turns.locked() and self.queued >= self.max_queued:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED,
                           f"overloaded: {self.max_concurrent} calls at work and {self.queued} waiting; retry later")
@@ -130,7 +162,7 @@ class Admission:
             # timer that wait_for sets up: most calls find one, and that setup cost about 80 us
             # per call, a quarter of a unary Score's own work.
             await self._turns.acquire()
-        self.active += 1
+        self._count(active=1)
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             self.leave()
@@ -138,7 +170,7 @@ class Admission:
 
     async def _wait_for_turn(self, context) -> None:
         """Queue until a turn is free; :class:`Refused` when the deadline passes first."""
-        self.queued += 1
+        self._count(queued=1)
         try:
             remaining = context.time_remaining()
             wait = None if remaining is None else max(remaining - DEADLINE_MARGIN_S, 0.0)
@@ -147,11 +179,11 @@ class Admission:
             raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE,
                           "the deadline passed while the call waited for a turn") from None
         finally:
-            self.queued -= 1
+            self._count(queued=-1)
 
     def leave(self) -> None:
-        self.active -= 1
         self._turns.release()
+        self._count(active=-1)
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):

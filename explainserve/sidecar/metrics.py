@@ -47,7 +47,7 @@ class GatewayMetrics:
         self.queued = Gauge("explainserve_queued_requests", "Calls waiting for a turn (--max-queued-requests).",
                             registry=r)
         self.refused = Counter("explainserve_refused_requests", "Calls refused before any work, by RPC and reason: "
-                               "overloaded (queue full), deadline, unauthenticated, permission_denied.",
+                               "overloaded (queue full), deadline, draining (shutting down), unauthenticated, permission_denied.",
                                ["rpc", "reason"], registry=r)
         self.torchserve_up = Gauge("explainserve_torchserve_up", "1 when TorchServe answers its ping.", registry=r)
         self.workers = Gauge("explainserve_torchserve_workers", "TorchServe workers per model and status.",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -105,6 +106,7 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self._metrics_server = None
         self.anomaly: AnomalyScoring | None = None
+        self.admission: Admission | None = None
         # Set by start(); stop() closes whatever start() got to (a signal may come before it ran).
         self._health: health.aio.HealthServicer | None = None
         self._inference: grpc.aio.Channel | None = None
@@ -145,7 +147,7 @@ class Gateway:
         await report_anomaly(anomaly.healthy)
         await health_servicer.set(LIVENESS_HEALTH, health_pb2.HealthCheckResponse.SERVING)
 
-        admission = Admission(config.max_concurrent_requests, config.max_queued_requests)
+        self.admission = admission = Admission(config.max_concurrent_requests, config.max_queued_requests)
         self.metrics.queued.set_function(lambda: admission.queued)
         # First refuse callers without a key, then queue: a stranger never holds a turn.
         interceptors = [AuthInterceptor(KeyRing(config.auth_keys), self.metrics.refused)] if config.auth_keys else []
@@ -191,12 +193,19 @@ class Gateway:
     async def stop(self, grace: float = 2.0) -> None:
         """Drain: every health status NOT_SERVING, refuse new calls, let calls in flight finish for
         up to ``grace`` seconds (then cancel them), then close everything."""
+        deadline = time.monotonic() + grace
+        if self.admission is not None:
+            self.admission.drain()
         log.info("draining: health NOT_SERVING, new calls refused, %d call(s) in flight get up to %g s",
                  self.inflight(), grace)
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        if self.admission is not None:
+            # The server's own stop refuses late calls with CANCELLED when they race its start;
+            # while the calls in flight finish, admission refuses them with UNAVAILABLE instead.
+            await self.admission.wait_idle(max(deadline - time.monotonic(), 0.0))
         if self.server is not None:
-            await self.server.stop(grace)
+            await self.server.stop(max(deadline - time.monotonic(), 0.0))
         if self.health_server is not None:
             await self.health_server.stop(0)
         for task in self._tasks:

@@ -88,3 +88,26 @@ def test_a_deadline_that_passes_in_the_queue_or_before_the_start_is_refused():
         assert waited.value.message == "the deadline passed while the call waited for a turn"
         assert admission.queued == 0 and admission.active == 1
     asyncio.run(main())
+
+
+def test_a_draining_gateway_refuses_new_calls_and_serves_those_already_in():
+    async def main():
+        admission = Admission(1, 1)
+        assert await admission.wait_idle(0.0)  # nothing in yet
+        await admission.enter(Deadline(10.0))
+        queued = asyncio.create_task(admission.enter(Deadline(10.0)))
+        await asyncio.sleep(0)
+        admission.drain()
+        with pytest.raises(Refused) as refused:
+            await admission.enter(Deadline(10.0))
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE and refused.value.reason == "draining"
+        assert "shutting down" in refused.value.message
+        assert not await admission.wait_idle(0.05)  # one at work, one waiting
+        admission.leave()
+        await queued  # the call that was waiting gets its turn
+        assert admission.active == 1 and not await admission.wait_idle(0.05)
+        idle = asyncio.create_task(admission.wait_idle(10.0))
+        await asyncio.sleep(0)
+        admission.leave()
+        assert await idle and admission.active == 0 and admission.queued == 0
+    asyncio.run(main())
