@@ -13,7 +13,16 @@ sqrt(α(1 - α) / m).
 
 Val alpha is computed by build-distributions' own path (``validation_scores``, predicted class; the alpha-only calibration);
 ``--val-size`` composites are drawn (items cycle with fresh composites past the pool of 4018),
-``--cache`` keeps the pass in an ``.npz``. The test split is never read. Prints ``name=value`` lines.
+``--cache`` keeps the pass in an ``.npz``. Prints ``name=value`` lines.
+
+With ``--test-size N`` every re-split's calibration also scores the first N images of the test
+split (the alpha-only verdict, as the pseudo-test half), which tells a val/test difference from
+one calibration's scatter: averaged over the re-splits, the calibration draw's scatter cancels,
+so the test's mean realised rate differs from the pseudo-test's mean only by a val/test
+difference and the test draw's own sqrt(α(1 - α) / N). The rule, fixed before the first run: at
+1 %, a val/test difference is read when the two means differ by more than 2 × the test draw's
+standard error (pseudo-test mean's SE added in quadrature); otherwise the test figures are read
+as a calibration draw's scatter.
 """
 
 from __future__ import annotations
@@ -35,8 +44,8 @@ from explainserve.anomaly.calibration import default_min_class_count, split_part
 TARGETS = (0.001, 0.01, 0.05)
 
 
-def validation_pass(size: int, cache: Path | None) -> dict:
-    """alpha (n, K), predicted (n,) and item (n,) of the first ``size`` val composites."""
+def validation_pass(size: int, cache: Path | None, split: str = "val") -> dict:
+    """alpha (n, K), predicted (n,) and item (n,) of the first ``size`` composites of ``split``."""
     if cache is not None and cache.is_file():
         loaded = dict(np.load(cache))
         if len(loaded["predicted"]) >= size:
@@ -46,7 +55,7 @@ def validation_pass(size: int, cache: Path | None) -> dict:
     torch.set_num_threads(2)
     args = argparse.Namespace(model="image", data="fashion-scenes", name=None, version=None, seed=0)
     explainer, _ = open_subject(args)
-    val, key = open_split(args, "val", size, explainer.input_size[-1])
+    val, key = open_split(args, split, size, explainer.input_size[-1])
     alpha, predicted, _ = validation_scores(explainer, val, key, 32)
     passed = {"alpha": alpha, "predicted": predicted, "item": np.array([val.item_index(i) for i in range(size)])}
     if cache is not None:
@@ -68,10 +77,12 @@ def predicted_sd(scorer: Scorer, classes: np.ndarray, target: float) -> float:
     return float(np.sqrt(calibration + variance / len(classes)))
 
 
-def resplit_rates(store_path: Path, passed: dict, resplits: int, targets=TARGETS) -> dict:
-    """Per target: (resplits,) realised rates on the pseudo-test halves and their predicted SDs."""
+def resplit_rates(store_path: Path, passed: dict, resplits: int, targets=TARGETS, test: dict | None = None) -> dict:
+    """Per target: (resplits,) realised rates on the pseudo-test halves and their predicted SDs;
+    with ``test`` (a :func:`validation_pass` of the test split), its (resplits,) rates too."""
     items = np.unique(passed["item"])
     rates = {t: [] for t in targets}
+    test_rates = {t: [] for t in targets}
     predicted = {t: [] for t in targets}
     ties = []
     with tempfile.TemporaryDirectory(prefix="resplit-") as scratch:
@@ -86,11 +97,14 @@ def resplit_rates(store_path: Path, passed: dict, resplits: int, targets=TARGETS
                 held = passed["predicted"][~fit]
                 rates[target].append(float(scorer.score(passed["alpha"][~fit], held).anomalous.mean()))
                 predicted[target].append(predicted_sd(scorer, held, target))
+                if test is not None:
+                    test_rates[target].append(float(scorer.score(test["alpha"], test["predicted"]).anomalous.mean()))
                 if target == 0.01:
                     part_b = split_parts(passed["predicted"][fit])
                     combined = scorer.score(passed["alpha"][fit][part_b], passed["predicted"][fit][part_b]).statistics[:, -1]
                     ties.append(1 - len(np.unique(combined)) / len(combined))
-    return {"rates": {t: np.array(v) for t, v in rates.items()}, "predicted_sd": {t: float(np.mean(v)) for t, v in predicted.items()},
+    return {"rates": {t: np.array(v) for t, v in rates.items()}, "test_rates": {t: np.array(v) for t, v in test_rates.items()},
+            "predicted_sd": {t: float(np.mean(v)) for t, v in predicted.items()},
             "tied_share": float(np.mean(ties)) if ties else float("nan")}
 
 
@@ -100,12 +114,15 @@ def main(argv=None) -> int:
     parser.add_argument("--resplits", type=int, default=40, help="seeded item permutations")
     parser.add_argument("--cache", type=Path, help=".npz keeping the val pass between runs")
     parser.add_argument("--store", type=Path, help="store folder (default: the committed demo image store)")
+    parser.add_argument("--test-size", type=int, default=0, help="test images each calibration also scores (0: none)")
+    parser.add_argument("--test-cache", type=Path, help=".npz keeping the test pass between runs")
     args = parser.parse_args(argv)
     from explainserve.commands.archive import demo_store
 
     store_path = args.store or demo_store("image")[0]
     passed = validation_pass(args.val_size, args.cache)
-    result = resplit_rates(store_path, passed, args.resplits)
+    test = validation_pass(args.test_size, args.test_cache, "test") if args.test_size else None
+    result = resplit_rates(store_path, passed, args.resplits, test=test)
     half = len(passed["predicted"]) // 2
     print(f"val_composites={len(passed['predicted'])} items={len(np.unique(passed['item']))} "
           f"pseudo_test_images~{half} resplits={args.resplits}")
@@ -114,6 +131,16 @@ def main(argv=None) -> int:
               f"realised_mean_percent={100 * rates.mean():.3f} realised_sd_percent={100 * rates.std(ddof=1):.3f} "
               f"predicted_sd_percent={100 * result['predicted_sd'][target]:.3f} "
               f"mean_se_percent={100 * rates.std(ddof=1) / np.sqrt(len(rates)):.3f}")
+    if test is not None:
+        for target, rates in result["test_rates"].items():
+            pseudo = result["rates"][target]
+            draw_se = np.sqrt(target * (1 - target) / len(test["predicted"]))
+            gap_se = np.sqrt(draw_se ** 2 + pseudo.var(ddof=1) / len(pseudo))
+            gap = rates.mean() - pseudo.mean()
+            print(f"target={100 * target:g}% test_images={len(test['predicted'])} "
+                  f"test_realised_mean_percent={100 * rates.mean():.3f} test_realised_sd_percent={100 * rates.std(ddof=1):.3f} "
+                  f"test_minus_pseudo_test_percent={100 * gap:.3f} gap_se_percent={100 * gap_se:.3f} "
+                  f"val_test_difference={'yes' if abs(gap) > 2 * gap_se else 'no'}")
     print(f"combined_statistic_tied_share_part_b={result['tied_share']:.4f}")
     return 0
 
