@@ -301,17 +301,22 @@ def build_main(args) -> int:
     return 0
 
 
+def check_built_for(built: StoreMeta, meta: StoreMeta, model: str, what: str) -> None:
+    """Refuse to calibrate a store with a model (or layer) other than the one it was built for:
+    its alpha would be another layer's, its ranks meaningless."""
+    if (built.model_name, built.model_version, built.layer) != (meta.model_name, meta.model_version, meta.layer):
+        raise ValueError(f"--model {model} is {meta.model_name!r} version {meta.model_version!r} at layer "
+                         f"{meta.layer!r}, {what} built for "
+                         f"{built.model_name!r} version {built.model_version!r} at layer {built.layer!r}")
+
+
 def recalibrate_main(args) -> int:
     explainer, meta = open_subject(args)
     source = args.store.resolve()  # before --out, possibly the same path, is swapped to the new folder
     with publishing(args.out) as folder:
         rule = STRATIFIED_RULE if is_file_source(args.data) else DEMO_LIMIT_RULE
         reissue_store(source, folder, val_limit=None if args.val_limit is None else {"val": args.val_limit, "rule": rule})
-        store = load_store(folder)
-        if (store.meta.model_name, store.meta.model_version, store.meta.layer) != (meta.model_name, meta.model_version, meta.layer):
-            raise ValueError(f"--model {args.model} is {meta.model_name!r} version {meta.model_version!r} at layer "
-                             f"{meta.layer!r}, the store was built for {store.meta.model_name!r} version "
-                             f"{store.meta.model_version!r} at layer {store.meta.layer!r}")
+        check_built_for(load_store(folder).meta, meta, args.model, "the store was")
         calibrate_store(args, explainer, folder)
     print_store(args.out)
     return 0
@@ -330,10 +335,7 @@ def merge_main(args) -> int:
             write_record(folder, record)
         if args.model is not None:
             explainer, meta = open_subject(args)
-            store = load_store(folder)
-            if (store.meta.model_name, store.meta.model_version) != (meta.model_name, meta.model_version):
-                raise ValueError(f"--model {args.model} is {meta.model_name!r} version {meta.model_version!r}, "
-                                 f"the shards were built for {store.meta.model_name!r} version {store.meta.model_version!r}")
+            check_built_for(load_store(folder).meta, meta, args.model, "the shards were")
             calibrate_store(args, explainer, folder, record)
     if args.model is None:
         print("merged without calibration: pass --model and --data to calibrate before serving")

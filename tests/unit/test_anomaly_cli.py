@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,15 @@ def test_build_then_merge_match_and_score(archive_folder, tmp_path, capsys):
     assert run("merge-distributions", str(tmp_path / "shard0"), str(tmp_path / "shard1"), "--out", str(tmp_path / "bare")) == 0
     assert load_store(tmp_path / "bare").calibration is None
     assert "merged without calibration" in capsys.readouterr().out
+    # Calibrating the merge with the same model at another layer would rank another layer's alpha.
+    other_layer = Path(shutil.copytree(archive_folder, tmp_path / "other_layer"))
+    metadata = json.loads((other_layer / model_archive.METADATA_FILE).read_text())
+    (other_layer / model_archive.METADATA_FILE).write_text(json.dumps({**metadata, "layer": "features.11"}))
+    with pytest.raises(ValueError, match=r"version '3' at layer 'features.11', the shards were built for "
+                                         r"'scenes-mobilenet' version '3' at layer 'features'$"):
+        run("merge-distributions", str(tmp_path / "shard0"), str(tmp_path / "shard1"), "--out", str(tmp_path / "wrong"),
+            *common(other_layer))
+    assert not (tmp_path / "wrong").exists()
     merged = tmp_path / "merged"
     assert run("merge-distributions", str(tmp_path / "shard1"), str(tmp_path / "shard0"), "--out", str(merged),
                *common(archive_folder)) == 0
