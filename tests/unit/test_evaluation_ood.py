@@ -162,3 +162,32 @@ def test_the_verdict_with_an_energy_test_holds_its_rate_and_sees_an_energy_shift
     shifted[:, 3] += 3
     shifted_combined, shifted_flags = verdict.score(shifted, classes)
     assert shifted_flags.mean() > 0.5 and (shifted_combined >= combined).all()
+
+
+def test_the_fisher_verdict_holds_its_rate_and_adds_evidence_spread_over_its_tests():
+    """bench/ood_extended.py FisherVerdict: the summed tail evidence, calibrated like the min-p
+    verdict, keeps the target rate in every group; a small shift of every test at once is
+    flagged more often than by the min-p combination, and one large shift of a single test less
+    (each combination wins where it should)."""
+    from bench.ood_extended import ExtendedVerdict, FisherVerdict
+    from explainserve.anomaly.conformal import tail_evidence
+
+    rng = np.random.default_rng(1)
+
+    def draw(n):
+        return rng.standard_normal((n, 4)).astype(np.float32), rng.integers(0, 3, n)
+
+    own = np.array([True, True, False])
+    calibration = draw(8000)
+    fisher, min_p = FisherVerdict(*calibration, own, 0.05), ExtendedVerdict(*calibration, own, 0.05)
+    tests, classes = draw(40000)
+    combined, flags = fisher.score(tests, classes)
+    for group in range(3):
+        assert abs(flags[classes == group].mean() - 0.05) < 0.015, group
+    groups = np.where(own[classes], classes, 3)
+    np.testing.assert_allclose(combined, tail_evidence(tests, fisher.grids[groups]).sum(axis=1), rtol=1e-6)
+    spread = tests + 1.0
+    assert fisher.score(spread, classes)[1].mean() > min_p.score(spread, classes)[1].mean() + 0.05
+    single = tests.copy()
+    single[:, 0] += 3.0
+    assert fisher.score(single, classes)[1].mean() < min_p.score(single, classes)[1].mean() - 0.05
