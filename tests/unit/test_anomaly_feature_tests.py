@@ -7,6 +7,22 @@ from pytorch_ood.detector import Mahalanobis
 
 from explainserve.anomaly.feature_tests import FEATURE_RANK, FEATURE_TESTS, FeatureTests
 
+#: How far the float32 statistics (float32 features: as served and calibrated) may lie from the
+#: float64 ones, relatively: float32 rounding (eps 6e-8) of the deviations and of the K-term
+#: products with the bases (at most 1.7e-6 on the demo networks' features). It moves a
+#: conformal p-value only between calibration statistics closer than that, and calibration
+#: ranks the same float32 statistics.
+SINGLE_RTOL = 1e-5
+
+
+def statistics_in_both_precisions(fitted: FeatureTests, queries: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """(B, 2) float64 statistics of ``queries``, once the float32 ones have been checked against them."""
+    double = fitted.statistics(queries.astype(np.float64), classes)
+    single = fitted.statistics(queries.astype(np.float32), classes)
+    assert double.dtype == np.float64 and single.dtype == np.float32
+    np.testing.assert_allclose(single, double, rtol=SINGLE_RTOL)
+    return double
+
 
 def gaussian_classes(num_classes: int, dims: int, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(n, K) float32 features of well-separated classes sharing one full-rank covariance, and (n,) classes."""
@@ -32,7 +48,7 @@ def test_the_hand_computable_two_dimensional_case():
     # so (1, 2) - (5, 0) = (-4, 2) leaves the residual (0, 2).
     np.testing.assert_allclose(np.abs(fitted.basis[:, 0]), [1, 0], atol=1e-12)
     np.testing.assert_allclose(fitted.residual_terms(z[:1]), [[0, 4]], atol=1e-9)
-    np.testing.assert_allclose(fitted.statistics(z, np.array([0, 1])), [[4, 2], [164, 2]], atol=1e-9)
+    np.testing.assert_allclose(statistics_in_both_precisions(fitted, z, np.array([0, 1])), [[4, 2], [164, 2]], atol=1e-9)
 
 
 @pytest.mark.parametrize("num_classes, dims", [(3, 6), (5, 16)])
@@ -52,9 +68,9 @@ def test_mahalanobis_matches_pytorch_ood_per_class_and_at_the_nearest_class(num_
         nearest = 2 * len(features) * detector.predict_features(z).numpy()
     finally:
         torch.set_default_dtype(previous)
-    ours = np.stack([fitted.statistics(queries, np.full(len(queries), c))[:, 0] for c in range(num_classes)], axis=1)
+    ours = np.stack([statistics_in_both_precisions(fitted, queries, np.full(len(queries), c))[:, 0] for c in range(num_classes)], axis=1)
     np.testing.assert_allclose(ours, per_class, rtol=1e-6)
-    scored_at_nearest = fitted.statistics(queries, ours.argmin(axis=1))[:, 0]
+    scored_at_nearest = statistics_in_both_precisions(fitted, queries, ours.argmin(axis=1))[:, 0]
     np.testing.assert_allclose(scored_at_nearest, nearest, rtol=1e-6)
 
 
@@ -67,12 +83,16 @@ def test_mahalanobis_matches_a_plain_numpy_inverse():
     precision = np.linalg.inv(covariance)
     queries, query_classes = features[::37] + 0.5, classes[::37]
     expected = [(q - means[c]) @ precision @ (q - means[c]) for q, c in zip(queries.astype(np.float64), query_classes)]
-    np.testing.assert_allclose(fitted.statistics(queries, query_classes)[:, 0], expected, rtol=1e-8)
+    np.testing.assert_allclose(statistics_in_both_precisions(fitted, queries, query_classes)[:, 0], expected, rtol=1e-8)
 
 
-def test_residual_matches_a_plain_svd():
-    features, classes = gaussian_classes(3, 12, per_class=200, seed=11)
+@pytest.mark.parametrize("dims", [12, 13])
+def test_residual_matches_a_plain_svd(dims):
+    features, classes = gaussian_classes(3, dims, per_class=200, seed=11)
     fitted = FeatureTests(features, classes, 3)
+    # float32 takes the complement of U's K // 2 directions when it has no more columns (K even),
+    # and |z - m|² - |U^T (z - m)|² otherwise
+    assert fitted.single_precision[-1] == (dims % 2 == 0)
     z = features.astype(np.float64)
     centre = z.mean(axis=0)
     _, _, right = np.linalg.svd(z - centre, full_matrices=False)
@@ -80,7 +100,7 @@ def test_residual_matches_a_plain_svd():
     queries = features[::17] * 1.3
     centred = queries.astype(np.float64) - centre
     expected = np.linalg.norm(centred - centred @ basis @ basis.T, axis=1)
-    np.testing.assert_allclose(fitted.statistics(queries, classes[::17])[:, 1], expected, rtol=1e-8)
+    np.testing.assert_allclose(statistics_in_both_precisions(fitted, queries, classes[::17])[:, 1], expected, rtol=1e-8)
 
 
 def test_terms_sum_to_the_statistics_and_the_arrays_round_trip():
@@ -89,14 +109,14 @@ def test_terms_sum_to_the_statistics_and_the_arrays_round_trip():
     np.testing.assert_allclose(fitted.class_means[2], features.astype(np.float64).mean(axis=0))  # shared: the pool's
     queries, query_classes = features[::7] + 1.0, classes[::7]
     mahalanobis, residual = fitted.mahalanobis_terms(queries, query_classes), fitted.residual_terms(queries)
-    statistics = fitted.statistics(queries, query_classes)
+    statistics = statistics_in_both_precisions(fitted, queries, query_classes)
     assert statistics.shape == (len(queries), len(FEATURE_TESTS)) and statistics.dtype == np.float64
     np.testing.assert_allclose(mahalanobis.sum(axis=1), statistics[:, 0], rtol=1e-12)
     np.testing.assert_allclose(residual.sum(axis=1), statistics[:, 1] ** 2, rtol=1e-9)
-    np.testing.assert_allclose(fitted.squared_residuals(queries), statistics[:, 1] ** 2, rtol=1e-12)
+    np.testing.assert_allclose(fitted.squared_residuals(queries.astype(np.float64)), statistics[:, 1] ** 2, rtol=1e-12)
     assert (residual >= 0).all()
     restored = FeatureTests.from_arrays({name: np.array(a) for name, a in fitted.arrays().items()})
-    assert np.array_equal(restored.statistics(queries, query_classes), statistics)
+    assert np.array_equal(statistics_in_both_precisions(restored, queries, query_classes), statistics)
     assert restored.num_features == 8 and fitted.basis.shape == (8, 4)
 
 
@@ -138,13 +158,13 @@ def test_both_tests_match_their_references_on_a_trained_networks_pooled_features
         per_class = -2 * 220 * detector._calc_gaussian_scores(torch.from_numpy(features[queries].astype(np.float64))).numpy()
     finally:
         torch.set_default_dtype(previous)
-    ours = np.stack([fitted.statistics(features[queries], np.full(80, c))[:, 0] for c in range(num_classes)], axis=1)
+    ours = np.stack([statistics_in_both_precisions(fitted, features[queries], np.full(80, c))[:, 0] for c in range(num_classes)], axis=1)
     np.testing.assert_allclose(ours, per_class, rtol=1e-5)
     z = features[fit].astype(np.float64)
     _, _, right = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
     basis = right[: z.shape[1] // 2].T
     centred = features[queries].astype(np.float64) - z.mean(axis=0)
-    np.testing.assert_allclose(fitted.statistics(features[queries], predicted[queries])[:, 1],
+    np.testing.assert_allclose(statistics_in_both_precisions(fitted, features[queries], predicted[queries])[:, 1],
                                np.linalg.norm(centred - centred @ basis @ basis.T, axis=1), rtol=1e-6)
 
 
@@ -164,7 +184,7 @@ def test_a_layer_wider_than_the_rank_keeps_the_top_directions_and_an_isotropic_r
     queries, query_classes = features[::9] * 1.2 + 0.5, classes[::9]
     deviation = queries.astype(np.float64) - means[query_classes]
     expected = np.einsum("ij,jk,ik->i", deviation, precision, deviation)
-    statistics = fitted.statistics(queries, query_classes)
+    statistics = statistics_in_both_precisions(fitted, queries, query_classes)
     np.testing.assert_allclose(statistics[:, 0], expected, rtol=1e-7)
     np.testing.assert_allclose(fitted.precision, precision, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(fitted.mahalanobis_terms(queries, query_classes).sum(axis=1), statistics[:, 0], rtol=1e-9)
@@ -186,7 +206,7 @@ def test_a_dead_feature_gets_no_weight_below_the_rank_as_pinv_gives_it():
                                rtol=1e-6, atol=1e-9)
     shifted = features[:5].copy()
     shifted[:, 2] = 50.0  # the pseudo-inverse cannot see it, as pytorch-ood's pinv cannot
-    np.testing.assert_allclose(fitted.statistics(shifted, classes[:5])[:, 0], fitted.statistics(features[:5], classes[:5])[:, 0],
+    np.testing.assert_allclose(statistics_in_both_precisions(fitted, shifted, classes[:5])[:, 0], statistics_in_both_precisions(fitted, features[:5], classes[:5])[:, 0],
                                rtol=1e-6)
 
 
@@ -196,7 +216,25 @@ def test_the_distance_does_not_depend_on_the_features_units(scale):
     # Mahalanobis distances are unit-free and the residual scales with the features.
     features, classes = gaussian_classes(3, 6, per_class=150, seed=8)
     queries, query_classes = features[::11] * 1.4, classes[::11]
-    plain = FeatureTests(features, classes, 3).statistics(queries, query_classes)
-    scaled = FeatureTests(features * scale, classes, 3).statistics(queries * scale, query_classes)
+    plain = statistics_in_both_precisions(FeatureTests(features, classes, 3), queries, query_classes)
+    scaled = statistics_in_both_precisions(FeatureTests(features * scale, classes, 3), queries * scale, query_classes)
     np.testing.assert_allclose(scaled[:, 0], plain[:, 0], rtol=1e-6)
     np.testing.assert_allclose(scaled[:, 1], plain[:, 1] * scale, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-20])
+def test_features_too_small_for_float32_are_scored_in_float64(scale):
+    # Variances below float32's smallest normal number (1.2e-38; here 1e-38 at 1e-20): float32
+    # would turn their weights and squared projections into inf and 0, so float32 features
+    # are scored in float64, exactly as float64 features are.
+    features, classes = gaussian_classes(3, 6, per_class=150, seed=8)
+    queries, query_classes = features[::11] * 1.4, classes[::11]
+    plain = FeatureTests(features, classes, 3).statistics(queries.astype(np.float64), query_classes)
+    fitted = FeatureTests(features * np.float32(scale), classes, 3)
+    single = fitted.statistics(queries * np.float32(scale), query_classes)
+    assert (fitted.single_precision is None) == (scale < 1e-9)
+    assert single.dtype == (np.float32 if scale == 1e-9 else np.float64)
+    if scale < 1e-9:
+        np.testing.assert_array_equal(single, fitted.statistics((queries * np.float32(scale)).astype(np.float64), query_classes))
+    np.testing.assert_allclose(single[:, 0], plain[:, 0], rtol=SINGLE_RTOL)
+    np.testing.assert_allclose(single[:, 1], plain[:, 1] * scale, rtol=SINGLE_RTOL)
