@@ -379,7 +379,7 @@ def comparison_rows(r: dict) -> list[str]:
         f"With the alpha-Mahalanobis test ({ALPHA_EXTENDED}: bench/ood_alpha_mahalanobis.py, fitted on val's part A) "
         f"the AUROC is above the upper end of the alpha-only verdict's interval on {r['alpha_beyond_interval']} of "
         f"{len(sets)} sets and at least every baseline's on {r['alpha_best_of']}. The same tests combined by their "
-        f"summed tail evidence ({FISHER}: bench/ood_extended.py, the same calibration) reach at least the verdict's "
+        f"summed tail evidence ({FISHER}: bench/ood_extended.py, calibrated as the verdict is, on this run's val images) reach at least the verdict's "
         f"AUROC on {r['fisher_ge_verdict']} of {len(sets)} sets, above the upper end of its interval on "
         f"{r['fisher_above_verdict_interval']}, at least every baseline's on {r['fisher_best_of']}; their TPR at "
         f"{percent:g} % is at least Energy's on {r['fisher_tpr_vs_energy']}.", ""]
