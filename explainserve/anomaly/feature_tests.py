@@ -33,10 +33,12 @@ The statistics are computed in the features' precision. Served and calibrated fe
 float32 (:func:`~explainserve.anomaly.calibration.check_features`), so both take float32
 copies of the fitted arrays, made once: a float32 product of a batch by a K × R basis takes
 less than half the time of a float64 one, and the statistics are ranked as float32 anyway.
-Their rounding (under 2e-5 of d² and r on trained networks' features, tested) moves a
-conformal p-value only between calibration statistics that close together. Float64 features
-give the float64 statistics. The per-feature terms, computed only for a verdict's reasons,
-are always float64.
+Where a statistic is the difference of much larger parts (|e|² / σ² less the top directions'
+share when K > R, |z - m|² less |U^T (z - m)|²), float32 loses digits, so such rows are computed
+again in float64 (:func:`cancels`). The rounding left (under 1e-5 of d² and r, tested, on
+trained networks' features too) moves a conformal p-value only between calibration statistics
+that close together. Float64 features give the float64 statistics. The per-feature terms,
+computed only for a verdict's reasons, are always float64.
 
 Both are fitted on part A of the held-out images (:func:`~explainserve.anomaly.calibration.split_parts`),
 never on part B, which ranks them (:mod:`explainserve.anomaly.calibration`).
@@ -52,6 +54,11 @@ import numpy as np
 FEATURE_TESTS = ("feature_mahalanobis", "feature_residual")
 #: R, the most directions either test keeps (see the module docstring).
 FEATURE_RANK = 128
+#: How much of a float32 statistic may cancel: a row whose d² or r² is the difference of parts
+#: more than this times larger is computed again in float64 (:func:`cancels`). Float32's
+#: rounding grows with the ratio (about 3e-6 of d² and 1e-6 of r² per unit on a trained 512-filter
+#: layer, whose ratios reach 140 and 900); the synthetic 2048-filter store's stay under 2.
+CANCELLATION = 4.0
 
 
 class FeatureTests:
@@ -195,13 +202,18 @@ class FeatureTests:
     def squared_distances(self, features: np.ndarray, classes: np.ndarray) -> np.ndarray:
         """(B,) d², the sum of :meth:`mahalanobis_terms` at a fraction of the cost (one
         K × min(K, R) product a row), which is what scoring a batch needs; float32 for float32
-        features, else float64 (:meth:`scoring_arrays`)."""
+        features, else float64 (:meth:`scoring_arrays`; rows float32 would cancel in, again in
+        float64: :func:`cancels`)."""
         features, (class_means, _, basis, weights, isotropic, _, _) = self.scoring_arrays(features)
         deviation = class_means.take(classes, axis=0)
         np.subtract(features, deviation, out=deviation)  # in place: no second (B, K) array
         distance = np.square(deviation @ basis) @ weights
-        if isotropic:  # the directions past R: needs K > R
-            distance += isotropic * np.vecdot(deviation, deviation)
+        if isotropic:  # the directions past R (K > R), whose weights the top R's subtract from
+            spread = isotropic * np.vecdot(deviation, deviation)
+            distance += spread
+            again = np.flatnonzero(cancels(distance, spread))
+            if len(again):
+                distance[again] = self.squared_distances(features[again].astype(np.float64), np.asarray(classes)[again])
         return distance
 
     def residual_terms(self, features: np.ndarray) -> np.ndarray:
@@ -223,18 +235,31 @@ class FeatureTests:
     def squared_residuals(self, features: np.ndarray) -> np.ndarray:
         """(B,) r² = |z - m|² - |U^T (z - m)|², >= 0: the sum of :meth:`residual_terms` at half
         the cost (U's columns are orthonormal), which is what scoring a batch needs; float32 for
-        float32 features, else float64 (:meth:`scoring_arrays`)."""
+        float32 features, else float64 (:meth:`scoring_arrays`; rows float32 would cancel in,
+        again in float64: :func:`cancels`)."""
         features, (_, centre, _, _, _, basis, complement) = self.scoring_arrays(features)
         centred = features - centre
         projected = centred @ basis
         if complement:  # the basis spans the residual's directions
             return np.vecdot(projected, projected)
-        return np.maximum(np.vecdot(centred, centred) - np.vecdot(projected, projected), 0)
+        total = np.vecdot(centred, centred)
+        residual = np.maximum(total - np.vecdot(projected, projected), 0)
+        again = np.flatnonzero(cancels(residual, total))
+        if len(again):
+            residual[again] = self.squared_residuals(features[again].astype(np.float64))
+        return residual
 
     def statistics(self, features: np.ndarray, classes: np.ndarray) -> np.ndarray:
         """(B, 2) d² and r in ``FEATURE_TESTS`` order, larger = further from the fitting images:
         float32 for float32 features (as served and calibrated), else float64 (:meth:`scoring_arrays`)."""
         return np.column_stack([self.squared_distances(features, classes), np.sqrt(self.squared_residuals(features))])
+
+
+def cancels(result: np.ndarray, cancelled: np.ndarray) -> np.ndarray:
+    """(B,) bool, the float32 rows whose ``cancelled`` part (|z - m|² of r², |e|² / σ² of d²)
+    exceeds ``CANCELLATION`` times the ``result`` (B,): the others' float32 rounding stays under
+    about 1e-5 of it; float64 results: none."""
+    return (cancelled > CANCELLATION * result) & (result.dtype == np.float32)
 
 
 #: What :meth:`FeatureTests.arrays` holds, in order.

@@ -5,7 +5,8 @@ import pytest
 import torch
 from pytorch_ood.detector import Mahalanobis
 
-from explainserve.anomaly.feature_tests import FEATURE_RANK, FEATURE_TESTS, FeatureTests
+from explainserve.anomaly import feature_tests
+from explainserve.anomaly.feature_tests import FEATURE_RANK, FEATURE_TESTS, FeatureTests, cancels
 
 #: How far the float32 statistics (float32 features: as served and calibrated) may lie from the
 #: float64 ones, relatively: float32 rounding (eps 6e-8) of the deviations and of the K-term
@@ -238,3 +239,30 @@ def test_features_too_small_for_float32_are_scored_in_float64(scale):
         np.testing.assert_array_equal(single, fitted.statistics((queries * np.float32(scale)).astype(np.float64), query_classes))
     np.testing.assert_allclose(single[:, 0], plain[:, 0], rtol=SINGLE_RTOL)
     np.testing.assert_allclose(single[:, 1], plain[:, 1] * scale, rtol=SINGLE_RTOL)
+
+
+def test_rows_float32_would_cancel_in_are_computed_again_in_float64(monkeypatch):
+    # A layer wider than 2 R whose variance lies almost all in R directions, as a trained
+    # 512-filter layer's does (99.9 %): d² = |e|² / σ² less the top directions' share and
+    # r² = |z - m|² - |U^T (z - m)|² are differences of parts thousands of times larger.
+    dims = 2 * FEATURE_RANK + 4
+    rng = np.random.default_rng(12)
+    directions = np.linalg.qr(rng.normal(size=(dims, dims)))[0]
+    scales = np.where(np.arange(dims) < FEATURE_RANK, 1.0, 1e-2)
+    classes = np.repeat(np.arange(2), 400)
+    means = 3 + rng.normal(0, 0.5, size=(2, FEATURE_RANK)) @ directions[:, :FEATURE_RANK].T  # inside the top span
+    features = (means[classes] + (rng.standard_normal((len(classes), dims)) * scales) @ directions.T).astype(np.float32)
+    fitted = FeatureTests(features, classes, 2)
+    queries, query_classes = features[::10], classes[::10]
+    double = statistics_in_both_precisions(fitted, queries, query_classes)
+    centred = queries.astype(np.float64) - fitted.centre
+    assert ((centred ** 2).sum(axis=1) / double[:, 1] ** 2).min() > 1000  # what cancels
+    monkeypatch.setattr(feature_tests, "CANCELLATION", np.inf)  # float32 throughout: far off
+    error = np.abs(fitted.statistics(queries, query_classes) - double) / double
+    assert (error.max(axis=0) > 10 * SINGLE_RTOL).all()
+
+
+def test_cancels_takes_float32_rows_whose_cancelled_part_is_over_four_times_the_result():
+    result, cancelled = np.array([1.0, 1.0, 2.0, -1e-9, 0.0]), np.array([4.0, 4.001, 4.0, 0.0, 0.0])
+    assert cancels(result.astype(np.float32), cancelled.astype(np.float32)).tolist() == [False, True, False, True, False]
+    assert not cancels(result, cancelled).any()  # float64 results are kept
