@@ -137,7 +137,7 @@ def prepare(name: str, workdir: Path, keep_results: bool = False) -> Path:
         else:
             shutil.rmtree(root / "mutants", ignore_errors=True)
         recorded.write_text(fingerprint)
-    for folder in ("explainserve", "tests"):
+    for folder in ("explainserve", "tests", "bench"):  # some unit tests check the bench's code against the library
         shutil.copytree(ROOT / folder, root / folder, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     # mutmut regenerates a file's mutants only when the file is newer than them, and copytree
@@ -148,6 +148,7 @@ def prepare(name: str, workdir: Path, keep_results: bool = False) -> Path:
 [tool.mutmut]
 source_paths = ["explainserve"]
 only_mutate = ["{source}"]
+also_copy = ["bench/"]
 pytest_add_cli_args_test_selection = {json.dumps(selection)}
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "tests.mutation.fastest_first"]
 # A mutant times out after 15 x (its tests' recorded seconds + timeout_constant) of wall time. With

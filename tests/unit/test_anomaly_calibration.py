@@ -125,7 +125,9 @@ def test_each_class_holds_the_target_with_its_own_tails(synthetic, store_dir):
     own = scorer_for(store_dir, val_alpha, val_classes, target_fpr=target)
     section = own.store.calibration
     assert section["min_class_count"] == 50 and section["classes"]["source"] == ["class"] * 3
-    assert section["split"] == {"rule": section["split"]["rule"], "part_a": 3000, "part_b": 3000}
+    # The manifest records, in words, the split that split_parts makes (test_parts_alternate_within_each_class).
+    assert section["split"] == {"rule": "within each class, even positions part A (scales, tail grids), odd part B (ranks)",
+                                "part_a": 3000, "part_b": 3000}
     assert section["classes"]["scale"] == ["held-out"] * 3
     # Each class's thresholds follow its tails: β_z spreads with the width, so the low-β critical
     # value (on -β_z) is largest for the widest class and smallest for the narrowest.

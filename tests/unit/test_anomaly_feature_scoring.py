@@ -123,6 +123,7 @@ def test_shifted_features_raise_the_feature_tests_evidence_and_name_the_features
     assert sorted(mahalanobis[0]) == list(range(NUM_FILTERS)) and mahalanobis[1] == sorted(mahalanobis[1], reverse=True)
     assert sum(mahalanobis[1]) == pytest.approx(moved.statistics[0, 3], rel=1e-5)
     assert sample.feature_residual == pytest.approx(moved.statistics[0, 4])
+    assert sample.feature_mahalanobis == pytest.approx(moved.statistics[0, 3])
     assert all(not reason.features for reason in sample.reasons if reason.code in TESTS)
 
 
@@ -213,3 +214,7 @@ def test_bad_features_are_named(scorers, val):
     np.testing.assert_array_equal(five.score(alpha[:1], classes[:1], features[:1]).statistics, single.statistics)
     as_float64 = five.score(alpha[:2], classes[:2], features[:2].astype(np.float64))
     assert as_float64.features.dtype == np.float32
+    with pytest.raises(ValueError, match=r"^test must be one of \('feature_mahalanobis', 'feature_residual'\), got 'surprise'$"):
+        single.feature_columns(0, "surprise")
+    with pytest.raises(ValueError, match="^feature_columns needs a batch scored with features$"):
+        five.score(alpha[:1], classes[:1]).feature_columns(0, "feature_residual")
