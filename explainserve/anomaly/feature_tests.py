@@ -47,6 +47,7 @@ never on part B, which ranks them (:mod:`explainserve.anomaly.calibration`).
 from __future__ import annotations
 
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 
@@ -59,6 +60,36 @@ FEATURE_RANK = 128
 #: rounding grows with the ratio (about 3e-6 of d² and 1e-6 of r² per unit on a trained 512-filter
 #: layer, whose ratios reach 140 and 900); the synthetic 2048-filter store's stay under 2.
 CANCELLATION = 4.0
+
+
+class ScoringArrays(NamedTuple):
+    """The fitted arrays the batch statistics are computed with, all of one precision.
+
+    Attributes
+    ----------
+    class_means : np.ndarray
+        (C, K) m_c.
+    centre : np.ndarray
+        (K,) m.
+    mahalanobis_basis : np.ndarray
+        (K, min(K, R)) V_R.
+    mahalanobis_weights : np.ndarray
+        (min(K, R),) w_j.
+    isotropic : float
+        1/σ² of the directions past R.
+    residual_basis : np.ndarray
+        U, or its orthonormal complement W when ``complement``.
+    complement : bool
+        r² = |W^T (z - m)|² rather than |z - m|² - |U^T (z - m)|².
+    """
+
+    class_means: np.ndarray
+    centre: np.ndarray
+    mahalanobis_basis: np.ndarray
+    mahalanobis_weights: np.ndarray
+    isotropic: float
+    residual_basis: np.ndarray
+    complement: bool
 
 
 class FeatureTests:
@@ -165,51 +196,45 @@ class FeatureTests:
         return deviation * (weighted @ self.mahalanobis_basis.T + self.isotropic[0] * deviation)
 
     @cached_property
-    def single_precision(self) -> tuple | None:
+    def single_precision(self) -> ScoringArrays | None:
         """The fitted arrays float32 features are scored with, as contiguous float32 (made on
-        first use), ordered as :meth:`scoring_arrays` returns them; the residual's basis is the
-        orthonormal complement of U when that has no more columns than U (K <= 2 R, K even):
-        r² = |W^T (z - m)|², free of the cancellation in |z - m|² - |U^T (z - m)|², which float32
-        cannot afford when U holds nearly all of the variance. None when a weight is past
-        1 / float32's smallest normal number (a direction's variance below it: features in
-        units around 1e-19 or smaller), which float32 cannot score."""
+        first use); the residual's basis is the orthonormal complement of U when that has no
+        more columns than U (K <= 2 R, K even): r² = |W^T (z - m)|², free of the cancellation
+        in |z - m|² - |U^T (z - m)|², which float32 cannot afford when U holds nearly all of
+        the variance. None when a weight is past 1 / float32's smallest normal number (a
+        direction's variance below it: features in units around 1e-19 or smaller), which
+        float32 cannot score."""
         if max(np.abs(self.mahalanobis_weights).max(initial=0.0), self.isotropic[0]) > 1 / np.finfo(np.float32).tiny:
             return None
         rank = self.basis.shape[1]
         complement = self.num_features - rank <= rank
         residual_basis = np.linalg.qr(self.basis, mode="complete")[0][:, rank:] if complement else self.basis
-        return (*(np.ascontiguousarray(array, dtype=np.float32) for array in (
+        return ScoringArrays(*(np.ascontiguousarray(array, dtype=np.float32) for array in (
             self.class_means, self.centre, self.mahalanobis_basis, self.mahalanobis_weights, self.isotropic[0],
             residual_basis)), complement)
 
-    def scoring_arrays(self, features: np.ndarray) -> tuple[np.ndarray, tuple]:
+    def scoring_arrays(self, features: np.ndarray) -> tuple[np.ndarray, ScoringArrays]:
         """``features`` and the fitted arrays in the precision the statistics take: float32 for
-        float32 features (:attr:`single_precision`, unless None), otherwise float64.
-
-        Returns
-        -------
-        (np.ndarray, tuple)
-            The features, and (class_means, centre, mahalanobis_basis, mahalanobis_weights,
-            isotropic[0], residual basis, complement): the residual basis is U (complement
-            False) or its orthonormal complement (True).
-        """
+        float32 features (:attr:`single_precision`, unless None), otherwise float64 (the
+        residual through U itself)."""
         features = np.asarray(features)
         if features.dtype == np.float32 and self.single_precision is not None:
             return features, self.single_precision
-        return features.astype(np.float64), (self.class_means, self.centre, self.mahalanobis_basis,
-                                             self.mahalanobis_weights, self.isotropic[0], self.basis, False)
+        return features.astype(np.float64), ScoringArrays(self.class_means, self.centre, self.mahalanobis_basis,
+                                                          self.mahalanobis_weights, self.isotropic[0], self.basis,
+                                                          False)
 
     def squared_distances(self, features: np.ndarray, classes: np.ndarray) -> np.ndarray:
         """(B,) d², the sum of :meth:`mahalanobis_terms` at a fraction of the cost (one
         K × min(K, R) product a row), which is what scoring a batch needs; float32 for float32
         features, else float64 (:meth:`scoring_arrays`; rows float32 would cancel in, again in
         float64: :func:`cancels`)."""
-        features, (class_means, _, basis, weights, isotropic, _, _) = self.scoring_arrays(features)
-        deviation = class_means.take(classes, axis=0)
+        features, fitted = self.scoring_arrays(features)
+        deviation = fitted.class_means.take(classes, axis=0)
         np.subtract(features, deviation, out=deviation)  # in place: no second (B, K) array
-        distance = np.square(deviation @ basis) @ weights
-        if isotropic:  # the directions past R (K > R), whose weights the top R's subtract from
-            spread = isotropic * np.vecdot(deviation, deviation)
+        distance = np.square(deviation @ fitted.mahalanobis_basis) @ fitted.mahalanobis_weights
+        if fitted.isotropic:  # the directions past R (K > R), whose weights the top R's subtract from
+            spread = fitted.isotropic * np.vecdot(deviation, deviation)
             distance += spread
             again = np.flatnonzero(cancels(distance, spread))
             if len(again):
@@ -237,10 +262,10 @@ class FeatureTests:
         the cost (U's columns are orthonormal), which is what scoring a batch needs; float32 for
         float32 features, else float64 (:meth:`scoring_arrays`; rows float32 would cancel in,
         again in float64: :func:`cancels`)."""
-        features, (_, centre, _, _, _, basis, complement) = self.scoring_arrays(features)
-        centred = features - centre
-        projected = centred @ basis
-        if complement:  # the basis spans the residual's directions
+        features, fitted = self.scoring_arrays(features)
+        centred = features - fitted.centre
+        projected = centred @ fitted.residual_basis
+        if fitted.complement:  # the basis spans the residual's directions
             return np.vecdot(projected, projected)
         total = np.vecdot(centred, centred)
         residual = np.maximum(total - np.vecdot(projected, projected), 0)
