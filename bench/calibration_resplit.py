@@ -44,7 +44,7 @@ from explainserve.anomaly.calibration import default_min_class_count, split_part
 TARGETS = (0.001, 0.01, 0.05)
 
 
-def validation_pass(size: int, cache: Path | None, split: str = "val") -> dict:
+def split_pass(size: int, cache: Path | None, split: str = "val") -> dict:
     """alpha (n, K), predicted (n,) and item (n,) of the first ``size`` composites of ``split``."""
     if cache is not None and cache.is_file():
         loaded = dict(np.load(cache))
@@ -55,9 +55,9 @@ def validation_pass(size: int, cache: Path | None, split: str = "val") -> dict:
     torch.set_num_threads(2)
     args = argparse.Namespace(model="image", data="fashion-scenes", name=None, version=None, seed=0)
     explainer, _ = open_subject(args)
-    val, key = open_split(args, split, size, explainer.input_size[-1])
-    alpha, predicted, _ = validation_scores(explainer, val, key, 32)
-    passed = {"alpha": alpha, "predicted": predicted, "item": np.array([val.item_index(i) for i in range(size)])}
+    dataset, key = open_split(args, split, size, explainer.input_size[-1])
+    alpha, predicted, _ = validation_scores(explainer, dataset, key, 32)
+    passed = {"alpha": alpha, "predicted": predicted, "item": np.array([dataset.item_index(i) for i in range(size)])}
     if cache is not None:
         np.savez(cache, **passed)
     return passed
@@ -79,7 +79,7 @@ def predicted_sd(scorer: Scorer, classes: np.ndarray, target: float) -> float:
 
 def resplit_rates(store_path: Path, passed: dict, resplits: int, targets=TARGETS, test: dict | None = None) -> dict:
     """Per target: (resplits,) realised rates on the pseudo-test halves and their predicted SDs;
-    with ``test`` (a :func:`validation_pass` of the test split), its (resplits,) rates too."""
+    with ``test`` (a :func:`split_pass` of the test split), its (resplits,) rates too."""
     items = np.unique(passed["item"])
     rates = {t: [] for t in targets}
     test_rates = {t: [] for t in targets}
@@ -120,8 +120,8 @@ def main(argv=None) -> int:
     from explainserve.commands.archive import demo_store
 
     store_path = args.store or demo_store("image")[0]
-    passed = validation_pass(args.val_size, args.cache)
-    test = validation_pass(args.test_size, args.test_cache, "test") if args.test_size else None
+    passed = split_pass(args.val_size, args.cache)
+    test = split_pass(args.test_size, args.test_cache, "test") if args.test_size else None
     result = resplit_rates(store_path, passed, args.resplits, test=test)
     half = len(passed["predicted"]) // 2
     print(f"val_composites={len(passed['predicted'])} items={len(np.unique(passed['item']))} "
