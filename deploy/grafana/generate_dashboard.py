@@ -128,6 +128,10 @@ def panels():
             (f"explainserve_store_build_timestamp_seconds{{{NS},{MODEL}}}"
              f" - explainserve_model_build_timestamp_seconds{{{NS},{MODEL}}}", "{{model}}"),
         ], unit="s", description="Negative: the store predates its model and its thresholds are stale."),
+        panel("Classes that can never be ANOMALOUS", "timeseries", [
+            (f"explainserve_store_classes_never_anomalous{{{NS},{MODEL}}}", "{{model}}"),
+        ], description="Classes whose store group ranks too few validation images for a p-value below the "
+                       "target rate: their verdicts are always NORMAL. Above 0: recalibrate on more images."),
         row("Availability"),
         panel("Sidecar targets up", "stat", [
             (f'sum(up{{job="explainserve-sidecar",{NS}}})', "up"),

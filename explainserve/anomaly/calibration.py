@@ -398,3 +398,61 @@ def save_calibration(store: DistributionStore, calibration: Calibration) -> None
     """Write the calibration arrays into the store and record ``calibration.section`` in its
     manifest (hashed with the rest, written last)."""
     save_calibration_arrays(store, calibration.section, calibration.arrays)
+
+
+def classes_never_anomalous(section: dict) -> dict[int, list[int]]:
+    """The classes whose verdict can never be ANOMALOUS at the calibrated target rate.
+
+    A p-value is never below 1 / (n + 1) for a group that ranks n part-B images
+    (:func:`~explainserve.anomaly.conformal.interpolated_p_values`), so a group with
+    (n + 1) x target_fpr <= 1 cannot reach the target: its combined statistic has no critical
+    value (None in the section). Too few validation images make that silent otherwise: every
+    verdict of those classes is NORMAL, whatever the input.
+
+    Parameters
+    ----------
+    section : dict
+        A calibration section (the store manifest's ``calibration``).
+
+    Returns
+    -------
+    dict
+        n (the part-B images the group ranks) -> ascending ids of the classes scored in that
+        group; empty when every class can be flagged.
+    """
+    classes, fallback = section["classes"], section["fallback"]
+    never: dict[int, list[int]] = {}
+    for class_id, (source, critical) in enumerate(zip(classes["source"], classes["critical"])):
+        count = classes["count"][class_id]
+        if source == FALLBACK:
+            critical, count = fallback["critical"], fallback["count"]
+        if critical[-1] is None:  # the combined statistic, the verdict's
+            never.setdefault(count, []).append(class_id)
+    return never
+
+
+def never_anomalous_warning(section: dict, class_names: list[str]) -> str | None:
+    """One paragraph for a user: which classes :func:`classes_never_anomalous` finds, why, and
+    the two ways out (more validation images, or a larger target rate); None when there are none.
+
+    Parameters
+    ----------
+    section : dict
+        A calibration section.
+    class_names : list of str
+        The store's class names, by id.
+    """
+    never = classes_never_anomalous(section)
+    if not never:
+        return None
+    target = section["target_fpr"]
+    needed = math.floor(1 / target - 1) + 1  # the smallest n with (n + 1) x target > 1
+    silent = sorted(class_id for ids in never.values() for class_id in ids)
+    shown = ", ".join(class_names[class_id] for class_id in silent[:10]) + (", ..." if len(silent) > 10 else "")
+    ranked = " or ".join(str(count) for count in sorted(never))
+    return (f"the verdict can never be ANOMALOUS at the {target:.2%} target for {len(silent)} of "
+            f"{len(section['classes']['source'])} classes ({shown}): their groups rank only {ranked} part-B "
+            f"validation images, and a p-value is never below 1/(n + 1) ({1 / (min(never) + 1):.2%} for "
+            f"{min(never)}). A group reaches {target:.2%} from {needed} ranked images on (half of the validation "
+            f"images are ranked): give more validation images, or calibrate to a target above "
+            f"{1 / (min(never) + 1):.2%}")

@@ -10,6 +10,7 @@ not when TorchServe loads it.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,6 +113,9 @@ def user_model(args) -> tuple[torch.nn.Module, dict]:
     except ValueError as error:
         argument = f"--layer {args.layer}" if args.layer else f"--{architecture['source'].replace('_', '-')}"
         raise ValueError(f"{argument}: {str(error).replace('layer=<dotted module name>', '--layer NAME')}") from None
+    if not args.weights:  # allowed (a smoke test of the pipeline), but an untrained network's answers mean nothing
+        print(f"WARNING: no --weights: {default_name} keeps its random initial weights; its predictions, maps and "
+              "verdicts carry no meaning (pass a state_dict file to serve your trained model)", file=sys.stderr)
     metadata = {
         "name": args.name or default_name, "version": args.version, "kind": kind,
         "input_size": args.input_size, "mean": list(args.mean), "std": list(args.std),

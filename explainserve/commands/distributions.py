@@ -12,6 +12,7 @@ and, given the model and data, calibrates the merged store the same way.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from explainserve.anomaly import (StoreMeta, build_store, calibrate, load_store, merge_stores,
                                   save_calibration, shard_classes)
 from explainserve.anomaly.build import DEFAULT_TOP_K
-from explainserve.anomaly.calibration import DEFAULT_TARGET_FPR, POOLED
+from explainserve.anomaly.calibration import DEFAULT_TARGET_FPR, POOLED, never_anomalous_warning
 from explainserve.anomaly.publish import publishing
 from explainserve.anomaly.reissue import reissue_store
 from explainserve.data.files import default_workers
@@ -263,6 +264,9 @@ def calibrate_store(args, explainer, store_path: Path, record: dict | None = Non
     if pooled:
         print(f"classes without training samples, scored against the pooled distribution of all classes and "
               f"ranked among all {section['classes']['count'][sources.index(POOLED)]} ranking val images: {pooled}")
+    warning = never_anomalous_warning(section, list(store.meta.class_names))
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr)
 
 
 def print_store(path: Path) -> None:

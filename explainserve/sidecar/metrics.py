@@ -81,6 +81,10 @@ class GatewayMetrics:
         self.store_build = Gauge("explainserve_store_build_timestamp_seconds",
                                  "When the distribution store in use was built (seconds since the epoch).", ["model"],
                                  registry=r)
+        self.store_never_anomalous = Gauge(
+            "explainserve_store_classes_never_anomalous",
+            "Classes of the store in use whose verdict can never be ANOMALOUS at its target rate (too few "
+            "validation images ranked in their group).", ["model"], registry=r)
 
     def start_scoring(self, model: str, num_classes: int, tests: tuple) -> None:
         """Create the zero-valued verdict, flag, beta and per-test series of a model whose store is

@@ -38,6 +38,7 @@ import numpy as np
 
 from explainserve._generated import explain_pb2
 from explainserve.anomaly import ANOMALOUS, BatchScores, Scorer, StoreError, load_store
+from explainserve.anomaly.calibration import classes_never_anomalous, never_anomalous_warning
 from explainserve.anomaly.conformal import FIVE_TESTS, TESTS
 from explainserve.anomaly.scorer import MAX_FLAGS
 
@@ -239,6 +240,7 @@ class AnomalyScoring:
             store = old.scorer.store
             self.metrics.store_info.remove(old.name, store.meta.model_version, store.sha256)
             self.metrics.store_build.remove(old.name)
+            self.metrics.store_never_anomalous.remove(old.name)
         self.slots[new.name] = new
         if new.scorer is None:
             log.error("anomaly scoring unavailable for model %r: %s", new.name, new.problem)
@@ -250,6 +252,11 @@ class AnomalyScoring:
         log.info("distribution store for model %r version %r %s from %s: %d classes x %d filters, sha256 %s",
                  new.name, store.meta.model_version, "loaded" if old is None else "reloaded", new.path,
                  store.num_classes, store.meta.num_filters, store.sha256)
+        never = sum(map(len, classes_never_anomalous(store.calibration).values()))
+        self.metrics.store_never_anomalous.labels(new.name).set(never)
+        if never:
+            log.warning("distribution store for model %r: %s (explainserve recalibrate-distributions)", new.name,
+                        never_anomalous_warning(store.calibration, list(store.meta.class_names)))
 
     def reload(self, force: bool = False) -> None:
         """:meth:`scan` then :meth:`apply`, blocking (tests and tools; the gateway uses :meth:`watch`)."""

@@ -193,7 +193,8 @@ def test_metrics_are_promtool_clean_and_count_requests(stack, client, tmp_path):
     assert 'explainserve_anomaly_verdicts_total{model="tiny_image",verdict="unavailable"}' in text
     assert 'explainserve_anomaly_unavailable_total{model="tiny_image",reason="no distribution store"}' in text
     for name in ("explainserve_anomaly_beta", "explainserve_anomaly_scoring_duration_seconds", "explainserve_store_info",
-                 "explainserve_anomaly_surprise_flags_total", "explainserve_store_build_timestamp_seconds"):
+                 "explainserve_anomaly_surprise_flags_total", "explainserve_store_build_timestamp_seconds",
+                 "explainserve_store_classes_never_anomalous"):
         assert f"# TYPE {name} " in text
 
 

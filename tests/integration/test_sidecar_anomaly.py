@@ -200,6 +200,8 @@ def test_anomaly_metrics_are_exported_and_promtool_clean(stack, client, scorer):
     assert 'explainserve_anomaly_beta_bucket{le="0.0",model="demo_image"}' in text
     assert metric_value(text, "explainserve_store_info", model=MODEL, version="1.0", sha256=scorer.store.sha256) == 1
     assert metric_value(text, "explainserve_store_build_timestamp_seconds", model=MODEL) == scorer.store.build_timestamp
+    # 80 val images at 5 %: the fallback group ranks 40, and 1/41 is below the target
+    assert metric_value(text, "explainserve_store_classes_never_anomalous", model=MODEL) == 0
     assert "explainserve_anomaly_unavailable_total{" not in text
     assert 'class="' not in text  # per-class labels are off by default
     # both verdict series exist from the start (the alert rules divide one by the other)

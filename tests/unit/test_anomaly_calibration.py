@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from explainserve.anomaly import Scorer, build_store, calibrate, load_store, save_calibration
-from explainserve.anomaly.calibration import default_min_class_count, split_parts
+from explainserve.anomaly.calibration import (classes_never_anomalous, default_min_class_count, never_anomalous_warning,
+                                              split_parts)
 from explainserve.anomaly.reference import ClassReference
 from explainserve.anomaly.conformal import (EVIDENCE_LEVELS, TAIL_LEVELS, RankTable, critical_value, fit_tail_grid,
                                             interpolated_p_values, order_keys, sorted_ranks, tail_evidence)
@@ -272,3 +273,35 @@ def test_the_smallest_calibration_and_its_recorded_defaults(synthetic, store_dir
     assert section["scored_against"] == "predicted" and section["target_fpr"] == 0.01
     # One ranked image cannot give a p-value below 1 / 2: no critical value, None in the JSON.
     assert section["classes"]["critical"][0] == [None] * 4 and section["fallback"]["critical"] == [None] * 4
+
+
+def test_groups_too_small_to_reach_the_target_are_named(synthetic, store_dir):
+    store = load_store(store_dir)
+    names = ["coat", "bag", "shirt"]
+
+    def section(counts, **options):
+        classes = np.repeat(np.arange(3), counts)  # part B: the odd positions of each class
+        return calibrate(store, synthetic.sample(classes, seed=21), classes, **options).section
+
+    # Every class under the default minimum (200) ranks in the fallback group. Its p-values are
+    # never below 1 / (n + 1): n = 99 cannot go below 1 %, n = 100 can.
+    at_99 = section([67, 67, 66])
+    assert at_99["fallback"]["count"] == 99 and classes_never_anomalous(at_99) == {99: [0, 1, 2]}
+    assert never_anomalous_warning(at_99, names) == (
+        "the verdict can never be ANOMALOUS at the 1.00% target for 3 of 3 classes (coat, bag, shirt): their groups "
+        "rank only 99 part-B validation images, and a p-value is never below 1/(n + 1) (1.00% for 99). A group "
+        "reaches 1.00% from 100 ranked images on (half of the validation images are ranked): give more validation "
+        "images, or calibrate to a target above 1.00%")
+    at_100 = section([68, 66, 66])
+    assert at_100["fallback"]["count"] == 100
+    assert classes_never_anomalous(at_100) == {} and never_anomalous_warning(at_100, names) is None
+    # Own groups: class 0 ranks its 20 part-B images alone, class 1 its 201, class 2 (4 < 10) the fallback's 225.
+    mixed = section([40, 402, 8], min_class_count=10)
+    assert mixed["classes"]["source"] == ["class", "class", "fallback"]
+    assert classes_never_anomalous(mixed) == {20: [0]}
+    assert "for 1 of 3 classes (coat): their groups rank only 20 part-B" in never_anomalous_warning(mixed, names)
+    # At 5 %, 20 ranked images reach the target (21 x 0.05 > 1), 19 do not.
+    assert classes_never_anomalous(section([40, 402, 8], min_class_count=10, target_fpr=0.05)) == {}
+    five = section([38, 402, 8], min_class_count=10, target_fpr=0.05)
+    assert classes_never_anomalous(five) == {19: [0]}
+    assert "reaches 5.00% from 20 ranked images on" in never_anomalous_warning(five, names)

@@ -79,6 +79,7 @@ def test_panels_do_not_overlap(board):
      "explainserve_anomaly_p_value_bucket", "explainserve_anomaly_test_fired_total"],  # p-values, tests
     ['up{job="explainserve-sidecar"', "explainserve_torchserve_up"],            # availability
     ["explainserve_torchserve_workers", "QueueTime"],                           # workers and queue
+    ["explainserve_store_classes_never_anomalous"],                             # a store that cannot flag
 ])
 def test_required_panels_exist(board, fragments):
     exprs = " ".join(expr for _, expr in generator.queries(board))

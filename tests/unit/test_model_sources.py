@@ -102,7 +102,7 @@ def test_library_sources_round_trip_with_weights(tmp_path, source, name, size, l
     assert torch.equal(ours, rebuilt)
 
 
-def test_model_file_round_trip_from_the_archive_folder(tmp_path, model_file):
+def test_model_file_round_trip_from_the_archive_folder(tmp_path, model_file, capsys):
     weights = tmp_path / "weights.pt"
     torch.save(model_class(model_file, "TinyNet")(num_classes=4, width=6).state_dict(), weights)
     model, metadata = user_model(archive_args(
@@ -112,11 +112,20 @@ def test_model_file_round_trip_from_the_archive_folder(tmp_path, model_file):
                                         "kwargs": {"num_classes": 4, "width": 6}}
     assert metadata["class_names"] == [f"class_{i}" for i in range(4)]  # from the model's outputs
     assert metadata["layer"] == "body"
+    assert "WARNING" not in capsys.readouterr().err  # weights given
     served = tmp_path / "served"
     served.mkdir()
     (served / "model.py").write_text(model_file.read_text())
     ours, rebuilt = rebuilt_logits(model, metadata, served)
     assert torch.equal(ours, rebuilt)
+
+
+def test_an_archive_without_weights_warns_that_its_answers_mean_nothing(model_file, capsys):
+    model, _ = user_model(archive_args("--model-file", str(model_file), "--model-class", "TinyNet", "--input-size",
+                                       "32", "32"))
+    assert model is not None
+    assert ("WARNING: no --weights: tinynet keeps its random initial weights; its predictions, maps and verdicts "
+            "carry no meaning") in capsys.readouterr().err
 
 
 def one_line_error(capsys, *argv: str) -> str:

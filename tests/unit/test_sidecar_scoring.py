@@ -4,6 +4,7 @@ which model and version each may score, and the health it reports."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 
 import numpy as np
@@ -69,6 +70,34 @@ def test_store_folder_rules(store, tmp_path):
     healthy.model_served(MODEL, "1.1")  # TorchServe serves another version: refused
     assert not healthy.healthy and changes == [False]
     assert not AnomalyScoring(GatewayMetrics(), None).healthy  # nothing to score with
+
+
+def test_a_store_that_can_never_flag_is_logged_and_exported(store, tmp_path, caplog):
+    # The fixture's classes rank their own 50 part-B images each: p-values never go below 1/51.
+    stores = tmp_path / "stores"
+    shutil.copytree(store, stores / MODEL)
+    metrics = GatewayMetrics()
+    scoring = AnomalyScoring(metrics, stores)
+    with caplog.at_level(logging.WARNING, logger="explainserve.sidecar.scoring"):
+        scoring.load()
+    never = metrics.registry.get_sample_value("explainserve_store_classes_never_anomalous", {"model": MODEL})
+    assert never == 3 and scoring.healthy
+    assert ("can never be ANOMALOUS at the 1.00% target for 3 of 3 classes (class0, class1, class2): their groups "
+            "rank only 50 part-B validation images") in caplog.text
+    assert "calibrate to a target above 1.96% (explainserve recalibrate-distributions)" in caplog.text
+    # Recalibrated on 200 part-B images a class, every class can be flagged: 0, and no warning.
+    synthetic = SyntheticClasses.random(3, FILTERS)
+    classes = np.tile(np.arange(3), 400)
+    folder = stores / MODEL
+    save_calibration(load_store(folder), calibrate(load_store(folder), synthetic.sample(classes, seed=98), classes))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="explainserve.sidecar.scoring"):
+        scoring.reload()
+    assert metrics.registry.get_sample_value("explainserve_store_classes_never_anomalous", {"model": MODEL}) == 0
+    assert "can never be ANOMALOUS" not in caplog.text
+    shutil.rmtree(folder)
+    scoring.reload()
+    assert metrics.registry.get_sample_value("explainserve_store_classes_never_anomalous", {"model": MODEL}) is None
 
 
 def verdict_built_message_by_message(scores, row: int) -> explain_pb2.ClassVerdict:
