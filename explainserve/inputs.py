@@ -54,6 +54,12 @@ def check_request_pixels(frames: int, width: int, height: int, what: str) -> Non
                             f"the limit is {MAX_REQUEST_PIXELS} pixels a request")
 
 
+# Pillow opens a 16-bit greyscale PNG in one of these modes, and its conversion to RGB clips at 255
+# (every level above the 256th darkest of 65,536 turns white); decode_image keeps the high byte
+# instead, which is what Pillow itself does with a 16-bit colour PNG.
+SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def _open_picture(data: bytes, what: str) -> Image.Image:
     """The JPEG or PNG in ``data`` with only its header read, its size checked."""
     if not data:
@@ -83,11 +89,18 @@ def image_size(data: bytes, what: str = "image") -> tuple[int, int]:
 def decode_image(data: bytes, what: str = "image") -> np.ndarray:
     """Decode a JPEG or PNG into an RGB uint8 array of shape (H, W, 3).
 
+    Greyscale, palette and alpha pictures become RGB (alpha dropped); 16-bit PNGs keep the high
+    byte of each level (:data:`SIXTEEN_BIT_GREY`). EXIF orientation is not applied, as
+    torchvision's ImageFolder loader does not apply it.
+
     The header is read and the size checked before the pixels are decoded, so a small file
     that claims a huge size is refused without allocating it.
     """
     picture = _open_picture(data, what)
     try:
+        if picture.mode in SIXTEEN_BIT_GREY:
+            grey = (np.asarray(picture).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+            return np.repeat(grey[..., None], 3, axis=2)
         return np.array(picture.convert("RGB"), dtype=np.uint8)  # writable, as torch.from_numpy wants
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"{what} is not a decodable JPEG or PNG: {error}") from None

@@ -82,3 +82,29 @@ def test_decoded_clip_and_image_sizes():
     assert inputs.image_size(headers_only(png_bytes(40, 30))) == (40, 30)
     with pytest.raises(inputs.InputTooLarge, match="image is 9000x8 pixels"):
         inputs.image_size(headers_only(png_bytes(9000, 8)))
+
+
+def png_16_bit(levels: np.ndarray) -> bytes:
+    """A PNG of bit depth 16, written by hand (Pillow writes none): ``levels`` (H, W) uint16 is
+    greyscale (colour type 0), (H, W, 3) RGB (colour type 2)."""
+    import struct
+    import zlib
+
+    height, width = levels.shape[:2]
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in levels)  # filter 0 per row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2 if levels.ndim == 3 else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_sixteen_bit_pngs_keep_their_high_byte_rather_than_clipping():
+    levels = np.linspace(0, 65535, 60).astype(np.uint16)[None].repeat(8, axis=0)  # a grey ramp, 8 x 60
+    grey = inputs.decode_image(png_16_bit(levels))
+    assert grey.shape == (8, 60, 3) and grey.dtype == np.uint8 and grey.flags.writeable
+    # Pillow's own conversion would turn every level from 256 on white: 59 of these 60 columns.
+    np.testing.assert_array_equal(grey, np.repeat((levels >> 8).astype(np.uint8)[..., None], 3, axis=2))
+    colour = np.stack([levels, levels[:, ::-1], np.full_like(levels, 40_000)], axis=2)
+    np.testing.assert_array_equal(inputs.decode_image(png_16_bit(colour)), (colour >> 8).astype(np.uint8))
