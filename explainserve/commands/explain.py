@@ -33,8 +33,9 @@ def register(subparsers) -> None:
     parser.add_argument("--label", type=int, help="ground-truth class, also scored for anomalies")
     parser.add_argument("--top-k", type=int, help="classes returned (default: 5, or every class of a smaller model)")
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
-    parser.add_argument("--out", type=Path, help="PNG of the first method's map beside the input; "
-                                                 "for a folder or manifest, the output folder (required)")
+    parser.add_argument("--out", type=Path, help="PNG of the first method's map beside the input (each other "
+                                                 "method's as OUT_<method>.png); for a folder or manifest, the "
+                                                 "output folder (required)")
     add_connection_arguments(parser)
     bulk = parser.add_argument_group("many inputs")
     bulk.add_argument("--concurrency", type=int, default=4, help="calls in flight at once (default 4)")
@@ -72,13 +73,16 @@ def print_result(name: str, result) -> None:
 
 
 def render(data: np.ndarray, result, path: Path) -> None:
-    """Write the picture of the first map of ``result`` on ``data`` (original | explanation)."""
+    """Write one picture per map of ``result`` on ``data`` (original | explanation): the first
+    method's at ``path``, each other method's beside it as ``<stem>_<method><suffix>``."""
     from explainserve.overlay import save_png  # matplotlib and skimage: 0.5 s
     from explainserve.result_pictures import map_picture
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(map_picture(data, result), path)
-    print(f"  {next(iter(result.maps))} picture -> {path}")
+    for index, method in enumerate(result.maps):
+        picture_path = path if index == 0 else path.with_name(f"{path.stem}_{method}{path.suffix}")
+        save_png(map_picture(data, result, method), picture_path)
+        print(f"  {method} picture -> {picture_path}")
 
 
 def bulk_main(args) -> int:

@@ -228,7 +228,8 @@ def test_explain_command_prints_classes_and_writes_the_overlay(stack, tmp_path):
     image_path.write_bytes(png(image))
     run = subprocess.run(
         [sys.executable, "-m", "explainserve.cli", "explain", str(image_path), "--model", "tiny_image",
-         "--method", "swag_i_g", "--target", stack.target, "--top-k", "2", "--out", str(overlay_path)],
+         "--method", "swag_i_g", "--method", "grad_cam", "--target", stack.target, "--top-k", "2",
+         "--out", str(overlay_path)],
         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("thing") == 2 and "timings:" in run.stdout and "UNAVAILABLE" in run.stdout
@@ -236,6 +237,11 @@ def test_explain_command_prints_classes_and_writes_the_overlay(stack, tmp_path):
     title = picture.shape[0] - 4 * 72  # the band naming the method and class
     assert 0 < title < 40 and picture.shape[1] > 2 * 4 * 80  # original | explanation | colour bar
     assert np.array_equal(picture[title:, :4 * 80], image.repeat(4, 0).repeat(4, 1))  # enlarged to at least 256 a side
+    # the second method's picture beside it: the same original, another map
+    assert f"grad_cam picture -> {tmp_path / 'overlay_grad_cam.png'}" in run.stdout
+    second = np.asarray(Image.open(tmp_path / "overlay_grad_cam.png"))
+    assert second.shape == picture.shape and np.array_equal(second[title:, :4 * 80], picture[title:, :4 * 80])
+    assert not np.array_equal(second[title:, 4 * 80:], picture[title:, 4 * 80:])
 
 
 def test_a_three_class_model_answers_every_default(stack, client, models, tmp_path):
