@@ -305,3 +305,21 @@ def test_groups_too_small_to_reach_the_target_are_named(synthetic, store_dir):
     five = section([38, 402, 8], min_class_count=10, target_fpr=0.05)
     assert classes_never_anomalous(five) == {19: [0]}
     assert "reaches 5.00% from 20 ranked images on" in never_anomalous_warning(five, names)
+
+
+def test_the_warning_lists_ten_classes_at_most_and_every_group_size():
+    def section(sources, counts, critical_of_own, fallback_count):
+        return {"target_fpr": 0.01, "fallback": {"count": fallback_count, "critical": [None] * 4},
+                "classes": {"source": sources, "count": counts,
+                            "critical": [critical_of_own if source == "class" else None for source in sources]}}
+
+    names = [f"c{i}" for i in range(12)]
+    ten = never_anomalous_warning(section(["fallback"] * 10, [3] * 10, None, 30), names)
+    assert "for 10 of 10 classes (c0, c1, c2, c3, c4, c5, c6, c7, c8, c9): their groups rank only 30 part-B" in ten
+    eleven = never_anomalous_warning(section(["fallback"] * 11, [3] * 11, None, 36), names)
+    assert "for 11 of 11 classes (c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, ...): their groups rank only 36" in eleven
+    # Two groups too small, of 20 and 36 ranked images: both sizes named, the smaller sets the way out.
+    both = never_anomalous_warning(section(["class", "fallback"], [20, 5], [None] * 4, 36), names)
+    assert "for 2 of 2 classes (c0, c1): their groups rank only 20 or 36 part-B validation images" in both
+    assert both.endswith("(4.76% for 20). A group reaches 1.00% from 100 ranked images on (half of the validation "
+                         "images are ranked): give more validation images, or calibrate to a target above 4.76%")

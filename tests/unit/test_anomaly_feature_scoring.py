@@ -156,6 +156,11 @@ def test_the_feature_block_is_stored_hashed_and_removed_with_a_recalibration(bui
     assert section["tests"] == list(FIVE_TESTS) and section["statistics"] == [*FEATURE_TESTS, "combined5"]
     assert section["num_features"] == NUM_FILTERS and section["residual_dimensions"] == NUM_FILTERS // 2
     assert section["fit"].startswith("part A") and section["fallback"]["count"] == store.calibration["fallback"]["count"]
+    # The same section when the calibration runs inside this test (which a coverage-selected test run, as
+    # mutation testing's, attributes to it rather than to the fixture).
+    direct = calibrate(store, alpha, classes, features=features, target_fpr=TARGET).section["features"]
+    assert direct["num_features"] == NUM_FILTERS and direct["mahalanobis_rank"] == NUM_FILTERS
+    assert direct["fit"] == "part A: class means, tied covariance, principal directions"
     corrupt = folder / "feature_basis.npy"
     data = bytearray(corrupt.read_bytes())
     data[-1] ^= 1
