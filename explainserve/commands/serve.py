@@ -20,6 +20,25 @@ DEFAULT_RUN_DIR = Path("out/serve")
 STATE_FILE = "state.json"
 
 
+def store_warnings(stores: Path, names: list[str]) -> list[str]:
+    """What a user starting the service should know of the stores ``stores/<name>``: each store
+    whose verdict can never be ANOMALOUS for some classes (the gateway logs the same). A store
+    that does not load is left to the gateway, which refuses it with its reason."""
+    from explainserve.anomaly import StoreError, load_store
+    from explainserve.anomaly.calibration import never_anomalous_warning
+
+    warnings = []
+    for name in names:
+        try:
+            store = load_store(stores / name, verify=False)
+        except StoreError:
+            continue
+        warning = store.calibration and never_anomalous_warning(store.calibration, list(store.meta.class_names))
+        if warning:
+            warnings.append(f"distribution store of {name}: {warning}")
+    return warnings
+
+
 def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="start TorchServe and the Explain gateway locally (loopback)")
     serve.add_argument("--model-store", type=Path, default=Path("model_store"))
@@ -103,6 +122,8 @@ def serve_main(args) -> int:
         if missing:
             print(f"no distribution store for {', '.join(missing)}: "
                   "their answers carry no anomaly verdict", file=sys.stderr)
+        for warning in store_warnings(stores, shipped):
+            print(f"WARNING: {warning}", file=sys.stderr)
         gateway = start_gateway(listen, torchserve, args.metrics_port, args.run_dir / "gateway.log",
                                 ("--store-dir", str(stores), "--reflection"))
         state.update(gateway_pid=gateway.pid, target=listen, metrics=f"http://127.0.0.1:{args.metrics_port}/metrics")

@@ -21,6 +21,7 @@ from explainserve.sidecar.metrics import GatewayMetrics
 from explainserve.anomaly.top_flags import top_flags
 from explainserve.client import ColumnScores, columns_request, score_request
 from explainserve.inputs import InputTooLarge
+from explainserve.commands.serve import store_warnings
 from explainserve.sidecar.columns import MAX_COLUMN_VALUES, columns_response, parse_columns, score_columns, varint
 from explainserve.sidecar.scoring import AnomalyScoring, class_verdict
 from support.pooled_features import pooled_features
@@ -85,6 +86,10 @@ def test_a_store_that_can_never_flag_is_logged_and_exported(store, tmp_path, cap
     assert ("can never be ANOMALOUS at the 1.00% target for 3 of 3 classes (class0, class1, class2): their groups "
             "rank only 50 part-B validation images") in caplog.text
     assert "calibrate to a target above 1.96% (explainserve recalibrate-distributions)" in caplog.text
+    # `explainserve serve` prints the same before it starts the gateway; a folder that is no store is left to the gateway
+    (stores / "broken").mkdir()
+    (warning,) = store_warnings(stores, [MODEL, "broken"])
+    assert warning.startswith(f"distribution store of {MODEL}: the verdict can never be ANOMALOUS at the 1.00% target")
     # Recalibrated on 200 part-B images a class, every class can be flagged: 0, and no warning.
     synthetic = SyntheticClasses.random(3, FILTERS)
     classes = np.tile(np.arange(3), 400)
@@ -94,7 +99,7 @@ def test_a_store_that_can_never_flag_is_logged_and_exported(store, tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="explainserve.sidecar.scoring"):
         scoring.reload()
     assert metrics.registry.get_sample_value("explainserve_store_classes_never_anomalous", {"model": MODEL}) == 0
-    assert "can never be ANOMALOUS" not in caplog.text
+    assert "can never be ANOMALOUS" not in caplog.text and store_warnings(stores, [MODEL]) == []
     shutil.rmtree(folder)
     scoring.reload()
     assert metrics.registry.get_sample_value("explainserve_store_classes_never_anomalous", {"model": MODEL}) is None
