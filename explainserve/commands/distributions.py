@@ -12,6 +12,7 @@ and, given the model and data, calibrates the merged store the same way.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import zipfile
@@ -121,6 +122,13 @@ def register(subparsers) -> None:
                                   "store's own published path)")
     add_model_arguments(recalibrate, required=True)
     recalibrate.set_defaults(func=recalibrate_main)
+
+    describe = subparsers.add_parser(
+        "describe-distributions",
+        help="verify a store and say what it holds: model, training data, calibration groups, and classes "
+             "whose verdict can never be ANOMALOUS")
+    describe.add_argument("store", type=Path, help="a store folder (build-distributions --out)")
+    describe.set_defaults(func=describe_main)
 
 
 def load_model(spec: str):
@@ -267,6 +275,52 @@ def calibrate_store(args, explainer, store_path: Path, record: dict | None = Non
     warning = never_anomalous_warning(section, list(store.meta.class_names))
     if warning:
         print(f"WARNING: {warning}", file=sys.stderr)
+
+
+def describe_store(store) -> list[str]:
+    """Lines saying what a loaded store holds: model and layer, training data, calibration and
+    its groups (with the scatter of the realised rate each group's ranks allow, sqrt(target / n)
+    points), the feature block, and the never-ANOMALOUS warning when it applies."""
+    meta, manifest, section = store.meta, store.manifest, store.calibration
+    counts = store.counts
+    lines = [f"{store.path}: model {meta.model_name!r} version {meta.model_version!r}, layer {meta.layer!r}, "
+             f"{meta.num_filters} filters, format {manifest['format_version']}, sha256 {store.sha256[:16]}",
+             f"built {manifest['build_time']} from {(manifest.get('data') or {}).get('source', 'an unrecorded source')}: "
+             f"{int(counts.sum())} training samples in {store.num_classes} classes "
+             f"({int((counts == 0).sum())} without any), serving arrays {store.serving_bytes() / 1e6:.1f} MB"]
+    if "shard" in manifest:
+        return lines + ["a shard: merge the shards (merge-distributions) before serving"]
+    if section is None:
+        return lines + ["not calibrated: calibrate it (recalibrate-distributions) before serving"]
+    target, sources = section["target_fpr"], section["classes"]["source"]
+    lines.append(f"calibrated to a {target:.2%} false-positive rate on {section['held_out_images']} validation samples "
+                 f"({section['split']['part_a']} for scales and tail grids, {section['split']['part_b']} ranked), "
+                 f"scored against the {section['scored_against']} class")
+    own = [count for source, count in zip(sources, section["classes"]["count"]) if source == "class"]
+    if own:
+        scatter = sorted({f"{100 * math.sqrt(target / count):.2f}" for count in (max(own), min(own))}, key=float)
+        lines.append(f"  {len(own)} classes ranked on their own samples ({min(own)}-{max(own)} each: the realised "
+                     f"rate scatters by about ±{'-'.join(scatter)} points per class)")
+    shared = sources.count("fallback")
+    if shared:
+        ranked = section["fallback"]["count"]
+        lines.append(f"  {shared} classes on the class-independent group ({ranked} ranked: about "
+                     f"±{100 * math.sqrt(target / ranked):.2f} points over those classes)")
+    if sources.count(POOLED):
+        lines.append(f"  {sources.count(POOLED)} classes without training samples, on the pooled distribution")
+    features = section.get("features")
+    lines.append(f"  pooled-feature tests: {features['num_features']} features, rank {features['mahalanobis_rank']}"
+                 if features else "  pooled-feature tests: none (alpha tests only)")
+    warning = never_anomalous_warning(section, list(meta.class_names))
+    if warning:
+        lines.append(f"WARNING: {warning}")
+    return lines
+
+
+def describe_main(args) -> int:
+    for line in describe_store(load_store(args.store)):
+        print(line)
+    return 0
 
 
 def print_store(path: Path) -> None:

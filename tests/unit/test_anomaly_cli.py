@@ -68,8 +68,14 @@ def test_build_then_merge_match_and_score(archive_folder, tmp_path, capsys):
         assert set(labels[ids]) == {class_id}
     printed = capsys.readouterr()
     assert "calibrated on 16 val images" in printed.out
-    # 8 part-B images at most in any group: no p-value can go below 1/9, above the 10 % target.
+    # 6 part-B images in all: no p-value can go below 1/7, above the 10 % target.
     assert "WARNING: the verdict can never be ANOMALOUS at the 10.00% target for 8 of 8 classes" in printed.err
+    assert run("describe-distributions", str(full)) == 0
+    described = capsys.readouterr().out.splitlines()
+    assert described[1].startswith(f"built {BUILD_TIME} from fashion-scenes: 24 training samples in 8 classes")
+    assert described[2].startswith("calibrated to a 10.00% false-positive rate on 16 validation samples (10 for scales "
+                                   "and tail grids, 6 ranked)")
+    assert described[-1].startswith("WARNING: the verdict can never be ANOMALOUS at the 10.00% target for 8 of 8")
 
     for shard in ("0", "1"):
         assert run("build-distributions", *common(archive_folder), "--out", str(tmp_path / f"shard{shard}"),
@@ -79,6 +85,10 @@ def test_build_then_merge_match_and_score(archive_folder, tmp_path, capsys):
     assert run("merge-distributions", str(tmp_path / "shard0"), str(tmp_path / "shard1"), "--out", str(tmp_path / "bare")) == 0
     assert load_store(tmp_path / "bare").calibration is None
     assert "merged without calibration" in capsys.readouterr().out
+    for folder, last in (("shard0", "a shard: merge the shards (merge-distributions) before serving"),
+                         ("bare", "not calibrated: calibrate it (recalibrate-distributions) before serving")):
+        assert run("describe-distributions", str(tmp_path / folder)) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == last
     # Calibrating the merge with the same model at another layer would rank another layer's alpha.
     other_layer = Path(shutil.copytree(archive_folder, tmp_path / "other_layer"))
     metadata = json.loads((other_layer / model_archive.METADATA_FILE).read_text())

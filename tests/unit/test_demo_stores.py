@@ -143,3 +143,21 @@ def test_the_image_store_is_the_calibration_of_the_demo_models_held_out_images()
             assert np.isclose(held[statistic], value, rtol=1e-4, atol=1e-6).any(), (row, statistic)
     critical = {tuple(row) for row in store.calibration["classes"]["critical"]}
     assert len(critical) == store.num_classes, "classes share their thresholds"
+
+
+def test_describe_distributions_says_what_the_committed_image_store_holds(capsys):
+    folder, _, _ = committed("image")
+    assert cli(["describe-distributions", str(folder)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    store = load_store(folder)
+    assert lines[0] == (f"{folder}: model 'demo_image' version '1.0', layer 'features.6', 128 filters, format 3, "
+                        f"sha256 {store.sha256[:16]}")
+    assert lines[1].endswith(f"{int(store.counts.sum())} training samples in 8 classes (0 without any), serving arrays "
+                             f"{store.serving_bytes() / 1e6:.1f} MB")
+    assert lines[2] == ("calibrated to a 1.00% false-positive rate on 16072 validation samples (8038 for scales and "
+                        "tail grids, 8034 ranked), scored against the predicted class")
+    counts = store.calibration["classes"]["count"]
+    # sqrt(0.01 / n) in points: 1000 ranked give 0.32, the smallest class's ranks a little more
+    assert lines[3] == (f"  8 classes ranked on their own samples ({min(counts)}-{max(counts)} each: the realised rate "
+                        f"scatters by about ±0.32-{100 * (0.01 / min(counts)) ** 0.5:.2f} points per class)")
+    assert lines[4:] == ["  pooled-feature tests: 128 features, rank 128"]  # no warning: every class can be flagged
