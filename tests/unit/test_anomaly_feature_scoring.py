@@ -11,7 +11,7 @@ from explainserve.anomaly.calibration import MAX_CLASS_RANKS, split_parts, with_
 from explainserve.anomaly.conformal import FIVE_TESTS, TESTS, fit_tail_grid
 from explainserve.anomaly.feature_tests import FEATURE_TESTS, FeatureTests
 from explainserve.anomaly.scorer import MAX_FLAGS, REASON_CODES, FeatureShare
-from explainserve.anomaly.store import CALIBRATION_SPECS, FEATURE_SPECS
+from explainserve.anomaly.store import CALIBRATION_SPECS, FEATURE_SPECS, store_sha256, write_manifest
 from explainserve.anomaly.synthetic import SyntheticClasses
 
 TARGET = 0.05
@@ -119,6 +119,9 @@ def test_shifted_features_raise_the_feature_tests_evidence_and_name_the_features
     assert shares == sorted(shares, reverse=True)
     terms = five.feature_tests.residual_terms(shifted[:1])[0]
     assert shares[0] == terms.max() and sum(terms) == pytest.approx(moved.statistics[0, 4] ** 2, rel=1e-5)
+    last = len(moved.classes) - 1  # a row past the first: its own class's mean, not row 0's
+    columns = moved.feature_columns(last, "feature_mahalanobis", None)
+    assert sum(columns[1]) == pytest.approx(moved.statistics[last, 3], rel=1e-5)
     mahalanobis = moved.feature_columns(0, "feature_mahalanobis", None)
     assert sorted(mahalanobis[0]) == list(range(NUM_FILTERS)) and mahalanobis[1] == sorted(mahalanobis[1], reverse=True)
     assert sum(mahalanobis[1]) == pytest.approx(moved.statistics[0, 3], rel=1e-5)
@@ -161,6 +164,20 @@ def test_the_feature_block_is_stored_hashed_and_removed_with_a_recalibration(bui
     direct = calibrate(store, alpha, classes, features=features, target_fpr=TARGET).section["features"]
     assert direct["num_features"] == NUM_FILTERS and direct["mahalanobis_rank"] == NUM_FILTERS
     assert direct["fit"] == "part A: class means, tied covariance, principal directions"
+    # A feature section that does not fit, hashed again so that only the scorer can refuse it.
+    manifest = store.manifest
+    features_section = manifest["calibration"]["features"]
+    for broken, message in (({**features_section, "classes": {}}, r"malformed feature block \(KeyError\('critical'\)\)"),
+                            ({**features_section,  # one critical value short per group
+                              "classes": {"critical": [c and c[:-1] for c in features_section["classes"]["critical"]]},
+                              "fallback": {**features_section["fallback"],
+                                           "critical": features_section["fallback"]["critical"][:-1]}},
+                             f"feature block does not cover its {NUM_CLASSES} classes$")):
+        rewritten = dict(manifest, calibration=dict(manifest["calibration"], features=broken))
+        write_manifest(folder, dict(rewritten, sha256=store_sha256(rewritten)))
+        with pytest.raises(StoreError, match=f"^distribution store {folder}: {message}"):
+            Scorer(load_store(folder))
+    write_manifest(folder, manifest)
     corrupt = folder / "feature_basis.npy"
     data = bytearray(corrupt.read_bytes())
     data[-1] ^= 1

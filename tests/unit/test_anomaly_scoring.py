@@ -313,6 +313,11 @@ def test_uncalibrated_or_shard_stores_are_not_scored(tmp_path):
         write_manifest(whole, dict(rewritten, sha256=store_sha256(rewritten)))  # hashed again: the scorer refuses it
         with pytest.raises(StoreError, match=message):
             Scorer(load_store(whole))
+    # A calibrated manifest that says it is one shard (hand-made: calibrate refuses shards) is refused too.
+    rewritten = dict(manifest, shard={"index": 0, "count": 2, "classes": [0, 3]})
+    write_manifest(whole, dict(rewritten, sha256=store_sha256(rewritten)))
+    with pytest.raises(StoreError, match=r"^distribution store .* is one shard; merge the shards before scoring$"):
+        Scorer(load_store(whole))
     (whole / MANIFEST).unlink()
 
 
