@@ -60,7 +60,11 @@ def register(subparsers) -> None:
 def class_names_of(args, n_outputs: int | None) -> list[str]:
     """Class names from --class-names or --num-classes; for a model file, the model's output count."""
     if args.class_names:
-        return [line.strip() for line in args.class_names.read_text().splitlines() if line.strip()]
+        names = [line.strip() for line in args.class_names.read_text().splitlines() if line.strip()]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:  # a data folder or a label names one class: a repeated name would leave its twin without data
+            raise ValueError(f"--class-names {args.class_names}: class names must be unique, repeated: {repeated}")
+        return names
     if args.num_classes:
         if args.num_classes < 1:
             raise ValueError(f"--num-classes: must be a positive integer, got {args.num_classes}")

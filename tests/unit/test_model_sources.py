@@ -139,6 +139,8 @@ def test_bad_sources_get_one_line_naming_the_argument_and_the_fix(tmp_path, mode
     other = tmp_path / "other.pt"
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), other)
     small = ("--input-size", "32", "32")
+    repeated_names = tmp_path / "names.txt"
+    repeated_names.write_text("cat\ndog\n cat \n")
     cases = [
         (("--torchvision", "resnet19", "--num-classes", "3"), r"--torchvision resnet19: not a torchvision .* pass one of"),
         (("--timm", "no_such_net", "--num-classes", "3"), r"--timm no_such_net: not a timm model name; pass one of"),
@@ -155,6 +157,8 @@ def test_bad_sources_get_one_line_naming_the_argument_and_the_fix(tmp_path, mode
         (("--model-file", str(model_file), "--model-class", "TinyNet", "--num-classes", "5", *small),
          r"--class-names: 5 names, but the model returns 3 logits"),
         (("--torchvision", "resnet18", *small), r"--class-names or --num-classes is needed"),
+        (("--torchvision", "resnet18", "--class-names", str(repeated_names), *small),
+         r"--class-names .*names\.txt: class names must be unique, repeated: \['cat'\]"),
     ]
     for argv, pattern in cases:
         message = one_line_error(capsys, *argv)
