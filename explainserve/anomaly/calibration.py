@@ -452,7 +452,7 @@ def never_anomalous_warning(section: dict, class_names: list[str]) -> str | None
     ranked = " or ".join(str(count) for count in sorted(never))
     return (f"the verdict can never be ANOMALOUS at the {target:.2%} target for {len(silent)} of "
             f"{len(section['classes']['source'])} classes ({shown}): their groups rank only {ranked} part-B "
-            f"validation images, and a p-value is never below 1/(n + 1) ({1 / (min(never) + 1):.2%} for "
-            f"{min(never)}). A group reaches {target:.2%} from {needed} ranked images on (half of the validation "
-            f"images are ranked): give more validation images, or calibrate to a target above "
+            f"validation samples, and a p-value is never below 1/(n + 1) ({1 / (min(never) + 1):.2%} for "
+            f"{min(never)}). A group reaches {target:.2%} from {needed} ranked samples on (half of the validation "
+            f"samples are ranked): give more validation samples, or calibrate to a target above "
             f"{1 / (min(never) + 1):.2%}")

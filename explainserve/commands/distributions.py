@@ -264,14 +264,14 @@ def calibrate_store(args, explainer, store_path: Path, record: dict | None = Non
     save_calibration(store, calibration)
     section = calibration.section
     sources = section["classes"]["source"]
-    print(f"calibrated on {len(alpha)} val images to a {args.target_fpr:.2%} false-positive rate "
+    print(f"calibrated on {len(alpha)} val samples to a {args.target_fpr:.2%} false-positive rate "
           f"({section['split']['part_a']} for scales and tail grids, {section['split']['part_b']} for conformal ranks): "
           f"{sources.count('class')} classes ranked on their own images, {sources.count('fallback')} on the "
           f"class-independent group")
     pooled = [name for name, source in zip(store.meta.class_names, sources) if source == POOLED]
     if pooled:
         print(f"classes without training samples, scored against the pooled distribution of all classes and "
-              f"ranked among all {section['classes']['count'][sources.index(POOLED)]} ranking val images: {pooled}")
+              f"ranked among all {section['classes']['count'][sources.index(POOLED)]} ranking val samples: {pooled}")
     warning = never_anomalous_warning(section, list(store.meta.class_names))
     if warning:
         print(f"WARNING: {warning}", file=sys.stderr)
@@ -296,16 +296,22 @@ def describe_store(store) -> list[str]:
     lines.append(f"calibrated to a {target:.2%} false-positive rate on {section['held_out_images']} validation samples "
                  f"({section['split']['part_a']} for scales and tail grids, {section['split']['part_b']} ranked), "
                  f"scored against the {section['scored_against']} class")
+
+    def reachable(count: int) -> bool:  # a p-value can go below the target (classes_never_anomalous)
+        return (count + 1) * target > 1
+
     own = [count for source, count in zip(sources, section["classes"]["count"]) if source == "class"]
     if own:
         scatter = sorted({f"{100 * math.sqrt(target / count):.2f}" for count in (max(own), min(own))}, key=float)
-        lines.append(f"  {len(own)} classes ranked on their own samples ({min(own)}-{max(own)} each: the realised "
-                     f"rate scatters by about ±{'-'.join(scatter)} points per class)")
+        lines.append(f"  {len(own)} classes ranked on their own samples ({min(own)}-{max(own)} each: "
+                     + (f"the realised rate scatters by about ±{'-'.join(scatter)} points per class)" if reachable(min(own))
+                        else "too few for some to reach the target)"))
     shared = sources.count("fallback")
     if shared:
         ranked = section["fallback"]["count"]
-        lines.append(f"  {shared} classes on the class-independent group ({ranked} ranked: about "
-                     f"±{100 * math.sqrt(target / ranked):.2f} points over those classes)")
+        lines.append(f"  {shared} classes on the class-independent group ({ranked} ranked: "
+                     + (f"about ±{100 * math.sqrt(target / ranked):.2f} points over those classes)" if reachable(ranked)
+                        else "too few to reach the target)"))
     if sources.count(POOLED):
         lines.append(f"  {sources.count(POOLED)} classes without training samples, on the pooled distribution")
     features = section.get("features")
@@ -326,7 +332,7 @@ def describe_main(args) -> int:
 def print_store(path: Path) -> None:
     store = load_store(path)
     print(f"wrote {path}: {store.num_classes if 'shard' not in store.manifest else len(store.counts)} classes x "
-          f"{store.meta.num_filters} filters, {int(store.counts.sum())} training images, "
+          f"{store.meta.num_filters} filters, {int(store.counts.sum())} training samples, "
           f"serving arrays {store.serving_bytes() / 1e6:.1f} MB, all arrays {store.total_bytes() / 1e6:.1f} MB, "
           f"sha256 {store.sha256[:16]}")
 

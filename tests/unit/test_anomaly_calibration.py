@@ -289,9 +289,9 @@ def test_groups_too_small_to_reach_the_target_are_named(synthetic, store_dir):
     assert at_99["fallback"]["count"] == 99 and classes_never_anomalous(at_99) == {99: [0, 1, 2]}
     assert never_anomalous_warning(at_99, names) == (
         "the verdict can never be ANOMALOUS at the 1.00% target for 3 of 3 classes (coat, bag, shirt): their groups "
-        "rank only 99 part-B validation images, and a p-value is never below 1/(n + 1) (1.00% for 99). A group "
-        "reaches 1.00% from 100 ranked images on (half of the validation images are ranked): give more validation "
-        "images, or calibrate to a target above 1.00%")
+        "rank only 99 part-B validation samples, and a p-value is never below 1/(n + 1) (1.00% for 99). A group "
+        "reaches 1.00% from 100 ranked samples on (half of the validation samples are ranked): give more validation "
+        "samples, or calibrate to a target above 1.00%")
     at_100 = section([68, 66, 66])
     assert at_100["fallback"]["count"] == 100
     assert classes_never_anomalous(at_100) == {} and never_anomalous_warning(at_100, names) is None
@@ -304,7 +304,7 @@ def test_groups_too_small_to_reach_the_target_are_named(synthetic, store_dir):
     assert classes_never_anomalous(section([40, 402, 8], min_class_count=10, target_fpr=0.05)) == {}
     five = section([38, 402, 8], min_class_count=10, target_fpr=0.05)
     assert classes_never_anomalous(five) == {19: [0]}
-    assert "reaches 5.00% from 20 ranked images on" in never_anomalous_warning(five, names)
+    assert "reaches 5.00% from 20 ranked samples on" in never_anomalous_warning(five, names)
 
 
 def test_the_warning_lists_ten_classes_at_most_and_every_group_size():
@@ -320,6 +320,6 @@ def test_the_warning_lists_ten_classes_at_most_and_every_group_size():
     assert "for 11 of 11 classes (c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, ...): their groups rank only 36" in eleven
     # Two groups too small, of 20 and 36 ranked images: both sizes named, the smaller sets the way out.
     both = never_anomalous_warning(section(["class", "fallback"], [20, 5], [None] * 4, 36), names)
-    assert "for 2 of 2 classes (c0, c1): their groups rank only 20 or 36 part-B validation images" in both
-    assert both.endswith("(4.76% for 20). A group reaches 1.00% from 100 ranked images on (half of the validation "
-                         "images are ranked): give more validation images, or calibrate to a target above 4.76%")
+    assert "for 2 of 2 classes (c0, c1): their groups rank only 20 or 36 part-B validation samples" in both
+    assert both.endswith("(4.76% for 20). A group reaches 1.00% from 100 ranked samples on (half of the validation "
+                         "samples are ranked): give more validation samples, or calibrate to a target above 4.76%")

@@ -67,7 +67,7 @@ def test_build_then_merge_match_and_score(archive_folder, tmp_path, capsys):
         ids = exemplars[class_id][exemplars[class_id] >= 0]
         assert set(labels[ids]) == {class_id}
     printed = capsys.readouterr()
-    assert "calibrated on 16 val images" in printed.out
+    assert "calibrated on 16 val samples" in printed.out
     # 6 part-B images in all: no p-value can go below 1/7, above the 10 % target.
     assert "WARNING: the verdict can never be ANOMALOUS at the 10.00% target for 8 of 8 classes" in printed.err
     assert run("describe-distributions", str(full)) == 0
@@ -76,6 +76,7 @@ def test_build_then_merge_match_and_score(archive_folder, tmp_path, capsys):
     assert described[2].startswith("calibrated to a 10.00% false-positive rate on 16 validation samples (10 for scales "
                                    "and tail grids, 6 ranked)")
     assert described[-1].startswith("WARNING: the verdict can never be ANOMALOUS at the 10.00% target for 8 of 8")
+    assert [line for line in described if "ranked" in line and "too few" in line], described  # no scatter quoted
 
     for shard in ("0", "1"):
         assert run("build-distributions", *common(archive_folder), "--out", str(tmp_path / f"shard{shard}"),

@@ -84,7 +84,7 @@ def test_a_store_that_can_never_flag_is_logged_and_exported(store, tmp_path, cap
     never = metrics.registry.get_sample_value("explainserve_store_classes_never_anomalous", {"model": MODEL})
     assert never == 3 and scoring.healthy
     assert ("can never be ANOMALOUS at the 1.00% target for 3 of 3 classes (class0, class1, class2): their groups "
-            "rank only 50 part-B validation images") in caplog.text
+            "rank only 50 part-B validation samples") in caplog.text
     assert "calibrate to a target above 1.96% (explainserve recalibrate-distributions)" in caplog.text
     # `explainserve serve` prints the same before it starts the gateway; a folder that is no store is left to the gateway
     (stores / "broken").mkdir()
