@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from explainserve.anomaly import Scorer, StoreError, calibrate, load_store, save_calibration  # noqa: E402
 from explainserve.explainer import FilterScores  # noqa: E402
 from explainserve.evaluation.ood import (BASELINES, auroc, auroc_bootstrap_interval,  # noqa: E402
-                                         threshold_at_fpr)
+                                         exact_mcnemar_p, threshold_at_fpr)
 from explainserve.probe import probe  # noqa: E402
 
 from bench.ood_extended import NAME as EXTENDED  # noqa: E402
@@ -69,7 +69,8 @@ LOGIT_BASELINES = tuple(BASELINES)
 #: The counts :func:`compare` returns beside its table, carried into a section's results.
 COUNTS = ("best_of", "tpr_vs_energy", "fisher_best_of", "fisher_tpr_vs_energy", "fisher_ge_verdict",
           "fisher_above_verdict_interval", "fisher_kept", "extended_best_of", "extended_above_verdict", "alpha_best_of", "alpha_beyond_interval",
-          "alpha_only_best_of", "beyond_alpha_only_interval")
+          "alpha_only_best_of", "beyond_alpha_only_interval", "fisher_only_test", "verdict_only_test",
+          "fisher_rate_mcnemar_p")
 OTHER_TARGETS = (0.001, 0.05)
 NOISE_SIGMA, BLUR_SIGMA = 0.1, 1.5
 
@@ -282,6 +283,10 @@ def compare(store, passes: dict, oods: list, resamples: int) -> dict:
     fisher_ge = sum(table[FISHER][ood]["auroc"] >= table[VERDICT][ood]["auroc"] for ood in oods)
     fisher_above = sum(table[FISHER][ood]["auroc"] > table[VERDICT][ood]["high"] for ood in oods)
     fisher_rate = abs(table[FISHER]["test_fpr"] - target) <= abs(table[VERDICT]["test_fpr"] - target)
+    # Whether the two realised rates differ beyond chance (a diagnostic, no keep rule): the test
+    # images only one of the two verdicts flags.
+    verdict_test, fisher_test = scored["test"][1].anomalous, fisher_flags[FISHER]["test"]
+    fisher_only, verdict_only = int((fisher_test & ~verdict_test).sum()), int((verdict_test & ~fisher_test).sum())
 
     return {"table": table, "scored": scored, "baselines": baseline_names, "best_of": best_of(VERDICT),
             "tpr_vs_energy": tpr_vs_energy(VERDICT), "fisher_best_of": best_of(FISHER),
@@ -291,7 +296,9 @@ def compare(store, passes: dict, oods: list, resamples: int) -> dict:
             "alpha_only_best_of": best_of(ALPHA_ONLY), "beyond_alpha_only_interval": beyond_alpha_only(VERDICT),
             "extended_best_of": best_of(EXTENDED),
             "extended_above_verdict": sum(table[EXTENDED][ood]["auroc"] > table[ALPHA_ONLY][ood]["auroc"] for ood in oods),
-            "alpha_best_of": best_of(ALPHA_EXTENDED), "alpha_beyond_interval": beyond_alpha_only(ALPHA_EXTENDED)}
+            "alpha_best_of": best_of(ALPHA_EXTENDED), "alpha_beyond_interval": beyond_alpha_only(ALPHA_EXTENDED),
+            "fisher_only_test": fisher_only, "verdict_only_test": verdict_only,
+            "fisher_rate_mcnemar_p": exact_mcnemar_p(fisher_only, verdict_only)}
 
 
 def run(args) -> dict:
@@ -382,7 +389,9 @@ def comparison_rows(r: dict) -> list[str]:
         f"summed tail evidence ({FISHER}: bench/ood_extended.py, calibrated as the verdict is, on this run's val images) reach at least the verdict's "
         f"AUROC on {r['fisher_ge_verdict']} of {len(sets)} sets, above the upper end of its interval on "
         f"{r['fisher_above_verdict_interval']}, at least every baseline's on {r['fisher_best_of']}; their TPR at "
-        f"{percent:g} % is at least Energy's on {r['fisher_tpr_vs_energy']}.", ""]
+        f"{percent:g} % is at least Energy's on {r['fisher_tpr_vs_energy']}. Of the test images, {r['fisher_only_test']} "
+        f"are flagged by {FISHER} alone and {r['verdict_only_test']} by the served verdict alone (exact McNemar "
+        f"p = {r['fisher_rate_mcnemar_p']:.2g} that the two rates are equal).", ""]
 
 
 def section(r: dict) -> list[str]:
@@ -482,6 +491,9 @@ def main(argv=None) -> int:
     print(f"verdict_fisher_tpr_at_target_ge_energy={results['fisher_tpr_vs_energy']}/{sets}")
     print(f"verdict_fisher_realised_fpr_test_percent={100 * results['table'][FISHER]['test_fpr']:.2f}")
     print(f"verdict_fisher_kept={'yes' if results['fisher_kept'] else 'no'}")
+    print(f"verdict_fisher_test_only={results['fisher_only_test']}")
+    print(f"verdict_test_only_not_fisher={results['verdict_only_test']}")
+    print(f"verdict_fisher_rate_mcnemar_p={results['fisher_rate_mcnemar_p']:.3g}")
     print(f"verdict_auroc_beyond_alpha_only_interval={results['beyond_alpha_only_interval']}/{sets}")
     print(f"verdict_alpha_only_auroc_best_of={results['alpha_only_best_of']}/{sets}")
     print(f"verdict_alpha_only_realised_fpr_test_percent={100 * results['table'][ALPHA_ONLY]['test_fpr']:.2f}")

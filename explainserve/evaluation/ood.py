@@ -126,3 +126,24 @@ def auroc_bootstrap_interval(in_scores, out_scores, *, resamples: int = 200, lev
                    positives[rng.integers(0, positives.size, positives.size)]) for _ in range(resamples)]
     low, high = np.quantile(areas, [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)
+
+
+def exact_mcnemar_p(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar test of two detectors flagging the same inputs: the p-value that
+    their flag rates are equal, from the inputs only one of them flags.
+
+    Parameters
+    ----------
+    only_first, only_second : int
+        Inputs flagged by the first detector and not the second, and the reverse.
+
+    Returns
+    -------
+    float
+        min(1, 2 P(X <= min(b, c))) for X ~ Binomial(b + c, 1/2); 1.0 without discordant inputs.
+    """
+    if min(only_first, only_second) < 0:
+        raise ValueError(f"counts must be >= 0, got {only_first} and {only_second}")
+    total, smaller = only_first + only_second, min(only_first, only_second)
+    tail = sum(math.comb(total, k) for k in range(smaller + 1)) / 2 ** total
+    return min(1.0, 2 * tail)

@@ -191,3 +191,24 @@ def test_the_fisher_verdict_holds_its_rate_and_adds_evidence_spread_over_its_tes
     single = tests.copy()
     single[:, 0] += 3.0
     assert fisher.score(single, classes)[1].mean() < min_p.score(single, classes)[1].mean() - 0.05
+
+
+def test_exact_mcnemar_p_by_hand():
+    from explainserve.evaluation.ood import exact_mcnemar_p
+
+    assert exact_mcnemar_p(0, 0) == 1.0
+    assert exact_mcnemar_p(0, 2) == 0.5  # 2 x (1/4)
+    assert exact_mcnemar_p(3, 3) == 1.0
+    assert exact_mcnemar_p(8, 0) == exact_mcnemar_p(0, 8) == 2 / 256
+    assert exact_mcnemar_p(1, 9) == pytest.approx(2 * (1 + 10) / 1024)
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        exact_mcnemar_p(-1, 3)
+
+
+def test_exact_mcnemar_p_equals_scipys_binomial_test():
+    from explainserve.evaluation.ood import exact_mcnemar_p
+
+    stats = pytest.importorskip("scipy.stats")  # scikit-image's dependency
+    for only_first, only_second in [(0, 5), (2, 7), (13, 13), (30, 12), (1, 40)]:
+        expected = stats.binomtest(only_first, only_first + only_second, 0.5).pvalue
+        assert exact_mcnemar_p(only_first, only_second) == pytest.approx(expected, rel=1e-12)
