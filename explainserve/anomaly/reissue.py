@@ -9,15 +9,11 @@ verified against the old manifest, copied, and given a fresh manifest, ready for
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-
-from explainserve.anomaly.store import (ARRAY_SPECS, CARRIED_FORMATS, MANIFEST, StoreError, StoreMeta, array_shape,
-                                        file_sha256, finalise_store)
+from explainserve.anomaly.store import ARRAY_SPECS, finalise_store, load_training_arrays
 
 
 def reissue_store(source: str | os.PathLike, out: str | os.PathLike, *, val_limit: dict | None = None) -> dict:
@@ -43,43 +39,18 @@ def reissue_store(source: str | os.PathLike, out: str | os.PathLike, *, val_limi
     Raises
     ------
     StoreError
-        ``source`` has no readable manifest, is a shard, has another format, or an array that is
-        missing, of the wrong dtype or shape, or does not match its recorded sha256.
+        From :func:`~explainserve.anomaly.store.load_training_arrays`: ``source`` has no readable
+        manifest, is a shard, has another format, or a training array that is missing, of the wrong
+        dtype or shape, or does not match its recorded size and sha256.
     """
     source, out = Path(source), Path(out)
-    try:
-        manifest = json.loads((source / MANIFEST).read_text())
-    except (OSError, ValueError) as error:
-        raise StoreError(f"distribution store {source}: unreadable {MANIFEST} ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") not in CARRIED_FORMATS:
-        found = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise StoreError(f"distribution store {source}: format_version {found!r} cannot be carried over "
-                         f"(formats {list(CARRIED_FORMATS)} can); build the store again")
-    if "shard" in manifest:
-        raise StoreError(f"distribution store {source}: a shard; merge the shards first (merge-distributions)")
-    try:
-        meta = StoreMeta.from_json(manifest)
-        counts, levels, top_k = manifest["counts"], tuple(manifest["percentile_levels"]), manifest["top_k"]
-        recorded = {name: manifest["arrays"][name] for name in ARRAY_SPECS}
-    except (KeyError, TypeError) as error:
-        raise StoreError(f"distribution store {source}: malformed {MANIFEST} ({error!r})") from None
-    for name, (dtype, _) in ARRAY_SPECS.items():
-        file = source / f"{name}.npy"
-        if not file.is_file():
-            raise StoreError(f"distribution store {source}: {file.name} is missing")
-        if file_sha256(file) != recorded[name]["sha256"]:
-            raise StoreError(f"distribution store {source}: {file.name} sha256 does not match its manifest (corrupt)")
-        array = np.load(file, mmap_mode="r")
-        expected = array_shape(name, len(meta.class_names), meta.num_filters, len(levels), top_k)
-        if array.dtype != dtype or array.shape != expected:
-            raise StoreError(f"distribution store {source}: {file.name} is {array.dtype}{array.shape}, "
-                             f"expected {np.dtype(dtype)}{expected}")
-        del array
-        shutil.copyfile(file, out / file.name)
+    manifest, meta = load_training_arrays(source)
+    for name in ARRAY_SPECS:
+        shutil.copyfile(source / f"{name}.npy", out / f"{name}.npy")
     data = manifest.get("data")
     if data is not None:
         data = {key: value for key, value in data.items() if key != "val_limit"}
         if val_limit is not None:
             data["val_limit"] = val_limit
-    return finalise_store(out, meta, counts=counts, top_k=top_k, levels=levels, build_time=manifest["build_time"],
-                          data=data)
+    return finalise_store(out, meta, counts=manifest["counts"], top_k=manifest["top_k"],
+                          levels=tuple(manifest["percentile_levels"]), build_time=manifest["build_time"], data=data)

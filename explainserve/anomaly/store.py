@@ -421,25 +421,79 @@ def load_store(path: str | os.PathLike, *, model_name: str | None = None,
         modified array, or an array of the wrong dtype or shape.
     """
     directory = Path(path).resolve() if into_memory else Path(path)
-    try:
-        folder = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        raise _refuse(directory, "no such folder") from None
-    except OSError as error:
-        raise _refuse(directory, f"unreadable folder ({error})") from None
+    folder = _open_folder(directory)
     try:  # every file comes from this one folder, even if `path` is swapped meanwhile
         return _load(directory, folder, model_name, model_version, verify or into_memory, into_memory)
     finally:
         os.close(folder)
 
 
-def _load(directory: Path, folder: int, model_name, model_version, verify: bool, into_memory: bool) -> DistributionStore:
+def _open_folder(directory: Path) -> int:
+    """A file descriptor of the store folder ``directory``, which every file is then read through."""
     try:
-        manifest: dict[str, Any] = json.loads(_read_file(folder, MANIFEST))
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        raise _refuse(directory, "no such folder") from None
+    except OSError as error:
+        raise _refuse(directory, f"unreadable folder ({error})") from None
+
+
+def _read_manifest(directory: Path, folder: int) -> Any:
+    """The parsed manifest of the open store folder (any JSON value: the caller checks it)."""
+    try:
+        return json.loads(_read_file(folder, MANIFEST))
     except FileNotFoundError:
         raise _refuse(directory, f"no {MANIFEST}") from None
     except (OSError, ValueError) as error:
         raise _refuse(directory, f"unreadable {MANIFEST} ({error})") from None
+
+
+def load_training_arrays(path: str | os.PathLike) -> tuple[dict, StoreMeta]:
+    """Verify the training arrays of a complete store of a format in ``CARRIED_FORMATS``, calibrated
+    or not, for :func:`~explainserve.anomaly.reissue.reissue_store` to carry them into a new store.
+
+    Parameters
+    ----------
+    path : path-like
+        Store directory.
+
+    Returns
+    -------
+    (dict, StoreMeta)
+        Its manifest and the model it was built for. The ``ARRAY_SPECS`` files have the size,
+        sha256, dtype and shape the manifest records; the calibration is not read.
+
+    Raises
+    ------
+    StoreError
+        No readable manifest, a format that cannot be carried over, a shard, a malformed manifest,
+        or a training array that is missing, modified or of the wrong dtype or shape.
+    """
+    directory = Path(path)
+    folder = _open_folder(directory)
+    try:
+        manifest = _read_manifest(directory, folder)
+        if not isinstance(manifest, dict) or manifest.get("format_version") not in CARRIED_FORMATS:
+            found = manifest.get("format_version") if isinstance(manifest, dict) else None
+            raise _refuse(directory, f"format_version {found!r} cannot be carried over (formats "
+                                     f"{list(CARRIED_FORMATS)} can); build the store again")
+        if "shard" in manifest:
+            raise _refuse(directory, "a shard; merge the shards first (merge-distributions)")
+        try:
+            meta = StoreMeta.from_json(manifest)
+            num_levels, top_k = len(manifest["percentile_levels"]), manifest["top_k"]
+            specs = {name: (dtype, array_shape(name, len(meta.class_names), meta.num_filters, num_levels, top_k))
+                     for name, (dtype, _) in ARRAY_SPECS.items()}
+            _verified_arrays(directory, folder, manifest, specs, verify=True, into_memory=False)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise _refuse(directory, f"malformed {MANIFEST} ({error!r})") from None
+    finally:
+        os.close(folder)
+    return manifest, meta
+
+
+def _load(directory: Path, folder: int, model_name, model_version, verify: bool, into_memory: bool) -> DistributionStore:
+    manifest = _read_manifest(directory, folder)
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         found = manifest.get("format_version") if isinstance(manifest, dict) else None
         older = OLDER_FORMATS.get(found) if isinstance(found, int) else None
@@ -469,6 +523,23 @@ def _load(directory: Path, folder: int, model_name, model_version, verify: bool,
                           for name, (dtype, shape) in calibration_specs(section).items()})
         except (KeyError, TypeError) as error:
             raise _refuse(directory, f"malformed calibration section ({error!r}); {REBUILD_HINT}") from None
+    arrays = _verified_arrays(directory, folder, manifest, specs, verify, into_memory)
+    try:
+        digest = store_sha256(manifest) if verify else None
+    except (KeyError, TypeError) as error:
+        raise _refuse(directory, f"{MANIFEST} has a malformed arrays entry ({error!r})") from None
+    if verify and digest != manifest["sha256"]:
+        raise _refuse(directory, f"store sha256 does not match its arrays and settings (a modified {MANIFEST}, "
+                                 f"or one hashed before the settings were covered: {REBUILD_HINT})")
+    return DistributionStore(directory, manifest, meta, arrays)
+
+
+def _verified_arrays(directory: Path, folder: int, manifest: dict, specs: dict, verify: bool,
+                     into_memory: bool) -> dict:
+    """The arrays ``specs`` names ((dtype, shape) each; None in a shape: any length), read from
+    the open store folder: each file's size and (with ``verify``) sha256 checked against the
+    manifest, then its dtype and shape. With ``into_memory`` the ``SERVING_ARRAYS`` are read into
+    memory and the others verified but not kept; otherwise each is memory-mapped."""
     arrays = {}
     for name, (dtype, expected) in specs.items():
         file_name = f"{name}.npy"
@@ -499,11 +570,4 @@ def _load(directory: Path, folder: int, model_name, model_version, verify: bool,
         if array.dtype != dtype or not fits:
             raise _refuse(directory, f"{file_name} is {array.dtype}{array.shape}, expected {np.dtype(dtype)}{expected}")
         arrays[name] = array
-    try:
-        digest = store_sha256(manifest) if verify else None
-    except (KeyError, TypeError) as error:
-        raise _refuse(directory, f"{MANIFEST} has a malformed arrays entry ({error!r})") from None
-    if verify and digest != manifest["sha256"]:
-        raise _refuse(directory, f"store sha256 does not match its arrays and settings (a modified {MANIFEST}, "
-                                 f"or one hashed before the settings were covered: {REBUILD_HINT})")
-    return DistributionStore(directory, manifest, meta, arrays)
+    return arrays

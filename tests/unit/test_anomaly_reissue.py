@@ -84,14 +84,17 @@ def test_stores_that_cannot_be_carried_are_refused(calibrated, tmp_path):
     data = bytearray((corrupt / "mean.npy").read_bytes())
     data[-1] ^= 0xFF
     (corrupt / "mean.npy").write_bytes(bytes(data))
-    with pytest.raises(StoreError, match=r"mean.npy sha256 does not match its manifest \(corrupt\)"):
+    with pytest.raises(StoreError, match=r"mean.npy sha256 does not match the manifest \(corrupt\)"):
         reissue_store(corrupt, empty)
     missing = copy_folder(calibrated, tmp_path / "missing")
     (missing / "grid.npy").unlink()
     with pytest.raises(StoreError, match="grid.npy is missing"):
         reissue_store(missing, empty)
-    with pytest.raises(StoreError, match="unreadable manifest.json"):
+    with pytest.raises(StoreError, match="nowhere: no such folder"):
         reissue_store(tmp_path / "nowhere", empty)
+    (empty / "manifest.json").write_text("{not json")  # a folder whose manifest does not parse
+    with pytest.raises(StoreError, match="unreadable manifest.json"):
+        reissue_store(empty, tmp_path)
 
 
 def test_the_data_record_keeps_its_training_part_and_takes_the_new_val_limit(synthetic, tmp_path):
