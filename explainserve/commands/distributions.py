@@ -266,7 +266,7 @@ def calibrate_store(args, explainer, store_path: Path, record: dict | None = Non
     sources = section["classes"]["source"]
     print(f"calibrated on {len(alpha)} val samples to a {args.target_fpr:.2%} false-positive rate "
           f"({section['split']['part_a']} for scales and tail grids, {section['split']['part_b']} for conformal ranks): "
-          f"{sources.count('class')} classes ranked on their own images, {sources.count('fallback')} on the "
+          f"{sources.count('class')} classes ranked on their own samples, {sources.count('fallback')} on the "
           f"class-independent group")
     pooled = [name for name, source in zip(store.meta.class_names, sources) if source == POOLED]
     if pooled:
