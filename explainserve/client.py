@@ -187,7 +187,7 @@ class ColumnScores:
     same values as the ClassVerdict that Score returns for vector i. k = ``top_flags``.
 
     anomalous, class_calibration, pooled_distribution: (N,) bool; p_value, score, beta, beta_percentile, beta_z,
-    surprise, missing: (N,) float64; surprise_count, expectation_count: (N,) int32;
+    surprise, missing, smallest_p_value: (N,) float64 (the last NaN from an older gateway); surprise_count, expectation_count: (N,) int32;
     tests: the T tests scored, the columns of test_p_values: (N, T) float64 and reasons: (N, T)
     bool (surprise, missing, low_beta, then feature_mahalanobis, feature_residual when the
     features were sent and the store has the feature tests); feature_mahalanobis,
@@ -214,6 +214,7 @@ class ColumnScores:
     reasons: np.ndarray
     class_calibration: np.ndarray
     pooled_distribution: np.ndarray
+    smallest_p_value: np.ndarray
     feature_mahalanobis: np.ndarray
     feature_residual: np.ndarray
     surprising_filters: np.ndarray
@@ -239,7 +240,7 @@ class ColumnScores:
             surprise_count=column("surprise_count", np.int32), expectation_count=column("expectation_count", np.int32),
             test_p_values=column("test_p_values", np.float64, len(tests)), reasons=column("reasons", bool, len(tests)),
             **{name: column(name, np.float64) if len(getattr(response, name)) else np.full(rows, np.nan)
-               for name in ("feature_mahalanobis", "feature_residual")},
+               for name in ("feature_mahalanobis", "feature_residual", "smallest_p_value")},
             surprising_filters=column("surprising_filters", np.int32, flags),
             surprising_exceedance=column("surprising_exceedance", np.float32, flags),
             missing_filters=column("missing_filters", np.int32, flags),

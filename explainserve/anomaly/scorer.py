@@ -123,6 +123,10 @@ class SampleScore:
         A continuous ranking (ROC curves), which keeps growing past the calibration images.
     feature_mahalanobis, feature_residual : float or None
         The feature tests' statistics (d² and r) when the input was scored with its features.
+    smallest_p_value : float
+        The smallest ``p_value`` the class's calibration group can give, 1 / (n + 1) for its n
+        ranked images: at or above the target rate the verdict is never ANOMALOUS
+        (:attr:`Scorer.smallest_p_value`).
     """
 
     class_id: int
@@ -138,6 +142,7 @@ class SampleScore:
     p_value: float
     reasons: tuple
     score: float
+    smallest_p_value: float
     feature_mahalanobis: float | None = None
     feature_residual: float | None = None
 
@@ -302,6 +307,7 @@ class BatchScores:
             p_value=float(p_values[-1]),
             reasons=tuple(reasons),
             score=float(self.score[index]),
+            smallest_p_value=float(self.scorer.smallest_p_value[class_id]),
             feature_mahalanobis=float(statistics[len(TESTS)]) if with_features else None,
             feature_residual=float(statistics[len(TESTS) + 1]) if with_features else None,
         )
@@ -338,6 +344,13 @@ class Scorer:
         calibration holds the feature block (calibrated with pooled features),
         ``has_feature_tests`` is True and :meth:`score` takes features too.
 
+    Attributes
+    ----------
+    smallest_p_value : np.ndarray
+        (C,) float64, 1 / (n + 1) for the n images each class's calibration group ranks: the
+        smallest p-value its verdicts can have. Where it is not below ``target_fpr`` the class
+        can never be ANOMALOUS (:func:`~explainserve.anomaly.calibration.classes_never_anomalous`).
+
     Raises
     ------
     StoreError
@@ -365,6 +378,9 @@ class Scorer:
             raise StoreError(f"distribution store {store.path}: calibration does not cover its {store.num_classes} classes")
         self.tail_grid = np.asarray(store.arrays["tail_grid"])
         self.ranks, self.first_rank_row = self._rank_table(store.arrays["class_ranks"], store.arrays["fallback_ranks"])
+        # A p-value is never below 1 / (n + 1) for n ranked images (conformal.interpolated_p_values).
+        ranked = np.where(self.from_class, self.class_counts, store.arrays["fallback_ranks"].shape[1])
+        self.smallest_p_value = 1.0 / (ranked + 1.0)
         self.feature_tests = None
         if calibration.get("features"):
             self._hold_feature_block(store, calibration["features"])

@@ -70,6 +70,9 @@ def print_result(name: str, result) -> None:
                   + (" (no training images: scored against the pooled distribution)" if verdict.pooled_distribution else ""))
             for reason in verdict.reasons:
                 print(f"      {Reason(reason.code, reason.value, reason.threshold, reason.source, reason.p_value)}")
+            if verdict.smallest_p_value >= verdict.target_fpr > 0:  # 0 from a gateway without the field
+                print(f"      never ANOMALOUS with this store: its p-values for this class go no lower than "
+                      f"{verdict.smallest_p_value:.3g} (too few validation samples; recalibrate the store)")
 
 
 def render(data: np.ndarray, result, path: Path) -> None:

@@ -130,6 +130,7 @@ def columns_response(scores: BatchScores, flags: int) -> explain_pb2.ScoreColumn
                  beta_percentile=scores.beta_percentile, beta_z=scores.beta_z, surprise=statistics[:, 0],
                  missing=statistics[:, 1], test_p_values=scores.p_values[:, :-1], reasons=scores.tests,
                  class_calibration=scores.from_class, pooled_distribution=scores.scorer.reference.pooled[scores.classes],
+                 smallest_p_value=scores.scorer.smallest_p_value[scores.classes],
                  surprising_exceedance=top.surprising_exceedance, missing_exceedance=top.missing_exceedance)
     if scores.test_names != TESTS:  # scored with the feature tests: their statistics too
         merge_packed(response, **{test: statistics[:, scores.test_names.index(test)] for test in FEATURE_TESTS})

@@ -118,6 +118,7 @@ def class_verdict(scores: BatchScores, row: int, into: explain_pb2.ClassVerdict 
     verdict.verdict = explain_pb2.ClassVerdict.ANOMALOUS if sample.verdict == ANOMALOUS else explain_pb2.ClassVerdict.NORMAL
     verdict.beta, verdict.beta_percentile, verdict.beta_z = sample.beta, sample.beta_percentile, sample.beta_z
     verdict.score, verdict.p_value, verdict.target_fpr = sample.score, sample.p_value, scores.scorer.target_fpr
+    verdict.smallest_p_value = sample.smallest_p_value
     verdict.surprise, verdict.missing = sample.surprise, sample.missing
     for reason in sample.reasons:
         added = verdict.reasons.add(code=reason.code, value=reason.value, threshold=reason.threshold,

@@ -102,8 +102,9 @@ def served(tmp_path_factory):
         cli(["stop", "--run-dir", str(run_dir)])
 
 
-def test_image_folder_to_verdicts(served):
+def test_image_folder_to_verdicts(served, capsys):
     store = load_store(served["image_store"])
+    smallest = Scorer(store).smallest_p_value
     assert store.counts.tolist() == [1, 3, 3, 3, 3, 0, 3, 3] and store.calibration["held_out_images"] == 16
     record = json.loads((served["image_store"] / "build_record.json").read_text())
     assert record["train"] == {"files": 19, "bad": 0, "listed": []} and record["val"]["files"] == 16
@@ -111,11 +112,17 @@ def test_image_folder_to_verdicts(served):
         for path in sorted((served["images"] / "val").glob("*/*.jpg"))[:4]:
             result = client.explain(path, model="scenes", timeout=300)
             assert result.anomaly.status == explain_pb2.AnomalyReport.OK, result.anomaly.reason
-            assert result.anomaly.predicted.verdict in (explain_pb2.ClassVerdict.NORMAL, explain_pb2.ClassVerdict.ANOMALOUS)
+            # 16 val images: no group ranks more than 8, so no p-value goes below 1/9, over the 10 % target
+            predicted = result.anomaly.predicted
+            assert predicted.smallest_p_value == smallest[predicted.class_index] >= predicted.target_fpr == 0.1
+            assert predicted.verdict == explain_pb2.ClassVerdict.NORMAL and predicted.p_value >= predicted.smallest_p_value
             assert result.anomaly.store_sha256 == store.sha256
         # The single training image of class 0, scored against class 0: its alpha is the class mean.
         label = client.explain(served["single_image"], model="scenes", label=0, timeout=300).anomaly.label
     assert label.class_index == 0 and abs(label.beta) < 1e-5
+    # The command line says so beside the verdict.
+    assert cli(["explain", str(path), "--model", "scenes", "--target", served["target"]]) == 0
+    assert "never ANOMALOUS with this store: its p-values for this class go no lower than" in capsys.readouterr().out
 
 
 def test_a_class_without_training_images_gets_verdicts_from_the_pooled_distribution(served):

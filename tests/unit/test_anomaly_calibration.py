@@ -172,6 +172,8 @@ def test_small_classes_use_the_recorded_fallback(synthetic, store_dir):
     far = scorer.score(synthetic.loc[2] * 10, 2).sample(0)
     assert far.verdict == "ANOMALOUS" and {r.source for r in far.reasons} == {"fallback"}
     assert far.p_value == pytest.approx(1 / 607)  # past every one of the 606 fallback images
+    # the smallest p-value each class's group allows: its own 300 ranks, or the fallback's 606
+    assert far.smallest_p_value == 1 / 607 and scorer.smallest_p_value.tolist() == [1 / 301, 1 / 301, 1 / 607]
 
 
 def test_ranked_images_are_bounded_by_the_first_in_order(synthetic, store_dir, monkeypatch):

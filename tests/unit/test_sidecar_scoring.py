@@ -83,6 +83,8 @@ def test_a_store_that_can_never_flag_is_logged_and_exported(store, tmp_path, cap
         scoring.load()
     never = metrics.registry.get_sample_value("explainserve_store_classes_never_anomalous", {"model": MODEL})
     assert never == 3 and scoring.healthy
+    served = scoring.score(MODEL, np.full(FILTERS, 1e6, np.float32), 1).predicted  # far past every training image
+    assert served.verdict == explain_pb2.ClassVerdict.NORMAL and served.smallest_p_value == 1 / 51 == served.p_value
     assert ("can never be ANOMALOUS at the 1.00% target for 3 of 3 classes (class0, class1, class2): their groups "
             "rank only 50 part-B validation samples") in caplog.text
     assert "calibrate to a target above 1.96% (explainserve recalibrate-distributions)" in caplog.text
@@ -131,6 +133,7 @@ def verdict_built_message_by_message(scores, row: int) -> explain_pb2.ClassVerdi
         surprise_count=int(scores.surprise_count[row]), expectation_count=int(scores.expectation_count[row]),
         surprising_filters=flags(sample.surprising), missing_filters=flags(sample.expected_missing),
         pooled_distribution=bool(scores.scorer.reference.pooled[sample.class_id]),
+        smallest_p_value=sample.smallest_p_value,
     )
 
 
@@ -231,6 +234,8 @@ def columns_built_from_lists(scores, flags: int) -> explain_pb2.ScoreColumnsResp
         tests=scores.test_names,
         class_calibration=scores.from_class.tolist(),
         pooled_distribution=scores.scorer.reference.pooled[scores.classes].tolist(), top_flags=flags,
+        smallest_p_value=(1 / (scores.scorer.class_counts[scores.classes] * scores.from_class
+                               + scores.scorer.store.calibration["fallback"]["count"] * ~scores.from_class + 1)).tolist(),
         surprising_filters=top.surprising_filters.ravel().tolist(),
         surprising_exceedance=top.surprising_exceedance.ravel().tolist(),
         missing_filters=top.missing_filters.ravel().tolist(), missing_exceedance=top.missing_exceedance.ravel().tolist(),
@@ -254,6 +259,7 @@ def test_columns_with_packed_arrays_equal_the_lists(varied, flags):
         np.testing.assert_array_equal(read.test_p_values, scores.p_values[:, :-1])
         np.testing.assert_array_equal(read.reasons, scores.tests)
         samples = [scores.sample(row, max_flags=0) for row in range(len(scores))]
+        assert read.smallest_p_value.tolist() == [sample.smallest_p_value for sample in samples]
         for name in ("feature_mahalanobis", "feature_residual"):  # NaN for rows scored without features
             expected = [np.nan if getattr(s, name) is None else getattr(s, name) for s in samples]
             np.testing.assert_array_equal(getattr(read, name), expected)
@@ -414,8 +420,10 @@ def test_score_columns_with_features(feature_stores):
     old = explain_pb2.ScoreColumnsResponse()
     old.CopyFrom(plain)
     old.ClearField("tests")
+    old.ClearField("smallest_p_value")
     read = ColumnScores.from_response(old)
     assert read.tests == TESTS and read.reasons.shape == (len(classes), 3)
+    assert np.isnan(read.smallest_p_value).all() and read.smallest_p_value.shape == (len(classes),)
     with pytest.raises(ValueError, match="scored with different tests"):
         ColumnScores.concatenate([read, ColumnScores.from_response(score_columns(scorer, columns_request(
             alpha, classes, model=MODEL, features=features)))])
