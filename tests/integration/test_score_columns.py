@@ -97,7 +97,7 @@ def assert_rows_equal_the_verdicts(scores: ColumnScores, reports: list, flags: i
         assert scores.anomalous[i] == (verdict.verdict == explain_pb2.ClassVerdict.ANOMALOUS)
         assert scores.pooled_distribution[i] == verdict.pooled_distribution
         for name in ("p_value", "score", "beta", "beta_percentile", "beta_z", "surprise", "missing",
-                     "surprise_count", "expectation_count"):
+                     "surprise_count", "expectation_count", "smallest_p_value"):
             assert getattr(scores, name)[i] == getattr(verdict, name), (i, name)
         for name in ("feature_mahalanobis", "feature_residual"):  # NaN: scored without the feature tests
             served = getattr(verdict, name) if verdict.HasField(name) else np.nan
