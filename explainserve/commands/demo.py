@@ -88,15 +88,23 @@ def show_anomalies(client: ExplainClient, out: Path, count: int) -> None:
             print(f"  {sentence}")
 
 
+def serve_arguments(*argv: str) -> argparse.Namespace:
+    """``explainserve serve ARGV`` parsed as the command line parses it, so every option of
+    `serve` the demo does not set takes its default (a hand-built Namespace missed --stores)."""
+    parser = argparse.ArgumentParser(prog="explainserve")
+    serve.register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["serve", *argv])
+
+
 def main(args) -> int:
     from explainserve.data import FashionScenes, MovingFashion
 
     names = ensure_demo_archives(args.model_store, args.weights_dir)
     run_dir = args.out / "serve"
-    serve.serve_main(argparse.Namespace(
-        model_store=args.model_store, models=names, port=args.port, metrics_port=args.metrics_port,
-        torchserve_grpc_port=args.torchserve_grpc_port, torchserve_management_port=args.torchserve_management_port,
-        run_dir=run_dir, startup_timeout=300.0))
+    serve.serve_main(serve_arguments(
+        "--model-store", str(args.model_store), "--models", *names, "--port", str(args.port),
+        "--metrics-port", str(args.metrics_port), "--torchserve-grpc-port", str(args.torchserve_grpc_port),
+        "--torchserve-management-port", str(args.torchserve_management_port), "--run-dir", str(run_dir)))
     target = f"127.0.0.1:{args.port}"
     with ExplainClient(target) as client:
         scenes = FashionScenes("test", size=args.images)
@@ -104,12 +112,12 @@ def main(args) -> int:
             sample = scenes[index]
             result = client.explain(sample["image"], model="demo_image", methods=IMAGE_METHODS, timeout=60)
             print_result(f"scene {index} (true: {scenes.class_names[sample['label']]})", result)
-            render(sample["image"], result, args.out / f"scene_{index}_{IMAGE_METHODS[0]}.png")
+            render(sample["image"], result, args.out / f"scene_{index}.png")  # and scene_<i>_<method>.png
         clips = MovingFashion("test", size=1)
         clip = clips[0]
         result = client.explain(clip["clip"], model="demo_video", methods=VIDEO_METHODS, timeout=120)
         print_result(f"clip 0 (true: {clips.class_names[clip['label']]})", result)
-        render(clip["clip"], result, args.out / f"clip_0_{VIDEO_METHODS[0]}.png")
+        render(clip["clip"], result, args.out / "clip_0.png")
         show_anomalies(client, args.out, args.ood_images)
     print(f"\nthe service is still running on {target}; try:\n"
           f"  explainserve explain IMAGE --model demo_image --method swag_i_g --target {target} --out overlay.png\n"
