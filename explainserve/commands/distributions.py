@@ -25,7 +25,8 @@ from tqdm import tqdm
 from explainserve.anomaly import (StoreMeta, build_store, calibrate, load_store, merge_stores,
                                   save_calibration, shard_classes)
 from explainserve.anomaly.build import DEFAULT_TOP_K
-from explainserve.anomaly.calibration import DEFAULT_TARGET_FPR, POOLED, never_anomalous_warning
+from explainserve.anomaly.calibration import (DEFAULT_TARGET_FPR, FALLBACK, POOLED, classes_never_anomalous,
+                                              never_anomalous_warning)
 from explainserve.anomaly.publish import publishing
 from explainserve.anomaly.reissue import reissue_store
 from explainserve.data.files import default_workers
@@ -296,21 +297,20 @@ def describe_store(store) -> list[str]:
     lines.append(f"calibrated to a {target:.2%} false-positive rate on {section['held_out_images']} validation samples "
                  f"({section['split']['part_a']} for scales and tail grids, {section['split']['part_b']} ranked), "
                  f"scored against the {section['scored_against']} class")
-
-    def reachable(count: int) -> bool:  # a p-value can go below the target (classes_never_anomalous)
-        return (count + 1) * target > 1
-
+    silent = {class_id for ids in classes_never_anomalous(section).values() for class_id in ids}
     own = [count for source, count in zip(sources, section["classes"]["count"]) if source == "class"]
     if own:
         scatter = sorted({f"{100 * math.sqrt(target / count):.2f}" for count in (max(own), min(own))}, key=float)
+        reached = not any(sources[class_id] == "class" for class_id in silent)
         lines.append(f"  {len(own)} classes ranked on their own samples ({min(own)}-{max(own)} each: "
-                     + (f"the realised rate scatters by about ±{'-'.join(scatter)} points per class)" if reachable(min(own))
+                     + (f"the realised rate scatters by about ±{'-'.join(scatter)} points per class)" if reached
                         else "too few for some to reach the target)"))
-    shared = sources.count("fallback")
+    shared = sources.count(FALLBACK)
     if shared:
         ranked = section["fallback"]["count"]
+        reached = not any(sources[class_id] == FALLBACK for class_id in silent)
         lines.append(f"  {shared} classes on the class-independent group ({ranked} ranked: "
-                     + (f"about ±{100 * math.sqrt(target / ranked):.2f} points over those classes)" if reachable(ranked)
+                     + (f"about ±{100 * math.sqrt(target / ranked):.2f} points over those classes)" if reached
                         else "too few to reach the target)"))
     if sources.count(POOLED):
         lines.append(f"  {sources.count(POOLED)} classes without training samples, on the pooled distribution")
