@@ -143,9 +143,14 @@ def test_verdict_is_anomalous_exactly_below_the_target_and_says_why(scorer):
     own, fallback = section["classes"]["critical"][0], section["fallback"]["critical"]
     assert None not in own + fallback and own != fallback
     np.testing.assert_array_equal(batch.critical, np.where((classes == 0)[:, None], own, fallback))
+    # The smallest p-value each group can give: 1 / (n + 1), class 0's own ranks or the fallback's.
+    ranked = [section["classes"]["count"][0], section["fallback"]["count"]]
+    assert scorer.smallest_p_value[:2].tolist() == [1 / (ranked[0] + 1), 1 / (ranked[1] + 1)]
+    assert ranked[0] != ranked[1] and batch.p_value.min() >= min(scorer.smallest_p_value[:2])
     for index in range(300):
         sample = batch.sample(index)
         assert sample.p_value == batch.p_value[index] and sample.score == batch.statistics[index, 3]
+        assert sample.smallest_p_value == scorer.smallest_p_value[sample.class_id]
         assert sample.class_id == classes[index]
         if sample.verdict == NORMAL:
             assert sample.reasons == ()
