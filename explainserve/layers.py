@@ -4,9 +4,11 @@ The rule: the target layer is **the last module whose output is a spatial featur
 head then pools**. A spatial feature map is a tensor of the input's rank, (B, C, h, w) for
 images or (B, C, t, h, w) for video, that is neither the output of a pooling module (VGG's last
 max-pool and ``avgpool`` are skipped, so its target is the last ReLU of ``features``, as in the
-thesis) nor computed from a global pool's output (the pooled head: ConvNeXt's LayerNorm2d,
-MobileNetV3's 1x1 ``conv_head`` in timm; a squeeze-and-excitation block inside the trunk is
-computed from its input too, so its output stays a map). Modules called more than once (a
+thesis) nor a summary: a map of one position (a global pool's output, timm VGG's
+``pre_logits``, a convolution spanning the whole map, or a last stage the input is too small
+for), or anything computed from one (the pooled head: ConvNeXt's LayerNorm2d, MobileNetV3's 1x1
+``conv_head`` in timm; a squeeze-and-excitation block inside the trunk is computed from its
+input too, so its output stays a map). Modules called more than once (a
 shared ``self.relu``) are skipped, since a hook could not tell their calls apart. The choice is
 refused when
 
@@ -60,8 +62,11 @@ def _record_calls(model: nn.Module, inputs: torch.Tensor) -> tuple[list[_Call], 
                 return
             if isinstance(module, _POOLING):
                 pool_outputs.add(id(output))
-                if output.ndim > 2 and output.shape[2:].numel() == 1:
-                    global_ids.add(id(output))
+            # One position is a summary whatever module made it: a global pool, a convolution
+            # spanning the whole map (timm VGG's fully connected pre_logits), or a last stage
+            # the input is too small for. A CAM over it is a constant.
+            if output.ndim > 2 and output.shape[2:].numel() == 1:
+                global_ids.add(id(output))
             if any(isinstance(a, torch.Tensor) and id(a) in global_ids for a in args):
                 global_ids.add(id(output))
             calls.append(_Call(name, module, output, id(output) in pool_outputs or id(output) in global_ids))
@@ -131,7 +136,8 @@ def feature_map_layer(model: nn.Module, inputs: torch.Tensor) -> str:
     maps = [i for i, c in enumerate(calls) if _is_feature_map(c, rank) and counts[c.name] == 1]
     listed = _candidates_text(calls, rank)
     if not maps:
-        raise ValueError(f"layer: no module outputs a spatial feature map of rank {rank} before the head pools "
+        raise ValueError(f"layer: no module outputs a spatial feature map of rank {rank} with more than one "
+                         f"position before the head pools "
                          f"(layers with rank-{rank} outputs: {listed}); pass layer=<dotted module name>")
     chosen = calls[maps[-1]]
     after = [c for c in calls[maps[-1] + 1:] if not chosen.name.startswith(c.name + ".")]

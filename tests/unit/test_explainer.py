@@ -326,8 +326,10 @@ def test_kind_and_input_size_are_checked_before_the_model_runs():
         expected = rf"input_size: expected {spatial} positive ints for kind '{kind}', got \({', '.join(map(str, size))}\)"
         with pytest.raises(ValueError, match=expected):
             Explainer(model, kind=kind, input_size=size, **common)
-    # One pixel is a positive size: ResNet-18 maps a 1 x 32 input to a 1 x 1 target layer.
-    assert Explainer(model, kind="image", input_size=(1, 32), **common).cam_size == (1, 1)
+    # One pixel is a positive size: at 1 x 32, ResNet-18's layer4 is 1 x 1 (one position, a summary), so
+    # the target is layer3's 1 x 2 map.
+    explainer = Explainer(model, kind="image", input_size=(1, 32), **common)
+    assert (explainer.layer, explainer.cam_size) == ("layer3", (1, 2))
 
 
 def test_each_channel_is_normalised_with_its_own_mean_and_std_in_float32(photos):
@@ -345,12 +347,13 @@ def test_each_channel_is_normalised_with_its_own_mean_and_std_in_float32(photos)
 
 
 def test_a_chosen_target_layer_is_the_one_explained(photos):
+    # layer2, not the default at 32 px (layer3: layer4 is 1 x 1 there)
     model = torchvision.models.resnet18(weights=None, num_classes=3)
     explainer = Explainer(model, kind="image", input_size=(32, 32), mean=MEAN, std=STD, class_names=list("abc"),
-                          layer="layer3")
-    assert explainer.layer == "layer3" and explainer.cam_size == (2, 2) and explainer.num_filters == 256
+                          layer="layer2")
+    assert explainer.layer == "layer2" and explainer.cam_size == (4, 4) and explainer.num_filters == 128
     (result,) = explainer.explain(photos[:1], ["grad_cam"])
-    reference = probe(model, explainer.prepare(photos[:1]).inputs, layer="layer3")
+    reference = probe(model, explainer.prepare(photos[:1]).inputs, layer="layer2")
     np.testing.assert_allclose(result.alpha, grad_amap(reference.activations, reference.activation_gradients)[0].numpy(),
                                rtol=1e-4, atol=1e-8)
     np.testing.assert_allclose(result.maps["grad_cam"].heatmap,
@@ -360,13 +363,13 @@ def test_a_chosen_target_layer_is_the_one_explained(photos):
     (jitter,) = explainer.explain(photos[:1], ["jitter_cam"])
     inputs = explainer.prepare(photos[:1]).inputs
     np.testing.assert_allclose(jitter.maps["jitter_cam"].heatmap,
-                               jitter_cam(model, inputs, reference.predicted, cam_size=(2, 2), layer="layer3")[0].numpy(),
+                               jitter_cam(model, inputs, reference.predicted, cam_size=(4, 4), layer="layer2")[0].numpy(),
                                rtol=1e-4, atol=1e-6)
     other = (int(reference.predicted[0]) + 1) % 3
-    (region,) = explainer.filter_regions(photos[:1], [200], targets=[other], n_segments=20)
+    (region,) = explainer.filter_regions(photos[:1], [100], targets=[other], n_segments=20)
     images = explainer.prepare(photos[:1]).rgb.movedim(1, -1).numpy()
-    (expected,) = filter_regions(model, inputs, [200], target=[other], images=images, layer="layer3", n_segments=20)
-    (of_predicted,) = filter_regions(model, inputs, [200], images=images, layer="layer3", n_segments=20)
+    (expected,) = filter_regions(model, inputs, [100], target=[other], images=images, layer="layer2", n_segments=20)
+    (of_predicted,) = filter_regions(model, inputs, [100], images=images, layer="layer2", n_segments=20)
     assert region.target == other and not np.allclose(expected.heatmap, of_predicted.heatmap)
     assert region.heatmap.max() > 0
     np.testing.assert_array_equal(region.segments, expected.segments)

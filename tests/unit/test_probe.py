@@ -91,7 +91,8 @@ def test_functional_inplace_and_reused_relus_are_guided():
 def test_vanilla_gradient_and_extra_targets_from_the_same_pass():
     model = torchvision.models.resnet18(weights=None, num_classes=7).eval()
     x = torch.randn(2, 3, 32, 32)
-    result = probe(model, x, vanilla_gradient=True, extra_targets=[3, None])
+    # layer4 (1 x 1 at 32 px, so not the default) feeds the GAP + linear head directly.
+    result = probe(model, x, layer="layer4", vanilla_gradient=True, extra_targets=[3, None])
     plain = x.clone().requires_grad_()
     logits = model(plain)
     (vanilla,) = torch.autograd.grad(logits[torch.arange(2), result.target].sum(), plain)
@@ -258,6 +259,21 @@ def test_probe_runs_on_image_architectures(architecture, layer):
     assert torch.isfinite(result.input_gradient).all() and result.input_gradient.abs().sum() > 0
     assert result.activation_gradients.shape == result.activations.shape
     assert result.activations.ndim == 4
+
+
+def test_a_map_of_one_position_is_a_summary_and_never_the_target():
+    # A convolution spanning its whole input (a fully connected layer written as one, as timm's
+    # VGG pre_logits) gives a 1 x 1 map, over which any CAM is a constant: the map before it is the target.
+    fully_connected_conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 8), nn.ReLU(),
+                                         nn.Flatten(), nn.Linear(6, 2))
+    result = probe(fully_connected_conv, torch.randn(1, 3, 8, 8))
+    assert result.layer == "1" and result.activations.shape == (1, 4, 8, 8)
+    # A last stage the input is too small for: ResNet-18's layer4 is 1 x 1 at 32 px, layer3 2 x 2.
+    result = probe(torchvision.models.resnet18(weights=None, num_classes=5), torch.randn(1, 3, 32, 32))
+    assert result.layer == "layer3" and result.activations.shape[2:] == (2, 2)
+    with pytest.raises(ValueError, match=r"^layer: no module outputs a spatial feature map of rank 4 with more than "
+                                         r"one position before the head pools \(layers with rank-4 outputs: 0 "):
+        probe(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2)), torch.randn(1, 3, 1, 1))
 
 
 @pytest.mark.parametrize("architecture,layer", VIDEO_ARCHITECTURES.items())

@@ -23,6 +23,8 @@ TIMM_FAMILIES = {
     "RegNet": ("regnetx_002", "final_conv", True),
     "MobileNetV3": ("mobilenetv3_small_050", "blocks", False),
     "DenseNet": ("densenet121", "features", True),
+    # pre_logits is a 7 x 7 convolution to 4096 filters on one position: a summary, not the map.
+    "VGG": ("vgg11", "features.19", True),
 }
 
 
