@@ -26,7 +26,7 @@ from .devices import model_device
 from .grad_amap import grad_amap
 from .jitter_cam import jitter_cam
 from .methods import DEFAULT_METHODS, IMAGE_METHODS, METHODS, SUPPRESSION_STEPS, VIDEO_METHODS  # noqa: F401 (part of this API)
-from .probe import ProbeResult, probe
+from .probe import ProbeResult, expected_channels, probe
 from .surprise import REGION_SEGMENTS, FilterRegion, Suppression, filter_regions, suppress_surprise
 from .limits import Limits
 from .superpixels import gradient_slic, slic_iterations
@@ -41,6 +41,8 @@ SLIC_DEFAULTS = {
     "image": {"wc": 12.0, "wg": 16.0},
     "video": {"wc": 20.0, "wg": 9.0},
 }
+#: ITU-R 601-2 luma weights (Pillow's ``convert("L")``): the grey a one-channel model is given.
+LUMA = (0.299, 0.587, 0.114)
 SWAG_VARIANT = {
     "swag_i": "i", "swag_g": "g", "swag_i_g": "i_g",
     "swag_v_i": "i", "swag_v_g": "g", "swag_v_i_g": "i_g",
@@ -104,10 +106,11 @@ class Prepared:
     Attributes
     ----------
     rgb : Tensor, shape (B, 3, H, W) or (B, 3, T, H, W), float32 in [0, 1]
-        The samples resized to the model's input size, on the CPU (SLIC runs there).
-    inputs : Tensor, same shape
-        ``rgb`` normalised with the model's mean and std, on the model's device: what the
-        network is given.
+        The samples resized to the model's input size, on the CPU (SLIC runs there); for a
+        greyscale model, their grey in all three channels (the picture the model sees).
+    inputs : Tensor, shape (B, C, H, W) or (B, C, T, H, W), C = 3, or 1 for a greyscale model
+        ``rgb`` (its grey) normalised with the model's mean and std, on the model's device:
+        what the network is given.
     """
 
     rgb: torch.Tensor
@@ -180,18 +183,45 @@ def pooled_features(activations: torch.Tensor) -> torch.Tensor:
     return activations.detach().flatten(2).mean(dim=2)
 
 
+def normalisation_channels(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> int:
+    """The model's input channel count, 3 (RGB) or 1 (greyscale), as ``mean`` and ``std`` give it.
+
+    Raises
+    ------
+    ValueError
+        Unless ``mean`` and ``std`` hold 3 or 1 finite values each (every std positive), as many
+        as the model's first convolution takes.
+    """
+    mean, std = list(mean), list(std)
+    if len(mean) not in (1, 3) or len(std) != len(mean):
+        raise ValueError(f"mean, std: expected 3 values each (RGB), or 1 each for a greyscale model, "
+                         f"got {len(mean)} and {len(std)}")
+    if not all(np.isfinite(mean)) or not all(np.isfinite(v) and v > 0 for v in std):
+        raise ValueError(f"mean, std: expected finite values and positive stds, got {mean} and {std}")
+    takes = expected_channels(model)
+    if takes is not None and takes not in (1, 3):
+        raise ValueError(f"mean, std: the model's first convolution takes {takes} channels; only RGB (3) and greyscale (1) "
+                         f"models are served")
+    if takes is not None and takes != len(mean):
+        raise ValueError(f"mean, std: the model's first convolution takes {takes} channel(s) "
+                         f"({'greyscale' if takes == 1 else 'RGB'}) but {len(mean)} value(s) each were given; "
+                         f"pass {takes} each")
+    return len(mean)
+
+
 class Explainer:
     """Explain a CNN classifier's predictions on raw uint8 images or clips.
 
     Parameters
     ----------
     model : nn.Module
-        Classifier returning logits; inputs (B, 3, H, W) or (B, 3, T, H, W).
+        Classifier returning logits; inputs (B, C, H, W) or (B, C, T, H, W) with C = 3 (RGB)
+        or 1 (greyscale: the samples' luma, ``LUMA``, as Pillow converts to "L").
     kind : {"image", "video"}
     input_size : (H, W) or (T, H, W)
         The model's input size; samples are resized to it and maps come back at it.
-    mean, std : sequence of 3 floats
-        Normalisation of RGB values in [0, 1].
+    mean, std : sequence of 3 floats (RGB), or of 1 (greyscale)
+        Normalisation of values in [0, 1]; their length is the model's channel count.
     class_names : sequence of str
         One name per logit.
     layer : str, optional
@@ -213,11 +243,14 @@ class Explainer:
         self.model = model.to(self.device)  # every pass runs it in eval mode and leaves its flags as found
         self.kind = kind
         self.input_size = tuple(int(v) for v in input_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).reshape(3, *(1,) * spatial)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).reshape(3, *(1,) * spatial)
+        self.channels = normalisation_channels(model, mean, std)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).reshape(self.channels, *(1,) * spatial)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).reshape(self.channels, *(1,) * spatial)
+        self._luma = torch.tensor(LUMA, dtype=torch.float32).reshape(1, 3, *(1,) * spatial)
         self.class_names = list(class_names)
         # One dry pass finds the layer, the activation-map size and the number of classes.
-        dry = probe(model, torch.zeros(1, 3, *self.input_size, device=self.device), layer=layer, input_gradient=False)
+        dry = probe(model, torch.zeros(1, self.channels, *self.input_size, device=self.device), layer=layer,
+                    input_gradient=False)
         self.layer = dry.layer
         self.cam_size = tuple(dry.activations.shape[2:])
         self.num_filters = dry.activations.shape[1]
@@ -293,6 +326,9 @@ class Explainer:
         if isinstance(samples, Prepared):
             return samples
         rgb = self.preprocess(samples)
+        if self.channels == 1:
+            grey = (rgb * self._luma).sum(dim=1, keepdim=True)
+            return Prepared(grey.expand_as(rgb).contiguous(), (grey.to(self.device) - self.mean) / self.std)
         return Prepared(rgb, (rgb.to(self.device) - self.mean) / self.std)
 
     def filter_scores(self, samples: Sequence[np.ndarray] | Prepared, targets: Sequence[int | None] | None = None,

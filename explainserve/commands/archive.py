@@ -41,8 +41,10 @@ def register(subparsers) -> None:
     parser.add_argument("--num-classes", type=int,
                         help="number of classes when no --class-names is given (--model-file: default the model's)")
     parser.add_argument("--input-size", type=int, nargs="+", default=[224, 224], help="H W, or T H W for video")
-    parser.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN)
-    parser.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD)
+    parser.add_argument("--mean", type=float, nargs="+",
+                        help="normalisation mean of values in [0, 1]: 3 values (RGB; default ImageNet's), or 1 for a "
+                             "greyscale model (its first convolution takes 1 channel; no default)")
+    parser.add_argument("--std", type=float, nargs="+", help="normalisation std, as --mean")
     parser.add_argument("--layer", help="target layer (default: the last spatial feature map the head pools)")
     parser.add_argument("--name", help="model name (default: the architecture, the class or demo_<kind>)")
     parser.add_argument("--version", default="1.0")
@@ -94,6 +96,25 @@ def architecture_of(args) -> tuple[dict, str]:
             "kwargs": kwargs}, args.model_class.lower()
 
 
+def normalisation_of(args, model: torch.nn.Module) -> tuple[list[float], list[float]]:
+    """--mean and --std, ImageNet's where left out of an RGB model's arguments; checked against the
+    model's first convolution (1 or 3 values each)."""
+    from explainserve.explainer import normalisation_channels
+    from explainserve.probe import expected_channels
+
+    greyscale = expected_channels(model) == 1
+    if greyscale and (args.mean is None or args.std is None):
+        raise ValueError("--mean, --std: the model's first convolution takes 1 channel (greyscale), which has no "
+                         "default normalisation; pass --mean M --std S, those it was trained with")
+    mean = list(IMAGENET_MEAN if args.mean is None else args.mean)
+    std = list(IMAGENET_STD if args.std is None else args.std)
+    try:
+        normalisation_channels(model, mean, std)
+    except ValueError as error:
+        raise ValueError(f"--{str(error).replace('mean, std', 'mean, --std', 1)}") from None
+    return mean, std
+
+
 def user_model(args) -> tuple[torch.nn.Module, dict]:
     """Build the user's model, load its weights, check it and describe it in archive metadata."""
     import torch
@@ -107,7 +128,8 @@ def user_model(args) -> tuple[torch.nn.Module, dict]:
     if args.weights:
         load_weights(model, args.weights, f"{default_name} as built from your arguments")
     kind = "video" if len(args.input_size) == 3 else "image"
-    inputs = torch.zeros(1, 3, *args.input_size)
+    mean, std = normalisation_of(args, model)
+    inputs = torch.zeros(1, len(mean), *args.input_size)
     n_outputs = check_classifier(model, inputs)
     class_names = class_names_of(args, n_outputs)
     if len(class_names) != n_outputs:
@@ -122,7 +144,7 @@ def user_model(args) -> tuple[torch.nn.Module, dict]:
               "verdicts carry no meaning (pass a state_dict file to serve your trained model)", file=sys.stderr)
     metadata = {
         "name": args.name or default_name, "version": args.version, "kind": kind,
-        "input_size": args.input_size, "mean": list(args.mean), "std": list(args.std),
+        "input_size": args.input_size, "mean": mean, "std": std,
         "class_names": class_names, "layer": layer, "architecture": architecture,
         "build_timestamp": time.time(),
     }

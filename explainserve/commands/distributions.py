@@ -12,6 +12,7 @@ and, given the model and data, calibrates the merged store the same way.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -148,6 +149,10 @@ def load_model(spec: str):
             with zipfile.ZipFile(path) as archive:
                 archive.extract(model_archive.METADATA_FILE, folder)
                 archive.extract(model_archive.WEIGHTS_FILE, folder)
+                architecture = json.loads((Path(folder) / model_archive.METADATA_FILE).read_text())["architecture"]
+                model_file = Path(str(architecture.get("file", ""))).name
+                if architecture.get("source") == "model_file" and model_file in archive.namelist():
+                    archive.extract(model_file, folder)  # the user's .py ships inside the archive
             return model_archive.load_model(folder)
     raise ValueError(f"--model: expected {', '.join(map(repr, DEMO_MODELS))}, a .mar file or an archive folder, got {spec!r}")
 

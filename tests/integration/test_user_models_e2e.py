@@ -1,6 +1,6 @@
-"""A user's own CNN (TorchServe model file) and a timm model: archived with ``explainserve
-archive``, served by a real TorchServe behind the real gateway, explained over gRPC; the maps
-and the Grad-AMap alpha equal the library's."""
+"""A user's own CNN (TorchServe model file), the same CNN taking greyscale input, and a timm
+model: archived with ``explainserve archive``, served by a real TorchServe behind the real
+gateway, explained over gRPC; the maps and the Grad-AMap alpha equal the library's."""
 
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ USER_MODEL = textwrap.dedent('''
 
 
     class UserCNN(nn.Module):
-        def __init__(self, num_classes=3, width=8):
+        def __init__(self, num_classes=3, width=8, in_channels=3):
             super().__init__()
-            self.stem = nn.Conv2d(3, width, 3, stride=2, padding=1)
+            self.stem = nn.Conv2d(in_channels, width, 3, stride=2, padding=1)
             self.block = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
             self.hidden = nn.Linear(2 * width, 16)
             self.out = nn.Linear(16, num_classes)
@@ -46,18 +46,22 @@ USER_MODEL = textwrap.dedent('''
 
 def archive_argv(workdir, source: str) -> list[str]:
     weights = workdir / f"{source}.pt"
-    if source == "user":
+    rgb = ["--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25"]
+    if source in ("user", "grey"):
         (workdir / "user_cnn.py").write_text(USER_MODEL)
         torch.manual_seed(5)
-        torch.save(model_class(workdir / "user_cnn.py", "UserCNN")(num_classes=3).state_dict(), weights)
-        argv = ["--model-file", str(workdir / "user_cnn.py"), "--model-class", "UserCNN", "--name", "user_cnn"]
+        channels = 1 if source == "grey" else 3
+        torch.save(model_class(workdir / "user_cnn.py", "UserCNN")(in_channels=channels).state_dict(), weights)
+        argv = ["--model-file", str(workdir / "user_cnn.py"), "--model-class", "UserCNN", "--name", f"{source}_cnn"]
+        if source == "grey":
+            argv += ["--model-kwargs", '{"in_channels": 1}']
+            rgb = ["--mean", "0.45", "--std", "0.3"]
     else:
         timm = pytest.importorskip("timm")
         torch.manual_seed(6)
         torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=3).state_dict(), weights)
         argv = ["--timm", "resnet10t", "--num-classes", "3", "--name", "timm_resnet10t"]
-    return argv + ["--weights", str(weights), "--input-size", *SIZE, "--mean", "0.5", "0.5", "0.5",
-                   "--std", "0.25", "0.25", "0.25"]
+    return argv + ["--weights", str(weights), "--input-size", *SIZE, *rgb]
 
 
 @pytest.fixture(scope="module")
@@ -69,21 +73,23 @@ def served(request, tmp_path_factory):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     references = {}
-    for source in ("user", "timm"):
+    for source in ("user", "grey", "timm"):
         argv = archive_argv(workdir, source)
         assert main(["archive", *argv, "--export-path", str(workdir / "model_store")]) == 0
         model, metadata = user_model(parser.parse_args(["archive", *argv]))
         references[metadata["name"]] = (model, metadata)
-    assert references["user_cnn"][1]["layer"] == "block"
+    assert references["user_cnn"][1]["layer"] == references["grey_cnn"][1]["layer"] == "block"
+    assert (references["grey_cnn"][1]["mean"], references["grey_cnn"][1]["std"]) == ([0.45], [0.3])
     for stack in stack_for_module(request, workdir, [], prebuilt=tuple(references)):
-        yield stack, references
+        yield stack, references, workdir
 
 
-@pytest.mark.parametrize("name", ["user_cnn", "timm_resnet10t"])
+@pytest.mark.parametrize("name", ["user_cnn", "grey_cnn", "timm_resnet10t"])
 def test_served_maps_and_alpha_equal_the_library(served, name):
-    stack, references = served
+    stack, references, _ = served
     model, metadata = references[name]
     library = explainer_for(model, metadata)
+    assert library.channels == (1 if name == "grey_cnn" else 3)
     image = random_image(11)
     expected = library.explain([image], METHODS, ExplainOptions(top_k=3))[0]
     with ExplainClient(stack.target) as client:
@@ -107,3 +113,16 @@ def test_served_maps_and_alpha_equal_the_library(served, name):
     alpha = np.array(handler_pb2.HandlerResponse.FromString(answer).alpha)
     assert alpha.shape == expected.alpha.shape and np.abs(expected.alpha).max() > 0
     np.testing.assert_allclose(alpha, expected.alpha, rtol=1e-4, atol=1e-6 * np.abs(expected.alpha).max())
+
+
+@pytest.mark.parametrize("name", ["user_cnn", "grey_cnn"])
+def test_a_model_file_archive_is_rebuilt_from_the_mar_for_store_builds(served, name):
+    # build-distributions --model X.mar: the user's .py ships inside the archive and is read from it.
+    from explainserve.commands.distributions import load_model
+
+    _, references, workdir = served
+    model, metadata = references[name]
+    rebuilt, rebuilt_metadata = load_model(str(workdir / "model_store" / f"{name}.mar"))
+    assert rebuilt_metadata["mean"] == metadata["mean"]
+    inputs = torch.randn(2, len(metadata["mean"]), *map(int, SIZE))
+    torch.testing.assert_close(rebuilt(inputs), model.eval()(inputs), rtol=0, atol=0)

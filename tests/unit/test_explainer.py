@@ -346,6 +346,60 @@ def test_each_channel_is_normalised_with_its_own_mean_and_std_in_float32(photos)
         np.testing.assert_allclose(prepared.inputs[:, channel].numpy(), by_hand, rtol=1e-5, atol=1e-6)
 
 
+def grey_cnn(dims: int = 2) -> torch.nn.Module:
+    conv, pool = (torch.nn.Conv2d, torch.nn.AdaptiveAvgPool2d) if dims == 2 else (torch.nn.Conv3d, torch.nn.AdaptiveAvgPool3d)
+    return torch.nn.Sequential(conv(1, 8, 3, padding=1), torch.nn.ReLU(), conv(8, 8, 3, stride=2, padding=1),
+                               torch.nn.ReLU(), pool(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+
+
+def test_a_greyscale_model_is_given_the_luma_pillow_computes_and_shown_it(photos):
+    from PIL import Image
+
+    side = photos[0].shape[0]  # the astronaut is 512 x 512: no resize, so Pillow's "L" is the reference
+    explainer = Explainer(grey_cnn(), kind="image", input_size=(side, side), mean=[0.2], std=[0.4],
+                          class_names=list("abc"))
+    assert explainer.channels == 1 and explainer.layer == "3"
+    prepared = explainer.prepare(photos[:1])
+    assert prepared.inputs.shape == (1, 1, side, side) and prepared.rgb.shape == (1, 3, side, side)
+    pillow = np.asarray(Image.fromarray(photos[0]).convert("L"), dtype=np.float64) / 255
+    grey = prepared.rgb[0, 0].numpy()
+    assert np.abs(grey - pillow).max() <= 0.5 / 255 + 1e-6  # Pillow rounds to whole levels
+    for channel in (1, 2):  # SLIC and the pictures see what the model sees
+        np.testing.assert_array_equal(prepared.rgb[0, channel].numpy(), grey)
+    np.testing.assert_allclose(prepared.inputs[0, 0].numpy(), (grey - 0.2) / 0.4, rtol=1e-5, atol=1e-6)
+    (result,) = explainer.explain(photos[:1], ["swag_i_g", "grad_cam"])
+    reference = probe(explainer.model, prepared.inputs, input_gradient=True)
+    assert reference.input_gradient.shape == (1, 1, side, side)
+    np.testing.assert_allclose(result.maps["grad_cam"].heatmap,
+                               grad_cam(reference.activations, reference.activation_gradients, (side, side))[0].numpy(),
+                               rtol=1e-4, atol=1e-6)
+    assert result.maps["swag_i_g"].heatmap.shape == (side, side) and np.ptp(result.maps["swag_i_g"].heatmap) > 0
+    clip = np.stack([photos[0][:64, :64]] * 4)
+    video = Explainer(grey_cnn(3), kind="video", input_size=(4, 32, 32), mean=[0.5], std=[0.5], class_names=list("abc"))
+    inputs = video.prepare([clip]).inputs
+    assert inputs.shape == (1, 1, 4, 32, 32) and torch.equal(inputs[:, :, 0], inputs[:, :, 3])
+
+
+def test_normalisation_must_match_the_models_channels():
+    common = {"kind": "image", "input_size": (16, 16), "class_names": list("abc")}
+    rgb = torchvision.models.resnet18(weights=None, num_classes=3)
+    cases = [
+        (grey_cnn(), [0.5] * 3, [0.5] * 3, r"^mean, std: the model's first convolution takes 1 channel\(s\) "
+                                           r"\(greyscale\) but 3 value\(s\) each were given; pass 1 each$"),
+        (rgb, [0.5], [0.5], r"takes 3 channel\(s\) \(RGB\) but 1 value\(s\) each were given; pass 3 each$"),
+        (rgb, [0.5] * 2, [0.5] * 2, r"^mean, std: expected 3 values each \(RGB\), or 1 each for a greyscale model, "
+                                    r"got 2 and 2$"),
+        (rgb, [0.5] * 3, [0.5], r"got 3 and 1$"),
+        (rgb, [0.5] * 3, [0.5, 0.0, 0.5], r"^mean, std: expected finite values and positive stds"),
+        (rgb, [0.5, float("nan"), 0.5], [0.5] * 3, r"^mean, std: expected finite values and positive stds"),
+        (torch.nn.Sequential(torch.nn.Conv2d(4, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()), [0.5] * 3, [0.5] * 3,
+         r"^mean, std: the model's first convolution takes 4 channels; only RGB \(3\) and greyscale \(1\)"),
+    ]
+    for model, mean, std, message in cases:
+        with pytest.raises(ValueError, match=message):
+            Explainer(model, mean=mean, std=std, **common)
+
+
 def test_a_chosen_target_layer_is_the_one_explained(photos):
     # layer2, not the default at 32 px (layer3: layer4 is 1 x 1 there)
     model = torchvision.models.resnet18(weights=None, num_classes=3)

@@ -29,9 +29,9 @@ MODEL_FILE = textwrap.dedent('''
     class TinyNet(nn.Module):
         """Two conv blocks, global average pool, linear head."""
 
-        def __init__(self, num_classes=3, width=8):
+        def __init__(self, num_classes=3, width=8, in_channels=3):
             super().__init__()
-            self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
+            self.body = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
                                       nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
             self.head = nn.Linear(width, num_classes)
 
@@ -153,10 +153,20 @@ def test_bad_sources_get_one_line_naming_the_argument_and_the_fix(tmp_path, mode
         (("--model-file", str(model_file), "--model-class", "Flat", *small),
          r"--model-file: layer: no module outputs a spatial feature map .* pass --layer NAME"),
         (("--model-file", str(model_file), "--model-class", "TinyNet", "--model-kwargs", '{"depth": 2}', *small),
-         r"--model-kwargs .*TinyNet\(\*\*kwargs\) failed .* pass the keyword arguments of TinyNet\(num_classes=3, width=8\)"),
+         r"--model-kwargs .*TinyNet\(\*\*kwargs\) failed .* pass the keyword arguments of TinyNet\(num_classes=3, width=8, in_channels=3\)"),
         (("--model-file", str(model_file), "--model-class", "TinyNet", "--num-classes", "5", *small),
          r"--class-names: 5 names, but the model returns 3 logits"),
         (("--torchvision", "resnet18", *small), r"--class-names or --num-classes is needed"),
+        (("--model-file", str(model_file), "--model-class", "TinyNet", "--model-kwargs", '{"in_channels": 1}', *small),
+         r"--mean, --std: the model's first convolution takes 1 channel \(greyscale\), which has no default "
+         r"normalisation; pass --mean M --std S, those it was trained with$"),
+        (("--model-file", str(model_file), "--model-class", "TinyNet", "--model-kwargs", '{"in_channels": 1}',
+          "--mean", "0.5", "0.5", "0.5", "--std", "0.2", "0.2", "0.2", *small),
+         r"--mean, --std: the model's first convolution takes 1 channel\(s\) \(greyscale\) but 3 value\(s\) each"),
+        (("--model-file", str(model_file), "--model-class", "TinyNet", "--mean", "0.5", "--std", "0.2", *small),
+         r"--mean, --std: the model's first convolution takes 3 channel\(s\) \(RGB\) but 1 value\(s\) each"),
+        (("--model-file", str(model_file), "--model-class", "TinyNet", "--std", "0", "1", "1", *small),
+         r"--mean, --std: expected finite values and positive stds, got \[0\.485, 0\.456, 0\.406\] and"),
         (("--torchvision", "resnet18", "--class-names", str(repeated_names), *small),
          r"--class-names .*names\.txt: class names must be unique, repeated: \['cat'\]"),
     ]
