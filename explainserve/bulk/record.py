@@ -4,7 +4,8 @@ A line holds the input's ``id`` and ``path``, ``status`` ("ok" or "error"), and 
 ``error`` ({"code", "message"}) or the answer: ``model``, ``predicted`` and ``top_k``
 ({"index", "name", "score"}), ``verdict`` (NORMAL / ANOMALOUS, null when the model has no
 store), ``anomaly_status``, ``score`` (the verdict's combined statistic, a ranking), ``p_value`` (its conformal
-p-value), ``beta``, ``surprise_count``, ``expectation_count``, ``label_verdict``, ``region``
+p-value), ``smallest_p_value`` (the smallest the store can give the class: at or above the target
+rate, never ANOMALOUS), ``beta``, ``surprise_count``, ``expectation_count``, ``label_verdict``, ``region``
 (the surprise region's filter and exemplars), ``timings`` (seconds: the gateway's stages and
 ``client``, the whole call as the client saw it), ``attempts`` and ``pictures`` (paths under
 the output folder).
@@ -28,7 +29,7 @@ def verdict_fields(verdict: explain_pb2.ClassVerdict) -> dict:
         "verdict": explain_pb2.ClassVerdict.Verdict.Name(verdict.verdict),
         "score": verdict.score, "beta": verdict.beta,
         "surprise_count": verdict.surprise_count, "expectation_count": verdict.expectation_count,
-        "p_value": verdict.p_value,
+        "p_value": verdict.p_value, "smallest_p_value": verdict.smallest_p_value,
     }
     return fields
 
@@ -44,14 +45,15 @@ def ok_line(item, result, seconds: float, attempts: int, pictures: dict[str, str
                           {"index": result.predicted_class, "name": "", "score": None}),
         "top_k": classes,
         "anomaly_status": explain_pb2.AnomalyReport.Status.Name(anomaly.status),
-        "verdict": None, "score": None, "p_value": None, "beta": None,
+        "verdict": None, "score": None, "p_value": None, "smallest_p_value": None, "beta": None,
         "surprise_count": None, "expectation_count": None, "label_verdict": None, "region": None,
         "timings": {**result.timings, "client": seconds}, "attempts": attempts, "pictures": pictures,
     }
     if anomaly.status == explain_pb2.AnomalyReport.OK and anomaly.HasField("predicted"):
         predicted = verdict_fields(anomaly.predicted)
         line.update({key: predicted.get(key) for key in
-                     ("verdict", "score", "p_value", "beta", "surprise_count", "expectation_count")})
+                     ("verdict", "score", "p_value", "smallest_p_value", "beta", "surprise_count",
+                      "expectation_count")})
         if anomaly.HasField("label"):
             line["label_verdict"] = verdict_fields(anomaly.label)
         if anomaly.predicted.HasField("surprise_region"):

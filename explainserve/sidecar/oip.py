@@ -15,7 +15,8 @@ Outputs (first dimension N; ask for a subset with the request's ``outputs``):
 ``predicted_class`` INT64 [N], ``heatmap_<method>`` FP32 [N, H, W] (clips [N, T, H, W]) per method,
 ``segments_<method>`` INT32 for SWAG methods, ``verdict`` BYTES [N] (NORMAL, ANOMALOUS or
 UNAVAILABLE: no store), ``verdict_p_value`` FP64 [N] (its conformal p-value: ANOMALOUS exactly
-below the store's target rate), ``verdict_score`` FP64 [N] (``ClassVerdict.score``, see
+below the store's target rate), ``verdict_smallest_p_value`` FP64 [N] (the smallest p-value the
+store can give that class: at or above the target rate its verdict is never ANOMALOUS), ``verdict_score`` FP64 [N] (``ClassVerdict.score``, see
 docs/SERVING.md), ``beta`` FP64, ``surprise_count`` and ``expectation_count`` INT32 [N]; without a
 verdict the numbers are NaN and the counts -1.
 """
@@ -43,7 +44,7 @@ PARAMETERS = {
     "wg": ((int, float), "options.wg"), "jitter_d": (int, "options.jitter_d"), "target_class": (int, "target_class"),
     "label": (int, "label"), "top_k": (int, "top_k"), "explain_anomaly": (bool, "explain_anomaly"),
 }
-VERDICT_OUTPUTS = ("verdict", "verdict_p_value", "verdict_score", "beta", "surprise_count", "expectation_count")
+VERDICT_OUTPUTS = ("verdict", "verdict_p_value", "verdict_smallest_p_value", "verdict_score", "beta", "surprise_count", "expectation_count")
 
 
 class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
@@ -172,13 +173,14 @@ def check_outputs(wanted: list[str], template: explain_pb2.ExplainRequest, metad
 
 
 def verdict_values(response: explain_pb2.ExplainResponse) -> tuple:
-    """(verdict, p-value, score, beta, surprise count, expectation count) of the predicted class."""
+    """(verdict, p-value, smallest p-value, score, beta, surprise count, expectation count) of the
+    predicted class."""
     anomaly = response.anomaly
     if anomaly.status != explain_pb2.AnomalyReport.OK or not anomaly.HasField("predicted"):
-        return "UNAVAILABLE", np.nan, np.nan, np.nan, -1, -1
+        return "UNAVAILABLE", np.nan, np.nan, np.nan, np.nan, -1, -1
     verdict = anomaly.predicted
-    return (explain_pb2.ClassVerdict.Verdict.Name(verdict.verdict), verdict.p_value, verdict.score, verdict.beta,
-            verdict.surprise_count, verdict.expectation_count)
+    return (explain_pb2.ClassVerdict.Verdict.Name(verdict.verdict), verdict.p_value, verdict.smallest_p_value,
+            verdict.score, verdict.beta, verdict.surprise_count, verdict.expectation_count)
 
 
 def infer_response(request, answers: list[explain_pb2.ExplainResponse], wanted: list[str]) -> oip.ModelInferResponse:
@@ -194,9 +196,10 @@ def infer_response(request, answers: list[explain_pb2.ExplainResponse], wanted: 
         if explanation.HasField("segments"):
             outputs[f"segments_{method}"] = np.stack([wire.to_numpy(a.explanations[index].segments)
                                                       for a in answers]).astype(np.int32)
-    verdict, p_value, score, beta, surprise, missing = zip(*(verdict_values(a) for a in answers))
+    verdict, p_value, smallest, score, beta, surprise, missing = zip(*(verdict_values(a) for a in answers))
     outputs["verdict"] = list(verdict)
     outputs["verdict_p_value"] = np.array(p_value, np.float64)
+    outputs["verdict_smallest_p_value"] = np.array(smallest, np.float64)
     outputs["verdict_score"] = np.array(score, np.float64)
     outputs["beta"] = np.array(beta, np.float64)
     outputs["surprise_count"] = np.array(surprise, np.int32)
@@ -228,6 +231,7 @@ def model_metadata(name: str, metadata: dict) -> oip.ModelMetadataResponse:
                *(t for group in maps for t in group),
                tensor(name="verdict", datatype="BYTES", shape=[-1]),
                tensor(name="verdict_p_value", datatype="FP64", shape=[-1]),
+               tensor(name="verdict_smallest_p_value", datatype="FP64", shape=[-1]),
                tensor(name="verdict_score", datatype="FP64", shape=[-1]),
                tensor(name="beta", datatype="FP64", shape=[-1]),
                tensor(name="surprise_count", datatype="INT32", shape=[-1]),

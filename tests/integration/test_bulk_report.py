@@ -106,6 +106,7 @@ def test_a_line_says_what_explain_answers(stack, inputs, bulk_run):
     assert line["verdict"] == explain_pb2.ClassVerdict.Verdict.Name(verdict.verdict)
     assert line["score"] == pytest.approx(verdict.score, rel=1e-6)
     assert line["p_value"] == pytest.approx(verdict.p_value, rel=1e-6)
+    assert line["smallest_p_value"] == verdict.smallest_p_value > 0
     assert (line["surprise_count"], line["expectation_count"]) == (verdict.surprise_count, verdict.expectation_count)
 
 

@@ -83,6 +83,7 @@ def test_a_batch_of_encoded_images_answers_what_explain_answers(stack, triton, i
         assert verdicts[n].decode() == explain_pb2.ClassVerdict.Verdict.Name(verdict.verdict)
         assert result.as_numpy("verdict_score")[n] == pytest.approx(verdict.score, rel=1e-6, abs=1e-9)
         assert result.as_numpy("verdict_p_value")[n] == pytest.approx(verdict.p_value, rel=1e-6, abs=1e-12)
+        assert result.as_numpy("verdict_smallest_p_value")[n] == verdict.smallest_p_value > 0
         assert result.as_numpy("surprise_count")[n] == verdict.surprise_count
         assert result.as_numpy("expectation_count")[n] == verdict.expectation_count
     assert verdicts[1] == b"ANOMALOUS" and result.as_numpy("verdict_p_value")[1] < 0.05  # the noise
@@ -158,6 +159,7 @@ def test_a_batch_of_clips_answers_what_explain_answers(stack, triton):
         np.testing.assert_array_equal(segments[n], reference.segments)
     assert result.as_numpy("verdict").tolist() == [b"UNAVAILABLE"] * 2  # no store for this model
     assert np.isnan(result.as_numpy("verdict_score")).all() and np.isnan(result.as_numpy("verdict_p_value")).all()
+    assert np.isnan(result.as_numpy("verdict_smallest_p_value")).all()
     assert (result.as_numpy("surprise_count") == -1).all()
 
 
