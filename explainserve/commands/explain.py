@@ -111,6 +111,8 @@ def main(args) -> int:
 
     if is_bulk_source(args.input):
         return bulk_main(args)
+    if args.out and not args.method:
+        raise ValueError("--out: no map to draw without --method; pass one (repeat for several), e.g. --method swag_i_g")
     video = args.input.suffix.lower() in VIDEO_SUFFIXES
     data = None if video else load_input(args.input)
     with connect(args) as client:

@@ -53,6 +53,19 @@ def test_explain_call_imports_no_torch(tmp_path):
     assert result["heavy"] == []
 
 
+def test_explain_out_without_a_method_is_refused_before_any_call(tmp_path, capsys):
+    from explainserve.cli import main
+
+    image = tmp_path / "grey.png"
+    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(image)
+    # the target is never dialled: the refusal comes first
+    assert main(["explain", str(image), "--model", "m", "--out", str(tmp_path / "o.png"), "--target", "127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "explainserve explain: error: --out: no map to draw without --method; pass one (repeat for several), "
+        "e.g. --method swag_i_g")
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_train_demo_kinds_are_the_recipes():
     from explainserve.commands.train_demo import DEMO_KINDS
     from explainserve.models.training import RECIPES
