@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .models.state_dicts import load_checked, read_state_dict
+from .probe import check_logits
 
 SOURCES = ("torchvision", "timm", "model_file")
 # Factories a metadata file may name; archives cannot make the handler import anything else.
@@ -179,8 +180,5 @@ def check_classifier(model: nn.Module, inputs: torch.Tensor) -> int:
     """Run ``model`` once on ``inputs``; return its class count, or raise ValueError if it is no classifier."""
     with torch.no_grad():
         logits = model.eval()(inputs)
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"model: returns {shape} for an input of shape {tuple(inputs.shape)}; "
-                         "explainserve serves classifiers returning logits of shape (B, num_classes)")
+    check_logits(logits, tuple(inputs.shape))
     return int(logits.shape[1])

@@ -104,6 +104,21 @@ def check_inputs(inputs: torch.Tensor, model: nn.Module) -> None:
         raise ValueError("inputs: contains NaN or Inf values; expected finite values")
 
 
+def check_logits(logits, input_shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless ``logits`` is a (B, N) tensor with N >= 2, naming what the model returned and the fix."""
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        fix = "; return the logits alone (a forward that returns them, e.g. out[0] or out['logits'])" \
+            if isinstance(logits, (tuple, list, dict)) else ""
+        raise ValueError(f"model: returns {shape} for an input of shape {input_shape}; "
+                         f"explainserve serves classifiers returning logits of shape (B, num_classes){fix}")
+    if logits.shape[1] == 1:
+        # Softmax over one logit is 1 whatever the input: every answer would be class 0, certain.
+        raise ValueError(f"model: returns one logit per sample (a sigmoid binary classifier?) for an input of shape "
+                         f"{input_shape}; explainserve serves one logit per class: return two, e.g. "
+                         f"torch.cat([-z / 2, z / 2], dim=1), whose softmax is the sigmoid's (1 - p, p)")
+
+
 def expected_channels(model: nn.Module) -> int | None:
     """In-channels of the model's first convolution, or None if it has none."""
     for module in model.modules():
@@ -255,8 +270,7 @@ def probe(
             handle.remove()
         if "A" not in captured:
             raise ValueError(f"layer: {layer_name!r} was not executed by the forward pass")
-        if logits.ndim != 2:
-            raise ValueError(f"model: expected logits of shape (B, N), got {tuple(logits.shape)}")
+        check_logits(logits, tuple(inputs.shape))
 
         batch, n_classes = logits.shape
         predicted = logits.detach().argmax(dim=1)

@@ -157,6 +157,8 @@ def test_bad_sources_get_one_line_naming_the_argument_and_the_fix(tmp_path, mode
         (("--model-file", str(model_file), "--model-class", "TinyNet", "--num-classes", "5", *small),
          r"--class-names: 5 names, but the model returns 3 logits"),
         (("--torchvision", "resnet18", *small), r"--class-names or --num-classes is needed"),
+        (("--model-file", str(model_file), "--model-class", "TinyNet", "--model-kwargs", '{"num_classes": 1}', *small),
+         r"model: returns one logit per sample \(a sigmoid binary classifier\?\) .* return two, e\.g\. "),
         (("--model-file", str(model_file), "--model-class", "TinyNet", "--model-kwargs", '{"in_channels": 1}', *small),
          r"--mean, --std: the model's first convolution takes 1 channel \(greyscale\), which has no default "
          r"normalisation; pass --mean M --std S, those it was trained with$"),

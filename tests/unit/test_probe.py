@@ -578,8 +578,13 @@ def test_bad_layers_and_logits_raise_a_precise_value_error():
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(ValueError, match="^layer: 'unused' was not executed by the forward pass$"):
         probe(OddNet(), x, layer="unused")
-    with pytest.raises(ValueError, match=r"^model: expected logits of shape \(B, N\), got \(2, 3, 1\)$"):
+    with pytest.raises(ValueError, match=r"^model: returns \(2, 3, 1\) for an input of shape \(2, 3, 4, 4\); "
+                                         r"explainserve serves classifiers returning logits of shape \(B, num_classes\)$"):
         probe(OddNet((2, 3, 1)), x, layer="conv")
+    # Softmax over one logit is 1 for every input: a sigmoid binary classifier is refused, saying how to serve it.
+    with pytest.raises(ValueError, match=r"^model: returns one logit per sample \(a sigmoid binary classifier\?\) "
+                                         r"for an input of shape \(2, 3, 4, 4\); .* torch\.cat\(\[-z / 2, z / 2\], dim=1\)"):
+        probe(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1)), x, layer="0")
     model = nn.Sequential(TupleBlock())
     model.forward = lambda inputs: model[0](inputs)[0].mean(dim=(2, 3))
     with pytest.raises(ValueError, match="^layer: '0' returns tuple; a tensor output is required$"):
