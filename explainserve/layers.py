@@ -48,7 +48,7 @@ class _Call:
 
 def _record_calls(model: nn.Module, inputs: torch.Tensor) -> tuple[list[_Call], dict[str, int], torch.Tensor, torch.Tensor]:
     """Run ``model`` once on ``inputs[:1]`` with autograd; return its calls, call counts, input and logits."""
-    from .probe import eval_mode  # probe imports this module
+    from .probe import check_logits, eval_mode  # probe imports this module
 
     calls: list[_Call] = []
     counts: dict[str, int] = {}
@@ -80,6 +80,7 @@ def _record_calls(model: nn.Module, inputs: torch.Tensor) -> tuple[list[_Call], 
     finally:
         for handle in handles:
             handle.remove()
+    check_logits(logits, tuple(x.shape))
     return calls, counts, x, logits
 
 

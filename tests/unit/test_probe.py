@@ -563,6 +563,13 @@ class OddNet(nn.Module):
         return self.fc(self.conv(x).mean(dim=(2, 3))).reshape(self.logits_shape)
 
 
+class LogitsAndInput(nn.Sequential):
+    """Returns (logits, input), as models returning auxiliary outputs do."""
+
+    def forward(self, x):
+        return super().forward(x), x
+
+
 class TupleBlock(nn.Module):
     """A block that returns a tuple."""
 
@@ -585,6 +592,10 @@ def test_bad_layers_and_logits_raise_a_precise_value_error():
     with pytest.raises(ValueError, match=r"^model: returns one logit per sample \(a sigmoid binary classifier\?\) "
                                          r"for an input of shape \(2, 3, 4, 4\); .* torch\.cat\(\[-z / 2, z / 2\], dim=1\)"):
         probe(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1)), x, layer="0")
+    # Checked before the target-layer rule reads the outputs' graph, too.
+    with pytest.raises(ValueError, match=r"^model: returns tuple for an input of shape \(1, 3, 4, 4\); .* "
+                                         r"return the logits alone"):
+        probe(LogitsAndInput(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)), x)
     model = nn.Sequential(TupleBlock())
     model.forward = lambda inputs: model[0](inputs)[0].mean(dim=(2, 3))
     with pytest.raises(ValueError, match="^layer: '0' returns tuple; a tensor output is required$"):
