@@ -142,7 +142,7 @@ def feature_map_layer(model: nn.Module, inputs: torch.Tensor) -> str:
                          f"(layers with rank-{rank} outputs: {listed}); pass layer=<dotted module name>")
     chosen = calls[maps[-1]]
     after = [c for c in calls[maps[-1] + 1:] if not chosen.name.startswith(c.name + ".")]
-    tokens = [c for c in after if c.output.ndim not in (2, rank)]
+    tokens = [c for c in after if c.output.ndim not in (2, rank) and not c.pooled]  # a pooled (B, C, 1) is no token
     if tokens:
         raise ValueError(f"layer: the head does not pool the last spatial map {chosen.name} "
                          f"{tuple(chosen.output.shape)}: {tokens[0].name} {tuple(tokens[0].output.shape)} follows it "

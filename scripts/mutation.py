@@ -66,6 +66,7 @@ PROBE_LEFT_OUT = [
 MODULES = {
     "probe": ("explainserve/probe.py", ["test_probe.py"], PROBE_LEFT_OUT),
     "guided": ("explainserve/guided.py", ["test_probe.py"], PROBE_LEFT_OUT),
+    "layers": ("explainserve/layers.py", ["test_layers.py"], []),
     "cam": ("explainserve/cam.py", ["test_cam.py"], []),
     "swag": ("explainserve/swag.py", ["test_swag.py", "test_superpixels.py"], []),
     "superpixels": ("explainserve/superpixels.py", ["test_superpixels.py",
