@@ -5,7 +5,7 @@ files and, when one is shipped, the anomaly distribution store under the top-lev
 ``distribution_store/`` (its ``manifest.json`` and ``.npy`` arrays). ``metadata.json``::
 
     {"name", "version", "kind": "image"|"video", "input_size": [H, W] or [T, H, W],
-     "mean", "std", "class_names", "layer": str|null,
+     "mean", "std" (3 floats each, or 1 for a greyscale model), "class_names", "layer": str|null,
      "architecture": {"source": "torchvision", "name": "resnet18", "kwargs": {...}},
      "build_timestamp": seconds since the epoch}
 
