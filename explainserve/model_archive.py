@@ -77,6 +77,11 @@ def pack_store(store_path: str | Path, metadata: dict, folder: Path) -> Path:
 
     store = load_store(store_path, model_name=metadata["name"], model_version=str(metadata.get("version", "1.0")))
     Scorer(store)  # refuses a shard or an uncalibrated store
+    misfits = store.meta.misfits(metadata)
+    if misfits:
+        raise ValueError(f"--store {store_path}: built at {'; '.join(misfits)}, as this archive explains the model; "
+                         f"its verdicts would mean nothing: rebuild it from this archive (explainserve "
+                         f"build-distributions --model <the .mar>)")
     target = folder / STORE_FOLDER
     target.mkdir(parents=True)
     for name in (MANIFEST, *(f"{array}.npy" for array in store.manifest["arrays"])):  # calibration's arrays too

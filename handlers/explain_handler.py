@@ -145,6 +145,8 @@ class ExplainHandler:
             "version": self.metadata.get("version", ""),
             "class_names": self.explainer.class_names,
             "layer": self.explainer.layer,
+            "mean": list(self.metadata["mean"]),
+            "std": list(self.metadata["std"]),
             "build_timestamp": self.metadata.get("build_timestamp"),
             **self.explainer.limits.as_dict(),
         }

@@ -166,6 +166,36 @@ class StoreMeta:
             "num_filters": self.num_filters,
         }
 
+    def misfits(self, model: dict) -> list[str]:
+        """What differs between the model this store was built on and ``model``, the one to score.
+
+        Parameters
+        ----------
+        model : dict
+            Any of ``layer`` (str), ``num_filters`` (int), ``input_size``, ``mean`` and ``std``
+            (lists), as an archive's metadata or its handler's describe() give them; a key
+            missing on either side is not compared.
+
+        Returns
+        -------
+        list of str
+            One phrase per difference ("layer 'layer4', not 'layer3'"); empty when the store fits.
+            Another layer, filter count, input size or normalisation gives other alpha, whose
+            verdicts against this store would mean nothing.
+        """
+        built = {"layer": self.layer, "num_filters": self.num_filters,
+                 **{key: self.input_transform[key] for key in ("input_size", "mean", "std") if key in self.input_transform}}
+        misfits = []
+        for key, value in built.items():
+            served = model.get(key)
+            if served is None:
+                continue
+            same = (value == served if isinstance(value, (str, int)) else
+                    len(value) == len(served) and np.allclose(value, served, rtol=1e-6, atol=0))
+            if not same:
+                misfits.append(f"{key} {value!r}, not {served!r}")
+        return misfits
+
     @classmethod
     def from_json(cls, manifest: dict) -> "StoreMeta":
         return cls(

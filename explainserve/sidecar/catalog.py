@@ -61,7 +61,8 @@ class ModelCatalog:
         self._on_model = []
 
     def on_model(self, callback) -> None:
-        """Call ``callback(model, version)`` when the default version TorchServe serves is learnt."""
+        """Call ``callback(model, version, described)`` when the default version TorchServe serves
+        is learnt (``described``: the handler's describe() of it)."""
         self._on_model.append(callback)
 
     def on_health_change(self, callback) -> None:
@@ -106,7 +107,7 @@ class ModelCatalog:
         if not version:  # the store/model version check runs on every describe of the default version
             served = str(description.get("modelVersion") or metadata.get("version") or "")
             for callback in self._on_model:
-                callback(model, served)
+                callback(model, served, metadata)
         return metadata
 
     async def ping(self) -> bool:

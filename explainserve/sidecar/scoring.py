@@ -154,7 +154,8 @@ class AnomalyScoring:
         self.store_dir = Path(store_dir) if store_dir is not None else None
         self.slots: dict[str, StoreSlot] = {}
         self._listeners = []
-        self._served: dict[str, str] = {}  # model -> version TorchServe serves by default
+        # model -> (version TorchServe serves by default, its handler's describe())
+        self._served: dict[str, tuple[str, dict]] = {}
         self._wake = asyncio.Event()  # set by wake(); bound to the loop that first waits on it
         self._forced = False
 
@@ -224,9 +225,7 @@ class AnomalyScoring:
         interleave with a request."""
         was_healthy = self.healthy
         for slot in slots:
-            served = self._served.get(slot.name)
-            if slot.scorer is not None and served and slot.scorer.store.meta.model_version != served:
-                slot = self._mismatch(slot, served)
+            slot = self._checked(slot)
             old = self.slots.get(slot.name)
             if old is not None and old.state == slot.state:
                 # the same store (or the same refusal) again: keep the scorer in use, log nothing
@@ -283,23 +282,39 @@ class AnomalyScoring:
             except Exception:  # noqa: BLE001 - a failed look at the folder must not end the watch
                 log.exception("reloading the distribution stores of %s failed", self.store_dir)
 
-    def _mismatch(self, slot: StoreSlot, version: str) -> StoreSlot:
-        built_for = slot.scorer.store.meta.model_version
+    def _checked(self, slot: StoreSlot) -> StoreSlot:
+        """``slot``, or its refusal when TorchServe serves another version of the model, or the
+        same version explained at another layer, filter count, input size or normalisation."""
+        if slot.scorer is None or slot.name not in self._served:
+            return slot
+        version, described = self._served[slot.name]
+        meta = slot.scorer.store.meta
+        if meta.model_version != version:
+            problem = (f"built for model {slot.name!r} version {meta.model_version!r}, not {slot.name!r} version "
+                       f"{version!r} (served by TorchServe)")
+        elif misfits := meta.misfits(described):
+            problem = (f"built on model {slot.name!r} at {'; '.join(misfits)}, as TorchServe's handler explains it "
+                       f"(the archive changed after the store was built): its verdicts would mean nothing; rebuild "
+                       f"the store from the served archive")
+        else:
+            return slot
         return StoreSlot(slot.name, slot.path, None, STORE_MISMATCH,
-                         f"distribution store {slot.path}: built for model {slot.name!r} version {built_for!r}, "
-                         f"not {slot.name!r} version {version!r} (served by TorchServe)", slot.fingerprint)
+                         f"distribution store {slot.path}: {problem}", slot.fingerprint)
 
-    def model_served(self, model: str, version: str) -> None:
-        """TorchServe serves ``model`` in ``version`` by default: a store for another version is
-        refused, now and when it is reloaded."""
+    def model_served(self, model: str, version: str, described: dict | None = None) -> None:
+        """TorchServe serves ``model`` in ``version`` by default, as its handler ``described`` it:
+        a store for another version, or built at another layer, filter count, input size or
+        normalisation (:meth:`StoreMeta.misfits`), is refused, now and when it is reloaded."""
         if not version:
             return
-        self._served[model] = version
+        self._served[model] = (version, described or {})
         slot = self.slots.get(model)
-        if slot is None or slot.scorer is None or slot.scorer.store.meta.model_version == version:
+        if slot is None:
             return
-        self._transition(slot, self._mismatch(slot, version))
-        self._notify()
+        checked = self._checked(slot)
+        if checked is not slot:
+            self._transition(slot, checked)
+            self._notify()
 
     @property
     def healthy(self) -> bool:

@@ -8,7 +8,6 @@ explainserve_anomaly_unavailable_total grows; once the store is back, answers ar
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import time
@@ -23,7 +22,7 @@ from explainserve._generated import explain_pb2
 from explainserve.anomaly import build_store, calibrate, load_store, save_calibration
 from explainserve.anomaly.synthetic import SyntheticClasses
 from support.fault_load import MODEL, BackgroundLoad, explain_call
-from support.serving_harness import explainer_for, random_image, start_gateway, stop_gateway, wait_for
+from support.serving_harness import explainer_for, random_image, start_gateway, stop_gateway, store_meta_for, wait_for
 from test_sidecar_anomaly import anomaly_health, corrupt, metric_value, metrics_text
 
 pytest_plugins = ["support.fault_harness"]
@@ -39,8 +38,7 @@ def tiny_store(tmp_path_factory, fault_model) -> Path:
     nothing; only whether answers are scored matters here)."""
     model, metadata = fault_model
     synthetic = SyntheticClasses.random(len(metadata["class_names"]), explainer_for(model, metadata).num_filters)
-    meta = dataclasses.replace(synthetic.meta, model_name=metadata["name"], model_version=metadata["version"],
-                               class_names=tuple(metadata["class_names"]))
+    meta = store_meta_for(synthetic.meta, model, metadata)
     path = build_store(synthetic.batches(60), tmp_path_factory.mktemp("tiny_store") / MODEL, meta,
                        build_time="2026-01-01T00:00:00Z")
     store = load_store(path)

@@ -11,7 +11,6 @@ verdict must be the one its ``store_sha256``'s store gives: the sha names the da
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from explainserve.anomaly.publish import publishing
 from explainserve.anomaly.synthetic import SyntheticClasses
 from explainserve.client import ExplainClient
 from support.fault_load import MODEL, BackgroundLoad, explain_call
-from support.serving_harness import explainer_for, random_image, start_gateway, stop_gateway, wait_for
+from support.serving_harness import explainer_for, random_image, start_gateway, stop_gateway, store_meta_for, wait_for
 from test_sidecar_anomaly import anomaly_health
 
 pytest_plugins = ["support.fault_harness"]
@@ -38,9 +37,8 @@ EXPLAIN_CLIENTS, SCORE_CLIENTS = 2, 2
 NORMAL, ANOMALOUS = explain_pb2.ClassVerdict.NORMAL, explain_pb2.ClassVerdict.ANOMALOUS
 
 
-def calibrated_store(synthetic: SyntheticClasses, metadata: dict, out: Path) -> Path:
-    meta = dataclasses.replace(synthetic.meta, model_name=metadata["name"], model_version=metadata["version"],
-                               class_names=tuple(metadata["class_names"]))
+def calibrated_store(synthetic: SyntheticClasses, model, metadata: dict, out: Path) -> Path:
+    meta = store_meta_for(synthetic.meta, model, metadata)
     build_store(synthetic.batches(60), out, meta, build_time="2026-01-01T00:00:00Z")
     classes = np.repeat(np.arange(len(meta.class_names)), 40)
     save_calibration(load_store(out), calibrate(load_store(out), synthetic.sample(classes, seed=9), classes,
@@ -55,8 +53,8 @@ def two_stores(tmp_path_factory, fault_model):
     model, metadata = fault_model
     base = SyntheticClasses.random(len(metadata["class_names"]), explainer_for(model, metadata).num_filters)
     folder = tmp_path_factory.mktemp("two_stores")
-    paths = [calibrated_store(base, metadata, folder / "a"),
-             calibrated_store(SyntheticClasses(base.loc * 3, base.scale), metadata, folder / "b")]
+    paths = [calibrated_store(base, model, metadata, folder / "a"),
+             calibrated_store(SyntheticClasses(base.loc * 3, base.scale), model, metadata, folder / "b")]
     alpha = base.loc[0]
     verdicts = {}
     for path in paths:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from explainserve.anomaly import StoreMeta
 from explainserve.explainer import Explainer
 from explainserve.model_archive import write_archive
 from explainserve.sidecar.local import health, start_gateway, stop_gateway  # noqa: F401 - used by the tests
@@ -53,6 +55,18 @@ def explainer_for(model: torch.nn.Module, metadata: dict) -> Explainer:
     """The in-process library the served maps are compared with."""
     return Explainer(model, kind=metadata["kind"], input_size=metadata["input_size"], mean=metadata["mean"],
                      std=metadata["std"], class_names=metadata["class_names"], layer=metadata["layer"])
+
+
+def store_meta_for(meta: StoreMeta, model: torch.nn.Module, metadata: dict) -> StoreMeta:
+    """``meta`` (a synthetic store's) made that of a store built from the archived model: its name,
+    version and classes, the layer its handler explains and its input transform, which the gateway
+    checks against the handler's describe()."""
+    explainer = explainer_for(model, metadata)
+    return dataclasses.replace(meta, model_name=metadata["name"], model_version=metadata["version"],
+                               class_names=tuple(metadata["class_names"]), layer=explainer.layer,
+                               num_filters=explainer.num_filters,
+                               input_transform={"input_size": list(explainer.input_size), "mean": metadata["mean"],
+                                                "std": metadata["std"]})
 
 
 def png(array: np.ndarray) -> bytes:

@@ -1,5 +1,6 @@
 """The distribution store: exact per-class summaries, round trip, shard/merge equality, refusal of bad stores."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -30,6 +31,20 @@ def store_dir(synthetic, tmp_path_factory):
 def training_rows(synthetic, images_per_class, batch_size):
     alpha, classes, ids = zip(*synthetic.batches(images_per_class, batch_size=batch_size))
     return np.concatenate(alpha), np.concatenate(classes), np.concatenate(ids)
+
+
+def test_misfits_name_each_difference_from_the_model_to_score(synthetic):
+    meta = dataclasses.replace(synthetic.meta, input_transform={"input_size": [64, 64], "mean": [0.5], "std": [0.25]})
+    same = {"layer": "layer4", "num_filters": 48, "input_size": [64, 64], "mean": [0.5], "std": [0.25]}
+    assert meta.misfits(same) == [] and meta.misfits({}) == []
+    assert meta.misfits({**same, "mean": [0.5 * (1 + 1e-7)]}) == []  # JSON rounding is no difference
+    assert meta.misfits({**same, "layer": "layer3", "num_filters": 47}) == ["layer 'layer4', not 'layer3'",
+                                                                            "num_filters 48, not 47"]
+    assert meta.misfits({**same, "input_size": [64, 65], "std": [0.25] * 3}) == [
+        "input_size [64, 64], not [64, 65]", "std [0.25], not [0.25, 0.25, 0.25]"]
+    assert meta.misfits({**same, "mean": [0.5001]}) == ["mean [0.5], not [0.5001]"]
+    # What the store does not record is not compared: the synthetic meta records "size", not input_size.
+    assert synthetic.meta.misfits({"input_size": [1, 1]}) == []
 
 
 def test_summary_is_exact_on_a_hand_made_class():

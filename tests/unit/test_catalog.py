@@ -42,7 +42,7 @@ def test_metadata_is_described_again_once_stale():
     async def scenario():
         management, served = Management(), []
         catalog = catalog_with(management, ttl=0.2)
-        catalog.on_model(lambda model, version: served.append(version))
+        catalog.on_model(lambda model, version, described: served.append((version, described["class_names"])))
         first = await catalog.metadata("m")
         again = await catalog.metadata("m")  # fresh: from the cache
         management.version, management.classes = "2.0", ["a", "b", "c"]
@@ -53,7 +53,8 @@ def test_metadata_is_described_again_once_stale():
     first, again, changed, served, calls = asyncio.run(scenario())
     assert first is again and first["class_names"] == ["a", "b"]
     assert changed["class_names"] == ["a", "b", "c"] and changed["version"] == "2.0"
-    assert served == ["1.0", "2.0"] and calls == 2  # the store/model version check runs again
+    # the store/model check runs again, with the handler's new description
+    assert served == [("1.0", ["a", "b"]), ("2.0", ["a", "b", "c"])] and calls == 2
 
 
 def test_a_failed_refresh_keeps_the_last_metadata_and_an_unknown_model_raises():

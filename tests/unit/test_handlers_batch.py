@@ -107,6 +107,9 @@ def test_describe_reports_what_the_gateway_validates_against(model_and_handler):
     assert described["max_n_segments"] == 64 * 64 // 4 and described["cam_size"] == [2, 2]
     assert described["default_n_segments"] == 24  # 300 * 64² / 224², the thesis's superpixel area
     assert described["max_region_filters"] == 8
+    # what the gateway compares a distribution store with (StoreMeta.misfits)
+    assert (described["layer"], described["num_filters"]) == (handler.explainer.layer, handler.explainer.num_filters)
+    assert (described["mean"], described["std"]) == (metadata["mean"], metadata["std"])
     assert Limits.from_dict(described) == handler.explainer.limits
 
 

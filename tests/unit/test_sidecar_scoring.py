@@ -73,6 +73,34 @@ def test_store_folder_rules(store, tmp_path):
     assert not AnomalyScoring(GatewayMetrics(), None).healthy  # nothing to score with
 
 
+def test_a_store_built_at_another_layer_or_normalisation_than_served_is_refused(store, tmp_path):
+    stores = tmp_path / "stores"
+    shutil.copytree(store, stores / MODEL)
+    meta = load_store(store).meta
+    fits = {"layer": meta.layer, "num_filters": FILTERS, "input_size": [224, 224], "mean": [0.5] * 3, "std": [0.25] * 3}
+    scoring = AnomalyScoring(GatewayMetrics(), stores)
+    changes = []
+    scoring.on_health_change(changes.append)
+    scoring.load()
+    scoring.model_served(MODEL, "1.0", fits)
+    assert scoring.healthy and changes == []
+    # The archive rebuilt after the store: layer3 of 8 filters, another normalisation.
+    scoring.model_served(MODEL, "1.0", {**fits, "layer": "layer3", "num_filters": 8, "mean": [0.485, 0.456, 0.406]})
+    assert not scoring.healthy and changes == [False]
+    refused = scoring.score(MODEL, np.zeros(FILTERS, np.float32), 0)
+    assert refused.status == explain_pb2.AnomalyReport.UNAVAILABLE
+    assert refused.reason == (
+        f"store mismatch: distribution store {stores / MODEL}: built on model '{MODEL}' at layer 'layer4', not 'layer3'; "
+        "num_filters 16, not 8; mean [0.5, 0.5, 0.5], not [0.485, 0.456, 0.406], as TorchServe's handler explains it "
+        "(the archive changed after the store was built): its verdicts would mean nothing; rebuild the store from "
+        "the served archive")
+    # ... and stays refused when the folder is verified again
+    scoring.reload(force=True)
+    assert scoring.score(MODEL, np.zeros(FILTERS, np.float32), 0).reason == refused.reason
+    # A store with no input_size recorded (this synthetic one records "size") is compared on the rest.
+    assert meta.misfits({"input_size": [32, 32]}) == []
+
+
 def test_a_store_that_can_never_flag_is_logged_and_exported(store, tmp_path, caplog):
     # The fixture's classes rank their own 50 part-B images each: p-values never go below 1/51.
     stores = tmp_path / "stores"
