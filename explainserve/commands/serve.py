@@ -20,12 +20,15 @@ DEFAULT_RUN_DIR = Path("out/serve")
 STATE_FILE = "state.json"
 
 
-def store_warnings(stores: Path, names: list[str]) -> list[str]:
+def store_warnings(stores: Path, names: list[str], model_store: Path | None = None) -> list[str]:
     """What a user starting the service should know of the stores ``stores/<name>``: each store
-    whose verdict can never be ANOMALOUS for some classes (the gateway logs the same). A store
-    that does not load is left to the gateway, which refuses it with its reason."""
+    whose verdict can never be ANOMALOUS for some classes (the gateway logs the same) and, given
+    the ``model_store`` of the archives, each store built at another layer, input size or
+    normalisation than its archive (which the gateway refuses). A store that does not load is
+    left to the gateway, which refuses it with its reason."""
     from explainserve.anomaly import StoreError, load_store
     from explainserve.anomaly.calibration import never_anomalous_warning
+    from explainserve.model_archive import METADATA_FILE
 
     warnings = []
     for name in names:
@@ -36,6 +39,14 @@ def store_warnings(stores: Path, names: list[str]) -> list[str]:
         warning = store.calibration and never_anomalous_warning(store.calibration, list(store.meta.class_names))
         if warning:
             warnings.append(f"distribution store of {name}: {warning}")
+        archive = model_store / f"{name}.mar" if model_store is not None else None
+        if archive is not None and archive.is_file():
+            with zipfile.ZipFile(archive) as opened:
+                misfits = store.meta.misfits(json.loads(opened.read(METADATA_FILE)))
+            if misfits:
+                warnings.append(f"distribution store of {name}: built at {'; '.join(misfits)}, as {archive.name} "
+                                f"explains the model: the gateway refuses it (store mismatch); rebuild it with "
+                                f"explainserve build-distributions --model {archive}")
     return warnings
 
 
@@ -122,7 +133,7 @@ def serve_main(args) -> int:
         if missing:
             print(f"no distribution store for {', '.join(missing)}: "
                   "their answers carry no anomaly verdict", file=sys.stderr)
-        for warning in store_warnings(stores, shipped):
+        for warning in store_warnings(stores, shipped, store):
             print(f"WARNING: {warning}", file=sys.stderr)
         gateway = start_gateway(listen, torchserve, args.metrics_port, args.run_dir / "gateway.log",
                                 ("--store-dir", str(stores), "--reflection"))

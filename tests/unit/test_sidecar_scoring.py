@@ -4,8 +4,10 @@ which model and version each may score, and the health it reports."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -99,6 +101,17 @@ def test_a_store_built_at_another_layer_or_normalisation_than_served_is_refused(
     assert scoring.score(MODEL, np.zeros(FILTERS, np.float32), 0).reason == refused.reason
     # A store with no input_size recorded (this synthetic one records "size") is compared on the rest.
     assert meta.misfits({"input_size": [32, 32]}) == []
+    # `explainserve serve` says so before it starts the gateway, from the archive's metadata.
+    model_store = tmp_path / "model_store"
+    model_store.mkdir()
+    with zipfile.ZipFile(model_store / f"{MODEL}.mar", "w") as archive:
+        archive.writestr("metadata.json", json.dumps({"layer": "layer3", "input_size": [64, 64], "mean": [0.5] * 3,
+                                                      "std": [0.25] * 3}))
+    warnings = store_warnings(stores, [MODEL], model_store)
+    assert warnings[-1] == (f"distribution store of {MODEL}: built at layer 'layer4', not 'layer3', as {MODEL}.mar "
+                            f"explains the model: the gateway refuses it (store mismatch); rebuild it with explainserve "
+                            f"build-distributions --model {model_store / MODEL}.mar")
+    assert not any("layer" in warning for warning in store_warnings(stores, [MODEL]))  # no archives given
 
 
 def test_a_store_that_can_never_flag_is_logged_and_exported(store, tmp_path, caplog):
