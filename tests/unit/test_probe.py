@@ -593,8 +593,10 @@ def test_bad_layers_and_logits_raise_a_precise_value_error():
                                          r"for an input of shape \(2, 3, 4, 4\); .* torch\.cat\(\[-z / 2, z / 2\], dim=1\)"):
         probe(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1)), x, layer="0")
     # Checked before the target-layer rule reads the outputs' graph, too.
-    with pytest.raises(ValueError, match=r"^model: returns tuple for an input of shape \(1, 3, 4, 4\); .* "
-                                         r"return the logits alone"):
+    with pytest.raises(ValueError, match=r"^model: returns tuple for an input of shape \(1, 3, 4, 4\); explainserve "
+                                         r"serves classifiers returning logits of shape \(B, num_classes\); return the "
+                                         r"logits alone \(a forward that returns them, e\.g\. out\[0\] or "
+                                         r"out\['logits'\]\)$"):
         probe(LogitsAndInput(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)), x)
     model = nn.Sequential(TupleBlock())
     model.forward = lambda inputs: model[0](inputs)[0].mean(dim=(2, 3))
