@@ -16,6 +16,8 @@ source's Python file ships at the archive's top level (TorchServe's ``--model-fi
 from __future__ import annotations
 
 import json
+import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -62,6 +64,25 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, dict]:
     model = build_model(metadata, model_dir)
     model.load_state_dict(torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True))
     return model.eval(), metadata
+
+
+def read_archive_metadata(mar: str | Path) -> dict:
+    """The ``metadata.json`` of the ``.mar`` file ``mar``, read without unpacking it."""
+    with zipfile.ZipFile(mar) as archive:
+        return json.loads(archive.read(METADATA_FILE))
+
+
+def load_archive(mar: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model and read the metadata from the ``.mar`` file ``mar``: its metadata,
+    weights and, for a ``model_file`` source, the user's Python file (shipped at its top level)."""
+    with tempfile.TemporaryDirectory(prefix="explainserve-mar-") as folder, zipfile.ZipFile(mar) as archive:
+        archive.extract(METADATA_FILE, folder)
+        archive.extract(WEIGHTS_FILE, folder)
+        architecture = json.loads((Path(folder) / METADATA_FILE).read_text())["architecture"]
+        model_file = Path(str(architecture.get("file", ""))).name
+        if architecture.get("source") == "model_file" and model_file in archive.namelist():
+            archive.extract(model_file, folder)
+        return load_model(folder)
 
 
 def pack_store(store_path: str | Path, metadata: dict, folder: Path) -> Path:

@@ -12,11 +12,8 @@ and, given the model and data, calibrates the merged store the same way.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-import tempfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,15 +142,7 @@ def load_model(spec: str):
     if path.is_dir():
         return model_archive.load_model(path)
     if path.suffix == ".mar" and path.is_file():
-        with tempfile.TemporaryDirectory(prefix="explainserve-mar-") as folder:
-            with zipfile.ZipFile(path) as archive:
-                archive.extract(model_archive.METADATA_FILE, folder)
-                archive.extract(model_archive.WEIGHTS_FILE, folder)
-                architecture = json.loads((Path(folder) / model_archive.METADATA_FILE).read_text())["architecture"]
-                model_file = Path(str(architecture.get("file", ""))).name
-                if architecture.get("source") == "model_file" and model_file in archive.namelist():
-                    archive.extract(model_file, folder)  # the user's .py ships inside the archive
-            return model_archive.load_model(folder)
+        return model_archive.load_archive(path)
     raise ValueError(f"--model: expected {', '.join(map(repr, DEMO_MODELS))}, a .mar file or an archive folder, got {spec!r}")
 
 

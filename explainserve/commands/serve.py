@@ -28,7 +28,7 @@ def store_warnings(stores: Path, names: list[str], model_store: Path | None = No
     left to the gateway, which refuses it with its reason."""
     from explainserve.anomaly import StoreError, load_store
     from explainserve.anomaly.calibration import never_anomalous_warning
-    from explainserve.model_archive import METADATA_FILE
+    from explainserve.model_archive import read_archive_metadata
 
     warnings = []
     for name in names:
@@ -41,8 +41,7 @@ def store_warnings(stores: Path, names: list[str], model_store: Path | None = No
             warnings.append(f"distribution store of {name}: {warning}")
         archive = model_store / f"{name}.mar" if model_store is not None else None
         if archive is not None and archive.is_file():
-            with zipfile.ZipFile(archive) as opened:
-                misfits = store.meta.misfits(json.loads(opened.read(METADATA_FILE)))
+            misfits = store.meta.misfits(read_archive_metadata(archive))
             if misfits:
                 warnings.append(f"distribution store of {name}: built at {'; '.join(misfits)}, as {archive.name} "
                                 f"explains the model: the gateway refuses it (store mismatch); rebuild it with "

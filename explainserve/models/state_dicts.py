@@ -44,13 +44,15 @@ def load_checked(model: nn.Module, state: dict[str, torch.Tensor], path: str | P
     model
         The freshly built model.
     state
-        Its weights, as read from ``path``.
+        Its weights, as read from ``path``; when the keys carry a wrapper's prefix (see
+        :func:`unwrapped`), the entries under it.
     path
         The file the weights came from (for messages).
     description
         What the model is, e.g. ``"resnet18 with 10 classes"`` (for messages).
     """
     expected = model.state_dict()
+    state = unwrapped(state, expected, path)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -64,3 +66,43 @@ def load_checked(model: nn.Module, state: dict[str, torch.Tensor], path: str | P
         raise ValueError(f"{path}: tensor shapes do not match {description}: {shown}")
     model.load_state_dict(state)
     return model
+
+
+def unwrapped(state: dict[str, torch.Tensor], expected: dict, path: str | Path) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` meant for a model with ``expected``'s keys.
+
+    ``state`` itself when it holds every expected key. Else the entries under the key prefix
+    whose removal gives exactly the expected keys: a wrapper's checkpoint, such as
+    ``torch.compile``'s (``_orig_mod.``) or a Lightning module's (``model.``, its attribute),
+    whose other entries (a loss's buffers) are left out. Failing that, the entries under the
+    prefix that gives the most expected keys, when it gives more than ``state`` does, so that
+    :func:`load_checked` names the keys really missing; else ``state``.
+
+    Raises
+    ------
+    ValueError
+        When several prefixes hold the model's weights (an EMA copy beside the trained one):
+        which to serve is the user's choice.
+    """
+    wanted = set(expected)
+    if wanted <= set(state):
+        return state
+    prefixes = set()
+    for key in state:
+        parts = key.split(".")
+        prefixes.update(".".join(parts[:i]) + "." for i in range(1, len(parts)) if ".".join(parts[i:]) in wanted)
+
+    def under(prefix: str) -> dict[str, torch.Tensor]:
+        return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+    exact = [prefix for prefix in sorted(prefixes) if set(under(prefix)) == wanted]
+    if len(exact) > 1:
+        raise ValueError(f"{path}: holds the model's weights {len(exact)} times, under the key prefixes {exact}; "
+                         f"save the copy to serve alone, e.g. torch.save({{k[len(p):]: v for k, v in state.items() "
+                         f"if k.startswith(p)}}, path) with p = {exact[0]!r}")
+    if exact:
+        return under(exact[0])
+    best = max(sorted(prefixes), key=lambda prefix: len(wanted & set(under(prefix))), default=None)
+    if best is not None and len(wanted & set(under(best))) > len(wanted & set(state)):
+        return under(best)
+    return state

@@ -7,7 +7,7 @@ from pathlib import Path
 import torchvision
 from torch import nn
 
-from .state_dicts import load_checked, read_state_dict
+from .state_dicts import load_checked, read_state_dict, unwrapped
 
 
 def supported_architectures() -> tuple[str, ...]:
@@ -61,8 +61,9 @@ def load_torchvision_weights(architecture: str, path: str | Path, num_classes: i
         raise ValueError(f"architecture: unknown torchvision classifier {architecture!r}; accepted: {', '.join(accepted)}")
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"num_classes: must be a positive integer or None, got {num_classes!r}")
-    state = read_state_dict(path)
-    head = _head_name(torchvision.models.get_model(architecture, weights=None)) + ".weight"
+    reference = torchvision.models.get_model(architecture, weights=None)  # key names whatever the class count
+    state = unwrapped(read_state_dict(path), reference.state_dict(), path)
+    head = _head_name(reference) + ".weight"
     if head not in state:
         raise ValueError(f"{path}: does not hold {architecture} weights: no classifier tensor {head!r} "
                          f"(first keys: {list(state)[:5]})")
