@@ -66,7 +66,8 @@ def add_model_arguments(parser, *, required: bool) -> None:
     parser.add_argument("--model", required=required,
                         help="'image', 'image_large' or 'video' (a demo model), a .mar archive, or an unpacked archive folder")
     parser.add_argument("--data", required=required, type=data_spec, metavar="SPEC",
-                        help="training and validation data: imagefolder:DIR (DIR/train/<class>/*, DIR/val/<class>/*), "
+                        help="training and validation data: imagefolder:DIR (DIR/train/<class>/*, DIR/val/<class>/*; or "
+                             "DIR/<class>/*, training only), "
                              "clipfolder:DIR (DIR/<split>/<class>/<clip>/<frames>), manifest:FILE (CSV or JSONL with "
                              f"path, label, split), or a demo dataset ({', '.join(sorted(DATASETS))})")
     parser.add_argument("--val-fraction", type=float,

@@ -3,7 +3,8 @@
 Spellings::
 
     imagefolder:DIR   DIR/train/<class>/<file>, DIR/val/<class>/<file>; files are images, or
-                      video files for a video model
+                      video files for a video model. DIR/<class>/<file> (no split folders):
+                      training samples only
     clipfolder:DIR    DIR/<split>/<class>/<clip>/<frame files, sorted by name>
     manifest:FILE     CSV or JSON Lines rows with path, label (class name or index), split
 
@@ -103,16 +104,33 @@ def open_source(spec: str, class_names: list[str], *, val_fraction: float | None
 
 
 def folder_samples(root: Path, class_names: list[str], spec: str) -> tuple[list[SampleFile], list[SampleFile]]:
-    """(train, val) of ``root/<split>/<class>/<entry>``; an entry is a file or a clip folder."""
-    if not (root / "train").is_dir():
+    """(train, val) of ``root/<split>/<class>/<entry>``; an entry is a file or a clip folder.
+
+    A ``root`` without ``train/`` or ``val/`` whose folders include a class of the model is
+    read as ``root/<class>/<entry>`` (torchvision's ImageFolder layout): training samples only.
+    """
+    splits = {split: root / split for split in ("train", "val") if (root / split).is_dir()}
+    if not splits:
+        folders = {folder.name for folder in class_folders(root)} if root.is_dir() else set()
+        if not folders & set(class_names):
+            raise ValueError(f"--data {spec}: {root / 'train'} is not a folder (expected <split>/<class>/<sample>, "
+                             f"or <class>/<sample> for training samples only, with folders named as the archive's "
+                             f"classes)")
+        splits = {"train": root}
+    if "train" not in splits:
         raise ValueError(f"--data {spec}: {root / 'train'} is not a folder (expected <split>/<class>/<sample>)")
-    splits = {}
-    for split in ("train", "val"):
-        folders = sorted(p for p in (root / split).iterdir() if visible(p) and p.is_dir()) if (root / split).is_dir() else []
+    samples = {"train": [], "val": []}
+    for split, location in splits.items():
+        folders = class_folders(location)
         index = class_index((folder.name for folder in folders), class_names, f"--data {spec} ({split})")
-        splits[split] = [SampleFile(entry, index[folder.name]) for folder in folders
-                         for entry in sorted(folder.iterdir()) if visible(entry)]
-    return splits["train"], splits["val"]
+        samples[split] = [SampleFile(entry, index[folder.name]) for folder in folders
+                          for entry in sorted(folder.iterdir()) if visible(entry)]
+    return samples["train"], samples["val"]
+
+
+def class_folders(location: Path) -> list[Path]:
+    """The visible sub-folders of ``location``, sorted by name."""
+    return sorted(p for p in location.iterdir() if visible(p) and p.is_dir())
 
 
 def manifest_samples(path: Path, class_names: list[str], spec: str) -> tuple[list[SampleFile], list[SampleFile]]:

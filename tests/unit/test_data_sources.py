@@ -69,6 +69,35 @@ def test_missing_val_needs_a_val_fraction_and_the_holdout_is_deterministic(tmp_p
         open_source(f"imagefolder:{tmp_path}", CLASSES, val_fraction=1.5)
 
 
+def test_a_folder_of_class_folders_is_the_training_split(tmp_path):
+    # torchvision's ImageFolder layout, root/<class>/<file>: training samples, val held out.
+    for name, count in (("cat", 4), ("owl", 2)):
+        for i in range(count):
+            write(tmp_path / name / f"{i:02d}.jpg", jpeg(image(i)))
+    with pytest.raises(ValueError, match="no val samples to calibrate on"):
+        open_source(f"imagefolder:{tmp_path}", CLASSES)
+    data = open_source(f"imagefolder:{tmp_path}", CLASSES, val_fraction=0.25)
+    listed = sorted((s.path.relative_to(tmp_path).as_posix(), s.label) for s in data.train + data.val)
+    assert listed == [("cat/00.jpg", 0), ("cat/01.jpg", 0), ("cat/02.jpg", 0), ("cat/03.jpg", 0),
+                      ("owl/00.jpg", 2), ("owl/01.jpg", 2)]
+    assert sorted(s.label for s in data.val) == [0, 2]  # floor(1 + 0.5) and floor(0.5 + 0.5)
+    # A folder that is not a class is named with the model's classes the data lacks.
+    write(tmp_path / "tiger" / "00.jpg", jpeg(image(0)))
+    with pytest.raises(ValueError, match=r"\(train\): 1 classes are not classes of the model: \['tiger'\]; "
+                                         r"the model's classes the data lacks: \['dog'\]"):
+        open_source(f"imagefolder:{tmp_path}", CLASSES, val_fraction=0.25)
+
+
+def test_a_folder_with_neither_splits_nor_class_folders_says_which_layouts_it_takes(tmp_path):
+    write(tmp_path / "photos" / "2024" / "00.jpg", jpeg(image(0)))  # the parent of the data, say
+    with pytest.raises(ValueError, match=r"train is not a folder \(expected <split>/<class>/<sample>, or "
+                                         r"<class>/<sample> for training samples only"):
+        open_source(f"imagefolder:{tmp_path}", CLASSES, val_fraction=0.25)
+    folder(tmp_path / "only_val", {"val": {"cat": 1}})
+    with pytest.raises(ValueError, match=r"only_val/train is not a folder \(expected <split>/<class>/<sample>\)$"):
+        open_source(f"imagefolder:{tmp_path / 'only_val'}", CLASSES)
+
+
 def test_manifests_csv_and_jsonl_resolve_relative_paths_names_and_indices(tmp_path):
     folder(tmp_path / "pics", {"all": {"x": 4}})
     (tmp_path / "lists").mkdir()
