@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models.state_dicts import load_checked, read_state_dict
+from .models.state_dicts import load_checked, read_state_dict, unwrapped
 from .probe import check_logits
 
 SOURCES = ("torchvision", "timm", "model_file")
@@ -174,6 +174,33 @@ def load_weights(model: nn.Module, path: str | Path, description: str) -> nn.Mod
     except ValueError as error:
         raise ValueError(f"--weights {error}; pass the state_dict saved from this model "
                          "(torch.save(model.state_dict(), path)) or leave --weights out for random init") from None
+
+
+def classes_in_weights(architecture: dict, path: str | Path) -> int:
+    """The class count of the weights file ``path`` for a torchvision or timm ``architecture``
+    entry: the rows of the file's head tensors, found as the tensors whose shape follows
+    ``num_classes`` (the architecture built with 3 and with 5 classes), so every architecture's
+    head (``fc``, ``classifier.1``, ``head.fc``, auxiliary heads) is found the same way.
+
+    Raises
+    ------
+    ValueError
+        When the file is unreadable, lacks the head tensors or they disagree; the message starts
+        with ``--weights PATH`` and names the fix.
+    """
+    refuse_compiled(path, "--weights")
+    built = [build_architecture({**architecture, "kwargs": {**architecture.get("kwargs", {}), "num_classes": count}})
+             .state_dict() for count in (3, 5)]
+    head = [key for key, tensor in built[0].items() if tensor.shape != built[1][key].shape]
+    try:
+        state = unwrapped(read_state_dict(path), built[0], path)
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(f"--weights {error}") from None
+    counts = sorted({int(state[key].shape[0]) for key in head if key in state and state[key].ndim})
+    if len(counts) != 1 or not all(key in state for key in head):
+        raise ValueError(f"--weights {path}: cannot read a class count from the {architecture['name']} head tensors "
+                         f"{head} (found rows {counts}); pass --num-classes N or --class-names FILE")
+    return counts[0]
 
 
 def check_classifier(model: nn.Module, inputs: torch.Tensor) -> int:

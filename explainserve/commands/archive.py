@@ -72,7 +72,7 @@ def class_names_of(args, n_outputs: int | None) -> list[str]:
             raise ValueError(f"--num-classes: must be a positive integer, got {args.num_classes}")
         return [f"class_{i}" for i in range(args.num_classes)]
     if n_outputs is None:
-        raise ValueError("--class-names or --num-classes is needed with --torchvision and --timm")
+        raise ValueError("--class-names or --num-classes is needed with --torchvision and --timm without --weights")
     return [f"class_{i}" for i in range(n_outputs)]
 
 
@@ -81,8 +81,15 @@ def architecture_of(args) -> tuple[dict, str]:
     if args.model_class and not args.model_file:
         raise ValueError("--model-class: only with --model-file FILE.py")
     if args.torchvision or args.timm:
-        names = class_names_of(args, None)
         source, name = ("torchvision", args.torchvision) if args.torchvision else ("timm", args.timm)
+        read_from_weights = None
+        if args.weights and not (args.class_names or args.num_classes):
+            from explainserve.model_sources import classes_in_weights
+
+            read_from_weights = classes_in_weights({"source": source, "name": name}, args.weights)
+            print(f"archive: {read_from_weights} classes, read from the head of --weights {args.weights}; name them "
+                  f"with --class-names FILE", file=sys.stderr)
+        names = class_names_of(args, read_from_weights)
         return {"source": source, "name": name, "kwargs": {"num_classes": len(names)}}, name
     if not args.model_class:
         raise ValueError("--model-class: required with --model-file; pass the name of your nn.Module class")

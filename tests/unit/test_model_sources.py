@@ -102,6 +102,35 @@ def test_library_sources_round_trip_with_weights(tmp_path, source, name, size, l
     assert torch.equal(ours, rebuilt)
 
 
+@pytest.mark.parametrize("source,name,head", [
+    ("--torchvision", "resnet18", "fc.weight"),
+    ("--torchvision", "mobilenet_v3_small", "classifier.3.weight"),
+    ("--torchvision", "googlenet", "aux1.fc2.weight"),  # an auxiliary head has the classes' rows too
+    ("--timm", "convnext_atto", "head.fc.weight"),
+])
+def test_without_class_names_the_class_count_is_read_from_the_weights(tmp_path, capsys, source, name, head):
+    kwargs = {"aux_logits": True, "init_weights": False} if name == "googlenet" else {}
+    trained = (torchvision.models.get_model(name, num_classes=6, **kwargs) if source == "--torchvision"
+               else pytest.importorskip("timm").create_model(name, pretrained=False, num_classes=6))
+    weights = tmp_path / "weights.pt"
+    torch.save(torch.compile(trained).state_dict(), weights)  # a wrapper's prefix, as a user's file may have
+    model, metadata = user_model(archive_args(source, name, "--weights", str(weights), "--input-size", "64", "64"))
+    assert metadata["class_names"] == [f"class_{i}" for i in range(6)]
+    assert metadata["architecture"]["kwargs"] == {"num_classes": 6}
+    assert torch.equal(model.state_dict()[head], trained.state_dict()[head])
+    assert f"6 classes, read from the head of --weights {weights}" in capsys.readouterr().err
+
+
+def test_a_class_count_the_weights_do_not_give_is_refused_naming_the_head(tmp_path, capsys):
+    state = torchvision.models.resnet18(num_classes=6).state_dict()
+    state["fc.bias"] = torch.zeros(4)  # a head whose weight and bias disagree
+    weights = tmp_path / "odd.pt"
+    torch.save(state, weights)
+    message = one_line_error(capsys, "--torchvision", "resnet18", "--weights", str(weights), "--input-size", "32", "32")
+    assert re.search(r"--weights .*odd\.pt: cannot read a class count from the resnet18 head tensors "
+                     r"\['fc\.weight', 'fc\.bias'\] \(found rows \[4, 6\]\); pass --num-classes N", message), message
+
+
 def test_model_file_round_trip_from_the_archive_folder(tmp_path, model_file, capsys):
     weights = tmp_path / "weights.pt"
     torch.save(model_class(model_file, "TinyNet")(num_classes=4, width=6).state_dict(), weights)
