@@ -39,7 +39,14 @@ with a store), waits until its ``anomaly`` health is SERVING, and prints
   ``grpc_score_batch_scores_per_second``, the scores per second of those sequential calls
   (the bulk form: target >= 50,000);
 - ``grpc_score_stream_scores_per_second``: one ``ScoreStream`` of messages of 256 (a client
-  of an offline job; sending, scoring and receiving overlap).
+  of an offline job; sending, scoring and receiving overlap);
+- the floor the machine sets for a sequential ``ScoreColumns``: ``grpc_echo_columns_request_ms``
+  p50/p99, a unary call carrying the same request bytes to a bare Python gRPC server (a
+  subprocess answering with an empty message; no parsing, no scoring), timed in turn with the
+  ``ScoreColumns`` calls; ``score_columns_in_process_ms_p50``, the gateway's work on one parsed
+  request (``score_columns``: reading, scoring, the answer); and
+  ``grpc_score_columns_floor_scores_per_second``, 256 over the sum of the two p50s: what
+  sequential calls would reach if the gateway added nothing to them.
 
 Client and gateway share the machine's cores.
 The gateway is stopped (SIGTERM, SIGKILL after 10 s) whatever happens. ``--grpc-target`` times a
@@ -62,6 +69,7 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -210,6 +218,20 @@ def score_batch_stages(directory: Path, synthetic: SyntheticClasses, repeats: in
             for name, stage in stages.items()}
 
 
+def column_batches(synthetic: SyntheticClasses) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(10, BULK) class ids and their 10 (BULK, K) alpha batches: the bulk calls' inputs, cycled."""
+    classes = np.random.default_rng(2).integers(0, synthetic.loc.shape[0], size=(10, BULK))
+    return classes, [synthetic.sample(row, seed=100 + i) for i, row in enumerate(classes)]
+
+
+def column_requests(synthetic: SyntheticClasses, model: str) -> list:
+    """The ScoreColumnsRequests of :func:`column_batches` for ``model``."""
+    from explainserve.client import columns_request
+
+    classes, alphas = column_batches(synthetic)
+    return [columns_request(alpha_rows, row, model=model) for alpha_rows, row in zip(alphas, classes)]
+
+
 def grpc_score_latency(target: str, model: str, synthetic: SyntheticClasses, requests: int, batches: int,
                        warm_up: int = 200) -> dict:
     """Latency of the gateway's ``Score`` against its health check (called in turn after
@@ -220,18 +242,15 @@ def grpc_score_latency(target: str, model: str, synthetic: SyntheticClasses, req
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from explainserve._generated import explain_pb2, explain_pb2_grpc
-    from explainserve.client import columns_request
     from explainserve.wire import MAX_MESSAGE_BYTES
 
-    rng = np.random.default_rng(2)
-    classes = rng.integers(0, synthetic.loc.shape[0], size=(10, BULK))  # 10 distinct batches, cycled
-    alphas = [synthetic.sample(row, seed=100 + i) for i, row in enumerate(classes)]
+    classes, alphas = column_batches(synthetic)
     singles = [explain_pb2.ScoreRequest(model=model, alpha=alpha.tolist(), predicted_class=int(class_id))
                for alpha, class_id in zip(alphas[0][:256], classes[0][:256])]
     batch_requests = [explain_pb2.ScoreBatchRequest(requests=[
         explain_pb2.ScoreRequest(model=model, alpha=alpha.tolist(), predicted_class=int(class_id))
         for alpha, class_id in zip(alpha_rows, row)]) for alpha_rows, row in zip(alphas, classes)]
-    column_requests = [columns_request(alpha_rows, row, model=model) for alpha_rows, row in zip(alphas, classes)]
+    columns = column_requests(synthetic, model)
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     with grpc.insecure_channel(target, options=options) as channel:
         stub = explain_pb2_grpc.ExplainerStub(channel)
@@ -244,13 +263,22 @@ def grpc_score_latency(target: str, model: str, synthetic: SyntheticClasses, req
             floor += call_seconds(lambda _: health_stub.Check(health_request, timeout=10), 1)
             single += call_seconds(lambda _: stub.Score(singles[index % len(singles)], timeout=10), 1)
         bulk = {}
-        for name, method, messages in (("batch_messages", stub.ScoreBatch, batch_requests),
-                                       ("columns", stub.ScoreColumns, column_requests)):
-            for request in messages[:3]:
-                method(request, timeout=60)
-            bulk[name] = call_seconds(lambda index: method(messages[index % len(messages)], timeout=60), batches)
+        for request in batch_requests[:3]:
+            stub.ScoreBatch(request, timeout=60)
+        bulk["batch_messages"] = call_seconds(lambda index: stub.ScoreBatch(batch_requests[index % 10], timeout=60),
+                                              batches)
+        column_bytes = [request.SerializeToString() for request in columns]
+        with echo_server() as echo_target, grpc.insecure_channel(echo_target, options=options) as echo_channel:
+            echo = echo_channel.unary_unary(ECHO_METHOD)
+            for index in range(3):
+                stub.ScoreColumns(columns[index], timeout=60)
+                echo(column_bytes[index], timeout=60)
+            bulk["columns"], bulk["echo"] = [], []
+            for index in range(batches):  # in turn, so that both see the same load
+                bulk["columns"] += call_seconds(lambda _: stub.ScoreColumns(columns[index % 10], timeout=60), 1)
+                bulk["echo"] += call_seconds(lambda _: echo(column_bytes[index % 10], timeout=60), 1)
         started = time.perf_counter()
-        answers = sum(1 for _ in stub.ScoreStream((column_requests[i % len(column_requests)] for i in range(batches)),
+        answers = sum(1 for _ in stub.ScoreStream((columns[i % len(columns)] for i in range(batches)),
                                                   timeout=600))
         stream_seconds = time.perf_counter() - started
     if answers != batches:
@@ -262,7 +290,68 @@ def grpc_score_latency(target: str, model: str, synthetic: SyntheticClasses, req
     figures.update(percentiles_ms(bulk["columns"], "grpc_score_columns"))
     figures["grpc_score_batch_scores_per_second"] = BULK * batches / sum(bulk["columns"])
     figures["grpc_score_stream_scores_per_second"] = BULK * batches / stream_seconds
+    figures.update(percentiles_ms(bulk["echo"], "grpc_echo_columns_request"))
     return figures
+
+
+ECHO_METHOD = "/bench.Echo/Call"
+
+
+def serve_echo() -> None:
+    """A bare gRPC server (the gateway's message limits, grpc.aio like the gateway) answering every
+    ECHO_METHOD call with an empty message; prints its port, serves until killed."""
+    import asyncio
+
+    import grpc
+
+    from explainserve.wire import MAX_MESSAGE_BYTES
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        service, _, method = ECHO_METHOD[1:].partition("/")
+
+        async def answer(request: bytes, context) -> bytes:
+            return b""
+
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            service, {method: grpc.unary_unary_rpc_method_handler(answer)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(port, flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+@contextmanager
+def echo_server():
+    """The target of a :func:`serve_echo` subprocess, killed on leaving."""
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, __file__, "--echo-server"], stdout=subprocess.PIPE, text=True)
+    try:
+        port = process.stdout.readline().strip()
+        if not port.isdigit():
+            raise RuntimeError(f"echo server did not start (printed {port!r}, exit code {process.poll()})")
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.kill()
+        process.wait()
+
+
+def score_columns_in_process_ms(directory: Path, synthetic: SyntheticClasses, repeats: int = 20) -> float:
+    """Median milliseconds of the gateway's work on one parsed ``ScoreColumns`` request of
+    ``BULK`` rows (:func:`~explainserve.sidecar.columns.score_columns`: reading the tensor,
+    scoring, building the answer), in this process, on the store at ``directory``."""
+    from explainserve._generated import explain_pb2
+    from explainserve.sidecar.columns import score_columns
+
+    scorer = Scorer(load_store(directory))
+    requests = [explain_pb2.ScoreColumnsRequest.FromString(request.SerializeToString())
+                for request in column_requests(synthetic, synthetic.meta.model_name)]
+    score_columns(scorer, requests[0])
+    seconds = call_seconds(lambda index: score_columns(scorer, requests[index % len(requests)]), repeats)
+    return float(np.median(seconds) * 1e3)
 
 
 def grpc_with_gateway(store: Path, scratch: Path, synthetic: SyntheticClasses, requests: int, batches: int) -> dict:
@@ -291,6 +380,7 @@ def grpc_with_gateway(store: Path, scratch: Path, synthetic: SyntheticClasses, r
     return figures
 
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--classes", type=int, default=1000)
@@ -305,7 +395,10 @@ def main() -> None:
     parser.add_argument("--features", action="store_true",
                         help="calibrate a new store with synthetic pooled features and time scoring with them")
     parser.add_argument("--no-grpc", action="store_true", help="in-process figures only")
+    parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)  # echo_server()'s subprocess
     args = parser.parse_args()
+    if args.echo_server:
+        return serve_echo()
 
     print(f"load_average_at_start {load_average()}")
     with tempfile.TemporaryDirectory(prefix="explainserve-bench-") as scratch:
@@ -325,6 +418,10 @@ def main() -> None:
             figures.update(grpc_score_latency(args.grpc_target, args.grpc_model, synthetic, args.requests, args.batches))
         else:
             figures.update(grpc_with_gateway(directory, scratch, synthetic, args.requests, args.batches))
+        if not args.no_grpc:
+            figures["score_columns_in_process_ms_p50"] = score_columns_in_process_ms(directory, synthetic)
+            figures["grpc_score_columns_floor_scores_per_second"] = BULK * 1e3 / (
+                figures["grpc_echo_columns_request_ms_p50"] + figures["score_columns_in_process_ms_p50"])
     print(f"store: {args.classes} classes x {args.filters} filters")
     for name, value in figures.items():
         print(f"{name} {value:.3f}" if isinstance(value, float) else f"{name} {value}")
