@@ -26,7 +26,7 @@ from .devices import model_device
 from .grad_amap import grad_amap
 from .jitter_cam import jitter_cam
 from .methods import DEFAULT_METHODS, IMAGE_METHODS, METHODS, SUPPRESSION_STEPS, VIDEO_METHODS  # noqa: F401 (part of this API)
-from .probe import ProbeResult, expected_channels, probe
+from .probe import ProbeResult, expected_channels, input_size_failure, probe
 from .surprise import REGION_SEGMENTS, FilterRegion, Suppression, filter_regions, suppress_surprise
 from .limits import Limits
 from .superpixels import gradient_slic, slic_iterations
@@ -249,8 +249,11 @@ class Explainer:
         self._luma = torch.tensor(LUMA, dtype=torch.float32).reshape(1, 3, *(1,) * spatial)
         self.class_names = list(class_names)
         # One dry pass finds the layer, the activation-map size and the number of classes.
-        dry = probe(model, torch.zeros(1, self.channels, *self.input_size, device=self.device), layer=layer,
-                    input_gradient=False)
+        zeros = torch.zeros(1, self.channels, *self.input_size, device=self.device)
+        try:
+            dry = probe(model, zeros, layer=layer, input_gradient=False)
+        except RuntimeError as error:
+            raise input_size_failure(error, tuple(zeros.shape), f"input_size={self.input_size}") from None
         self.layer = dry.layer
         self.cam_size = tuple(dry.activations.shape[2:])
         self.num_filters = dry.activations.shape[1]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .models.state_dicts import load_checked, read_state_dict, unwrapped
-from .probe import check_logits
+from .probe import check_logits, input_size_failure
 
 SOURCES = ("torchvision", "timm", "model_file")
 # Factories a metadata file may name; archives cannot make the handler import anything else.
@@ -205,7 +205,11 @@ def classes_in_weights(architecture: dict, path: str | Path) -> int:
 
 def check_classifier(model: nn.Module, inputs: torch.Tensor) -> int:
     """Run ``model`` once on ``inputs``; return its class count, or raise ValueError if it is no classifier."""
-    with torch.no_grad():
-        logits = model.eval()(inputs)
+    try:
+        with torch.no_grad():
+            logits = model.eval()(inputs)
+    except RuntimeError as error:
+        size = " ".join(str(v) for v in inputs.shape[2:])
+        raise input_size_failure(error, tuple(inputs.shape), f"--input-size {size}") from None
     check_logits(logits, tuple(inputs.shape))
     return int(logits.shape[1])

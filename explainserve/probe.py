@@ -119,6 +119,17 @@ def check_logits(logits, input_shape: tuple[int, ...]) -> None:
                          f"torch.cat([-z / 2, z / 2], dim=1), whose softmax is the sigmoid's (1 - p, p)")
 
 
+def input_size_failure(error: RuntimeError, input_shape: tuple[int, ...], argument: str) -> ValueError:
+    """The ValueError for a model whose forward pass failed with ``error`` on an input of shape
+    ``input_shape`` (a fixed pooling window larger than the map, a Linear sized for another
+    input): it starts with ``argument`` (the setting that chose the size) and gives the model's own
+    first line of complaint."""
+    lines = str(error).strip().splitlines()
+    return ValueError(f"{argument}: the model cannot run on an input of shape {input_shape} "
+                      f"({type(error).__name__}: {lines[0] if lines else 'no message'}); "
+                      f"pass the input size it was trained at")
+
+
 def expected_channels(model: nn.Module) -> int | None:
     """In-channels of the model's first convolution, or None if it has none."""
     for module in model.modules():

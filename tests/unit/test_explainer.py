@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from torch import nn
 from skimage import data
 
 from explainserve.cam import grad_cam
@@ -330,6 +331,15 @@ def test_kind_and_input_size_are_checked_before_the_model_runs():
     # the target is layer3's 1 x 2 map.
     explainer = Explainer(model, kind="image", input_size=(1, 32), **common)
     assert (explainer.layer, explainer.cam_size) == ("layer3", (1, 2))
+
+
+def test_an_input_size_the_model_cannot_run_on_is_a_value_error_naming_it():
+    # A fixed 8 x 8 pooling window on a 4 x 4 map: torch's RuntimeError, reported against input_size.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(8), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"^input_size=\(4, 4\): the model cannot run on an input of shape "
+                                         r"\(1, 3, 4, 4\) \(RuntimeError: .*\); pass the input size it was trained at$"):
+        Explainer(model, kind="image", input_size=(4, 4), mean=MEAN, std=STD, class_names=list("ab"))
+    assert Explainer(model, kind="image", input_size=(8, 8), mean=MEAN, std=STD, class_names=list("ab")).layer == "1"
 
 
 def test_each_channel_is_normalised_with_its_own_mean_and_std_in_float32(photos):

@@ -181,6 +181,9 @@ def test_bad_sources_get_one_line_naming_the_argument_and_the_fix(tmp_path, mode
          r"--model-file: layer: the head does not pool .* is not a CNN.* pass --layer NAME"),
         (("--model-file", str(model_file), "--model-class", "Flat", *small),
          r"--model-file: layer: no module outputs a spatial feature map .* pass --layer NAME"),
+        (("--model-file", str(model_file), "--model-class", "Flat"),  # its Linear takes 32 x 32 inputs, not 224 x 224
+         r"error: --input-size 224 224: the model cannot run on an input of shape \(1, 3, 224, 224\) \(RuntimeError: mat1 "
+         r"and mat2 shapes cannot be multiplied .*\); pass the input size it was trained at$"),
         (("--model-file", str(model_file), "--model-class", "TinyNet", "--model-kwargs", '{"depth": 2}', *small),
          r"--model-kwargs .*TinyNet\(\*\*kwargs\) failed .* pass the keyword arguments of TinyNet\(num_classes=3, width=8, in_channels=3\)"),
         (("--model-file", str(model_file), "--model-class", "TinyNet", "--num-classes", "5", *small),
