@@ -481,7 +481,9 @@ def test_spare_core_counts_the_cores_this_process_may_run_on():
 
 
 def test_colour_superpixels_are_the_same_started_beside_the_network_pass_or_after_it(photos):
-    # With a core to spare SWAG_I's SLIC starts before the network pass, else after it: same maps.
+    # With a core to spare SWAG_I's SLIC starts before the network pass, else after it: the same
+    # superpixels and maps. The pass runs on one thread less with a spare core, and a convolution's
+    # sums may be ordered differently on another thread count (last-bit differences on some CPUs).
     model = torchvision.models.resnet18(weights=None, num_classes=3)
     threads, cores = torch.get_num_threads(), len(os.sched_getaffinity(0))
     maps = {}
@@ -497,7 +499,7 @@ def test_colour_superpixels_are_the_same_started_beside_the_network_pass_or_afte
     for result in maps.values():
         np.testing.assert_array_equal(result.maps["swag_i"].segments,
                                       gradient_slic(image, None, variant="i", **explainer.slic_options(ExplainOptions(n_segments=16))))
-        np.testing.assert_array_equal(result.maps["swag_i"].heatmap, maps[False].maps["swag_i"].heatmap)
+        np.testing.assert_allclose(result.maps["swag_i"].heatmap, maps[False].maps["swag_i"].heatmap, rtol=1e-5, atol=0)
 
 
 def test_suppression_stops_after_the_steps_asked_for(photos):
