@@ -8,7 +8,7 @@ import torchvision
 from captum.attr import GuidedBackprop
 from torch import nn
 
-from explainserve.probe import probe
+from explainserve.probe import input_size_failure, probe
 from support.references import ModuleReLUs, guided_backprop, layer_gradient
 
 
@@ -602,3 +602,16 @@ def test_bad_layers_and_logits_raise_a_precise_value_error():
     model.forward = lambda inputs: model[0](inputs)[0].mean(dim=(2, 3))
     with pytest.raises(ValueError, match="^layer: '0' returns tuple; a tensor output is required$"):
         probe(model, x, layer="0")
+
+
+def test_a_forward_pass_failing_at_the_input_size_is_reported_with_the_models_first_line():
+    # torch's messages may run over several lines; the report keeps one, whole, and names the setting.
+    error = RuntimeError("mat1 and mat2 shapes cannot be multiplied (1x150528 and 3072x3)\nException raised from ...")
+    report = input_size_failure(error, (1, 3, 224, 224), "--input-size 224 224")
+    assert isinstance(report, ValueError)
+    assert str(report) == ("--input-size 224 224: the model cannot run on an input of shape (1, 3, 224, 224) "
+                           "(RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x150528 and 3072x3)); "
+                           "pass the input size it was trained at")
+    assert str(input_size_failure(RuntimeError("  \n"), (1, 1, 4, 4), "input_size=(4, 4)")) == (
+        "input_size=(4, 4): the model cannot run on an input of shape (1, 1, 4, 4) (RuntimeError: no message); "
+        "pass the input size it was trained at")
