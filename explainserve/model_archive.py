@@ -10,7 +10,8 @@ files and, when one is shipped, the anomaly distribution store under the top-lev
      "build_timestamp": seconds since the epoch}
 
 ``architecture`` takes every form of :mod:`explainserve.model_sources`; a ``model_file``
-source's Python file ships at the archive's top level (TorchServe's ``--model-file``).
+source's Python file ships at the archive's top level (TorchServe's ``--model-file``), and so
+do the modules and package folders it imports, named in ``architecture["extra_files"]``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -30,6 +32,9 @@ WEIGHTS_FILE = "weights.pt"
 # Folder of the archive that holds the anomaly distribution store (what `explainserve serve` unpacks).
 STORE_FOLDER = "distribution_store"
 REQUIRED_KEYS = ("name", "kind", "input_size", "mean", "std", "class_names", "architecture")
+# Top-level names of an archive that a model file's own modules may not take.
+RESERVED_NAMES = (METADATA_FILE, WEIGHTS_FILE, STORE_FOLDER, "MAR-INF", "model-config.yaml", "explain_handler.py",
+                  "image_handler.py", "video_handler.py")
 
 
 def check_metadata(metadata: dict) -> None:
@@ -66,6 +71,42 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), metadata
 
 
+def model_file_names(model_file: str | Path, extra_files: Sequence[str | Path] = ()) -> list[str]:
+    """The top-level names the model file and its ``extra_files`` take in an archive.
+
+    Raises
+    ------
+    ValueError
+        An extra file that is missing or neither a .py file nor a folder, a name taken twice or
+        one an archive keeps for itself; the message starts with ``--extra-files``.
+    """
+    names = [Path(model_file).name]
+    for path in map(Path, extra_files):
+        if not (path.is_dir() or (path.is_file() and path.suffix == ".py")):
+            raise ValueError(f"--extra-files {path}: not a .py file or a package folder; pass the modules the model "
+                             f"file imports")
+        if path.name in names or path.name in RESERVED_NAMES:
+            raise ValueError(f"--extra-files {path}: the name {path.name!r} is taken ("
+                             f"{'by another file' if path.name in names else 'by the archive itself'}); rename it")
+        names.append(path.name)
+    return names
+
+
+def stage_model_files(model_file: str | Path, extra_files: Sequence[str | Path], folder: Path) -> Path:
+    """Copy the model file and its ``extra_files`` (files, package folders) into ``folder``, side
+    by side as an archive holds them; returns ``folder``."""
+    import shutil
+
+    model_file_names(model_file, extra_files)
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in (Path(model_file), *map(Path, extra_files)):
+        if path.is_dir():
+            shutil.copytree(path, folder / path.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(path, folder / path.name)
+    return folder
+
+
 def read_archive_metadata(mar: str | Path) -> dict:
     """The ``metadata.json`` of the ``.mar`` file ``mar``, read without unpacking it."""
     with zipfile.ZipFile(mar) as archive:
@@ -79,9 +120,10 @@ def load_archive(mar: str | Path) -> tuple[nn.Module, dict]:
         archive.extract(METADATA_FILE, folder)
         archive.extract(WEIGHTS_FILE, folder)
         architecture = json.loads((Path(folder) / METADATA_FILE).read_text())["architecture"]
-        model_file = Path(str(architecture.get("file", ""))).name
-        if architecture.get("source") == "model_file" and model_file in archive.namelist():
-            archive.extract(model_file, folder)
+        if architecture.get("source") == "model_file":
+            shipped = [Path(str(name)).name for name in (architecture.get("file", ""), *architecture.get("extra_files", ()))]
+            archive.extractall(folder, [member for member in archive.namelist()
+                                        if member in shipped or member.split("/")[0] in shipped])
         return load_model(folder)
 
 
@@ -116,7 +158,8 @@ HANDLER_FILES = {"image": "image_handler.py", "video": "video_handler.py"}
 
 def write_archive(model: nn.Module, metadata: dict, export_dir: str | Path, *, batch_size: int = 4,
                   max_batch_delay_ms: int = 20, response_timeout_s: int = 120,
-                  store_path: str | Path | None = None, model_file: str | Path | None = None) -> Path:
+                  store_path: str | Path | None = None, model_file: str | Path | None = None,
+                  extra_files: Sequence[str | Path] = ()) -> Path:
     """Package a model as ``<export_dir>/<name>.mar`` with torch-model-archiver.
 
     Parameters
@@ -132,6 +175,8 @@ def write_archive(model: nn.Module, metadata: dict, export_dir: str | Path, *, b
         name and version; it is verified, then shipped under ``distribution_store/``.
     model_file : path, optional
         The Python file of a ``model_file`` source; shipped at the archive's top level.
+    extra_files : sequence of paths
+        The modules (.py files) and package folders ``model_file`` imports; shipped beside it.
 
     Returns
     -------
@@ -164,6 +209,10 @@ def write_archive(model: nn.Module, metadata: dict, export_dir: str | Path, *, b
             f"responseTimeout: {response_timeout_s}\n"
         )
         extra = [tmp / METADATA_FILE, HANDLERS_DIR / "explain_handler.py"]
+        if extra_files:
+            # The archiver copies a folder's *contents* to the top level: one folder holding them all.
+            extra.append(stage_model_files(model_file, extra_files, tmp / "model_files"))
+            (tmp / "model_files" / Path(model_file).name).unlink()  # the archiver's --model-file ships it
         if store_path is not None:
             extra.append(pack_store(store_path, metadata, tmp / "store"))
         archiver = Path(sys.executable).with_name("torch-model-archiver")

@@ -20,6 +20,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
+import sys
 import zipfile
 from pathlib import Path
 
@@ -100,11 +102,24 @@ def model_class(file: str | Path, class_name: str) -> type[nn.Module]:
         raise ValueError(f"--model-file {file}: no such file; pass the .py file that defines your nn.Module")
     spec = importlib.util.spec_from_file_location(f"explainserve_user_model_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
+    folder = str(file.resolve().parent)
+    known = set(sys.modules)
+    sys.path.insert(0, folder)  # the modules it imports from beside it (--extra-files), as `python FILE.py` finds them
     try:
         spec.loader.exec_module(module)
+    except ModuleNotFoundError as error:
+        raise ValueError(f"--model-file {file}: importing it failed (ModuleNotFoundError: {error}); if {error.name!r} "
+                         f"is your own code, ship it beside the file with --extra-files ({error.name}.py or its "
+                         f"package folder), else install it where the model is served") from error
     except Exception as error:  # the user's code may raise anything
         raise ValueError(f"--model-file {file}: importing it failed ({type(error).__name__}: {error}); "
                          "fix the file so that `python FILE.py` runs") from error
+    finally:
+        sys.path.remove(folder)
+        # Another model file may have a module of the same name beside it: forget this one's.
+        for name in set(sys.modules) - known:
+            if str(getattr(sys.modules[name], "__file__", None) or "").startswith(folder + os.sep):
+                del sys.modules[name]
     found = getattr(module, class_name, None)
     if not (inspect.isclass(found) and issubclass(found, nn.Module)):
         defined = sorted(n for n, v in vars(module).items()

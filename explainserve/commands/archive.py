@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +35,8 @@ def register(subparsers) -> None:
     source.add_argument("--model-file", type=Path, metavar="FILE.py",
                         help="your Python file defining the model class (shipped inside the archive)")
     parser.add_argument("--model-class", metavar="NAME", help="the nn.Module class in --model-file")
+    parser.add_argument("--extra-files", type=Path, nargs="+", default=[], metavar="PATH",
+                        help="with --model-file: the .py files and package folders it imports, shipped beside it")
     parser.add_argument("--model-kwargs", default="{}", metavar="JSON",
                         help="keyword arguments of --model-class, as a JSON object")
     parser.add_argument("--weights", type=Path, help="state_dict file of the model (default: random init)")
@@ -80,6 +83,8 @@ def architecture_of(args) -> tuple[dict, str]:
     """The archive's ``architecture`` entry for the chosen source, and the model's default name."""
     if args.model_class and not args.model_file:
         raise ValueError("--model-class: only with --model-file FILE.py")
+    if args.extra_files and not args.model_file:
+        raise ValueError("--extra-files: only with --model-file FILE.py (the modules it imports)")
     if args.torchvision or args.timm:
         source, name = ("torchvision", args.torchvision) if args.torchvision else ("timm", args.timm)
         read_from_weights = None
@@ -99,8 +104,11 @@ def architecture_of(args) -> tuple[dict, str]:
         raise ValueError(f"--model-kwargs: not JSON ({error}); pass an object such as '{{\"num_classes\": 3}}'") from None
     if not isinstance(kwargs, dict):
         raise ValueError(f"--model-kwargs: expected a JSON object, got {args.model_kwargs!r}")
+    from explainserve.model_archive import model_file_names
+
+    extra = {"extra_files": model_file_names(args.model_file, args.extra_files)[1:]} if args.extra_files else {}
     return {"source": "model_file", "file": args.model_file.name, "class": args.model_class,
-            "kwargs": kwargs}, args.model_class.lower()
+            "kwargs": kwargs, **extra}, args.model_class.lower()
 
 
 def normalisation_of(args, model: torch.nn.Module) -> tuple[list[float], list[float]]:
@@ -127,11 +135,22 @@ def user_model(args) -> tuple[torch.nn.Module, dict]:
     import torch
 
     from explainserve.layers import resolve_layer
+    from explainserve.model_archive import stage_model_files
     from explainserve.model_sources import build_architecture, check_classifier, load_weights
 
     architecture, default_name = architecture_of(args)
-    model_dir = args.model_file.parent if args.model_file else None
-    model = build_architecture(architecture, model_dir)
+    with tempfile.TemporaryDirectory(prefix="explainserve-model-files-") as staged:
+        # Built from the files the archive will hold, so that an import of a module left out
+        # fails here; a model file that is not there is named by the build itself.
+        if args.model_file and args.model_file.is_file():
+            model_dir = stage_model_files(args.model_file, args.extra_files, Path(staged))
+        else:
+            model_dir = args.model_file.parent if args.model_file else None
+        try:
+            model = build_architecture(architecture, model_dir)
+        except ValueError as error:  # name the user's file, not its staged copy
+            raise ValueError(str(error).replace(str(Path(staged) / args.model_file.name), str(args.model_file))
+                             if args.model_file else str(error)) from None
     if args.weights:
         load_weights(model, args.weights, f"{default_name} as built from your arguments")
     kind = "video" if len(args.input_size) == 3 else "image"
@@ -213,6 +232,7 @@ def main(args) -> int:
              if args.demo and args.store is None and not args.no_store else args.store)
     path = write_archive(model, metadata, args.export_path, batch_size=args.batch_size,
                          max_batch_delay_ms=args.max_batch_delay_ms, store_path=store,
-                         model_file=args.model_file if not args.demo else None)
+                         model_file=args.model_file if not args.demo else None,
+                         extra_files=args.extra_files if not args.demo else ())
     print(f"wrote {path}" + (f" with the distribution store {store}" if store is not None else ""))
     return 0

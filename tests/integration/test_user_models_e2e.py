@@ -1,6 +1,7 @@
-"""A user's own CNN (TorchServe model file), the same CNN taking greyscale input, and a timm
-model: archived with ``explainserve archive``, served by a real TorchServe behind the real
-gateway, explained over gRPC; the maps and the Grad-AMap alpha equal the library's."""
+"""A user's own CNN (TorchServe model file importing a module and a package of its own), the
+same CNN taking greyscale input, and a timm model: archived with ``explainserve archive``,
+served by a real TorchServe behind the real gateway, explained over gRPC; the maps and the
+Grad-AMap alpha equal the library's."""
 
 from __future__ import annotations
 
@@ -28,14 +29,17 @@ USER_MODEL = textwrap.dedent('''
     import torch.nn.functional as F
     from torch import nn
 
+    from user_convs import strided
+    from user_heads.sizes import HIDDEN
+
 
     class UserCNN(nn.Module):
         def __init__(self, num_classes=3, width=8, in_channels=3):
             super().__init__()
-            self.stem = nn.Conv2d(in_channels, width, 3, stride=2, padding=1)
-            self.block = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
-            self.hidden = nn.Linear(2 * width, 16)
-            self.out = nn.Linear(16, num_classes)
+            self.stem = strided(in_channels, width)
+            self.block = strided(width, 2 * width)
+            self.hidden = nn.Linear(2 * width, HIDDEN)
+            self.out = nn.Linear(HIDDEN, num_classes)
 
         def forward(self, x):
             x = F.relu(self.stem(x), inplace=True)
@@ -44,15 +48,28 @@ USER_MODEL = textwrap.dedent('''
 ''')
 
 
+# The modules the model file imports (archive --extra-files): a file and a package.
+USER_MODULES = {
+    "user_convs.py": "from torch import nn\n\n\ndef strided(cin, cout):\n"
+                     "    return nn.Conv2d(cin, cout, 3, stride=2, padding=1)\n",
+    "user_heads/__init__.py": "",
+    "user_heads/sizes.py": "HIDDEN = 16\n",
+}
+
+
 def archive_argv(workdir, source: str) -> list[str]:
     weights = workdir / f"{source}.pt"
     rgb = ["--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25"]
     if source in ("user", "grey"):
         (workdir / "user_cnn.py").write_text(USER_MODEL)
+        for name, text in USER_MODULES.items():
+            (workdir / name).parent.mkdir(exist_ok=True)
+            (workdir / name).write_text(text)
         torch.manual_seed(5)
         channels = 1 if source == "grey" else 3
         torch.save(model_class(workdir / "user_cnn.py", "UserCNN")(in_channels=channels).state_dict(), weights)
-        argv = ["--model-file", str(workdir / "user_cnn.py"), "--model-class", "UserCNN", "--name", f"{source}_cnn"]
+        argv = ["--model-file", str(workdir / "user_cnn.py"), "--model-class", "UserCNN", "--name", f"{source}_cnn",
+                "--extra-files", str(workdir / "user_convs.py"), str(workdir / "user_heads")]
         if source == "grey":
             argv += ["--model-kwargs", '{"in_channels": 1}']
             rgb = ["--mean", "0.45", "--std", "0.3"]
@@ -117,7 +134,7 @@ def test_served_maps_and_alpha_equal_the_library(served, name):
 
 @pytest.mark.parametrize("name", ["user_cnn", "grey_cnn"])
 def test_a_model_file_archive_is_rebuilt_from_the_mar_for_store_builds(served, name):
-    # build-distributions --model X.mar: the user's .py ships inside the archive and is read from it.
+    # build-distributions --model X.mar: the user's .py files ship inside the archive and are read from it.
     from explainserve.commands.distributions import load_model
 
     _, references, workdir = served

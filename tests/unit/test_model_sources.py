@@ -149,6 +149,90 @@ def test_model_file_round_trip_from_the_archive_folder(tmp_path, model_file, cap
     assert torch.equal(ours, rebuilt)
 
 
+# A model file split over a module and a package, imported as `python multi_net.py` finds them.
+MULTI_FILES = {
+    "multi_net.py": textwrap.dedent('''
+        from torch import nn
+
+        from net_blocks import conv_block
+        from net_heads import Head
+
+
+        class MultiNet(nn.Module):
+            def __init__(self, num_classes=3):
+                super().__init__()
+                self.body = conv_block(3, 6)
+                self.head = Head(6, num_classes)
+
+            def forward(self, x):
+                return self.head(self.body(x))
+    '''),
+    "net_blocks.py": "from torch import nn\n\n\ndef conv_block(cin, cout):\n"
+                     "    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU())\n",
+    "net_heads/__init__.py": "from .pooled import Head\n",
+    "net_heads/pooled.py": "from torch import nn\n\n\nclass Head(nn.Module):\n"
+                           "    def __init__(self, width, num_classes):\n        super().__init__()\n"
+                           "        self.fc = nn.Linear(width, num_classes)\n\n"
+                           "    def forward(self, x):\n        return self.fc(x.mean(dim=(2, 3)))\n",
+}
+
+
+def write_multi_net(folder) -> list[str]:
+    for name, text in MULTI_FILES.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return ["--model-file", str(folder / "multi_net.py"), "--model-class", "MultiNet", "--input-size", "16", "16"]
+
+
+def test_a_model_file_with_its_modules_is_archived_and_rebuilt_from_the_mar_alone(tmp_path, capsys):
+    import zipfile
+
+    from explainserve.model_archive import load_archive
+
+    source = tmp_path / "source"
+    argv = write_multi_net(source)
+    # Without its modules the file does not import, as it would not in TorchServe: said at archive time.
+    message = one_line_error(capsys, *argv, "--export-path", str(tmp_path / "store"))
+    assert (f"--model-file {source / 'multi_net.py'}: importing it failed (ModuleNotFoundError: No module named "
+            f"'net_blocks'); if 'net_blocks' is your own code, ship it beside the file with --extra-files "
+            f"(net_blocks.py or its package folder), else install it where the model is served") in message
+    assert main(["archive", *argv, "--extra-files", str(source / "net_blocks.py"), str(source / "net_heads"),
+                 "--export-path", str(tmp_path / "store")]) == 0
+    mar = tmp_path / "store" / "multinet.mar"
+    with zipfile.ZipFile(mar) as archive:
+        assert {"multi_net.py", "net_blocks.py", "net_heads/__init__.py", "net_heads/pooled.py"} <= set(archive.namelist())
+        metadata = json.loads(archive.read("metadata.json"))
+    assert metadata["architecture"]["extra_files"] == ["net_blocks.py", "net_heads"]
+    model, _ = user_model(archive_args(*argv, "--extra-files", str(source / "net_blocks.py"), str(source / "net_heads")))
+    for path in sorted(source.rglob("*"), reverse=True):  # the rebuild may only read the archive
+        path.unlink() if path.is_file() else path.rmdir()
+    rebuilt, _ = load_archive(mar)
+    x = torch.randn(2, 3, 16, 16)
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model.eval()(x))
+    assert type(rebuilt.head).__module__ == "net_heads.pooled"
+
+
+def test_extra_files_that_cannot_ship_get_one_line(tmp_path, capsys):
+    argv = write_multi_net(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "distribution_store").mkdir()
+    cases = [
+        (("--torchvision", "resnet18", "--num-classes", "3", "--extra-files", str(tmp_path / "net_blocks.py")),
+         r"--extra-files: only with --model-file FILE\.py"),
+        ((*argv, "--extra-files", str(tmp_path / "missing.py")), r"--extra-files .*missing\.py: not a \.py file or a package"),
+        ((*argv, "--extra-files", str(tmp_path / "notes.txt")), r"--extra-files .*notes\.txt: not a \.py file or a package"),
+        ((*argv, "--extra-files", str(tmp_path / "multi_net.py")),
+         r"--extra-files .*multi_net\.py: the name 'multi_net\.py' is taken \(by another file\); rename it"),
+        ((*argv, "--extra-files", str(tmp_path / "distribution_store")),
+         r"--extra-files .*distribution_store: the name 'distribution_store' is taken \(by the archive itself\)"),
+    ]
+    for arguments, pattern in cases:
+        message = one_line_error(capsys, *arguments, "--export-path", str(tmp_path / "store"))
+        assert re.search(pattern, message), (arguments, message)
+
+
 def test_an_archive_without_weights_warns_that_its_answers_mean_nothing(model_file, capsys):
     model, _ = user_model(archive_args("--model-file", str(model_file), "--model-class", "TinyNet", "--input-size",
                                        "32", "32"))
