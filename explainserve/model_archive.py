@@ -115,13 +115,15 @@ def read_archive_metadata(mar: str | Path) -> dict:
 
 def load_archive(mar: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the model and read the metadata from the ``.mar`` file ``mar``: its metadata,
-    weights and, for a ``model_file`` source, the user's Python file (shipped at its top level)."""
+    weights and, for a ``model_file`` source, the user's Python file and its extra files (shipped
+    at its top level)."""
     with tempfile.TemporaryDirectory(prefix="explainserve-mar-") as folder, zipfile.ZipFile(mar) as archive:
         archive.extract(METADATA_FILE, folder)
         archive.extract(WEIGHTS_FILE, folder)
         architecture = json.loads((Path(folder) / METADATA_FILE).read_text())["architecture"]
         if architecture.get("source") == "model_file":
-            shipped = [Path(str(name)).name for name in (architecture.get("file", ""), *architecture.get("extra_files", ()))]
+            shipped = [Path(str(name)).name
+                       for name in (architecture.get("file", ""), *architecture.get("extra_files", ()))]
             archive.extractall(folder, [member for member in archive.namelist()
                                         if member in shipped or member.split("/")[0] in shipped])
         return load_model(folder)
