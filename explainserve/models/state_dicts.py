@@ -91,18 +91,17 @@ def unwrapped(state: dict[str, torch.Tensor], expected: dict, path: str | Path) 
     for key in state:
         parts = key.split(".")
         prefixes.update(".".join(parts[:i]) + "." for i in range(1, len(parts)) if ".".join(parts[i:]) in wanted)
-
-    def under(prefix: str) -> dict[str, torch.Tensor]:
-        return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-
-    exact = [prefix for prefix in sorted(prefixes) if set(under(prefix)) == wanted]
+    # The entries under each prefix, with it removed, in prefix order (so ties go to the first).
+    candidates = {prefix: {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+                  for prefix in sorted(prefixes)}
+    exact = [prefix for prefix, entries in candidates.items() if entries.keys() == wanted]
     if len(exact) > 1:
         raise ValueError(f"{path}: holds the model's weights {len(exact)} times, under the key prefixes {exact}; "
                          f"save the copy to serve alone, e.g. torch.save({{k[len(p):]: v for k, v in state.items() "
                          f"if k.startswith(p)}}, path) with p = {exact[0]!r}")
     if exact:
-        return under(exact[0])
-    best = max(sorted(prefixes), key=lambda prefix: len(wanted & set(under(prefix))), default=None)
-    if best is not None and len(wanted & set(under(best))) > len(wanted & set(state)):
-        return under(best)
+        return candidates[exact[0]]
+    best = max(candidates.values(), key=lambda entries: len(wanted & entries.keys()), default=None)
+    if best is not None and len(wanted & best.keys()) > len(wanted & state.keys()):
+        return best
     return state
