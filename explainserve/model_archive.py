@@ -92,14 +92,13 @@ def model_file_names(model_file: str | Path, extra_files: Sequence[str | Path] =
     return names
 
 
-def stage_model_files(model_file: str | Path, extra_files: Sequence[str | Path], folder: Path) -> Path:
-    """Copy the model file and its ``extra_files`` (files, package folders) into ``folder``, side
-    by side as an archive holds them; returns ``folder``."""
+def stage_model_files(paths: Sequence[str | Path], folder: Path) -> Path:
+    """Copy ``paths`` (a model file and the files and package folders it imports, checked by
+    :func:`model_file_names`) into ``folder``, side by side as an archive holds them; returns ``folder``."""
     import shutil
 
-    model_file_names(model_file, extra_files)
     folder.mkdir(parents=True, exist_ok=True)
-    for path in (Path(model_file), *map(Path, extra_files)):
+    for path in map(Path, paths):
         if path.is_dir():
             shutil.copytree(path, folder / path.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
@@ -212,9 +211,10 @@ def write_archive(model: nn.Module, metadata: dict, export_dir: str | Path, *, b
         )
         extra = [tmp / METADATA_FILE, HANDLERS_DIR / "explain_handler.py"]
         if extra_files:
-            # The archiver copies a folder's *contents* to the top level: one folder holding them all.
-            extra.append(stage_model_files(model_file, extra_files, tmp / "model_files"))
-            (tmp / "model_files" / Path(model_file).name).unlink()  # the archiver's --model-file ships it
+            model_file_names(model_file, extra_files)
+            # The archiver copies a folder's *contents* to the top level: one folder holding them all
+            # (the model file goes as its --model-file).
+            extra.append(stage_model_files(extra_files, tmp / "model_files"))
         if store_path is not None:
             extra.append(pack_store(store_path, metadata, tmp / "store"))
         archiver = Path(sys.executable).with_name("torch-model-archiver")

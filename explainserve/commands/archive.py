@@ -143,7 +143,7 @@ def user_model(args) -> tuple[torch.nn.Module, dict]:
         # Built from the files the archive will hold, so that an import of a module left out
         # fails here; a model file that is not there is named by the build itself.
         if args.model_file and args.model_file.is_file():
-            model_dir = stage_model_files(args.model_file, args.extra_files, Path(staged))
+            model_dir = stage_model_files([args.model_file, *args.extra_files], Path(staged))
         else:
             model_dir = args.model_file.parent if args.model_file else None
         try:
