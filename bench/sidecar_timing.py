@@ -224,11 +224,10 @@ def column_batches(synthetic: SyntheticClasses) -> tuple[np.ndarray, list[np.nda
     return classes, [synthetic.sample(row, seed=100 + i) for i, row in enumerate(classes)]
 
 
-def column_requests(synthetic: SyntheticClasses, model: str) -> list:
-    """The ScoreColumnsRequests of :func:`column_batches` for ``model``."""
+def column_requests(classes: np.ndarray, alphas: list[np.ndarray], model: str) -> list:
+    """The ScoreColumnsRequests of :func:`column_batches`' ``classes`` and ``alphas`` for ``model``."""
     from explainserve.client import columns_request
 
-    classes, alphas = column_batches(synthetic)
     return [columns_request(alpha_rows, row, model=model) for alpha_rows, row in zip(alphas, classes)]
 
 
@@ -250,7 +249,7 @@ def grpc_score_latency(target: str, model: str, synthetic: SyntheticClasses, req
     batch_requests = [explain_pb2.ScoreBatchRequest(requests=[
         explain_pb2.ScoreRequest(model=model, alpha=alpha.tolist(), predicted_class=int(class_id))
         for alpha, class_id in zip(alpha_rows, row)]) for alpha_rows, row in zip(alphas, classes)]
-    columns = column_requests(synthetic, model)
+    columns = column_requests(classes, alphas, model)
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     with grpc.insecure_channel(target, options=options) as channel:
         stub = explain_pb2_grpc.ExplainerStub(channel)
@@ -265,8 +264,8 @@ def grpc_score_latency(target: str, model: str, synthetic: SyntheticClasses, req
         bulk = {}
         for request in batch_requests[:3]:
             stub.ScoreBatch(request, timeout=60)
-        bulk["batch_messages"] = call_seconds(lambda index: stub.ScoreBatch(batch_requests[index % 10], timeout=60),
-                                              batches)
+        bulk["batch_messages"] = call_seconds(
+            lambda index: stub.ScoreBatch(batch_requests[index % len(batch_requests)], timeout=60), batches)
         column_bytes = [request.SerializeToString() for request in columns]
         with echo_server() as echo_target, grpc.insecure_channel(echo_target, options=options) as echo_channel:
             echo = echo_channel.unary_unary(ECHO_METHOD)
@@ -275,8 +274,8 @@ def grpc_score_latency(target: str, model: str, synthetic: SyntheticClasses, req
                 echo(column_bytes[index], timeout=60)
             bulk["columns"], bulk["echo"] = [], []
             for index in range(batches):  # in turn, so that both see the same load
-                bulk["columns"] += call_seconds(lambda _: stub.ScoreColumns(columns[index % 10], timeout=60), 1)
-                bulk["echo"] += call_seconds(lambda _: echo(column_bytes[index % 10], timeout=60), 1)
+                bulk["columns"] += call_seconds(lambda _: stub.ScoreColumns(columns[index % len(columns)], timeout=60), 1)
+                bulk["echo"] += call_seconds(lambda _: echo(column_bytes[index % len(columns)], timeout=60), 1)
         started = time.perf_counter()
         answers = sum(1 for _ in stub.ScoreStream((columns[i % len(columns)] for i in range(batches)),
                                                   timeout=600))
@@ -348,7 +347,7 @@ def score_columns_in_process_ms(directory: Path, synthetic: SyntheticClasses, re
 
     scorer = Scorer(load_store(directory))
     requests = [explain_pb2.ScoreColumnsRequest.FromString(request.SerializeToString())
-                for request in column_requests(synthetic, synthetic.meta.model_name)]
+                for request in column_requests(*column_batches(synthetic), synthetic.meta.model_name)]
     score_columns(scorer, requests[0])
     seconds = call_seconds(lambda index: score_columns(scorer, requests[index % len(requests)]), repeats)
     return float(np.median(seconds) * 1e3)
@@ -378,7 +377,6 @@ def grpc_with_gateway(store: Path, scratch: Path, synthetic: SyntheticClasses, r
         stop_gateway(gateway)
     figures["gateway_exit_code"] = gateway.returncode
     return figures
-
 
 
 def main() -> None:
