@@ -10,6 +10,10 @@ An archive's ``metadata.json`` names the source under ``"architecture"``:
   TorchServe's model-file convention; the file ships inside the archive, beside the metadata;
 * ``{"factory": "explainserve.models.FashionVGG", "kwargs": {...}}``: the demo models.
 
+Any of them may add ``"one_logit": true``: the model returns one logit z (a sigmoid binary
+classifier) and is served as two classes with logits (-z / 2, z / 2)
+(:func:`~explainserve.models.one_logit.served_as_two_classes`).
+
 Weights always come from a local state-dict file; nothing is downloaded. TorchScript, ONNX and
 ``torch.export`` files are refused: the maps hook the model's layers and backpropagate through
 an eager ``nn.Module``.
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .models.one_logit import served_as_two_classes
 from .models.state_dicts import load_checked, read_state_dict, unwrapped
 from .probe import check_logits, input_size_failure
 
@@ -153,6 +158,11 @@ def build_architecture(architecture: dict, model_dir: str | Path | None = None) 
     ValueError
         On an unknown source, architecture, class or factory, naming the entry and the fix.
     """
+    model = _build_source(architecture, model_dir)
+    return served_as_two_classes(model) if architecture.get("one_logit") else model
+
+
+def _build_source(architecture: dict, model_dir: str | Path | None) -> nn.Module:
     kwargs = dict(architecture.get("kwargs", {}))
     source = architecture.get("source")
     if source == "torchvision":
@@ -219,12 +229,15 @@ def classes_in_weights(architecture: dict, path: str | Path) -> int:
 
 
 def check_classifier(model: nn.Module, inputs: torch.Tensor) -> int:
-    """Run ``model`` once on ``inputs``; return its class count, or raise ValueError if it is no classifier."""
+    """Run ``model`` once on ``inputs``; return how many logits it gives per input (1 for a
+    sigmoid binary classifier, which :func:`~explainserve.models.one_logit.served_as_two_classes`
+    adapts), or raise ValueError if it is no classifier."""
     try:
         with torch.no_grad():
             logits = model.eval()(inputs)
     except RuntimeError as error:
         size = " ".join(str(v) for v in inputs.shape[2:])
         raise input_size_failure(error, tuple(inputs.shape), f"--input-size {size}") from None
-    check_logits(logits, tuple(inputs.shape))
+    if not (isinstance(logits, torch.Tensor) and logits.shape[1:] == (1,)):
+        check_logits(logits, tuple(inputs.shape))
     return int(logits.shape[1])

@@ -116,7 +116,8 @@ def check_logits(logits, input_shape: tuple[int, ...]) -> None:
         # Softmax over one logit is 1 whatever the input: every answer would be class 0, certain.
         raise ValueError(f"model: returns one logit per sample (a sigmoid binary classifier?) for an input of shape "
                          f"{input_shape}; explainserve serves one logit per class: return two, e.g. "
-                         f"torch.cat([-z / 2, z / 2], dim=1), whose softmax is the sigmoid's (1 - p, p)")
+                         f"torch.cat([-z / 2, z / 2], dim=1), whose softmax is the sigmoid's (1 - p, p), as "
+                         f"explainserve.models.served_as_two_classes(model) does (explainserve archive does it itself)")
 
 
 def input_size_failure(error: RuntimeError, input_shape: tuple[int, ...], argument: str) -> ValueError:

@@ -87,15 +87,18 @@ def architecture_of(args) -> tuple[dict, str]:
         raise ValueError("--extra-files: only with --model-file FILE.py (the modules it imports)")
     if args.torchvision or args.timm:
         source, name = ("torchvision", args.torchvision) if args.torchvision else ("timm", args.timm)
-        read_from_weights = None
-        if args.weights and not (args.class_names or args.num_classes):
-            from explainserve.model_sources import classes_in_weights
+        from explainserve.model_sources import classes_in_weights
 
-            read_from_weights = classes_in_weights({"source": source, "name": name}, args.weights)
-            print(f"archive: {read_from_weights} classes, read from the head of --weights {args.weights}; name them "
+        architecture = {"source": source, "name": name}
+        if args.weights and not (args.class_names or args.num_classes):
+            outputs = classes_in_weights(architecture, args.weights)
+            print(f"archive: {max(outputs, 2)} classes, read from the head of --weights {args.weights}; name them "
                   f"with --class-names FILE", file=sys.stderr)
-        names = class_names_of(args, read_from_weights)
-        return {"source": source, "name": name, "kwargs": {"num_classes": len(names)}}, name
+        else:
+            outputs = len(class_names_of(args, None))
+            if outputs == 2 and args.weights and one_row_head(architecture, args.weights):
+                outputs = 1  # two names for a sigmoid classifier's one logit
+        return {**architecture, "kwargs": {"num_classes": outputs}}, name
     if not args.model_class:
         raise ValueError("--model-class: required with --model-file; pass the name of your nn.Module class")
     try:
@@ -109,6 +112,17 @@ def architecture_of(args) -> tuple[dict, str]:
     extra = {"extra_files": model_file_names(args.model_file, args.extra_files)[1:]} if args.extra_files else {}
     return {"source": "model_file", "file": args.model_file.name, "class": args.model_class,
             "kwargs": kwargs, **extra}, args.model_class.lower()
+
+
+def one_row_head(architecture: dict, weights: Path) -> bool:
+    """True when the head of the torchvision or timm ``weights`` has one row (a sigmoid
+    classifier's one logit); False too when no class count can be read (loading them says why)."""
+    from explainserve.model_sources import classes_in_weights
+
+    try:
+        return classes_in_weights(architecture, weights) == 1
+    except ValueError:
+        return False
 
 
 def normalisation_of(args, model: torch.nn.Module) -> tuple[list[float], list[float]]:
@@ -137,6 +151,7 @@ def user_model(args) -> tuple[torch.nn.Module, dict]:
     from explainserve.layers import resolve_layer
     from explainserve.model_archive import stage_model_files
     from explainserve.model_sources import build_architecture, check_classifier, load_weights
+    from explainserve.models import served_as_two_classes
 
     architecture, default_name = architecture_of(args)
     with tempfile.TemporaryDirectory(prefix="explainserve-model-files-") as staged:
@@ -157,9 +172,20 @@ def user_model(args) -> tuple[torch.nn.Module, dict]:
     mean, std = normalisation_of(args, model)
     inputs = torch.zeros(1, len(mean), *args.input_size)
     n_outputs = check_classifier(model, inputs)
-    class_names = class_names_of(args, n_outputs)
-    if len(class_names) != n_outputs:
-        raise ValueError(f"--class-names: {len(class_names)} names, but the model returns {n_outputs} logits")
+    served = max(n_outputs, 2)  # a sigmoid classifier's one logit z is served as two classes
+    # --num-classes 1 asked for the one logit; the classes served are still two.
+    class_names = class_names_of(args, served) if args.class_names or args.num_classes != 1 \
+        else [f"class_{i}" for i in range(served)]
+    if len(class_names) != served:
+        logits = (f"{n_outputs} logits" if n_outputs > 1 else
+                  "one logit (a sigmoid binary classifier), served as two classes: name both")
+        raise ValueError(f"--class-names: {len(class_names)} names, but the model returns {logits}")
+    if n_outputs == 1:
+        architecture["one_logit"] = True
+        served_as_two_classes(model)
+        print("archive: the model returns one logit z (a sigmoid binary classifier): served as two classes with "
+              "logits (-z/2, z/2), whose softmax is (1 - sigmoid(z), sigmoid(z)); the second class is the one "
+              "sigmoid(z) > 0.5 predicts", file=sys.stderr)
     try:
         layer, _ = resolve_layer(model, args.layer, inputs)
     except ValueError as error:

@@ -131,6 +131,37 @@ def test_a_class_count_the_weights_do_not_give_is_refused_naming_the_head(tmp_pa
                      r"\['fc\.weight', 'fc\.bias'\] \(found rows \[4, 6\]\); pass --num-classes N", message), message
 
 
+@pytest.mark.parametrize("source,name", [("--torchvision", "resnet18"), ("--timm", "resnet10t")])
+def test_a_sigmoid_classifiers_one_logit_is_served_as_two_classes(tmp_path, capsys, source, name):
+    trained = (torchvision.models.get_model(name, num_classes=1) if source == "--torchvision"
+               else pytest.importorskip("timm").create_model(name, pretrained=False, num_classes=1)).eval()
+    weights, names = tmp_path / "weights.pt", tmp_path / "names.txt"
+    torch.save(trained.state_dict(), weights)
+    names.write_text("healthy\nfaulty\n")
+    size = ("--input-size", "64", "64")
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        z = trained(x)
+    # Read from the weights' one-row head, named by two class names, or asked for by --num-classes 1.
+    for naming, class_names in ((), ["class_0", "class_1"]), (("--class-names", str(names)), ["healthy", "faulty"]), \
+            (("--num-classes", "1"), ["class_0", "class_1"]):
+        model, metadata = user_model(archive_args(source, name, "--weights", str(weights), *naming, *size))
+        assert metadata["class_names"] == class_names
+        assert metadata["architecture"] == {"source": source[2:], "name": name, "kwargs": {"num_classes": 1},
+                                            "one_logit": True}
+        assert "served as two classes with logits (-z/2, z/2)" in capsys.readouterr().err
+        rebuilt = build_model(json.loads(json.dumps(metadata)))  # as the handler and the store build do
+        rebuilt.load_state_dict(torch.load(weights))
+        with torch.no_grad():
+            for served in (model.eval()(x), rebuilt.eval()(x)):
+                torch.testing.assert_close(served, torch.cat([-z / 2, z / 2], dim=1), rtol=0, atol=0)
+    # Two class names for a two-row head stay an ordinary two-class model.
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), weights)
+    _, metadata = user_model(archive_args("--torchvision", "resnet18", "--weights", str(weights), "--class-names",
+                                          str(names), *size))
+    assert metadata["architecture"] == {"source": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 2}}
+
+
 def test_model_file_round_trip_from_the_archive_folder(tmp_path, model_file, capsys):
     weights = tmp_path / "weights.pt"
     torch.save(model_class(model_file, "TinyNet")(num_classes=4, width=6).state_dict(), weights)
@@ -254,6 +285,7 @@ def test_bad_sources_get_one_line_naming_the_argument_and_the_fix(tmp_path, mode
     small = ("--input-size", "32", "32")
     repeated_names = tmp_path / "names.txt"
     repeated_names.write_text("cat\ndog\n cat \n")
+    (tmp_path / "three.txt").write_text("cat\ndog\nbird\n")
     cases = [
         (("--torchvision", "resnet19", "--num-classes", "3"), r"--torchvision resnet19: not a torchvision .* pass one of"),
         (("--timm", "no_such_net", "--num-classes", "3"), r"--timm no_such_net: not a timm model name; pass one of"),
@@ -273,8 +305,10 @@ def test_bad_sources_get_one_line_naming_the_argument_and_the_fix(tmp_path, mode
         (("--model-file", str(model_file), "--model-class", "TinyNet", "--num-classes", "5", *small),
          r"--class-names: 5 names, but the model returns 3 logits"),
         (("--torchvision", "resnet18", *small), r"--class-names or --num-classes is needed"),
-        (("--model-file", str(model_file), "--model-class", "TinyNet", "--model-kwargs", '{"num_classes": 1}', *small),
-         r"model: returns one logit per sample \(a sigmoid binary classifier\?\) .* return two, e\.g\. "),
+        (("--model-file", str(model_file), "--model-class", "TinyNet", "--model-kwargs", '{"num_classes": 1}',
+          "--class-names", str(repeated_names.with_name("three.txt")), *small),
+         r"--class-names: 3 names, but the model returns one logit \(a sigmoid binary classifier\), served as two "
+         r"classes: name both$"),
         (("--model-file", str(model_file), "--model-class", "TinyNet", "--model-kwargs", '{"in_channels": 1}', *small),
          r"--mean, --std: the model's first convolution takes 1 channel \(greyscale\), which has no default "
          r"normalisation; pass --mean M --std S, those it was trained with$"),
