@@ -102,6 +102,30 @@ def _bypasses(logits: torch.Tensor, node, x: torch.Tensor) -> bool:
     return False
 
 
+def _is_token(call: _Call, rank: int) -> bool:
+    return call.output.ndim not in (2, rank) and not call.pooled  # a pooled (B, C, 1) is no token
+
+
+def _tokens_refusal(calls: list[_Call], maps: list[int], token: _Call, rank: int) -> str:
+    """The message refusing a model whose head reads tokens: ``token`` follows the last map of
+    ``calls`` (``maps``: their indices). Where tokens came before that map, it is likely an
+    attention internal of the input's rank (a vision transformer's (B, heads, tokens, dim) key
+    norm), so the message names the last map before the first tokens, and lists only maps before them."""
+    chosen = calls[maps[-1]]
+    first = next(i for i, c in enumerate(calls) if _is_token(c, rank))
+    before = [i for i in maps if i < first]
+    if first > maps[-1] or not before:
+        return (f"layer: the head does not pool the last spatial map {chosen.name} {tuple(chosen.output.shape)}: "
+                f"{token.name} {tuple(token.output.shape)} follows it (a transformer is not a CNN); "
+                f"candidates: {_candidates_text(calls, rank)}; pass layer=<dotted module name>")
+    embedded = calls[before[-1]]
+    return (f"layer: the head does not pool a spatial map: the first tokens, {calls[first].name} "
+            f"{tuple(calls[first].output.shape)}, follow {embedded.name} {tuple(embedded.output.shape)}, and tokens "
+            f"follow every later output of rank {rank} (the last: {chosen.name} {tuple(chosen.output.shape)}) (a "
+            f"transformer is not a CNN); candidates: {_candidates_text(calls[:first], rank)}; "
+            f"pass layer=<dotted module name>")
+
+
 def _candidates_text(calls: list[_Call], rank: int) -> str:
     maps = [f"{c.name} {tuple(c.output.shape)}" for c in calls if c.output.ndim == rank]
     return ", ".join(maps[-8:]) or "none"
@@ -142,11 +166,9 @@ def feature_map_layer(model: nn.Module, inputs: torch.Tensor) -> str:
                          f"(layers with rank-{rank} outputs: {listed}); pass layer=<dotted module name>")
     chosen = calls[maps[-1]]
     after = [c for c in calls[maps[-1] + 1:] if not chosen.name.startswith(c.name + ".")]
-    tokens = [c for c in after if c.output.ndim not in (2, rank) and not c.pooled]  # a pooled (B, C, 1) is no token
+    tokens = [c for c in after if _is_token(c, rank)]
     if tokens:
-        raise ValueError(f"layer: the head does not pool the last spatial map {chosen.name} "
-                         f"{tuple(chosen.output.shape)}: {tokens[0].name} {tuple(tokens[0].output.shape)} follows it "
-                         f"(a transformer is not a CNN); candidates: {listed}; pass layer=<dotted module name>")
+        raise ValueError(_tokens_refusal(calls, maps, tokens[0], rank))
     shape = tuple(chosen.output.shape)
     linear = next((c for c in after if isinstance(c.module, nn.Linear)), None)
     if linear is not None and linear.module.in_features == shape[-1] != shape[1]:

@@ -151,6 +151,26 @@ class Tokens(nn.Module):
         return self.fc(self.tokens(self.embed(x)).mean(dim=2))
 
 
+class TinyViT(nn.Module):
+    """A patch embedding read as tokens, then an attention block whose key norm outputs
+    (B, heads, tokens, dim), rank 4 like a map, as timm's vision transformers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.norm = nn.LayerNorm(8)
+        self.qkv = nn.Linear(8, 24)
+        self.k_norm = nn.Identity()
+        self.proj = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = self.norm(self.embed(x).flatten(2).transpose(1, 2))  # (B, n, 8)
+        q, k, v = self.qkv(tokens).reshape(len(x), -1, 3, 2, 4).permute(2, 0, 3, 1, 4)  # each (B, 2 heads, n, 4)
+        attended = (q @ self.k_norm(k).transpose(-2, -1)).softmax(-1) @ v
+        return self.fc(self.proj(attended.transpose(1, 2).flatten(2)).mean(1))
+
+
 def test_the_last_map_before_the_pooled_head_skipping_pooling_outputs():
     # VGG's shape: the last max-pool's output is a pooling module's, so the ReLU before it is the target.
     vgg_like = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), *head(4))
@@ -242,6 +262,12 @@ def test_refusals_name_the_reason_and_the_candidates():
     with pytest.raises(ValueError, match=r"^layer: the head does not pool the last spatial map embed \(1, 6, 2, 2\): "
                                          r"tokens \(1, 6, 4\) follows it \(a transformer is not a CNN\)"):
         feature_map_layer(Tokens(), torch.randn(1, 3, 8, 8))
+    # A rank-4 attention internal after the tokens is not named as the map; the patch embedding is.
+    with pytest.raises(ValueError, match=r"^layer: the head does not pool a spatial map: the first tokens, norm "
+                                         r"\(1, 4, 8\), follow embed \(1, 8, 2, 2\), and tokens follow every later "
+                                         r"output of rank 4 \(the last: k_norm \(1, 2, 4, 4\)\) \(a transformer is not "
+                                         r"a CNN\); candidates: embed \(1, 8, 2, 2\); pass layer=<dotted module name>$"):
+        feature_map_layer(TinyViT(), torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match=r"^layer: no module outputs a spatial feature map of rank 4 with more than "
                                          r"one position before the head pools \(layers with rank-4 outputs: 0 \(1, 4, 1, 1\), "
                                          r"1 \(1, 4, 1, 1\)\); pass layer=<dotted module name>$"):
