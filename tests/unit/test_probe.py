@@ -590,7 +590,9 @@ def test_bad_layers_and_logits_raise_a_precise_value_error():
         probe(OddNet((2, 3, 1)), x, layer="conv")
     # Softmax over one logit is 1 for every input: a sigmoid binary classifier is refused, saying how to serve it.
     with pytest.raises(ValueError, match=r"^model: returns one logit per sample \(a sigmoid binary classifier\?\) "
-                                         r"for an input of shape \(2, 3, 4, 4\); .* torch\.cat\(\[-z / 2, z / 2\], dim=1\)"):
+                                         r"for an input of shape \(2, 3, 4, 4\); .* torch\.cat\(\[-z / 2, z / 2\], dim=1\), whose "
+                                         r"softmax is the sigmoid's \(1 - p, p\), as explainserve\.models\."
+                                         r"served_as_two_classes\(model\) does \(explainserve archive does it itself\)$"):
         probe(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1)), x, layer="0")
     # Checked before the target-layer rule reads the outputs' graph, too.
     with pytest.raises(ValueError, match=r"^model: returns tuple for an input of shape \(1, 3, 4, 4\); explainserve "
