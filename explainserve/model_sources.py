@@ -34,7 +34,7 @@ from torch import nn
 
 from .models.one_logit import served_as_two_classes
 from .models.state_dicts import load_checked, read_state_dict, unwrapped
-from .probe import check_logits, input_size_failure
+from .probe import check_logits, input_size_failure, one_logit_per_sample
 
 SOURCES = ("torchvision", "timm", "model_file")
 # Factories a metadata file may name; archives cannot make the handler import anything else.
@@ -238,6 +238,7 @@ def check_classifier(model: nn.Module, inputs: torch.Tensor) -> int:
     except RuntimeError as error:
         size = " ".join(str(v) for v in inputs.shape[2:])
         raise input_size_failure(error, tuple(inputs.shape), f"--input-size {size}") from None
-    if not (isinstance(logits, torch.Tensor) and logits.shape[1:] == (1,)):
-        check_logits(logits, tuple(inputs.shape))
+    if one_logit_per_sample(logits, len(inputs)):
+        return 1
+    check_logits(logits, tuple(inputs.shape))
     return int(logits.shape[1])

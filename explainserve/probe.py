@@ -104,20 +104,27 @@ def check_inputs(inputs: torch.Tensor, model: nn.Module) -> None:
         raise ValueError("inputs: contains NaN or Inf values; expected finite values")
 
 
+def one_logit_per_sample(logits, batch: int) -> bool:
+    """True when ``logits`` holds one value per sample of a batch of ``batch``: (B, 1), or (B,) and
+    () as a forward ending in ``squeeze`` returns them (a sigmoid binary classifier)."""
+    return (isinstance(logits, torch.Tensor) and logits.ndim <= 2 and logits.numel() == batch
+            and (logits.ndim < 2 or logits.shape[1] == 1))
+
+
 def check_logits(logits, input_shape: tuple[int, ...]) -> None:
     """Raise ValueError unless ``logits`` is a (B, N) tensor with N >= 2, naming what the model returned and the fix."""
+    if one_logit_per_sample(logits, input_shape[0]):
+        # Softmax over one logit is 1 whatever the input: every answer would be class 0, certain.
+        raise ValueError(f"model: returns one logit per sample (a sigmoid binary classifier?) for an input of shape "
+                         f"{input_shape}; explainserve serves one logit per class: return two, e.g. "
+                         f"torch.cat([-z / 2, z / 2], dim=1), whose softmax is the sigmoid's (1 - p, p), as "
+                         f"explainserve.models.served_as_two_classes(model) does (explainserve archive does it itself)")
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         fix = "; return the logits alone (a forward that returns them, e.g. out[0] or out['logits'])" \
             if isinstance(logits, (tuple, list, dict)) else ""
         raise ValueError(f"model: returns {shape} for an input of shape {input_shape}; "
                          f"explainserve serves classifiers returning logits of shape (B, num_classes){fix}")
-    if logits.shape[1] == 1:
-        # Softmax over one logit is 1 whatever the input: every answer would be class 0, certain.
-        raise ValueError(f"model: returns one logit per sample (a sigmoid binary classifier?) for an input of shape "
-                         f"{input_shape}; explainserve serves one logit per class: return two, e.g. "
-                         f"torch.cat([-z / 2, z / 2], dim=1), whose softmax is the sigmoid's (1 - p, p), as "
-                         f"explainserve.models.served_as_two_classes(model) does (explainserve archive does it itself)")
 
 
 def input_size_failure(error: RuntimeError, input_shape: tuple[int, ...], argument: str) -> ValueError:

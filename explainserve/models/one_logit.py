@@ -21,13 +21,15 @@ _HANDLE = "_explainserve_one_logit_hook"
 
 
 def _two_logits(module: nn.Module, args, logits: torch.Tensor) -> torch.Tensor:
-    # A module-level function, so that an adapted model still pickles and deep-copies.
-    half = logits / 2
+    # A module-level function, so that an adapted model still pickles and deep-copies. (B,) and
+    # () logits (a forward ending in squeeze) become (B, 1) first.
+    half = logits.reshape(-1, 1) / 2
     return torch.cat([-half, half], dim=1)
 
 
 def served_as_two_classes(model: nn.Module) -> nn.Module:
-    """Make ``model``, which returns (B, 1) logits z, return (B, 2) logits (-z / 2, z / 2).
+    """Make ``model``, which returns (B, 1) logits z (or (B,), as after ``squeeze``), return (B, 2)
+    logits (-z / 2, z / 2).
 
     A forward hook on ``model`` itself does it, so its layers keep their dotted names and its
     ``state_dict`` its keys (the same weights file loads before and after). Adapting a model
@@ -36,7 +38,7 @@ def served_as_two_classes(model: nn.Module) -> nn.Module:
     Parameters
     ----------
     model : nn.Module
-        A classifier returning (B, 1) logits.
+        A classifier returning (B, 1) or (B,) logits.
 
     Returns
     -------

@@ -8,6 +8,7 @@ map, alpha and verdict input of the adapted model must equal that network's, on 
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 
 import numpy as np
@@ -17,6 +18,8 @@ import torchvision
 from skimage import data
 from torch import nn
 
+from explainserve.cli import build_parser
+from explainserve.commands.archive import user_model
 from explainserve.explainer import ExplainOptions, Explainer
 from explainserve.models import served_as_two_classes
 
@@ -55,6 +58,36 @@ def test_the_two_logits_give_the_sigmoids_probabilities_and_keep_names_and_weigh
     torch.save(model, buffer)
     buffer.seek(0)
     torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), logits)
+
+
+class Squeezed(nn.Module):
+    """A binary classifier whose forward ends in ``squeeze()``: (B,) logits, () for one sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean(dim=(2, 3))).squeeze()
+
+
+def test_squeezed_logits_are_served_as_two_classes_too(tmp_path):
+    torch.manual_seed(0)
+    model, x = Squeezed().eval(), torch.randn(3, 3, 8, 8)
+    z = model(x)
+    assert z.shape == (3,) and model(x[:1]).shape == ()
+    served_as_two_classes(model)
+    torch.testing.assert_close(model(x), torch.stack([-z / 2, z / 2], dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(model(x[:1]), model(x)[:1])
+    # archive reads the one logit from the model's output, whatever its shape.
+    (tmp_path / "net.py").write_text(inspect.getsource(Squeezed).join(["import torch\nfrom torch import nn\n\n\n", ""]))
+    torch.save(Squeezed().state_dict(), tmp_path / "net.pt")
+    args = build_parser(("explainserve.commands.archive",)).parse_args(
+        ["archive", "--model-file", str(tmp_path / "net.py"), "--model-class", "Squeezed", "--weights",
+         str(tmp_path / "net.pt"), "--input-size", "8", "8", "--mean", "0.5", "0.5", "0.5", "--std", "0.2", "0.2", "0.2"])
+    archived, metadata = user_model(args)
+    assert metadata["architecture"]["one_logit"] is True and metadata["class_names"] == ["class_0", "class_1"]
+    assert archived(x).shape == (3, 2)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])

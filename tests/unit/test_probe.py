@@ -594,6 +594,13 @@ def test_bad_layers_and_logits_raise_a_precise_value_error():
                                          r"softmax is the sigmoid's \(1 - p, p\), as explainserve\.models\."
                                          r"served_as_two_classes\(model\) does \(explainserve archive does it itself\)$"):
         probe(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1)), x, layer="0")
+    # ... and so is one whose forward flattens the one logit to (B,).
+    squeezed = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1), nn.Flatten(0))
+    for batch in (x, x[:1]):
+        with pytest.raises(ValueError, match=r"^model: returns one logit per sample \(a sigmoid binary classifier\?\) "):
+            probe(squeezed, batch, layer="0")
+    with pytest.raises(ValueError, match=r"^model: returns \(6,\) for an input of shape \(2, 3, 4, 4\); "):
+        probe(OddNet((6,)), x, layer="conv")  # two samples' three logits in one row: not one per sample
     # Checked before the target-layer rule reads the outputs' graph, too.
     with pytest.raises(ValueError, match=r"^model: returns tuple for an input of shape \(1, 3, 4, 4\); explainserve "
                                          r"serves classifiers returning logits of shape \(B, num_classes\); return the "
