@@ -112,14 +112,15 @@ def one_logit_per_sample(logits, batch: int) -> bool:
 
 
 def check_logits(logits, input_shape: tuple[int, ...]) -> None:
-    """Raise ValueError unless ``logits`` is a (B, N) tensor with N >= 2, naming what the model returned and the fix."""
+    """Raise ValueError unless ``logits`` is a (B, N) tensor with N >= 2 for inputs of ``input_shape``
+    (B, ...), naming what the model returned and the fix."""
     if one_logit_per_sample(logits, input_shape[0]):
         # Softmax over one logit is 1 whatever the input: every answer would be class 0, certain.
         raise ValueError(f"model: returns one logit per sample (a sigmoid binary classifier?) for an input of shape "
                          f"{input_shape}; explainserve serves one logit per class: return two, e.g. "
                          f"torch.cat([-z / 2, z / 2], dim=1), whose softmax is the sigmoid's (1 - p, p), as "
                          f"explainserve.models.served_as_two_classes(model) does (explainserve archive does it itself)")
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or len(logits) != input_shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         fix = "; return the logits alone (a forward that returns them, e.g. out[0] or out['logits'])" \
             if isinstance(logits, (tuple, list, dict)) else ""

@@ -599,8 +599,16 @@ def test_bad_layers_and_logits_raise_a_precise_value_error():
     for batch in (x, x[:1]):
         with pytest.raises(ValueError, match=r"^model: returns one logit per sample \(a sigmoid binary classifier\?\) "):
             probe(squeezed, batch, layer="0")
-    with pytest.raises(ValueError, match=r"^model: returns \(6,\) for an input of shape \(2, 3, 4, 4\); "):
-        probe(OddNet((6,)), x, layer="conv")  # two samples' three logits in one row: not one per sample
+    # Not one logit per sample, nor a row per sample: refused as no classifier's logits.
+    for shape in ((6,), (1, 6), (3, 2)):
+        with pytest.raises(ValueError, match=rf"^model: returns \({', '.join(map(str, shape))},?\) for an input of "
+                                             r"shape \(2, 3, 4, 4\); explainserve serves classifiers returning logits "
+                                             r"of shape \(B, num_classes\)$"):
+            probe(OddNet(shape), x, layer="conv")
+    one_logit = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
+    for shape in ((2, 1, 1), (1, 2)):
+        with pytest.raises(ValueError, match=rf"^model: returns \({', '.join(map(str, shape))}\) for an input of shape"):
+            probe(nn.Sequential(one_logit, nn.Flatten(0), nn.Unflatten(0, shape)), x, layer="0.0")
     # Checked before the target-layer rule reads the outputs' graph, too.
     with pytest.raises(ValueError, match=r"^model: returns tuple for an input of shape \(1, 3, 4, 4\); explainserve "
                                          r"serves classifiers returning logits of shape \(B, num_classes\); return the "
