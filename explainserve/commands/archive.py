@@ -87,10 +87,10 @@ def architecture_of(args) -> tuple[dict, str]:
         raise ValueError("--extra-files: only with --model-file FILE.py (the modules it imports)")
     if args.torchvision or args.timm:
         source, name = ("torchvision", args.torchvision) if args.torchvision else ("timm", args.timm)
-        from explainserve.model_sources import classes_in_weights
-
         architecture = {"source": source, "name": name}
         if args.weights and not (args.class_names or args.num_classes):
+            from explainserve.model_sources import classes_in_weights
+
             outputs = classes_in_weights(architecture, args.weights)
             print(f"archive: {max(outputs, 2)} classes, read from the head of --weights {args.weights}; name them "
                   f"with --class-names FILE", file=sys.stderr)

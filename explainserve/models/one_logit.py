@@ -48,4 +48,3 @@ def served_as_two_classes(model: nn.Module) -> nn.Module:
     if getattr(model, _HANDLE, None) is None:
         setattr(model, _HANDLE, model.register_forward_hook(_two_logits))
     return model
-
