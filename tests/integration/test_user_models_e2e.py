@@ -1,7 +1,7 @@
 """A user's own CNN (TorchServe model file importing a module and a package of its own), the
-same CNN taking greyscale input, and a timm model: archived with ``explainserve archive``,
-served by a real TorchServe behind the real gateway, explained over gRPC; the maps and the
-Grad-AMap alpha equal the library's."""
+same CNN taking greyscale input, a timm model, and a timm sigmoid binary classifier (one logit,
+served as two classes): archived with ``explainserve archive``, served by a real TorchServe behind
+the real gateway, explained over gRPC; the maps and the Grad-AMap alpha equal the library's."""
 
 from __future__ import annotations
 
@@ -73,6 +73,12 @@ def archive_argv(workdir, source: str) -> list[str]:
         if source == "grey":
             argv += ["--model-kwargs", '{"in_channels": 1}']
             rgb = ["--mean", "0.45", "--std", "0.3"]
+    elif source == "binary":  # one logit: two class names, and the weights' one-row head
+        timm = pytest.importorskip("timm")
+        torch.manual_seed(7)
+        torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=1).state_dict(), weights)
+        (workdir / "binary.txt").write_text("intact\ncracked\n")
+        argv = ["--timm", "resnet10t", "--class-names", str(workdir / "binary.txt"), "--name", "timm_binary"]
     else:
         timm = pytest.importorskip("timm")
         torch.manual_seed(6)
@@ -90,27 +96,29 @@ def served(request, tmp_path_factory):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     references = {}
-    for source in ("user", "grey", "timm"):
+    for source in ("user", "grey", "timm", "binary"):
         argv = archive_argv(workdir, source)
         assert main(["archive", *argv, "--export-path", str(workdir / "model_store")]) == 0
         model, metadata = user_model(parser.parse_args(["archive", *argv]))
         references[metadata["name"]] = (model, metadata)
     assert references["user_cnn"][1]["layer"] == references["grey_cnn"][1]["layer"] == "block"
     assert (references["grey_cnn"][1]["mean"], references["grey_cnn"][1]["std"]) == ([0.45], [0.3])
+    assert references["timm_binary"][1]["architecture"]["one_logit"] is True
     for stack in stack_for_module(request, workdir, [], prebuilt=tuple(references)):
         yield stack, references, workdir
 
 
-@pytest.mark.parametrize("name", ["user_cnn", "grey_cnn", "timm_resnet10t"])
+@pytest.mark.parametrize("name", ["user_cnn", "grey_cnn", "timm_resnet10t", "timm_binary"])
 def test_served_maps_and_alpha_equal_the_library(served, name):
     stack, references, _ = served
     model, metadata = references[name]
     library = explainer_for(model, metadata)
     assert library.channels == (1 if name == "grey_cnn" else 3)
     image = random_image(11)
-    expected = library.explain([image], METHODS, ExplainOptions(top_k=3))[0]
+    top_k = min(3, len(metadata["class_names"]))
+    expected = library.explain([image], METHODS, ExplainOptions(top_k=top_k))[0]
     with ExplainClient(stack.target) as client:
-        result = client.explain(png(image), model=name, methods=METHODS, top_k=3, timeout=240)
+        result = client.explain(png(image), model=name, methods=METHODS, top_k=top_k, timeout=240)
     assert result.predicted_class == expected.predicted
     np.testing.assert_allclose([score for _, _, score in result.classes], expected.scores, rtol=1e-4)
     for method in METHODS:
@@ -122,7 +130,7 @@ def test_served_maps_and_alpha_equal_the_library(served, name):
     import grpc
     from explainserve._generated import inference_pb2, inference_pb2_grpc
 
-    request = build_request(png(image), model=name, methods=["grad_cam"], top_k=3)
+    request = build_request(png(image), model=name, methods=["grad_cam"], top_k=top_k)
     with grpc.insecure_channel(stack.torchserve.grpc_target) as channel:
         answer = inference_pb2_grpc.InferenceAPIsServiceStub(channel).Predictions(
             inference_pb2.PredictionsRequest(model_name=name, input={HANDLER_REQUEST_KEY: request.SerializeToString()}),
@@ -132,9 +140,10 @@ def test_served_maps_and_alpha_equal_the_library(served, name):
     np.testing.assert_allclose(alpha, expected.alpha, rtol=1e-4, atol=1e-6 * np.abs(expected.alpha).max())
 
 
-@pytest.mark.parametrize("name", ["user_cnn", "grey_cnn"])
+@pytest.mark.parametrize("name", ["user_cnn", "grey_cnn", "timm_binary"])
 def test_a_model_file_archive_is_rebuilt_from_the_mar_for_store_builds(served, name):
-    # build-distributions --model X.mar: the user's .py files ship inside the archive and are read from it.
+    # build-distributions --model X.mar: the user's .py files ship inside the archive and are read from it,
+    # and a one-logit model is served as two classes again.
     from explainserve.commands.distributions import load_model
 
     _, references, workdir = served
