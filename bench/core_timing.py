@@ -121,10 +121,10 @@ def main() -> None:
     for name, seconds in {**single, **jitter}.items():
         print(f"{name:60s} {seconds:9.4f}")
     jitter_ours, jitter_reference = jitter.values()
-    print(f"\nswag_overhead_ratio = {single['SWAG_I end to end'] / single['captum GuidedBackprop']:.3f}  (target <= 1.3)")
-    print(f"swag_overhead_ratio_vgg16 = "
+    print(f"\nswag_overhead_ratio={single['SWAG_I end to end'] / single['captum GuidedBackprop']:.3f}  (target <= 1.3)")
+    print(f"swag_overhead_ratio_vgg16="
           f"{single['VGG16 SWAG_I end to end'] / single['VGG16 captum GuidedBackprop']:.3f}  (target <= 1.3)")
-    print(f"jitter_overhead_ratio = {jitter_ours / jitter_reference:.3f}  (target <= 1.15)")
+    print(f"jitter_overhead_ratio={jitter_ours / jitter_reference:.3f}  (target <= 1.15)")
 
 
 if __name__ == "__main__":

@@ -398,7 +398,7 @@ def main() -> None:
     if args.echo_server:
         return serve_echo()
 
-    print(f"load_average_at_start {load_average()}")
+    print(f"load_average_at_start={load_average()}")
     with tempfile.TemporaryDirectory(prefix="explainserve-bench-") as scratch:
         scratch = Path(scratch)
         directory = args.store or scratch / "store"
@@ -407,7 +407,7 @@ def main() -> None:
         else:
             synthetic, seconds = build_synthetic_store(directory, args.classes, args.filters,
                                                        args.images_per_class, args.held_out_per_class, args.features)
-            print(f"store_build_seconds {seconds:.1f}  ({args.classes * args.images_per_class} training vectors)")
+            print(f"store_build_seconds={seconds:.1f}  ({args.classes * args.images_per_class} training vectors)")
         figures = in_process(directory, synthetic, args.batches, args.requests)
         figures.update(score_batch_stages(directory, synthetic))
         if args.no_grpc:
@@ -422,8 +422,8 @@ def main() -> None:
                 figures["grpc_echo_columns_request_ms_p50"] + figures["score_columns_in_process_ms_p50"])
     print(f"store: {args.classes} classes x {args.filters} filters")
     for name, value in figures.items():
-        print(f"{name} {value:.3f}" if isinstance(value, float) else f"{name} {value}")
-    print(f"load_average_at_end {load_average()}")
+        print(f"{name}={value:.3f}" if isinstance(value, float) else f"{name}={value}")
+    print(f"load_average_at_end={load_average()}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ class MapResult:
 class ExplainResult:
     model: str
     model_version: str
-    classes: list[tuple[int, str, float]]  # (index, name, softmax score), best first
+    classes: list[tuple[int, str, float]]  # (index, name, score: softmax, or sigmoid if multi-label), best first
     predicted_class: int
     target_class: int
     maps: dict[str, MapResult]

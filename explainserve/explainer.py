@@ -229,11 +229,19 @@ class Explainer:
     device : str or torch.device, optional
         Where the network passes run ("cpu", "cuda:0"); the model is moved there. Default: the
         device of the model's parameters. SLIC always runs on the CPU.
+    multi_label : bool
+        The model is a multi-label classifier (N independent sigmoid outputs, trained with
+        ``BCEWithLogitsLoss``): the classes' scores are each logit's sigmoid, not the softmax
+        (:func:`~explainserve.probe.class_scores`). The class explained by default is the
+        highest logit either way, so maps, filter scores and verdicts do not change.
     """
 
     def __init__(self, model: nn.Module, *, kind: str, input_size: Sequence[int], mean: Sequence[float],
                  std: Sequence[float], class_names: Sequence[str], layer: str | None = None,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, multi_label: bool = False):
+        if not isinstance(multi_label, bool):
+            raise ValueError(f"multi_label: expected True or False, got {multi_label!r}")
+        self.multi_label = multi_label
         if kind not in DEFAULT_METHODS:
             raise ValueError(f"kind: expected 'image' or 'video', got {kind!r}")
         spatial = 2 if kind == "image" else 3
@@ -393,7 +401,7 @@ class Explainer:
             superpixels_started = time.perf_counter()
             self._swag_maps(prepared, result, swag_methods, slic_options, colour_segments, maps)
             timings["superpixels"] = time.perf_counter() - superpixels_started
-        top_scores, top_classes = result.top_k(self.limits.top_k(options.top_k))
+        top_scores, top_classes = result.top_k(self.limits.top_k(options.top_k), self.multi_label)
         timings["total"] = time.perf_counter() - started
         return [
             SampleExplanation(
@@ -522,7 +530,8 @@ class Explainer:
         steps : int
             The most segments deleted per sample, in [1, 100].
         """
-        return suppress_surprise(self.model, self.prepare(samples).inputs, regions, steps=steps)
+        return suppress_surprise(self.model, self.prepare(samples).inputs, regions, steps=steps,
+                                 multi_label=self.multi_label)
 
     # -- lifetime ---------------------------------------------------------------------
     def close(self) -> None:

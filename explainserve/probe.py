@@ -77,12 +77,25 @@ class ProbeResult:
     filter_gradient: torch.Tensor | None = None
     filters: torch.Tensor | None = None
 
-    def top_k(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(scores, classes)``, each (B, k): the k most probable classes per sample."""
+    def top_k(self, k: int, multi_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(scores, classes)``, each (B, k): the k highest logits' classes per sample,
+        scored as :func:`class_scores` does (softmax, or each logit's sigmoid if ``multi_label``).
+        Ranked by logit, not by score: float32 scores tie where they saturate (sigmoids at 1.0,
+        softmax probabilities at 0) while the logits still differ."""
         k = min(int(k), self.probabilities.shape[1])
         if k < 1:
             raise ValueError(f"top_k: must be >= 1, got {k}")
-        return self.probabilities.topk(k, dim=1)
+        classes = self.logits.topk(k, dim=1).indices
+        scores = class_scores(self.logits, multi_label) if multi_label else self.probabilities
+        return scores.gather(1, classes), classes
+
+
+def class_scores(logits: torch.Tensor, multi_label: bool = False) -> torch.Tensor:
+    """The (B, N) class scores of (B, N) ``logits``: their softmax over the classes, or, for a
+    multi-label classifier (N independent sigmoid outputs, trained with ``BCEWithLogitsLoss``),
+    each logit's own sigmoid, since a softmax would make its labels compete. Both keep the
+    logits' order, so the predicted class is the arg-max logit either way."""
+    return logits.sigmoid() if multi_label else logits.softmax(dim=1)
 
 
 def check_inputs(inputs: torch.Tensor, model: nn.Module) -> None:
@@ -333,7 +346,7 @@ def probe(
 
         return ProbeResult(
             logits=logits.detach(),
-            probabilities=logits.detach().softmax(dim=1),
+            probabilities=class_scores(logits.detach()),
             predicted=predicted,
             target=target_ids,
             input_gradient=guided_gradient,

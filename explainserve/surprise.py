@@ -40,7 +40,7 @@ from torch import nn
 from .grad_amap import grad_amap
 from .limits import MAX_SUPPRESSION_STEPS, MAX_WEIGHT, max_segments
 from .methods import SUPPRESSION_STEPS
-from .probe import eval_mode, probe
+from .probe import class_scores, eval_mode, probe
 from .superpixels import gradient_slic
 from .swag import segment_means
 
@@ -231,7 +231,8 @@ class Suppression:
     predicted : ndarray of int64, shape (k,)
         The class predicted after each deletion step.
     probabilities : ndarray of float32, shape (k,)
-        Softmax probability of ``original`` after each step.
+        Score of ``original`` after each step: its softmax probability, or its sigmoid for a
+        multi-label model.
     """
 
     original: int
@@ -256,6 +257,7 @@ def suppress_surprise(
     regions: Sequence[FilterRegion],
     *,
     steps: int = SUPPRESSION_STEPS,
+    multi_label: bool = False,
 ) -> list[Suppression]:
     """Delete each region's top superpixels one more at a time until the prediction changes.
 
@@ -275,6 +277,9 @@ def suppress_surprise(
     steps : int
         The most segments deleted per sample, in [1, ``MAX_SUPPRESSION_STEPS``] (100); fewer
         when a sample has fewer segments.
+    multi_label : bool
+        Score the classes with each logit's sigmoid rather than the softmax
+        (:func:`~explainserve.probe.class_scores`); the predictions are the same.
 
     Returns
     -------
@@ -306,7 +311,7 @@ def suppress_surprise(
             deleted |= segments == int(segment)
             variants.append(sample.masked_fill(deleted, 0.0))  # (C, ...) masked over every channel
     with torch.no_grad(), eval_mode(model):
-        probabilities = torch.softmax(model(torch.stack(variants)).float(), dim=1).cpu()
+        probabilities = class_scores(model(torch.stack(variants)).float(), multi_label).cpu()
     suppressions, start = [], 0
     for order in orders:
         block = probabilities[start:start + len(order) + 1]

@@ -94,7 +94,7 @@ class ExplainHandler:
         self.explainer = Explainer(
             model, kind=self.kind, input_size=self.metadata["input_size"], mean=self.metadata["mean"],
             std=self.metadata["std"], class_names=self.metadata["class_names"], layer=self.metadata.get("layer"),
-            device=self.device,
+            device=self.device, multi_label=self.metadata.get("multi_label", False),
         )
         self.test_delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
         self.initialized = True
@@ -144,6 +144,7 @@ class ExplainHandler:
             "name": self.metadata["name"],
             "version": self.metadata.get("version", ""),
             "class_names": self.explainer.class_names,
+            "multi_label": self.explainer.multi_label,
             "layer": self.explainer.layer,
             "mean": list(self.metadata["mean"]),
             "std": list(self.metadata["std"]),

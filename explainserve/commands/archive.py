@@ -49,6 +49,9 @@ def register(subparsers) -> None:
                              "greyscale model (its first convolution takes 1 channel; no default)")
     parser.add_argument("--std", type=float, nargs="+", help="normalisation std, as --mean")
     parser.add_argument("--layer", help="target layer (default: the last spatial feature map the head pools)")
+    parser.add_argument("--multi-label", action="store_true",
+                        help="the model is a multi-label classifier (independent sigmoid outputs, trained with "
+                             "BCEWithLogitsLoss): class scores are each logit's sigmoid, not the softmax")
     parser.add_argument("--name", help="model name (default: the architecture, the class or demo_<kind>)")
     parser.add_argument("--version", default="1.0")
     parser.add_argument("--weights-dir", type=Path, help="folder of the demo weights (default: the package's)")
@@ -180,6 +183,9 @@ def user_model(args) -> tuple[torch.nn.Module, dict]:
         logits = (f"{n_outputs} logits" if n_outputs > 1 else
                   "one logit (a sigmoid binary classifier), served as two classes: name both")
         raise ValueError(f"--class-names: {len(class_names)} names, but the model returns {logits}")
+    if n_outputs == 1 and args.multi_label:
+        raise ValueError("--multi-label: the model returns one logit, a binary classifier; leave --multi-label out "
+                         "(it is served as two classes, scored 1 - sigmoid(z) and sigmoid(z))")
     if n_outputs == 1:
         architecture["one_logit"] = True
         served_as_two_classes(model)
@@ -198,7 +204,7 @@ def user_model(args) -> tuple[torch.nn.Module, dict]:
         "name": args.name or default_name, "version": args.version, "kind": kind,
         "input_size": args.input_size, "mean": mean, "std": std,
         "class_names": class_names, "layer": layer, "architecture": architecture,
-        "build_timestamp": time.time(),
+        "build_timestamp": time.time(), **({"multi_label": True} if args.multi_label else {}),
     }
     return model, metadata
 
@@ -253,6 +259,8 @@ def committed_store(kind: str, metadata: dict, weights_dir: Path | None = None) 
 def main(args) -> int:
     from explainserve.model_archive import write_archive
 
+    if args.demo and args.multi_label:
+        raise ValueError("--multi-label: not with --demo (the demo models are single-label classifiers)")
     model, metadata = demo_model(args.demo, args.name, args.version, args.weights_dir) if args.demo else user_model(args)
     store = (committed_store(args.demo, metadata, args.weights_dir)
              if args.demo and args.store is None and not args.no_store else args.store)

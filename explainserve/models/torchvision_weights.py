@@ -7,6 +7,7 @@ from pathlib import Path
 import torchvision
 from torch import nn
 
+from .one_logit import served_as_two_classes
 from .state_dicts import load_checked, read_state_dict, unwrapped
 
 
@@ -45,7 +46,11 @@ def load_torchvision_weights(architecture: str, path: str | Path, num_classes: i
     Returns
     -------
     torch.nn.Module
-        The model in eval mode, on the CPU.
+        The model in eval mode, on the CPU. A file whose head has one row (a sigmoid binary
+        classifier) gives a model adapted by
+        :func:`~explainserve.models.one_logit.served_as_two_classes`: it returns the two logits
+        (-z / 2, z / 2), so that the Explainer serves it as two classes, as ``explainserve
+        archive`` does.
 
     Raises
     ------
@@ -72,4 +77,5 @@ def load_torchvision_weights(architecture: str, path: str | Path, num_classes: i
         raise ValueError(f"{path}: class-count mismatch: the file's {architecture} head {head!r} has "
                          f"{file_classes} classes, num_classes={num_classes}")
     model = torchvision.models.get_model(architecture, weights=None, num_classes=file_classes)
-    return load_checked(model, state, path, f"{architecture} with {file_classes} classes").eval()
+    model = load_checked(model, state, path, f"{architecture} with {file_classes} classes").eval()
+    return served_as_two_classes(model) if file_classes == 1 else model

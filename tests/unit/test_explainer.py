@@ -519,6 +519,43 @@ def test_suppression_stops_after_the_steps_asked_for(photos):
     assert two.deleted_segments.tolist() == by_library.deleted_segments.tolist() == [0, 1]
 
 
+@pytest.mark.parametrize("architecture", ["resnet18", "mobilenet_v3_small"])
+def test_a_multi_label_model_is_scored_with_each_logits_sigmoid_and_explained_as_before(photos, architecture):
+    # Independent sigmoid outputs: a softmax would make the labels compete (scores summing to 1).
+    # Only the scores change: the class explained is the arg-max logit either way.
+    torch.manual_seed(3)
+    model = torchvision.models.get_model(architecture, weights=None, num_classes=5).eval()
+    options = dict(kind="image", input_size=(64, 64), mean=MEAN, std=STD, class_names=list("abcde"))
+    single, multi = Explainer(model, **options), Explainer(model, **options, multi_label=True)
+    methods = ["swag_i_g", "grad_cam"]
+    plain = single.explain(photos[:2], methods, ExplainOptions(top_k=5))
+    labelled = multi.explain(photos[:2], methods, ExplainOptions(top_k=5))
+    with torch.no_grad():
+        logits = model(single.prepare(photos[:2]).inputs).double()
+    for b, (one, other) in enumerate(zip(plain, labelled)):
+        np.testing.assert_array_equal(other.classes, np.argsort(-logits[b].numpy(), kind="stable"))
+        np.testing.assert_array_equal(one.classes, other.classes)
+        np.testing.assert_allclose(other.scores, torch.sigmoid(logits[b])[other.classes].numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(one.scores, torch.softmax(logits[b], 0)[one.classes].numpy(), rtol=1e-5, atol=1e-7)
+        assert other.predicted == one.predicted == int(logits[b].argmax())
+        np.testing.assert_array_equal(other.alpha, one.alpha)
+        for method in methods:
+            np.testing.assert_array_equal(other.maps[method].heatmap, one.maps[method].heatmap)
+    segments = np.zeros((64, 64), np.int32)
+    segments[:, 32:] = 1
+    scores = np.array([1.0, 0.0], np.float32)
+    region = FilterRegion(filter=0, target=0, heatmap=scores[segments], pixel_scores=scores[segments], segments=segments,
+                          segment_scores=scores, top_segment=0, alpha=1.0)
+    (suppressed,) = multi.suppress_surprise(photos[:1], [region], steps=2)
+    deleted = single.prepare(photos[:1]).inputs.clone()
+    deleted[..., :32] = 0
+    with torch.no_grad():
+        after = torch.sigmoid(model(deleted).double())[0, int(logits[0].argmax())]
+    np.testing.assert_allclose(suppressed.probabilities[0], after.item(), rtol=1e-5)
+    with pytest.raises(ValueError, match="^multi_label: expected True or False, got 'yes'"):
+        Explainer(model, **options, multi_label="yes")
+
+
 def hooked_mean_activations(explainer: Explainer, inputs: torch.Tensor, axes: tuple) -> np.ndarray:
     """The target layer's output averaged over ``axes``, from a plain eval forward with a hook of
     its own: what FilterScores.features must equal, computed without the probe pass."""

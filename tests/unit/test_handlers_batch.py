@@ -102,7 +102,7 @@ def test_describe_reports_what_the_gateway_validates_against(model_and_handler):
     [answer] = handle(handler, [{}], headers={"describe": "True"})
     described = json.loads(answer)
     assert described["kind"] == "image" and described["input_size"] == metadata["input_size"]
-    assert described["class_names"] == metadata["class_names"]
+    assert described["class_names"] == metadata["class_names"] and described["multi_label"] is False
     assert described["methods"] == ["swag_i", "swag_g", "swag_i_g", "jitter_cam", "grad_cam"]
     assert described["max_n_segments"] == 64 * 64 // 4 and described["cam_size"] == [2, 2]
     assert described["default_n_segments"] == 24  # 300 * 64² / 224², the thesis's superpixel area
@@ -111,6 +111,30 @@ def test_describe_reports_what_the_gateway_validates_against(model_and_handler):
     assert (described["layer"], described["num_filters"]) == (handler.explainer.layer, handler.explainer.num_filters)
     assert (described["mean"], described["std"]) == (metadata["mean"], metadata["std"])
     assert Limits.from_dict(described) == handler.explainer.limits
+
+
+def test_a_multi_label_archive_is_served_with_sigmoid_scores(tmp_path):
+    model, metadata = tiny_image_model()
+    torch.save(model.state_dict(), tmp_path / WEIGHTS_FILE)
+    (tmp_path / METADATA_FILE).write_text(json.dumps({**metadata, "multi_label": True}))
+    handler = ImageHandler()
+    handler.initialize(Context("tiny_image", str(tmp_path), {}, 4, None, "0.12.0"))
+    [described] = handle(handler, [{}], headers={"describe": "True"})
+    assert json.loads(described)["multi_label"] is True
+    image = random_image(90)
+    internal_answer, plain_answer = handle(handler, [internal(data=png(image), methods=["grad_cam"], top_k=3),
+                                                     {"data": png(image)}])
+    explainer = explainer_for(model, metadata)
+    with torch.no_grad():
+        logits = model(explainer.prepare([image]).inputs)[0].double()
+    best = torch.argsort(logits, descending=True)[:3]
+    response = handler_pb2.HandlerResponse.FromString(internal_answer).response
+    assert [c.index for c in response.classes] == best.tolist()
+    np.testing.assert_allclose([c.score for c in response.classes], torch.sigmoid(logits[best]).numpy(), rtol=1e-6)
+    assert sum(c.score for c in response.classes) > 1  # three sigmoids near 0.5, never a softmax
+    plain = json.loads(plain_answer)
+    assert [c["index"] for c in plain["classes"]][:3] == best.tolist()
+    np.testing.assert_allclose([c["score"] for c in plain["classes"]][:3], torch.sigmoid(logits[best]).numpy(), rtol=1e-6)
 
 
 def test_oversized_input_is_resource_exhausted_and_top_k_follows_the_limits(model_and_handler):

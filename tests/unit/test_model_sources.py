@@ -162,6 +162,25 @@ def test_a_sigmoid_classifiers_one_logit_is_served_as_two_classes(tmp_path, caps
     assert metadata["architecture"] == {"source": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 2}}
 
 
+def test_multi_label_is_recorded_in_the_metadata_and_refused_where_it_cannot_hold(tmp_path, capsys):
+    weights = tmp_path / "weights.pt"
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), weights)
+    size = ("--input-size", "32", "32")
+    _, metadata = user_model(archive_args("--torchvision", "resnet18", "--weights", str(weights), "--multi-label", *size))
+    assert metadata["multi_label"] is True and len(metadata["class_names"]) == 4
+    _, metadata = user_model(archive_args("--torchvision", "resnet18", "--weights", str(weights), *size))
+    assert "multi_label" not in metadata  # a single-label classifier, as every archive made before the flag
+    capsys.readouterr()
+    torch.save(torchvision.models.resnet18(num_classes=1).state_dict(), weights)
+    names = tmp_path / "names.txt"
+    names.write_text("healthy\nfaulty\n")
+    message = one_line_error(capsys, "--torchvision", "resnet18", "--weights", str(weights), "--class-names",
+                             str(names), "--multi-label", *size)
+    assert "--multi-label: the model returns one logit, a binary classifier; leave --multi-label out" in message
+    message = one_line_error(capsys, "--demo", "image", "--multi-label", "--export-path", str(tmp_path))
+    assert "--multi-label: not with --demo" in message
+
+
 def test_model_file_round_trip_from_the_archive_folder(tmp_path, model_file, capsys):
     weights = tmp_path / "weights.pt"
     torch.save(model_class(model_file, "TinyNet")(num_classes=4, width=6).state_dict(), weights)

@@ -116,6 +116,25 @@ def test_torchvision_weights_round_trip(tmp_path, architecture, shape):
         assert not loaded.training
 
 
+@pytest.mark.parametrize("architecture", ["resnet18", "squeezenet1_1"])
+def test_torchvision_one_logit_weights_load_as_two_classes(tmp_path, architecture):
+    # A sigmoid binary classifier (head of one row): served as the logits (-z/2, z/2), whose
+    # softmax is (1 - sigmoid(z), sigmoid(z)); its state_dict keys are unchanged.
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(architecture, weights=None, num_classes=1).eval()
+    path = tmp_path / "binary.pth"
+    torch.save(model.state_dict(), path)
+    loaded = load_torchvision_weights(architecture, path, num_classes=1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        z = model(x)
+        logits = loaded(x)
+    assert logits.shape == (2, 2)
+    torch.testing.assert_close(logits, torch.cat([-z / 2, z / 2], dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(logits.softmax(1)[:, 1:], torch.sigmoid(z), rtol=1e-6, atol=1e-6)
+    assert set(loaded.state_dict()) == set(model.state_dict())
+
+
 def test_torchvision_class_count_mismatch_names_file_and_counts(tmp_path):
     path = tmp_path / "resnet18_7.pth"
     torch.save(torchvision.models.resnet18(weights=None, num_classes=7).state_dict(), path)
