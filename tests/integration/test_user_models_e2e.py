@@ -1,6 +1,6 @@
 """A user's own CNN (TorchServe model file importing a module and a package of its own), the
-same CNN taking greyscale input, a timm model, and a timm sigmoid binary classifier (one logit,
-served as two classes): archived with ``explainserve archive``, served by a real TorchServe behind
+same CNN taking greyscale input, a timm multi-label classifier (sigmoid scores), and a timm
+sigmoid binary classifier (one logit, served as two classes): archived with ``explainserve archive``, served by a real TorchServe behind
 the real gateway, explained over gRPC; the maps and the Grad-AMap alpha equal the library's."""
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def archive_argv(workdir, source: str) -> list[str]:
         timm = pytest.importorskip("timm")
         torch.manual_seed(6)
         torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=3).state_dict(), weights)
-        argv = ["--timm", "resnet10t", "--num-classes", "3", "--name", "timm_resnet10t"]
+        # A multi-label classifier: its three scores are sigmoids, served as the library gives them.
+        argv = ["--timm", "resnet10t", "--num-classes", "3", "--name", "timm_resnet10t", "--multi-label"]
     return argv + ["--weights", str(weights), "--input-size", *SIZE, *rgb]
 
 
@@ -104,6 +105,7 @@ def served(request, tmp_path_factory):
     assert references["user_cnn"][1]["layer"] == references["grey_cnn"][1]["layer"] == "block"
     assert (references["grey_cnn"][1]["mean"], references["grey_cnn"][1]["std"]) == ([0.45], [0.3])
     assert references["timm_binary"][1]["architecture"]["one_logit"] is True
+    assert references["timm_resnet10t"][1]["multi_label"] is True and "multi_label" not in references["user_cnn"][1]
     for stack in stack_for_module(request, workdir, [], prebuilt=tuple(references)):
         yield stack, references, workdir
 
@@ -121,6 +123,11 @@ def test_served_maps_and_alpha_equal_the_library(served, name):
         result = client.explain(png(image), model=name, methods=METHODS, top_k=top_k, timeout=240)
     assert result.predicted_class == expected.predicted
     np.testing.assert_allclose([score for _, _, score in result.classes], expected.scores, rtol=1e-4)
+    with torch.no_grad():
+        logits = model.eval()(library.prepare([image]).inputs)[0]
+    scored = logits.sigmoid() if name == "timm_resnet10t" else logits.softmax(0)  # the multi-label archive
+    np.testing.assert_allclose([score for _, _, score in result.classes],
+                               scored[[index for index, _, _ in result.classes]].numpy(), rtol=1e-4)
     for method in METHODS:
         served_map, reference = result.maps[method], expected.maps[method]
         tolerance = served_map.quantisation_step / 2 + 1e-4 * float(np.ptp(reference.heatmap)) + 1e-7

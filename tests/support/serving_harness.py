@@ -54,7 +54,8 @@ def tiny_video_model() -> tuple[torch.nn.Module, dict]:
 def explainer_for(model: torch.nn.Module, metadata: dict) -> Explainer:
     """The in-process library the served maps are compared with."""
     return Explainer(model, kind=metadata["kind"], input_size=metadata["input_size"], mean=metadata["mean"],
-                     std=metadata["std"], class_names=metadata["class_names"], layer=metadata["layer"])
+                     std=metadata["std"], class_names=metadata["class_names"], layer=metadata["layer"],
+                     multi_label=metadata.get("multi_label", False))
 
 
 def store_meta_for(meta: StoreMeta, model: torch.nn.Module, metadata: dict) -> StoreMeta:
