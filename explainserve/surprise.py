@@ -311,10 +311,12 @@ def suppress_surprise(
             deleted |= segments == int(segment)
             variants.append(sample.masked_fill(deleted, 0.0))  # (C, ...) masked over every channel
     with torch.no_grad(), eval_mode(model):
-        probabilities = class_scores(model(torch.stack(variants)).float(), multi_label).cpu()
+        logits = model(torch.stack(variants)).float().cpu()
+    # Predictions from the logits: saturated float32 scores (sigmoids at 1.0) can tie where they differ.
+    probabilities = class_scores(logits, multi_label)
     suppressions, start = [], 0
     for order in orders:
-        block = probabilities[start:start + len(order) + 1]
+        block, scores = logits[start:start + len(order) + 1], probabilities[start:start + len(order) + 1]
         start += len(order) + 1
         original = int(block[0].argmax())
         predicted = block[1:].argmax(dim=1).numpy()
@@ -324,6 +326,6 @@ def suppress_surprise(
             original=original,
             deleted_segments=order[:taken],
             predicted=predicted[:taken].astype(np.int64),
-            probabilities=block[1:taken + 1, original].numpy().astype(np.float32),
+            probabilities=scores[1:taken + 1, original].numpy().astype(np.float32),
         ))
     return suppressions

@@ -248,6 +248,23 @@ def test_suppression_deletes_the_top_segments_until_the_prediction_changes():
     assert suppress_surprise(model, ones[1:], [_stripe_region([0, 0, 5, 4])], steps=10)[0].deleted_segments.tolist() == [2, 3, 0, 1]
 
 
+class SaturatedLeftHalfModel(nn.Module):
+    """Class 0's logit is 40, class 1's the sum of the left half: their float32 sigmoids are both
+    1.0 while the logits still rank class 1 first (96 and 48 against 40)."""
+
+    def forward(self, x):
+        left = x[..., : x.shape[-1] // 2].flatten(1).sum(dim=1)
+        return torch.stack([torch.full_like(left, 40.0), left], dim=1)
+
+
+def test_multi_label_suppression_reads_predictions_from_the_logits_where_the_sigmoids_saturate():
+    [found] = suppress_surprise(SaturatedLeftHalfModel(), torch.ones(1, 3, 8, 8), [_stripe_region([3, 2, 1, 0])],
+                                steps=3, multi_label=True)
+    # Arg-max of the sigmoids would read class 0 throughout (a tie at 1.0) and never see the change.
+    assert found.original == 1 and found.deleted_segments.tolist() == [0, 1] and found.predicted.tolist() == [1, 0]
+    np.testing.assert_array_equal(found.probabilities, np.float32([1.0, 0.5]))  # sigmoid(48), sigmoid(0)
+
+
 def test_suppression_of_clip_regions_deletes_supervoxels():
     clip = torch.ones(1, 3, 2, 8, 8)
     region = _stripe_region([3, 2, 1, 0])
