@@ -86,8 +86,7 @@ class ProbeResult:
         if k < 1:
             raise ValueError(f"top_k: must be >= 1, got {k}")
         classes = self.logits.topk(k, dim=1).indices
-        scores = class_scores(self.logits, multi_label) if multi_label else self.probabilities
-        return scores.gather(1, classes), classes
+        return class_scores(self.logits, multi_label).gather(1, classes), classes
 
 
 def class_scores(logits: torch.Tensor, multi_label: bool = False) -> torch.Tensor:

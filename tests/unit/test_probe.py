@@ -8,7 +8,7 @@ import torchvision
 from captum.attr import GuidedBackprop
 from torch import nn
 
-from explainserve.probe import input_size_failure, probe
+from explainserve.probe import ProbeResult, class_scores, input_size_failure, probe
 from support.references import ModuleReLUs, guided_backprop, layer_gradient
 
 
@@ -549,6 +549,36 @@ def test_top_k_is_the_most_probable_classes_in_order():
     assert result.top_k(1)[1].shape == (3, 1)
     with pytest.raises(ValueError, match="top_k: must be >= 1, got 0"):
         result.top_k(0)
+    # A multi-label model: each logit's own sigmoid, in the same order; the softmax is unchanged.
+    sigmoid_scores, sigmoid_classes = result.top_k(3, multi_label=True)
+    assert torch.equal(sigmoid_classes, order[:, :3])
+    assert torch.equal(sigmoid_scores, torch.sigmoid(result.logits).gather(1, order[:, :3]))
+    assert torch.equal(result.top_k(3, multi_label=False)[0], probabilities.gather(1, order[:, :3]))
+
+
+def test_top_k_ranks_by_logit_where_float32_scores_saturate():
+    # Logits 40 < 45 < 50: their sigmoids are all 1.0 in float32, and the softmax of (-200, 0, ...)
+    # underflows to 0 for more than one class; the logits still order the classes.
+    logits = torch.tensor([[40.0, 50.0, 45.0], [-200.0, 0.0, -300.0]])
+    result = ProbeResult(logits=logits, probabilities=class_scores(logits), predicted=logits.argmax(1),
+                         target=logits.argmax(1), input_gradient=None, vanilla_gradient=None,
+                         activations=torch.zeros(2, 1, 1, 1), activation_gradients=torch.zeros(2, 1, 1, 1),
+                         extra_activation_gradients=None, layer="0")
+    scores, classes = result.top_k(3, multi_label=True)
+    assert classes.tolist() == [[1, 2, 0], [1, 0, 2]]
+    assert scores[0].tolist() == [1.0, 1.0, 1.0]
+    scores, classes = result.top_k(3)
+    assert classes.tolist() == [[1, 2, 0], [1, 0, 2]]
+    assert scores[1].tolist() == [1.0, 0.0, 0.0]
+    np.testing.assert_allclose(scores[0].numpy(), torch.softmax(logits[0].double(), 0)[[1, 2, 0]].numpy(), rtol=1e-6)
+
+
+def test_class_scores_are_the_softmax_or_each_logits_sigmoid():
+    logits = torch.tensor([[0.0, 2.0, -1.0]])
+    assert torch.equal(class_scores(logits), torch.softmax(logits, dim=1))
+    assert torch.equal(class_scores(logits, multi_label=False), torch.softmax(logits, dim=1))
+    assert torch.equal(class_scores(logits, multi_label=True), torch.sigmoid(logits))
+    assert class_scores(logits, multi_label=True)[0, 0].item() == 0.5
 
 
 class OddNet(nn.Module):
