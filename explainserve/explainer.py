@@ -315,7 +315,9 @@ class Explainer:
                 raise ValueError(f"samples[{index}]: expected an RGB {self.kind} of shape {layout}, got {sample.shape}")
             if self.kind == "video" and sample.shape[0] != self.input_size[0]:
                 raise ValueError(f"samples[{index}]: expected a clip of {self.input_size[0]} frames, got {sample.shape[0]}")
-            frames = torch.from_numpy(np.ascontiguousarray(sample)).float().div_(255.0)
+            # Copied while converted: a read-only array (np.asarray of a PIL image) then needs no
+            # copy of its own, and torch.from_numpy would warn about it.
+            frames = torch.tensor(np.ascontiguousarray(sample), dtype=torch.float32).div_(255.0)
             frames = frames.reshape(-1, *sample.shape[-3:]).permute(0, 3, 1, 2)  # (T or 1, 3, h, w)
             if tuple(frames.shape[-2:]) != self.input_size[-2:]:
                 frames = F.interpolate(frames, size=self.input_size[-2:], mode="bilinear", align_corners=False,

@@ -101,7 +101,7 @@ def decode_image(data: bytes, what: str = "image") -> np.ndarray:
         if picture.mode in SIXTEEN_BIT_GREY:
             grey = (np.asarray(picture).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
             return np.repeat(grey[..., None], 3, axis=2)
-        return np.array(picture.convert("RGB"), dtype=np.uint8)  # writable, as torch.from_numpy wants
+        return np.array(picture.convert("RGB"), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"{what} is not a decodable JPEG or PNG: {error}") from None
 
@@ -151,6 +151,7 @@ def check_raw_clip(length: int, shape: list[int] | tuple[int, ...], expected: in
 
 
 def raw_clip(data: bytes, shape: list[int] | tuple[int, ...], expected: int | None = None) -> np.ndarray:
-    """View raw uint8 bytes as a (T, H, W, 3) clip after :func:`check_raw_clip`."""
+    """View raw uint8 bytes as a (T, H, W, 3) clip after :func:`check_raw_clip`: a read-only view
+    of ``data``, not a copy (the Explainer copies while it converts to float)."""
     shape = check_raw_clip(len(data), shape, expected)
-    return np.frombuffer(data, dtype=np.uint8).reshape(shape).copy()  # writable, as torch.from_numpy wants
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)

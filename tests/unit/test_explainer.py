@@ -2,6 +2,7 @@ import copy
 import os
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -554,6 +555,17 @@ def test_a_multi_label_model_is_scored_with_each_logits_sigmoid_and_explained_as
     np.testing.assert_allclose(suppressed.probabilities[0], after.item(), rtol=1e-5)
     with pytest.raises(ValueError, match="^multi_label: expected True or False, got 'yes'"):
         Explainer(model, **options, multi_label="yes")
+
+
+def test_a_read_only_sample_is_explained_without_a_warning_and_as_a_writable_one(image_explainer, photos):
+    # np.asarray(PIL.Image.open(...)) gives a read-only array: torch.from_numpy would warn about it.
+    frozen = photos[1].copy()
+    frozen.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepared = image_explainer.prepare([frozen, photos[1][:, ::-1]])  # and a negative stride
+    expected = image_explainer.prepare([photos[1], np.ascontiguousarray(photos[1][:, ::-1])])
+    torch.testing.assert_close(prepared.inputs, expected.inputs, rtol=0, atol=0)
 
 
 def hooked_mean_activations(explainer: Explainer, inputs: torch.Tensor, axes: tuple) -> np.ndarray:
