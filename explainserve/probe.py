@@ -39,7 +39,7 @@ class ProbeResult:
     logits : Tensor, shape (B, N)
         Pre-softmax class scores.
     probabilities : Tensor, shape (B, N)
-        Softmax of ``logits``.
+        Softmax of ``logits`` (a property: computed when read, from ``logits``).
     predicted : LongTensor, shape (B,)
         Arg-max class per sample.
     target : LongTensor, shape (B,)
@@ -65,7 +65,6 @@ class ProbeResult:
     """
 
     logits: torch.Tensor
-    probabilities: torch.Tensor
     predicted: torch.Tensor
     target: torch.Tensor
     input_gradient: torch.Tensor | None
@@ -77,12 +76,16 @@ class ProbeResult:
     filter_gradient: torch.Tensor | None = None
     filters: torch.Tensor | None = None
 
+    @property
+    def probabilities(self) -> torch.Tensor:
+        return class_scores(self.logits)
+
     def top_k(self, k: int, multi_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(scores, classes)``, each (B, k): the k highest logits' classes per sample,
         scored as :func:`class_scores` does (softmax, or each logit's sigmoid if ``multi_label``).
         Ranked by logit, not by score: float32 scores tie where they saturate (sigmoids at 1.0,
         softmax probabilities at 0) while the logits still differ."""
-        k = min(int(k), self.probabilities.shape[1])
+        k = min(int(k), self.logits.shape[1])
         if k < 1:
             raise ValueError(f"top_k: must be >= 1, got {k}")
         classes = self.logits.topk(k, dim=1).indices
@@ -345,7 +348,6 @@ def probe(
 
         return ProbeResult(
             logits=logits.detach(),
-            probabilities=class_scores(logits.detach()),
             predicted=predicted,
             target=target_ids,
             input_gradient=guided_gradient,

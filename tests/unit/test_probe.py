@@ -560,7 +560,7 @@ def test_top_k_ranks_by_logit_where_float32_scores_saturate():
     # Logits 40 < 45 < 50: their sigmoids are all 1.0 in float32, and the softmax of (-200, 0, ...)
     # underflows to 0 for more than one class; the logits still order the classes.
     logits = torch.tensor([[40.0, 50.0, 45.0], [-200.0, 0.0, -300.0]])
-    result = ProbeResult(logits=logits, probabilities=class_scores(logits), predicted=logits.argmax(1),
+    result = ProbeResult(logits=logits, predicted=logits.argmax(1),
                          target=logits.argmax(1), input_gradient=None, vanilla_gradient=None,
                          activations=torch.zeros(2, 1, 1, 1), activation_gradients=torch.zeros(2, 1, 1, 1),
                          extra_activation_gradients=None, layer="0")
