@@ -1,6 +1,6 @@
 """Out-of-distribution detection on FashionScenes: the Grad-AMap anomaly verdict against logit
 baselines (MSP, MaxLogit, Energy) and feature baselines (KNN, ViM, Mahalanobis, ReAct + Energy,
-ASH-S; bench/ood_baselines.py, from pytorch-ood). A section of bench/REPORT.md.
+ASH-S from pytorch-ood; CARef and CADRef; bench/ood_baselines.py). A section of bench/REPORT.md.
 
 Every input goes through the network once, as the server sees it (``Explainer.prepare``,
 normalisation, one probe pass with logit gradients at the target layer) and is scored against
@@ -48,6 +48,8 @@ from bench.ood_extended import ExtendedVerdict, FisherVerdict, extended_tests, o
 from bench.ood_alpha_mahalanobis import ALONE as ALPHA_ALONE  # noqa: E402
 from bench.ood_alpha_mahalanobis import NAME as ALPHA_EXTENDED  # noqa: E402
 from bench.ood_alpha_mahalanobis import AlphaMahalanobis  # noqa: E402
+from bench.ood_caref_verdict import NAME as CAREF  # noqa: E402
+from bench.ood_caref_verdict import caref_tests  # noqa: E402
 from explainserve.anomaly.calibration import split_parts  # noqa: E402
 
 HEADING = "## Table 7: out-of-distribution detection (FashionScenes; Grad-AMap verdict vs logit and feature baselines)"
@@ -70,7 +72,8 @@ LOGIT_BASELINES = tuple(BASELINES)
 COUNTS = ("best_of", "tpr_vs_energy", "fisher_best_of", "fisher_tpr_vs_energy", "fisher_ge_verdict",
           "fisher_above_verdict_interval", "fisher_kept", "extended_best_of", "extended_above_verdict", "alpha_best_of", "alpha_beyond_interval",
           "alpha_only_best_of", "beyond_alpha_only_interval", "fisher_only_test", "verdict_only_test",
-          "fisher_rate_mcnemar_p")
+          "fisher_rate_mcnemar_p", "caref_ge_verdict", "caref_above_verdict_interval", "caref_best_of",
+          "caref_tpr_vs_energy", "caref_kept")
 OTHER_TARGETS = (0.001, 0.05)
 NOISE_SIGMA, BLUR_SIGMA = 0.1, 1.5
 
@@ -245,7 +248,16 @@ def compare(store, passes: dict, oods: list, resamples: int) -> dict:
         fisher_flags[name] = {}
         for split, passed in passes.items():
             scored[split][0][name], fisher_flags[name][split] = fisher.score(statistics(split), passed["predicted"])
-    detectors = (VERDICT, ALPHA_ONLY, FISHER, ALPHA_FISHER, *TESTS, EXTENDED, ALPHA_ALONE, ALPHA_EXTENDED,
+    # The served five tests and CARef's relative deviation from the store's part-A class means
+    # (bench/ood_caref_verdict.py states its keep rule).
+    class_means = scorer.feature_tests.class_means
+    caref = ExtendedVerdict(caref_tests(scored["val"][1], passes["val"]["features"], class_means),
+                            passes["val"]["predicted"], own_classes(store), target)
+    caref_flags = {}
+    for split, passed in passes.items():
+        scored[split][0][CAREF], caref_flags[split] = caref.score(
+            caref_tests(scored[split][1], passed["features"], class_means), passed["predicted"])
+    detectors = (VERDICT, ALPHA_ONLY, FISHER, ALPHA_FISHER, CAREF, *TESTS, EXTENDED, ALPHA_ALONE, ALPHA_EXTENDED,
                  *baseline_names)
 
     table = {}
@@ -258,6 +270,8 @@ def compare(store, passes: dict, oods: list, resamples: int) -> dict:
             flags = extended_flags
         elif name == ALPHA_EXTENDED:
             flags = alpha_flags
+        elif name == CAREF:
+            flags = caref_flags
         elif name in fisher_flags:
             flags = fisher_flags[name]
         else:
@@ -280,9 +294,16 @@ def compare(store, passes: dict, oods: list, resamples: int) -> dict:
     def tpr_vs_energy(name: str) -> int:
         return sum(table[name][ood]["tpr"] >= table["Energy"][ood]["tpr"] for ood in oods)
 
-    fisher_ge = sum(table[FISHER][ood]["auroc"] >= table[VERDICT][ood]["auroc"] for ood in oods)
-    fisher_above = sum(table[FISHER][ood]["auroc"] > table[VERDICT][ood]["high"] for ood in oods)
+    def ge_verdict(name: str) -> int:
+        return sum(table[name][ood]["auroc"] >= table[VERDICT][ood]["auroc"] for ood in oods)
+
+    def above_verdict_interval(name: str) -> int:
+        return sum(table[name][ood]["auroc"] > table[VERDICT][ood]["high"] for ood in oods)
+
+    fisher_ge, fisher_above = ge_verdict(FISHER), above_verdict_interval(FISHER)
     fisher_rate = abs(table[FISHER]["test_fpr"] - target) <= abs(table[VERDICT]["test_fpr"] - target)
+    caref_ge, caref_above = ge_verdict(CAREF), above_verdict_interval(CAREF)
+    caref_rate = abs(table[CAREF]["test_fpr"] - target) <= 0.25 * target
     # Whether the two realised rates differ beyond chance (a diagnostic, no keep rule): the test
     # images only one of the two verdicts flags.
     verdict_test, fisher_test = scored["test"][1].anomalous, fisher_flags[FISHER]["test"]
@@ -298,7 +319,10 @@ def compare(store, passes: dict, oods: list, resamples: int) -> dict:
             "extended_above_verdict": sum(table[EXTENDED][ood]["auroc"] > table[ALPHA_ONLY][ood]["auroc"] for ood in oods),
             "alpha_best_of": best_of(ALPHA_EXTENDED), "alpha_beyond_interval": beyond_alpha_only(ALPHA_EXTENDED),
             "fisher_only_test": fisher_only, "verdict_only_test": verdict_only,
-            "fisher_rate_mcnemar_p": exact_mcnemar_p(fisher_only, verdict_only)}
+            "fisher_rate_mcnemar_p": exact_mcnemar_p(fisher_only, verdict_only),
+            "caref_ge_verdict": caref_ge, "caref_above_verdict_interval": caref_above, "caref_best_of": best_of(CAREF),
+            "caref_tpr_vs_energy": tpr_vs_energy(CAREF),
+            "caref_kept": caref_ge >= 4 and caref_above >= 2 and caref_rate}
 
 
 def run(args) -> dict:
@@ -391,7 +415,11 @@ def comparison_rows(r: dict) -> list[str]:
         f"{r['fisher_above_verdict_interval']}, at least every baseline's on {r['fisher_best_of']}; their TPR at "
         f"{percent:g} % is at least Energy's on {r['fisher_tpr_vs_energy']}. Of the test images, {r['fisher_only_test']} "
         f"are flagged by {FISHER} alone and {r['verdict_only_test']} by the served verdict alone (exact McNemar "
-        f"p = {r['fisher_rate_mcnemar_p']:.2g} that the two rates are equal).", ""]
+        f"p = {r['fisher_rate_mcnemar_p']:.2g} that the two rates are equal). With CARef's relative deviation as a "
+        f"sixth test ({CAREF}: bench/ood_caref_verdict.py, calibrated as the verdict is) the AUROC is at least the "
+        f"verdict's on {r['caref_ge_verdict']} of {len(sets)} sets, above the upper end of its interval on "
+        f"{r['caref_above_verdict_interval']}, at least every baseline's on {r['caref_best_of']}; its TPR at "
+        f"{percent:g} % is at least Energy's on {r['caref_tpr_vs_energy']}.", ""]
 
 
 def section(r: dict) -> list[str]:
@@ -406,7 +434,8 @@ def section(r: dict) -> list[str]:
             f"{r['own_classes']} classes ranked on their own calibration images, the rest class-independent). "
             f"The verdict flags p < {percent:g} %; every other row is read at the threshold flagging at most "
             f"{percent:g} % of the {s['val']} val images the store was calibrated on. Feature baselines "
-            f"(pytorch-ood 0.4.0, published defaults) fitted on {s['fit']} training images. "
+            f"(pytorch-ood 0.4.0, published defaults; CARef and CADRef as their authors' code, bench/ood_baselines.py) "
+            f"fitted on {s['fit']} training images. "
             f"Negatives: {s['test']} in-distribution test images. Positives: "
             + ", ".join(f"{name} {s[name]}" for name in sets)
             + f" (the shifts are of the first {s[sets[-1]]} test images). Seed 0; "
@@ -421,7 +450,9 @@ def section(r: dict) -> list[str]:
             "class and their residual off the principal subspace), then the alpha-only verdict with a fourth test "
             f"from the same pass, the logits' energy ({EXTENDED}: bench/ood_extended.py, the same split, groups and "
             f"min-p combination; not served), the alpha-space Mahalanobis distance alone ({ALPHA_ALONE}) and the "
-            f"alpha-only verdict with it as the fourth test ({ALPHA_EXTENDED}; not served).",
+            f"alpha-only verdict with it as the fourth test ({ALPHA_EXTENDED}; not served). {CAREF}: the served five "
+            "tests and CARef's relative deviation from the store's part-A class means, calibrated as the verdict "
+            "is (bench/ood_caref_verdict.py; not served).",
             ""] + comparison_rows(r) + [
         "The verdict calibrated at other targets (on the same val alpha), realised FPR on test and TPR %:", "",
         "| target | classes ranked on their own | FPR test % | " + " | ".join(sets) + " |",
@@ -494,6 +525,12 @@ def main(argv=None) -> int:
     print(f"verdict_fisher_test_only={results['fisher_only_test']}")
     print(f"verdict_test_only_not_fisher={results['verdict_only_test']}")
     print(f"verdict_fisher_rate_mcnemar_p={results['fisher_rate_mcnemar_p']:.3g}")
+    print(f"verdict_caref_auroc_ge_verdict={results['caref_ge_verdict']}/{sets}")
+    print(f"verdict_caref_auroc_above_verdict_interval={results['caref_above_verdict_interval']}/{sets}")
+    print(f"verdict_caref_auroc_best_of={results['caref_best_of']}/{sets}")
+    print(f"verdict_caref_tpr_at_target_ge_energy={results['caref_tpr_vs_energy']}/{sets}")
+    print(f"verdict_caref_realised_fpr_test_percent={100 * results['table'][CAREF]['test_fpr']:.2f}")
+    print(f"verdict_caref_kept={'yes' if results['caref_kept'] else 'no'}")
     print(f"verdict_auroc_beyond_alpha_only_interval={results['beyond_alpha_only_interval']}/{sets}")
     print(f"verdict_alpha_only_auroc_best_of={results['alpha_only_best_of']}/{sets}")
     print(f"verdict_alpha_only_realised_fpr_test_percent={100 * results['table'][ALPHA_ONLY]['test_fpr']:.2f}")

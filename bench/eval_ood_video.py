@@ -1,6 +1,6 @@
 """Out-of-distribution detection on MovingFashion clips: Table 7's comparison for the demo video
 model (the Grad-AMap anomaly verdict against MSP, MaxLogit, Energy, KNN, ViM, Mahalanobis,
-ReAct + Energy and ASH-S). A section of bench/REPORT.md, right after the image Table 7.
+ReAct + Energy, ASH-S, CARef and CADRef). A section of bench/REPORT.md, right after the image Table 7.
 
 Everything but the data is bench/eval_ood.py's: the same network pass (``network_pass``: the
 server's input preparation and one probe pass; alpha from ``FilterScores.of``), the verdict from
@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.eval_ood import (ALPHA_EXTENDED, ALPHA_ONLY, COUNTS, EXTENDED, HEADING as IMAGE_HEADING, REPORT, SHIFTS, comparison_rows,  # noqa: E402
+from bench.eval_ood import (ALPHA_EXTENDED, ALPHA_ONLY, CAREF, COUNTS, EXTENDED, HEADING as IMAGE_HEADING, REPORT, SHIFTS, comparison_rows,  # noqa: E402
                             compare, network_pass, open_model, splice, summary_lines)
 
 HEADING = "## Table 7, clips: out-of-distribution detection (MovingFashion; Grad-AMap verdict vs logit and feature baselines)"
@@ -144,7 +144,8 @@ def section(r: dict) -> list[str]:
             f"Rows below the served verdict (five tests on the alpha and pooled features of one pass): the "
             f"verdict from alpha alone ({ALPHA_ONLY}), the five tests alone, then the alpha-only verdict with the "
             f"logits' energy as a fourth test ({EXTENDED}, bench/ood_extended.py, calibrated here on the {s['val']} "
-            f"val clips; not served), and with the alpha-Mahalanobis distance ({ALPHA_EXTENDED}; not served).",
+            f"val clips; not served), with the alpha-Mahalanobis distance ({ALPHA_EXTENDED}; not served), and the "
+            f"five tests with CARef's relative deviation as a sixth ({CAREF}, bench/ood_caref_verdict.py; not served).",
             ""] + comparison_rows(r) + [
         "Model accuracy: " + ", ".join(f"{name} {100 * value:.1f} %" for name, value in r["accuracy"].items())
         + " (the held-out motions have no label among the model's classes).", "",

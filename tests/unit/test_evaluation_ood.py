@@ -131,12 +131,63 @@ def test_feature_baselines_see_the_models_own_head():
     scores = baselines.scores(maps)
     expected = energy_score(logits.double().numpy())
     np.testing.assert_allclose(scores["ReAct+Energy"], expected, rtol=1e-5)
-    assert set(scores) == {"KNN", "ViM", "Mahalanobis", "ReAct+Energy", "ASH-S"}
+    assert set(scores) == {"KNN", "ViM", "Mahalanobis", "ReAct+Energy", "ASH-S", "CARef", "CADRef"}
     # KNN: the distance of each unit-normalised feature to its 50th nearest training feature
     # (itself first, at distance 0).
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
     distances = np.sort(np.linalg.norm(unit[:, None] - unit[None], axis=2), axis=1)
     np.testing.assert_allclose(scores["KNN"], distances[:, 49], rtol=1e-4, atol=1e-6)
+
+
+def test_caref_and_cadref_by_hand():
+    """bench/ood_baselines.py RelativeFeatures on a two-class, two-feature head worked out on
+    paper: class means over the fitting images *predicted* as each class (not labelled), the L1
+    deviation over |z|_1, and CADRef's split by the signs of the predicted class's weights, the
+    part along them over the input's energy, the rest over the fitting images' mean energy."""
+    from bench.ood_baselines import RelativeFeatures
+
+    weight, bias = np.array([[1.0, -1.0], [0.0, 1.0]]), np.zeros(2)
+    # logits (2, 0), (4, 0): class 0; (-2, 2), (-4, 4): class 1; (0.5, 0.5) ties, arg-max takes class 0
+    fitting = np.array([[2.0, 0.0], [4.0, 0.0], [0.0, 2.0], [0.0, 4.0], [1.0, 0.5]])
+    relative = RelativeFeatures(weight, bias, fitting)
+    np.testing.assert_allclose(relative.class_means, [[7 / 3, 1 / 6], [0.0, 3.0]])
+    energies = [np.log(np.exp(2) + 1), np.log(np.exp(4) + 1), np.log(np.exp(-2) + np.exp(2)),
+                np.log(np.exp(-4) + np.exp(4)), np.log(2 * np.exp(0.5))]
+    assert relative.mean_logit_score == pytest.approx(np.mean(energies))
+    # z = (1, 1): logits (0, 1), class 1, m = (0, 3): e = (1, -2), |e|_1 = 3, |z|_1 = 2.
+    # Signs of w_1 = (0, +1): the first feature is in neither part; -2 is against the sign.
+    # z = (3, 1): logits (2, 1), class 0, m = (7/3, 1/6): e = (2/3, 5/6), |z|_1 = 4; signs (+, -):
+    # 2/3 along, 5/6 against.
+    scores = relative.scores(np.array([[1.0, 1.0], [3.0, 1.0]]))
+    np.testing.assert_allclose(scores["CARef"], [3 / 2, (2 / 3 + 5 / 6) / 4])
+    np.testing.assert_allclose(scores["CADRef"], [0 / np.log(1 + np.e) + (2 / 2) / np.mean(energies),
+                                                  (2 / 3 / 4) / np.log(np.exp(2) + np.e) + (5 / 6 / 4) / np.mean(energies)])
+
+
+def test_a_class_no_fitting_image_is_predicted_as_takes_the_mean_of_them_all():
+    from bench.ood_baselines import RelativeFeatures
+
+    relative = RelativeFeatures(np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]), np.zeros(3),
+                                np.array([[3.0, 1.0], [1.0, 3.0]]))
+    np.testing.assert_allclose(relative.class_means, [[3.0, 1.0], [1.0, 3.0], [2.0, 2.0]])
+
+
+def test_the_caref_verdict_takes_the_served_tests_and_the_relative_deviation_by_hand():
+    """bench/ood_caref_verdict.py: the five served statistics (not the combined one) and
+    |z - m_c|_1 / |z|_1 against the class each row was scored against."""
+    from types import SimpleNamespace
+
+    from bench.ood_caref_verdict import caref_tests, relative_deviation
+
+    means = np.array([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]])
+    features = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 2.0], [2.0, 0.0, 0.0]])
+    classes = np.array([0, 1, 0])
+    np.testing.assert_allclose(relative_deviation(features, means, classes), [0.0, 2 / 4, 2 / 2])
+    statistics = np.arange(18, dtype=np.float32).reshape(3, 6)  # five tests, then combined
+    tests = caref_tests(SimpleNamespace(statistics=statistics, classes=classes), features, means)
+    assert tests.dtype == np.float32 and tests.shape == (3, 6)
+    np.testing.assert_array_equal(tests[:, :5], statistics[:, :5])
+    np.testing.assert_allclose(tests[:, 5], [0.0, 0.5, 1.0])
 
 
 def test_the_verdict_with_an_energy_test_holds_its_rate_and_sees_an_energy_shift():
