@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .models.one_logit import served_as_two_classes
-from .models.state_dicts import load_checked, read_state_dict, unwrapped
+from .models.state_dicts import load_checked, read_classifier_state, read_state_dict
 from .probe import check_logits, input_size_failure, one_logit_per_sample
 
 SOURCES = ("torchvision", "timm", "model_file")
@@ -203,9 +203,7 @@ def load_weights(model: nn.Module, path: str | Path, description: str) -> nn.Mod
 
 def classes_in_weights(architecture: dict, path: str | Path) -> int:
     """The class count of the weights file ``path`` for a torchvision or timm ``architecture``
-    entry: the rows of the file's head tensors, found as the tensors whose shape follows
-    ``num_classes`` (the architecture built with 3 and with 5 classes), so every architecture's
-    head (``fc``, ``classifier.1``, ``head.fc``, auxiliary heads) is found the same way.
+    entry: the rows of the file's head tensors (:func:`~explainserve.models.state_dicts.read_classifier_state`).
 
     Raises
     ------
@@ -214,18 +212,13 @@ def classes_in_weights(architecture: dict, path: str | Path) -> int:
         with ``--weights PATH`` and names the fix.
     """
     refuse_compiled(path, "--weights")
-    built = [build_architecture({**architecture, "kwargs": {**architecture.get("kwargs", {}), "num_classes": count}})
-             .state_dict() for count in (3, 5)]
-    head = [key for key, tensor in built[0].items() if tensor.shape != built[1][key].shape]
+
+    def build(count: int) -> nn.Module:
+        return build_architecture({**architecture, "kwargs": {**architecture.get("kwargs", {}), "num_classes": count}})
     try:
-        state = unwrapped(read_state_dict(path), built[0], path)
+        return read_classifier_state(build, path, architecture["name"])[1]
     except (ValueError, FileNotFoundError) as error:
-        raise ValueError(f"--weights {error}") from None
-    counts = sorted({int(state[key].shape[0]) for key in head if key in state and state[key].ndim})
-    if len(counts) != 1 or not all(key in state for key in head):
-        raise ValueError(f"--weights {path}: cannot read a class count from the {architecture['name']} head tensors "
-                         f"{head} (found rows {counts}); pass --num-classes N or --class-names FILE")
-    return counts[0]
+        raise ValueError(f"--weights {error}; pass --num-classes N or --class-names FILE") from None
 
 
 def check_classifier(model: nn.Module, inputs: torch.Tensor) -> int:

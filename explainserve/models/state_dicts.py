@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -105,3 +106,48 @@ def unwrapped(state: dict[str, torch.Tensor], expected: dict, path: str | Path) 
     if best is not None and len(wanted & best.keys()) > len(wanted & state.keys()):
         return best
     return state
+
+
+def read_classifier_state(build: Callable[[int], nn.Module], path: str | Path,
+                          what: str) -> tuple[dict[str, torch.Tensor], int]:
+    """Read the weights file ``path`` of the classifier ``build(num_classes)`` makes, and the class
+    count its head gives.
+
+    The head tensors are found as those whose shape follows the class count (the model built
+    with 3 and with 5 classes), so every architecture's head (``fc``, ``classifier.1``,
+    ``head.fc``, a SqueezeNet's 1x1 convolution, auxiliary heads) is found the same way, by no name.
+
+    Parameters
+    ----------
+    build
+        Builds the untrained model with the given number of classes.
+    path
+        The state-dict file.
+    what
+        What the model is, e.g. ``"resnet18"`` (for messages).
+
+    Returns
+    -------
+    state : dict
+        The file's entries for the model's keys (see :func:`unwrapped`).
+    classes : int
+        The rows of the head tensors.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If the file is unreadable, lacks the head tensors or they disagree on the count; the
+        message names the file and the head tensors.
+    """
+    built = [build(count).state_dict() for count in (3, 5)]
+    head = [key for key, tensor in built[0].items() if tensor.shape != built[1][key].shape]
+    state = unwrapped(read_state_dict(path), built[0], path)
+    absent = [key for key in head if key not in state]
+    if absent:
+        raise ValueError(f"{path}: does not hold {what} weights: no head tensors {absent} (first keys: {list(state)[:5]})")
+    counts = sorted({int(state[key].shape[0]) for key in head if state[key].ndim})
+    if len(counts) != 1:
+        raise ValueError(f"{path}: cannot read a class count from the {what} head tensors {head} (found rows {counts})")
+    return state, counts[0]

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from .one_logit import served_as_two_classes
-from .state_dicts import load_checked, read_state_dict, unwrapped
+from .state_dicts import load_checked, read_classifier_state
 
 
 def supported_architectures() -> tuple[str, ...]:
@@ -16,14 +16,6 @@ def supported_architectures() -> tuple[str, ...]:
     image = torchvision.models.list_models(module=torchvision.models)
     video = torchvision.models.list_models(module=torchvision.models.video)
     return tuple(sorted(image + video))
-
-
-def _head_name(model: nn.Module) -> str:
-    """Dotted name of the classifier: the last ``nn.Linear`` (or 1x1 conv, for SqueezeNet)."""
-    heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not heads:
-        heads = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    return heads[-1]
 
 
 def load_torchvision_weights(architecture: str, path: str | Path, num_classes: int | None = None) -> nn.Module:
@@ -66,15 +58,10 @@ def load_torchvision_weights(architecture: str, path: str | Path, num_classes: i
         raise ValueError(f"architecture: unknown torchvision classifier {architecture!r}; accepted: {', '.join(accepted)}")
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"num_classes: must be a positive integer or None, got {num_classes!r}")
-    reference = torchvision.models.get_model(architecture, weights=None)  # key names whatever the class count
-    state = unwrapped(read_state_dict(path), reference.state_dict(), path)
-    head = _head_name(reference) + ".weight"
-    if head not in state:
-        raise ValueError(f"{path}: does not hold {architecture} weights: no classifier tensor {head!r} "
-                         f"(first keys: {list(state)[:5]})")
-    file_classes = int(state[head].shape[0])
+    state, file_classes = read_classifier_state(
+        lambda count: torchvision.models.get_model(architecture, weights=None, num_classes=count), path, architecture)
     if num_classes is not None and num_classes != file_classes:
-        raise ValueError(f"{path}: class-count mismatch: the file's {architecture} head {head!r} has "
+        raise ValueError(f"{path}: class-count mismatch: the file's {architecture} head has "
                          f"{file_classes} classes, num_classes={num_classes}")
     model = torchvision.models.get_model(architecture, weights=None, num_classes=file_classes)
     model = load_checked(model, state, path, f"{architecture} with {file_classes} classes").eval()

@@ -142,6 +142,18 @@ def test_torchvision_class_count_mismatch_names_file_and_counts(tmp_path):
         load_torchvision_weights("resnet18", path, num_classes=10)
 
 
+def test_torchvision_head_tensors_that_disagree_are_named(tmp_path):
+    # The head is found by which tensors follow the class count, as `explainserve archive` finds
+    # it: the weight's 6 rows and the bias's 4 give no class count.
+    state = torchvision.models.resnet18(weights=None, num_classes=6).state_dict()
+    state["fc.bias"] = torch.zeros(4)
+    path = tmp_path / "odd.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"odd\.pth: cannot read a class count from the resnet18 head tensors "
+                                         r"\['fc\.weight', 'fc\.bias'\] \(found rows \[4, 6\]\)"):
+        load_torchvision_weights("resnet18", path)
+
+
 def test_torchvision_wrong_architecture_names_file(tmp_path):
     path = tmp_path / "mobilenet.pth"
     torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), path)
