@@ -176,6 +176,21 @@ def test_explain_verdicts_equal_the_library_on_the_handlers_alpha(stack, client,
     assert {reason.source for reason in noisy.reasons} == {"fallback"}  # 80 validation scenes: no class has its own
 
 
+def test_a_target_class_is_explained_and_scored_against_that_class(stack, client, scorer):
+    """The predicted verdict is scored against the class explained: the request's target_class
+    when it sets one (another label of a multi-label input), with alpha computed for it."""
+    sample = scenes("test", 1)[0]
+    predicted = client.send(build_request(png(sample["image"]), model=MODEL), timeout=60).predicted_class
+    target = (predicted + 1) % scorer.store.num_classes
+    request = build_request(png(sample["image"]), model=MODEL, target_class=target)
+    result = client.send(request, timeout=60)
+    handler = handler_answer(stack, request)
+    assert (result.predicted_class, result.target_class, result.anomaly.predicted.class_index) == (predicted, target, target)
+    expected = scorer.score(np.asarray([handler.alpha], dtype=np.float32), [target],
+                            features=np.asarray([handler.features], dtype=np.float32))
+    assert_verdict_is(result.anomaly.predicted, expected, 0)
+
+
 def test_anomaly_health_is_serving_with_every_store_good(stack):
     assert health(stack.target, "anomaly") == health_pb2.HealthCheckResponse.SERVING
     assert health(stack.target, "") == health_pb2.HealthCheckResponse.SERVING
