@@ -37,7 +37,10 @@ Where a statistic is the difference of much larger parts (|e|² / σ² less the 
 share when K > R, |z - m|² less |U^T (z - m)|²), float32 loses digits, so such rows are computed
 again in float64 (:func:`cancels`). The rounding left (under 1e-5 of d² and r, tested, on
 trained networks' features too) moves a conformal p-value only between calibration statistics
-that close together. Float64 features give the float64 statistics. The per-feature terms,
+that close together. A row's float32 statistics may also differ in the last bits with the batch
+it is scored in (BLAS picks its kernels by the row count: d² 1.6e-6 apart relatively on an AMD
+EPYC), as the network's own outputs do with the batch it runs in. Float64 features give the
+float64 statistics. The per-feature terms,
 computed only for a verdict's reasons, are always float64.
 
 Both are fitted on part A of the held-out images (:func:`~explainserve.anomaly.calibration.split_parts`),

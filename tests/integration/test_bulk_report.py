@@ -102,10 +102,12 @@ def test_a_line_says_what_explain_answers(stack, inputs, bulk_run):
         answer = client.explain(inputs / "noise_1.png", model=MODEL, methods=["swag_i_g"], timeout=60)
     verdict = answer.anomaly.predicted
     assert line["predicted"]["index"] == answer.predicted_class
-    assert line["predicted"]["score"] == pytest.approx(answer.classes[0][2], rel=1e-6)
+    # The bulk run's calls may have shared a TorchServe batch, and the network's float32 kernels
+    # round by batch size on some CPUs: equal to 1e-5, not to the bit.
+    assert line["predicted"]["score"] == pytest.approx(answer.classes[0][2], rel=1e-5)
     assert line["verdict"] == explain_pb2.ClassVerdict.Verdict.Name(verdict.verdict)
-    assert line["score"] == pytest.approx(verdict.score, rel=1e-6)
-    assert line["p_value"] == pytest.approx(verdict.p_value, rel=1e-6)
+    assert line["score"] == pytest.approx(verdict.score, rel=1e-5)
+    assert line["p_value"] == pytest.approx(verdict.p_value, rel=1e-5)
     assert line["smallest_p_value"] == verdict.smallest_p_value > 0
     assert (line["surprise_count"], line["expectation_count"]) == (verdict.surprise_count, verdict.expectation_count)
 

@@ -81,8 +81,11 @@ def test_a_batch_of_encoded_images_answers_what_explain_answers(stack, triton, i
         np.testing.assert_array_equal(result.as_numpy("segments_swag_i_g")[n], answer.maps["swag_i_g"].segments)
         verdict = answer.anomaly.predicted
         assert verdicts[n].decode() == explain_pb2.ClassVerdict.Verdict.Name(verdict.verdict)
-        assert result.as_numpy("verdict_score")[n] == pytest.approx(verdict.score, rel=1e-6, abs=1e-9)
-        assert result.as_numpy("verdict_p_value")[n] == pytest.approx(verdict.p_value, rel=1e-6, abs=1e-12)
+        # The network ran on a batch of 2 here and of 1 for Explain: on some CPUs (AMD EPYC) the
+        # kernels round float32 differently by batch size (features 2e-7 apart relatively), which
+        # moved a score and its p-value by 1.2e-6 of themselves.
+        assert result.as_numpy("verdict_score")[n] == pytest.approx(verdict.score, rel=1e-5, abs=1e-9)
+        assert result.as_numpy("verdict_p_value")[n] == pytest.approx(verdict.p_value, rel=1e-5, abs=1e-12)
         assert result.as_numpy("verdict_smallest_p_value")[n] == verdict.smallest_p_value > 0
         assert result.as_numpy("surprise_count")[n] == verdict.surprise_count
         assert result.as_numpy("expectation_count")[n] == verdict.expectation_count

@@ -165,8 +165,9 @@ def test_features_reach_columns_streams_and_score_batch(client, stores):
     streamed = client.score_all(alpha, classes, model=FEATURE_MODEL, features=features, top_flags=flags,
                                 rows_per_message=7, timeout=30)
     assert streamed.tests == columns.tests and np.array_equal(streamed.anomalous, columns.anomalous)
-    # rows scored in other batches: the float64 products of the feature tests may differ in the last bits
-    np.testing.assert_allclose(streamed.test_p_values, columns.test_p_values, rtol=1e-6)
+    # rows scored in other batches: BLAS picks its float32 kernels by the batch's row count, so the
+    # feature tests' products may differ in the last bits (p-values 3.7e-6 apart relatively on an AMD EPYC)
+    np.testing.assert_allclose(streamed.test_p_values, columns.test_p_values, rtol=1e-5)
     plain = client.score_columns(alpha, classes, model=FEATURE_MODEL, timeout=30)  # no features: three tests
     assert plain.tests == TESTS and np.isnan(plain.feature_residual).all() and np.array_equal(plain.p_value, Scorer(load_store(stores / FEATURE_MODEL)).score(
         alpha, classes).p_value)

@@ -360,8 +360,9 @@ def feature_stores(tmp_path_factory):
 
 
 def assert_close_messages(got, expected, path: str = "") -> None:
-    """``got`` equals ``expected`` (messages as dicts) field for field, floats to 1e-6 relative: rows
-    scored in another batch differ in the last bits of the feature tests' float32 matrix products."""
+    """``got`` equals ``expected`` (messages as dicts) field for field, floats to 1e-5 relative: rows
+    scored in another batch differ in the last bits of the feature tests' float32 matrix products
+    (BLAS picks its kernels by the row count: d² 1.6e-6 apart relatively on an AMD EPYC)."""
     if isinstance(expected, dict):
         assert sorted(got) == sorted(expected), path
         for key in expected:
@@ -371,7 +372,7 @@ def assert_close_messages(got, expected, path: str = "") -> None:
         for index, (left, right) in enumerate(zip(got, expected)):
             assert_close_messages(left, right, f"{path}[{index}]")
     elif isinstance(expected, float):
-        assert got == pytest.approx(expected, rel=1e-6, abs=1e-12), path
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-12), path
     else:
         assert got == expected, path
 
