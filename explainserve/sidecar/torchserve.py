@@ -6,12 +6,14 @@ TorchServe keeps its pid file in ``$TMPDIR``, which we point at that folder.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +32,24 @@ LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
 JVM_ARGS = "-XX:+UseSerialGC -XX:TieredStopAtLevel=1"
 
 
+# The ports free_port handed out lately. The kernel picks a port for bind(("", 0)) at random,
+# so a few picks in a row repeat one now and then (8 picks: 7 windows of 2,500 here), and the
+# second server started on it fails to listen; a port handed out is not handed out again.
+HANDED_OUT: collections.deque[int] = collections.deque(maxlen=2048)
+HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as probe_socket:
-        probe_socket.bind(("127.0.0.1", 0))
-        return probe_socket.getsockname()[1]
+    """A loopback TCP port that nothing listens on now, and that this process has not been
+    handed lately (the caller's server binds it later)."""
+    with HANDED_OUT_LOCK:
+        while True:
+            with socket.socket() as probe_socket:
+                probe_socket.bind(("127.0.0.1", 0))
+                port = probe_socket.getsockname()[1]
+            if port not in HANDED_OUT:
+                HANDED_OUT.append(port)
+                return port
 
 
 @dataclass
