@@ -134,11 +134,12 @@ def serve_main(args) -> int:
                   "their answers carry no anomaly verdict", file=sys.stderr)
         for warning in store_warnings(stores, shipped, store):
             print(f"WARNING: {warning}", file=sys.stderr)
-        gateway = start_gateway(listen, torchserve, args.metrics_port, args.run_dir / "gateway.log",
+        gateway_log = args.run_dir / "gateway.log"
+        gateway = start_gateway(listen, torchserve, args.metrics_port, gateway_log,
                                 ("--store-dir", str(stores), "--reflection"))
         state.update(gateway_pid=gateway.pid, target=listen, metrics=f"http://127.0.0.1:{args.metrics_port}/metrics")
         state_path.write_text(json.dumps(state))
-        wait_serving(listen, timeout=60, process=gateway)
+        wait_serving(listen, timeout=60, process=gateway, log=gateway_log)
     except Exception:
         stop_main(args)
         raise

@@ -56,15 +56,26 @@ def health(target: str, service: str = ""):
             return None
 
 
-def wait_serving(target: str, timeout: float, process: subprocess.Popen | None = None, service: str = "") -> None:
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of the log file ``path``, or a note that it cannot be read."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as error:
+        return f"(its log {path} cannot be read: {error})"
+
+
+def wait_serving(target: str, timeout: float, process: subprocess.Popen | None = None, service: str = "",
+                 log: Path | None = None) -> None:
     """Block until the gateway's health check for ``service`` ("" server-wide, which follows
-    TorchServe; "anomaly": every distribution store loaded) answers SERVING."""
+    TorchServe; "anomaly": every distribution store loaded) answers SERVING. When ``process``
+    exits first, the error quotes the end of its ``log``."""
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if process is not None and process.poll() is not None:
-                raise RuntimeError(f"the gateway exited with code {process.returncode}")
+                quoted = f"; the end of {log}:\n{log_tail(log)}" if log is not None else ""
+                raise RuntimeError(f"the gateway exited with code {process.returncode}{quoted}")
             try:
                 status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
@@ -92,7 +103,7 @@ def local_service(model_store: Path, models: Sequence[str], workdir: Path, *, re
         torchserve.wait_ready(timeout=ready_timeout)
         gateway, target, _ = start_gateway(workdir, torchserve.grpc_target, torchserve.management_target,
                                           extra_args=gateway_args)
-        wait_serving(target, timeout=60, process=gateway)
+        wait_serving(target, timeout=60, process=gateway, log=workdir / "gateway.log")
         yield torchserve, gateway, target
     finally:
         if gateway is not None:

@@ -19,7 +19,7 @@ from PIL import Image
 from explainserve.anomaly import StoreMeta
 from explainserve.explainer import Explainer
 from explainserve.model_archive import write_archive
-from explainserve.sidecar.local import health, start_gateway, stop_gateway  # noqa: F401 - used by the tests
+from explainserve.sidecar.local import health, log_tail, start_gateway, stop_gateway  # noqa: F401 - used by the tests
 from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig
 
 IMAGE_SIZE = (64, 64)
@@ -89,8 +89,7 @@ class Stack:
     workdir: Path
 
     def logs(self) -> str:
-        gateway_log = (self.workdir / "gateway.log").read_text(errors="replace").splitlines()[-40:]
-        return self.torchserve.log_tail(40) + "\n==> gateway.log <==\n" + "\n".join(gateway_log)
+        return self.torchserve.log_tail(40) + "\n==> gateway.log <==\n" + log_tail(self.workdir / "gateway.log", 40)
 
 
 @contextlib.contextmanager
@@ -120,7 +119,7 @@ def serving_stack(workdir: Path, archives: list[tuple[torch.nn.Module, dict]], *
         gateway, target, metrics_url = start_gateway(workdir, torchserve.grpc_target, torchserve.management_target,
                                                      token_file=torchserve.key_file, extra_args=gateway_args)
         stack = Stack(torchserve, gateway, target, metrics_url, workdir)
-        wait_serving(target, timeout=60, process=gateway)
+        wait_serving(target, timeout=60, process=gateway, log=workdir / "gateway.log")
         yield stack
     except BaseException:
         print(stack.logs() if stack else torchserve.log_tail(), file=sys.stderr)
