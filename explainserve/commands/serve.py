@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from explainserve.sidecar.local import wait_serving
+from explainserve.sidecar.local import launch_gateway, wait_serving
 from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, stop_process_group
 
 DEFAULT_RUN_DIR = Path("out/serve")
@@ -65,16 +64,6 @@ def register(subparsers) -> None:
     stop = subparsers.add_parser("stop", help="stop what `explainserve serve` started")
     stop.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     stop.set_defaults(func=stop_main)
-
-
-def start_gateway(listen: str, torchserve: TorchServe, metrics_port: int, log_path: Path,
-                  extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
-    """Start ``explainserve sidecar`` as its own process group, logging to ``log_path``."""
-    command = [sys.executable, "-m", "explainserve.cli", "sidecar", "--listen", listen,
-               "--torchserve", torchserve.grpc_target, "--torchserve-management", torchserve.management_target,
-               "--metrics-port", str(metrics_port), *extra_args]
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def unpack_stores(model_store: Path, archives: list[str], stores: Path) -> list[str]:
@@ -135,7 +124,8 @@ def serve_main(args) -> int:
         for warning in store_warnings(stores, shipped, store):
             print(f"WARNING: {warning}", file=sys.stderr)
         gateway_log = args.run_dir / "gateway.log"
-        gateway = start_gateway(listen, torchserve, args.metrics_port, gateway_log,
+        gateway = launch_gateway(listen, torchserve.grpc_target, torchserve.management_target, args.metrics_port,
+                                 gateway_log,
                                 ("--store-dir", str(stores), "--reflection"))
         state.update(gateway_pid=gateway.pid, target=listen, metrics=f"http://127.0.0.1:{args.metrics_port}/metrics")
         state_path.write_text(json.dumps(state))

@@ -16,23 +16,32 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, free_port
 
 
+def launch_gateway(listen: str, torchserve_inference: str, torchserve_management: str, metrics_port: int,
+                   log_path: Path, extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start ``explainserve sidecar`` on ``listen`` and ``metrics_port``, in front of the given
+    TorchServe targets, as its own process group appending its output to ``log_path``."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "explainserve.cli", "sidecar", "--listen", listen,
+             "--torchserve", torchserve_inference, "--torchserve-management", torchserve_management,
+             "--metrics-port", str(metrics_port), *extra_args],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def start_gateway(workdir: Path, torchserve_inference: str, torchserve_management: str,
                   poll_interval: float = 0.5, token_file: Path | None = None, extra_args: tuple[str, ...] = (),
                   log_name: str = "gateway.log") -> tuple[subprocess.Popen, str, str]:
-    """Start ``explainserve sidecar`` in front of the given TorchServe targets, as its own
-    process group logging to ``workdir/log_name``; returns (process, gRPC target, metrics URL).
+    """:func:`launch_gateway` on free loopback ports, logging to ``workdir/log_name``; returns
+    (process, gRPC target, metrics URL).
 
     The targets need not answer: Score / ScoreBatch for a model with a store in
     ``--store-dir`` (in ``extra_args``) work without TorchServe.
     """
     port, metrics_port = free_port(), free_port()
-    with open(workdir / log_name, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "explainserve.cli", "sidecar", "--listen", f"127.0.0.1:{port}",
-             "--torchserve", torchserve_inference, "--torchserve-management", torchserve_management,
-             "--metrics-port", str(metrics_port), "--poll-interval", str(poll_interval),
-             *(["--token-file", str(token_file)] if token_file else []), *extra_args],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = launch_gateway(f"127.0.0.1:{port}", torchserve_inference, torchserve_management, metrics_port,
+                             workdir / log_name, ("--poll-interval", str(poll_interval),
+                                                  *(["--token-file", str(token_file)] if token_file else []),
+                                                  *extra_args))
     return process, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
 
 

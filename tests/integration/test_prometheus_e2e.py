@@ -39,7 +39,7 @@ import yaml
 from explainserve.anomaly.publish import publishing
 from explainserve.client import ExplainClient
 from explainserve.commands.archive import demo_model
-from explainserve.commands.serve import start_gateway, wait_serving
+from explainserve.sidecar.local import launch_gateway, wait_serving
 from explainserve.data.scenes import FashionScenes
 from explainserve.model_archive import write_archive
 from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, free_port, stop_process_group
@@ -135,8 +135,9 @@ def stack(tmp_path_factory):
     try:
         torchserve.start().wait_ready(timeout=240)
         listen, metrics_port = f"127.0.0.1:{free_port()}", free_port()
-        gateway = start_gateway(listen, torchserve, metrics_port, workdir / "gateway.log", tuple(extra_args))
-        wait_serving(listen, timeout=90, process=gateway)
+        gateway = launch_gateway(listen, torchserve.grpc_target, torchserve.management_target, metrics_port,
+                                 workdir / "gateway.log", tuple(extra_args))
+        wait_serving(listen, timeout=90, process=gateway, log=workdir / "gateway.log")
         yield {"target": listen, "sidecar_metrics": f"127.0.0.1:{metrics_port}",
                "torchserve_metrics": f"127.0.0.1:{torchserve.config.metrics_port}",
                "trained": trained, "side": metadata["input_size"][0], "torchserve": torchserve,

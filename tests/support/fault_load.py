@@ -12,7 +12,7 @@ import grpc
 import psutil
 
 from explainserve.client import ExplainClient, ExplainError, ExplainResult
-from explainserve.commands.serve import start_gateway, wait_serving
+from explainserve.sidecar.local import launch_gateway, wait_serving
 from support.serving_harness import Stack
 
 BATCH_SIZE = 4
@@ -123,8 +123,8 @@ def restart_gateway(stack: Stack, poll_interval: float = 0.5) -> float:
     """Start a new gateway on the old ports; returns the monotonic time it was started."""
     listen, metrics_port = stack.target, urlparse(stack.metrics_url).port
     started = time.monotonic()
-    stack.gateway = start_gateway(listen, stack.torchserve, metrics_port, stack.workdir / "gateway.log",
-                                  extra_args=("--poll-interval", str(poll_interval)))
+    stack.gateway = launch_gateway(listen, stack.torchserve.grpc_target, stack.torchserve.management_target,
+                                   metrics_port, stack.workdir / "gateway.log", ("--poll-interval", str(poll_interval)))
     return started
 
 
