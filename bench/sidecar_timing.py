@@ -80,7 +80,7 @@ from explainserve.anomaly.store import FEATURE_SPECS  # noqa: E402
 from explainserve.anomaly.synthetic import SyntheticClasses  # noqa: E402
 from explainserve.anomaly.top_flags import top_flags  # noqa: E402
 from explainserve.sidecar.local import start_gateway, stop_gateway, wait_serving  # noqa: E402
-from explainserve.sidecar.torchserve import free_port  # noqa: E402
+from explainserve.sidecar.torchserve import free_port, log_tail  # noqa: E402
 
 MB = 1e6
 BULK = 256  # vectors per bulk message over gRPC
@@ -370,8 +370,7 @@ def grpc_with_gateway(store: Path, scratch: Path, synthetic: SyntheticClasses, r
         figures.update(grpc_score_latency(target, model, synthetic, requests, batches))
         figures["gateway_rss_mb_after_timing"] = resident_bytes(gateway.pid) / MB
     except BaseException:
-        log = (scratch / "gateway.log").read_text(errors="replace").splitlines()[-40:]
-        print("==> gateway.log <==", *log, sep="\n", file=sys.stderr)
+        print("==> gateway.log <==", log_tail(scratch / "gateway.log", 40), sep="\n", file=sys.stderr)
         raise
     finally:
         stop_gateway(gateway)

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, free_port
+from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, free_port, log_tail
 
 
 def launch_gateway(listen: str, torchserve_inference: str, torchserve_management: str, metrics_port: int,
@@ -63,14 +63,6 @@ def health(target: str, service: str = ""):
                                                              timeout=2).status
         except grpc.RpcError:
             return None
-
-
-def log_tail(path: Path, lines: int = 20) -> str:
-    """The last ``lines`` lines of the log file ``path``, or a note that it cannot be read."""
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as error:
-        return f"(its log {path} cannot be read: {error})"
 
 
 def wait_serving(target: str, timeout: float, process: subprocess.Popen | None = None, service: str = "",

@@ -52,6 +52,14 @@ def free_port() -> int:
                 return port
 
 
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of the log file ``path``, or a note that it cannot be read."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as error:
+        return f"(its log {path} cannot be read: {error})"
+
+
 @dataclass
 class TorchServeConfig:
     """Ports and options of one local TorchServe; ports of 0 are chosen free."""
@@ -198,7 +206,7 @@ class TorchServe:
         texts = []
         for path in (self.log_path, self.config.workdir / "logs" / "model_log.log"):
             if path.exists():
-                texts.append(f"==> {path} <==\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+                texts.append(f"==> {path} <==\n" + log_tail(path, lines))
         return "\n".join(texts)
 
 

@@ -19,8 +19,8 @@ from PIL import Image
 from explainserve.anomaly import StoreMeta
 from explainserve.explainer import Explainer
 from explainserve.model_archive import write_archive
-from explainserve.sidecar.local import health, log_tail, start_gateway, stop_gateway  # noqa: F401 - used by the tests
-from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig
+from explainserve.sidecar.local import health, start_gateway, stop_gateway  # noqa: F401 - used by the tests
+from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, log_tail
 
 IMAGE_SIZE = (64, 64)
 CLIP_SIZE = (4, 32, 32)

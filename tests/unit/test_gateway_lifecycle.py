@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from explainserve.sidecar.local import log_tail, start_gateway, wait_serving
+from explainserve.sidecar.local import start_gateway, wait_serving
 from explainserve.sidecar.server import Gateway, GatewayConfig
+from explainserve.sidecar.torchserve import log_tail
 
 
 def test_stop_before_start_does_nothing():
