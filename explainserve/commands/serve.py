@@ -123,12 +123,11 @@ def serve_main(args) -> int:
                   "their answers carry no anomaly verdict", file=sys.stderr)
         for warning in store_warnings(stores, shipped, store):
             print(f"WARNING: {warning}", file=sys.stderr)
-        gateway_log = args.run_dir / "gateway.log"
         gateway = launch_gateway(listen, torchserve.grpc_target, torchserve.management_target, args.metrics_port,
-                                 gateway_log, ("--store-dir", str(stores), "--reflection"))
+                                 args.run_dir / "gateway.log", ("--store-dir", str(stores), "--reflection"))
         state.update(gateway_pid=gateway.pid, target=listen, metrics=f"http://127.0.0.1:{args.metrics_port}/metrics")
         state_path.write_text(json.dumps(state))
-        wait_serving(listen, timeout=60, process=gateway, log=gateway_log)
+        wait_serving(listen, timeout=60, process=gateway)
     except Exception:
         stop_main(args)
         raise

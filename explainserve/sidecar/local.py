@@ -16,21 +16,27 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, free_port, log_tail
 
 
+class GatewayProcess(subprocess.Popen):
+    """A gateway process and ``log_path``, the file its output is appended to."""
+
+    def __init__(self, command: list[str], log_path: Path):
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            super().__init__(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def launch_gateway(listen: str, torchserve_inference: str, torchserve_management: str, metrics_port: int,
-                   log_path: Path, extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
+                   log_path: Path, extra_args: tuple[str, ...] = ()) -> GatewayProcess:
     """Start ``explainserve sidecar`` on ``listen`` and ``metrics_port``, in front of the given
     TorchServe targets, as its own process group appending its output to ``log_path``."""
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "explainserve.cli", "sidecar", "--listen", listen,
-             "--torchserve", torchserve_inference, "--torchserve-management", torchserve_management,
-             "--metrics-port", str(metrics_port), *extra_args],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return GatewayProcess([sys.executable, "-m", "explainserve.cli", "sidecar", "--listen", listen,
+                           "--torchserve", torchserve_inference, "--torchserve-management", torchserve_management,
+                           "--metrics-port", str(metrics_port), *extra_args], log_path)
 
 
 def start_gateway(workdir: Path, torchserve_inference: str, torchserve_management: str,
                   poll_interval: float = 0.5, token_file: Path | None = None, extra_args: tuple[str, ...] = (),
-                  log_name: str = "gateway.log") -> tuple[subprocess.Popen, str, str]:
+                  log_name: str = "gateway.log") -> tuple[GatewayProcess, str, str]:
     """:func:`launch_gateway` on free loopback ports, logging to ``workdir/log_name``; returns
     (process, gRPC target, metrics URL).
 
@@ -65,11 +71,11 @@ def health(target: str, service: str = ""):
             return None
 
 
-def wait_serving(target: str, timeout: float, process: subprocess.Popen | None = None, service: str = "",
-                 log: Path | None = None) -> None:
+def wait_serving(target: str, timeout: float, process: subprocess.Popen | None = None, service: str = "") -> None:
     """Block until the gateway's health check for ``service`` ("" server-wide, which follows
     TorchServe; "anomaly": every distribution store loaded) answers SERVING. When ``process``
-    exits first, the error quotes the end of its ``log``."""
+    exits first, the error quotes the end of its log (a :class:`GatewayProcess`'s)."""
+    log = process.log_path if isinstance(process, GatewayProcess) else None
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -104,7 +110,7 @@ def local_service(model_store: Path, models: Sequence[str], workdir: Path, *, re
         torchserve.wait_ready(timeout=ready_timeout)
         gateway, target, _ = start_gateway(workdir, torchserve.grpc_target, torchserve.management_target,
                                           extra_args=gateway_args)
-        wait_serving(target, timeout=60, process=gateway, log=workdir / "gateway.log")
+        wait_serving(target, timeout=60, process=gateway)
         yield torchserve, gateway, target
     finally:
         if gateway is not None:

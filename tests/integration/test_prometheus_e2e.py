@@ -137,7 +137,7 @@ def stack(tmp_path_factory):
         listen, metrics_port = f"127.0.0.1:{free_port()}", free_port()
         gateway = launch_gateway(listen, torchserve.grpc_target, torchserve.management_target, metrics_port,
                                  workdir / "gateway.log", tuple(extra_args))
-        wait_serving(listen, timeout=90, process=gateway, log=workdir / "gateway.log")
+        wait_serving(listen, timeout=90, process=gateway)
         yield {"target": listen, "sidecar_metrics": f"127.0.0.1:{metrics_port}",
                "torchserve_metrics": f"127.0.0.1:{torchserve.config.metrics_port}",
                "trained": trained, "side": metadata["input_size"][0], "torchserve": torchserve,

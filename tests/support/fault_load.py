@@ -132,5 +132,5 @@ def ensure_serving(stack: Stack, timeout: float = 60.0) -> None:
     """Wait until the gateway answers SERVING (restarting it if a test left it dead)."""
     if stack.gateway.poll() is not None:
         restart_gateway(stack)
-    wait_serving(stack.target, timeout=timeout, process=stack.gateway, log=stack.workdir / "gateway.log")
+    wait_serving(stack.target, timeout=timeout, process=stack.gateway)
 

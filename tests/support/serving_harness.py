@@ -119,7 +119,7 @@ def serving_stack(workdir: Path, archives: list[tuple[torch.nn.Module, dict]], *
         gateway, target, metrics_url = start_gateway(workdir, torchserve.grpc_target, torchserve.management_target,
                                                      token_file=torchserve.key_file, extra_args=gateway_args)
         stack = Stack(torchserve, gateway, target, metrics_url, workdir)
-        wait_serving(target, timeout=60, process=gateway, log=workdir / "gateway.log")
+        wait_serving(target, timeout=60, process=gateway)
         yield stack
     except BaseException:
         print(stack.logs() if stack else torchserve.log_tail(), file=sys.stderr)

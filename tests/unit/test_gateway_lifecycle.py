@@ -23,7 +23,7 @@ def test_a_gateway_that_exits_at_start_is_reported_with_the_end_of_its_log(tmp_p
     # Unreachable TorchServe targets are fine: the flag is refused before anything connects.
     process, target, _ = start_gateway(tmp_path, "127.0.0.1:9", "127.0.0.1:9", extra_args=("--drain-seconds", "-1"))
     with pytest.raises(RuntimeError) as raised:
-        wait_serving(target, timeout=60, process=process, log=tmp_path / "gateway.log")
+        wait_serving(target, timeout=60, process=process)
     message = str(raised.value)
     assert message.startswith("the gateway exited with code 2; the end of ")
     assert "explainserve sidecar: error: --drain-seconds must be 0 or positive seconds" in message
