@@ -28,8 +28,9 @@ from explainserve.anomaly.conformal import TESTS
 from explainserve.anomaly.feature_tests import FEATURE_TESTS
 from explainserve.client import ExplainClient, ExplainError, build_request, score_request
 from explainserve.commands.archive import demo_model
-from explainserve.commands.serve import unpack_stores, wait_serving
+from explainserve.commands.serve import unpack_stores
 from explainserve.data.scenes import FashionScenes
+from explainserve.sidecar.local import wait_serving
 from explainserve.sidecar.scoring import MAX_BATCH, MAX_FLAGS, AnomalyScoring
 from explainserve.sidecar.metrics import GatewayMetrics
 from explainserve.sidecar.torchserve import free_port

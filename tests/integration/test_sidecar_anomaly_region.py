@@ -14,7 +14,7 @@ from explainserve._generated import explain_pb2, handler_pb2, inference_pb2, inf
 from explainserve.client import ExplainClient, build_request
 from explainserve.commands import archive
 from explainserve.commands.archive import demo_model
-from explainserve.commands.serve import wait_serving
+from explainserve.sidecar.local import wait_serving
 from explainserve.sidecar.service import region_filter
 from explainserve.data.scenes import FashionScenes
 from explainserve.wire import HANDLER_REQUEST_KEY, REGION_REQUEST_KEY, to_numpy

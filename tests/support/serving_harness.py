@@ -19,7 +19,7 @@ from PIL import Image
 from explainserve.anomaly import StoreMeta
 from explainserve.explainer import Explainer
 from explainserve.model_archive import write_archive
-from explainserve.sidecar.local import health, start_gateway, stop_gateway  # noqa: F401 - used by the tests
+from explainserve.sidecar.local import health, start_gateway, stop_gateway, wait_serving  # noqa: F401 - used by the tests
 from explainserve.sidecar.torchserve import TorchServe, TorchServeConfig, log_tail
 
 IMAGE_SIZE = (64, 64)
@@ -104,8 +104,6 @@ def serving_stack(workdir: Path, archives: list[tuple[torch.nn.Module, dict]], *
     ``token_auth`` runs TorchServe with token authorisation and the gateway with ``--token-file``;
     ``gateway_args`` are more sidecar flags (``--store-dir DIR``).
     """
-    from explainserve.commands.serve import wait_serving
-
     store = workdir / "model_store"
     for model, metadata in archives:
         write_archive(model, metadata, store, batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms)
